@@ -1,0 +1,40 @@
+"""Shared CLI pieces: the typer app every command module registers on, global state, output helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..io import check_output_dir  # noqa: F401  (re-exported for command modules)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Hessian-aware W8A8 quantization and CPU-GPU collaborative inference for MoE LLMs.")
+state = {"debug": False, "progress": True}
+
+
+class Method(str, Enum):
+    rtn = "rtn"
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+          threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: all cores)."),
+          cache_dir: Optional[Path] = typer.Option(None, envvar="HAQMOE_CACHE",
+                                                   help="Where converted models are cached.")) -> None:
+    state["debug"], state["progress"] = debug, not quiet
+    if cache_dir is not None:
+        os.environ["HAQMOE_CACHE"] = str(cache_dir)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def emit(payload: dict, as_json: bool, human: str) -> None:
+    typer.echo(json.dumps(payload, indent=2) if as_json else human)

@@ -1,0 +1,176 @@
+"""The ``haqmoe`` command line.
+
+Exit codes: 0 success, 1 internal error (a bug: traceback with ``--debug``), 2 bad input
+(missing file, unsupported model, text too short, ...: one line on stderr), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import HaqmoeError
+from .common import Method, app, check_output_dir, emit, state
+
+# ------------------------------------------------------------------------- info
+@app.command()
+def info(model: str = typer.Argument("smollm2-135m", help="Embedded name, checkpoint dir, .gguf file or hub id."),
+         as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Describe a model: architecture, sizes, experts, and the per-block linear groups."""
+    from ..models.loading import load_model
+
+    lm = load_model(model, progress=state["progress"])
+    cfg, adapter = lm.model.config, lm.adapter
+    blocks = adapter.blocks(lm.model)
+    moe_blocks = [i for i, b in enumerate(blocks) if adapter.is_moe_block(b)]
+    first = blocks[moe_blocks[0]] if moe_blocks else blocks[0]
+    experts = adapter.experts(first)
+    payload = {
+        "model": model, "model_type": cfg.model_type, "adapter": adapter.name,
+        "parameters": sum(p.numel() for p in lm.model.parameters()),
+        "layers": len(blocks), "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+        "moe_layers": len(moe_blocks),
+        "experts_per_layer": int(experts.num_experts) if experts is not None else 0,
+        "top_k": int(getattr(cfg, "num_experts_per_tok", 0) or 0),
+        "quantized": lm.quant["quant"] if lm.quant else None,
+        "groups": [{"name": g.name, "prev_op": g.prev_op, "layers": list(g.layers), "routers": list(g.routers)}
+                   for g in adapter.groups(first)],
+    }
+    human = "\n".join([f"{k}: {v}" for k, v in payload.items() if k != "groups"] + ["groups (one block):"] +
+                      [f"  {g['name']}: {g['prev_op']} -> {', '.join(g['layers'])}" for g in payload["groups"]])
+    emit(payload, as_json, human)
+
+
+# ------------------------------------------------------------------------- eval
+@app.command("eval")
+def eval_cmd(model: str = typer.Argument("smollm2-135m", help="Model source (see `haqmoe info --help`)."),
+             data: str = typer.Option("wikitext2:test", help="Text source: wikitext2:SPLIT, wikitext2-tokens:SPLIT, "
+                                                             "c4, pydoc, or a file path."),
+             seqlen: int = typer.Option(2048, min=2, help="Window length (tokens)."),
+             windows: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N windows."),
+             batch_size: int = typer.Option(1, min=1, help="Windows per forward pass."),
+             quantize: Optional[Method] = typer.Option(None, help="Quantize in memory before evaluating."),
+             as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+             out: Optional[Path] = typer.Option(None, help="Also write the result as a results JSON/MD.")) -> None:
+    """Perplexity by the standard protocol (non-overlapping windows of the tokenized text)."""
+    from ..data.text import eval_windows, load_text, tokenize
+    from ..eval.perplexity import perplexity
+    from ..models.loading import load_model
+
+    lm = load_model(model, progress=state["progress"])
+    wins = eval_windows(tokenize(lm.tokenizer, load_text(data)), seqlen, windows)
+    method = "fp32" if lm.quant is None else lm.quant["quant"]["method"]
+    if quantize is not None:
+        from ..quant.config import QuantConfig
+        from ..quant.rtn import quantize_rtn
+
+        quantize_rtn(lm.model, lm.adapter, QuantConfig.w8a8(quantize.value), state["progress"])
+        method = quantize.value
+    res = perplexity(lm.model, wins, batch_size, state["progress"])
+    row = {"model": model, "method": method, "data": data, **res.as_dict()}
+    if out is not None:
+        from ..results import run_meta, write_results
+
+        write_results(out, [row], run_meta(), f"Perplexity of {model}")
+    emit(row, as_json, f"{model} [{method}] on {data}: ppl {res.ppl:.4f} "
+                        f"({res.windows} windows x {seqlen}, {res.tokens} tokens, {res.seconds:.1f} s)")
+
+
+# --------------------------------------------------------------------- quantize
+@app.command()
+def quantize(model: str = typer.Argument(..., help="Model source to quantize."),
+             out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
+             method: Method = typer.Option(Method.rtn, help="Quantization method."),
+             w_bits: int = typer.Option(8, min=2, max=8, help="Weight bits."),
+             a_bits: int = typer.Option(8, min=2, max=8, help="Activation bits."),
+             w_sym: bool = typer.Option(False, "--w-sym/--w-asym", help="Symmetric weights (default asym)."),
+             a_sym: bool = typer.Option(False, "--a-sym/--a-asym", help="Symmetric activations (default asym)."),
+             group_size: Optional[int] = typer.Option(None, help="Per-group weight scales (default per channel)."),
+             overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Quantize a model to W8A8 (weights per output channel, activations per token, dynamic)."""
+    import time
+
+    from ..models.loading import load_model
+    from ..quant.checkpoint import save_quantized
+    from ..quant.config import QuantConfig
+    from ..quant.rtn import quantize_rtn
+
+    cfg = QuantConfig.w8a8(method.value, w_sym, a_sym, w_bits, a_bits, group_size=group_size)
+    check_output_dir(out, overwrite)
+    start = time.perf_counter()
+    lm = load_model(model, progress=state["progress"])
+    if lm.quant is not None:
+        raise HaqmoeError(f"{model} is already quantized")
+    quantize_rtn(lm.model, lm.adapter, cfg, state["progress"])
+    save_quantized(lm.model, lm.tokenizer, out, cfg, {"source": model}, overwrite=overwrite)
+    payload = {"model": model, "out": str(out), "method": method.value, "seconds": time.perf_counter() - start}
+    emit(payload, as_json, f"wrote {method.value} checkpoint to {out} ({payload['seconds']:.1f} s)")
+
+
+# ---------------------------------------------------------------------- upcycle
+@app.command()
+def upcycle(model: str = typer.Argument("smollm2-135m", help="Dense Llama-family model to upcycle."),
+            out: Path = typer.Option(..., "--out", "-o", help="Output Mixtral checkpoint directory."),
+            experts: int = typer.Option(8, min=1, help="Experts per layer."),
+            top_k: int = typer.Option(2, min=1, help="Experts per token."),
+            calib: str = typer.Option("pydoc", help="Text whose hidden states seed the k-means routers."),
+            samples: int = typer.Option(16, min=1, help="Calibration windows."),
+            seqlen: int = typer.Option(512, min=8, help="Calibration window length."),
+            seed: int = typer.Option(0, help="Random seed."),
+            overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+            as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Build a Mixtral-layout MoE from a dense model (sparse upcycling, k-means routers)."""
+    from ..models.upcycle import UpcycleConfig, upcycle_to_dir
+
+    check_output_dir(out, overwrite)
+    upcycle_to_dir(model, out, UpcycleConfig(experts, top_k, calib, samples, seqlen, seed),
+                   state["progress"], overwrite)
+    emit({"model": model, "out": str(out), "experts": experts, "top_k": top_k}, as_json,
+          f"wrote upcycled MoE ({experts} experts, top-{top_k}) to {out}")
+
+
+# ------------------------------------------------------------------------- demo
+@app.command()
+def demo(windows: int = typer.Option(4, min=1, help="WikiText-2 test windows to evaluate."),
+         report_dir: Path = typer.Option(Path("demo-report"), help="Where the report is written.")) -> None:
+    """The product tour on the embedded models: FP32 vs RTN W8A8 on the dense and upcycled MoE."""
+    from ..demo import run_demo
+
+    run_demo(windows=windows, report_dir=report_dir, progress=state["progress"])
+
+
+# Command modules of the later pipeline stages register themselves on the shared app.
+from . import quant_cmds, routing_cmds, runtime_cmds, serve_cmds  # noqa: E402,F401
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: turns HaqmoeError into one clean line and a meaningful exit code."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except HaqmoeError as exc:
+        if state["debug"]:
+            raise
+        typer.echo(f"haqmoe: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("haqmoe: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click's own usage errors carry their exit code
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        if state["debug"]:
+            raise
+        typer.echo(f"haqmoe: internal error: {type(exc).__name__}: {exc} (run with --debug for a traceback)",
+                   err=True)
+        sys.exit(1)

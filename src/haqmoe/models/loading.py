@@ -1,0 +1,127 @@
+"""Model sources: embedded names, checkpoint directories (plain or haqmoe-quantized), GGUF files, hub ids."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from ..errors import HaqmoeError
+from ..io import atomic_directory
+from .adapters import ArchSpec, adapter_for
+from .embedded import EMBEDDED, ensure_embedded
+
+QUANT_CONFIG = "haqmoe_quant.json"
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: object
+    name: str
+    adapter: ArchSpec
+    quant: dict | None = None  # the haqmoe quantization config when the checkpoint is quantized
+
+    @property
+    def is_moe(self) -> bool:
+        return any(self.adapter.is_moe_block(b) for b in self.adapter.blocks(self.model))
+
+
+def _quiet_transformers() -> None:
+    """transformers' own warnings and per-tensor progress bars are noise in our CLI output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def resolve_source(source: str) -> tuple[str, Path | None]:
+    """Classify ``source`` as ('embedded'|'dir'|'gguf'|'hub', path)."""
+    if source in EMBEDDED:
+        return "embedded", None
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise HaqmoeError(f"{path} is not a model checkpoint directory (no config.json)")
+        return "dir", path
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise HaqmoeError(f"GGUF file {path} does not exist")
+        return "gguf", path
+    if path.exists():
+        raise HaqmoeError(f"{path} is neither a checkpoint directory nor a .gguf file")
+    looks_like_path = source.startswith((".", "/", "~")) or source.count("/") != 1
+    if looks_like_path:
+        raise HaqmoeError(f"model '{source}' not found: not an embedded name ({', '.join(EMBEDDED)}), "
+                          "a directory, a .gguf file or a hub id (owner/name)")
+    return "hub", None
+
+
+def load_model(source: str, dtype: torch.dtype = torch.float32, progress: bool = True) -> LoadedModel:
+    """Load any supported model source in eval mode (fp32 by default)."""
+    _quiet_transformers()
+    kind, path = resolve_source(source)
+    if kind == "embedded":
+        path = ensure_embedded(source, progress=progress)
+    if kind == "gguf":
+        assert path is not None
+        model = _load_gguf(path, dtype)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return LoadedModel(model, tok, source, adapter_for(model))
+    target = str(path) if path is not None else source
+    quant_file = path / QUANT_CONFIG if path is not None else None
+    if quant_file is not None and quant_file.is_file():
+        from ..quant.checkpoint import load_quantized
+
+        return load_quantized(path, dtype)
+    config = _load_config(target)
+    adapter = adapter_for(config.model_type)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise HaqmoeError(f"cannot load checkpoint {target}: {_first_line(exc)}") from exc
+    tok = AutoTokenizer.from_pretrained(target)
+    return LoadedModel(model.eval(), tok, source, adapter)
+
+
+def _load_config(target: str):
+    try:
+        return AutoConfig.from_pretrained(target)
+    except (OSError, ValueError, KeyError) as exc:
+        msg = _first_line(exc)
+        if "model_type" in msg or "Unrecognized model" in msg or isinstance(exc, KeyError):
+            raise HaqmoeError(f"unsupported architecture in {target}: {msg}") from exc
+        raise HaqmoeError(f"cannot read model config from {target}: {msg}") from exc
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> PreTrainedModel:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    except Exception as exc:  # gguf raises a variety of types on corrupt files
+        raise HaqmoeError(f"cannot read GGUF file {path}: {_first_line(exc)}") from exc
+    model.config.quantization_config = None  # weights are dequantized: a plain fp checkpoint now
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    return model.eval()
+
+
+def convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors checkpoint directory (atomic)."""
+    _quiet_transformers()
+    model = _load_gguf(gguf, torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_directory(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "haqmoe_source.json").write_text(json.dumps({"converted_from": str(gguf)}) + "\n")
+    return target
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,57 @@
+"""Tiny random-weight configs of every supported architecture: fixtures for exactness tests.
+
+Distinct random experts matter here: an upcycled model's experts are identical copies, which
+hides bugs in expert indexing. Sizes are small enough that a forward pass takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+_COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=256, tie_word_embeddings=False)
+_ATTN = dict(num_key_value_heads=2, intermediate_size=96, rms_norm_eps=1e-6)
+
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": dict(model_type="llama", **_COMMON, **_ATTN),
+    "opt": dict(model_type="opt", vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                num_attention_heads=4, ffn_dim=96, max_position_embeddings=256,
+                word_embed_proj_dim=64, do_layer_norm_before=True, tie_word_embeddings=False),
+    "mixtral": dict(model_type="mixtral", **_COMMON, **_ATTN, num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(model_type="qwen2_moe", **_COMMON, **_ATTN, num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=48, shared_expert_intermediate_size=96, norm_topk_prob=False,
+                      decoder_sparse_step=1, mlp_only_layers=[]),
+    "qwen3_moe": dict(model_type="qwen3_moe", **_COMMON, **_ATTN, num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=48, norm_topk_prob=True, head_dim=16,
+                      decoder_sparse_step=1, mlp_only_layers=[]),
+    "olmoe": dict(model_type="olmoe", **_COMMON, **_ATTN, num_experts=8, num_experts_per_tok=2),
+    "deepseek_v3": dict(model_type="deepseek_v3", **_COMMON, **_ATTN, n_routed_experts=8,
+                        num_experts_per_tok=2, moe_intermediate_size=48, n_shared_experts=1,
+                        first_k_dense_replace=1, n_group=2, topk_group=1, q_lora_rank=32,
+                        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                        norm_topk_prob=True, routed_scaling_factor=1.0),
+}
+
+
+def tiny_config(family: str):
+    kw = dict(TINY_CONFIGS[family])
+    model_type = kw.pop("model_type")
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def tiny_model(family: str, seed: int = 0) -> PreTrainedModel:
+    """A tiny random model in eval mode, fp32, with distinct experts and non-trivial norms."""
+    torch.manual_seed(seed)
+    cfg = tiny_config(family)
+    cfg._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+            elif name.endswith("weight"):  # norms: away from 1 so folding bugs show
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.02)
+    return model

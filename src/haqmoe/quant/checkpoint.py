@@ -1,0 +1,83 @@
+"""Quantized checkpoints: config.json + tokenizer + model.safetensors (int8 weights, scales, zero
+points, every float tensor) + ``haqmoe_quant.json`` (the QuantConfig and which modules are quantized).
+
+Loading rebuilds the model skeleton from its config, swaps in the quantized modules named in the
+JSON, and loads the tensors strictly: save -> load is bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model as st_load_model
+from safetensors.torch import save_model as st_save_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from ..errors import HaqmoeError
+from ..io import atomic_directory
+from ..models.adapters import adapter_for, get_module, set_module
+from .config import QuantConfig
+from .modules import QuantExperts, QuantLinear
+
+QUANT_CONFIG = "haqmoe_quant.json"
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def quantized_modules(model: torch.nn.Module) -> dict[str, list[str]]:
+    linears = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and ".experts." not in n]
+    experts = [n for n, m in model.named_modules() if isinstance(m, QuantExperts)]
+    return {"linears": linears, "experts": experts}
+
+
+def save_quantized(model, tokenizer, out: str | Path, cfg: QuantConfig, extra: dict | None = None,
+                   overwrite: bool = False) -> Path:
+    out = Path(out)
+    meta = {"format_version": FORMAT_VERSION, "quant": cfg.as_dict(), **quantized_modules(model),
+            **(extra or {})}
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        st_save_model(model, str(tmp / WEIGHTS))
+        (tmp / QUANT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32):
+    from ..models.loading import LoadedModel
+
+    path = Path(path)
+    try:
+        meta = json.loads((path / QUANT_CONFIG).read_text())
+        cfg = QuantConfig.from_dict(meta["quant"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise HaqmoeError(f"{path / QUANT_CONFIG} is unreadable or malformed: {exc}") from exc
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise HaqmoeError(f"{path} has quantized-checkpoint format {meta.get('format_version')}, "
+                          f"this haqmoe reads {FORMAT_VERSION}")
+    config = AutoConfig.from_pretrained(path)
+    adapter = adapter_for(config.model_type)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    for name in meta["linears"]:
+        lin = get_module(model, name)
+        set_module(model, name, QuantLinear(lin.in_features, lin.out_features, lin.bias is not None,
+                                            cfg.weights, cfg.acts, dtype))
+    for name in meta["experts"]:
+        ex = get_module(model, name)
+        set_module(model, name, QuantExperts(ex.num_experts, ex.hidden_dim, ex.intermediate_dim, ex.act_fn,
+                                             cfg.weights, cfg.acts))
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise HaqmoeError(f"{weights} is missing")
+    try:
+        missing, unexpected = st_load_model(model, str(weights), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise HaqmoeError(f"cannot read {weights}: {str(exc).splitlines()[0]}") from exc
+    if missing or unexpected:
+        raise HaqmoeError(f"{weights} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    tok = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(model, tok, str(path), adapter, quant=meta)

@@ -1,0 +1,127 @@
+"""Quantized drop-in modules: ``QuantLinear`` for nn.Linear and ``QuantExperts`` for fused experts.
+
+They store what the checkpoint stores (int8 weights, scales, zero points; smoothing is already
+folded into the weights and the preceding op) and execute W8A8 in fake-quant mode: the weight is
+dequantized once, activations are quantize-dequantized per token (or per tensor, static).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .quantizer import QuantSpec, compute_qparams, dequantize, fake_quant, fake_quant_static, quantize
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, w_spec: QuantSpec,
+                 a_spec: QuantSpec | None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.w_spec, self.a_spec = w_spec, a_spec
+        groups = (in_features // w_spec.group_size,) if w_spec.granularity == "group" else ()
+        pshape = (out_features, *groups, 1)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("w_scale", torch.ones(pshape, dtype=torch.float32))
+        self.register_buffer("w_zero", torch.zeros(pshape, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        if a_spec is not None and not a_spec.dynamic:
+            self.register_buffer("a_scale", torch.ones(1, 1))
+            self.register_buffer("a_zero", torch.zeros(1, 1))
+        self._weight: torch.Tensor | None = None  # dequantized once, on first use
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, w_spec: QuantSpec,
+                    a_spec: QuantSpec | None) -> "QuantLinear":
+        """Round-to-nearest quantization of a float weight [out, in]."""
+        m = cls(weight.shape[1], weight.shape[0], bias is not None, w_spec, a_spec, weight.dtype)
+        scale, zero = compute_qparams(weight.detach(), w_spec)
+        m.set_quantized(quantize(weight.detach(), scale, zero, w_spec), scale, zero, bias)
+        return m
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, w_spec: QuantSpec, a_spec: QuantSpec | None) -> "QuantLinear":
+        return cls.from_weight(linear.weight, linear.bias, w_spec, a_spec)
+
+    @torch.no_grad()
+    def set_quantized(self, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> None:
+        self.qweight.copy_(qweight)
+        self.w_scale.copy_(scale.reshape(self.w_scale.shape))
+        self.w_zero.copy_(zero.reshape(self.w_zero.shape))
+        if bias is not None:
+            self.bias.copy_(bias)
+        self._weight = None
+
+    def weight_float(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.qweight, self.w_scale, self.w_zero, self.w_spec, dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dequantized weight, cached (what fake-quant and the CPU dequant-once tier compute with)."""
+        if self._weight is None or self._weight.device != self.qweight.device:
+            self._weight = self.weight_float(self.bias.dtype if self.bias is not None else torch.float32)
+        return self._weight
+
+    def _apply(self, fn, recurse=True):
+        self._weight = None  # device/dtype moves invalidate the cache
+        return super()._apply(fn, recurse)
+
+    def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.a_spec is None:
+            return x
+        if self.a_spec.dynamic:
+            return fake_quant(x, self.a_spec)
+        return fake_quant_static(x, self.a_scale, self.a_zero, self.a_spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        return nn.functional.linear(self.quant_input(x).to(w.dtype), w, self.bias)
+
+    def extra_repr(self) -> str:
+        a = "none" if self.a_spec is None else f"a{self.a_spec.bits}{'s' if self.a_spec.symmetric else 'a'}"
+        return (f"in={self.in_features}, out={self.out_features}, "
+                f"w{self.w_spec.bits}{'s' if self.w_spec.symmetric else 'a'}, {a}")
+
+
+class QuantExperts(nn.Module):
+    """Routed experts as per-expert ``QuantLinear``s, with transformers' fused-experts call signature."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int, act_fn: nn.Module,
+                 w_spec: QuantSpec, a_spec: QuantSpec | None):
+        super().__init__()
+        self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden, inter
+        self.act_fn = act_fn
+
+        def make(i: int, o: int) -> nn.ModuleList:
+            return nn.ModuleList(QuantLinear(i, o, False, w_spec, a_spec) for _ in range(num_experts))
+
+        self.gate, self.up, self.down = make(hidden, inter), make(hidden, inter), make(inter, hidden)
+
+    @classmethod
+    def from_fused(cls, experts: nn.Module, w_spec: QuantSpec, a_spec: QuantSpec | None) -> "QuantExperts":
+        from ..models.adapters import FusedExperts
+
+        n = FusedExperts.count(experts)
+        first = FusedExperts.get(experts, 0)
+        m = cls(n, first.gate.shape[1], first.gate.shape[0], experts.act_fn, w_spec, a_spec)
+        for e in range(n):
+            w = FusedExperts.get(experts, e)
+            for lin, weight in ((m.gate[e], w.gate), (m.up[e], w.up), (m.down[e], w.down)):
+                scale, zero = compute_qparams(weight.detach(), w_spec)
+                lin.set_quantized(quantize(weight.detach(), scale, zero, w_spec), scale, zero)
+        return m
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.down[e](self.act_fn(self.gate[e](x)) * self.up[e](x))
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for e in torch.unique(top_k_index).tolist():
+            if not 0 <= e < self.num_experts:
+                continue
+            token_idx, k_pos = torch.where(top_k_index == e)
+            y = self.expert_forward(e, hidden_states[token_idx])
+            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
+        return out

@@ -1,0 +1,31 @@
+"""Round-to-nearest W8A8: the naive baseline every other method is compared against."""
+
+from __future__ import annotations
+
+from torch import nn
+from tqdm import tqdm
+
+from ..models.adapters import ArchSpec, get_module, set_module
+from .config import QuantConfig
+from .modules import QuantExperts, QuantLinear
+
+
+def quantize_block_rtn(block: nn.Module, adapter: ArchSpec, cfg: QuantConfig) -> None:
+    """Replace every decoder linear (and the routed experts) of one block by RTN-quantized modules."""
+    for path in adapter.quantizable_linears(block):
+        lin = get_module(block, path)
+        if isinstance(lin, nn.Linear):
+            set_module(block, path, QuantLinear.from_linear(lin, cfg.weights, cfg.acts))
+    experts = adapter.experts(block)
+    if experts is not None and not isinstance(experts, QuantExperts):
+        set_module(block, adapter.moe.experts, QuantExperts.from_fused(experts, cfg.weights, cfg.acts))
+    if cfg.quantize_routers and adapter.router(block) is not None:
+        router = adapter.router(block)
+        q = QuantLinear.from_weight(router.weight, None, cfg.weights, None)
+        router.weight.data.copy_(q.weight_float(router.weight.dtype))
+
+
+def quantize_rtn(model: nn.Module, adapter: ArchSpec, cfg: QuantConfig, progress: bool = True) -> nn.Module:
+    for block in tqdm(adapter.blocks(model), desc="rtn", unit="block", disable=not progress, leave=False):
+        quantize_block_rtn(block, adapter, cfg)
+    return model
