@@ -1,0 +1,132 @@
+"""Cost predictor (DESIGN §3): compute a non-resident expert on the CPU, or ship it to the GPU?
+
+T_cpu(n) and T_gpu(n) are cost curves in milliseconds for n tokens through one expert. The
+linear form of the paper (``n * lat``) is wrong at small n: one decode token still streams the
+whole expert from memory, so a curve is ``overhead + max(floor, n * per_token)`` (roofline), or
+a measured table interpolated piecewise-linearly. ``T_gpu`` of a non-resident expert adds the
+copy time ``T_e = expert bytes / host-to-device bandwidth``.
+
+``n_critical`` = the largest n for which the CPU is no slower than transfer + GPU; a miss with
+n > n_critical goes through the cache to the GPU, otherwise to the CPU. The peers' rules are
+the policies ``always-transfer`` (mixtral-offloading) and ``always-cpu`` (Fiddler).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import HaqmoeError
+
+DECISION_POLICIES = ("predictor", "always-transfer", "always-cpu")
+N_MAX = 1 << 16
+
+
+@dataclass
+class CostCurve:
+    """Time (ms) for n tokens through one expert on one device."""
+
+    overhead_ms: float = 0.0
+    floor_ms: float = 0.0  # memory-bound time: the weights are read once whatever n is
+    per_token_ms: float = 0.0  # compute-bound slope
+    points: list[tuple[float, float]] = field(default_factory=list)  # measured (n, ms), overrides
+
+    def __call__(self, n: float) -> float:
+        if n <= 0:
+            return 0.0
+        if self.points:
+            ns, ts = zip(*sorted(self.points))
+            if n <= ns[-1] or len(ns) < 2:
+                return float(np.interp(n, ns, ts))
+            slope = (ts[-1] - ts[-2]) / max(ns[-1] - ns[-2], 1e-12)
+            return float(ts[-1] + slope * (n - ns[-1]))
+        return self.overhead_ms + max(self.floor_ms, n * self.per_token_ms)
+
+    @classmethod
+    def fit(cls, ns: Sequence[float], ms: Sequence[float]) -> "CostCurve":
+        """Keep the measured table (the real shape) and a least-squares line for reporting."""
+        if len(ns) != len(ms) or not ns:
+            raise HaqmoeError("calibration needs matching, non-empty (n, ms) lists")
+        pts = sorted(zip(map(float, ns), map(float, ms)))
+        slope, intercept = np.polyfit([p[0] for p in pts], [p[1] for p in pts], 1) if len(pts) > 1 else (0.0, pts[0][1])
+        return cls(overhead_ms=float(max(intercept, 0.0)), per_token_ms=float(max(slope, 0.0)), points=pts)
+
+    def as_dict(self) -> dict:
+        return {"overhead_ms": self.overhead_ms, "floor_ms": self.floor_ms,
+                "per_token_ms": self.per_token_ms, "points": [list(p) for p in self.points]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CostCurve":
+        return cls(d.get("overhead_ms", 0.0), d.get("floor_ms", 0.0), d.get("per_token_ms", 0.0),
+                   [tuple(p) for p in d.get("points", [])])
+
+
+@dataclass
+class CostModel:
+    cpu: CostCurve
+    gpu: CostCurve
+    transfer_ms: float  # T_e: one expert host -> device
+    n_critical_override: float | None = None
+
+    def t_cpu(self, n: float) -> float:
+        return self.cpu(n)
+
+    def t_gpu(self, n: float, resident: bool = True) -> float:
+        return self.gpu(n) + (0.0 if resident else self.transfer_ms)
+
+    @property
+    def n_critical(self) -> float:
+        """Largest n where CPU compute is no slower than transfer + GPU (inf if never slower)."""
+        if self.n_critical_override is not None:
+            return float(self.n_critical_override)
+        if not hasattr(self, "_ncrit"):
+            self._ncrit = self._solve()
+        return self._ncrit
+
+    def _solve(self) -> float:
+        lo = 0
+        n = 1
+        while n <= N_MAX:  # exponential search, then bisection on integers
+            if self.t_cpu(n) > self.t_gpu(n, resident=False):
+                break
+            lo, n = n, n * 2
+        else:
+            return math.inf
+        hi = n
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.t_cpu(mid) > self.t_gpu(mid, resident=False):
+                hi = mid
+            else:
+                lo = mid
+        return float(lo)
+
+    def decide(self, resident: bool, n: int, policy: str = "predictor",
+               inflight_ms: float | None = None) -> str:
+        """'gpu' (resident), 'wait' (copy in flight, then GPU), 'transfer' or 'cpu'."""
+        if policy not in DECISION_POLICIES:
+            raise HaqmoeError(f"unknown policy {policy!r} (choose from {', '.join(DECISION_POLICIES)})")
+        if resident:
+            return "gpu"
+        if inflight_ms is not None:
+            if policy == "always-transfer":
+                return "wait"
+            if policy == "always-cpu":
+                return "cpu"
+            return "wait" if inflight_ms + self.t_gpu(n) < self.t_cpu(n) else "cpu"
+        if policy == "always-transfer":
+            return "transfer"
+        if policy == "always-cpu":
+            return "cpu"
+        return "transfer" if n > self.n_critical else "cpu"
+
+    def as_dict(self) -> dict:
+        return {"cpu": self.cpu.as_dict(), "gpu": self.gpu.as_dict(), "transfer_ms": self.transfer_ms,
+                "n_critical": self.n_critical}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CostModel":
+        return cls(CostCurve.from_dict(d["cpu"]), CostCurve.from_dict(d["gpu"]), float(d["transfer_ms"]))

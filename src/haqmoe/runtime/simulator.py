@@ -1,0 +1,302 @@
+"""Trace-driven simulator: replay routing traces against a hardware profile.
+
+The replay drives the same ``ExpertCache`` and ``CostModel`` the real engine uses, over a
+timeline of three resources: the GPU stream, the CPU, and one host-to-device copy engine
+(copies run one after another, FIFO: demand copies, then prefetches, then background
+admissions). Per MoE layer: attention on the GPU, then the layer's experts - resident ones on
+the GPU, misses on the CPU or copied in and run on the GPU, as the decision policy says - with
+CPU and GPU experts of the same layer overlapping; the layer ends when both are done. Layers
+are sequential (the next layer needs this layer's output).
+
+Decode replays token by token; prefill replays a batch (n tokens per expert) per layer.
+Without prefetch and with ``always-transfer`` the cache sees exactly a demand-paging sequence,
+so its hit rate is the classic one (LRU, Belady, ...).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..errors import HaqmoeError
+from ..routing.trace import RoutingTrace
+from .cache import CacheConfig, ExpertCache
+from .policies import (ALL_POLICIES, allocate_slots, equal_slots, make_policy, policy_uses_alloc,
+                       policy_uses_pins)
+from .predictor import DECISION_POLICIES, CostModel
+from .prefetch import PrefetchConfig, guesses_for
+from .profiles import HardwareProfile, ModelSpec, head_ms, nonexpert_layer_ms
+
+CACHE_POLICIES = ALL_POLICIES + ("static",)
+
+
+# ------------------------------------------------------------------------ plans and caches
+def frequency_plan(trace: RoutingTrace, per_layer: Sequence[int]) -> dict[int, list[int]]:
+    """The per-layer most frequent experts of a (profiling) trace: a simple placement plan."""
+    plan = {}
+    for l in range(trace.num_layers):
+        counts = np.bincount(trace.experts[:, l].ravel().astype(np.int64), minlength=trace.num_experts)
+        order = np.lexsort((np.arange(trace.num_experts), -counts))  # by count, ties by id
+        plan[l] = [int(e) for e in order[: int(per_layer[l])]]
+    return plan
+
+
+@dataclass
+class CacheSpec:
+    """A cache to build: policy name, total slots, scope; ``plan_trace`` is the profiling trace
+    that plans (pins) and per-layer slot allocation are computed from (never the replayed one)."""
+
+    policy: str = "lru"
+    total_slots: int = 0
+    scope: str = "layer"
+    pin_frac: float = 0.5  # pinned+...: share of each layer's slots given to the plan
+    plan: Mapping[int, Sequence[int]] | None = None  # explicit plan (else frequency plan)
+    lfu_half_life: float = 32.0
+
+
+def build_cache(spec: CacheSpec, num_layers: int, num_experts: int, top_k: int, expert_bytes: int,
+                plan_trace: RoutingTrace | None = None, replay_experts: np.ndarray | None = None) -> ExpertCache:
+    if spec.policy not in CACHE_POLICIES:
+        raise HaqmoeError(f"unknown cache policy {spec.policy!r} (choose from {', '.join(CACHE_POLICIES)})")
+    if spec.total_slots <= 0:
+        raise HaqmoeError("the GPU expert cache needs at least one slot per layer (got 0 slots)")
+    L, E = num_layers, num_experts
+    total = min(spec.total_slots, L * E)
+    needs_plan = spec.policy == "static" or policy_uses_pins(spec.policy) or policy_uses_alloc(spec.policy)
+    if needs_plan and spec.plan is None and plan_trace is None:
+        raise HaqmoeError(f"cache policy {spec.policy!r} needs a plan or a profiling trace to build one from")
+    if plan_trace is not None and (plan_trace.num_layers, plan_trace.num_experts) != (L, E):
+        raise HaqmoeError(f"the plan trace has {plan_trace.num_layers} layers x {plan_trace.num_experts} experts, "
+                          f"the replayed model {L} x {E}: a plan for another model")
+    if policy_uses_alloc(spec.policy):
+        slots = allocate_slots(plan_trace.experts, E, total, min_slots=top_k)
+    else:
+        slots = equal_slots(total, L, E)
+    pinned: dict[int, list[int]] = {}
+    if spec.policy == "static" or policy_uses_pins(spec.policy):
+        frac = 1.0 if spec.policy == "static" else spec.pin_frac
+        counts = [int(round(frac * s)) for s in slots]
+        if spec.plan is not None:
+            pinned = {int(l): list(spec.plan.get(l, []))[: counts[l]] for l in range(L)}
+            if any(e < 0 or e >= E for v in pinned.values() for e in v):
+                raise HaqmoeError(f"the plan names experts outside 0..{E - 1}: a plan for another model")
+        else:
+            pinned = frequency_plan(plan_trace, counts)
+    config = CacheConfig(L, E, slots if spec.scope == "layer" else total, spec.scope, expert_bytes, pinned)
+    policy = make_policy("lru" if spec.policy == "static" else spec.policy, replay_experts, spec.lfu_half_life)
+    cache = ExpertCache(config, policy)
+    if spec.policy != "static":
+        cache.check_fits(top_k)
+    return cache
+
+
+# ---------------------------------------------------------------------------- the replay
+@dataclass
+class ReplayOptions:
+    decision: str = "always-transfer"  # predictor | always-transfer | always-cpu
+    async_admit: bool = False  # copy CPU-served misses into the cache in the background
+    async_backlog: float = 1.0  # ... only while the copy queue is shorter than this many copies
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+    prefill_tokens: int = 0  # >0: also replay a batched prefill of this many tokens first
+    decode_only: bool = False  # replay only tokens flagged decode (if the trace has flags)
+
+
+@dataclass
+class ReplayResult:
+    token_ms: np.ndarray  # per decoded token latency
+    prefill_ms: float
+    stats: dict  # cache counters per layer (LayerStats.as_dict)
+    p_all_resident: np.ndarray  # [L]
+    decisions: dict
+    streamed_bytes: int  # copies that could not be cached (no evictable slot)
+    expert_bytes: int
+    n_critical: float
+
+    def summary(self) -> dict:
+        s = {k: np.asarray(v) for k, v in self.stats.items()}
+        lookups = s["hits"] + s["prefetch_hits"] + s["inflight"] + s["misses"]
+        total = max(int(lookups.sum()), 1)
+        ms = self.token_ms
+        moved = int(s["bytes_moved"].sum()) + self.streamed_bytes
+        return {
+            "hit_rate": float(s["hits"].sum() / total),
+            "resident_when_needed": float((s["hits"].sum() + s["prefetch_hits"].sum()) / total),
+            "p_all_resident": float(self.p_all_resident.mean()) if len(self.p_all_resident) else 0.0,
+            "bytes_moved_gb": moved / 1e9,
+            "prefetch_copies": int(s["prefetch_copies"].sum()),
+            "prefetch_wasted": int(s["prefetch_wasted"].sum()),
+            "decode_tok_s": float(1e3 / ms.mean()) if len(ms) else 0.0,
+            "latency_p50_ms": float(np.percentile(ms, 50)) if len(ms) else 0.0,
+            "latency_p95_ms": float(np.percentile(ms, 95)) if len(ms) else 0.0,
+            "latency_p99_ms": float(np.percentile(ms, 99)) if len(ms) else 0.0,
+            "latency_std_ms": float(ms.std()) if len(ms) else 0.0,
+            "prefill_ms": self.prefill_ms,
+            "n_critical": self.n_critical,
+            **{f"n_{k}": v for k, v in self.decisions.items()},
+        }
+
+
+class _Timeline:
+    """The copy engine: FIFO, one expert after another."""
+
+    def __init__(self, transfer_ms: float) -> None:
+        self.transfer_ms = transfer_ms
+        self.free_at = 0.0
+
+    def copy(self, at: float) -> float:
+        self.free_at = max(self.free_at, at) + self.transfer_ms
+        return self.free_at
+
+    def backlog(self, at: float) -> float:
+        return max(0.0, self.free_at - at)
+
+
+class Replay:
+    """One replay of a trace through a cache and a cost model on a timeline."""
+
+    def __init__(self, trace: RoutingTrace, cache: ExpertCache, cost: CostModel, profile: HardwareProfile,
+                 spec: ModelSpec, precision: str = "w8a8", options: ReplayOptions | None = None) -> None:
+        self.opt = options or ReplayOptions()
+        if self.opt.decision not in DECISION_POLICIES:
+            raise HaqmoeError(f"unknown policy {self.opt.decision!r} (choose from {', '.join(DECISION_POLICIES)})")
+        if (cache.config.num_layers, cache.config.num_experts) != (trace.num_layers, trace.num_experts):
+            raise HaqmoeError("cache and trace disagree on layers x experts")
+        self.trace, self.cache, self.cost = trace, cache, cost
+        self.profile, self.spec, self.precision = profile, spec, precision
+        self.copies = _Timeline(cost.transfer_ms)
+        self.decisions: Counter = Counter()
+        self.streamed = 0
+        L = trace.num_layers
+        self.all_res = np.zeros(L, dtype=np.int64)
+        self.steps = np.zeros(L, dtype=np.int64)
+        self.clock = 0.0
+        pf = self.opt.prefetch
+        self.guesses = guesses_for(trace, pf)
+        self.num_guesses = pf.num_guesses or trace.top_k
+
+    # one MoE layer for a set of (expert, n tokens); returns when the layer ends
+    def _layer(self, l: int, needed: Mapping[int, int], now: float, start: float, ne_ms: float,
+               count_step: bool, guesses: np.ndarray | None) -> float:
+        cache, cost, opt = self.cache, self.cost, self.opt
+        r = start + ne_ms  # router output known
+        cache.begin_step(now, r, [(l, e) for e in needed])
+        gpu: list[tuple[float, float]] = []
+        cpu_ms = 0.0
+        all_resident = True
+        background: list[int] = []
+        for e, n in needed.items():
+            out = cache.lookup(l, e)
+            if out in ("hit", "prefetch_hit"):
+                gpu.append((r, cost.t_gpu(n)))
+                self.decisions["gpu"] += 1
+                continue
+            all_resident = False
+            if out == "inflight":
+                ready = cache.get(l, e).ready_at
+                d = cost.decide(False, n, opt.decision, inflight_ms=ready - r)
+            else:
+                d = cost.decide(False, n, opt.decision)
+            self.decisions[d] += 1
+            if d == "wait":
+                gpu.append((ready, cost.t_gpu(n)))
+            elif d == "transfer":
+                done = self.copies.copy(r)
+                if cache.admit(l, e, ready_at=done) is None:
+                    self.streamed += cache.config.expert_bytes
+                gpu.append((done, cost.t_gpu(n)))
+            else:
+                cpu_ms += cost.t_cpu(n)
+                if opt.async_admit and out == "miss":
+                    background.append(e)
+        gpu_end = r
+        for ready, dur in sorted(gpu):
+            gpu_end = max(gpu_end, ready) + dur
+        end = max(gpu_end, r + cpu_ms)
+        if count_step:
+            self.steps[l] += 1
+            self.all_res[l] += all_resident
+        if guesses is not None and l + 1 < self.trace.num_layers:
+            self._prefetch(l + 1, guesses, r, end)
+        for e in background:
+            if self.copies.backlog(r) <= opt.async_backlog * cost.transfer_ms and cache.dynamic_slots(l) > 0:
+                if cache.admit(l, e, ready_at=self.copies.copy(r)) is not None:
+                    self.decisions["background_copy"] += 1
+        return end
+
+    def _prefetch(self, nxt: int, ranking: np.ndarray, r: float, end: float) -> None:
+        """Copy the top guesses for layer ``nxt`` within the budget: a copy may start while the
+        copy engine is free before ``r + budget_layers x (time of this layer)``."""
+        limit = r + self.opt.prefetch.budget_layers * max(end - r, 0.0)
+        for g in ranking[: self.num_guesses]:
+            g = int(g)
+            if g < 0 or self.cache.contains(nxt, g):
+                continue
+            if self.cost.transfer_ms > 0 and max(self.copies.free_at, r) >= limit:
+                break  # (ideal copies, transfer_ms == 0: only the guess count limits prefetch)
+            done = max(self.copies.free_at, r) + self.cost.transfer_ms
+            if self.cache.admit(nxt, g, ready_at=done, prefetch=True) is None:
+                break
+            self.copies.copy(r)
+            self.decisions["prefetch_copy"] += 1
+
+    def prefill(self, tokens: np.ndarray) -> float:
+        """Batched prefill of ``tokens`` ([P, L, k]): per layer, n tokens per expert."""
+        P, L = tokens.shape[0], tokens.shape[1]
+        start = self.clock
+        t = start
+        for l in range(L):
+            ids, counts = np.unique(tokens[:, l].ravel(), return_counts=True)
+            needed = {int(e): int(c) for e, c in zip(ids, counts) if e >= 0}
+            ne = nonexpert_layer_ms(self.profile, self.spec, self.precision, P, P)
+            t = self._layer(l, needed, self.clock_now(0, l), t, ne, False, None)
+        t += head_ms(self.profile, self.spec, 1)
+        self.clock = t
+        return t - start
+
+    def clock_now(self, token: int, layer: int) -> float:
+        return token + layer / self.trace.num_layers
+
+    def decode(self, token_ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+        L = self.trace.num_layers
+        out = np.empty(len(token_ids))
+        for i, (t, pos) in enumerate(zip(token_ids, positions)):
+            start = self.clock
+            clk = start
+            for l in range(L):
+                needed = {int(e): 1 for e in self.trace.experts[t, l] if e >= 0}
+                ne = nonexpert_layer_ms(self.profile, self.spec, self.precision, 1, int(pos) + 1)
+                g = None if self.guesses is None else self.guesses[t, l]
+                clk = self._layer(l, needed, self.clock_now(t, l), clk, ne, True, g)
+            clk += head_ms(self.profile, self.spec, 1)
+            self.clock = clk
+            out[i] = clk - start
+        return out
+
+    def run(self) -> ReplayResult:
+        tr = self.trace
+        prefill_ms = 0.0
+        if self.opt.prefill_tokens > 0:
+            P = min(self.opt.prefill_tokens, tr.num_tokens)
+            if P < self.opt.prefill_tokens:
+                raise HaqmoeError(f"prefill of {self.opt.prefill_tokens} tokens asked, the trace has {tr.num_tokens}")
+            prefill_ms = self.prefill(tr.experts[:P])
+        ids, pos = [], []
+        for r in range(tr.num_requests):
+            a, b = int(tr.offsets[r]), int(tr.offsets[r + 1])
+            for t in range(a, b):
+                if self.opt.decode_only and tr.decode is not None and not tr.decode[t]:
+                    continue
+                ids.append(t)
+                pos.append(t - a)
+        token_ms = self.decode(ids, pos)
+        p_all = self.all_res / np.maximum(self.steps, 1)
+        return ReplayResult(token_ms, prefill_ms, self.cache.stats.as_dict(), p_all, dict(self.decisions),
+                            self.streamed, self.cache.config.expert_bytes, self.cost.n_critical)
+
+
+def spec_for_trace(trace: RoutingTrace, spec: ModelSpec) -> ModelSpec:
+    """The cost shape of ``spec`` with the trace's layer / expert / top-k counts."""
+    return replace(spec, num_layers=trace.num_layers, num_experts=trace.num_experts, top_k=trace.top_k)
