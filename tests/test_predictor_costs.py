@@ -1,0 +1,96 @@
+"""Cost predictor decisions around n_critical, roofline curves, profiles, calibration cache."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from haqmoe.errors import HaqmoeError
+from haqmoe.runtime.predictor import CostCurve, CostModel
+from haqmoe.runtime.profiles import (PROFILES, cost_model_for, load_profile, memory_plan, model_spec)
+
+
+def linear_model(**kw) -> CostModel:
+    # T_cpu(n) = n ms; T_gpu(n) = 5 + 0.1 n  =>  equal at n = 5.55..., so n_critical = 5
+    return CostModel(CostCurve(per_token_ms=1.0), CostCurve(per_token_ms=0.1), 5.0, **kw)
+
+
+def test_n_critical_and_decisions():
+    m = linear_model()
+    assert m.n_critical == 5
+    assert m.decide(False, 5) == "cpu"
+    assert m.decide(False, 6) == "transfer"
+    assert m.decide(True, 1) == "gpu" and m.decide(True, 100) == "gpu"
+    assert m.decide(False, 1, "always-transfer") == "transfer"
+    assert m.decide(False, 100, "always-cpu") == "cpu"
+    with pytest.raises(HaqmoeError, match="unknown policy"):
+        m.decide(False, 1, "fiddler")
+
+
+def test_inflight_waits_only_when_it_pays():
+    m = linear_model()
+    # 3 tokens: CPU 3 ms; waiting 2 ms then GPU 0.3 ms is faster
+    assert m.decide(False, 3, inflight_ms=2.0) == "wait"
+    assert m.decide(False, 3, inflight_ms=2.8) == "cpu"
+    assert m.decide(False, 3, "always-transfer", inflight_ms=50.0) == "wait"
+
+
+def test_override_and_never():
+    assert linear_model(n_critical_override=10).decide(False, 8) == "cpu"
+    never = CostModel(CostCurve(per_token_ms=0.0, overhead_ms=0.1), CostCurve(), 5.0)
+    assert math.isinf(never.n_critical) and never.decide(False, 10_000) == "cpu"
+    always = CostModel(CostCurve(overhead_ms=10.0), CostCurve(), 1.0)
+    assert always.n_critical == 0 and always.decide(False, 1) == "transfer"
+
+
+def test_roofline_and_table_curves():
+    c = CostCurve(overhead_ms=0.5, floor_ms=3.0, per_token_ms=0.25)
+    assert c(1) == pytest.approx(3.5) and c(12) == pytest.approx(3.5) and c(20) == pytest.approx(5.5)
+    t = CostCurve.fit([1, 2, 4], [1.0, 1.0, 2.0])
+    assert t(3) == pytest.approx(1.5) and t(8) == pytest.approx(4.0)  # extrapolates the last slope
+    assert CostCurve.from_dict(t.as_dict())(3) == pytest.approx(1.5)
+
+
+def test_mixtral_on_5090d_is_sensible():
+    cm = cost_model_for(load_profile("rtx5090d"), model_spec("mixtral-8x7b"))
+    assert 3.0 < cm.transfer_ms < 4.0  # 176 MB over ~52 GB/s
+    assert cm.t_cpu(1) < cm.t_gpu(1, resident=False)  # decode: CPU beats shipping the expert
+    assert cm.t_cpu(128) > cm.t_gpu(128, resident=False)  # prefill: shipping wins
+    assert 8 <= cm.n_critical <= 40
+
+
+def test_profiles_and_memory():
+    for p in PROFILES.values():
+        assert p.sources, p.name
+    spec = model_spec("mixtral-8x7b")
+    plan = memory_plan(load_profile("rtx5090d"), spec)
+    assert 150 <= plan.slots <= 170 and plan.total_gb <= 32.0
+    assert spec.total_bytes("w8a8") < 0.51 * spec.total_bytes("fp16")
+    with pytest.raises(HaqmoeError, match="too small for the non-expert"):
+        memory_plan(load_profile("rtx5090d"), spec, budget_gb=2.0)
+    with pytest.raises(HaqmoeError, match="unknown hardware profile"):
+        load_profile("gtx480")
+
+
+def test_profile_json_roundtrip(tmp_path):
+    p = tmp_path / "mine.json"
+    p.write_text(PROFILES["rtx4090"].to_json())
+    assert load_profile(str(p)) == PROFILES["rtx4090"]
+    p.write_text(json.dumps({"name": "x"}))
+    with pytest.raises(HaqmoeError, match="bad hardware profile"):
+        load_profile(str(p))
+
+
+def test_calibration_is_cached(tmp_path, monkeypatch):
+    from haqmoe.runtime import calibrate
+
+    monkeypatch.setenv("HAQMOE_CACHE", str(tmp_path))
+    m = calibrate.calibrate(32, 64, ns=(1, 4, 16))
+    files = list((tmp_path / "calibration").glob("*.json"))
+    assert len(files) == 1 and m.t_cpu(4) > 0
+    calls = []
+    monkeypatch.setattr(calibrate, "time_cpu_expert", lambda *a, **k: calls.append(1))
+    m2 = calibrate.calibrate(32, 64, ns=(1, 4, 16))
+    assert not calls and m2.t_cpu(4) == pytest.approx(m.t_cpu(4))

@@ -1,0 +1,103 @@
+"""Simulator latency on hand-computed tiny traces; prefetch replay rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from haqmoe.errors import HaqmoeError
+from haqmoe.routing.trace import RoutingTrace
+from haqmoe.runtime.cache import CacheConfig, ExpertCache
+from haqmoe.runtime.policies import LRUPolicy
+from haqmoe.runtime.predictor import CostCurve, CostModel
+from haqmoe.runtime.prefetch import PrefetchConfig, guess_quality
+from haqmoe.runtime.profiles import HardwareProfile, ModelSpec
+from haqmoe.runtime.simulator import CacheSpec, Replay, ReplayOptions, build_cache
+from haqmoe.runtime.synthetic import SyntheticConfig, synthetic_trace
+
+# a machine whose attention, head and launches cost nothing: latency = expert work only
+ZERO = HardwareProfile("zero", "test", 8, 1e9, 1e9, 1e9, 1.0, 1.0, 1.0, 1.0, gpu_kernel_ms=0.0, cpu_call_ms=0.0)
+SPEC = ModelSpec("toy", 1, 3, 1, 1, 1, 0, 0, 0)
+COST = CostModel(CostCurve(per_token_ms=2.0), CostCurve(per_token_ms=0.5), 3.0)  # n_critical = 2
+
+
+def trace(rows, guesses=None) -> RoutingTrace:
+    ex = np.array(rows, np.int16)
+    if ex.ndim == 2:
+        ex = ex[:, None, :]
+    return RoutingTrace(ex, 3, np.array([0, len(ex)]), guesses=guesses)
+
+
+def run(tr, slots, decision, **opt):
+    cache = ExpertCache(CacheConfig(tr.num_layers, 3, slots, expert_bytes=10), LRUPolicy())
+    return Replay(tr, cache, COST, ZERO, SPEC, options=ReplayOptions(decision, **opt)).run()
+
+
+def test_always_transfer_by_hand():
+    tr = trace([[0], [1], [0]])
+    # 1 slot: every token misses -> copy 3 ms + GPU 0.5 ms
+    assert run(tr, 1, "always-transfer").token_ms.tolist() == pytest.approx([3.5, 3.5, 3.5])
+    # 2 slots: the third token hits
+    res = run(tr, 2, "always-transfer")
+    assert res.token_ms.tolist() == pytest.approx([3.5, 3.5, 0.5])
+    assert res.summary()["hit_rate"] == pytest.approx(1 / 3) and res.summary()["bytes_moved_gb"] == 2e-8
+
+
+def test_predictor_and_overlap_by_hand():
+    assert run(trace([[0], [1]]), 2, "predictor").token_ms.tolist() == pytest.approx([2.0, 2.0])
+    # top-2 token with expert 0 pinned: GPU 0.5 ms overlaps CPU 2 ms -> 2 ms, not 2.5
+    tr = RoutingTrace(np.array([[[0, 1]]], np.int16), 3, np.array([0, 1]))
+    cache = ExpertCache(CacheConfig(1, 3, 2, pinned={0: [0]}), LRUPolicy())
+    res = Replay(tr, cache, COST, ZERO, SPEC, options=ReplayOptions("predictor")).run()
+    assert res.token_ms.tolist() == pytest.approx([2.0])
+    assert res.decisions == {"gpu": 1, "cpu": 1}
+
+
+def test_prefill_batches_tokens_per_expert():
+    tr = trace([[0], [0], [0], [1]])
+    cache = ExpertCache(CacheConfig(1, 3, 2), LRUPolicy())
+    rep = Replay(tr, cache, COST, ZERO, SPEC, options=ReplayOptions("predictor"))
+    # expert 0: n=3 > n_critical=2 -> copy 3 + GPU 1.5 = 4.5; expert 1: n=1 -> CPU 2 (overlapped)
+    assert rep.prefill(tr.experts) == pytest.approx(4.5)
+
+
+def test_async_copy_waits_only_when_worth_it():
+    # token 0 at layer 0 misses expert 0 on CPU (2 ms) and copies it in the background (3 ms).
+    tr = trace([[0], [0]])
+    res = run(tr, 2, "predictor", async_admit=True)
+    # token 1 starts at 2 ms, copy done at 3 ms: wait 1 + GPU 0.5 = 1.5 < CPU 2
+    assert res.token_ms.tolist() == pytest.approx([2.0, 1.5])
+
+
+def test_prefetch_rules():
+    tr = trace([[[0], [1]], [[2], [2]]])  # 2 tokens, 2 layers
+    opts = ReplayOptions("always-transfer", prefetch=PrefetchConfig(True, exact=True))
+    cache = ExpertCache(CacheConfig(2, 3, 1), LRUPolicy())
+    with pytest.raises(HaqmoeError, match="no prefetch guesses"):
+        Replay(tr, cache, COST, ZERO, ModelSpec("toy", 2, 3, 1, 1, 1, 0, 0, 0), options=opts)
+    g = np.full((2, 2, 3), -1, np.int16)
+    g[0, 0] = [1, 0, 2]
+    g[1, 0] = [0, 1, 2]  # wrong guess for token 1
+    tr.guesses = g
+    ideal = CostModel(CostCurve(per_token_ms=2.0), CostCurve(per_token_ms=0.5), 0.0)
+    cache = ExpertCache(CacheConfig(2, 3, 1), LRUPolicy())
+    res = Replay(tr, cache, ideal, ZERO, ModelSpec("toy", 2, 3, 1, 1, 1, 0, 0, 0), options=opts).run()
+    s = res.summary()
+    assert s["resident_when_needed"] == pytest.approx(0.25) and s["hit_rate"] == 0.0
+    assert s["prefetch_copies"] == 2 and s["prefetch_wasted"] == 1
+
+
+def test_guess_quality_and_synthetic_recall():
+    tr = synthetic_trace(SyntheticConfig(num_layers=4, requests=2, tokens_per_request=200, guess_accuracy=0.7))
+    q = guess_quality(tr)
+    assert len(q["recall"]) == 3 and all(0.6 < r < 0.8 for r in q["recall"])
+    with pytest.raises(HaqmoeError):
+        guess_quality(synthetic_trace(SyntheticConfig(num_layers=2, requests=1, tokens_per_request=5)))
+
+
+def test_plan_for_another_model_is_an_error():
+    tr = synthetic_trace(SyntheticConfig(num_layers=4, num_experts=6, requests=1, tokens_per_request=20))
+    with pytest.raises(HaqmoeError, match="another model"):
+        build_cache(CacheSpec("pinned+lru", 16), 8, 6, 2, 1, plan_trace=tr)
+    with pytest.raises(HaqmoeError, match="another model"):
+        build_cache(CacheSpec("static", 16, plan={0: [9]}), 4, 6, 2, 1)
