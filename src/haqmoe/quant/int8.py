@@ -1,0 +1,374 @@
+"""Real W8A8 execution: int8 x int8 -> int32 GEMM (``torch._int_mm``) instead of fake quantization.
+
+With activations ``x ≈ (q_a - z_a)·s_a`` (per token) and weights ``W ≈ (q_w - z_w)·s_w`` (per output
+channel) the exact product is
+
+    y[t, o] = s_a[t]·s_w[o]·( Σ_k q_a·q_w  -  z_a[t]·c[o]  -  z_w[o]·(r[t] - K·z_a[t]) )
+
+with ``c[o] = Σ_k q_w[o, k]`` precomputed at load and ``r[t] = Σ_k q_a[t, k]`` per call. The kernel
+only ever sees the stored int8 integers; asymmetric weights cannot be pre-shifted into int8
+(``q_w - z_w`` spans [-255, 255]), so both zero points are corrected outside the GEMM, exactly in
+integers. The result equals fake quantization up to float rounding (the integer part is exact here,
+fake-quant rounds inside its fp32 dot product).
+
+Shape rules of ``torch._int_mm``: on CPU any shape works. On CUDA it needs more than 16 rows and
+K, N multiples of 8: K and N are padded once at build (zero weight rows/columns, which change
+neither the products nor ``c``), rows are padded per call.
+
+Per-token activation quantization commutes with row selection, so MoE experts quantize the hidden
+states once for all tokens, and linears that read the same tensor (q/k/v, gate/up) reuse one
+quantization through a one-entry identity cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import HaqmoeError
+from .quantizer import QuantSpec
+
+_CUDA_MIN_ROWS = 17
+_ALIGN = 8
+_INT32_SAFE_K = 16384  # beyond this the zero-point corrections are done in int64
+
+
+@dataclass
+class QuantAct:
+    """Per-token quantized activations [M, K] ready for the int8 GEMM."""
+
+    q: torch.Tensor  # int8 [M, K]
+    scale: torch.Tensor  # float32 [M, 1]
+    zero: torch.Tensor | None  # int32 [M] (None: symmetric)
+    rowsum: torch.Tensor | None  # int32 [M], only needed for asymmetric weights
+
+    def rows(self, idx: torch.Tensor) -> "QuantAct":
+        """The same quantization restricted to some tokens (per-token params make this exact)."""
+        return QuantAct(self.q.index_select(0, idx), self.scale.index_select(0, idx),
+                        None if self.zero is None else self.zero.index_select(0, idx),
+                        None if self.rowsum is None else self.rowsum.index_select(0, idx))
+
+
+def quantize_tokens(x: torch.Tensor, spec: QuantSpec, need_rowsum: bool = True) -> QuantAct:
+    """Dynamic per-token quantization of ``x`` [M, K]; integers identical to ``quantizer.fake_quant``.
+
+    Same float formulas (division, not a reciprocal multiply) so real and fake execution round the
+    same activations to the same integers; ``aminmax`` makes it one reduction pass.
+    """
+    x = x.float()
+    if spec.symmetric:
+        scale = x.abs().amax(dim=-1, keepdim=True).div_(spec.qmax)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(x / scale).clamp_(spec.qmin, spec.qmax).to(torch.int8)
+        zero = None
+    else:
+        lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        scale = (hi - lo).div_(spec.qmax - spec.qmin)
+        zf = torch.round(spec.qmin - lo / scale.clamp_min(1e-12)).clamp_(spec.qmin, spec.qmax)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(x / scale).add_(zf).clamp_(spec.qmin, spec.qmax).to(torch.int8)
+        zero = zf.view(-1).to(torch.int32)
+    rowsum = q.sum(dim=-1, dtype=torch.int32) if need_rowsum else None
+    return QuantAct(q, scale, zero, rowsum)
+
+
+def quantize_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,
+                    need_rowsum: bool = True) -> QuantAct:
+    """Per-tensor static (calibrated) activation quantization, expanded to per-token form."""
+    x = x.float()
+    q = torch.round(x / scale).add_(zero).clamp_(spec.qmin, spec.qmax).to(torch.int8)
+    m = x.shape[0]
+    s = scale.reshape(1, 1).expand(m, 1)
+    z = None if spec.symmetric else zero.reshape(1).to(torch.int32).expand(m).contiguous()
+    return QuantAct(q, s, z, q.sum(dim=-1, dtype=torch.int32) if need_rowsum else None)
+
+
+class _ActCache:
+    """One-entry cache: the last tensor quantized, by identity, so q/k/v (gate/up) quantize once.
+
+    Holds a strong reference, so the identity cannot be recycled by the allocator. Outside
+    inference mode the version counter also guards against in-place edits between the calls.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.x: torch.Tensor | None = None
+        self.version: int | None = None
+        self.value: QuantAct | None = None
+
+    @staticmethod
+    def _version(x: torch.Tensor) -> int | None:
+        return None if x.is_inference() else x._version
+
+    def get(self, x: torch.Tensor, key: tuple) -> QuantAct | None:
+        if self.x is x and self.key == key and self.version == self._version(x):
+            return self.value
+        return None
+
+    def put(self, x: torch.Tensor, key: tuple, value: QuantAct) -> None:
+        self.x, self.key, self.version, self.value = x, key, self._version(x), value
+
+    def clear(self) -> None:
+        self.x = self.key = self.version = self.value = None
+
+
+ACT_CACHE = _ActCache()
+
+
+def _pad_to(n: int, align: int) -> int:
+    return (n + align - 1) // align * align
+
+
+def int8_matmul(act: QuantAct, wt: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
+                colsum: torch.Tensor | None, k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 [M, N] output of the W8A8 product; ``wt`` is int8 [K_pad, N_pad] (transposed weight)."""
+    q = act.q
+    m = q.shape[0]
+    kp, np_ = wt.shape
+    n = w_scale.shape[-1]
+    if q.shape[1] != kp:
+        q = nn.functional.pad(q, (0, kp - q.shape[1]))
+    rows = max(_pad_to(_CUDA_MIN_ROWS, _ALIGN), _pad_to(m, _ALIGN)) if q.is_cuda else m
+    if rows != m:
+        q = nn.functional.pad(q, (0, 0, 0, rows - m))
+    acc = torch._int_mm(q, wt)
+    if rows != m or np_ != n:
+        acc = acc[:m, :n]
+    if k > _INT32_SAFE_K and (act.zero is not None or w_zero is not None):
+        acc = acc.to(torch.int64)
+    if act.zero is not None:
+        # − z_a[t]·c[o]
+        acc = torch.addr(acc, act.zero.to(acc.dtype), colsum.to(acc.dtype), alpha=-1)
+    if w_zero is not None:
+        # − z_w[o]·(r[t] − K·z_a[t])
+        r = act.rowsum.to(acc.dtype)
+        if act.zero is not None:
+            r = r - k * act.zero.to(acc.dtype)
+        acc = torch.addr(acc, r, w_zero.to(acc.dtype), alpha=-1)
+    y = acc.to(torch.float32).mul_(act.scale).mul_(w_scale)
+    if bias is not None:
+        y.add_(bias)
+    return y
+
+
+def pack_weight(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(wt int8 [K_pad, N_pad], w_scale [N], w_zero int32 [N] | None, colsum int32 [N]) from [N, K] int8.
+
+    ``wt`` is the transposed weight made contiguous once, the layout ``_int_mm`` reads fastest.
+    """
+    if scale.dim() != 2 or scale.shape[-1] != 1:
+        raise HaqmoeError("int8 GEMM needs per-channel (or per-tensor) weight scales; per-group weights "
+                          "run in dequant mode")
+    n, k = qweight.shape
+    wt = torch.zeros(_pad_to(k, _ALIGN), _pad_to(n, _ALIGN), dtype=torch.int8, device=qweight.device)
+    wt[:k, :n] = qweight.t()
+    colsum = qweight.sum(dim=1, dtype=torch.int32)
+    z = zero.reshape(-1).round()
+    w_zero = None if symmetric or not bool(z.any()) else z.to(torch.int32)
+    return wt, scale.reshape(-1).float().contiguous(), w_zero, colsum
+
+
+class Int8Linear(nn.Module):
+    """Drop-in for a ``QuantLinear`` that executes its W8A8 product with ``torch._int_mm``."""
+
+    def __init__(self, in_features: int, out_features: int, a_spec: QuantSpec, wt: torch.Tensor,
+                 w_scale: torch.Tensor, w_zero: torch.Tensor | None, colsum: torch.Tensor,
+                 bias: torch.Tensor | None, static: tuple[torch.Tensor, torch.Tensor] | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.a_spec = in_features, out_features, a_spec
+        self.register_buffer("wt", wt)
+        self.register_buffer("w_scale", w_scale)
+        self.register_buffer("w_zero", w_zero)
+        self.register_buffer("colsum", colsum)
+        self.register_buffer("bias", None if bias is None else bias.float().clone())
+        self.register_buffer("a_scale", None if static is None else static[0].clone())
+        self.register_buffer("a_zero", None if static is None else static[1].clone())
+        self.cache = ACT_CACHE
+
+    @classmethod
+    def from_quant_linear(cls, ql: nn.Module) -> "Int8Linear":
+        """From a ``QuantLinear``'s buffers (weight-only QuantLinears have no int8 GEMM: refused)."""
+        if ql.a_spec is None or ql.a_spec.bits != 8 or ql.w_spec.bits != 8:
+            raise HaqmoeError("real int8 execution needs 8-bit weights and 8-bit activations")
+        wt, sw, zw, colsum = pack_weight(ql.qweight, ql.w_scale, ql.w_zero, ql.w_spec.symmetric)
+        static = None if ql.a_spec.dynamic else (ql.a_scale, ql.a_zero)
+        return cls(ql.in_features, ql.out_features, ql.a_spec, wt, sw, zw, colsum, ql.bias, static)
+
+    def quant_act(self, x: torch.Tensor, x2: torch.Tensor) -> QuantAct:
+        """Quantize ``x2`` (= ``x`` as [M, K]); dynamic results are cached on ``x``'s identity."""
+        need_rowsum = self.w_zero is not None
+        if self.a_scale is not None:
+            return quantize_static(x2, self.a_scale, self.a_zero, self.a_spec, need_rowsum)
+        key = (self.a_spec, tuple(x.shape), need_rowsum)
+        hit = self.cache.get(x, key)
+        if hit is None:
+            hit = quantize_tokens(x2, self.a_spec, need_rowsum)
+            self.cache.put(x, key, hit)
+        return hit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = self.quant_act(x, x.reshape(-1, x.shape[-1]))
+        y = int8_matmul(act, self.wt, self.w_scale, self.w_zero, self.colsum, self.in_features, self.bias)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        a = f"a8{'s' if self.a_spec.symmetric else 'a'}{'' if self.a_scale is None else '-static'}"
+        return f"in={self.in_features}, out={self.out_features}, w8{'a' if self.w_zero is not None else 's'}, {a}"
+
+
+def dequant_act(act: QuantAct) -> torch.Tensor:
+    """Float activations exactly as fake quantization produces them: (q - z)·s."""
+    x = act.q.to(torch.float32)
+    if act.zero is not None:
+        x = x.sub_(act.zero.to(torch.float32)[:, None])
+    return x.mul_(act.scale)
+
+
+class GroupedExperts(nn.Module):
+    """Routed experts with transformers' call signature: hidden states quantized once for all
+    tokens, tokens grouped per expert with one sort (no per-expert masks); subclasses say how one
+    expert computes on its quantized rows."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int, act_fn: nn.Module, a_spec: QuantSpec):
+        super().__init__()
+        self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden, inter
+        self.act_fn, self.a_spec = act_fn, a_spec
+
+    def needs_rowsum(self) -> bool:
+        return False
+
+    def expert_forward(self, e: int, act: QuantAct) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        act = quantize_tokens(hidden_states, self.a_spec, self.needs_rowsum())
+        out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+        k = top_k_index.shape[-1]
+        flat = top_k_index.reshape(-1)
+        flat = torch.where((flat >= 0) & (flat < self.num_experts), flat, self.num_experts)  # drop padding ids
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts + 1).tolist()
+        weights = top_k_weights.reshape(-1).index_select(0, order).float()
+        start = 0
+        for e, cnt in enumerate(counts[: self.num_experts]):
+            if cnt == 0:
+                continue
+            tok = order[start: start + cnt] // k
+            y = self.expert_forward(e, act.rows(tok))
+            out.index_add_(0, tok, y.mul_(weights[start: start + cnt, None]))
+            start += cnt
+        return out.to(hidden_states.dtype)
+
+
+def _experts_spec(qe: nn.Module) -> QuantSpec:
+    spec = qe.gate[0].a_spec
+    if spec is None or not spec.dynamic or spec.bits != 8:
+        raise HaqmoeError("converted experts need dynamic per-token 8-bit activations")
+    return spec
+
+
+class Int8Experts(GroupedExperts):
+    """Drop-in for ``QuantExperts`` on the int8 GEMM; gate and up fused into one GEMM per expert."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int, act_fn: nn.Module, a_spec: QuantSpec):
+        super().__init__(num_experts, hidden, inter, act_fn, a_spec)
+        self.gate_up: list[tuple[str, ...]] = []
+        self.down: list[tuple[str, ...]] = []
+
+    @classmethod
+    def from_quant_experts(cls, qe: nn.Module) -> "Int8Experts":
+        m = cls(qe.num_experts, qe.hidden_dim, qe.intermediate_dim, qe.act_fn, _experts_spec(qe))
+        for e in range(qe.num_experts):
+            g, u, d = qe.gate[e], qe.up[e], qe.down[e]
+            gu = pack_weight(torch.cat([g.qweight, u.qweight]), torch.cat([g.w_scale, u.w_scale]),
+                             torch.cat([g.w_zero, u.w_zero]), g.w_spec.symmetric)
+            m._register(e, "gate_up", gu)
+            m._register(e, "down", pack_weight(d.qweight, d.w_scale, d.w_zero, d.w_spec.symmetric))
+        return m
+
+    def _register(self, e: int, kind: str, packed: tuple) -> None:
+        names = tuple(f"{kind}_{e}_{p}" for p in ("wt", "scale", "zero", "colsum"))
+        for name, t in zip(names, packed):
+            self.register_buffer(name, t)
+        getattr(self, kind).append(names)
+
+    def _packed(self, kind: str, e: int) -> tuple:
+        return tuple(getattr(self, n) for n in getattr(self, kind)[e])
+
+    def needs_rowsum(self) -> bool:
+        return any(getattr(self, names[2]) is not None for names in self.gate_up)
+
+    def expert_forward(self, e: int, act: QuantAct) -> torch.Tensor:
+        wt, sw, zw, cs = self._packed("gate_up", e)
+        gate, up = int8_matmul(act, wt, sw, zw, cs, self.hidden_dim).split(self.intermediate_dim, dim=-1)
+        h = self.act_fn(gate).mul_(up)
+        wt, sw, zw, cs = self._packed("down", e)
+        return int8_matmul(quantize_tokens(h, self.a_spec, zw is not None), wt, sw, zw, cs, self.intermediate_dim)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, hidden={self.hidden_dim}, inter={self.intermediate_dim}, int8 GEMM"
+
+
+class DequantLinear(nn.Module):
+    """CPU-tier alternative: weights dequantized once to fp32 at load (int8 copy released), fp32
+    GEMM on fake-quantized activations, so the numbers stay those of W8A8 evaluation."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, a_spec: QuantSpec | None,
+                 static: tuple[torch.Tensor, torch.Tensor] | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.a_spec = a_spec
+        self.register_buffer("weight", weight.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.float().clone())
+        self.register_buffer("a_scale", None if static is None else static[0].clone())
+        self.register_buffer("a_zero", None if static is None else static[1].clone())
+        self.cache = ACT_CACHE
+
+    @classmethod
+    def from_quant_linear(cls, ql: nn.Module) -> "DequantLinear":
+        static = None if ql.a_spec is None or ql.a_spec.dynamic else (ql.a_scale, ql.a_zero)
+        return cls(ql.weight_float(torch.float32), ql.bias, ql.a_spec, static)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.a_spec is None:
+            xq = x2.float()
+        elif self.a_scale is not None:
+            xq = dequant_act(quantize_static(x2, self.a_scale, self.a_zero, self.a_spec, False))
+        else:
+            key = (self.a_spec, tuple(x.shape), False)
+            act = self.cache.get(x, key)
+            if act is None:
+                act = quantize_tokens(x2, self.a_spec, False)
+                self.cache.put(x, key, act)
+            xq = dequant_act(act)
+        y = nn.functional.linear(xq, self.weight, self.bias)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, dequantized fp32"
+
+
+class DequantExperts(GroupedExperts):
+    """``QuantExperts`` with fp32 weights dequantized once (stacked [E, 2I, H] and [E, H, I])."""
+
+    @classmethod
+    def from_quant_experts(cls, qe: nn.Module) -> "DequantExperts":
+        m = cls(qe.num_experts, qe.hidden_dim, qe.intermediate_dim, qe.act_fn, _experts_spec(qe))
+        gu = [torch.cat([qe.gate[e].weight_float(), qe.up[e].weight_float()]) for e in range(qe.num_experts)]
+        m.register_buffer("gate_up_proj", torch.stack(gu))
+        m.register_buffer("down_proj", torch.stack([qe.down[e].weight_float() for e in range(qe.num_experts)]))
+        return m
+
+    def expert_forward(self, e: int, act: QuantAct) -> torch.Tensor:
+        gate, up = nn.functional.linear(dequant_act(act), self.gate_up_proj[e]).split(self.intermediate_dim, -1)
+        h = self.act_fn(gate).mul_(up)
+        return nn.functional.linear(dequant_act(quantize_tokens(h, self.a_spec, False)), self.down_proj[e])
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, hidden={self.hidden_dim}, inter={self.intermediate_dim}, dequantized fp32"
