@@ -53,6 +53,8 @@ def eval_cmd(model: str = typer.Argument("smollm2-135m", help="Model source (see
              windows: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N windows."),
              batch_size: int = typer.Option(1, min=1, help="Windows per forward pass."),
              quantize: Optional[Method] = typer.Option(None, help="Quantize in memory before evaluating."),
+             exec_mode: str = typer.Option("fake", "--exec", help="Quantized execution: fake, dequant, "
+                                           "real (int8 GEMM) or auto (measured per shape)."),
              as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
              out: Optional[Path] = typer.Option(None, help="Also write the result as a results JSON/MD.")) -> None:
     """Perplexity by the standard protocol (non-overlapping windows of the tokenized text)."""
@@ -69,8 +71,13 @@ def eval_cmd(model: str = typer.Argument("smollm2-135m", help="Model source (see
 
         quantize_rtn(lm.model, lm.adapter, QuantConfig.w8a8(quantize.value), state["progress"])
         method = quantize.value
+    from ..quant.precision import convert, normalize_mode
+
+    exec_mode = normalize_mode(exec_mode)
+    if exec_mode != "fake":
+        convert(lm.model, exec_mode)
     res = perplexity(lm.model, wins, batch_size, state["progress"])
-    row = {"model": model, "method": method, "data": data, **res.as_dict()}
+    row = {"model": model, "method": method, "exec": exec_mode, "data": data, **res.as_dict()}
     if out is not None:
         from ..results import run_meta, write_results
 
