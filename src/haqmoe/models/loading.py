@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..errors import HaqmoeError
@@ -81,13 +82,20 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, progress: bool =
     adapter = adapter_for(config.model_type)
     try:
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise HaqmoeError(f"cannot load checkpoint {target}: {_first_line(exc)}") from exc
     tok = AutoTokenizer.from_pretrained(target)
     return LoadedModel(model.eval(), tok, source, adapter)
 
 
 def _load_config(target: str):
+    local = Path(target) / "config.json"
+    if local.is_file():  # name our own supported list before transformers' generic message
+        try:
+            model_type = json.loads(local.read_text()).get("model_type")
+        except ValueError as exc:
+            raise HaqmoeError(f"{local} is not valid JSON: {exc}") from exc
+        adapter_for(str(model_type))
     try:
         return AutoConfig.from_pretrained(target)
     except (OSError, ValueError, KeyError) as exc:

@@ -26,7 +26,8 @@ TINY_CONFIGS: dict[str, dict] = {
                       moe_intermediate_size=48, norm_topk_prob=True, head_dim=16,
                       decoder_sparse_step=1, mlp_only_layers=[]),
     "olmoe": dict(model_type="olmoe", **_COMMON, **_ATTN, num_experts=8, num_experts_per_tok=2),
-    "deepseek_v3": dict(model_type="deepseek_v3", **_COMMON, **_ATTN, n_routed_experts=8,
+    "deepseek_v3": dict(model_type="deepseek_v3", **_COMMON, **{**_ATTN, "num_key_value_heads": 4},  # MLA: k per head
+                        n_routed_experts=8,
                         num_experts_per_tok=2, moe_intermediate_size=48, n_shared_experts=1,
                         first_k_dense_replace=1, n_group=2, topk_group=1, q_lora_rank=32,
                         kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,

@@ -79,5 +79,6 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32):
         raise HaqmoeError(f"cannot read {weights}: {str(exc).splitlines()[0]}") from exc
     if missing or unexpected:
         raise HaqmoeError(f"{weights} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    tok = AutoTokenizer.from_pretrained(path)
+    has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tok = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
     return LoadedModel(model, tok, str(path), adapter, quant=meta)

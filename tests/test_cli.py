@@ -1,0 +1,86 @@
+"""CLI: bad input gives one clear line and exit code 2 (no traceback); good input works end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from haqmoe.cli.main import main
+from haqmoe.models.tiny import tiny_model
+
+
+def run(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--quiet", *args])
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def assert_clean_error(code, err, pattern):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("haqmoe: error:"), err
+    assert "Traceback" not in err
+    assert pattern in lines[0], lines[0]
+
+
+def test_missing_checkpoint(capsys, tmp_path):
+    code, _, err = run(["eval", str(tmp_path / "nope")], capsys)
+    assert_clean_error(code, err, "not found")
+
+
+def test_corrupt_checkpoint(capsys, tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    code, _, err = run(["eval", str(tmp_path / "m")], capsys)
+    assert_clean_error(code, err, "cannot load checkpoint")
+
+
+def test_corrupt_gguf(capsys, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    code, _, err = run(["eval", str(bad)], capsys)
+    assert_clean_error(code, err, "cannot read GGUF file")
+
+
+def test_unknown_architecture(capsys, tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "gpt_foo"}))
+    code, _, err = run(["info", str(tmp_path / "m")], capsys)
+    assert_clean_error(code, err, "unsupported architecture")
+
+
+@pytest.mark.parametrize("content,pattern", [("", "is empty"), ("just a few words", "shorter than one window")])
+def test_bad_eval_text(capsys, tmp_path, content, pattern):
+    f = tmp_path / "t.txt"
+    f.write_text(content)
+    code, _, err = run(["eval", "smollm2-135m", "--data", str(f)], capsys)
+    assert_clean_error(code, err, pattern)
+
+
+def test_eval_json_end_to_end(capsys, tmp_path):
+    """`haqmoe eval --json` on a short window equals the library computation."""
+    from haqmoe.data.text import eval_windows, load_text, tokenize
+    from haqmoe.eval.perplexity import perplexity
+    from haqmoe.models.loading import load_model
+
+    code, out, err = run(["eval", "smollm2-135m", "--data", "pydoc", "--seqlen", "128", "--windows", "2",
+                          "--json"], capsys)
+    assert code == 0, err
+    row = json.loads(out)
+    lm = load_model("smollm2-135m", progress=False)
+    ref = perplexity(lm.model, eval_windows(tokenize(lm.tokenizer, load_text("pydoc")), 128, 2), progress=False)
+    assert row["windows"] == 2 and row["tokens"] == 256
+    assert row["ppl"] == pytest.approx(ref.ppl, rel=1e-6)
+
+
+def test_quantize_refuses_nonempty_output(capsys, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    code, _, err = run(["quantize", "smollm2-135m", "--method", "rtn", "--out", str(tmp_path / "out")], capsys)
+    assert_clean_error(code, err, "not empty")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
