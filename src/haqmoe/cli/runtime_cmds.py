@@ -2,4 +2,97 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import HaqmoeError
 from .common import app, emit, state  # noqa: F401
+
+_SOURCE_HELP = ("Trace: a directory written by `haqmoe profile`, `mixtral-stats` (decode-like traces "
+                "sampled from the real Mixtral-8x7B MMLU statistics) or `synthetic`.")
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise HaqmoeError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if not vals:
+        raise HaqmoeError(f"{what} is empty")
+    return vals
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+@app.command("cache-eval")
+def cache_eval(source: str = typer.Argument("mixtral-stats", help=_SOURCE_HELP),
+               fracs: str = typer.Option("0.25,0.5,0.625", help="Cache sizes as fractions of all experts."),
+               policies: str = typer.Option("static,lru,lfu,pinned+lru,lru+alloc,pinned+lfu+alloc,belady",
+                                            help="Cache policies (belady = offline bound)."),
+               prefetch: str = typer.Option("both", help="Prefetch: off, on or both."),
+               exact: bool = typer.Option(False, help="Replay the trace's own guesses (error if it has none)."),
+               guess_recall: Optional[float] = typer.Option(None, help="Top-k recall of synthetic guesses "
+                                                            "(traces without guesses; default 0.8)."),
+               scope: str = typer.Option("layer", help="Slot pools: layer or global."),
+               profile: str = typer.Option("rtx5090d", help="Hardware profile (name or .json) for tok/s."),
+               decision: str = typer.Option("always-transfer", help="Decision policy of the timed replay."),
+               held_out: float = typer.Option(0.5, min=0.1, max=0.9, help="Share of requests held out."),
+               out: Optional[Path] = typer.Option(None, help="Write results JSON/MD (+ a .png plot)."),
+               as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Hit rate and resident-when-needed rate per cache policy, with and without prefetch."""
+    from ..runtime.experiments import cache_rows, guess_rows, load_pair, plot_cache
+    from ..runtime.profiles import load_profile
+
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}
+    if prefetch not in modes:
+        raise HaqmoeError(f"--prefetch must be off, on or both, got {prefetch!r}")
+    prof = load_profile(profile)
+    pair = load_pair(source, held_out)
+    rows = cache_rows(pair, prof, _floats(fracs, "--fracs"), _names(policies), modes[prefetch], decision, scope,
+                      guess_recall, exact, state["progress"])
+    guesses = guess_rows(pair)
+    payload = {"rows": rows, "guess_quality": guesses}
+    if out is not None:
+        from ..results import run_meta, write_results
+
+        write_results(out, rows, run_meta(), f"Cache policies on {pair.source}")
+        payload["plot"] = str(plot_cache(rows, Path(out).with_suffix(".png")))
+    human = "\n".join(f"{r['cache_frac']:>5} {r['policy']:<18} prefetch={str(r['prefetch']):<5} "
+                      f"hit {r['hit_rate']:.3f}  resident-when-needed {r['resident_when_needed']:.3f}  "
+                      f"P(all) {r['p_all_resident']:.3f}  {r['bytes_moved_gb']:.1f} GB  {r['decode_tok_s']:.1f} tok/s"
+                      for r in rows)
+    emit(payload, as_json, f"{pair.source} ({pair.kind}), held-out {pair.eval.num_tokens} tokens\n{human}")
+
+
+@app.command()
+def simulate(source: str = typer.Argument("mixtral-stats", help=_SOURCE_HELP),
+             profile: str = typer.Option("rtx5090d", help="Hardware profile: rtx5090d, rtx4090, a100-40gb, "
+                                                          "h100-pcie, or a .json file."),
+             policies: str = typer.Option("always-transfer,always-cpu,predictor,full,full+prefetch",
+                                          help="Runtime policies to compare."),
+             budget_gb: Optional[float] = typer.Option(None, help="GPU memory budget (default: the profile's)."),
+             prefill_tokens: int = typer.Option(512, min=1, help="Prompt length of the prefill estimate."),
+             guess_recall: Optional[float] = typer.Option(None, help="Top-k recall of prefetch guesses."),
+             out: Optional[Path] = typer.Option(None, help="Write results JSON/MD."),
+             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Predict decode/prefill latency and GPU memory of a MoE model on a hardware profile."""
+    from ..runtime.experiments import load_pair, simulate_rows
+    from ..runtime.profiles import load_profile
+
+    prof = load_profile(profile)
+    pair = load_pair(source)
+    rows = simulate_rows(pair, prof, _names(policies), budget_gb, prefill_tokens, guess_recall,
+                         progress=state["progress"])
+    if out is not None:
+        from ..results import run_meta, write_results
+
+        write_results(out, rows, run_meta(profile=prof.name), f"Simulated {pair.source} on {prof.name}")
+    human = "\n".join(f"{r['policy']:<16} decode {r['decode_tok_s']:6.2f} tok/s  prefill({prefill_tokens}) "
+                      f"{r['prefill_ms_512']:7.1f} ms  p50 {r['latency_p50_ms']:.1f} p99 {r['latency_p99_ms']:.1f} "
+                      f"std {r['latency_std_ms']:.2f} ms  resident {r['hit_rate']:.3f}  GPU {r['gpu_mem_gb']:.1f} GB "
+                      f"(FP16 {r['gpu_mem_fp16_gb']:.1f})" for r in rows)
+    emit({"rows": rows}, as_json, f"{pair.source} on {prof.description}\n{human}")

@@ -55,6 +55,7 @@ class CacheSpec:
     pin_frac: float = 0.5  # pinned+...: share of each layer's slots given to the plan
     plan: Mapping[int, Sequence[int]] | None = None  # explicit plan (else frequency plan)
     lfu_half_life: float = 32.0
+    warm: bool = True  # fill dynamic slots with the next most frequent experts at load (no counters)
 
 
 def build_cache(spec: CacheSpec, num_layers: int, num_experts: int, top_k: int, expert_bytes: int,
@@ -90,7 +91,22 @@ def build_cache(spec: CacheSpec, num_layers: int, num_experts: int, top_k: int, 
     cache = ExpertCache(config, policy)
     if spec.policy != "static":
         cache.check_fits(top_k)
+        if spec.warm and plan_trace is not None:
+            _warm(cache, plan_trace)
     return cache
+
+
+def _warm(cache: ExpertCache, plan_trace: RoutingTrace) -> None:
+    """Load time: fill the free slots with the profile's most frequent experts, as an engine
+    would before the first request, then reset the counters (the copies are not traffic)."""
+    order = frequency_plan(plan_trace, [plan_trace.num_experts] * plan_trace.num_layers)
+    depth = 0
+    while depth < plan_trace.num_experts and any(cache._free):
+        for l in range(plan_trace.num_layers):
+            if cache._free[cache.pool_of(l)]:
+                cache.admit(l, order[l][depth])
+        depth += 1
+    cache.stats = type(cache.stats).zeros(plan_trace.num_layers)
 
 
 # ---------------------------------------------------------------------------- the replay
