@@ -1,5 +1,167 @@
-"""Routing commands: profile, plan, placement-eval."""
+"""Routing commands: profile (record traces), plan (build a placement), placement-eval (held-out hit rates)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
+import typer
+
 from .common import app, emit, state  # noqa: F401
+
+
+@app.command()
+def profile(model: str = typer.Argument("smollm2-moe", help="MoE model source (see `haqmoe info --help`)."),
+            out: Path = typer.Option(..., "--out", "-o", help="Trace directory to write."),
+            data: str = typer.Option("wikitext2:valid", help="Text source (wikitext2:SPLIT, pydoc, or a path)."),
+            seqlen: int = typer.Option(512, min=1, help="Tokens per request (one window = one request)."),
+            requests: Optional[int] = typer.Option(16, min=1, help="Number of requests (windows); all if omitted."),
+            guess_width: int = typer.Option(4, min=0, help="Next-layer router ranking kept for prefetch (0: none)."),
+            chunk: int = typer.Option(4, min=1, help="Requests per chunk file (resume granularity)."),
+            resume: bool = typer.Option(False, help="Continue an interrupted trace in --out."),
+            overwrite: bool = typer.Option(False, help="Replace an existing trace."),
+            as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Run a MoE model over text and record per token and MoE layer its top-k experts and router weights."""
+    import time
+
+    from ..models.loading import load_model
+    from ..routing.profile import ProfileConfig, profile_to_disk
+    from ..routing.trace_io import load_trace
+
+    start = time.perf_counter()
+    lm = load_model(model, progress=state["progress"])
+    cfg = ProfileConfig(data, seqlen, requests, guess_width, chunk)
+    path = profile_to_disk(lm, cfg, out, resume=resume, overwrite=overwrite, progress=state["progress"])
+    tr = load_trace(path)
+    payload = {"model": model, "out": str(path), "tokens": tr.num_tokens, "requests": tr.num_requests,
+               "layers": tr.num_layers, "experts": tr.num_experts, "top_k": tr.top_k,
+               "seconds": round(time.perf_counter() - start, 1)}
+    emit(payload, as_json, f"wrote trace {path}: {tr.num_requests} requests, {tr.num_tokens} tokens, "
+                           f"{tr.num_layers} MoE layers x {tr.num_experts} experts (top-{tr.top_k}), "
+                           f"{payload['seconds']} s")
+
+
+_SOURCE_HELP = ("Routing data: a trace directory (haqmoe profile), mixtral:build|heldout|all|SUBJ+SUBJ "
+                "(real Mixtral-8x7B MMLU fractions, split by subject), or fiddler:original|instruct.")
+
+
+@app.command()
+def plan(source: str = typer.Argument(..., help=_SOURCE_HELP),
+         out: Path = typer.Option(..., "--out", "-o", help="Plan JSON to write."),
+         strategy: str = typer.Option("latency-balanced", help="global-frequency, path-frequency, two-stage, "
+                                                               "layer-frequency, latency, latency-balanced."),
+         budget: Optional[int] = typer.Option(None, help="GPU slots in experts (over all layers)."),
+         budget_gb: Optional[float] = typer.Option(None, help="GPU memory for experts in GB (instead of --budget)."),
+         profile: str = typer.Option("mixtral-int8-pcie4", help="Hardware profile (expert bytes, costs): "
+                                                                "mixtral-int8-pcie4 or smollm2moe-int8-pcie4."),
+         expert_dtype: str = typer.Option("int8", help="Expert storage for byte budgets: int8 or fp16."),
+         window: int = typer.Option(2, min=1, help="Path window in layers (path-frequency, two-stage)."),
+         top_k_per_layer: Optional[int] = typer.Option(None, help="two-stage Stage I count per layer."),
+         supplement_k_per_layer: Optional[int] = typer.Option(None, help="two-stage Stage II count per layer."),
+         request_len: Optional[int] = typer.Option(25, min=1, help="Request length the latency strategies "
+                                                                   "optimise for (tokens)."),
+         decode_tokens: int = typer.Option(32, min=0, help="Generated tokens per request in the latency "
+                                                           "objective (routed like the prompt)."),
+         overwrite: bool = typer.Option(False, help="Replace an existing plan file."),
+         as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Build a GPU expert placement plan (per layer: resident experts, bytes, expected hit rate)."""
+    from ..errors import HaqmoeError
+    from ..routing.cost import get_profile
+    from ..routing.placement import Budget, build_plan, make_strategy
+    from ..routing.sources import load_source
+
+    if out.exists() and not overwrite:
+        raise HaqmoeError(f"plan {out} exists (use --overwrite)")
+    if expert_dtype not in ("int8", "fp16"):
+        raise HaqmoeError(f"--expert-dtype must be int8 or fp16, got '{expert_dtype}'")
+    prof = get_profile(profile)
+    src = load_source(source)
+    stats = src.stats(window)
+    ebytes = prof.expert_bytes * (2.0 if expert_dtype == "fp16" else 1.0)
+    b = Budget.of(stats, budget, None if budget_gb is None else budget_gb * 1e9, ebytes)
+    rc = src.requests(request_len, seed=1) if strategy.startswith("latency") and src.requests_fn else None
+    p = build_plan(make_strategy(strategy, prof, rc, top_k_per_layer=top_k_per_layer,
+                                 supplement_k_per_layer=supplement_k_per_layer,
+                                 decode_tokens=decode_tokens), stats, b, ebytes)
+    p.model = p.model or src.model
+    p.params["source"] = source
+    p.save(out)
+    d = p.to_json()
+    payload = {"out": str(out), "strategy": strategy, "experts": p.size, "bytes": d["bytes"],
+               "expected_hit_mean": d["expected_hit_mean"], "layers": p.num_layers, "num_experts": p.num_experts}
+    emit(payload, as_json, f"wrote {strategy} plan {out}: {p.size} of {p.num_layers * p.num_experts} experts "
+                           f"({d['bytes'] / 1e9:.2f} GB), build-set hit {100 * d['expected_hit_mean']:.1f}%")
+
+
+@app.command("placement-eval")
+def placement_eval(plans: list[Path] = typer.Argument(..., help="Plan JSON files (haqmoe plan)."),
+                   on: str = typer.Option(..., "--on", help="Held-out routing data. " + _SOURCE_HELP),
+                   request_len: list[int] = typer.Option([25, 50, 100], help="Request lengths for per-request "
+                                                                             "hit and latency (repeatable)."),
+                   profile: str = typer.Option("mixtral-int8-pcie4", help="Hardware profile for latency."),
+                   decode_tokens: int = typer.Option(32, min=0, help="Generated tokens per request in the "
+                                                                     "latency estimate."),
+                   out: Optional[Path] = typer.Option(None, help="Write results JSON + markdown here."),
+                   plot: Optional[Path] = typer.Option(None, help="Write a per-layer hit-rate plot (PNG)."),
+                   as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Hit rates of plans on routing NOT used to build them: per layer, mean/std/gap, per request, latency."""
+    from tqdm import tqdm
+
+    from ..routing.cost import get_profile
+    from ..routing.evaluate import HitSummary, expected_latency_ms, layer_hit, per_request_hit
+    from ..routing.placement import Plan
+    from ..routing.sources import load_source
+
+    prof = get_profile(profile)
+    src = load_source(on)
+    L, E = src.shape
+    loaded = [Plan.load(p, L, E) for p in plans]
+    rows, per_layer = [], {}
+    for path, p in tqdm(list(zip(plans, loaded)), desc="evaluate", disable=not state["progress"]):
+        for n in [None, *request_len]:
+            if n is None:
+                hit = HitSummary.of(layer_hit(p.mask(), src.counts))
+                per_layer[f"{path.stem} ({p.strategy})"] = hit.per_layer
+            elif src.requests_fn is None:
+                continue
+            else:
+                hit = per_request_hit(p.mask(), src.requests(n, seed=2))
+            lat = expected_latency_ms(p, src.requests(n, seed=2), prof, decode_tokens) if src.requests_fn else None
+            rows.append({"plan": str(path), "strategy": p.strategy, "budget": p.size,
+                         "request_len": "full" if n is None else n, "mean_hit": round(hit.mean, 2),
+                         "std_hit": round(hit.std, 2), "gap_hit": round(hit.gap, 2),
+                         "expected_latency_ms": None if lat is None else round(lat, 2),
+                         "per_layer_hit": [round(float(x), 2) for x in hit.per_layer]})
+    if out is not None:
+        from ..results import run_meta, write_results
+
+        write_results(out, rows, run_meta(), f"Placement evaluation on {on}",
+                      f"Hit rate in percent across {L} MoE layers; latency under profile {profile}.",
+                      [c for c in rows[0] if c != "per_layer_hit"] if rows else None)
+    if plot is not None:
+        _plot_layers(per_layer, plot, on)
+    human = "\n".join(f"{r['strategy']:>18} {r['budget']:>4} n={r['request_len']!s:>4}: mean {r['mean_hit']:.2f}% "
+                      f"std {r['std_hit']:.2f} gap {r['gap_hit']:.2f}"
+                      + ("" if r["expected_latency_ms"] is None else f"  latency {r['expected_latency_ms']:.1f} ms")
+                      for r in rows)
+    emit({"on": on, "profile": profile, "rows": rows}, as_json, human)
+
+
+def _plot_layers(per_layer: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for name, hit in per_layer.items():
+        ax.plot(range(len(hit)), hit, marker="o", ms=3, label=f"{name}: mean {hit.mean():.1f}%")
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("hit rate (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"per-layer hit rate on {title}")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,224 @@
+"""Table IV analogue: expert placement strategies on real Mixtral-8x7B statistics and on traces of the
+upcycled MoE, held-out (and in-sample beside), with per-layer hit-rate plots.
+
+    .venv/bin/python bench/placement.py                       # everything (~3 min + profiling if needed)
+    .venv/bin/python bench/placement.py --traces /tmp/hq      # reuse smollm2-moe traces (valid/, test/)
+
+smollm2-moe traces are profiled if missing (16 + 16 requests of 512 tokens, ~8 min on 2 cores):
+    haqmoe profile smollm2-moe --data wikitext2:valid --requests 16 --seqlen 512 --out TRACES/valid
+    haqmoe profile smollm2-moe --data wikitext2:test  --requests 16 --seqlen 512 --out TRACES/test
+
+Writes bench/results/placement.{json,md} and placement_*.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from haqmoe.results import run_meta, write_results
+from haqmoe.routing import mixtral as mx
+from haqmoe.routing.cost import get_profile
+from haqmoe.routing.evaluate import HitSummary, expected_latency_ms, layer_hit, per_request_hit
+from haqmoe.routing.placement import Budget, build_plan, make_strategy
+from haqmoe.routing.sources import RoutingSource, from_prompts, load_source
+from haqmoe.routing.stats import entropy_bits, load_skew, path_coverage, path_counts
+
+STRATEGIES = ["global-frequency", "path-frequency", "two-stage", "layer-frequency", "latency", "latency-balanced"]
+OURS = {"latency", "latency-balanced"}
+REQUEST_LENS: list[int | None] = [None, 25, 50, 100]  # None = whole requests (exact counts)
+COLUMNS = ["source", "split", "budget", "strategy", "request_len", "mean_hit", "std_hit", "gap_hit",
+           "expected_latency_ms", "profile", "requests", "path_data"]
+
+
+def evaluate_source(name: str, build: RoutingSource, splits: dict[str, RoutingSource], budgets: list[int],
+                    profile_name: str) -> tuple[list[dict], dict]:
+    """Rows for every (budget, strategy, split, request_len); per-layer held-out hits for plots."""
+    prof = get_profile(profile_name)
+    stats = build.stats()
+    rows, per_layer = [], {}
+    for budget in budgets:
+        for strat in STRATEGIES:
+            for n in REQUEST_LENS:
+                # ours plans for the workload: savings from BUILD requests of the evaluated length
+                if strat not in OURS and n is not None and (budget, strat) in per_layer:
+                    plan = per_layer[(budget, strat)]["plan"]
+                else:
+                    rc = build.requests(n, seed=1) if strat in OURS else None
+                    plan = build_plan(make_strategy(strat, prof, rc), stats, Budget.of(stats, budget),
+                                      prof.expert_bytes)
+                for split, src in splits.items():
+                    rc_eval = src.requests(n, seed=2)
+                    if n is None:
+                        hit = HitSummary.of(layer_hit(plan.mask(), src.counts))  # pooled, exact
+                    else:
+                        hit = per_request_hit(plan.mask(), rc_eval)
+                    if split == "heldout" and n is None:
+                        per_layer[(budget, strat)] = {"plan": plan, "hit": hit.per_layer}
+                    path_data = ("synthetic" if stats.synthetic_paths else "observed") \
+                        if strat in ("path-frequency", "two-stage") else "-"
+                    exact = src.exact_requests or n is None
+                    rows.append({"source": name, "split": split, "budget": budget, "strategy": strat,
+                                 "request_len": "full" if n is None else n, "mean_hit": round(hit.mean, 2),
+                                 "std_hit": round(hit.std, 2), "gap_hit": round(hit.gap, 2),
+                                 "expected_latency_ms": round(expected_latency_ms(plan, rc_eval, prof), 2),
+                                 "profile": profile_name, "requests": f"{len(rc_eval)} {'exact' if exact else 'sampled'}",
+                                 "path_data": path_data})
+            print(name, budget, strat, "done", flush=True)
+    return rows, per_layer
+
+
+def plot_layers(per_layer: dict, name: str, budget: int, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for (b, strat), v in per_layer.items():
+        if b == budget:
+            ax.plot(np.arange(len(v["hit"])), v["hit"], marker="o", ms=3, lw=2.2 if strat in OURS else 1.2,
+                    label=f"{strat} (mean {v['hit'].mean():.1f}, std {v['hit'].std():.1f})")
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("held-out hit rate (%)")
+    ax.set_title(f"{name}: per-layer hit rate, {budget} experts on GPU (held-out)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_stats(src: RoutingSource, name: str, out: Path) -> None:
+    """Per-layer expert-frequency heat map and the path-count distribution at several windows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    st = src.stats()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    im = axes[0].imshow(100 * st.frequency.T, aspect="auto", cmap="viridis")
+    axes[0].set_xlabel("MoE layer")
+    axes[0].set_ylabel("expert")
+    axes[0].set_title(f"{name}: share of selections (%)  entropy {entropy_bits(st).mean():.2f}/"
+                      f"{np.log2(st.num_experts):.0f} bits, skew {load_skew(st).mean():.2f}")
+    fig.colorbar(im, ax=axes[0])
+    if src.trace is not None:
+        for w in (1, 2, 4, st.num_layers):
+            c = np.sort(np.fromiter(path_counts(src.trace, w).values(), float))[::-1]
+            c = c / c.sum()
+            axes[1].loglog(np.arange(1, len(c) + 1), c, label=f"window {w} ({len(c)} distinct)")
+        axes[1].set_title("path-frequency distribution (rank vs share)")
+    else:
+        axes[1].text(0.5, 0.5, "no per-token paths in this source", ha="center", va="center")
+    axes[1].set_xlabel("path rank")
+    axes[1].set_ylabel("share of path occurrences")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def ensure_traces(traces: Path) -> None:
+    for split, data in (("valid", "wikitext2:valid"), ("test", "wikitext2:test")):
+        if not (traces / split / "header.json").is_file():
+            subprocess.run([sys.executable, "-m", "haqmoe.cli.main", "profile", "smollm2-moe", "--data", data,
+                            "--requests", "16", "--seqlen", "512", "--out", str(traces / split), "--resume"],
+                           check=True)
+
+
+def goal_check(rows: list[dict]) -> list[str]:
+    """The issue's bar: ours matches two-stage's std (<= +0.5) with a higher held-out mean, or has
+    strictly lower expected latency."""
+    out = []
+    key = {(r["source"], r["split"], r["budget"], r["strategy"], r["request_len"]): r for r in rows}
+    for (src, split, budget, strat, n), r in key.items():
+        if split != "heldout" or strat not in OURS:
+            continue
+        ts = key[(src, split, budget, "two-stage", n)]
+        std_ok = r["std_hit"] <= ts["std_hit"] + 0.5 and r["mean_hit"] > ts["mean_hit"]
+        lat_ok = r["expected_latency_ms"] < ts["expected_latency_ms"]
+        out.append(f"{src} budget {budget} n={n} {strat}: mean {r['mean_hit']} vs {ts['mean_hit']}, std "
+                   f"{r['std_hit']} vs {ts['std_hit']}, latency {r['expected_latency_ms']} vs "
+                   f"{ts['expected_latency_ms']} ms -> std+mean {'MET' if std_ok else 'not met'}, "
+                   f"latency {'MET' if lat_ok else 'not met'}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--traces", type=Path, default=Path("/tmp/haqmoe-traces"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results/placement.json"))
+    ap.add_argument("--skip-smollm2", action="store_true")
+    args = ap.parse_args()
+    out_dir = args.out.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    notes: list[str] = []
+
+    # ---- real Mixtral-8x7B (MMLU per-prompt fractions), split by subject
+    subjects = mx.list_subjects()
+    build_s, held_s = mx.split_subjects(subjects)
+    build = from_prompts(mx.load_frac_vecs(build_s), "mixtral:build")
+    held = from_prompts(mx.load_frac_vecs(held_s), "mixtral:heldout")
+    r, per_layer = evaluate_source("mixtral-8x7b", build, {"heldout": held, "insample": build}, [128, 160],
+                                   "mixtral-int8-pcie4")
+    rows += r
+    for b in (128, 160):
+        plot_layers(per_layer, "Mixtral-8x7B (MMLU)", b, out_dir / f"placement_mixtral_{b}.png")
+    plot_stats(build, "Mixtral-8x7B MMLU build", out_dir / "placement_stats_mixtral.png")
+    notes.append(f"Mixtral split: build = {len(build_s)} MMLU subjects at even alphabetical positions "
+                 f"({int(build.counts[0].sum() / 2)} prompt tokens), held-out = the other {len(held_s)} subjects "
+                 f"({int(held.counts[0].sum() / 2)} tokens).")
+
+    # ---- upcycled SmolLM2 MoE: WikiText-2 valid (build) vs test (held-out)
+    if not args.skip_smollm2:
+        ensure_traces(args.traces)
+        tb, tt = load_source(str(args.traces / "valid")), load_source(str(args.traces / "test"))
+        r, per_layer = evaluate_source("smollm2-moe", tb, {"heldout": tt, "insample": tb}, [120, 150],
+                                       "smollm2moe-int8-pcie4")
+        rows += r
+        for b in (120, 150):
+            plot_layers(per_layer, "smollm2-moe (WikiText-2)", b, out_dir / f"placement_smollm2moe_{b}.png")
+        plot_stats(tb, "smollm2-moe WikiText-2 valid", out_dir / "placement_stats_smollm2moe.png")
+        assert tb.trace is not None and tt.trace is not None
+        cov = {w: path_coverage(tb.stats(w), tt.trace) for w in (1, 2, 4, tb.trace.num_layers)}
+        notes.append(f"smollm2-moe: build = WikiText-2 valid, {tb.trace.num_requests} requests x 512 tokens; "
+                     f"held-out = WikiText-2 test, {tt.trace.num_requests} x 512. Share of held-out path "
+                     "occurrences seen in build, by path window: "
+                     + ", ".join(f"w={w}: {100 * c:.1f}%" for w, c in cov.items())
+                     + " (whole-model paths do not recur; the default window 2 does).")
+    goal = goal_check(rows)
+    profiles = "; ".join(f"{n}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                             for k, v in get_profile(n).as_dict().items() if k != "name")
+                         for n in ("mixtral-int8-pcie4", "smollm2moe-int8-pcie4"))
+    notes_md = f"""Hit rate = share of (token, layer, selected expert) activations served by GPU-resident experts,
+in percent; mean/std/gap across MoE layers. `request_len` full = whole requests, hit pooled over all
+tokens (exact counts); 25/50/100 = per-request hit averaged over requests of that length (smollm2-moe:
+non-overlapping chunks of the real traces; Mixtral: requests SAMPLED from each prompt's per-layer
+fractions, `requests` says which). `expected_latency_ms` = mean expert time of one such request under
+the named hardware profile (routing/cost.py; assumed numbers, not measured): {profiles}.
+Mixtral has no per-token data: `path-frequency`/`two-stage` paths come from synthetic tokens
+(16 per build prompt, layers independent given the prompt; `path_data` = synthetic); frequencies and
+all held-out hit rates at `full` are exact. Ours: `latency` (exact minimiser of expected request
+expert time; plans built for the row's request length from BUILD requests, `full` = build prompts)
+and `latency-balanced` (same, fixed B/L experts per layer like two-stage). `layer-frequency` =
+two-stage without Stage I. two-stage default split: top_k_per_layer = ceil(B/L / 2), supplement = floor.
+
+{chr(10).join('- ' + n for n in notes)}
+
+Goal check (held-out, ours vs two-stage):
+{chr(10).join('- ' + g for g in goal)}
+"""
+    write_results(args.out, rows, run_meta(), "Expert placement (Table IV analogue)", notes_md, COLUMNS)
+    print(notes_md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""One name for "routing data to build or evaluate a plan on", used by the CLI and the benchmark.
+
+Specs: a trace directory (from ``haqmoe profile``); ``mixtral:build`` / ``mixtral:heldout`` /
+``mixtral:all`` (MMLU subjects of the shared frac_vecs, split by ``mixtral.split_subjects``);
+``mixtral:SUBJ+SUBJ`` (named subjects); ``fiddler:original`` / ``fiddler:instruct`` (all 7
+subjects' popularity, frequency only: no per-request data).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import HaqmoeError
+from . import mixtral as mx
+from .evaluate import request_counts
+from .stats import DEFAULT_WINDOW, RoutingStats, layer_counts, stats_from_trace
+from .trace import RoutingTrace
+from .trace_io import load_trace
+
+
+@dataclass
+class RoutingSource:
+    spec: str
+    model: str
+    counts: np.ndarray  # [L, E] exact pooled selection counts
+    stats_fn: Callable[[int], RoutingStats]
+    requests_fn: Callable[[int | None, int], np.ndarray] | None  # (len or None = whole requests, seed) -> [C, L, E]
+    exact_requests: bool  # False: short requests are sampled from per-prompt fractions (synthetic)
+    trace: RoutingTrace | None = None
+    _cache: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.counts.shape[0]), int(self.counts.shape[1])
+
+    def stats(self, window: int = DEFAULT_WINDOW) -> RoutingStats:
+        key = ("stats", window)
+        if key not in self._cache:
+            self._cache[key] = self.stats_fn(window)
+        return self._cache[key]
+
+    def requests(self, request_len: int | None, seed: int = 0) -> np.ndarray:
+        if self.requests_fn is None:
+            raise HaqmoeError(f"{self.spec} has no per-request data (frequency only)")
+        key = ("req", request_len, seed)
+        if key not in self._cache:
+            self._cache[key] = self.requests_fn(request_len, seed)
+        return self._cache[key]
+
+
+def _trace_requests(trace: RoutingTrace) -> Callable[[int | None, int], np.ndarray]:
+    def fn(n: int | None, seed: int) -> np.ndarray:
+        if n is None:
+            return np.stack([layer_counts(trace.request(r)) for r in range(trace.num_requests)])
+        return request_counts(trace, n)
+    return fn
+
+
+def from_trace(trace: RoutingTrace, spec: str = "trace") -> RoutingSource:
+    return RoutingSource(spec, str(trace.meta.get("model", "")), layer_counts(trace),
+                         lambda w: stats_from_trace(trace, w, with_pairs=False), _trace_requests(trace), True, trace)
+
+
+def from_prompts(pc: mx.PromptCounts, spec: str, synthetic_tokens_per_prompt: int = 16) -> RoutingSource:
+    def req(n: int | None, seed: int) -> np.ndarray:
+        return pc.counts if n is None else mx.synthetic_requests(pc, n, 1, seed)
+    return RoutingSource(spec, "mixtral-8x7b", pc.total(),
+                         lambda w: mx.stats_from_prompts(pc, w, synthetic_tokens_per_prompt), req, False)
+
+
+def load_source(spec: str, synthetic_tokens_per_prompt: int = 16) -> RoutingSource:
+    kind, _, arg = spec.partition(":")
+    if kind == "mixtral" and arg:
+        subjects = mx.list_subjects()
+        build, held = mx.split_subjects(subjects)
+        chosen = {"build": build, "heldout": held, "all": subjects}.get(arg)
+        if chosen is None:
+            chosen = arg.split("+")
+        return from_prompts(mx.load_frac_vecs(chosen), spec, synthetic_tokens_per_prompt)
+    if kind == "fiddler" and arg:
+        total = sum(mx.load_fiddler(arg).values())
+        return RoutingSource(spec, "mixtral-8x7b", total, lambda w: mx.stats_from_counts(total), None, False)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise HaqmoeError(f"routing source '{spec}' not found: a trace directory, mixtral:build|heldout|all|"
+                          "SUBJ+SUBJ, or fiddler:original|instruct")
+    return from_trace(load_trace(path), spec)

@@ -1,0 +1,150 @@
+"""Hit rate against a brute-force count, plan files, wrong-model errors, Mixtral importers, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from haqmoe.errors import HaqmoeError
+from haqmoe.paths import shared_data_dir
+from haqmoe.routing.cost import get_profile
+from haqmoe.routing.evaluate import evaluate_trace, per_request_hit, request_counts
+from haqmoe.routing.placement import Budget, Plan, build_plan, make_strategy
+from haqmoe.routing.stats import path_coverage, stats_from_trace
+from haqmoe.routing.trace import RoutingTrace
+from haqmoe.routing.trace_io import save_trace
+
+
+def skewed_trace(T=300, L=4, E=8, k=2, seed=0, requests=3, token_seed=None) -> RoutingTrace:
+    rng = np.random.default_rng(seed)
+    probs = [rng.dirichlet(np.full(E, 0.5)) for _ in range(L)]
+    if token_seed is not None:  # same routing distribution, other tokens
+        rng = np.random.default_rng(token_seed)
+    ex = np.array([[rng.choice(E, k, replace=False, p=probs[layer]) for layer in range(L)] for _ in range(T)],
+                  np.int16)
+    return RoutingTrace(ex, E, np.linspace(0, T, requests + 1).astype(np.int64), meta={"model": "toy"})
+
+
+def test_hit_rate_equals_brute_force():
+    tr = skewed_trace()
+    plan = build_plan(make_strategy("two-stage"), stats_from_trace(skewed_trace(seed=1)), Budget(12))
+    res = set((layer, e) for layer, ids in enumerate(plan.resident) for e in ids)
+    per_layer = []
+    for layer in range(tr.num_layers):
+        hits = total = 0
+        for t in range(tr.num_tokens):
+            for e in tr.experts[t, layer]:
+                total += 1
+                hits += (layer, int(e)) in res
+        per_layer.append(100.0 * hits / total)
+    got = evaluate_trace(plan, tr)
+    np.testing.assert_allclose(got.per_layer, per_layer)
+    assert got.mean == pytest.approx(np.mean(per_layer)) and got.std == pytest.approx(np.std(per_layer))
+    assert got.gap == pytest.approx(max(per_layer) - min(per_layer))
+
+
+def test_per_request_hit_brute_force():
+    tr = skewed_trace(T=100, requests=2)  # two requests of 50 tokens -> 5 chunks of 20 tokens... minus tails
+    rc = request_counts(tr, 20)
+    assert rc.shape[0] == 4  # 2 full chunks per request; the 10-token tails are dropped
+    mask = np.zeros((4, 8), bool)
+    mask[:, :3] = True
+    chunk_hits = []
+    for s in (0, 20, 50, 70):
+        ex = tr.experts[s:s + 20]
+        chunk_hits.append([np.isin(ex[:, layer], [0, 1, 2]).mean() for layer in range(4)])
+    np.testing.assert_allclose(per_request_hit(mask, rc).per_layer, 100 * np.mean(chunk_hits, axis=0))
+
+
+def test_plan_file_round_trip_and_identity(tmp_path):
+    plan = build_plan(make_strategy("global-frequency"), stats_from_trace(skewed_trace()), Budget(10), 2.5e6)
+    path = plan.save(tmp_path / "plan.json")
+    d = json.loads(path.read_text())
+    assert d["model"]["num_layers"] == 4 and d["model"]["num_experts"] == 8 and d["experts"] == 10
+    assert d["layers"][0]["bytes"] == len(d["layers"][0]["experts"]) * 2.5e6
+    assert 0 <= d["layers"][0]["expected_hit"] <= 1
+    back = Plan.load(path, 4, 8)
+    assert back.resident == plan.resident and back.expected_hit == pytest.approx(plan.expected_hit)
+    with pytest.raises(HaqmoeError, match="4 MoE layers x 8 experts, not 32 x 8"):
+        Plan.load(path, 32, 8)
+    with pytest.raises(HaqmoeError, match="4 MoE layers x 8 experts"):
+        evaluate_trace(back, skewed_trace(L=5))
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(HaqmoeError, match="not a haqmoe placement plan"):
+        Plan.load(tmp_path / "bad.json")
+
+
+def test_whole_model_paths_do_not_generalise():
+    build, held = skewed_trace(T=2000, L=6, seed=0), skewed_trace(T=500, L=6, seed=0, token_seed=7)
+    w2 = path_coverage(stats_from_trace(build, 2), held)
+    w6 = path_coverage(stats_from_trace(build, 6), held)
+    assert w2 > 0.9 and w6 < 0.5
+
+
+def test_cost_model_shape():
+    prof = get_profile("mixtral-int8-pcie4")
+    assert prof.transfer_ms == pytest.approx(prof.expert_bytes / 24e6)
+    n = np.array([0.0, 1, 2, 100])
+    assert prof.saving_ms(n)[0] == 0 and (np.diff(prof.saving_ms(n)) >= 0).all()
+    assert prof.miss_ms(np.array(1000.0)) == pytest.approx(prof.transfer_ms + prof.gpu_fixed_ms + 1000 * 0.002)
+    with pytest.raises(HaqmoeError, match="unknown hardware profile"):
+        get_profile("nope")
+
+
+needs_data = pytest.mark.skipif(shared_data_dir() is None or not (shared_data_dir() / "mixtral-routing").is_dir(),
+                                reason="shared Mixtral routing data not present")
+
+
+@needs_data
+def test_mixtral_importers():
+    from haqmoe.routing import mixtral as mx
+
+    pc = mx.load_frac_vecs(["abstract_algebra"])
+    assert pc.counts.shape == (100, 32, 8)
+    # every (prompt, layer) sums to 2 x prompt length: exact counts from fractions
+    np.testing.assert_array_equal(pc.counts.sum(axis=2), 2 * pc.tokens[:, None] * np.ones((1, 32)))
+    fid = mx.load_fiddler("original")
+    assert len(fid) == 7 and fid["machine_learning"].sum(axis=1).std() == 0
+    build, held = mx.split_subjects(mx.list_subjects())
+    assert not set(build) & set(held) and len(build) + len(held) == 57
+    st = mx.stats_from_prompts(pc, synthetic_tokens_per_prompt=4)
+    assert st.synthetic_paths and st.tokens == pc.tokens.sum()
+    rc = mx.synthetic_requests(pc, 25, seed=0)
+    assert rc.shape == (100, 32, 8) and (rc.sum(axis=2) == 50).all()
+    with pytest.raises(HaqmoeError, match="unknown MMLU subject"):
+        mx.load_frac_vecs(["astrology"])
+
+
+def test_cli_plan_and_eval(tmp_path):
+    from typer.testing import CliRunner
+
+    from haqmoe.cli.main import app
+
+    build, held = tmp_path / "build", tmp_path / "held"
+    save_trace(skewed_trace(seed=0), build)
+    save_trace(skewed_trace(seed=0, T=120), held)
+    runner = CliRunner()
+    plans = []
+    for strat in ("two-stage", "latency"):
+        out = tmp_path / f"{strat}.json"
+        r = runner.invoke(app, ["-q", "plan", str(build), "--out", str(out), "--strategy", strat, "--budget", "16",
+                                "--profile", "smollm2moe-int8-pcie4", "--request-len", "20", "--json"])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.output)["experts"] == 16
+        plans.append(str(out))
+    r = runner.invoke(app, ["-q", "placement-eval", *plans, "--on", str(held), "--request-len", "20",
+                            "--profile", "smollm2moe-int8-pcie4", "--out", str(tmp_path / "res.json"),
+                            "--plot", str(tmp_path / "hit.png"), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)["rows"]
+    assert {row["request_len"] for row in rows} == {"full", 20} and (tmp_path / "hit.png").stat().st_size > 0
+    assert (tmp_path / "res.md").is_file()
+    # budget beyond all experts, and a plan evaluated on another model's trace: clear errors
+    r = runner.invoke(app, ["plan", str(build), "--out", str(tmp_path / "x.json"), "--budget", "33"])
+    assert r.exit_code != 0 and "between 0 and 32" in str(r.exception)
+    other = tmp_path / "other"
+    save_trace(skewed_trace(L=5), other)
+    r = runner.invoke(app, ["placement-eval", plans[0], "--on", str(other)])
+    assert r.exit_code != 0 and "4 MoE layers x 8 experts" in str(r.exception)

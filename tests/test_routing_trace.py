@@ -1,0 +1,116 @@
+"""Trace recording and the on-disk format: round trip, resume, damage and wrong-model detection."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from haqmoe.errors import HaqmoeError
+from haqmoe.models.adapters import adapter_for
+from haqmoe.models.tiny import tiny_model
+from haqmoe.routing.profile import trace_windows
+from haqmoe.routing.trace import RoutingTrace
+from haqmoe.routing.trace_io import TraceWriter, header_of, load_trace, save_trace
+
+
+def random_trace(requests=(5, 3, 7), L=3, E=6, k=2, seed=0, guesses=True) -> RoutingTrace:
+    rng = np.random.default_rng(seed)
+    T = sum(requests)
+    ex = np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(L)]) for _ in range(T)]).astype(np.int16)
+    g = rng.integers(0, E, (T, L, 2)).astype(np.int16) if guesses else None
+    return RoutingTrace(ex, E, np.concatenate([[0], np.cumsum(requests)]).astype(np.int64),
+                        rng.random((T, L, k)).astype(np.float32), rng.random(T) < 0.5, g, {"model": "hand"})
+
+
+def test_round_trip(tmp_path):
+    tr = random_trace()
+    back = load_trace(save_trace(tr, tmp_path / "t"))
+    assert back.num_requests == 3 and back.num_tokens == tr.num_tokens
+    np.testing.assert_array_equal(back.offsets, tr.offsets)
+    for name in ("experts", "weights", "decode", "guesses"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(tr, name))
+    assert back.meta["model"] == "hand" and back.num_experts == 6
+
+
+def test_streaming_writer_resumes(tmp_path):
+    tr = random_trace(requests=(2, 2, 2, 2))
+    w = TraceWriter(tmp_path / "t", header_of(tr))
+    w.append_trace(tr.select_requests([0, 1]))  # "crash" after one chunk: header not complete
+    with pytest.raises(HaqmoeError, match="incomplete"):
+        load_trace(tmp_path / "t")
+    with pytest.raises(HaqmoeError, match="exists"):
+        TraceWriter(tmp_path / "t", header_of(tr))
+    w2 = TraceWriter(tmp_path / "t", header_of(tr), resume=True)
+    assert w2.done_requests == 2 and w2.tokens == 4
+    w2.append_trace(tr.select_requests([2, 3]))
+    back = load_trace(w2.finish())
+    np.testing.assert_array_equal(back.experts, tr.experts)
+    np.testing.assert_array_equal(back.offsets, tr.offsets)
+
+
+def test_resume_with_other_settings_refused(tmp_path):
+    tr = random_trace()
+    TraceWriter(tmp_path / "t", header_of(tr)).append_trace(tr)
+    other = header_of(random_trace(E=8))
+    with pytest.raises(HaqmoeError, match="cannot resume"):
+        TraceWriter(tmp_path / "t", other, resume=True)
+
+
+def test_truncated_chunk_is_a_clear_error(tmp_path):
+    path = save_trace(random_trace(), tmp_path / "t")
+    chunk = sorted(path.glob("chunk-*.npz"))[0]
+    data = chunk.read_bytes()
+    chunk.write_bytes(data[: len(data) // 2])
+    with pytest.raises(HaqmoeError, match="truncated or corrupt"):
+        load_trace(path)
+
+
+def test_missing_chunk_and_bad_header(tmp_path):
+    path = save_trace(random_trace(), tmp_path / "t")
+    sorted(path.glob("chunk-*.npz"))[0].unlink()
+    with pytest.raises(HaqmoeError, match="damaged"):
+        load_trace(path)
+    (path / "header.json").write_text("{not json")
+    with pytest.raises(HaqmoeError, match="corrupt"):
+        load_trace(path)
+    (path / "header.json").write_text(json.dumps({"format": "haqmoe-trace", "version": 99}))
+    with pytest.raises(HaqmoeError, match="version"):
+        load_trace(path)
+    with pytest.raises(HaqmoeError, match="not a routing trace"):
+        load_trace(tmp_path / "nowhere")
+
+
+def test_trace_from_another_model_refused(tmp_path):
+    path = save_trace(random_trace(L=3, E=6), tmp_path / "t")
+    with pytest.raises(HaqmoeError, match="3 MoE layers x 6 experts"):
+        load_trace(path, num_layers=30, num_experts=8)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_profile_equals_routers_own_topk(family):
+    """The trace must be the model's routing: recompute top-k from router logits of a plain forward."""
+    model = tiny_model(family)
+    ad = adapter_for(model)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    tr = trace_windows(model, ad, ids, guess_width=3)
+    assert tr.experts.shape == (24, 2, 2) and tr.num_requests == 2
+    routers = [ad.router(b) for b in ad.blocks(model) if ad.is_moe_block(b)]
+    logits = {}
+    hooks = [r.register_forward_hook(lambda m, i, o, j=j: logits.__setitem__(j, (o[0], i[0])))
+             for j, r in enumerate(routers)]
+    with torch.no_grad():
+        for r in range(2):
+            model(ids[r:r + 1], use_cache=False)
+            for layer, (lg, h) in logits.items():
+                want = torch.softmax(lg.float(), -1).topk(2, dim=-1).indices.sort(-1).values.numpy()
+                got = np.sort(tr.experts[r * 12:(r + 1) * 12, layer], axis=-1)
+                np.testing.assert_array_equal(got, want)
+                if layer + 1 < len(routers):  # prefetch guess = next router's ranking on this input
+                    g = (h.reshape(-1, h.shape[-1]) @ routers[layer + 1].weight.t()).topk(3, -1).indices.numpy()
+                    np.testing.assert_array_equal(tr.guesses[r * 12:(r + 1) * 12, layer], g)
+    for h in hooks:
+        h.remove()
+    assert (tr.guesses[:, -1] == -1).all()
