@@ -101,3 +101,15 @@ def test_plan_for_another_model_is_an_error():
         build_cache(CacheSpec("pinned+lru", 16), 8, 6, 2, 1, plan_trace=tr)
     with pytest.raises(HaqmoeError, match="another model"):
         build_cache(CacheSpec("static", 16, plan={0: [9]}), 4, 6, 2, 1)
+
+
+def test_cli_bad_input_is_one_clean_line(capsys):
+    from haqmoe.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["-q", "cache-eval", "mixtral-stats", "--exact", "--prefetch", "on", "--policies", "lru",
+              "--fracs", "0.5"])
+    assert exc.value.code == 2 and "no prefetch guesses" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["-q", "simulate", "--budget-gb", "1"])
+    assert exc.value.code == 2 and "too small for the non-expert" in capsys.readouterr().err
