@@ -64,6 +64,10 @@ def test_activation_integers_identical_to_quantizer(a_sym: bool):
     torch.testing.assert_close(act.scale, scale, rtol=0, atol=0)
     if not a_sym:
         assert torch.equal(act.zero, zero.view(-1).to(torch.int32))
+    for t in range(x.shape[0]):  # the one-token (decode) fast path computes the same integers
+        one = quantize_tokens(x[t: t + 1], spec)
+        assert torch.equal(one.q, act.q[t: t + 1]) and torch.equal(one.scale, act.scale[t: t + 1])
+        assert a_sym or torch.equal(one.zero, act.zero[t: t + 1])
 
 
 @pytest.mark.parametrize("k", [4096, 16384])

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -58,6 +59,8 @@ def quantize_tokens(x: torch.Tensor, spec: QuantSpec, need_rowsum: bool = True) 
     same activations to the same integers; ``aminmax`` makes it one reduction pass.
     """
     x = x.float()
+    if x.shape[0] == 1 and not x.is_cuda:
+        return _quantize_one_token(x, spec, need_rowsum)
     if spec.symmetric:
         scale = x.abs().amax(dim=-1, keepdim=True).div_(spec.qmax)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -73,6 +76,26 @@ def quantize_tokens(x: torch.Tensor, spec: QuantSpec, need_rowsum: bool = True) 
         zero = zf.view(-1).to(torch.int32)
     rowsum = q.sum(dim=-1, dtype=torch.int32) if need_rowsum else None
     return QuantAct(q, scale, zero, rowsum)
+
+
+def _quantize_one_token(x: torch.Tensor, spec: QuantSpec, need_rowsum: bool) -> QuantAct:
+    """Decode fast path (one token): scale and zero point as float32 scalars (numpy float32 is the
+    same IEEE arithmetic as the tensor formulas), so ~6 tensor ops instead of ~20 dispatches."""
+    f32 = np.float32
+    if spec.symmetric:
+        amax = f32(x.abs().max().item())
+        scale = amax / f32(spec.qmax) if amax > 0 else f32(1.0)
+        zf = f32(0.0)
+    else:
+        lo, hi = (f32(v.item()) for v in torch.aminmax(x))
+        lo, hi = min(lo, f32(0.0)), max(hi, f32(0.0))
+        scale = (hi - lo) / f32(spec.qmax - spec.qmin)
+        zf = f32(np.clip(np.round(f32(spec.qmin) - lo / max(scale, f32(1e-12))), spec.qmin, spec.qmax))
+        scale = scale if scale > 0 else f32(1.0)
+    q = torch.round(x / float(scale)).add_(float(zf)).clamp_(spec.qmin, spec.qmax).to(torch.int8)
+    s = torch.full((1, 1), float(scale), dtype=torch.float32)
+    zero = None if spec.symmetric else torch.full((1,), int(zf), dtype=torch.int32)
+    return QuantAct(q, s, zero, q.sum(dim=-1, dtype=torch.int32) if need_rowsum else None)
 
 
 def quantize_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,

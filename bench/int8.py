@@ -1,0 +1,314 @@
+"""Real int8 vs fake-quant vs dequant-once vs fp32 vs llama.cpp: speed, memory, perplexity.
+
+Every (model, mode) runs in its own subprocess, one after another in the same run, so peak RSS is
+per mode and no mode inherits another's warm caches. Decode: greedy, KV cache, ``model.generate``
+(``min_new_tokens`` forces the full length); decode tok/s = (new tokens - 1) / (time of the full
+generation - time of the prompt plus first token). Prefill: one forward over a window, no cache.
+The 2 cores are shared with other jobs: the load average is recorded, every mode is measured
+``rounds`` times in interleaved order and the best round is kept.
+
+    .venv/bin/python bench/int8.py                      # full run -> bench/results/int8.{json,md}
+    .venv/bin/python bench/int8.py --quick              # smoke test (few tokens, 2 windows)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("fp32", "fake-quant", "dequant-once", "real-int8", "auto")
+EXEC = {"fake-quant": "fake", "dequant-once": "dequant", "real-int8": "int8", "auto": "auto"}
+GGUF_MODES = ("llama.cpp-q8_0", "llama.cpp-q4_1")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    models: tuple[str, ...] = ("smollm2-135m", "smollm2-moe")
+    threads: int = 2
+    new_tokens: int = 128
+    prompt_tokens: int = 32
+    prefill_tokens: int = 512
+    rounds: int = 2
+    ppl_windows: int = 20
+    seqlen: int = 2048
+    out: str = str(ROOT / "bench" / "results" / "int8")
+
+
+# ----------------------------------------------------------------------------- helpers
+def quantized_dir(model: str) -> Path:
+    """RTN W8A8 (asym/asym, the paper default) checkpoint of ``model``, built once in the cache."""
+    from haqmoe.paths import cache_dir
+
+    return cache_dir() / "bench-int8" / f"{model}-rtn-w8a8"
+
+
+def ensure_quantized(model: str) -> Path:
+    from haqmoe.models.loading import load_model
+    from haqmoe.quant.checkpoint import save_quantized
+    from haqmoe.quant.config import QuantConfig
+    from haqmoe.quant.rtn import quantize_rtn
+
+    out = quantized_dir(model)
+    if not (out / "haqmoe_quant.json").is_file():
+        cfg = QuantConfig.w8a8("rtn")
+        lm = load_model(model, progress=False)
+        quantize_rtn(lm.model, lm.adapter, cfg, progress=False)
+        save_quantized(lm.model, lm.tokenizer, out, cfg, {"source": model}, overwrite=True)
+    return out
+
+
+def ensure_gguf(kind: str) -> Path:
+    """The package's Q4_1 file, or a Q8_0 requantization of it (same weights as our fp32 model,
+    which is the dequantized Q4_1), cached and never committed."""
+    from haqmoe.models.embedded import smollm2_gguf
+    from haqmoe.paths import cache_dir
+
+    src = smollm2_gguf()
+    if kind == "llama.cpp-q4_1":
+        return src
+    dst = cache_dir() / "bench-int8" / "SmolLM2-135M-Instruct.Q8_0.gguf"
+    if not dst.is_file():
+        import llama_cpp
+
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+        params.allow_requantize = True
+        params.nthread = 2
+        tmp = dst.with_suffix(".tmp")
+        if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params) != 0:
+            raise RuntimeError("llama.cpp quantization to Q8_0 failed")
+        tmp.rename(dst)
+    return dst
+
+
+def prompt_ids(tok, n: int) -> list[int]:
+    from haqmoe.data.text import load_text
+
+    return tok(load_text("wikitext2:test")[:20000])["input_ids"][1000: 1000 + n]
+
+
+def peak_rss_gb() -> float:
+    """VmHWM of this process: unlike ru_maxrss it is reset at exec, so it is the worker's own peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def file_gb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors")) / 1e9 if path.is_dir() else path.stat().st_size / 1e9
+
+
+# ----------------------------------------------------------------------------- workers
+def torch_worker(model: str, mode: str, cfg: BenchConfig, ppl: bool) -> dict:
+    import torch
+
+    from haqmoe.models.embedded import ensure_embedded
+    from haqmoe.models.loading import load_model
+    from haqmoe.quant.precision import convert, weight_bytes
+
+    torch.set_num_threads(cfg.threads)
+    src = ensure_embedded(model, progress=False) if mode == "fp32" else ensure_quantized(model)
+    lm = load_model(str(src), progress=False)
+    m = lm.model
+    report = None
+    if mode in EXEC:
+        report = convert(m, EXEC[mode])
+    ids = torch.tensor([prompt_ids(lm.tokenizer, cfg.prefill_tokens)])
+    row: dict = {"model": model, "mode": mode, "device": "cpu", "threads": cfg.threads,
+                 "disk_gb": file_gb(src)}
+    with torch.inference_mode():
+        m(ids[:, :16])  # warm-up (and the fake-quant weight cache)
+        t = time.perf_counter()
+        m(ids, use_cache=False)
+        row["prefill_tok_s"] = ids.shape[1] / (time.perf_counter() - t)
+        prompt = ids[:, : cfg.prompt_tokens]
+        gen = dict(do_sample=False, pad_token_id=lm.tokenizer.eos_token_id)
+        t = time.perf_counter()
+        m.generate(prompt, max_new_tokens=1, min_new_tokens=1, **gen)
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        out = m.generate(prompt, max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens, **gen)
+        total = time.perf_counter() - t
+        row["decode_tok_s"] = (cfg.new_tokens - 1) / max(total - first, 1e-9)
+        row["generated"] = out[0, cfg.prompt_tokens:].tolist()
+    row["weights_gb"] = weight_bytes(m) / 1e9
+    if report is not None:
+        row["exec"] = report.summary()
+        if report.choices:
+            row["auto_choices"] = [asdict(c) for c in report.choices]
+    if ppl:
+        from haqmoe.data.text import eval_windows, load_text, tokenize
+        from haqmoe.eval.perplexity import perplexity
+
+        wins = eval_windows(tokenize(lm.tokenizer, load_text("wikitext2:test")), cfg.seqlen, cfg.ppl_windows)
+        res = perplexity(m, wins, progress=False)
+        row.update(ppl=res.ppl, windows=res.windows, ppl_seconds=res.seconds)
+    row["peak_rss_gb"] = peak_rss_gb()
+    return row
+
+
+def llama_worker(mode: str, cfg: BenchConfig) -> dict:
+    import llama_cpp
+
+    path = ensure_gguf(mode)
+    llm = llama_cpp.Llama(str(path), n_threads=cfg.threads, n_threads_batch=cfg.threads, n_ctx=1024,
+                          n_batch=cfg.prefill_tokens, verbose=False)
+    from transformers import AutoTokenizer
+
+    from haqmoe.models.embedded import ensure_embedded
+
+    tok = AutoTokenizer.from_pretrained(ensure_embedded("smollm2-135m", progress=False))
+    ids = prompt_ids(tok, cfg.prefill_tokens)
+    llm.eval(ids[:16])
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(ids)
+    prefill = len(ids) / (time.perf_counter() - t)
+    llm.reset()
+    out: list[int] = []
+    t = time.perf_counter()
+    first = None
+    for token in llm.generate(ids[: cfg.prompt_tokens], top_k=1, temp=0.0, reset=True):
+        if first is None:
+            first = time.perf_counter() - t
+        out.append(token)
+        if len(out) == cfg.new_tokens:
+            break
+    total = time.perf_counter() - t
+    return {"model": "smollm2-135m", "mode": mode, "device": "cpu", "threads": cfg.threads,
+            "prefill_tok_s": prefill, "decode_tok_s": (cfg.new_tokens - 1) / max(total - first, 1e-9),
+            "disk_gb": file_gb(path), "weights_gb": file_gb(path), "generated": out, "peak_rss_gb": peak_rss_gb()}
+
+
+def run_worker(job: dict) -> None:
+    cfg = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["cfg"].items()})
+    if job["mode"].startswith("llama.cpp"):
+        row = llama_worker(job["mode"], cfg)
+    else:
+        row = torch_worker(job["model"], job["mode"], cfg, job.get("ppl", False))
+    row["load_during"] = os.getloadavg()[0]
+    print("RESULT " + json.dumps(row), flush=True)
+
+
+def spawn(job: dict) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(job["cfg"]["threads"])}
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
+                          text=True, env=env, cwd=ROOT)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"worker {job['model']}/{job['mode']} failed:\n{proc.stderr[-3000:]}")
+
+
+# ----------------------------------------------------------------------------- orchestration
+def best_of(rows: list[dict]) -> dict:
+    best = max(rows, key=lambda r: r["decode_tok_s"])
+    best = dict(best)
+    best["prefill_tok_s"] = max(r["prefill_tok_s"] for r in rows)
+    best["rounds"] = len(rows)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worker")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--models", default="smollm2-135m,smollm2-moe")
+    ap.add_argument("--no-ppl", action="store_true")
+    ap.add_argument("--ppl-windows", type=int, default=BenchConfig.ppl_windows)
+    ap.add_argument("--seqlen", type=int, default=BenchConfig.seqlen)
+    ap.add_argument("--out", default=BenchConfig.out)
+    args = ap.parse_args()
+    if args.worker:
+        run_worker(json.loads(args.worker))
+        return
+    cfg = BenchConfig(models=tuple(args.models.split(",")), threads=args.threads, rounds=args.rounds,
+                      ppl_windows=args.ppl_windows, seqlen=args.seqlen, out=args.out)
+    if args.quick:
+        cfg = BenchConfig(models=cfg.models, threads=cfg.threads, new_tokens=16, prefill_tokens=64, rounds=1,
+                          ppl_windows=2, seqlen=128, out=cfg.out + "-quick")
+    load_start = os.getloadavg()
+    for model in cfg.models:
+        ensure_quantized(model)
+    for kind in GGUF_MODES:
+        ensure_gguf(kind)
+    jobs = [(model, mode) for model in cfg.models for mode in MODES]
+    if "smollm2-135m" in cfg.models:
+        jobs += [("smollm2-135m", mode) for mode in GGUF_MODES]
+    results: dict[tuple[str, str], list[dict]] = {j: [] for j in jobs}
+    started = time.time()
+    for r in range(cfg.rounds):
+        for model, mode in (jobs if r % 2 == 0 else jobs[::-1]):
+            row = spawn({"model": model, "mode": mode, "cfg": asdict(cfg)})
+            results[(model, mode)].append(row)
+            print(f"round {r}: {model:14s} {mode:16s} decode {row['decode_tok_s']:7.1f} tok/s  prefill "
+                  f"{row['prefill_tok_s']:7.1f} tok/s  rss {row['peak_rss_gb']:.2f} GB  load {row['load_during']:.1f}",
+                  flush=True)
+    rows = [best_of(results[j]) for j in jobs]
+    if not args.no_ppl and "smollm2-135m" in cfg.models:
+        for mode in ("fake-quant", "real-int8"):
+            row = spawn({"model": "smollm2-135m", "mode": mode, "cfg": asdict(cfg), "ppl": True})
+            target = next(x for x in rows if x["model"] == "smollm2-135m" and x["mode"] == mode)
+            target.update(ppl=row["ppl"], windows=row["windows"])
+            print(f"ppl {mode}: {row['ppl']:.4f} ({row['windows']} windows)", flush=True)
+    write(rows, cfg, load_start, time.time() - started)
+
+
+def write(rows: list[dict], cfg: BenchConfig, load_start: tuple, seconds: float) -> None:
+    sys.path.insert(0, str(ROOT / "src"))
+    from haqmoe.results import run_meta, write_results
+
+    by = {(r["model"], r["mode"]): r for r in rows}
+    for r in rows:
+        base = by.get((r["model"], "fp32"))
+        if base:
+            r["decode_vs_fp32"] = r["decode_tok_s"] / base["decode_tok_s"]
+            r["prefill_vs_fp32"] = r["prefill_tok_s"] / base["prefill_tok_s"]
+            r["weights_vs_fp32"] = r["weights_gb"] / base["weights_gb"]
+            r["disk_vs_fp32"] = r["disk_gb"] / base["disk_gb"]
+        q8 = by.get(("smollm2-135m", "llama.cpp-q8_0"))
+        if q8 and r["model"] == "smollm2-135m":
+            r["decode_vs_llamacpp_q8"] = r["decode_tok_s"] / q8["decode_tok_s"]
+    checks = {}
+    fake, real = by.get(("smollm2-135m", "fake-quant")), by.get(("smollm2-135m", "real-int8"))
+    if fake and real and "ppl" in fake and "ppl" in real:
+        checks["ppl_rel_diff_real_vs_fake"] = abs(real["ppl"] / fake["ppl"] - 1)
+    for mode in ("real-int8", "auto"):
+        moe = by.get(("smollm2-moe", mode))
+        if moe:
+            checks[f"moe_decode_{mode}_vs_fp32"] = moe.get("decode_vs_fp32")
+            checks[f"moe_weights_{mode}_vs_fp32"] = moe.get("weights_vs_fp32")
+            checks[f"moe_disk_{mode}_vs_fp32"] = moe.get("disk_vs_fp32")
+    for mode in ("real-int8", "auto"):
+        d = by.get(("smollm2-135m", mode))
+        if d:
+            checks[f"smollm2_decode_{mode}_vs_llamacpp_q8"] = d.get("decode_vs_llamacpp_q8")
+            checks[f"smollm2_weights_{mode}_vs_fp32"] = d.get("weights_vs_fp32")
+    generated = {f"{r['model']}/{r['mode']}": r.pop("generated") for r in rows}
+    for r in rows:
+        r.pop("auto_choices", None) if r["mode"] != "auto" else None
+    meta = run_meta(config=asdict(cfg), loadavg_start=load_start, loadavg_end=os.getloadavg(),
+                    seconds=seconds, checks=checks, generated_tokens=generated)
+    cols = ["model", "mode", "device", "threads", "decode_tok_s", "prefill_tok_s", "ppl", "windows", "weights_gb",
+            "disk_gb", "peak_rss_gb", "decode_vs_fp32", "weights_vs_fp32", "decode_vs_llamacpp_q8", "load_during"]
+    notes = "Checks: " + ", ".join(f"{k} = {v:.4g}" for k, v in checks.items() if isinstance(v, float)) + \
+        f"\n\nLoad average at start {load_start[0]:.1f} (2 cores shared with other jobs), at end {os.getloadavg()[0]:.1f}."
+    write_results(cfg.out, rows, meta, "Real int8 execution vs fp32, fake-quant, dequant-once and llama.cpp",
+                  notes, cols)
+
+
+if __name__ == "__main__":
+    main()
