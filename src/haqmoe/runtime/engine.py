@@ -1,0 +1,257 @@
+"""The collaborative engine: a transformers MoE model whose routed experts live on a GPU cache or
+the CPU, generating token by token with a KV cache.
+
+Only the experts modules are replaced (``HybridExperts``); attention, norms, routers and shared
+experts are the model's own. Non-expert weights go to the compute device. Without a GPU every
+expert is on the CPU tier and the engine is the plain model plus a decode loop; ``emulate_gpu``
+runs the GPU-tier code path (slots, cache, predictor, copies) on the CPU, for tests and traces.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from ..errors import HaqmoeError
+from ..models.adapters import get_module, set_module
+from ..models.loading import LoadedModel
+from .cache import CacheConfig, ExpertCache
+from .hybrid import HybridExperts, Telemetry
+from .policies import make_policy
+from .predictor import DECISION_POLICIES, CostModel
+from .store import ExpertStore, StoreConfig
+
+
+@dataclass
+class EngineConfig:
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    emulate_gpu: bool = False  # run the GPU tier on the CPU (no GPU needed; exercises every path)
+    slots_per_layer: int | None = None  # GPU expert slots per layer (default: plan size, else half)
+    cache_policy: str = "lru"  # lru | lfu | pinned+lru (pins the plan's experts)
+    decision: str = "predictor"  # predictor | always-transfer | always-cpu
+    plan: str | None = None  # placement plan JSON (haqmoe plan)
+    profile: str = "rtx5090d"  # hardware profile for the cost model when no GPU is measured
+    n_critical: float | None = None  # override the predictor's threshold
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Generation:
+    prompt_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    prefill_ms: float = 0.0
+    token_ms: list[float] = field(default_factory=list)  # decode latency of each generated token
+    finish_reason: str = "length"
+
+
+def _spec_from_config(cfg, num_experts: int, top_k: int):
+    from .profiles import ModelSpec
+
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads) * head_dim
+    attn = 2 * cfg.hidden_size * cfg.num_attention_heads * head_dim + 2 * cfg.hidden_size * kv
+    inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    return ModelSpec(cfg.model_type, cfg.num_hidden_layers, num_experts, top_k, cfg.hidden_size, inter,
+                     cfg.vocab_size, attn, kv)
+
+
+class CollaborativeEngine:
+    def __init__(self, lm: LoadedModel, cfg: EngineConfig = EngineConfig()):
+        if cfg.decision not in DECISION_POLICIES:
+            raise HaqmoeError(f"unknown policy '{cfg.decision}' (choose from {', '.join(DECISION_POLICIES)})")
+        self.lm, self.cfg = lm, cfg
+        self.model, self.tokenizer, adapter = lm.model, lm.tokenizer, lm.adapter
+        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device)
+        blocks = [b for b in adapter.blocks(self.model) if adapter.is_moe_block(b)]
+        if not blocks:
+            raise HaqmoeError(f"{lm.name} has no MoE layers: the collaborative engine needs a MoE model")
+        experts = [adapter.experts(b) for b in blocks]
+        num_experts = int(experts[0].num_experts)
+        self.top_k = int(getattr(self.model.config, "num_experts_per_tok", 2))
+        self.telemetry = Telemetry(len(blocks))
+        gpu_tier = self.device.type == "cuda" or cfg.emulate_gpu
+        self.cache: ExpertCache | None = None
+        self.cost: CostModel | None = None
+        self.store: ExpertStore | None = None
+        if gpu_tier:
+            plan = self._load_plan(len(blocks), num_experts)
+            slots = cfg.slots_per_layer if cfg.slots_per_layer is not None else (
+                max(len(r) for r in plan.resident) if plan else max(self.top_k, num_experts // 2))
+            if slots <= 0:
+                raise HaqmoeError("the GPU cache needs at least one slot per layer "
+                                  "(use --policy always-cpu to keep every expert on the CPU)")
+            store_device = "cpu" if cfg.emulate_gpu else str(self.device)
+            self.store = ExpertStore(experts, StoreConfig(store_device, slots * len(blocks)))
+            pinned = {i: r for i, r in enumerate(plan.resident)} if plan and cfg.cache_policy == "pinned+lru" else {}
+            self.cache = ExpertCache(CacheConfig(len(blocks), num_experts, slots, "layer", self.store.expert_bytes,
+                                                 pinned), make_policy(cfg.cache_policy.replace("pinned+", "")),
+                                     top_k=self.top_k)
+            self.cost = self._cost_model(num_experts)
+            if plan is not None:  # the plan's experts start resident (pinned or not)
+                for layer, resident in enumerate(plan.resident):
+                    for e in resident:
+                        slot = self.cache.admit(layer, e) if not self.cache.contains(layer, e) else \
+                            self.cache.get(layer, e).slot
+                        if slot is not None:
+                            self.store.load_slot(slot, layer, e)
+                self.cache.stats = type(self.cache.stats).zeros(len(blocks))  # count from generation on
+        for layer, (block, ex) in enumerate(zip(blocks, experts)):
+            hybrid = HybridExperts(layer, ex, self.store, self.cache, self.cost, cfg.decision, self.telemetry)
+            set_module(block, adapter.moe.experts, hybrid)
+        self._place_non_experts()
+
+    # ------------------------------------------------------------------ set-up
+    def _load_plan(self, num_layers: int, num_experts: int):
+        if self.cfg.plan is None:
+            return None
+        from ..routing.placement import Plan
+
+        return Plan.load(self.cfg.plan, num_layers, num_experts)
+
+    def _cost_model(self, num_experts: int) -> CostModel:
+        from .calibrate import calibrate
+        from .profiles import cost_model_for, load_profile
+
+        spec = _spec_from_config(self.model.config, num_experts, self.top_k)
+        if self.device.type == "cuda":
+            cost = calibrate(spec.hidden, spec.ffn)
+        else:
+            cost = cost_model_for(load_profile(self.cfg.profile), spec)
+        cost.n_critical_override = self.cfg.n_critical
+        return cost
+
+    def _place_non_experts(self) -> None:
+        """Move everything except the routed experts (held by the store / CPU tier) to the device."""
+        if self.device.type == "cpu":
+            return
+        hybrids = [m for m in self.model.modules() if isinstance(m, HybridExperts)]
+        originals = [h.original for h in hybrids]
+        for h in hybrids:  # detach the CPU-tier experts so .to() leaves them on the CPU
+            del h._modules["original"]
+        self.model.to(self.device)
+        for h, orig in zip(hybrids, originals):
+            object.__setattr__(h, "original", orig)
+
+    # ---------------------------------------------------------------- generation
+    def encode(self, prompt: str | list[dict]) -> torch.Tensor:
+        """Token ids of a prompt (a string, or chat messages rendered with the model's template)."""
+        if isinstance(prompt, list):
+            ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
+                                                     return_dict=False)
+            ids = ids if isinstance(ids, torch.Tensor) else torch.tensor([ids])
+        else:
+            ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+        if ids.numel() == 0:
+            raise HaqmoeError("empty prompt")
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit and ids.shape[1] >= limit:
+            raise HaqmoeError(f"prompt has {ids.shape[1]} tokens; the model's context is {limit}")
+        return ids
+
+    def _sample(self, logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator) -> int:
+        if s.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float() / s.temperature, dim=-1)
+        if s.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < s.top_p
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def stream(self, prompt: str | list[dict] | torch.Tensor, sampling: SamplingConfig = SamplingConfig(),
+               should_stop: Callable[[], bool] | None = None) -> Iterator[tuple[str, Generation]]:
+        """Yield (new text, generation so far) per token; the final Generation has the timings."""
+        ids = prompt if isinstance(prompt, torch.Tensor) else self.encode(prompt)
+        gen = Generation(prompt_tokens=int(ids.shape[1]))
+        rng = torch.Generator().manual_seed(sampling.seed)
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        t0 = time.perf_counter()
+        self.telemetry.step += 1
+        out = self.model(input_ids=ids.to(self.device), use_cache=True)
+        past, logits = out.past_key_values, out.logits[0, -1]
+        self._sync()
+        gen.prefill_ms = 1e3 * (time.perf_counter() - t0)
+        text = ""
+        for i in range(sampling.max_new_tokens):
+            tok = self._sample(logits, sampling, rng)
+            gen.tokens.append(tok)
+            if eos is not None and tok == eos:
+                gen.finish_reason = "stop"
+                break
+            new_text = self.tokenizer.decode(gen.tokens, skip_special_tokens=True) if self.tokenizer else ""
+            delta, text = new_text[len(text):], new_text
+            hit = next((s for s in sampling.stop if s and s in text), None)
+            if hit is not None:
+                gen.text = text[: text.index(hit)]
+                gen.finish_reason = "stop"
+                yield delta[: max(0, len(delta) - (len(text) - len(gen.text)))], gen
+                return
+            gen.text = text
+            yield delta, gen
+            if i == sampling.max_new_tokens - 1 or (should_stop is not None and should_stop()):
+                break
+            t = time.perf_counter()
+            self.telemetry.step += 1
+            out = self.model(input_ids=torch.tensor([[tok]], device=self.device), past_key_values=past,
+                             use_cache=True)
+            past, logits = out.past_key_values, out.logits[0, -1]
+            self._sync()
+            gen.token_ms.append(1e3 * (time.perf_counter() - t))
+
+    def generate(self, prompt, sampling: SamplingConfig = SamplingConfig()) -> Generation:
+        gen = Generation(0)
+        for _, gen in self.stream(prompt, sampling):
+            pass
+        return gen
+
+    # ---------------------------------------------------------------- telemetry
+    def summary(self) -> dict:
+        tel = self.telemetry
+        out = {"device": str(self.device), "gpu_tier": self.cache is not None,
+               "cpu_expert_calls": int(tel.cpu_experts.sum()), "gpu_expert_calls": int(tel.gpu_experts.sum())}
+        if self.cache is not None:
+            st = self.cache.stats
+            served = st.hits + st.prefetch_hits + st.inflight
+            lookups = served + st.misses
+            out.update({
+                "hit_rate": float(served.sum() / max(lookups.sum(), 1)),
+                "hit_rate_per_layer": [float(h / max(n, 1)) for h, n in zip(served, lookups)],
+                "misses": int(st.misses.sum()), "evictions": int(st.evictions.sum()),
+                "bytes_moved": int(st.bytes_moved.sum()),
+                "n_critical": float(self.cost.n_critical) if self.cost is not None else None,
+            })
+        return out
+
+
+def latency_stats(ms: list[float]) -> dict:
+    if not ms:
+        return {"p50_ms": None, "p95_ms": None, "p99_ms": None, "std_ms": None, "mean_ms": None}
+    a = np.asarray(ms)
+    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
+            "p99_ms": float(np.percentile(a, 99)), "std_ms": float(a.std()), "mean_ms": float(a.mean())}
+
+
+def plan_path(path: str | None) -> str | None:
+    if path is not None and not Path(path).is_file():
+        raise HaqmoeError(f"plan file {path} not found")
+    return path

@@ -1,0 +1,89 @@
+"""The hybrid experts module swapped into each MoE block (attention, router, shared experts untouched).
+
+Per forward call (a prefill batch or one decode token) and per selected expert with n tokens:
+resident in the GPU cache -> GPU; otherwise the cost predictor decides: n > n_critical ->
+transfer through the cache and run on the GPU, else run on the CPU. GPU work is issued first
+(asynchronous on CUDA), CPU experts run meanwhile, results are combined with the router weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .cache import ExpertCache
+from .predictor import CostModel
+from .store import ExpertStore
+
+
+@dataclass
+class Telemetry:
+    """Counters the engine reports beside the cache's own per-layer stats."""
+
+    num_layers: int
+    cpu_experts: np.ndarray = field(init=False)  # expert calls run on the CPU tier, per layer
+    gpu_experts: np.ndarray = field(init=False)
+    cpu_tokens: np.ndarray = field(init=False)
+    gpu_tokens: np.ndarray = field(init=False)
+    step: int = 0  # policy clock: one per model forward
+
+    def __post_init__(self) -> None:
+        for name in ("cpu_experts", "gpu_experts", "cpu_tokens", "gpu_tokens"):
+            setattr(self, name, np.zeros(self.num_layers, dtype=np.int64))
+
+
+class HybridExperts(nn.Module):
+    def __init__(self, layer: int, original: nn.Module, store: ExpertStore, cache: ExpertCache | None,
+                 cost: CostModel | None, policy: str, telemetry: Telemetry):
+        super().__init__()
+        self.layer = layer
+        self.original = original  # the CPU tier (kept on the CPU when the model moves to a GPU)
+        self.store, self.cache, self.cost, self.policy = store, cache, cost, policy
+        self.telemetry = telemetry
+        self.num_experts = original.num_experts
+
+    def _decide(self, e: int, n: int) -> tuple[str, int | None]:
+        """('gpu', slot) or ('cpu', None) for one expert call of n tokens."""
+        cache = self.cache
+        outcome = cache.lookup(self.layer, e)
+        if outcome != "miss":
+            return "gpu", cache.get(self.layer, e).slot
+        decision = self.cost.decide(False, n, self.policy) if self.cost is not None else "cpu"
+        if decision == "transfer":
+            slot = cache.admit(self.layer, e)
+            if slot is not None:
+                event = self.store.load_slot(slot, self.layer, e)
+                if event is not None:
+                    torch.cuda.current_stream().wait_event(event)
+                return "gpu", slot
+        return "cpu", None
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:  # every expert on the CPU tier: the plain module, zero overhead
+            return self.original(hidden_states, top_k_index, top_k_weights)
+        tel = self.telemetry
+        used = torch.unique(top_k_index).tolist()
+        self.cache.begin_step(tel.step, protect=[(self.layer, e) for e in used])
+        out = torch.zeros_like(hidden_states)
+        cpu_jobs = []
+        for e in used:
+            token_idx, k_pos = torch.where(top_k_index == e)
+            tier, slot = self._decide(e, len(token_idx))
+            w = top_k_weights[token_idx, k_pos, None]
+            if tier == "gpu":
+                y = self.store.gpu_forward(slot, hidden_states[token_idx].to(self.store.device))
+                out.index_add_(0, token_idx, (y.to(out.device) * w).to(out.dtype))
+                tel.gpu_experts[self.layer] += 1
+                tel.gpu_tokens[self.layer] += len(token_idx)
+            else:
+                cpu_jobs.append((e, token_idx, w))
+        for e, token_idx, w in cpu_jobs:  # overlaps the asynchronous GPU work above
+            y = self.store.cpu_forward(self.layer, e, hidden_states[token_idx].cpu())
+            out.index_add_(0, token_idx, (y.to(out.device) * w).to(out.dtype))
+            tel.cpu_experts[self.layer] += 1
+            tel.cpu_tokens[self.layer] += len(token_idx)
+        return out
