@@ -26,7 +26,8 @@ from haqmoe.routing.cost import get_profile
 from haqmoe.routing.evaluate import HitSummary, expected_latency_ms, layer_hit, per_request_hit
 from haqmoe.routing.placement import Budget, build_plan, make_strategy
 from haqmoe.routing.sources import RoutingSource, from_prompts, load_source
-from haqmoe.routing.stats import entropy_bits, load_skew, path_coverage, path_counts
+from haqmoe.routing.plots import plot_layer_hits, plot_stats
+from haqmoe.routing.stats import path_coverage
 
 STRATEGIES = ["global-frequency", "path-frequency", "two-stage", "layer-frequency", "latency", "latency-balanced"]
 OURS = {"latency", "latency-balanced"}
@@ -70,59 +71,6 @@ def evaluate_source(name: str, build: RoutingSource, splits: dict[str, RoutingSo
                                  "path_data": path_data})
             print(name, budget, strat, "done", flush=True)
     return rows, per_layer
-
-
-def plot_layers(per_layer: dict, name: str, budget: int, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 4))
-    for (b, strat), v in per_layer.items():
-        if b == budget:
-            ax.plot(np.arange(len(v["hit"])), v["hit"], marker="o", ms=3, lw=2.2 if strat in OURS else 1.2,
-                    label=f"{strat} (mean {v['hit'].mean():.1f}, std {v['hit'].std():.1f})")
-    ax.set_xlabel("MoE layer")
-    ax.set_ylabel("held-out hit rate (%)")
-    ax.set_title(f"{name}: per-layer hit rate, {budget} experts on GPU (held-out)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
-def plot_stats(src: RoutingSource, name: str, out: Path) -> None:
-    """Per-layer expert-frequency heat map and the path-count distribution at several windows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    st = src.stats()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    im = axes[0].imshow(100 * st.frequency.T, aspect="auto", cmap="viridis")
-    axes[0].set_xlabel("MoE layer")
-    axes[0].set_ylabel("expert")
-    axes[0].set_title(f"{name}: share of selections (%)  entropy {entropy_bits(st).mean():.2f}/"
-                      f"{np.log2(st.num_experts):.0f} bits, skew {load_skew(st).mean():.2f}")
-    fig.colorbar(im, ax=axes[0])
-    if src.trace is not None:
-        for w in (1, 2, 4, st.num_layers):
-            c = np.sort(np.fromiter(path_counts(src.trace, w).values(), float))[::-1]
-            c = c / c.sum()
-            axes[1].loglog(np.arange(1, len(c) + 1), c, label=f"window {w} ({len(c)} distinct)")
-        axes[1].set_title("path-frequency distribution (rank vs share)")
-    else:
-        axes[1].text(0.5, 0.5, "no per-token paths in this source", ha="center", va="center")
-    axes[1].set_xlabel("path rank")
-    axes[1].set_ylabel("share of path occurrences")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
 
 
 def ensure_traces(traces: Path) -> None:
@@ -171,8 +119,10 @@ def main() -> None:
                                    "mixtral-int8-pcie4")
     rows += r
     for b in (128, 160):
-        plot_layers(per_layer, "Mixtral-8x7B (MMLU)", b, out_dir / f"placement_mixtral_{b}.png")
-    plot_stats(build, "Mixtral-8x7B MMLU build", out_dir / "placement_stats_mixtral.png")
+        plot_layer_hits({s: v["hit"] for (bb, s), v in per_layer.items() if bb == b},
+                        out_dir / f"placement_mixtral_{b}.png",
+                        f"Mixtral-8x7B (MMLU): held-out per-layer hit rate, {b} of 256 experts on GPU", OURS)
+    plot_stats(build.stats(), out_dir / "placement_stats_mixtral.png", "Mixtral-8x7B MMLU (build subjects)")
     notes.append(f"Mixtral split: build = {len(build_s)} MMLU subjects at even alphabetical positions "
                  f"({int(build.counts[0].sum() / 2)} prompt tokens), held-out = the other {len(held_s)} subjects "
                  f"({int(held.counts[0].sum() / 2)} tokens).")
@@ -185,8 +135,10 @@ def main() -> None:
                                        "smollm2moe-int8-pcie4")
         rows += r
         for b in (120, 150):
-            plot_layers(per_layer, "smollm2-moe (WikiText-2)", b, out_dir / f"placement_smollm2moe_{b}.png")
-        plot_stats(tb, "smollm2-moe WikiText-2 valid", out_dir / "placement_stats_smollm2moe.png")
+            plot_layer_hits({s: v["hit"] for (bb, s), v in per_layer.items() if bb == b},
+                            out_dir / f"placement_smollm2moe_{b}.png",
+                            f"smollm2-moe (WikiText-2 test): per-layer hit rate, {b} of 240 experts on GPU", OURS)
+        plot_stats(tb.stats(), out_dir / "placement_stats_smollm2moe.png", "smollm2-moe WikiText-2 valid", tb.trace)
         assert tb.trace is not None and tt.trace is not None
         cov = {w: path_coverage(tb.stats(w), tt.trace) for w in (1, 2, 4, tb.trace.num_layers)}
         notes.append(f"smollm2-moe: build = WikiText-2 valid, {tb.trace.num_requests} requests x 512 tokens; "

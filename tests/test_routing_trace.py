@@ -114,3 +114,25 @@ def test_profile_equals_routers_own_topk(family):
     for h in hooks:
         h.remove()
     assert (tr.guesses[:, -1] == -1).all()
+
+
+@pytest.mark.slow
+def test_cli_profile_smollm2_moe_resumes(tmp_path):
+    """Real model through the CLI: 2 requests, then --resume to 3; the resumed trace extends the first."""
+    from typer.testing import CliRunner
+
+    from haqmoe.cli.main import app
+
+    out = tmp_path / "tr"
+    args = ["-q", "profile", "smollm2-moe", "--out", str(out), "--data", "pydoc", "--seqlen", "32", "--chunk", "1"]
+    r = CliRunner().invoke(app, args + ["--requests", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    first = load_trace(out)
+    r = CliRunner().invoke(app, args + ["--requests", "3", "--resume", "--json"])
+    assert r.exit_code == 0, r.output
+    more = load_trace(out)
+    assert first.num_requests == 2 and first.experts.shape == (64, 30, 2) and more.num_requests == 3
+    np.testing.assert_array_equal(more.experts[:64], first.experts)
+    other = [a if a != "32" else "16" for a in args]  # another window length
+    r = CliRunner().invoke(app, other + ["--requests", "4", "--resume"])
+    assert r.exit_code != 0  # other settings: refused instead of mixing traces

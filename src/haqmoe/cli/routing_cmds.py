@@ -165,3 +165,43 @@ def _plot_layers(per_layer: dict, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+@app.command("routing-stats")
+def routing_stats(source: str = typer.Argument(..., help=_SOURCE_HELP),
+                  window: int = typer.Option(2, min=1, help="Path window in layers (1 = per-layer top-k set)."),
+                  held_out: Optional[str] = typer.Option(None, help="A second trace: report how many of its paths "
+                                                                    "were seen in SOURCE, per window."),
+                  plot: Optional[Path] = typer.Option(None, help="Write heat map + path distribution (PNG)."),
+                  as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Expert frequency, load skew, entropy and activation-path statistics of routing data."""
+    import numpy as np
+
+    from ..routing.sources import load_source
+    from ..routing.stats import entropy_bits, load_skew, path_coverage, summary
+
+    src = load_source(source)
+    st = src.stats(window)
+    payload = {"source": source, **summary(st),
+               "frequency": np.round(st.frequency, 4).tolist(),
+               "entropy_bits": np.round(entropy_bits(st), 3).tolist(),
+               "load_skew": np.round(load_skew(st), 3).tolist()}
+    if held_out is not None:
+        other = load_source(held_out)
+        if other.trace is None:
+            from ..errors import HaqmoeError
+
+            raise HaqmoeError("--held-out needs a trace directory (per-token paths)")
+        ws = sorted({1, window, 4, st.num_layers} & set(range(1, st.num_layers + 1)))
+        payload["held_out_path_coverage"] = {w: round(path_coverage(src.stats(w), other.trace), 4) for w in ws}
+    if plot is not None:
+        from ..routing.plots import plot_stats
+
+        plot_stats(st, plot, source, src.trace)
+    human = (f"{source}: {st.num_layers} MoE layers x {st.num_experts} experts (top-{st.top_k}), {st.tokens} tokens\n"
+             f"entropy {payload['entropy_bits_mean']:.3f} of {payload['entropy_bits_max']:.0f} bits, "
+             f"load skew mean {payload['load_skew_mean']:.2f} max {payload['load_skew_max']:.2f}, "
+             f"{payload['distinct_paths']} distinct paths (window {window})"
+             + ("" if held_out is None else "\nheld-out paths seen: " + ", ".join(
+                 f"w={w}: {100 * c:.1f}%" for w, c in payload["held_out_path_coverage"].items())))
+    emit(payload, as_json, human)

@@ -116,10 +116,14 @@ def synthetic_trace(pc: PromptCounts, tokens_per_prompt: int, seed: int = 0) -> 
     return RoutingTrace(ex, NUM_EXPERTS, offsets, meta={"model": "mixtral-8x7b", "synthetic": True})
 
 
-def synthetic_requests(pc: PromptCounts, request_len: int, per_prompt: int = 1, seed: int = 0) -> np.ndarray:
-    """[C, L, E] counts of sampled requests of ``request_len`` tokens, each from one prompt's fractions."""
+def synthetic_requests(pc: PromptCounts, request_len: int, per_prompt: int = 1, seed: int = 0,
+                       max_prompts: int | None = 2000) -> np.ndarray:
+    """[C, L, E] counts of sampled requests of ``request_len`` tokens, each from one prompt's fractions
+    (at most ``max_prompts`` prompts, a seeded random subset: sampling cost grows with Q x n)."""
     rng = np.random.default_rng(seed)
     p = pc.counts / np.maximum(pc.counts.sum(axis=2, keepdims=True), 1)
+    if max_prompts is not None and p.shape[0] > max_prompts:
+        p = p[np.sort(rng.choice(p.shape[0], max_prompts, replace=False))]
     out = []
     for _ in range(per_prompt):
         for q0 in range(0, p.shape[0], 256):  # blocks of prompts bound memory (Q x n x L x E floats)

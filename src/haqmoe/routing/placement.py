@@ -94,6 +94,10 @@ class Plan:
             m[layer, ids] = True
         return m
 
+    def pinned(self) -> dict[int, list[int]]:
+        """{layer: experts}: the runtime cache's ``CacheConfig.pinned`` form."""
+        return {layer: list(ids) for layer, ids in enumerate(self.resident) if ids}
+
     def check_model(self, num_layers: int | None, num_experts: int | None) -> None:
         check_model(self.num_layers, self.num_experts, num_layers, num_experts, f"plan '{self.strategy}'")
 

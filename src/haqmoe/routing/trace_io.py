@@ -115,7 +115,10 @@ class TraceWriter:
 
     def _resume(self) -> None:
         old = TraceHeader.from_json(_read_header(self.path), self.path)
-        if not old.same_identity(self.header) or old.meta.get("config") != self.header.meta.get("config"):
+        def settings(h: TraceHeader) -> dict:  # the request count may grow on resume; nothing else
+            return {k: v for k, v in dict(h.meta.get("config") or {}).items() if k != "max_requests"}
+
+        if not old.same_identity(self.header) or settings(old) != settings(self.header):
             raise HaqmoeError(f"cannot resume {self.path}: it was profiled with another model or settings "
                               f"({old.meta.get('config')} vs {self.header.meta.get('config')})")
         for f in _chunk_files(self.path):
@@ -123,6 +126,7 @@ class TraceWriter:
             self.done_requests += len(data["lengths"])
             self.tokens += int(data["experts"].shape[0])
             self.chunks += 1
+        old.meta["config"] = self.header.meta.get("config")
         self.header = old
 
     def append(self, experts: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None = None,
