@@ -1,5 +1,36 @@
-"""Serving commands: serve, export."""
+"""Serving commands: ``serve`` (OpenAI-compatible HTTP server) and ``export`` (compressed-tensors for vLLM)."""
 
 from __future__ import annotations
 
-from .common import app, emit, state  # noqa: F401
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import app, check_output_dir, emit, state
+from .engine_cmds import _ENGINE_OPTS, build_engine
+
+
+@app.command()
+def serve(model: str = typer.Argument("smollm2-moe", help="MoE model source (embedded name, directory, ...)."),
+          host: str = typer.Option("127.0.0.1", help="Bind address (loopback by default; the server has no auth)."),
+          port: int = typer.Option(8000, min=0, max=65535, help="TCP port (0 = any free port)."),
+          served_name: Optional[str] = typer.Option(None, help="Model id reported by /v1/models "
+                                                               "(default: the model argument)."),
+          max_tokens_limit: int = typer.Option(2048, min=1, help="Largest max_tokens a request may ask for."),
+          max_waiting: int = typer.Option(64, min=1, help="Queued requests beyond this are refused with 503."),
+          policy: str = _ENGINE_OPTS["policy"], cache_policy: str = _ENGINE_OPTS["cache_policy"],
+          slots: Optional[int] = _ENGINE_OPTS["slots"], plan: Optional[str] = _ENGINE_OPTS["plan"],
+          device: str = _ENGINE_OPTS["device"], emulate_gpu: bool = _ENGINE_OPTS["emulate_gpu"],
+          profile: str = _ENGINE_OPTS["profile"], exec_mode: str = _ENGINE_OPTS["exec_mode"],
+          log_level: str = typer.Option("info", help="uvicorn log level.")) -> None:
+    """Serve the model over the collaborative runtime with an OpenAI-compatible API (+ /health, /metrics)."""
+    import uvicorn
+
+    from ..serve.app import ServeConfig, create_app
+
+    engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode)
+    cfg = ServeConfig(model_name=served_name or model, max_tokens_limit=max_tokens_limit, max_waiting=max_waiting)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"haqmoe: warning: binding {host}: the API has no authentication", err=True)
+    uvicorn.run(create_app(engine, cfg), host=host, port=port, log_level=log_level)

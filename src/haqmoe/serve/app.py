@@ -1,0 +1,293 @@
+"""OpenAI-compatible HTTP server over one ``CollaborativeEngine``.
+
+One engine, one worker thread: generations run strictly one after another (an asyncio lock
+orders them, a single-thread executor guarantees the engine is never entered twice), so
+concurrent requests queue and can never interleave tokens. Prompts are tokenized on the event
+loop with a private copy of the tokenizer (HF fast tokenizers are not safe to share across
+threads), exactly as ``CollaborativeEngine.encode`` does, so ``haqmoe run`` and the server see the
+same ids. A streaming client that disconnects sets the job's stop flag, which the engine checks
+after every token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from contextlib import aclosing, asynccontextmanager
+import json
+import random
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from ..errors import HaqmoeError
+from ..runtime.engine import CollaborativeEngine, Generation, SamplingConfig
+from .metrics import ServerMetrics
+from .schemas import ChatRequest, CompletionRequest
+
+
+@dataclass
+class ServeConfig:
+    model_name: str = "haqmoe"
+    max_tokens_limit: int = 2048  # hard cap per request (400 above it)
+    default_chat_max_tokens: int = 256  # chat requests without max_tokens
+    max_waiting: int = 64  # queued requests beyond this get 503
+
+
+class ApiError(Exception):
+    """An OpenAI-style error response."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
+                                       "code": None}}, status_code=self.status)
+
+
+@dataclass
+class Job:
+    ids: object  # prompt token ids [1, n]
+    sampling: SamplingConfig
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class EngineWorker:
+    """Runs jobs on the engine one at a time and relays tokens to the event loop."""
+
+    def __init__(self, engine: CollaborativeEngine, metrics: ServerMetrics, max_waiting: int):
+        self.engine, self.metrics, self.max_waiting = engine, metrics, max_waiting
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="haqmoe-engine")
+        self.lock = asyncio.Lock()
+
+    def admit(self) -> None:
+        """Refuse early (503) when the queue is full, before any response headers are sent."""
+        if self.metrics.waiting >= self.max_waiting:
+            raise ApiError(503, "server busy: too many queued requests", kind="server_error")
+
+    async def run(self, job: Job) -> AsyncIterator[tuple[str, Generation]]:
+        """Tokens of ``job``; use under ``contextlib.aclosing`` so an abandoned stream frees the engine."""
+        self.metrics.waiting += 1
+        try:
+            await self.lock.acquire()
+        finally:
+            self.metrics.waiting -= 1
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def work() -> None:
+            try:
+                for delta, gen in self.engine.stream(job.ids, job.sampling, should_stop=job.cancel.is_set):
+                    loop.call_soon_threadsafe(queue.put_nowait, (delta, gen, None))
+                loop.call_soon_threadsafe(queue.put_nowait, (None, None, None))
+            except BaseException as exc:  # relayed to the request, never lost in the thread
+                loop.call_soon_threadsafe(queue.put_nowait, (None, None, exc))
+
+        self.metrics.running += 1
+        future = loop.run_in_executor(self.pool, work)
+        try:
+            while True:
+                delta, gen, exc = await queue.get()
+                if exc is not None:
+                    raise exc
+                if delta is None:
+                    return
+                yield delta, gen
+        finally:
+            job.cancel.set()  # no-op when finished; stops the engine after this token when abandoned
+            self.metrics.running -= 1
+            self.lock.release()
+            future.add_done_callback(lambda f: f.exception())  # executor order keeps the engine exclusive
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Encoder:
+    """Tokenizes requests like ``CollaborativeEngine.encode``, with a tokenizer copy of its own."""
+
+    def __init__(self, engine: CollaborativeEngine):
+        self.proxy = SimpleNamespace(tokenizer=copy.deepcopy(engine.tokenizer), model=engine.model)
+        self.context = int(getattr(engine.model.config, "max_position_embeddings", 0) or 0)
+
+    def __call__(self, prompt: str | list[dict]):
+        try:
+            return CollaborativeEngine.encode(self.proxy, prompt)
+        except HaqmoeError as exc:
+            raise ApiError(400, str(exc), "messages" if isinstance(prompt, list) else "prompt") from exc
+
+
+def _sampling(req, max_tokens: int) -> SamplingConfig:
+    seed = req.seed if req.seed is not None else random.randrange(2**31)
+    return SamplingConfig(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=seed,
+                          stop=tuple(req.stop or ()))
+
+
+def _check_budget(cfg: ServeConfig, context: int, prompt_tokens: int, max_tokens: int | None,
+                  default: int) -> int:
+    """The number of tokens to generate, or a 400 when the request cannot fit the model's context."""
+    if max_tokens is not None and max_tokens > cfg.max_tokens_limit:
+        raise ApiError(400, f"max_tokens {max_tokens} exceeds this server's limit of {cfg.max_tokens_limit}",
+                       "max_tokens")
+    room = context - prompt_tokens if context else cfg.max_tokens_limit
+    if max_tokens is None:
+        return max(1, min(default, room, cfg.max_tokens_limit))
+    if max_tokens > room:
+        raise ApiError(400, f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                            f"context of {context} tokens", "max_tokens")
+    return max_tokens
+
+
+def _sse(payload: dict | str) -> bytes:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
+
+
+def create_app(engine: CollaborativeEngine, cfg: ServeConfig = ServeConfig()) -> FastAPI:
+    """The FastAPI app; the engine is shared by every request through one ``EngineWorker``."""
+    metrics = ServerMetrics()
+    encode = Encoder(engine)
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        if "worker" in state:
+            state["worker"].close()
+
+    app = FastAPI(title="haqmoe", version="1", lifespan=lifespan)
+
+    def worker() -> EngineWorker:  # created lazily inside the server's event loop
+        if "worker" not in state:
+            state["worker"] = EngineWorker(engine, metrics, cfg.max_waiting)
+        return state["worker"]
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        metrics.count_request(request.url.path, exc.status)
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        msg = f"{loc}: {first.get('msg', 'invalid request')}" if loc else first.get("msg", "invalid request")
+        metrics.count_request(request.url.path, 400)
+        return ApiError(400, msg, loc or None).response()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": cfg.model_name}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": 0,
+                                            "owned_by": "haqmoe"}]}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
+
+    def check_model(name: str | None) -> None:
+        if name not in (None, "", cfg.model_name):
+            raise ApiError(404, f"model '{name}' is not served here (serving '{cfg.model_name}')", "model",
+                           "not_found_error")
+
+    async def respond(request: Request, endpoint: str, req, prompt, max_tokens: int | None, default: int,
+                      chat: bool):
+        check_model(req.model)
+        ids = encode(prompt)
+        n = _check_budget(cfg, encode.context, int(ids.shape[1]), max_tokens, default)
+        job = Job(ids, _sampling(req, n))
+        worker().admit()
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+        t0 = time.perf_counter()
+
+        def account(gen: Generation | None, ttft: float | None) -> None:
+            if gen is not None:
+                metrics.finished(gen.prompt_tokens, len(gen.tokens), time.perf_counter() - t0, ttft,
+                                 [t / 1e3 for t in gen.token_ms])
+
+        def usage(gen: Generation) -> dict:
+            return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": len(gen.tokens),
+                    "total_tokens": gen.prompt_tokens + len(gen.tokens)}
+
+        if not req.stream:
+            gen, ttft = None, None
+            async with aclosing(worker().run(job)) as tokens:
+                async for _, gen in tokens:
+                    ttft = ttft if ttft is not None else time.perf_counter() - t0
+            account(gen, ttft)
+            metrics.count_request(endpoint, 200)
+            choice = ({"index": 0, "message": {"role": "assistant", "content": gen.text},
+                       "finish_reason": gen.finish_reason, "logprobs": None} if chat else
+                      {"index": 0, "text": gen.text, "finish_reason": gen.finish_reason, "logprobs": None})
+            return {"id": rid, "object": obj, "created": created, "model": cfg.model_name,
+                    "choices": [choice], "usage": usage(gen)}
+
+        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: str | None, finish: str | None, first: bool = False) -> dict:
+            if chat:
+                d = {"role": "assistant", "content": ""} if first else ({} if delta is None else {"content": delta})
+                choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            return {"id": rid, "object": chunk_obj, "created": created, "model": cfg.model_name,
+                    "choices": [choice]}
+
+        async def events():
+            gen, ttft, done, dropped = None, None, False, False
+            try:
+                if chat:
+                    yield _sse(chunk(None, None, first=True))
+                async with aclosing(worker().run(job)) as tokens:
+                    async for delta, gen in tokens:
+                        ttft = ttft if ttft is not None else time.perf_counter() - t0
+                        if delta:
+                            yield _sse(chunk(delta, None))
+                        if await request.is_disconnected():
+                            dropped = True
+                            break
+                done = gen is not None and not dropped
+                if done:
+                    yield _sse(chunk(None, gen.finish_reason))
+                    if req.include_usage():
+                        yield _sse({"id": rid, "object": chunk_obj, "created": created, "model": cfg.model_name,
+                                    "choices": [], "usage": usage(gen)})
+                    yield _sse("[DONE]")
+            except Exception as exc:  # headers are sent: report in-band, as OpenAI does
+                yield _sse({"error": {"message": f"{type(exc).__name__}: {exc}", "type": "server_error"}})
+            finally:
+                if not done:
+                    metrics.cancelled += 1
+                account(gen, ttft)
+
+        metrics.count_request(endpoint, 200)
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        return await respond(request, "/v1/completions", req, req.prompt, req.max_tokens, req.max_tokens or 16,
+                             chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest, request: Request):
+        if engine.tokenizer is None or not getattr(engine.tokenizer, "chat_template", None):
+            raise ApiError(400, "this model has no chat template: use /v1/completions", "messages")
+        msgs = [m.as_template() for m in req.messages]
+        return await respond(request, "/v1/chat/completions", req, msgs,
+                             req.max_completion_tokens or req.max_tokens, cfg.default_chat_max_tokens, chat=True)
+
+    return app

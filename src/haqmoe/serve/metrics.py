@@ -1,0 +1,120 @@
+"""Prometheus text-format metrics for the server, without a client-library dependency.
+
+Request counters and latency histograms are kept here; the expert-cache counters are read live
+from the engine at scrape time (they are the engine's own per-layer numpy counters), so they can
+never drift from what ``haqmoe run`` reports.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from dataclasses import dataclass, field
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+@dataclass
+class Histogram:
+    """Cumulative-bucket histogram (Prometheus semantics: ``le`` buckets plus +Inf, sum, count)."""
+
+    buckets: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    n: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.buckets) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+        self.n += 1
+
+    def lines(self, name: str) -> list[str]:
+        out, acc = [], 0
+        for le, c in zip([*map(str, self.buckets), "+Inf"], self.counts):
+            acc += c
+            out.append(f'{name}_bucket{{le="{le}"}} {acc}')
+        return out + [f"{name}_sum {self.total:.6f}", f"{name}_count {self.n}"]
+
+
+@dataclass
+class ServerMetrics:
+    """Counters updated by request handlers (event-loop thread) and read by /metrics."""
+
+    requests: dict[tuple[str, int], int] = field(default_factory=dict)  # (endpoint, status) -> count
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    cancelled: int = 0
+    waiting: int = 0
+    running: int = 0
+    request_latency: Histogram = field(default_factory=Histogram)
+    first_token: Histogram = field(default_factory=Histogram)
+    per_token: Histogram = field(default_factory=lambda: Histogram((0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                                                     0.1, 0.25, 0.5, 1.0, 2.5)))
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count_request(self, endpoint: str, status: int) -> None:
+        with self.lock:
+            self.requests[(endpoint, status)] = self.requests.get((endpoint, status), 0) + 1
+
+    def finished(self, prompt_tokens: int, completion_tokens: int, latency_s: float, ttft_s: float | None,
+                 token_s: list[float]) -> None:
+        with self.lock:
+            self.prompt_tokens += prompt_tokens
+            self.generation_tokens += completion_tokens
+            self.request_latency.observe(latency_s)
+            if ttft_s is not None:
+                self.first_token.observe(ttft_s)
+            for t in token_s:
+                self.per_token.observe(t)
+
+    def render(self, engine) -> str:
+        """The whole exposition, server counters first, then the engine's per-layer expert counters."""
+        with self.lock:
+            lines = _block("haqmoe_requests_total", "counter", "HTTP requests by endpoint and status.",
+                           [f'haqmoe_requests_total{{endpoint="{e}",status="{s}"}} {c}'
+                            for (e, s), c in sorted(self.requests.items())])
+            for name, kind, help_, val in (
+                    ("haqmoe_prompt_tokens_total", "counter", "Prompt tokens processed.", self.prompt_tokens),
+                    ("haqmoe_generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens),
+                    ("haqmoe_requests_cancelled_total", "counter", "Generations stopped by a client disconnect.",
+                     self.cancelled),
+                    ("haqmoe_requests_waiting", "gauge", "Requests queued for the engine.", self.waiting),
+                    ("haqmoe_requests_running", "gauge", "Requests generating now (0 or 1).", self.running)):
+                lines += _block(name, kind, help_, [f"{name} {val}"])
+            for name, help_, h in (
+                    ("haqmoe_request_latency_seconds", "End-to-end request latency.", self.request_latency),
+                    ("haqmoe_time_to_first_token_seconds", "Queue + prefill time to the first token.",
+                     self.first_token),
+                    ("haqmoe_time_per_output_token_seconds", "Decode latency per generated token.",
+                     self.per_token)):
+                lines += _block(name, "histogram", help_, h.lines(name))
+        return "\n".join(lines + engine_lines(engine)) + "\n"
+
+
+def _block(name: str, kind: str, help_: str, samples: list[str]) -> list[str]:
+    return [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *samples]
+
+
+def engine_lines(engine) -> list[str]:
+    """Per-layer expert counters: cache hits/misses/evictions/bytes (GPU tier) and CPU/GPU expert calls."""
+    tel = engine.telemetry
+    series: list[tuple[str, str, object]] = [
+        ("haqmoe_expert_calls_cpu_total", "Expert calls run on the CPU tier.", tel.cpu_experts),
+        ("haqmoe_expert_calls_gpu_total", "Expert calls run on the GPU tier.", tel.gpu_experts),
+    ]
+    if engine.cache is not None:
+        st = engine.cache.stats
+        series += [
+            ("haqmoe_expert_cache_hits_total", "Expert lookups served from the GPU cache (demand, prefetch "
+             "and in-flight hits).", st.hits + st.prefetch_hits + st.inflight),
+            ("haqmoe_expert_cache_misses_total", "Expert lookups not in the GPU cache.", st.misses),
+            ("haqmoe_expert_cache_evictions_total", "Experts evicted from the GPU cache.", st.evictions),
+            ("haqmoe_expert_bytes_transferred_total", "Expert bytes copied host-to-device.", st.bytes_moved),
+        ]
+    lines: list[str] = []
+    for name, help_, arr in series:
+        lines += _block(name, "counter", help_, [f'{name}{{layer="{i}"}} {int(v)}' for i, v in enumerate(arr)])
+    return lines
