@@ -66,11 +66,9 @@ def eval_cmd(model: str = typer.Argument("smollm2-135m", help="Model source (see
     wins = eval_windows(tokenize(lm.tokenizer, load_text(data)), seqlen, windows)
     method = "fp32" if lm.quant is None else lm.quant["quant"]["method"]
     if quantize is not None:
-        from ..quant.config import QuantConfig
-        from ..quant.rtn import quantize_rtn
+        from .quant_cmds import quantize_in_memory
 
-        quantize_rtn(lm.model, lm.adapter, QuantConfig.w8a8(quantize.value), state["progress"])
-        method = quantize.value
+        method = quantize_in_memory(lm, quantize.value, data)
     from ..quant.precision import convert, normalize_mode
 
     exec_mode = normalize_mode(exec_mode)
@@ -84,38 +82,6 @@ def eval_cmd(model: str = typer.Argument("smollm2-135m", help="Model source (see
         write_results(out, [row], run_meta(), f"Perplexity of {model}")
     emit(row, as_json, f"{model} [{method}] on {data}: ppl {res.ppl:.4f} "
                         f"({res.windows} windows x {seqlen}, {res.tokens} tokens, {res.seconds:.1f} s)")
-
-
-# --------------------------------------------------------------------- quantize
-@app.command()
-def quantize(model: str = typer.Argument(..., help="Model source to quantize."),
-             out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
-             method: Method = typer.Option(Method.rtn, help="Quantization method."),
-             w_bits: int = typer.Option(8, min=2, max=8, help="Weight bits."),
-             a_bits: int = typer.Option(8, min=2, max=8, help="Activation bits."),
-             w_sym: bool = typer.Option(False, "--w-sym/--w-asym", help="Symmetric weights (default asym)."),
-             a_sym: bool = typer.Option(False, "--a-sym/--a-asym", help="Symmetric activations (default asym)."),
-             group_size: Optional[int] = typer.Option(None, help="Per-group weight scales (default per channel)."),
-             overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
-             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """Quantize a model to W8A8 (weights per output channel, activations per token, dynamic)."""
-    import time
-
-    from ..models.loading import load_model
-    from ..quant.checkpoint import save_quantized
-    from ..quant.config import QuantConfig
-    from ..quant.rtn import quantize_rtn
-
-    cfg = QuantConfig.w8a8(method.value, w_sym, a_sym, w_bits, a_bits, group_size=group_size)
-    check_output_dir(out, overwrite)
-    start = time.perf_counter()
-    lm = load_model(model, progress=state["progress"])
-    if lm.quant is not None:
-        raise HaqmoeError(f"{model} is already quantized")
-    quantize_rtn(lm.model, lm.adapter, cfg, state["progress"])
-    save_quantized(lm.model, lm.tokenizer, out, cfg, {"source": model}, overwrite=overwrite)
-    payload = {"model": model, "out": str(out), "method": method.value, "seconds": time.perf_counter() - start}
-    emit(payload, as_json, f"wrote {method.value} checkpoint to {out} ({payload['seconds']:.1f} s)")
 
 
 # ---------------------------------------------------------------------- upcycle
@@ -142,16 +108,17 @@ def upcycle(model: str = typer.Argument("smollm2-135m", help="Dense Llama-family
 
 # ------------------------------------------------------------------------- demo
 @app.command()
-def demo(windows: int = typer.Option(4, min=1, help="WikiText-2 test windows to evaluate."),
+def demo(windows: int = typer.Option(2, min=1, help="WikiText-2 test windows (2048 tokens) per perplexity row."),
+         calib_samples: int = typer.Option(16, min=1, help="Calibration windows (512 tokens) for HAQ."),
          report_dir: Path = typer.Option(Path("demo-report"), help="Where the report is written.")) -> None:
-    """The product tour on the embedded models: FP32 vs RTN W8A8 on the dense and upcycled MoE."""
+    """The product tour: HAQ vs RTN perplexity, routing profile, placement, collaborative generation."""
     from ..demo import run_demo
 
-    run_demo(windows=windows, report_dir=report_dir, progress=state["progress"])
+    run_demo(windows=windows, report_dir=report_dir, progress=state["progress"], calib_samples=calib_samples)
 
 
 # Command modules of the later pipeline stages register themselves on the shared app.
-from . import quant_cmds, routing_cmds, runtime_cmds, serve_cmds  # noqa: E402,F401
+from . import engine_cmds, quant_cmds, routing_cmds, runtime_cmds, serve_cmds  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,6 +37,7 @@ class EngineConfig:
     plan: str | None = None  # placement plan JSON (haqmoe plan)
     profile: str = "rtx5090d"  # hardware profile for the cost model when no GPU is measured
     n_critical: float | None = None  # override the predictor's threshold
+    exec_mode: str = "fake"  # quantized CPU-tier execution: fake | dequant | real | auto (quant/precision.py)
 
 
 @dataclass
@@ -113,6 +114,10 @@ class CollaborativeEngine:
         for layer, (block, ex) in enumerate(zip(blocks, experts)):
             hybrid = HybridExperts(layer, ex, self.store, self.cache, self.cost, cfg.decision, self.telemetry)
             set_module(block, adapter.moe.experts, hybrid)
+        if lm.quant is not None and cfg.exec_mode != "fake":  # after the store copied the int8 experts
+            from ..quant.precision import convert, normalize_mode
+
+            convert(self.model, normalize_mode(cfg.exec_mode))
         self._place_non_experts()
 
     # ------------------------------------------------------------------ set-up

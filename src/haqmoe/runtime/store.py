@@ -1,8 +1,8 @@
-"""Expert store: every routed expert in CPU memory, plus the GPU slot buffers the cache fills.
+"""Expert store: host copies of every routed expert, plus the GPU slot buffers the cache fills.
 
-CPU tier: an expert runs through its own experts module (whatever precision the model was
-loaded in: float fused experts, fake-quant, dequant-once or real int8), restricted to the tokens
-routed to it, so CPU results are exactly the plain model's.
+(The CPU tier needs no store: an expert runs through its own experts module, in whatever
+precision the model was loaded — float, fake-quant, dequant-once or real int8 — restricted to
+the tokens routed to it, so CPU results are exactly the plain model's.)
 
 GPU tier: preallocated slot buffers (no allocation per transfer) hold experts in their transfer
 format — int8 weights + scales/zero points for quantized models (4x fewer bytes than fp32 over
@@ -67,12 +67,6 @@ class ExpertStore:
                       for k, v in template.items()}
         self.expert_bytes = sum(v.numel() * v.element_size() for v in template.values())
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-
-    # --------------------------------------------------------------------- CPU tier
-    def cpu_forward(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Run expert ``e`` of ``layer`` on CPU for rows ``x`` (weight 1, combined by the caller)."""
-        idx = torch.full((x.shape[0], 1), e, dtype=torch.long)
-        return self.layers[layer](x, idx, torch.ones(x.shape[0], 1, dtype=x.dtype))
 
     # --------------------------------------------------------------------- GPU tier
     def load_slot(self, slot: int, layer: int, e: int):

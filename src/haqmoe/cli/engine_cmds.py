@@ -1,0 +1,107 @@
+"""Engine commands: ``run`` (generate with telemetry) and ``bench-runtime`` (latency per policy)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import app, emit, state
+
+_ENGINE_OPTS = dict(
+    policy=typer.Option("predictor", help="Non-resident experts: predictor | always-transfer | always-cpu."),
+    cache_policy=typer.Option("lru", help="GPU cache eviction: lru | lfu | pinned+lru (pins the plan)."),
+    slots=typer.Option(None, min=0, help="GPU expert slots per layer (default: plan size, else half)."),
+    plan=typer.Option(None, help="Placement plan JSON from `haqmoe plan`."),
+    device=typer.Option("auto", help="auto | cpu | cuda."),
+    emulate_gpu=typer.Option(False, help="Run the GPU-tier path (cache, copies, predictor) on the CPU."),
+    profile=typer.Option("rtx5090d", help="Hardware profile for the cost model when no GPU is measured."),
+    exec_mode=typer.Option("fake", "--exec", help="Quantized execution: fake | dequant | real | auto."),
+)
+
+
+def build_engine(model: str, policy: str, cache_policy: str, slots: Optional[int], plan: Optional[str],
+                 device: str, emulate_gpu: bool, profile: str, exec_mode: str):
+    from ..models.loading import load_model
+    from ..runtime.engine import CollaborativeEngine, EngineConfig, plan_path
+
+    lm = load_model(model, progress=state["progress"])
+    cfg = EngineConfig(device=device, emulate_gpu=emulate_gpu, slots_per_layer=slots, cache_policy=cache_policy,
+                       decision=policy, plan=plan_path(plan), profile=profile, exec_mode=exec_mode)
+    return CollaborativeEngine(lm, cfg)
+
+
+@app.command()
+def run(model: str = typer.Argument("smollm2-moe", help="MoE model source (embedded name, directory, ...)."),
+        prompt: str = typer.Option("The capital of France is", "--prompt", "-p", help="Prompt text."),
+        chat: bool = typer.Option(False, help="Wrap the prompt in the model's chat template."),
+        max_tokens: int = typer.Option(64, min=1, help="Tokens to generate."),
+        temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
+        top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling mass."),
+        seed: int = typer.Option(0, help="Sampling seed."),
+        policy: str = _ENGINE_OPTS["policy"], cache_policy: str = _ENGINE_OPTS["cache_policy"],
+        slots: Optional[int] = _ENGINE_OPTS["slots"], plan: Optional[str] = _ENGINE_OPTS["plan"],
+        device: str = _ENGINE_OPTS["device"], emulate_gpu: bool = _ENGINE_OPTS["emulate_gpu"],
+        profile: str = _ENGINE_OPTS["profile"], exec_mode: str = _ENGINE_OPTS["exec_mode"],
+        as_json: bool = typer.Option(False, "--json", help="Machine-readable output (no streaming).")) -> None:
+    """Generate from a prompt through the collaborative runtime, streaming text, then telemetry."""
+    from ..runtime.engine import SamplingConfig, latency_stats
+
+    engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode)
+    sampling = SamplingConfig(max_tokens, temperature, top_p, seed)
+    msgs = [{"role": "user", "content": prompt}] if chat else prompt
+    gen = None
+    for delta, gen in engine.stream(msgs, sampling):
+        if not as_json:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    lat = latency_stats(gen.token_ms)
+    payload = {"text": gen.text, "tokens": len(gen.tokens), "prompt_tokens": gen.prompt_tokens,
+               "prefill_ms": gen.prefill_ms, "decode_tok_s": 1e3 / lat["mean_ms"] if lat["mean_ms"] else None,
+               **{f"latency_{k}": v for k, v in lat.items()}, **engine.summary()}
+    if as_json:
+        emit(payload, True, "")
+    else:
+        payload.pop("hit_rate_per_layer", None)
+        typer.echo("\n---\n" + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in payload.items() if k != "text"), err=True)
+
+
+@app.command("bench-runtime")
+def bench_runtime(model: str = typer.Argument("smollm2-moe", help="MoE model source."),
+                  policies: str = typer.Option("always-transfer,always-cpu,predictor",
+                                               help="Comma-separated decision policies to compare."),
+                  prompt_tokens: int = typer.Option(128, min=1, help="Prompt length (tokens of WikiText/pydoc)."),
+                  max_tokens: int = typer.Option(32, min=2, help="Decode tokens per run."),
+                  cache_policy: str = _ENGINE_OPTS["cache_policy"], slots: Optional[int] = _ENGINE_OPTS["slots"],
+                  plan: Optional[str] = _ENGINE_OPTS["plan"], device: str = _ENGINE_OPTS["device"],
+                  emulate_gpu: bool = _ENGINE_OPTS["emulate_gpu"], profile: str = _ENGINE_OPTS["profile"],
+                  exec_mode: str = _ENGINE_OPTS["exec_mode"],
+                  out: Optional[Path] = typer.Option(None, help="Write results JSON + markdown here."),
+                  as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Prefill and decode latency, tokens/s, p50/p95/p99, hit rate and bytes moved, per policy."""
+    from ..data.text import load_text, tokenize
+    from ..runtime.engine import SamplingConfig, latency_stats
+
+    rows = []
+    for policy in [p.strip() for p in policies.split(",") if p.strip()]:
+        engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode)
+        ids = tokenize(engine.tokenizer, load_text("pydoc"))[:, :prompt_tokens]
+        engine.generate(ids[:, :8], SamplingConfig(max_new_tokens=2))  # warm-up
+        gen = engine.generate(ids, SamplingConfig(max_new_tokens=max_tokens))
+        lat = latency_stats(gen.token_ms)
+        s = engine.summary()
+        rows.append({"policy": policy, "device": s["device"], "prefill_ms": gen.prefill_ms,
+                     "prompt_tokens": gen.prompt_tokens, "decode_tok_s": 1e3 / lat["mean_ms"],
+                     "latency_p50_ms": lat["p50_ms"], "latency_p95_ms": lat["p95_ms"],
+                     "latency_p99_ms": lat["p99_ms"], "latency_std_ms": lat["std_ms"],
+                     "hit_rate": s.get("hit_rate"), "bytes_moved_gb": s.get("bytes_moved", 0) / 1e9,
+                     "cpu_expert_calls": s["cpu_expert_calls"], "gpu_expert_calls": s["gpu_expert_calls"]})
+    if out is not None:
+        from ..results import run_meta, write_results
+
+        write_results(out, rows, run_meta(), f"Runtime benchmark: {model}")
+    emit({"rows": rows}, as_json, "\n".join(json.dumps(r) for r in rows))
