@@ -34,3 +34,37 @@ def serve(model: str = typer.Argument("smollm2-moe", help="MoE model source (emb
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"haqmoe: warning: binding {host}: the API has no authentication", err=True)
     uvicorn.run(create_app(engine, cfg), host=host, port=port, log_level=log_level)
+
+
+@app.command()
+def export(quant_dir: str = typer.Argument(..., help="haqmoe quantized checkpoint directory (haqmoe quantize)."),
+           out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
+           format: str = typer.Option("compressed-tensors", "--format", help="Only compressed-tensors (W8A8 int8)."),
+           requantize: bool = typer.Option(False, help="Asymmetric weights: re-quantize them symmetric per channel "
+                                                       "(vLLM's int8 kernels need it) instead of refusing."),
+           dtype: str = typer.Option("bfloat16", help="dtype of the unquantized tensors: bfloat16 | float16 | float32."),
+           verify: bool = typer.Option(True, help="Reload with the compressed-tensors library and compare."),
+           overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+           as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Export a quantized checkpoint for vLLM: compressed-tensors int8 W8A8, per-expert Linear weights."""
+    from dataclasses import asdict
+
+    from ..errors import HaqmoeError
+    from ..serve.export import ExportConfig, export_compressed_tensors, verify_export
+
+    if format != "compressed-tensors":
+        raise HaqmoeError(f"unknown export format '{format}' (supported: compressed-tensors)")
+    check_output_dir(out, overwrite)
+    rep = export_compressed_tensors(quant_dir, out, ExportConfig(requantize=requantize, dtype=dtype), overwrite)
+    payload = asdict(rep)
+    human = (f"wrote {out}: {rep.quantized_linears} int8 linears, {rep.tensors} tensors in {rep.shards} file(s), "
+             f"{len(rep.ignored)} modules kept in {dtype}"
+             + (f"; re-quantized symmetric (max rel. weight error {rep.max_requant_error:.2e})"
+                if rep.requantized else ""))
+    if verify:
+        v = verify_export(out, quant_dir)
+        payload["verify"] = asdict(v) | {"layers_run": len(v.layers_run)}
+        human += (f"\nverified with compressed-tensors: {v.tensors_compared} tensors, {v.quantized_compared} "
+                  f"quantized weights (max diff {v.max_weight_diff:.2e}), {len(v.layers_run)} layer outputs "
+                  f"(rel. diff {v.max_weight_output_rel_diff:.1e} weights only, {v.max_output_rel_diff:.1e} W8A8)")
+    emit(payload, as_json, human)
