@@ -18,7 +18,21 @@ state = {"debug": False, "progress": True}
 
 
 class Method(str, Enum):
+    """Quantization methods (see haqmoe.quant.methods for what each one does)."""
+
     rtn = "rtn"
+    smoothquant = "smoothquant"
+    awq = "awq"
+    gptq = "gptq"
+    smooth = "smooth"
+    haq = "haq"
+
+
+class Order(str, Enum):
+    natural = "natural"
+    act = "act"
+    rank1 = "rank1"
+    rank2 = "rank2"
 
 
 @app.callback()

@@ -1,5 +1,132 @@
-"""HAQ quantization commands: compare (quantize methods live in main.py until moved here)."""
+"""HAQ quantization commands: ``quantize`` (one method -> checkpoint) and ``compare`` (many -> table)."""
 
 from __future__ import annotations
 
-from .common import app, emit, state  # noqa: F401
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import HaqmoeError
+from .common import Method, Order, app, check_output_dir, emit, state
+
+DEFAULT_COMPARE = "fp32,rtn,smoothquant-0.5,smoothquant-0.8,awq,gptq,smooth,haq,haq-rank1,haq-rank2"
+
+
+def _quant_config(method: str, w_bits: int, a_bits: int, w_sym: bool, a_sym: bool, static_acts: bool,
+                  group_size: Optional[int]):
+    from ..quant.config import QuantConfig
+
+    if group_size is not None and group_size < 1:
+        raise HaqmoeError("--group-size must be positive")
+    return QuantConfig.w8a8(method, w_sym, a_sym, w_bits, a_bits, a_dynamic=not static_acts, group_size=group_size)
+
+
+def quantize_in_memory(lm, method: str, eval_data: str) -> str:
+    """``haqmoe eval --quantize METHOD``: default options, calibration on other text than ``eval_data``."""
+    from ..data.text import calibration_ids
+    from ..quant.config import QuantConfig
+    from ..quant.methods import MethodOptions, needs_calibration, quantize_with
+
+    cfg = QuantConfig.w8a8(method)
+    calib = None
+    if needs_calibration(method, cfg):
+        src = "wikitext2:valid" if eval_data.startswith("wikitext2") else "pydoc"
+        calib = calibration_ids(lm.tokenizer, src, 32, 512, 0, eval_spec=eval_data)
+    quantize_with(lm.model, lm.adapter, method, cfg, calib, MethodOptions(), state["progress"])
+    return method
+
+
+_BITS = dict(min=4, max=8)
+
+
+@app.command()
+def quantize(model: str = typer.Argument(..., help="Model source to quantize."),
+             out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
+             method: Method = typer.Option(Method.haq, help="rtn | smoothquant (fixed alpha) | awq (weight-only "
+                                           "objective) | gptq | smooth (adaptive smoothing + RTN) | haq "
+                                           "(adaptive smoothing + GPTQ)."),
+             alpha: float = typer.Option(0.5, help="SmoothQuant migration strength."),
+             order: Order = typer.Option(Order.natural, help="GPTQ column order (gptq, haq)."),
+             stat: str = typer.Option("absmax", help="Smoothing statistic: absmax, absmean or auto (search both)."),
+             grid: int = typer.Option(20, min=1, help="Smoothing exponents searched in [0, 1]."),
+             damp: float = typer.Option(0.01, min=0.0, help="GPTQ dampening (fraction of mean diag H)."),
+             w_bits: int = typer.Option(8, **_BITS, help="Weight bits (4-8)."),
+             a_bits: int = typer.Option(8, **_BITS, help="Activation bits (4-8)."),
+             w_sym: bool = typer.Option(False, "--w-sym/--w-asym", help="Symmetric weights (default asym)."),
+             a_sym: bool = typer.Option(False, "--a-sym/--a-asym", help="Symmetric activations (default asym)."),
+             static_acts: bool = typer.Option(False, "--static-acts/--dynamic-acts",
+                                              help="Per-tensor static (calibrated) activation ranges instead "
+                                                   "of per-token dynamic."),
+             group_size: Optional[int] = typer.Option(None, help="Per-group weight scales (default per channel)."),
+             calib: str = typer.Option("wikitext2:valid", help="Calibration text (never the evaluation text)."),
+             calib_samples: int = typer.Option(128, min=1, help="Calibration windows."),
+             calib_len: int = typer.Option(512, min=8, help="Calibration window length (tokens)."),
+             seed: int = typer.Option(0, help="Calibration sampling seed."),
+             overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Quantize a model to W8A8 and write a checkpoint (int8 weights, scales, zero points, folded smoothing)."""
+    from ..data.text import calibration_ids
+    from ..models.loading import load_model
+    from ..quant.checkpoint import save_quantized
+    from ..quant.methods import MethodOptions, needs_calibration, quantize_with
+
+    if stat not in ("absmax", "absmean", "auto"):
+        raise HaqmoeError(f"--stat must be absmax, absmean or auto, got '{stat}'")
+    cfg = _quant_config(method.value, w_bits, a_bits, w_sym, a_sym, static_acts, group_size)
+    opts = MethodOptions(alpha=alpha, order=order.value, stat=stat, grid=grid, damp=damp, seed=seed)
+    check_output_dir(out, overwrite)
+    start = time.perf_counter()
+    lm = load_model(model, progress=state["progress"])
+    if lm.quant is not None:
+        raise HaqmoeError(f"{model} is already quantized")
+    ids = None
+    if needs_calibration(method.value, cfg):
+        if lm.tokenizer is None:
+            raise HaqmoeError(f"{model} has no tokenizer: cannot tokenize the calibration text")
+        ids = calibration_ids(lm.tokenizer, calib, calib_samples, calib_len, seed, eval_spec="wikitext2:test")
+    report = quantize_with(lm.model, lm.adapter, method.value, cfg, ids, opts, state["progress"])
+    extra = {"source": model, "options": opts.__dict__, "calib": None if ids is None else
+             {"source": calib, "samples": calib_samples, "length": calib_len, "seed": seed},
+             "report": report.as_dict()}
+    save_quantized(lm.model, lm.tokenizer, out, cfg, extra, overwrite=overwrite)
+    payload = {"model": model, "out": str(out), "method": method.value, "quant_seconds": round(report.seconds, 1),
+               "seconds": round(time.perf_counter() - start, 1), "fallbacks": len(report.fallbacks)}
+    emit(payload, as_json, f"wrote {method.value} checkpoint to {out} (quantized in {report.seconds:.1f} s, "
+                           f"{payload['seconds']:.1f} s total)")
+
+
+@app.command()
+def compare(model: str = typer.Argument("smollm2-135m", help="FP model to quantize with every method."),
+            methods: str = typer.Option(DEFAULT_COMPARE, help="Comma-separated rows: fp32, a method, or "
+                                        "method-OPTION (smoothquant-0.8, haq-rank1, haq-auto), or ct:PATH "
+                                        "(a compressed-tensors checkpoint, e.g. from llm-compressor)."),
+            out: Path = typer.Option(Path("compare.json"), "--out", "-o", help="Results file (.json; .md and "
+                                     ".png written beside it)."),
+            data: str = typer.Option("wikitext2:test", help="Evaluation text."),
+            seqlen: int = typer.Option(2048, min=2, help="Evaluation window length."),
+            windows: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N windows."),
+            calib: str = typer.Option("wikitext2:valid", help="Calibration text."),
+            calib_samples: int = typer.Option(128, min=1),
+            calib_len: int = typer.Option(512, min=8),
+            seed: int = typer.Option(0),
+            w_bits: int = typer.Option(8, **_BITS),
+            a_bits: int = typer.Option(8, **_BITS),
+            w_sym: bool = typer.Option(False, "--w-sym/--w-asym"),
+            a_sym: bool = typer.Option(False, "--a-sym/--a-asym"),
+            static_acts: bool = typer.Option(False, "--static-acts/--dynamic-acts"),
+            as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Run several methods on one model and calibration set; write a PPL / time / memory table and plot."""
+    from ..quant.compare import CompareSetup, run_compare
+    from ..quant.methods import MethodOptions
+
+    cfg = _quant_config("haq", w_bits, a_bits, w_sym, a_sym, static_acts, None)
+    labels = [m.strip() for m in methods.split(",") if m.strip()]
+    if not labels:
+        raise HaqmoeError("--methods is empty")
+    setup = CompareSetup(model, cfg, data, seqlen, windows, calib, calib_samples, calib_len, seed)
+    rows = run_compare(setup, labels, out, MethodOptions(seed=seed), state["progress"])
+    human = "\n".join(f"{r['method']:>18}: ppl {r['ppl']:.4f} ({r.get('delta_pct', 0):+.2f} %), "
+                      f"quant {r['quant_seconds']:.1f} s, peak {r['peak_rss_gb']:.2f} GB" for r in rows)
+    emit({"rows": rows, "out": str(out)}, as_json, human + f"\nwrote {Path(out).with_suffix('.json')}")

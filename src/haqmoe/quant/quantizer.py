@@ -87,8 +87,28 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Q
     return ((g - zero) * scale).reshape(q.shape).to(dtype)
 
 
+def _fake_quant_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Fast path of ``fake_quant`` for per-row (token/channel) fp32 inputs: one reduction pass and
+    in-place elementwise ops (activation fake-quant runs on every linear input at evaluation)."""
+    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+    if spec.symmetric:
+        scale = torch.maximum(hi, -lo).div_(spec.qmax)
+    else:
+        lo, hi = lo.clamp_(max=0), hi.clamp_(min=0)
+        scale = (hi - lo).div_(spec.qmax - spec.qmin)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if spec.symmetric:
+        q = (x / scale).round_().clamp_(spec.qmin, spec.qmax)
+        return q.mul_(scale)
+    zero = torch.round(spec.qmin - lo / scale.clamp_min(1e-12)).clamp_(spec.qmin, spec.qmax)
+    q = (x / scale).round_().add_(zero).clamp_(spec.qmin, spec.qmax)
+    return q.sub_(zero).mul_(scale)
+
+
 def fake_quant(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Quantize-dequantize with parameters computed from ``x`` itself (dynamic)."""
+    if spec.granularity in ("token", "channel") and x.dtype == torch.float32 and x.numel():
+        return _fake_quant_rows(x, spec)
     scale, zero = compute_qparams(x, spec)
     g = _grouped(x.float(), spec)
     out = (torch.clamp(torch.round(g / scale) + zero, spec.qmin, spec.qmax) - zero) * scale

@@ -1,0 +1,62 @@
+"""HAQ results: every W8A8 method of DESIGN §1 on one model, one calibration set, one evaluator.
+
+    .venv/bin/python bench/haq.py --model smollm2-135m --windows all           # the full table
+    .venv/bin/python bench/haq.py --model smollm2-moe --windows 8 --out bench/results/haq_moe.json
+    .venv/bin/python bench/haq.py --peer bench/peers/out/smollm2-llmc-w8a8    # + llm-compressor row
+
+Rows are written as each finishes (json + md + png beside --out). Calibration: random windows of
+wikitext2:valid (the train split is not available offline), never the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from haqmoe.quant.compare import CompareSetup, run_compare
+from haqmoe.quant.config import QuantConfig
+from haqmoe.quant.methods import MethodOptions
+
+ROWS = "fp32,rtn,haq,smooth,gptq,smoothquant-0.5,smoothquant-0.8,awq,haq-rank1,haq-rank2"
+
+NOTES = """W8A8 = int8 weights per output channel + int8 activations per token (dynamic), asymmetric
+both (paper default) unless the row says otherwise; every decoder linear and every routed expert
+is quantized, embeddings / lm_head / routers stay fp32. All rows run in the same pipeline
+(haqmoe.quant.pipeline) and the same fake-quant evaluator. `haq` = adaptive smoothing (exponent
+grid-searched on the joint W8A8 loss, eq. 1) + GPTQ (natural order); `haq-rank1`/`haq-rank2` =
+HAQ with the paper's column rankings (rank2 = Σx², which equals GPTQ's act order); `smooth` =
+adaptive smoothing + RTN; `awq` = weight-only objective (eq. 2) + RTN; `smoothquant-α` = fixed α.
+quant_seconds = quantization wall time (calibration forward passes included), peak_rss_gb = peak
+resident memory of the process while loading + quantizing. Machine shared with other jobs: times
+are upper bounds."""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--windows", default="16", help="number of 2048-token test windows, or 'all'")
+    ap.add_argument("--methods", default=ROWS)
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-len", type=int, default=512)
+    ap.add_argument("--peer", action="append", default=[], help="compressed-tensors checkpoint(s) to add")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy box)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    windows = None if args.windows == "all" else int(args.windows)
+    out = Path(args.out or f"bench/results/haq_{'moe' if 'moe' in args.model else 'smollm2'}.json")
+    labels = args.methods.split(",") + [f"ct:{p}" for p in args.peer]
+    setup = CompareSetup(args.model, QuantConfig.w8a8("haq"), "wikitext2:test", 2048, windows,
+                         "wikitext2:valid", args.calib_samples, args.calib_len, 0)
+    notes = NOTES + f"\n\nWindows: {'all' if windows is None else windows} of WikiText-2 test; calibration " \
+                    f"{args.calib_samples} x {args.calib_len} tokens of wikitext2:valid, seed 0."
+    run_compare(setup, labels, out, MethodOptions(), progress=False, notes=notes,
+                command="python " + " ".join(sys.argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+"""The sequential block-by-block quantization pipeline every calibrated method runs through.
+
+1. Run the calibration windows up to decoder block 0 and keep its inputs (and the kwargs the model
+   passes it: position embeddings, masks), batch by batch.
+2. For each block, in order: run the (still FP) block on its inputs with hooks that accumulate the
+   statistics of every linear group's input (``adapter.groups``: one hook per group, since the
+   layers of a group share the input) and, for MoE blocks, per-expert statistics of the tokens the
+   router sends to each expert; smooth every group (folding 1/s into its producer); quantize every
+   linear (GPTQ with the smoothed Hessian, or RTN); swap in ``QuantLinear``/``QuantExperts``; run the
+   QUANTIZED block to produce the next block's inputs, so later blocks calibrate on what they will
+   really see.
+
+Only the block being worked on and the calibration activations are touched at a time. Seeded and
+deterministic (token samples for the grid search come from a seeded generator).
+
+MoE: the router(s) and all experts' gate/up share one smoothing vector (routers are scaled by s,
+so routing is unchanged); each expert's down projection gets its own vector, folded into that
+expert's up rows. Each expert's Hessian comes from the tokens routed to it. An expert that saw
+fewer than ``min_expert_tokens`` calibration tokens is quantized by RTN (warning, reported): a
+Hessian from a handful of tokens is mostly damping, and zeros would silently break the model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..errors import HaqmoeError
+from ..models.adapters import EXPERTS, ArchSpec, FusedExperts, LinearGroup, get_module, set_module
+from .config import QuantConfig
+from .gptq import GPTQConfig, gptq_quantize
+from .modules import QuantExperts, QuantLinear
+from .quantizer import QuantSpec, compute_qparams
+from .smooth import (SmoothConfig, SmoothProblem, SmoothSkip, fold_prev, group_tie, scale_columns,
+                     search_scales)
+from .stats import InputStats
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    quant: QuantConfig
+    smooth: SmoothConfig | None = None
+    gptq: GPTQConfig | None = None
+    batch_size: int = 8  # calibration windows per block forward
+    search_tokens: int = 1024  # sampled tokens the smoothing loss is evaluated on
+    min_expert_tokens: int = 32
+    seed: int = 0
+
+
+@dataclass
+class QuantReport:
+    seconds: float = 0.0
+    calib_tokens: int = 0
+    groups: list[dict] = field(default_factory=list)  # per smoothed group: block, name, exponent, stat
+    fallbacks: list[str] = field(default_factory=list)  # experts quantized by RTN for lack of tokens
+
+    def as_dict(self) -> dict:
+        return {"seconds": self.seconds, "calib_tokens": self.calib_tokens, "groups": self.groups,
+                "fallbacks": self.fallbacks}
+
+
+class _Stop(Exception):
+    pass
+
+
+# ------------------------------------------------------------------ checks and capture
+def check_finite(model: nn.Module) -> None:
+    """Refuse NaN/Inf weights up front, naming the first bad tensor."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise HaqmoeError(f"weight '{name}' contains NaN/Inf values: the model is corrupt")
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, adapter: ArchSpec, calib: torch.Tensor,
+                         batch_size: int) -> list[tuple[torch.Tensor, tuple, dict]]:
+    """Inputs (hidden states, extra args, kwargs) of decoder block 0 for each calibration batch."""
+    cache: list[tuple[torch.Tensor, tuple, dict]] = []
+
+    def hook(_mod, args, kwargs):
+        kwargs = dict(kwargs)
+        hs = args[0] if args else kwargs.pop("hidden_states")
+        for k in ("past_key_values", "past_key_value"):
+            kwargs.pop(k, None)
+        cache.append((hs.detach(), tuple(args[1:]), kwargs))
+        raise _Stop
+
+    handle = adapter.blocks(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(0, calib.shape[0], batch_size):
+            try:
+                model(input_ids=calib[i: i + batch_size], use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return cache
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: list[tuple[torch.Tensor, tuple, dict]]) -> list[torch.Tensor]:
+    outs = []
+    for hs, args, kwargs in inputs:
+        out = block(hs, *args, **kwargs)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+# ------------------------------------------------------------------ statistics of one block
+@dataclass
+class ExpertStats:
+    gate_up: list[InputStats]
+    down: list[InputStats]
+
+
+class BlockCollector:
+    """Hooks that accumulate each group's input statistics during one pass over a block."""
+
+    def __init__(self, block: nn.Module, groups: list[LinearGroup], adapter: ArchSpec, hessian: bool):
+        self.stats: dict[str, InputStats] = {}
+        self.experts: ExpertStats | None = None
+        self._rows: torch.Tensor | None = None  # sampled token rows of the current batch
+        self._handles = []
+        for g in groups:
+            path = next((p for p in g.layers if p != EXPERTS), None)
+            if EXPERTS in g.layers:
+                path = g.routers[0] if g.routers else path
+            mod = get_module(block, path)
+            width = mod.weight.shape[1]
+            self.stats[g.name] = InputStats(width, hessian)
+            self._handles.append(mod.register_forward_pre_hook(self._group_hook(g.name)))
+        ex = adapter.experts(block)
+        if ex is not None:
+            n, (inter, hidden) = FusedExperts.count(ex), FusedExperts.get(ex, 0).gate.shape
+            self.experts = ExpertStats([InputStats(hidden, hessian) for _ in range(n)],
+                                       [InputStats(inter, hessian) for _ in range(n)])
+            self._handles.append(ex.register_forward_pre_hook(self._expert_hook, with_kwargs=True))
+
+    def _group_hook(self, name: str):
+        def hook(_mod, args):
+            self.stats[name].add(args[0], self._rows)
+        return hook
+
+    def _expert_hook(self, mod, args, kwargs):
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        vals = list(args) + [kwargs[k] for k in names[len(args):] if k in kwargs]
+        hs, idx = vals[0].reshape(-1, vals[0].shape[-1]).float(), vals[1]
+        in_sample = torch.zeros(hs.shape[0], dtype=torch.bool)
+        if self._rows is not None:
+            in_sample[self._rows] = True
+        assert self.experts is not None
+        for e in range(len(self.experts.gate_up)):
+            tok = torch.where((idx == e).any(dim=-1))[0]
+            if tok.numel() == 0:
+                continue
+            x = hs[tok]
+            rows = torch.where(in_sample[tok])[0]
+            self.experts.gate_up[e].add(x, rows)
+            w = FusedExperts.get(mod, e)
+            z = mod.act_fn(x @ w.gate.float().T) * (x @ w.up.float().T)
+            self.experts.down[e].add(z, rows)
+
+    @torch.no_grad()
+    def collect(self, block: nn.Module, inputs, search_tokens: int, gen: torch.Generator) -> None:
+        per_batch = math.ceil(search_tokens / max(len(inputs), 1))
+        try:
+            for hs, args, kwargs in inputs:
+                tokens = hs.shape[0] * hs.shape[1] if hs.dim() == 3 else hs.shape[0]
+                self._rows = torch.randperm(tokens, generator=gen)[: min(per_batch, tokens)].sort().values
+                block(hs, *args, **kwargs)
+        finally:
+            self._rows = None
+            for h in self._handles:
+                h.remove()
+
+
+# ------------------------------------------------------------------ smoothing a block
+def _group_weights(block: nn.Module, group: LinearGroup) -> list[torch.Tensor]:
+    return [get_module(block, p).weight for p in group.layers if p != EXPERTS]
+
+
+@torch.no_grad()
+def apply_group_smoothing(block: nn.Module, group: LinearGroup, adapter: ArchSpec, s_free: torch.Tensor,
+                          s_full: torch.Tensor) -> None:
+    """Fold 1/s into the group's producer, s into its linears, experts' gate/up and routers."""
+    fold_prev(get_module(block, group.prev_op), s_free)
+    for w in _group_weights(block, group):
+        scale_columns(w, s_full)
+    if EXPERTS in group.layers:
+        scale_columns(adapter.experts(block).gate_up_proj, s_full)
+    for r in group.routers:
+        scale_columns(get_module(block, r).weight, s_full)
+
+
+@torch.no_grad()
+def apply_expert_down_smoothing(experts: nn.Module, e: int, s: torch.Tensor) -> None:
+    """One expert's down input: 1/s into its up rows (exact through act(gate)·up), s into down."""
+    inter = FusedExperts.get(experts, e).gate.shape[0]
+    experts.gate_up_proj[e, inter:].div_(s[:, None].to(experts.gate_up_proj.dtype))
+    scale_columns(experts.down_proj[e], s)
+
+
+@torch.no_grad()
+def smooth_block(block: nn.Module, groups: list[LinearGroup], adapter: ArchSpec, col: BlockCollector,
+                 cfg: PipelineConfig, config, block_idx: int, report: QuantReport) -> None:
+    """Choose and fold a smoothing vector for every group of the block (FP weights, in place)."""
+    assert cfg.smooth is not None
+    w_spec, a_spec = cfg.quant.weights, cfg.quant.acts
+    experts = adapter.experts(block)
+    for g in groups:
+        st = col.stats[g.name]
+        prev = get_module(block, g.prev_op)
+        dense = _group_weights(block, g)
+        terms = [(torch.cat(dense).float(), st.sample())] if dense else []
+        if EXPERTS in g.layers:
+            assert col.experts is not None and experts is not None
+            terms += [(experts.gate_up_proj[e].float(), col.experts.gate_up[e].sample())
+                      for e in range(FusedExperts.count(experts))]
+        try:
+            tie = group_tie(prev, st.dim, config)
+            problem = SmoothProblem(terms, st.stat_dict(), tie)
+            res = search_scales(problem, cfg.smooth, w_spec, a_spec)
+            s_free = res.s_free
+            s_full = problem.to_full(s_free)
+            if torch.equal(s_free, torch.ones_like(s_free)):
+                report.groups.append({"block": block_idx, "group": g.name, "exponent": 0.0, "stat": None})
+                continue
+            apply_group_smoothing(block, g, adapter, s_free, s_full)
+        except SmoothSkip as exc:
+            report.groups.append({"block": block_idx, "group": g.name, "skipped": str(exc)})
+            continue
+        if EXPERTS in g.layers:
+            for e_stats in col.experts.gate_up:
+                e_stats.rescale(s_full)
+        st.rescale(s_full)
+        entry = {"block": block_idx, "group": g.name, "exponent": res.exponent, "stat": res.stat}
+        if res.loss_identity:
+            entry["loss_ratio"] = min(res.losses) / res.loss_identity
+        report.groups.append(entry)
+    if experts is not None and col.experts is not None:
+        _smooth_expert_down(experts, col.experts, cfg, w_spec, a_spec, block_idx, report)
+
+
+def _smooth_expert_down(experts: nn.Module, stats: ExpertStats, cfg: PipelineConfig, w_spec: QuantSpec,
+                        a_spec: QuantSpec | None, block_idx: int, report: QuantReport) -> None:
+    """Each expert's down projection: its own vector, folded into that expert's up rows."""
+    exps = []
+    for e, st in enumerate(stats.down):
+        if st.count == 0:
+            continue
+        problem = SmoothProblem([(experts.down_proj[e].float(), st.sample())], st.stat_dict())
+        res = search_scales(problem, cfg.smooth, w_spec, a_spec)
+        s = res.s_free
+        if torch.equal(s, torch.ones_like(s)):
+            continue
+        apply_expert_down_smoothing(experts, e, s)
+        st.rescale(s)
+        exps.append(res.exponent)
+    report.groups.append({"block": block_idx, "group": "experts_down", "exponent":
+                          sum(exps) / len(exps) if exps else 0.0, "stat": cfg.smooth.stat})
+
+
+# ------------------------------------------------------------------ quantizing a block
+def _static_range(lin: QuantLinear, lo: torch.Tensor, hi: torch.Tensor) -> None:
+    spec = lin.a_spec
+    if spec is None or spec.dynamic:
+        return
+    scale, zero = compute_qparams(torch.stack([lo.min(), hi.max()]), QuantSpec(spec.bits, spec.symmetric,
+                                                                                 "tensor", dynamic=False))
+    lin.a_scale.copy_(scale.reshape(1, 1))
+    lin.a_zero.copy_(zero.reshape(1, 1))
+
+
+def _quantize_weight(lin: QuantLinear, weight: torch.Tensor, bias: torch.Tensor | None,
+                     st: InputStats | None, cfg: PipelineConfig) -> None:
+    spec = cfg.quant.weights
+    if cfg.gptq is not None and st is not None and st.xtx is not None and st.count > 0:
+        res = gptq_quantize(weight, st.xtx, spec, cfg.gptq, st.absmax)
+        lin.set_quantized(res.qweight, res.scale, res.zero, bias)
+    else:
+        ref = QuantLinear.from_weight(weight.detach(), bias, spec, None)
+        lin.set_quantized(ref.qweight, ref.w_scale, ref.w_zero, bias)
+    if st is not None:
+        _static_range(lin, st.lo, st.hi)
+
+
+def make_quant_linear(linear: nn.Linear, st: InputStats | None, cfg: PipelineConfig) -> QuantLinear:
+    w = linear.weight.detach()
+    q = QuantLinear(w.shape[1], w.shape[0], linear.bias is not None, cfg.quant.weights, cfg.quant.acts, w.dtype)
+    _quantize_weight(q, w, None if linear.bias is None else linear.bias.detach(), st, cfg)
+    return q
+
+
+def quantize_experts(experts: nn.Module, stats: ExpertStats | None, router_stats: InputStats | None,
+                     cfg: PipelineConfig, block_idx: int, report: QuantReport) -> QuantExperts:
+    n = FusedExperts.count(experts)
+    first = FusedExperts.get(experts, 0)
+    q = QuantExperts(n, first.gate.shape[1], first.gate.shape[0], experts.act_fn, cfg.quant.weights,
+                     cfg.quant.acts)
+    down_lo = min((float(s.lo.min()) for s in stats.down if s.count), default=0.0) if stats else 0.0
+    down_hi = max((float(s.hi.max()) for s in stats.down if s.count), default=0.0) if stats else 0.0
+    for e in range(n):
+        w = FusedExperts.get(experts, e)
+        gu, dn = (stats.gate_up[e], stats.down[e]) if stats else (None, None)
+        enough = gu is not None and gu.count >= cfg.min_expert_tokens
+        if not enough and stats is not None:
+            msg = (f"block {block_idx} expert {e}: {gu.count if gu else 0} calibration tokens "
+                   f"(< {cfg.min_expert_tokens}); quantized by RTN")
+            warnings.warn(msg, stacklevel=2)
+            report.fallbacks.append(msg)
+        for lin, weight, st in ((q.gate[e], w.gate, gu), (q.up[e], w.up, gu), (q.down[e], w.down, dn)):
+            _quantize_weight(lin, weight, None, st if enough else None, cfg)
+            if not enough:  # static ranges: all-token ranges of the block instead
+                if st is gu and router_stats is not None:
+                    _static_range(lin, router_stats.lo, router_stats.hi)
+                elif st is dn:
+                    _static_range(lin, torch.tensor(down_lo), torch.tensor(down_hi))
+    return q
+
+
+@torch.no_grad()
+def quantize_block(block: nn.Module, groups: list[LinearGroup], adapter: ArchSpec, col: BlockCollector,
+                   cfg: PipelineConfig, block_idx: int, report: QuantReport) -> None:
+    for g in groups:
+        st = col.stats[g.name]
+        for p in g.layers:
+            if p == EXPERTS:
+                experts = adapter.experts(block)
+                set_module(block, adapter.moe.experts,
+                           quantize_experts(experts, col.experts, st, cfg, block_idx, report))
+            else:
+                lin = get_module(block, p)
+                if isinstance(lin, nn.Linear):
+                    set_module(block, p, make_quant_linear(lin, st, cfg))
+    router = adapter.router(block)
+    if cfg.quant.quantize_routers and router is not None:
+        rq = QuantLinear.from_weight(router.weight, None, cfg.quant.weights, None)
+        router.weight.data.copy_(rq.weight_float(router.weight.dtype))
+
+
+# ------------------------------------------------------------------ the whole model
+def quantize_model(model: nn.Module, adapter: ArchSpec, calib: torch.Tensor, cfg: PipelineConfig,
+                   progress: bool = True) -> QuantReport:
+    """Quantize ``model`` in place with calibration windows ``calib`` [n, length]."""
+    start = time.perf_counter()
+    check_finite(model)
+    report = QuantReport(calib_tokens=int(calib.numel()))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        inputs = capture_block_inputs(model, adapter, calib, cfg.batch_size)
+        blocks = adapter.blocks(model)
+        bar = tqdm(blocks, desc=f"{cfg.quant.method}", unit="block", disable=not progress, leave=False)
+        for i, block in enumerate(bar):
+            groups = adapter.groups(block)
+            col = BlockCollector(block, groups, adapter, hessian=cfg.gptq is not None)
+            col.collect(block, inputs, cfg.search_tokens, gen)
+            if cfg.smooth is not None:
+                smooth_block(block, groups, adapter, col, cfg, model.config, i, report)
+            quantize_block(block, groups, adapter, col, cfg, i, report)
+            del col
+            outs = run_block(block, inputs)
+            if not all(torch.isfinite(o).all() for o in outs):
+                raise HaqmoeError(f"block {i} produced NaN/Inf after quantization")
+            inputs = [(o, a, k) for o, (_, a, k) in zip(outs, inputs)]
+    report.seconds = time.perf_counter() - start
+    return report
