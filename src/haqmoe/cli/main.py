@@ -124,7 +124,13 @@ from . import engine_cmds, quant_cmds, routing_cmds, runtime_cmds, serve_cmds  #
 def main(argv: list[str] | None = None) -> None:
     """Entry point: turns HaqmoeError into one clean line and a meaningful exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        import typer.main
+
+        from ..config import apply_config
+
+        group = typer.main.get_command(app)
+        argv, defaults = apply_config(list(sys.argv[1:] if argv is None else argv), group)  # --config FILE.toml
+        group.main(args=argv, prog_name="haqmoe", standalone_mode=False, default_map=defaults)
     except HaqmoeError as exc:
         if state["debug"]:
             raise
