@@ -84,3 +84,15 @@ def test_bad_engine_configs_are_clear():
     model = tiny_model("llama")
     with pytest.raises(HaqmoeError, match="no MoE layers"):
         CollaborativeEngine(LoadedModel(model, None, "llama", adapter_for(model)))
+
+
+def test_prefetch_never_changes_tokens_and_hits():
+    plain, ref = make(emulate_gpu=True, slots_per_layer=4, decision="predictor", n_critical=0)
+    pre, _ = make(emulate_gpu=True, slots_per_layer=4, decision="predictor", n_critical=0, prefetch=2)
+    a = plain.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens
+    b = pre.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens
+    assert a == b == ref
+    s = pre.summary()
+    assert s["prefetch_copies"] > 0 and s["prefetch_hits"] > 0 and s["guess_ms"] > 0
+    assert plain.summary()["prefetch_copies"] == 0
+    pre.cache.check_invariants()

@@ -37,6 +37,7 @@ class EngineConfig:
     plan: str | None = None  # placement plan JSON (haqmoe plan)
     profile: str = "rtx5090d"  # hardware profile for the cost model when no GPU is measured
     n_critical: float | None = None  # override the predictor's threshold
+    prefetch: int = 0  # next-layer experts to prefetch per layer (0 = off; GPU tier only)
     exec_mode: str = "fake"  # quantized CPU-tier execution: fake | dequant | real | auto (quant/precision.py)
 
 
@@ -111,8 +112,11 @@ class CollaborativeEngine:
                         if slot is not None:
                             self.store.load_slot(slot, layer, e)
                 self.cache.stats = type(self.cache.stats).zeros(len(blocks))  # count from generation on
+        routers = [adapter.router(b) for b in blocks]
         for layer, (block, ex) in enumerate(zip(blocks, experts)):
-            hybrid = HybridExperts(layer, ex, self.store, self.cache, self.cost, cfg.decision, self.telemetry)
+            nxt = routers[layer + 1] if layer + 1 < len(blocks) and self.cache is not None else None
+            hybrid = HybridExperts(layer, ex, self.store, self.cache, self.cost, cfg.decision, self.telemetry,
+                                   nxt, cfg.prefetch)
             set_module(block, adapter.moe.experts, hybrid)
         if lm.quant is not None and cfg.exec_mode != "fake":  # after the store copied the int8 experts
             from ..quant.precision import convert, normalize_mode
@@ -244,6 +248,8 @@ class CollaborativeEngine:
                 "misses": int(st.misses.sum()), "evictions": int(st.evictions.sum()),
                 "bytes_moved": int(st.bytes_moved.sum()),
                 "n_critical": float(self.cost.n_critical) if self.cost is not None else None,
+                "prefetch_hits": int(st.prefetch_hits.sum()), "prefetch_copies": tel.prefetch_copies,
+                "prefetch_wasted": int(st.prefetch_wasted.sum()), "guess_ms": tel.guess_ms,
             })
         return out
 

@@ -8,6 +8,7 @@ transfer through the cache and run on the GPU, else run on the CPU. GPU work is 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +30,8 @@ class Telemetry:
     cpu_tokens: np.ndarray = field(init=False)
     gpu_tokens: np.ndarray = field(init=False)
     step: int = 0  # policy clock: one per model forward
+    guess_ms: float = 0.0  # time spent scoring next-layer guesses (prefetch's compute cost)
+    prefetch_copies: int = 0
 
     def __post_init__(self) -> None:
         for name in ("cpu_experts", "gpu_experts", "cpu_tokens", "gpu_tokens"):
@@ -37,8 +40,13 @@ class Telemetry:
 
 class HybridExperts(nn.Module):
     def __init__(self, layer: int, original: nn.Module, store: ExpertStore, cache: ExpertCache | None,
-                 cost: CostModel | None, policy: str, telemetry: Telemetry):
+                 cost: CostModel | None, policy: str, telemetry: Telemetry,
+                 next_router: nn.Module | None = None, prefetch: int = 0):
         super().__init__()
+        # Next-layer prefetch: layer l+1's router scored on this layer's input (both are the residual
+        # stream after attention, normalised) guesses its experts; copies start while we compute.
+        self._next_router = [next_router]  # a list: not a submodule (the router belongs to layer l+1)
+        self.prefetch = prefetch if next_router is not None else 0
         self.layer = layer
         self.original = original  # the CPU tier (kept on the CPU when the model moves to a GPU)
         self.store, self.cache, self.cost, self.policy = store, cache, cost, policy
@@ -61,6 +69,22 @@ class HybridExperts(nn.Module):
                 return "gpu", slot
         return "cpu", None
 
+    def _prefetch_next(self, hidden_states: torch.Tensor) -> None:
+        """Copy layer l+1's likeliest experts into the cache; a wrong guess costs a copy and a slot."""
+        t = time.perf_counter()
+        router = self._next_router[0]
+        scores = torch.softmax(hidden_states.float() @ router.weight.float().t(), dim=-1).sum(dim=0)
+        guesses = scores.topk(self.prefetch).indices.tolist()
+        self.telemetry.guess_ms += 1e3 * (time.perf_counter() - t)
+        nxt = self.layer + 1
+        for e in guesses:
+            if self.cache.contains(nxt, e):
+                continue
+            slot = self.cache.admit(nxt, e, prefetch=True)
+            if slot is not None:
+                self.store.load_slot(slot, nxt, e)
+                self.telemetry.prefetch_copies += 1
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.cache is None:  # every expert on the CPU tier: the plain module, zero overhead
@@ -81,6 +105,8 @@ class HybridExperts(nn.Module):
                 tel.gpu_tokens[self.layer] += len(token_idx)
             else:
                 cpu_jobs.append((e, token_idx, w))
+        if self.prefetch:
+            self._prefetch_next(hidden_states)
         for e, token_idx, w in cpu_jobs:  # overlaps the asynchronous GPU work above
             x = hidden_states[token_idx].cpu()
             y = self.original(x, torch.full((len(x), 1), e), torch.ones(len(x), 1, dtype=x.dtype))
