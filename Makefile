@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-slow bench clean peers
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -25,3 +25,12 @@ test-slow: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo-report
+
+# Peer quantizer (llm-compressor) in its own venv: its pins never touch ours. CPU torch wheel.
+PEER_VENV := bench/peers/.venv
+$(PEER_VENV)/.installed: bench/peers/requirements.txt
+	$(PY) -m venv $(PEER_VENV) || python3 -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install --quiet torch==2.13.0 -r bench/peers/requirements.txt
+	touch $@
+
+peers: $(PEER_VENV)/.installed

@@ -1,0 +1,96 @@
+"""`haqmoe quantize` / `compare` end to end on a tiny checkpoint: clear errors, nothing half-written."""
+
+import json
+import string
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from haqmoe.cli.main import main
+from haqmoe.models.tiny import tiny_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _char_tokenizer() -> PreTrainedTokenizerFast:
+    chars = sorted(set(string.printable))
+    vocab = {"[UNK]": 0, **{c: i + 1 for i, c in enumerate(chars[:120])}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    model = tiny_model("llama")
+    model.save_pretrained(root / "llama")
+    _char_tokenizer().save_pretrained(root / "llama")
+    (root / "calib.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    (root / "short.txt").write_text("too short")
+    return root
+
+
+def _run(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    return exc.value.code, capsys.readouterr()
+
+
+def test_quantize_writes_checkpoint(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    main(["-q", "quantize", str(tiny_dir / "llama"), "-o", str(out), "--method", "haq", "--order", "rank1",
+          "--calib", str(tiny_dir / "calib.txt"), "--calib-samples", "4", "--calib-len", "64", "--json"])
+    meta = json.loads((out / "haqmoe_quant.json").read_text())
+    assert meta["quant"]["method"] == "haq" and meta["options"]["order"] == "rank1"
+    assert meta["linears"] and (out / "model.safetensors").is_file()
+
+
+def test_short_calibration_text_is_refused(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    code, cap = _run(["-q", "quantize", str(tiny_dir / "llama"), "-o", str(out), "--calib",
+                      str(tiny_dir / "short.txt"), "--calib-len", "64"], capsys)
+    assert code == 2 and "calibration text has" in cap.err
+    assert not out.exists() and not list(tmp_path.glob(".q*"))
+
+
+def test_nan_weights_are_refused_by_name(tiny_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight[1, 2] = float("nan")
+    model.save_pretrained(bad)
+    _char_tokenizer().save_pretrained(bad)
+    out = tmp_path / "q"
+    code, cap = _run(["-q", "quantize", str(bad), "-o", str(out), "--calib", str(tiny_dir / "calib.txt"),
+                      "--calib-samples", "4", "--calib-len", "64"], capsys)
+    assert code == 2 and "layers.0.self_attn.k_proj" in cap.err
+    assert not out.exists() and not list(tmp_path.glob(".q*"))
+
+
+@pytest.mark.parametrize("bits", ["3", "9"])
+def test_unsupported_bit_width_is_refused(tiny_dir, tmp_path, capsys, bits):
+    out = tmp_path / "q"
+    code, cap = _run(["-q", "quantize", str(tiny_dir / "llama"), "-o", str(out), "--w-bits", bits], capsys)
+    assert code == 2 and "w-bits" in cap.err
+    assert not out.exists()
+
+
+def test_compare_writes_table(tiny_dir, tmp_path, capsys):
+    (tmp_path / "eval.txt").write_text("Lazy dogs sleep while foxes run in circles. " * 30)
+    out = tmp_path / "cmp.json"
+    main(["-q", "compare", str(tiny_dir / "llama"), "--methods", "fp32,rtn,smoothquant-0.8,haq-rank2",
+          "--data", str(tmp_path / "eval.txt"), "--seqlen", "128", "--calib", str(tiny_dir / "calib.txt"),
+          "--calib-samples", "4", "--calib-len", "64", "-o", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["fp32", "rtn", "smoothquant-0.8", "haq-rank2"]
+    assert all(r["ppl"] > 0 and "delta_pct" in r for r in rows)
+    assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
