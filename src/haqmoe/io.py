@@ -45,14 +45,22 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``target`` in one rename."""
+def atomic_directory(target: str | Path, overwrite: bool = False, manifest: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``target`` in one rename.
+
+    ``manifest``: write ``manifest.json`` (size + sha256 of every file) just before the rename, so
+    a later load can name a truncated or bit-flipped file (``reliability.manifest``).
+    """
     target = Path(target)
     check_output_dir(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
         yield tmp
+        if manifest:
+            from .reliability.manifest import write_manifest
+
+            write_manifest(tmp)
         for p in tmp.rglob("*"):
             if p.is_file():
                 with open(p, "rb") as f:

@@ -121,6 +121,12 @@ def demo(windows: int = typer.Option(2, min=1, help="WikiText-2 test windows (20
 from . import engine_cmds, quant_cmds, routing_cmds, runtime_cmds, serve_cmds  # noqa: E402,F401
 
 
+def _disk_full(exc: BaseException) -> bool:
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: turns HaqmoeError into one clean line and a meaningful exit code."""
     try:
@@ -149,6 +155,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(exc.exit_code)
         if isinstance(exc, click.exceptions.Abort):
             sys.exit(130)
+        if _disk_full(exc) and not state["debug"]:
+            where = f" ({exc.filename})" if exc.filename else ""
+            typer.echo(f"haqmoe: error: disk full{where}: {exc.strerror}; outputs are written atomically, so "
+                       f"nothing half-written was left: free space or choose another output directory", err=True)
+            sys.exit(2)
         if state["debug"]:
             raise
         typer.echo(f"haqmoe: internal error: {type(exc).__name__}: {exc} (run with --debug for a traceback)",

@@ -44,6 +44,18 @@ def quantize_in_memory(lm, method: str, eval_data: str) -> str:
 _BITS: dict = {}  # range checked in _quant_config (one clear error line)
 
 
+def _check_partial(out: Path, resume: bool, overwrite: bool) -> None:
+    """Never throw away an interrupted run's blocks by accident, nor resume one that is not there."""
+    from ..reliability.resume import partial_dir
+
+    part = partial_dir(out)
+    if resume and not (part / "state.json").is_file():
+        raise HaqmoeError(f"--resume: nothing to resume ({part / 'state.json'} does not exist)")
+    if part.exists() and not resume and not overwrite:
+        raise HaqmoeError(f"{part} holds an interrupted run: add --resume to continue it (same options) "
+                          f"or --overwrite to start over")
+
+
 @app.command()
 def quantize(model: str = typer.Argument(..., help="Model source to quantize."),
              out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
@@ -68,8 +80,13 @@ def quantize(model: str = typer.Argument(..., help="Model source to quantize."),
              calib_len: int = typer.Option(512, min=8, help="Calibration window length (tokens)."),
              seed: int = typer.Option(0, help="Calibration sampling seed."),
              overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+             resume: bool = typer.Option(False, help="Continue an interrupted run from OUT.partial/ (same "
+                                         "options): the result is identical to an uninterrupted run."),
              as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """Quantize a model to W8A8 and write a checkpoint (int8 weights, scales, zero points, folded smoothing)."""
+    """Quantize a model to W8A8 and write a checkpoint (int8 weights, scales, zero points, folded smoothing).
+
+    Every finished block is saved under OUT.partial/; after a crash or kill, rerun with --resume.
+    """
     from ..data.text import calibration_ids
     from ..models.loading import load_model
     from ..quant.checkpoint import save_quantized
@@ -80,6 +97,7 @@ def quantize(model: str = typer.Argument(..., help="Model source to quantize."),
     cfg = _quant_config(method.value, w_bits, a_bits, w_sym, a_sym, static_acts, group_size)
     opts = MethodOptions(alpha=alpha, order=order.value, stat=stat, grid=grid, damp=damp, seed=seed)
     check_output_dir(out, overwrite)
+    _check_partial(out, resume, overwrite)
     start = time.perf_counter()
     lm = load_model(model, progress=state["progress"])
     if lm.quant is not None:
@@ -89,11 +107,20 @@ def quantize(model: str = typer.Argument(..., help="Model source to quantize."),
         if lm.tokenizer is None:
             raise HaqmoeError(f"{model} has no tokenizer: cannot tokenize the calibration text")
         ids = calibration_ids(lm.tokenizer, calib, calib_samples, calib_len, seed, eval_spec="wikitext2:test")
-    report = quantize_with(lm.model, lm.adapter, method.value, cfg, ids, opts, state["progress"])
+    ckpt = None
+    if ids is not None:
+        from ..reliability.guard import check_quant_memory
+        from ..reliability.resume import BlockCheckpoint, run_fingerprint
+
+        check_quant_memory(lm.model, lm.adapter, ids, opts.batch_size)
+        ckpt = BlockCheckpoint.open(out, run_fingerprint(lm.model, ids, (method.value, cfg, opts)), cfg, resume)
+    report = quantize_with(lm.model, lm.adapter, method.value, cfg, ids, opts, state["progress"], ckpt)
     extra = {"source": model, "options": opts.__dict__, "calib": None if ids is None else
              {"source": calib, "samples": calib_samples, "length": calib_len, "seed": seed},
              "report": report.as_dict()}
     save_quantized(lm.model, lm.tokenizer, out, cfg, extra, overwrite=overwrite)
+    if ckpt is not None:
+        ckpt.discard()  # the checkpoint is complete and verified-by-manifest now
     payload = {"model": model, "out": str(out), "method": method.value, "quant_seconds": round(report.seconds, 1),
                "seconds": round(time.perf_counter() - start, 1), "fallbacks": len(report.fallbacks)}
     emit(payload, as_json, f"wrote {method.value} checkpoint to {out} (quantized in {report.seconds:.1f} s, "

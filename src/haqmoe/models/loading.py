@@ -77,7 +77,11 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, progress: bool =
     if quant_file is not None and quant_file.is_file():
         from ..quant.checkpoint import load_quantized
 
-        return load_quantized(path, dtype)
+        return load_quantized(path, dtype)  # verifies its manifest
+    if path is not None and path.is_dir():
+        from ..reliability.manifest import verify_manifest
+
+        verify_manifest(path)  # haqmoe-written dirs: name a truncated or bit-flipped file up front
     config = _load_config(target)
     adapter = adapter_for(config.model_type)
     try:

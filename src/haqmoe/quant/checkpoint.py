@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from ..errors import HaqmoeError
 from ..io import atomic_directory
 from ..models.adapters import adapter_for, get_module, set_module
+from ..reliability.manifest import verify_manifest
 from .config import QuantConfig
 from .modules import QuantExperts, QuantLinear
 
@@ -51,6 +52,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32):
     from ..models.loading import LoadedModel
 
     path = Path(path)
+    verify_manifest(path)  # names a truncated or bit-flipped file before any parser sees it
     try:
         meta = json.loads((path / QUANT_CONFIG).read_text())
         cfg = QuantConfig.from_dict(meta["quant"])

@@ -64,8 +64,11 @@ def needs_calibration(method: str, quant: QuantConfig) -> bool:
 
 def quantize_with(model: torch.nn.Module, adapter: ArchSpec, method: str, quant: QuantConfig,
                   calib: torch.Tensor | None, opts: MethodOptions = MethodOptions(),
-                  progress: bool = True) -> QuantReport:
-    """Quantize ``model`` in place by ``method``; RTN with dynamic activations needs no calibration."""
+                  progress: bool = True, checkpoint=None) -> QuantReport:
+    """Quantize ``model`` in place by ``method``; RTN with dynamic activations needs no calibration.
+
+    ``checkpoint``: a ``reliability.resume.BlockCheckpoint`` for calibrated methods (resumable runs).
+    """
     cfg = pipeline_config(method, quant, opts)
     if not needs_calibration(method, quant):
         import time
@@ -78,4 +81,4 @@ def quantize_with(model: torch.nn.Module, adapter: ArchSpec, method: str, quant:
         return QuantReport(seconds=time.perf_counter() - start)
     if calib is None:
         raise HaqmoeError(f"method '{method}' needs calibration data")
-    return quantize_model(model, adapter, calib, cfg, progress)
+    return quantize_model(model, adapter, calib, cfg, progress, checkpoint)

@@ -77,6 +77,14 @@ def check_finite(model: nn.Module) -> None:
             raise HaqmoeError(f"weight '{name}' contains NaN/Inf values: the model is corrupt")
 
 
+def check_token_ids(ids: torch.Tensor, model: nn.Module) -> None:
+    """Ids outside the embedding table would crash deep in the model (or read garbage rows)."""
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise HaqmoeError(f"calibration token ids span [{int(ids.min())}, {int(ids.max())}] but the model's "
+                          f"vocabulary has {vocab} entries: tokenizer and model do not match")
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, adapter: ArchSpec, calib: torch.Tensor,
                          batch_size: int) -> list[tuple[torch.Tensor, tuple, dict]]:
@@ -346,17 +354,27 @@ def quantize_block(block: nn.Module, groups: list[LinearGroup], adapter: ArchSpe
 
 # ------------------------------------------------------------------ the whole model
 def quantize_model(model: nn.Module, adapter: ArchSpec, calib: torch.Tensor, cfg: PipelineConfig,
-                   progress: bool = True) -> QuantReport:
-    """Quantize ``model`` in place with calibration windows ``calib`` [n, length]."""
+                   progress: bool = True, checkpoint=None) -> QuantReport:
+    """Quantize ``model`` in place with calibration windows ``calib`` [n, length].
+
+    ``checkpoint`` (a ``reliability.resume.BlockCheckpoint``): persist every finished block and
+    continue after the last one a previous, interrupted run finished (bit-identical result).
+    """
     start = time.perf_counter()
     check_finite(model)
+    check_token_ids(calib, model)
     report = QuantReport(calib_tokens=int(calib.numel()))
     gen = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
         inputs = capture_block_inputs(model, adapter, calib, cfg.batch_size)
         blocks = adapter.blocks(model)
+        first = 0
+        if checkpoint is not None:
+            first, inputs = checkpoint.restore(blocks, inputs, gen, report)
         bar = tqdm(blocks, desc=f"{cfg.quant.method}", unit="block", disable=not progress, leave=False)
         for i, block in enumerate(bar):
+            if i < first:  # restored from the checkpoint
+                continue
             groups = adapter.groups(block)
             col = BlockCollector(block, groups, adapter, hessian=cfg.gptq is not None)
             col.collect(block, inputs, cfg.search_tokens, gen)
@@ -368,5 +386,7 @@ def quantize_model(model: nn.Module, adapter: ArchSpec, calib: torch.Tensor, cfg
             if not all(torch.isfinite(o).all() for o in outs):
                 raise HaqmoeError(f"block {i} produced NaN/Inf after quantization")
             inputs = [(o, a, k) for o, (_, a, k) in zip(outs, inputs)]
+            if checkpoint is not None:
+                checkpoint.save(i, block, inputs, gen, report)
     report.seconds = time.perf_counter() - start
     return report

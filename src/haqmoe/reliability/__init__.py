@@ -1,0 +1,1 @@
+"""Reliability helpers: checksummed manifests, resumable block checkpoints, memory guards."""

@@ -1,0 +1,183 @@
+"""Block-level checkpoints of the quantization pipeline: ``OUT.partial/`` survives a kill -9.
+
+After block ``i`` is quantized the pipeline hands us (a) the block's state dict plus the layout of
+its quantized modules, (b) the block's outputs, which are the next block's calibration inputs, and
+(c) the sampling generator's state and the report so far. These three are all the pipeline carries
+from one block to the next, so restoring them continues the run exactly where it stopped: the
+result is bit-identical to an uninterrupted run (tests/test_reliability_resume.py).
+
+Layout::
+
+    OUT.partial/
+      state.json              fingerprint, blocks done, report so far (written last, atomically)
+      block-0000.safetensors  quantized block 0 (state dict)
+      acts-0000.safetensors   outputs of the last finished block + generator state
+
+Every file is written to a temporary name and renamed, so a kill leaves either the previous
+consistent state or the new one. The fingerprint (model config, calibration ids, pipeline
+config) refuses to resume a different run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import HaqmoeError
+from ..io import atomic_write_text
+
+STATE = "state.json"
+VERSION = 1
+
+
+def _acts_name(i: int) -> str:
+    return f"acts-{i:04d}.safetensors"
+
+
+def partial_dir(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def run_fingerprint(model: nn.Module, calib: torch.Tensor, cfg) -> str:
+    """What must match for a resume to be exact: architecture, calibration ids, pipeline settings."""
+    h = hashlib.sha256()
+    h.update(model.config.to_json_string(use_diff=False).encode())
+    for name, p in model.named_parameters():  # a sample of every tensor: another checkpoint differs
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(p.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
+    h.update(repr(cfg).encode())
+    h.update(str((tuple(calib.shape), str(calib.dtype))).encode())
+    h.update(calib.contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def quant_layout(block: nn.Module) -> dict[str, list]:
+    """Names and shapes of the block's quantized modules (needed to rebuild them before loading)."""
+    from ..quant.modules import QuantExperts, QuantLinear
+
+    experts = {n: [m.num_experts, m.hidden_dim, m.intermediate_dim]
+               for n, m in block.named_modules() if isinstance(m, QuantExperts)}
+    linears = {n: [m.in_features, m.out_features, m.bias is not None]
+               for n, m in block.named_modules()
+               if isinstance(m, QuantLinear) and not any(n.startswith(e + ".") for e in experts)}
+    return {"linears": linears, "experts": experts}
+
+
+def rebuild_quant_modules(block: nn.Module, layout: dict[str, dict], quant_cfg) -> None:
+    """Swap in empty quantized modules with the recorded shapes (as ``load_quantized`` does)."""
+    from ..models.adapters import get_module, set_module
+    from ..quant.modules import QuantExperts, QuantLinear
+
+    for name, (i, o, bias) in layout["linears"].items():
+        set_module(block, name, QuantLinear(i, o, bias, quant_cfg.weights, quant_cfg.acts))
+    for name, (n, hidden, inter) in layout["experts"].items():
+        act = get_module(block, name).act_fn
+        set_module(block, name, QuantExperts(n, hidden, inter, act, quant_cfg.weights, quant_cfg.acts))
+
+
+@dataclass
+class BlockCheckpoint:
+    """Saves each finished block and restores all finished blocks of an interrupted run."""
+
+    root: Path
+    fingerprint: str
+    quant_cfg: object  # QuantConfig: the specs of rebuilt modules
+    layouts: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, out: str | Path, fingerprint: str, quant_cfg, resume: bool) -> "BlockCheckpoint":
+        root = partial_dir(out)
+        if root.exists() and not resume:
+            shutil.rmtree(root)
+        root.mkdir(parents=True, exist_ok=True)
+        return cls(root, fingerprint, quant_cfg)
+
+    def _state(self) -> dict | None:
+        path = self.root / STATE
+        if not path.is_file():
+            return None
+        try:
+            state = json.loads(path.read_text())
+        except ValueError as exc:
+            raise HaqmoeError(f"{path} is corrupt ({exc}): delete {self.root} to start over") from exc
+        if state.get("fingerprint") != self.fingerprint:
+            raise HaqmoeError(f"{self.root} belongs to a different run (other model, calibration or options): "
+                              f"rerun with the same options, or without --resume to start over")
+        return state
+
+    def restore(self, blocks: nn.ModuleList, inputs: list, gen: torch.Generator, report) -> tuple[int, list]:
+        """Load the finished blocks; returns (first block to do, its inputs)."""
+        state = self._state()
+        if state is None or state["done"] == 0:
+            return 0, inputs
+        done = int(state["done"])
+        try:
+            for i in range(done):
+                rebuild_quant_modules(blocks[i], state["layouts"][i], self.quant_cfg)
+                sd = load_file(str(self.root / f"block-{i:04d}.safetensors"))
+                blocks[i].load_state_dict(sd, strict=True)
+            acts = load_file(str(self.root / _acts_name(done - 1)))
+        except (OSError, RuntimeError, KeyError) as exc:
+            raise HaqmoeError(f"cannot resume from {self.root}: {str(exc).splitlines()[0][:200]} "
+                              f"(delete it to start over)") from exc
+        if len(inputs) != int(state["batches"]):
+            raise HaqmoeError(f"{self.root}: calibration batches differ from the interrupted run")
+        gen.set_state(acts.pop("__generator__"))
+        inputs = [(acts[f"hs.{j}"], a, k) for j, (_, a, k) in enumerate(inputs)]
+        rep = state["report"]
+        report.groups[:] = rep["groups"]
+        report.fallbacks[:] = rep["fallbacks"]
+        self.layouts = list(state["layouts"])
+        return done, inputs
+
+    def save(self, i: int, block: nn.Module, inputs: list, gen: torch.Generator, report) -> None:
+        """Block ``i`` is finished and ``inputs`` are block ``i+1``'s: persist, then advance state.json."""
+        _save_atomic(dict(block.state_dict()), self.root / f"block-{i:04d}.safetensors")
+        acts = {f"hs.{j}": hs for j, (hs, _, _) in enumerate(inputs)}
+        acts["__generator__"] = gen.get_state()
+        _save_atomic(acts, self.root / _acts_name(i))
+        self.layouts = self.layouts[:i] + [quant_layout(block)]
+        atomic_write_text(self.root / STATE, json.dumps({
+            "version": VERSION, "fingerprint": self.fingerprint, "done": i + 1, "batches": len(inputs),
+            "layouts": self.layouts, "report": {"groups": report.groups, "fallbacks": report.fallbacks}}))
+        if i > 0:  # only now is the previous block's activation file no longer needed
+            (self.root / _acts_name(i - 1)).unlink(missing_ok=True)
+        _fault_point(i)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _fault_point(block: int) -> None:
+    """Fault injection for the kill-then-resume tests: ``HAQMOE_KILL_AFTER_BLOCK=k`` sends this
+    process SIGKILL right after block k is checkpointed (a real kill -9: no cleanup runs)."""
+    want = os.environ.get("HAQMOE_KILL_AFTER_BLOCK")
+    if want is not None and want.strip() == str(block):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
