@@ -54,7 +54,7 @@ def load_toml(path: str | Path) -> dict:
             return tomllib.load(f)
     except OSError as exc:
         raise HaqmoeError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise HaqmoeError(f"config file {path} is not valid TOML: {exc}") from exc
 
 

@@ -19,6 +19,9 @@ def serve(model: str = typer.Argument("smollm2-moe", help="MoE model source (emb
                                                                "(default: the model argument)."),
           max_tokens_limit: int = typer.Option(2048, min=1, help="Largest max_tokens a request may ask for."),
           max_waiting: int = typer.Option(64, min=1, help="Queued requests beyond this are refused with 503."),
+          max_body_bytes: int = typer.Option(1 << 20, min=1, help="Request bodies above this get 413."),
+          request_timeout: float = typer.Option(600.0, min=0.001, help="Seconds a request may queue + generate "
+                                                "before 504 (in-band error when streaming)."),
           policy: str = _ENGINE_OPTS["policy"], cache_policy: str = _ENGINE_OPTS["cache_policy"],
           slots: Optional[int] = _ENGINE_OPTS["slots"], plan: Optional[str] = _ENGINE_OPTS["plan"],
           device: str = _ENGINE_OPTS["device"], emulate_gpu: bool = _ENGINE_OPTS["emulate_gpu"],
@@ -30,7 +33,8 @@ def serve(model: str = typer.Argument("smollm2-moe", help="MoE model source (emb
     from ..serve.app import ServeConfig, create_app
 
     engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode)
-    cfg = ServeConfig(model_name=served_name or model, max_tokens_limit=max_tokens_limit, max_waiting=max_waiting)
+    cfg = ServeConfig(model_name=served_name or model, max_tokens_limit=max_tokens_limit, max_waiting=max_waiting,
+                      max_body_bytes=max_body_bytes, request_timeout_s=request_timeout)
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"haqmoe: warning: binding {host}: the API has no authentication", err=True)
     uvicorn.run(create_app(engine, cfg), host=host, port=port, log_level=log_level)

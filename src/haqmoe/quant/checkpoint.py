@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import HaqmoeError
 from ..io import atomic_directory
@@ -61,17 +61,23 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32):
     if meta.get("format_version") != FORMAT_VERSION:
         raise HaqmoeError(f"{path} has quantized-checkpoint format {meta.get('format_version')}, "
                           f"this haqmoe reads {FORMAT_VERSION}")
-    config = AutoConfig.from_pretrained(path)
+    from ..models.loading import _load_config
+
+    config = _load_config(str(path))  # unreadable or unsupported config: one clear HaqmoeError
     adapter = adapter_for(config.model_type)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    for name in meta["linears"]:
-        lin = get_module(model, name)
-        set_module(model, name, QuantLinear(lin.in_features, lin.out_features, lin.bias is not None,
-                                            cfg.weights, cfg.acts, dtype))
-    for name in meta["experts"]:
-        ex = get_module(model, name)
-        set_module(model, name, QuantExperts(ex.num_experts, ex.hidden_dim, ex.intermediate_dim, ex.act_fn,
-                                             cfg.weights, cfg.acts))
+    try:  # module names come from the JSON: a damaged name must not become a traceback
+        for name in meta["linears"]:
+            lin = get_module(model, name)
+            set_module(model, name, QuantLinear(lin.in_features, lin.out_features, lin.bias is not None,
+                                                cfg.weights, cfg.acts, dtype))
+        for name in meta["experts"]:
+            ex = get_module(model, name)
+            set_module(model, name, QuantExperts(ex.num_experts, ex.hidden_dim, ex.intermediate_dim, ex.act_fn,
+                                                 cfg.weights, cfg.acts))
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+        raise HaqmoeError(f"{path / QUANT_CONFIG} lists modules this model does not have "
+                          f"({type(exc).__name__}: {exc}): the file is damaged") from exc
     weights = path / WEIGHTS
     if not weights.is_file():
         raise HaqmoeError(f"{weights} is missing")
@@ -80,7 +86,10 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32):
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise HaqmoeError(f"cannot read {weights}: {str(exc).splitlines()[0]}") from exc
     if missing or unexpected:
-        raise HaqmoeError(f"{weights} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise HaqmoeError(f"{weights} does not match its config: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
     has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    tok = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+    try:
+        tok = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise HaqmoeError(f"cannot read the tokenizer in {path}: {str(exc).splitlines()[0][:200]}") from exc
     return LoadedModel(model, tok, str(path), adapter, quant=meta)

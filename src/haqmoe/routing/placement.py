@@ -141,8 +141,11 @@ class Plan:
             raise HaqmoeError(f"plan file {p} does not exist")
         try:
             d = json.loads(p.read_text())
-        except json.JSONDecodeError as exc:
-            raise HaqmoeError(f"plan file {p} is not valid JSON ({exc.msg})") from exc
+        except ValueError as exc:  # JSONDecodeError or not UTF-8 at all
+            raise HaqmoeError(f"plan file {p} is not valid JSON ({getattr(exc, 'msg', None) or type(exc).__name__})"
+                              ) from exc
+        if not isinstance(d, dict):
+            raise HaqmoeError(f"plan file {p} is not a JSON object")
         plan = cls.from_json(d, str(p))
         plan.check_model(num_layers, num_experts)
         return plan

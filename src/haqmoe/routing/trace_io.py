@@ -23,6 +23,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,9 +85,12 @@ def _read_header(path: Path) -> dict:
     if not path.is_dir() or not f.is_file():
         raise HaqmoeError(f"{path} is not a routing trace directory (no {HEADER})")
     try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as exc:
-        raise HaqmoeError(f"{f} is corrupt (not JSON: {exc.msg})") from exc
+        raw = json.loads(f.read_text())
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not even UTF-8
+        raise HaqmoeError(f"{f} is corrupt (not JSON: {getattr(exc, 'msg', None) or type(exc).__name__})") from exc
+    if not isinstance(raw, dict):
+        raise HaqmoeError(f"{f} is corrupt (not a JSON object)")
+    return raw
 
 
 def _chunk_files(path: Path) -> list[Path]:
@@ -175,7 +179,7 @@ def _load_chunk(f: Path, h: TraceHeader) -> dict[str, np.ndarray]:
     try:
         with np.load(f, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError) as exc:
         raise HaqmoeError(f"trace chunk {f} is truncated or corrupt ({type(exc).__name__}: {exc})") from exc
     e = data.get("experts")
     if e is None or "lengths" not in data or e.ndim != 3 or e.shape[1:] != (h.num_layers, h.top_k):

@@ -27,6 +27,7 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import HaqmoeError
 from ..runtime.engine import CollaborativeEngine, Generation, SamplingConfig
@@ -40,6 +41,8 @@ class ServeConfig:
     max_tokens_limit: int = 2048  # hard cap per request (400 above it)
     default_chat_max_tokens: int = 256  # chat requests without max_tokens
     max_waiting: int = 64  # queued requests beyond this get 503
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413 before they are parsed
+    request_timeout_s: float = 600.0  # queueing + generation; beyond it 504 (or an in-band error when streaming)
 
 
 class ApiError(Exception):
@@ -59,6 +62,58 @@ class Job:
     ids: object  # prompt token ids [1, n]
     sampling: SamplingConfig
     cancel: threading.Event = field(default_factory=threading.Event)
+    deadline: float = float("inf")  # time.monotonic() after which the engine stops
+
+    def should_stop(self) -> bool:
+        return self.cancel.is_set() or time.monotonic() > self.deadline
+
+    def timed_out(self) -> bool:
+        return time.monotonic() > self.deadline
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for bodies over ``limit`` bytes, by Content-Length or by counting chunks,
+    so an oversized or endless upload never reaches the JSON parser or memory."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._reject(send)
+        seen, over, replied = 0, False, False
+
+        async def counted():  # a chunked body: stop reading at the limit, hand the app an empty end
+            nonlocal seen, over
+            if over:
+                return {"type": "http.disconnect"}
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    over = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
+            return msg
+
+        async def guarded(msg):  # once over the limit, the app's own answer is replaced by the 413
+            nonlocal replied
+            if not over:
+                return await send(msg)
+            if not replied:
+                replied = True
+                await self._reject(send)
+
+        await self.app(scope, counted, guarded)
+
+    async def _reject(self, send) -> None:
+        body = json.dumps({"error": {"message": f"request body exceeds {self.limit} bytes", "type":
+                                     "invalid_request_error", "param": None, "code": None}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 class EngineWorker:
@@ -78,7 +133,9 @@ class EngineWorker:
         """Tokens of ``job``; use under ``contextlib.aclosing`` so an abandoned stream frees the engine."""
         self.metrics.waiting += 1
         try:
-            await self.lock.acquire()
+            await asyncio.wait_for(self.lock.acquire(), max(0.0, job.deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise ApiError(504, "request timed out while queued", kind="timeout_error") from None
         finally:
             self.metrics.waiting -= 1
         loop = asyncio.get_running_loop()
@@ -86,7 +143,7 @@ class EngineWorker:
 
         def work() -> None:
             try:
-                for delta, gen in self.engine.stream(job.ids, job.sampling, should_stop=job.cancel.is_set):
+                for delta, gen in self.engine.stream(job.ids, job.sampling, should_stop=job.should_stop):
                     loop.call_soon_threadsafe(queue.put_nowait, (delta, gen, None))
                 loop.call_soon_threadsafe(queue.put_nowait, (None, None, None))
             except BaseException as exc:  # relayed to the request, never lost in the thread
@@ -164,6 +221,7 @@ def create_app(engine: CollaborativeEngine, cfg: ServeConfig = ServeConfig()) ->
             state["worker"].close()
 
     app = FastAPI(title="haqmoe", version="1", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
 
     def worker() -> EngineWorker:  # created lazily inside the server's event loop
         if "worker" not in state:
@@ -182,6 +240,12 @@ def create_app(engine: CollaborativeEngine, cfg: ServeConfig = ServeConfig()) ->
         msg = f"{loc}: {first.get('msg', 'invalid request')}" if loc else first.get("msg", "invalid request")
         metrics.count_request(request.url.path, 400)
         return ApiError(400, msg, loc or None).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):  # e.g. a body that is not UTF-8
+        metrics.count_request(request.url.path, exc.status_code)
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return ApiError(exc.status_code, str(exc.detail), None, kind).response()
 
     @app.get("/health")
     async def health():
@@ -206,7 +270,7 @@ def create_app(engine: CollaborativeEngine, cfg: ServeConfig = ServeConfig()) ->
         check_model(req.model)
         ids = encode(prompt)
         n = _check_budget(cfg, encode.context, int(ids.shape[1]), max_tokens, default)
-        job = Job(ids, _sampling(req, n))
+        job = Job(ids, _sampling(req, n), deadline=time.monotonic() + cfg.request_timeout_s)
         worker().admit()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -228,6 +292,8 @@ def create_app(engine: CollaborativeEngine, cfg: ServeConfig = ServeConfig()) ->
                 async for _, gen in tokens:
                     ttft = ttft if ttft is not None else time.perf_counter() - t0
             account(gen, ttft)
+            if job.timed_out():
+                raise ApiError(504, f"request timed out after {cfg.request_timeout_s:g} s", kind="timeout_error")
             metrics.count_request(endpoint, 200)
             choice = ({"index": 0, "message": {"role": "assistant", "content": gen.text},
                        "finish_reason": gen.finish_reason, "logprobs": None} if chat else
@@ -259,6 +325,8 @@ def create_app(engine: CollaborativeEngine, cfg: ServeConfig = ServeConfig()) ->
                         if await request.is_disconnected():
                             dropped = True
                             break
+                if job.timed_out() and not dropped:
+                    raise TimeoutError(f"request timed out after {cfg.request_timeout_s:g} s")
                 done = gen is not None and not dropped
                 if done:
                     yield _sse(chunk(None, gen.finish_reason))
