@@ -124,7 +124,9 @@ from . import engine_cmds, quant_cmds, routing_cmds, runtime_cmds, serve_cmds  #
 def _disk_full(exc: BaseException) -> bool:
     import errno
 
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    return "No space left on device" in str(exc)  # e.g. safetensors' SafetensorError wraps the OS error
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,8 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(exc, click.exceptions.Abort):
             sys.exit(130)
         if _disk_full(exc) and not state["debug"]:
-            where = f" ({exc.filename})" if exc.filename else ""
-            typer.echo(f"haqmoe: error: disk full{where}: {exc.strerror}; outputs are written atomically, so "
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            typer.echo(f"haqmoe: error: disk full{where}: {getattr(exc, 'strerror', None) or 'no space left'}; outputs are written atomically, so "
                        f"nothing half-written was left: free space or choose another output directory", err=True)
             sys.exit(2)
         if state["debug"]:

@@ -87,7 +87,7 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, progress: bool =
     try:
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise HaqmoeError(f"cannot load checkpoint {target}: {_first_line(exc)}") from exc
+        raise HaqmoeError(f"cannot load checkpoint {target} ({type(exc).__name__}): {_first_line(exc)}") from exc
     tok = AutoTokenizer.from_pretrained(target)
     return LoadedModel(model.eval(), tok, source, adapter)
 

@@ -74,7 +74,7 @@ def estimate_quant_memory(model: nn.Module, adapter, calib: torch.Tensor, batch_
 
 
 def _gb(b: int) -> str:
-    return f"{b / 2**30:.2f} GiB"
+    return f"{b / 2**30:.2f} GiB" if b >= 2**28 else f"{b / 2**20:.1f} MiB"
 
 
 def check_quant_memory(model: nn.Module, adapter, calib: torch.Tensor, batch_size: int,
