@@ -84,3 +84,9 @@ def test_quantize_refuses_nonempty_output(capsys, tmp_path):
     code, _, err = run(["quantize", "smollm2-135m", "--method", "rtn", "--out", str(tmp_path / "out")], capsys)
     assert_clean_error(code, err, "not empty")
     assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
+
+
+def test_out_of_range_option_is_a_usage_error(capsys):
+    code, _, err = run(["eval", "--windows", "0"], capsys)
+    assert code == 2 and "Traceback" not in err and "internal error" not in err
+    assert "--windows" in err

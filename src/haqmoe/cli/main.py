@@ -147,15 +147,15 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         typer.echo("haqmoe: interrupted", err=True)
         sys.exit(130)
-    except Exception as exc:  # click's own usage errors carry their exit code
-        import click
+    except Exception as exc:  # typer's (vendored) click usage errors carry their exit code
+        from typer._click import exceptions as cx
 
-        if isinstance(exc, click.exceptions.ClickException):
+        if isinstance(exc, cx.ClickException):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
+        if isinstance(exc, cx.Exit):
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, cx.Abort):
             sys.exit(130)
         if _disk_full(exc) and not state["debug"]:
             where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
