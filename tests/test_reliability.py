@@ -162,3 +162,13 @@ def test_token_ids_out_of_vocabulary_are_refused():
 def test_fault_point_is_inert_without_env(monkeypatch):
     monkeypatch.delenv("HAQMOE_KILL_AFTER_BLOCK", raising=False)
     resume_mod._fault_point(0)
+
+
+def test_ctrl_c_exits_130_with_a_message(monkeypatch, capsys):
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("haqmoe.models.loading.load_model", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        main(["-q", "info", "anything"])
+    assert exc.value.code == 130 and "interrupted" in capsys.readouterr().err

@@ -138,7 +138,11 @@ def main(argv: list[str] | None = None) -> None:
 
         group = typer.main.get_command(app)
         argv, defaults = apply_config(list(sys.argv[1:] if argv is None else argv), group)  # --config FILE.toml
-        group.main(args=argv, prog_name="haqmoe", standalone_mode=False, default_map=defaults)
+        rc = group.main(args=argv, prog_name="haqmoe", standalone_mode=False, default_map=defaults)
+        if isinstance(rc, int) and rc != 0:  # typer turns Ctrl-C into Exit(130), *returned* when not standalone
+            if rc == 130:
+                typer.echo("haqmoe: interrupted (rerun with --resume where the command supports it)", err=True)
+            sys.exit(rc)
     except HaqmoeError as exc:
         if state["debug"]:
             raise
