@@ -152,14 +152,15 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo("haqmoe: interrupted", err=True)
         sys.exit(130)
     except Exception as exc:  # typer's (vendored) click usage errors carry their exit code
+        from typer import exceptions as tx
         from typer._click import exceptions as cx
 
         if isinstance(exc, cx.ClickException):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, cx.Exit):
+        if isinstance(exc, tx.Exit):  # Exit/Abort live in typer.exceptions, not the vendored click
             sys.exit(exc.exit_code)
-        if isinstance(exc, cx.Abort):
+        if isinstance(exc, tx.Abort):
             sys.exit(130)
         if _disk_full(exc) and not state["debug"]:
             where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
