@@ -54,8 +54,8 @@ def test_greedy_tokens_equal_transformers(case, quant):
         assert s["gpu_expert_calls"] == 0 and s["cpu_expert_calls"] > 0 and s["bytes_moved"] == 0
     if case == "mixed":  # prefill (n > 1) transfers, decode (n = 1) computes misses on the CPU
         assert s["cpu_expert_calls"] > 0 and s["gpu_expert_calls"] > 0 and 0 < s["hit_rate"] < 1
-    if case == "lru-evicting":
-        assert s["cpu_expert_calls"] == 0 and s["evictions"] > 0 and 0 < s["hit_rate"] < 1
+    if case == "lru-evicting":  # every miss transfers unless all slots hold experts this call still uses
+        assert s["gpu_expert_calls"] > 3 * s["cpu_expert_calls"] and s["evictions"] > 0 and 0 < s["hit_rate"] < 1
     if engine.cache is not None:
         engine.cache.check_invariants()
 
