@@ -20,6 +20,15 @@ def tiny(request):
     return request.param, tiny_model(request.param)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread avoids oversubscription stalls on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     from haqmoe.models.loading import load_model

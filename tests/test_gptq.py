@@ -7,13 +7,7 @@ from haqmoe.quant.gptq import GPTQConfig, column_order, gptq_quantize
 from haqmoe.quant.quantizer import QuantSpec, dequantize, fake_quant
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscription stalls on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SPEC = QuantSpec(4, symmetric=False, granularity="channel")  # 4 bits makes the gap unmistakable

@@ -12,12 +12,7 @@ from haqmoe.cli.main import main
 from haqmoe.models.tiny import tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _char_tokenizer() -> PreTrainedTokenizerFast:

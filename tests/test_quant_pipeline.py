@@ -15,13 +15,7 @@ from haqmoe.quant.modules import QuantExperts, QuantLinear
 from haqmoe.quant.quantizer import QuantSpec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscription stalls on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 OPTS = MethodOptions(batch_size=4, search_tokens=256, grid=5, min_expert_tokens=8)

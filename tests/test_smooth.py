@@ -10,13 +10,7 @@ from haqmoe.quant.quantizer import QuantSpec
 from haqmoe.quant.smooth import SmoothConfig, SmoothProblem, SmoothSkip, group_tie, search_scales
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscription stalls on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 W8 = QuantSpec(8, symmetric=False, granularity="channel")
