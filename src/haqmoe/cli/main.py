@@ -131,6 +131,9 @@ def _disk_full(exc: BaseException) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: turns HaqmoeError into one clean line and a meaningful exit code."""
+    import warnings
+
+    warnings.formatwarning = lambda msg, *_args, **_kw: f"haqmoe: warning: {msg}\n"  # no source lines
     try:
         import typer.main
 
