@@ -18,7 +18,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 
 from haqmoe.results import run_meta, write_results
 from haqmoe.routing import mixtral as mx

@@ -8,7 +8,7 @@ import pytest
 from haqmoe.errors import HaqmoeError
 from haqmoe.routing.cost import HardwareProfile
 from haqmoe.routing.placement import (STRATEGIES, Budget, Plan, TwoStage, build_plan, make_strategy)
-from haqmoe.routing.stats import layer_counts, stats_from_trace
+from haqmoe.routing.stats import stats_from_trace
 from haqmoe.routing.trace import RoutingTrace
 
 # (expert at layer 0, expert at layer 1) x count; top-1 routing, 2 layers, 4 experts.

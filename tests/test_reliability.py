@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import errno
 import json
-import string
 import warnings
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from haqmoe.cli.main import main
 from haqmoe.errors import HaqmoeError

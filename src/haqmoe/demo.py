@@ -167,7 +167,7 @@ def _plots(report: Path, ppl_rows: list[dict], plans: dict, tele: dict) -> list[
 
 
 def run_demo(windows: int = 2, report_dir: Path = Path("demo-report"), progress: bool = True,
-             calib_samples: int = 16) -> dict:
+             calib_samples: int = 8) -> dict:
     console = Console()
     report = Path(report_dir)
     report.mkdir(parents=True, exist_ok=True)

@@ -109,7 +109,7 @@ def upcycle(model: str = typer.Argument("smollm2-135m", help="Dense Llama-family
 # ------------------------------------------------------------------------- demo
 @app.command()
 def demo(windows: int = typer.Option(2, min=1, help="WikiText-2 test windows (2048 tokens) per perplexity row."),
-         calib_samples: int = typer.Option(16, min=1, help="Calibration windows (512 tokens) for HAQ."),
+         calib_samples: int = typer.Option(8, min=1, help="Calibration windows (512 tokens) for HAQ."),
          report_dir: Path = typer.Option(Path("demo-report"), help="Where the report is written.")) -> None:
     """The product tour: HAQ vs RTN perplexity, routing profile, placement, collaborative generation."""
     from ..demo import run_demo

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import app, check_output_dir, emit, state
+from .common import app, check_output_dir, emit
 from .engine_cmds import _ENGINE_OPTS, build_engine
 
 

@@ -93,7 +93,7 @@ class ExpertCache:
     def __init__(self, config: CacheConfig, policy: Policy, top_k: int | None = None) -> None:
         self.config = config
         self.policy = policy
-        L, E = config.num_layers, config.num_experts
+        L = config.num_layers
         self.capacity = config.pool_slots()
         if any(c < 0 for c in self.capacity):
             raise HaqmoeError("cache slot counts must be >= 0")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import HaqmoeError
-from ..models.adapters import get_module, set_module
+from ..models.adapters import set_module
 from ..models.loading import LoadedModel
 from .cache import CacheConfig, ExpertCache
 from .hybrid import HybridExperts, Telemetry

@@ -13,7 +13,7 @@ is measured on a held-out trace.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import HaqmoeError
 from ..routing.trace import RoutingTrace
 from .predictor import CostCurve, CostModel
-from .prefetch import DEFAULT_GUESS_RECALL, PrefetchConfig, guess_quality
+from .prefetch import PrefetchConfig, guess_quality
 from .profiles import HardwareProfile, ModelSpec, cost_model_for, memory_plan, model_spec
 from .simulator import CacheSpec, Replay, ReplayOptions, build_cache, spec_for_trace
 from .synthetic import SyntheticConfig, synthetic_trace, trace_from_fractions

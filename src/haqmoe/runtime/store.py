@@ -45,7 +45,6 @@ class StoreConfig:
     device: str = "cpu"  # where GPU-tier slots live ("cuda", or "cpu" to exercise the path without a GPU)
     num_slots: int = 0
     pin_memory: bool = True
-    dtype: torch.dtype = torch.float32  # compute dtype of the GPU tier for float experts
 
 
 class ExpertStore:
