@@ -13,7 +13,7 @@ import torch
 from haqmoe.cli.main import main
 from haqmoe.errors import HaqmoeError
 from haqmoe.models.adapters import adapter_for
-from haqmoe.models.tiny import tiny_config, tiny_model
+from haqmoe.models.tiny import tiny_model
 from haqmoe.quant.checkpoint import load_quantized, save_quantized
 from haqmoe.quant.config import QuantConfig
 from haqmoe.quant.methods import MethodOptions, quantize_with
@@ -26,29 +26,11 @@ OPTS = MethodOptions(batch_size=4, search_tokens=128, grid=3, min_expert_tokens=
 CALIB = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(family: str, layers: int = 3):
-    torch.manual_seed(0)
-    cfg = tiny_config(family)
-    cfg.num_hidden_layers = layers
-    cfg._attn_implementation = "eager"
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.08)
-            elif name.endswith("weight"):
-                p.uniform_(0.5, 1.5)
-    return model
+    return tiny_model(family, layers=layers)
 
 
 class _Crash(Exception):

@@ -41,18 +41,24 @@ def tiny_config(family: str):
     return AutoConfig.for_model(model_type, **kw)
 
 
-def tiny_model(family: str, seed: int = 0) -> PreTrainedModel:
+def tiny_model(family: str, seed: int = 0, layers: int | None = None) -> PreTrainedModel:
     """A tiny random model in eval mode, fp32, with distinct experts and non-trivial norms."""
     torch.manual_seed(seed)
     cfg = tiny_config(family)
+    if layers is not None:
+        cfg.num_hidden_layers = layers
     cfg._attn_implementation = "eager"
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.08)
-            elif name.endswith("weight"):  # norms: away from 1 so folding bugs show
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, 0.02)
+    return randomize_(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval())
+
+
+@torch.no_grad()
+def randomize_(model: PreTrainedModel) -> PreTrainedModel:
+    """Random weights with distinct experts and norms away from 1 (so folding bugs show), in place."""
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            p.normal_(0, 0.08)
+        elif name.endswith("weight"):
+            p.uniform_(0.5, 1.5)
+        else:
+            p.normal_(0, 0.02)
     return model

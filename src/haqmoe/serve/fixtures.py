@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ..models.tiny import randomize_
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                    "generation_config.json")
 
@@ -28,13 +30,7 @@ def tiny_chat_moe(out: str | Path, seed: int = 0, context: int = 512) -> Path:
                                tie_word_embeddings=False, bos_token_id=dense_cfg.bos_token_id,
                                eos_token_id=dense_cfg.eos_token_id)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.08)
-            elif name.endswith("weight"):
-                p.uniform_(0.5, 1.5)
+    model = randomize_(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval())
     out.mkdir(parents=True, exist_ok=True)
     for f in TOKENIZER_FILES:
         if (src / f).is_file():
