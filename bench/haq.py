@@ -1,6 +1,6 @@
 """HAQ results: every W8A8 method of DESIGN §1 on one model, one calibration set, one evaluator.
 
-    .venv/bin/python bench/haq.py --model smollm2-135m --windows all           # the full table
+    .venv/bin/python bench/haq.py --model smollm2-135m --windows all --resume  # the full table
     .venv/bin/python bench/haq.py --model smollm2-moe --windows 8 --out bench/results/haq_moe.json
     .venv/bin/python bench/haq.py --peer bench/peers/out/smollm2-llmc-w8a8    # + llm-compressor row
 
@@ -34,6 +34,12 @@ resident memory of the process while loading + quantizing. Machine shared with o
 are upper bounds."""
 
 
+def peer_name(path: str) -> str:
+    """Row label of a peer checkpoint: ``llmcompressor`` for the stock preset, ``llmcompressor-asym`` etc."""
+    name = Path(path).name
+    return "llmcompressor" + name.split("llmc-w8a8", 1)[1] if "llmc-w8a8" in name else name
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -44,18 +50,19 @@ def main() -> None:
     ap.add_argument("--peer", action="append", default=[], help="compressed-tensors checkpoint(s) to add")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy box)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--resume", action="store_true", help="keep rows of --out measured with the same setup")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     windows = None if args.windows == "all" else int(args.windows)
     out = Path(args.out or f"bench/results/haq_{'moe' if 'moe' in args.model else 'smollm2'}.json")
-    labels = args.methods.split(",") + [f"ct:{p}" for p in args.peer]
+    labels = args.methods.split(",") + [f"{peer_name(p)}=ct:{p}" for p in args.peer]
     setup = CompareSetup(args.model, QuantConfig.w8a8("haq"), "wikitext2:test", 2048, windows,
                          "wikitext2:valid", args.calib_samples, args.calib_len, 0)
     notes = NOTES + f"\n\nWindows: {'all' if windows is None else windows} of WikiText-2 test; calibration " \
                     f"{args.calib_samples} x {args.calib_len} tokens of wikitext2:valid, seed 0."
     run_compare(setup, labels, out, MethodOptions(), progress=False, notes=notes,
-                command="python " + " ".join(sys.argv))
+                command="python " + " ".join(sys.argv), resume=args.resume)
 
 
 if __name__ == "__main__":

@@ -89,3 +89,50 @@ def test_compare_writes_table(tiny_dir, tmp_path, capsys):
     assert [r["method"] for r in rows] == ["fp32", "rtn", "smoothquant-0.8", "haq-rank2"]
     assert all(r["ppl"] > 0 and "delta_pct" in r for r in rows)
     assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
+
+
+def test_compare_resume_reuses_only_rows_of_the_same_setup(tiny_dir, tmp_path, monkeypatch):
+    import haqmoe.quant.compare as compare
+
+    (tmp_path / "eval.txt").write_text("Lazy dogs sleep while foxes run in circles. " * 30)
+    out = tmp_path / "cmp.json"
+    base = ["-q", "compare", str(tiny_dir / "llama"), "--data", str(tmp_path / "eval.txt"), "--seqlen", "128",
+            "--calib", str(tiny_dir / "calib.txt"), "--calib-samples", "4", "--calib-len", "64", "-o", str(out)]
+    main(base + ["--methods", "fp32,rtn"])
+    first = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    ran: list[str] = []
+    real_run_row = compare.run_row
+    monkeypatch.setattr(compare, "run_row", lambda spec, *a: ran.append(spec.label) or real_run_row(spec, *a))
+    main(base + ["--methods", "fp32,rtn,smooth", "--resume"])
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert ran == ["smooth"] and rows["fp32"] == first["fp32"] and rows["rtn"] == first["rtn"]
+    ran.clear()  # another calibration set: nothing may be reused
+    main(base[:-2] + ["--calib-samples", "3", "-o", str(out), "--methods", "fp32,rtn", "--resume"])
+    assert ran == ["fp32", "rtn"]
+
+
+def test_named_peer_row_and_load_model_use_our_compressed_tensors_reader(tmp_path):
+    from haqmoe.models.adapters import adapter_for
+    from haqmoe.models.loading import load_model
+    from haqmoe.quant.checkpoint import save_quantized
+    from haqmoe.quant.compare import external_quant_seconds, parse_label
+    from haqmoe.quant.config import QuantConfig
+    from haqmoe.quant.methods import MethodOptions, quantize_with
+    from haqmoe.quant.modules import QuantLinear
+    from haqmoe.serve.export import ExportConfig, export_compressed_tensors
+
+    model = tiny_model("llama")
+    cfg = QuantConfig.w8a8("rtn", w_sym=True, a_sym=True)
+    quantize_with(model, adapter_for(model), "rtn", cfg, None, progress=False)
+    save_quantized(model, None, tmp_path / "ours", cfg)
+    export_compressed_tensors(str(tmp_path / "ours"), tmp_path / "ct", ExportConfig(dtype="float32"))
+    (tmp_path / "ct" / "peer_meta.json").write_text('{"quant_seconds": 12.5}')
+    spec = parse_label(f"llmcompressor=ct:{tmp_path / 'ct'}", MethodOptions())
+    assert (spec.label, spec.method, spec.path) == ("llmcompressor", "external", str(tmp_path / "ct"))
+    assert external_quant_seconds(spec.path) == 12.5 and external_quant_seconds(str(tmp_path)) == 0.0
+    lm = load_model(str(tmp_path / "ct"), progress=False)
+    assert lm.quant["quant"]["method"] == "compressed-tensors"
+    assert sum(isinstance(m, QuantLinear) for m in lm.model.modules()) == 14
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)

@@ -146,6 +146,8 @@ def compare(model: str = typer.Argument("smollm2-135m", help="FP model to quanti
             w_sym: bool = typer.Option(False, "--w-sym/--w-asym"),
             a_sym: bool = typer.Option(False, "--a-sym/--a-asym"),
             static_acts: bool = typer.Option(False, "--static-acts/--dynamic-acts"),
+            resume: bool = typer.Option(False, "--resume", help="Keep rows already in --out that were measured "
+                                        "with the same setup; run only the missing ones."),
             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Run several methods on one model and calibration set; write a PPL / time / memory table and plot."""
     from ..quant.compare import CompareSetup, run_compare
@@ -156,7 +158,7 @@ def compare(model: str = typer.Argument("smollm2-135m", help="FP model to quanti
     if not labels:
         raise HaqmoeError("--methods is empty")
     setup = CompareSetup(model, cfg, data, seqlen, windows, calib, calib_samples, calib_len, seed)
-    rows = run_compare(setup, labels, out, MethodOptions(seed=seed), state["progress"])
+    rows = run_compare(setup, labels, out, MethodOptions(seed=seed), state["progress"], resume=resume)
     human = "\n".join(f"{r['method']:>18}: ppl {r['ppl']:.4f} ({r.get('delta_pct', 0):+.2f} %), "
                       f"quant {r['quant_seconds']:.1f} s, peak {r['peak_rss_gb']:.2f} GB" for r in rows)
     emit({"rows": rows, "out": str(out)}, as_json, human + f"\nwrote {Path(out).with_suffix('.json')}")

@@ -78,6 +78,10 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, progress: bool =
         from ..quant.checkpoint import load_quantized
 
         return load_quantized(path, dtype)  # verifies its manifest
+    if path is not None and _is_compressed_tensors(path):
+        from ..quant.ctformat import load_compressed_tensors
+
+        return load_compressed_tensors(path, dtype)  # our fake-quant execution, not the library's
     if path is not None and path.is_dir():
         from ..reliability.manifest import verify_manifest
 
@@ -90,6 +94,15 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, progress: bool =
         raise HaqmoeError(f"cannot load checkpoint {target} ({type(exc).__name__}): {_first_line(exc)}") from exc
     tok = AutoTokenizer.from_pretrained(target)
     return LoadedModel(model.eval(), tok, source, adapter)
+
+
+def _is_compressed_tensors(path: Path) -> bool:
+    """A peer's (e.g. llm-compressor's) checkpoint: evaluated with the same quantized execution as ours."""
+    try:
+        qcfg = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return False
+    return qcfg.get("quant_method") == "compressed-tensors"
 
 
 def _load_config(target: str):

@@ -2,8 +2,9 @@
 
 Rows are named by labels: ``fp32``, a method name, or a method with options joined by '-':
 ``smoothquant-0.8`` (α), ``haq-rank1`` / ``gptq-act`` (column order), ``haq-auto`` (statistic),
-``haq-paper`` (the paper's exact recipe: absmax statistic, natural order). ``ct:PATH`` evaluates a
-checkpoint written by another tool (compressed-tensors, e.g. llm-compressor) on the same windows.
+``haq-paper`` (the paper's exact recipe: absmax statistic, natural order). ``ct:PATH`` (or ``NAME=ct:PATH``)
+evaluates a checkpoint written by another tool (compressed-tensors, e.g. llm-compressor) on the same
+windows; its quantization time comes from the ``peer_meta.json`` our peer scripts write beside it.
 Each row records PPL, ΔPPL vs FP32, quantization wall time and peak resident memory.
 """
 
@@ -33,6 +34,9 @@ class RowSpec:
 
 
 def parse_label(label: str, base: MethodOptions) -> RowSpec:
+    name, sep, rest = label.partition("=")
+    if sep and rest.startswith("ct:"):  # NAME=ct:PATH names an external row
+        return RowSpec(name, "external", base, rest[3:])
     if label.startswith("ct:"):
         return RowSpec(label, "external", base, label[3:])
     if label in ("fp32", "fp"):
@@ -96,6 +100,17 @@ class PeakRSS:
         return self.peak / 2**30
 
 
+def external_quant_seconds(path: str) -> float:
+    """The peer's own quantization time, if its script recorded one (bench/peers writes peer_meta.json)."""
+    import json
+
+    meta = Path(path) / "peer_meta.json"
+    try:
+        return float(json.loads(meta.read_text())["quant_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
 @dataclass
 class CompareSetup:
     model: str
@@ -121,6 +136,7 @@ def run_row(spec: RowSpec, setup: CompareSetup, wins: torch.Tensor, calib: torch
             from .ctformat import load_compressed_tensors
 
             model = load_compressed_tensors(spec.path).model
+            seconds = external_quant_seconds(spec.path)
         else:
             lm = load_model(setup.model, progress=progress)
             if lm.quant is not None:
@@ -171,9 +187,35 @@ def bar_plot(rows: list[dict], path: Path, title: str) -> None:
     os.replace(tmp, path)
 
 
+_SETUP_KEYS = ("eval_data", "seqlen", "windows", "calib", "calib_samples", "calib_len", "seed", "quant")
+
+
+def resumable_rows(out: Path, model: str, meta: dict) -> dict[str, dict]:
+    """Rows of an earlier run of the same setup in ``out``, by label; a different setup reuses nothing.
+
+    A full-test-set table is hours of CPU time per model; resuming lets it be built across sessions
+    without ever mixing rows measured on different windows or calibration sets.
+    """
+    import json
+
+    if not out.exists():
+        return {}
+    try:
+        old = json.loads(out.read_text())
+    except (OSError, ValueError):
+        raise HaqmoeError(f"{out} exists but is not a results file; move it away or pass another --out") from None
+    same = all(old.get("meta", {}).get(k) == meta[k] for k in _SETUP_KEYS)
+    return {r["method"]: r for r in old.get("rows", []) if same and r.get("model") == model}
+
+
 def run_compare(setup: CompareSetup, labels: list[str], out: Path, base: MethodOptions = MethodOptions(),
-                progress: bool = True, notes: str = "", command: str | None = None) -> list[dict]:
-    """Run every row, writing ``out`` (.json/.md/.png) after each so a long run is never lost."""
+                progress: bool = True, notes: str = "", command: str | None = None,
+                resume: bool = False) -> list[dict]:
+    """Run every row, writing ``out`` (.json/.md/.png) after each so a long run is never lost.
+
+    ``resume``: keep rows already in ``out`` that were measured with the same setup (same model,
+    windows, calibration, quantization config) and run only the missing labels.
+    """
     from ..data.text import calibration_ids, eval_windows, load_text, tokenize
     from ..models.loading import load_model
     from ..results import run_meta, write_results
@@ -191,9 +233,13 @@ def run_compare(setup: CompareSetup, labels: list[str], out: Path, base: MethodO
     out = Path(out).with_suffix(".json")
     title = (f"{setup.model}: W{setup.quant.weights.bits}A{setup.quant.acts.bits if setup.quant.acts else 16} "
              f"methods on {setup.eval_data} ({int(wins.shape[0])} windows x {setup.seqlen})")
+    done = resumable_rows(out, setup.model, meta) if resume else {}
     rows: list[dict] = []
     for spec in specs:
         start = time.perf_counter()
+        if spec.label in done:
+            rows.append(done[spec.label])
+            continue
         rows.append(run_row(spec, setup, wins, calib, progress))
         rows[-1]["row_seconds"] = round(time.perf_counter() - start, 1)
         add_deltas(rows)
