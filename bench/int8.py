@@ -24,8 +24,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("fp32", "fake-quant", "dequant-once", "real-int8", "auto")
-EXEC = {"fake-quant": "fake", "dequant-once": "dequant", "real-int8": "int8", "auto": "auto"}
+MODES = ("fp32", "fake-quant", "dequant-once", "real-int8", "auto", "real-int8-lm-head")
+EXEC = {"fake-quant": "fake", "dequant-once": "dequant", "real-int8": "int8", "auto": "auto",
+        "real-int8-lm-head": "int8"}
 GGUF_MODES = ("llama.cpp-q8_0", "llama.cpp-q4_1")
 
 
@@ -122,7 +123,7 @@ def torch_worker(model: str, mode: str, cfg: BenchConfig, ppl: bool) -> dict:
     m = lm.model
     report = None
     if mode in EXEC:
-        report = convert(m, EXEC[mode])
+        report = convert(m, EXEC[mode], int8_lm_head=mode.endswith("lm-head"))
     ids = torch.tensor([prompt_ids(lm.tokenizer, cfg.prefill_tokens)])
     row: dict = {"model": model, "mode": mode, "device": "cpu", "threads": cfg.threads,
                  "disk_gb": file_gb(src)}
@@ -266,7 +267,7 @@ def main() -> None:
                   flush=True)
     rows = [best_of(results[j]) for j in jobs]
     if not args.no_ppl and "smollm2-135m" in cfg.models:
-        for mode in ("fake-quant", "real-int8"):
+        for mode in ("fake-quant", "real-int8", "real-int8-lm-head"):
             if mode not in wanted:
                 continue
             row = spawn({"model": "smollm2-135m", "mode": mode, "cfg": asdict(cfg), "ppl": True})

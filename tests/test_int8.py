@@ -96,8 +96,8 @@ def test_int8_linear_exact_on_extreme_long_k():
     ql = QuantLinear.from_weight(w, None, spec_w, spec_a)
     x = torch.where(torch.arange(2 * k).view(2, k) % 5 == 0, 3.0, -1.0)
     act = quantize_tokens(x, spec_a)
-    wt, sw, zw, cs = pack_weight(ql.qweight, ql.w_scale, ql.w_zero, False)
-    y = int8_matmul(act, wt, sw, zw, cs, k)
+    w, sw, zw, cs = pack_weight(ql.qweight, ql.w_scale, ql.w_zero, False)
+    y = int8_matmul(act, w, sw, zw, cs, k)
     ref = ((act.q.double() - act.zero.double()[:, None]) @ (ql.qweight.double() - ql.w_zero.double()).T)
     ref = ref * act.scale.double() * ql.w_scale.double().view(1, -1)
     torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=0)
@@ -108,7 +108,7 @@ def test_padding_for_unaligned_shapes_is_exact():
     ql = QuantLinear.from_weight(torch.randn(5, 13), torch.randn(5), QuantSpec(8, False, "channel"),
                                  QuantSpec(8, False, "token"))
     il = Int8Linear.from_quant_linear(ql)
-    assert il.wt.shape == (16, 8)
+    assert il.w.shape == (8, 16)
     x = torch.randn(3, 13)
     torch.testing.assert_close(il(x), ql(x), rtol=1e-5, atol=1e-5)
 

@@ -81,3 +81,35 @@ def test_mode_names():
     model = _quantized("llama")
     assert convert(model, "fake").counts == {"fake": 14}
     assert any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_int8_lm_head_matches_its_fake_quant_reference(tied: bool):
+    """lm_head on the int8 GEMM with two-level activations is ~exact against its int8 weights (one
+    level would not be); a tied embedding reads the same int8 rows, and the model gets smaller."""
+    from haqmoe.quant.int8 import Int8Embedding, quantize_vocab
+    from haqmoe.quant.quantizer import fake_quant
+
+    model = _quantized("llama")
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    plain, conv = copy.deepcopy(model), copy.deepcopy(model)
+    convert(plain, "int8")
+    report = convert(conv, "int8", int8_lm_head=True)
+    assert report.counts["int8-lm-head"] == 1 and isinstance(conv.lm_head, Int8Linear)
+    assert isinstance(conv.model.embed_tokens, Int8Embedding) == tied
+    q, s = quantize_vocab(model.lm_head.weight)
+    assert (q.float() * s - model.lm_head.weight).abs().le(s / 2 + 1e-7).all()  # RTN: within half a step
+    h = torch.randn(5, 64, generator=torch.Generator().manual_seed(1)) * 3
+    a_spec = next(m for m in model.modules() if isinstance(m, QuantLinear)).a_spec
+    with torch.no_grad():
+        exact = h @ (q.float() * s).T  # int8 weights, unquantized activations
+        one_level = (fake_quant(h, a_spec) @ (q.float() * s).T - exact).abs().max()
+        two_level = (conv.lm_head(h) - exact).abs().max()
+        assert two_level < one_level / 50  # the residual level removes the activation error
+        ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+        if tied:
+            torch.testing.assert_close(conv.model.embed_tokens(ids), (q.float() * s)[ids])
+        assert conv(ids).logits.shape == model(ids).logits.shape
+    v, h_dim = model.lm_head.weight.shape  # fp32 [V, H] -> int8 [V, H] + scale and column sums [V]
+    assert weight_bytes(plain) - weight_bytes(conv) == 4 * v * h_dim - (v * h_dim + 4 * v + 4 * v)

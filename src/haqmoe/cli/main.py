@@ -55,6 +55,9 @@ def eval_cmd(model: str = typer.Argument("smollm2-135m", help="Model source (see
              quantize: Optional[Method] = typer.Option(None, help="Quantize in memory before evaluating."),
              exec_mode: str = typer.Option("fake", "--exec", help="Quantized execution: fake, dequant, "
                                            "real (int8 GEMM) or auto (measured per shape)."),
+             int8_lm_head: bool = typer.Option(False, "--int8-lm-head", help="With --exec int8/auto: lm_head "
+                                               "(and a tied embedding) as int8 too; faster decode, not part "
+                                               "of the W8A8 recipe."),
              as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
              out: Optional[Path] = typer.Option(None, help="Also write the result as a results JSON/MD.")) -> None:
     """Perplexity by the standard protocol (non-overlapping windows of the tokenized text)."""
@@ -72,8 +75,10 @@ def eval_cmd(model: str = typer.Argument("smollm2-135m", help="Model source (see
     from ..quant.precision import convert, normalize_mode
 
     exec_mode = normalize_mode(exec_mode)
+    if int8_lm_head and exec_mode not in ("int8", "auto"):
+        raise HaqmoeError("--int8-lm-head needs --exec int8 or auto")
     if exec_mode != "fake":
-        convert(lm.model, exec_mode)
+        convert(lm.model, exec_mode, int8_lm_head=int8_lm_head)
     res = perplexity(lm.model, wins, batch_size, state["progress"])
     row = {"model": model, "method": method, "exec": exec_mode, "data": data, **res.as_dict()}
     if out is not None:
