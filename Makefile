@@ -33,4 +33,13 @@ $(PEER_VENV)/.installed: bench/peers/requirements.txt
 	$(PEER_VENV)/bin/pip install --quiet torch==2.13.0 -r bench/peers/requirements.txt
 	touch $@
 
-peers: $(PEER_VENV)/.installed
+# The peer's W8A8 SmolLM2 checkpoint, calibrated on exactly our calibration tokens (128 x 512,
+# wikitext2:valid, seed 0); then: .venv/bin/python bench/haq.py --windows all --resume --peer $(PEER_OUT)
+PEER_OUT := bench/peers/out/smollm2-llmc-w8a8
+$(PEER_OUT)/peer_meta.json: $(PEER_VENV)/.installed $(STAMP) bench/peers/llmcompressor_w8a8.py
+	$(BIN)/python bench/peers/make_calib.py --out bench/peers/out/calib.pt
+	$(PEER_VENV)/bin/python bench/peers/llmcompressor_w8a8.py $$($(BIN)/python -c \
+		"from haqmoe.models.embedded import ensure_embedded; print(ensure_embedded('smollm2-135m'))") \
+		bench/peers/out/calib.pt $(PEER_OUT)
+
+peers: $(PEER_OUT)/peer_meta.json

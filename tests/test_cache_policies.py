@@ -9,8 +9,8 @@ import pytest
 
 from haqmoe.errors import HaqmoeError
 from haqmoe.runtime.cache import CacheConfig, ExpertCache
-from haqmoe.runtime.policies import (BeladyPolicy, LFUPolicy, LRUPolicy, allocate_slots, lru_hit_curve,
-                                     make_policy)
+from haqmoe.runtime.policies import (BeladyPolicy, FrequencyOraclePolicy, LFUPolicy, LRUPolicy, allocate_slots,
+                                     lru_hit_curve, make_policy)
 from haqmoe.runtime.simulator import CacheSpec, build_cache
 from haqmoe.runtime.synthetic import SyntheticConfig, synthetic_trace
 
@@ -111,6 +111,35 @@ def test_belady_is_optimal(seq, slots):
     assert sum(got) >= sum(lru)
 
 
+def ref_freq_oracle(seq, slots, offsets):
+    """Evict the resident expert its request uses least in total; ties: least recent, lowest id."""
+    resident, last, out = [], {}, []
+    for t, experts in enumerate(seq):
+        r = max(i for i in range(len(offsets) - 1) if offsets[i] <= t)
+        count = {x: sum(x in s for s in seq[offsets[r]: offsets[r + 1]]) for x in range(5)}
+        for e in experts:
+            out.append(e in resident)
+            if e not in resident:
+                if len(resident) >= slots:
+                    victim = min((x for x in resident if x not in experts), key=lambda x: (count[x], last[x], x))
+                    resident.remove(victim)
+                resident.append(e)
+            last[e] = t
+    return out
+
+
+@pytest.mark.parametrize("seq", SEQS)
+def test_freq_oracle_matches_reference(seq):
+    experts = np.full((len(seq), 1, max(len(s) for s in seq)), -1, np.int16)
+    for t, s in enumerate(seq):
+        experts[t, 0, : len(s)] = s
+    offsets = np.array([0, len(seq) // 2, len(seq)])
+    slots = 2 if len(seq[0]) == 1 else 3
+    got, _ = replay(seq, slots, FrequencyOraclePolicy(experts, offsets))
+    assert got == ref_freq_oracle(seq, slots, list(offsets))
+    assert sum(got) <= len(got) - optimal_misses(seq, slots)  # never beats Belady
+
+
 def test_belady_random_small_cases():
     rng = np.random.default_rng(3)
     for _ in range(20):
@@ -120,7 +149,8 @@ def test_belady_random_small_cases():
         assert sum(not h for h in got) == optimal_misses(seq, 2)
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu", "pinned+lru", "lru+alloc", "pinned+lfu+alloc", "belady", "static"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "pinned+lru", "lru+alloc", "pinned+lfu+alloc", "freq-oracle", "belady",
+                                    "static"])
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_slots_never_exceeded(policy, scope):
     tr = synthetic_trace(SyntheticConfig(num_layers=4, num_experts=6, top_k=2, requests=2, tokens_per_request=40))

@@ -98,6 +98,7 @@ def test_profile_equals_routers_own_topk(family):
     tr = trace_windows(model, ad, ids, guess_width=3)
     assert tr.experts.shape == (24, 2, 2) and tr.num_requests == 2
     routers = [ad.router(b) for b in ad.blocks(model) if ad.is_moe_block(b)]
+    norms = [ad.router_norm(b) for b in ad.blocks(model) if ad.is_moe_block(b)]
     logits = {}
     hooks = [r.register_forward_hook(lambda m, i, o, j=j: logits.__setitem__(j, (o[0], i[0])))
              for j, r in enumerate(routers)]
@@ -108,8 +109,10 @@ def test_profile_equals_routers_own_topk(family):
                 want = torch.softmax(lg.float(), -1).topk(2, dim=-1).indices.sort(-1).values.numpy()
                 got = np.sort(tr.experts[r * 12:(r + 1) * 12, layer], axis=-1)
                 np.testing.assert_array_equal(got, want)
-                if layer + 1 < len(routers):  # prefetch guess = next router's ranking on this input
-                    g = (h.reshape(-1, h.shape[-1]) @ routers[layer + 1].weight.t()).topk(3, -1).indices.numpy()
+                if layer + 1 < len(routers):  # guess = next router's ranking of this input under the next norm
+                    ratio = norms[layer + 1].weight / norms[layer].weight
+                    g = ((h.reshape(-1, h.shape[-1]) * ratio) @ routers[layer + 1].weight.t()).topk(3, -1).indices
+                    g = g.numpy()
                     np.testing.assert_array_equal(tr.guesses[r * 12:(r + 1) * 12, layer], g)
     for h in hooks:
         h.remove()

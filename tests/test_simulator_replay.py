@@ -113,3 +113,26 @@ def test_cli_bad_input_is_one_clean_line(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["-q", "simulate", "--budget-gb", "1"])
     assert exc.value.code == 2 and "too small for the non-expert" in capsys.readouterr().err
+
+
+def test_tiny_model_trace_pair_records_real_routing_and_guesses():
+    """tiny:FAMILY traces are the model's own routing of folded WikiText-2 ids, split by request,
+    with next-layer guesses recorded for exact prefetch replay."""
+    import torch
+
+    from haqmoe.data.text import load_text, tokenize
+    from haqmoe.models.adapters import adapter_for
+    from haqmoe.models.loading import load_model
+    from haqmoe.models.tiny import tiny_model
+    from haqmoe.routing.profile import trace_windows
+    from haqmoe.runtime.experiments import tiny_pair
+
+    pair = tiny_pair("mixtral", requests=2, tokens_per_request=12, layers=3)
+    assert (pair.plan.num_tokens, pair.eval.num_tokens, pair.eval.num_layers) == (12, 12, 3)
+    assert pair.eval.guesses is not None and pair.eval.guesses.shape[:2] == (12, 3)
+    ids = tokenize(load_model("smollm2-135m", progress=False).tokenizer, load_text("wikitext2:valid")).reshape(-1)[:24] % 128
+    model = tiny_model("mixtral", layers=3)
+    ref = trace_windows(model, adapter_for(model), ids.view(2, 12), 0)
+    np.testing.assert_array_equal(pair.plan.experts, ref.experts[:12])
+    np.testing.assert_array_equal(pair.eval.experts, ref.experts[12:])
+    assert len(np.unique(ref.experts)) > 2  # real routing spreads over the experts

@@ -31,8 +31,8 @@ def _names(text: str) -> list[str]:
 @app.command("cache-eval")
 def cache_eval(source: str = typer.Argument("mixtral-stats", help=_SOURCE_HELP),
                fracs: str = typer.Option("0.25,0.5,0.625", help="Cache sizes as fractions of all experts."),
-               policies: str = typer.Option("static,lru,lfu,pinned+lru,lru+alloc,pinned+lfu+alloc,belady",
-                                            help="Cache policies (belady = offline bound)."),
+               policies: str = typer.Option("static,lru,lfu,pinned+lru,lru+alloc,pinned+lfu+alloc,freq-oracle,belady",
+                                            help="Cache policies (freq-oracle, belady = offline bounds)."),
                prefetch: str = typer.Option("both", help="Prefetch: off, on or both."),
                exact: bool = typer.Option(False, help="Replay the trace's own guesses (error if it has none)."),
                guess_recall: Optional[float] = typer.Option(None, help="Top-k recall of synthetic guesses "

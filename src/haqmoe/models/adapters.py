@@ -103,6 +103,10 @@ class ArchSpec:
     def router(self, block: nn.Module) -> nn.Module | None:
         return get_module(block, self.moe.router) if self.is_moe_block(block) else None
 
+    def router_norm(self, block: nn.Module) -> nn.Module | None:
+        """The norm whose output the router reads (prefetch guesses re-base across it)."""
+        return get_module(block, self.moe.prev_op) if self.is_moe_block(block) else None
+
 
 # ---------------------------------------------------------------------- helpers
 def get_module(root: nn.Module, path: str) -> nn.Module:

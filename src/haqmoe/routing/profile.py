@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import HaqmoeError
+from .guess import guess_topk, guess_weight
 from .trace import RoutingTrace
 from .trace_io import TraceHeader, TraceWriter
 
@@ -33,10 +34,13 @@ class RouterRecorder:
     """Forward hooks on all MoE routers; ``take()`` returns the [T, L, k] arrays of the last forward."""
 
     def __init__(self, model: torch.nn.Module, adapter, guess_width: int = 0):
-        blocks = adapter.blocks(model)
-        self.routers = [adapter.router(b) for b in blocks if adapter.is_moe_block(b)]
+        blocks = [b for b in adapter.blocks(model) if adapter.is_moe_block(b)]
+        self.routers = [adapter.router(b) for b in blocks]
         if not self.routers:
             raise HaqmoeError("model has no MoE layers to profile (a dense model has no routing)")
+        norms = [adapter.router_norm(b) for b in blocks]
+        self._guess_w = [guess_weight(self.routers[i + 1], norms[i], norms[i + 1]) if guess_width else None
+                         for i in range(len(blocks) - 1)]
         first = self.routers[0]
         self.num_experts = int(getattr(first, "num_experts", first.weight.shape[0]))
         self.guess_width = min(guess_width, self.num_experts)
@@ -52,13 +56,7 @@ class RouterRecorder:
             self._w[i] = output[1].detach().float().reshape(-1, output[1].shape[-1]).cpu()
             self._idx[i] = output[2].detach().reshape(-1, output[2].shape[-1]).cpu()
             if self.guess_width and i + 1 < len(self.routers):
-                nxt = self.routers[i + 1]
-                h = inputs[0].reshape(-1, nxt.weight.shape[1]).float()
-                scores = h @ nxt.weight.float().t()
-                bias = getattr(nxt, "e_score_correction_bias", None)
-                if bias is not None:
-                    scores = scores.sigmoid() + bias.float()
-                self._g[i] = scores.topk(self.guess_width, dim=-1).indices.cpu()
+                self._g[i] = guess_topk(inputs[0], self._guess_w[i], self.routers[i + 1], self.guess_width).cpu()
         return hook
 
     def take(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -20,6 +20,7 @@ import torch
 from ..errors import HaqmoeError
 from ..models.adapters import set_module
 from ..models.loading import LoadedModel
+from ..routing.guess import guess_weight
 from .cache import CacheConfig, ExpertCache
 from .hybrid import HybridExperts, Telemetry
 from .policies import make_policy
@@ -112,11 +113,12 @@ class CollaborativeEngine:
                         if slot is not None:
                             self.store.load_slot(slot, layer, e)
                 self.cache.stats = type(self.cache.stats).zeros(len(blocks))  # count from generation on
-        routers = [adapter.router(b) for b in blocks]
+        routers, norms = [adapter.router(b) for b in blocks], [adapter.router_norm(b) for b in blocks]
         for layer, (block, ex) in enumerate(zip(blocks, experts)):
             nxt = routers[layer + 1] if layer + 1 < len(blocks) and self.cache is not None else None
+            gw = guess_weight(nxt, norms[layer], norms[layer + 1]) if nxt is not None and cfg.prefetch else None
             hybrid = HybridExperts(layer, ex, self.store, self.cache, self.cost, cfg.decision, self.telemetry,
-                                   nxt, cfg.prefetch)
+                                   nxt, cfg.prefetch, gw)
             set_module(block, adapter.moe.experts, hybrid)
         if lm.quant is not None and cfg.exec_mode != "fake":  # after the store copied the int8 experts
             from ..quant.precision import convert, normalize_mode

@@ -80,12 +80,37 @@ def synthetic_pair(num_layers: int = 30, requests: int = 8, tokens_per_request: 
     return TracePair("synthetic", plan, ev, "synthetic", "smollm2-moe")
 
 
+def tiny_pair(family: str, requests: int = 8, tokens_per_request: int = 256, guess_width: int = 4,
+              layers: int = 4) -> TracePair:
+    """Real (not sampled) routing of a tiny random MoE with distinct experts (models/tiny.py) on
+    WikiText-2 valid text: SmolLM2 token ids folded into the tiny vocabulary, next-layer guesses
+    recorded, so prefetch replays exactly. Split by request like any profiled trace."""
+    from ..data.text import load_text, tokenize
+    from ..models.adapters import adapter_for
+    from ..models.loading import load_model
+    from ..models.tiny import tiny_model
+    from ..routing.profile import trace_windows
+
+    model = tiny_model(family, layers=layers)
+    ids = tokenize(load_model("smollm2-135m", progress=False).tokenizer, load_text("wikitext2:valid")).reshape(-1)
+    need = requests * tokens_per_request
+    if ids.numel() < need:
+        raise HaqmoeError(f"wikitext2:valid has {ids.numel()} tokens, {need} needed")
+    windows = (ids[:need] % model.config.vocab_size).view(requests, tokens_per_request)
+    tr = trace_windows(model, adapter_for(model), windows, guess_width)
+    tr.meta["model"] = f"tiny-{family}"
+    plan, ev = split_trace(tr)
+    return TracePair(f"tiny-{family}", plan, ev, "real trace (tiny random model)", "smollm2-moe")
+
+
 def load_pair(source: str, held_out: float = 0.5, shape: str | None = None) -> TracePair:
-    """``mixtral-stats``, ``synthetic`` or a trace directory written by ``haqmoe profile``."""
+    """``mixtral-stats``, ``synthetic``, ``tiny:FAMILY`` or a trace directory written by ``haqmoe profile``."""
     if source == "mixtral-stats":
         return mixtral_pair()
     if source == "synthetic":
         return synthetic_pair()
+    if source.startswith("tiny:"):
+        return tiny_pair(source.split(":", 1)[1])
     from ..routing.trace_io import load_trace
 
     p = Path(source)
@@ -109,7 +134,7 @@ def replay_once(pair: TracePair, policy: str, slots: int, decision: str, prefetc
                 exact: bool = False) -> dict:
     tr = pair.eval
     cache = build_cache(CacheSpec(policy, slots, scope, pin_frac, plan, lfu_half_life), tr.num_layers,
-                        tr.num_experts, tr.top_k, spec.expert_bytes("w8a8"), pair.plan, tr.experts)
+                        tr.num_experts, tr.top_k, spec.expert_bytes("w8a8"), pair.plan, tr.experts, tr.offsets)
     pf = PrefetchConfig(prefetch, exact=exact, guess_recall=guess_recall)
     res = Replay(tr, cache, cost, profile, spec, options=ReplayOptions(decision, async_admit, prefetch=pf)).run()
     return res.summary()

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..routing.guess import guess_for_batch
 from .cache import ExpertCache
 from .predictor import CostModel
 from .store import ExpertStore
@@ -41,12 +42,15 @@ class Telemetry:
 class HybridExperts(nn.Module):
     def __init__(self, layer: int, original: nn.Module, store: ExpertStore, cache: ExpertCache | None,
                  cost: CostModel | None, policy: str, telemetry: Telemetry,
-                 next_router: nn.Module | None = None, prefetch: int = 0):
+                 next_router: nn.Module | None = None, prefetch: int = 0,
+                 guess_w: torch.Tensor | None = None):
         super().__init__()
-        # Next-layer prefetch: layer l+1's router scored on this layer's input (both are the residual
-        # stream after attention, normalised) guesses its experts; copies start while we compute.
+        # Next-layer prefetch: layer l+1's router, re-based onto this layer's normalised input
+        # (routing/guess.py), guesses its experts; copies start while we compute.
         self._next_router = [next_router]  # a list: not a submodule (the router belongs to layer l+1)
         self.prefetch = prefetch if next_router is not None else 0
+        self._guess_w = guess_w if guess_w is not None or next_router is None else \
+            next_router.weight.detach().float()
         self.layer = layer
         self.original = original  # the CPU tier (kept on the CPU when the model moves to a GPU)
         self.store, self.cache, self.cost, self.policy = store, cache, cost, policy
@@ -72,9 +76,7 @@ class HybridExperts(nn.Module):
     def _prefetch_next(self, hidden_states: torch.Tensor) -> None:
         """Copy layer l+1's likeliest experts into the cache; a wrong guess costs a copy and a slot."""
         t = time.perf_counter()
-        router = self._next_router[0]
-        scores = torch.softmax(hidden_states.float() @ router.weight.float().t(), dim=-1).sum(dim=0)
-        guesses = scores.topk(self.prefetch).indices.tolist()
+        guesses = guess_for_batch(hidden_states, self._guess_w, self._next_router[0], self.prefetch)
         self.telemetry.guess_ms += 1e3 * (time.perf_counter() - t)
         nxt = self.layer + 1
         for e in guesses:

@@ -143,20 +143,65 @@ class BeladyPolicy:
         return max(candidates, key=lambda k: (self.next_use(k, now), k))
 
 
+class FrequencyOraclePolicy:
+    """Evict the expert the CURRENT REQUEST uses least over its whole length (future included).
+
+    A simulator-only bound for every frequency-based online policy (LFU, decay, prompt-seeded
+    counts, plans): they can at best learn each request's true expert frequencies, and this policy
+    is handed them. Where it closes only part of the LRU -> Belady gap, the rest is the order of
+    the requests' tokens, which only knowledge of the next tokens (prefetch) can exploit.
+    """
+
+    name = "freq-oracle"
+
+    def __init__(self, experts: np.ndarray, offsets: np.ndarray) -> None:
+        T, L, _ = experts.shape
+        self._offsets = np.asarray(offsets, dtype=np.int64)
+        self._counts = np.zeros((len(self._offsets) - 1, L, int(experts.max()) + 1), dtype=np.int64)
+        for r in range(len(self._offsets) - 1):
+            block = experts[self._offsets[r]: self._offsets[r + 1]]
+            for l in range(L):
+                ids = block[:, l].ravel()
+                np.add.at(self._counts[r, l], ids[ids >= 0], 1)
+        self._last: dict[Key, float] = {}
+
+    def _count(self, key: Key, request: int) -> int:
+        l, e = key
+        return int(self._counts[request, l, e]) if e < self._counts.shape[2] else 0
+
+    def on_insert(self, key: Key, pool: int, now: float) -> None:
+        self._last[key] = now
+
+    def on_hit(self, key: Key, pool: int, now: float) -> None:
+        self._last[key] = now
+
+    def on_remove(self, key: Key, pool: int) -> None:
+        self._last.pop(key, None)
+
+    def victim(self, candidates: Sequence[Key], pool: int, now: float) -> Key:
+        r = min(int(np.searchsorted(self._offsets, int(now), side="right")) - 1, len(self._counts) - 1)
+        return min(candidates, key=lambda k: (self._count(k, r), self._last.get(k, -1.0), k))
+
+
 ONLINE_POLICIES = ("lru", "lfu", "pinned+lru", "lru+alloc", "pinned+lfu+alloc")
-ALL_POLICIES = ONLINE_POLICIES + ("belady",)
+BOUNDS = ("freq-oracle", "belady")  # need the replayed trace's future: simulator only
+ALL_POLICIES = ONLINE_POLICIES + BOUNDS
 
 
-def make_policy(name: str, experts: np.ndarray | None = None, lfu_half_life: float = 32.0) -> Policy:
+def make_policy(name: str, experts: np.ndarray | None = None, lfu_half_life: float = 32.0,
+                offsets: np.ndarray | None = None) -> Policy:
     """The eviction rule behind a policy name (pinning and slot allocation are cache options).
 
-    ``experts`` ([T, L, k] of the trace to be replayed) is required for ``belady`` only.
+    ``experts`` ([T, L, k] of the trace to be replayed) is required for the bounds only, and
+    ``offsets`` (its request boundaries) for ``freq-oracle``.
     """
     base = name.split("+")
-    if "belady" in base:
+    if "belady" in base or "freq-oracle" in base:
         if experts is None:
-            raise HaqmoeError("belady needs the future: it is available in the simulator only")
-        return BeladyPolicy.from_experts(experts)
+            raise HaqmoeError(f"{name} needs the future: it is available in the simulator only")
+        if "belady" in base:
+            return BeladyPolicy.from_experts(experts)
+        return FrequencyOraclePolicy(experts, np.array([0, len(experts)]) if offsets is None else offsets)
     if "lfu" in base:
         return LFUPolicy(lfu_half_life)
     if "lru" in base:

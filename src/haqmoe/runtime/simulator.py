@@ -59,7 +59,8 @@ class CacheSpec:
 
 
 def build_cache(spec: CacheSpec, num_layers: int, num_experts: int, top_k: int, expert_bytes: int,
-                plan_trace: RoutingTrace | None = None, replay_experts: np.ndarray | None = None) -> ExpertCache:
+                plan_trace: RoutingTrace | None = None, replay_experts: np.ndarray | None = None,
+                replay_offsets: np.ndarray | None = None) -> ExpertCache:
     if spec.policy not in CACHE_POLICIES:
         raise HaqmoeError(f"unknown cache policy {spec.policy!r} (choose from {', '.join(CACHE_POLICIES)})")
     if spec.total_slots <= 0:
@@ -87,7 +88,8 @@ def build_cache(spec: CacheSpec, num_layers: int, num_experts: int, top_k: int, 
         else:
             pinned = frequency_plan(plan_trace, counts)
     config = CacheConfig(L, E, slots if spec.scope == "layer" else total, spec.scope, expert_bytes, pinned)
-    policy = make_policy("lru" if spec.policy == "static" else spec.policy, replay_experts, spec.lfu_half_life)
+    policy = make_policy("lru" if spec.policy == "static" else spec.policy, replay_experts, spec.lfu_half_life,
+                         replay_offsets)
     cache = ExpertCache(config, policy)
     if spec.policy != "static":
         cache.check_fits(top_k)
