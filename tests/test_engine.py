@@ -96,3 +96,16 @@ def test_prefetch_never_changes_tokens_and_hits():
     assert s["prefetch_copies"] > 0 and s["prefetch_hits"] > 0 and s["guess_ms"] > 0
     assert plain.summary()["prefetch_copies"] == 0
     pre.cache.check_invariants()
+
+
+def test_real_int8_engine_runs_int8_modules_for_in_memory_quantized_models():
+    """exec_mode real must convert a model quantized in memory (no checkpoint config) too, and give
+    the fake-quant engine's greedy tokens on this tiny model."""
+    from haqmoe.quant.int8 import Int8Experts, Int8Linear
+    from haqmoe.quant.modules import QuantExperts, QuantLinear
+
+    fake, ref = make(quant=True)
+    real, _ = make(quant=True, exec_mode="real")
+    kinds = {type(m) for m in real.model.modules()}
+    assert Int8Linear in kinds and Int8Experts in kinds and not kinds & {QuantLinear, QuantExperts}
+    assert real.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref

@@ -120,7 +120,7 @@ class CollaborativeEngine:
             hybrid = HybridExperts(layer, ex, self.store, self.cache, self.cost, cfg.decision, self.telemetry,
                                    nxt, cfg.prefetch, gw)
             set_module(block, adapter.moe.experts, hybrid)
-        if lm.quant is not None and cfg.exec_mode != "fake":  # after the store copied the int8 experts
+        if cfg.exec_mode != "fake":  # after the store copied the int8 experts; quantized in memory counts too
             from ..quant.precision import convert, normalize_mode
 
             convert(self.model, normalize_mode(cfg.exec_mode))
