@@ -96,6 +96,9 @@ def test_prefetch_never_changes_tokens_and_hits():
     assert s["prefetch_copies"] > 0 and s["prefetch_hits"] > 0 and s["guess_ms"] > 0
     assert plain.summary()["prefetch_copies"] == 0
     pre.cache.check_invariants()
+    plain.set_prefetch(2)  # switched on between generations: same tokens again, and it prefetches
+    assert plain.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref
+    assert plain.summary()["prefetch_copies"] > 0
 
 
 def test_real_int8_engine_runs_int8_modules_for_in_memory_quantized_models():

@@ -116,7 +116,7 @@ class CollaborativeEngine:
         routers, norms = [adapter.router(b) for b in blocks], [adapter.router_norm(b) for b in blocks]
         for layer, (block, ex) in enumerate(zip(blocks, experts)):
             nxt = routers[layer + 1] if layer + 1 < len(blocks) and self.cache is not None else None
-            gw = guess_weight(nxt, norms[layer], norms[layer + 1]) if nxt is not None and cfg.prefetch else None
+            gw = guess_weight(nxt, norms[layer], norms[layer + 1]) if nxt is not None else None
             hybrid = HybridExperts(layer, ex, self.store, self.cache, self.cost, cfg.decision, self.telemetry,
                                    nxt, cfg.prefetch, gw)
             set_module(block, adapter.moe.experts, hybrid)
@@ -234,6 +234,12 @@ class CollaborativeEngine:
         for _, gen in self.stream(prompt, sampling):
             pass
         return gen
+
+    def set_prefetch(self, width: int) -> None:
+        """Turn next-layer prefetch on (``width`` experts per layer) or off (0) between generations."""
+        for m in self.model.modules():
+            if isinstance(m, HybridExperts):
+                m.set_prefetch(width)
 
     # ---------------------------------------------------------------- telemetry
     def summary(self) -> dict:

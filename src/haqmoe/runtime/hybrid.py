@@ -48,14 +48,19 @@ class HybridExperts(nn.Module):
         # Next-layer prefetch: layer l+1's router, re-based onto this layer's normalised input
         # (routing/guess.py), guesses its experts; copies start while we compute.
         self._next_router = [next_router]  # a list: not a submodule (the router belongs to layer l+1)
-        self.prefetch = prefetch if next_router is not None else 0
-        self._guess_w = guess_w if guess_w is not None or next_router is None else \
-            next_router.weight.detach().float()
+        self._guess_w = guess_w
         self.layer = layer
         self.original = original  # the CPU tier (kept on the CPU when the model moves to a GPU)
         self.store, self.cache, self.cost, self.policy = store, cache, cost, policy
         self.telemetry = telemetry
         self.num_experts = original.num_experts
+        self.prefetch = 0
+        self.set_prefetch(prefetch)
+
+    def set_prefetch(self, width: int) -> None:
+        """Experts of layer l+1 to prefetch per call (0: off; no next layer or no cache: always off)."""
+        able = self._next_router[0] is not None and self._guess_w is not None and self.cache is not None
+        self.prefetch = width if able else 0
 
     def _decide(self, e: int, n: int) -> tuple[str, int | None]:
         """('gpu', slot) or ('cpu', None) for one expert call of n tokens."""
