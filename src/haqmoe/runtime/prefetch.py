@@ -6,10 +6,11 @@ budget of bandwidth x the time layer l takes (``budget_layers`` scales it). A wr
 bandwidth and a slot, never correctness: the expert that is really needed is served as usual.
 
 Traces without guesses (built from statistics) get synthetic guesses with a given top-k recall
-per layer. Default ``DEFAULT_GUESS_RECALL`` = 0.8, slightly below what was measured on the
-profiled upcycled SmolLM2 MoE (top-2 recall 0.86 mean over layers, 0.91 median, on held-out
-WikiText-2 windows; bench/results/cache.md): real Mixtral routers change more between layers
-than an upcycled model's, so we stay conservative. Pass the measured value when you have one.
+per layer. Default ``DEFAULT_GUESS_RECALL`` = 0.8, below what was measured on the profiled
+upcycled SmolLM2 MoE (recall 0.88 mean over layers with the norm re-based guesses of
+routing/guess.py, 0.86 before; held-out WikiText-2 windows; bench/results/cache.md): real Mixtral
+routers change more between layers than an upcycled model's, so we stay conservative. Pass the
+measured value when you have one.
 """
 
 from __future__ import annotations
