@@ -112,3 +112,21 @@ def test_real_int8_engine_runs_int8_modules_for_in_memory_quantized_models():
     kinds = {type(m) for m in real.model.modules()}
     assert Int8Linear in kinds and Int8Experts in kinds and not kinds & {QuantLinear, QuantExperts}
     assert real.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref
+
+
+def test_prefetch_with_learned_guesses_keeps_tokens(tmp_path):
+    """--guess-trace: per-layer transition tables learned from a profiled trace of the same model."""
+    from haqmoe.routing.profile import trace_windows
+    from haqmoe.routing.trace_io import save_trace
+
+    model = tiny_model("mixtral", seed=3)
+    ids = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(5))
+    path = save_trace(trace_windows(model, adapter_for(model), ids, guess_width=2), tmp_path / "trace")
+    engine, ref = make(emulate_gpu=True, slots_per_layer=4, decision="predictor", n_critical=0, prefetch=2,
+                       guess_trace=str(path))
+    assert engine.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref
+    assert engine.summary()["prefetch_copies"] > 0
+    with pytest.raises(HaqmoeError, match="experts"):  # a trace of another model is refused
+        other = tiny_model("mixtral", seed=3, layers=3)
+        bad = save_trace(trace_windows(other, adapter_for(other), ids, guess_width=2), tmp_path / "bad")
+        make(emulate_gpu=True, slots_per_layer=4, prefetch=2, guess_trace=str(bad))

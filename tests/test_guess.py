@@ -33,3 +33,43 @@ def test_layernorm_with_bias_falls_back_to_the_plain_router():
     router = nn.Linear(16, 8, bias=False)
     w = guess_weight(router, nn.LayerNorm(16), nn.LayerNorm(16))
     assert torch.equal(w, router.weight.detach())
+
+
+def _trace(T: int = 60, seed: int = 0):
+    """Layer 0 -> 1: deterministic expert shift (co-occurrence knows it, the recorded router guesses
+    are wrong); layer 1 -> 2: independent experts, router guesses right."""
+    import numpy as np
+
+    from haqmoe.routing.trace import RoutingTrace
+
+    rng = np.random.default_rng(seed)
+    e0 = np.stack([rng.choice(6, 2, replace=False) for _ in range(T)])
+    e1 = (e0 + 1) % 6
+    e2 = np.stack([rng.choice(6, 2, replace=False) for _ in range(T)])
+    experts = np.stack([e0, e1, e2], axis=1).astype(np.int16)
+    guesses = np.full((T, 3, 2), -1, np.int16)
+    guesses[:, 0] = (e1 + 3) % 6  # wrong on purpose
+    guesses[:, 1] = e2
+    return RoutingTrace(experts, 6, np.array([0, T]), guesses=guesses)
+
+
+def test_guess_plan_tables_and_per_layer_choice_against_brute_force():
+    import numpy as np
+
+    from haqmoe.routing.guess import GuessPlan
+
+    tr = _trace()
+    plan = GuessPlan.learn(tr)
+    for l in range(2):  # co-occurrence counts by brute force
+        ref = np.zeros((6, 6))
+        for t in range(tr.num_tokens):
+            for a in tr.experts[t, l]:
+                for b in tr.experts[t, l + 1]:
+                    ref[a, b] += 1
+        np.testing.assert_array_equal(plan.tables[l], ref)
+    assert plan.use_table.tolist() == [True, False]
+    g = plan.apply(tr)
+    np.testing.assert_array_equal(np.sort(g[:, 0], -1), np.sort(tr.experts[:, 1], -1))  # table: exact here
+    np.testing.assert_array_equal(g[:, 1], tr.guesses[:, 1])  # router kept
+    assert plan.guess(0, torch.tensor([[0, 2]]), 2) == sorted([1, 3], key=lambda e: -plan.tables[0][[0, 2]].sum(0)[e])
+    assert plan.guess(1, torch.tensor([[0, 2]]), 2) is None

@@ -12,8 +12,14 @@ exactly the guesses the engine would make.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import nn
+
+from ..errors import HaqmoeError
+from .trace import RoutingTrace
 
 
 def _gamma(norm: nn.Module | None) -> torch.Tensor | None:
@@ -50,3 +56,74 @@ def guess_for_batch(hidden: torch.Tensor, weight: torch.Tensor, next_router: nn.
     if getattr(next_router, "e_score_correction_bias", None) is None:
         scores = torch.softmax(scores, dim=-1)
     return scores.sum(dim=0).topk(width).indices.tolist()
+
+
+# ------------------------------------------------------------- per-layer choice: router or transition
+@dataclass
+class GuessPlan:
+    """Which guess each layer uses, learned on a profiling trace.
+
+    The re-based router fails where the residual update between two layers dominates (layer 0 of the
+    upcycled SmolLM2 MoE: recall 0.01), while the co-occurrence of experts in consecutive layers,
+    counted on the profiling trace, still predicts well there (0.83). ``tables[l]`` [E, E] counts
+    (expert at l, expert at l+1) pairs; the guess for l+1 sums the rows of the token's experts at l.
+    A layer uses its table only where that beat the router's guesses on the profiling trace.
+    """
+
+    tables: np.ndarray  # [L-1, E, E] co-occurrence counts
+    use_table: np.ndarray  # [L-1] bool
+
+    @classmethod
+    def learn(cls, trace: RoutingTrace, width: int | None = None) -> "GuessPlan":
+        """Count transitions on ``trace`` and pick per layer (router guesses needed to compare)."""
+        L, E = trace.num_layers, trace.num_experts
+        tables = np.zeros((max(L - 1, 0), E, E))
+        for l in range(L - 1):
+            a, b = trace.experts[:, l].astype(np.int64), trace.experts[:, l + 1].astype(np.int64)
+            ok = (a[:, :, None] >= 0) & (b[:, None, :] >= 0)
+            pairs = (a[:, :, None] * E + b[:, None, :])[ok]
+            tables[l] = np.bincount(pairs, minlength=E * E).reshape(E, E)
+        plan = cls(tables, np.zeros(max(L - 1, 0), bool))
+        if trace.guesses is not None:
+            w = width or trace.top_k
+            router = _recall(trace, trace.guesses[:, :, :w])
+            table = _recall(trace, plan.rankings(trace.experts, w))
+            plan.use_table = table > router
+        return plan
+
+    def rankings(self, experts: np.ndarray, width: int) -> np.ndarray:
+        """Transition guesses [T, L, width] for every layer of a [T, L, k] expert array (row L-1: -1)."""
+        T, L, _ = experts.shape
+        out = np.full((T, L, width), -1, dtype=np.int16)
+        for l in range(L - 1):
+            ids = experts[:, l].astype(np.int64)
+            scores = np.where((ids >= 0)[:, :, None], self.tables[l][np.maximum(ids, 0)], 0.0).sum(axis=1)
+            out[:, l] = np.argsort(-scores, axis=1, kind="stable")[:, :width]
+        return out
+
+    def apply(self, trace: RoutingTrace) -> np.ndarray:
+        """``trace``'s recorded router guesses with the table layers replaced: what the engine guesses."""
+        if trace.guesses is None:
+            raise HaqmoeError("the trace has no router guesses to combine with (profile it with guesses)")
+        g = trace.guesses.copy()
+        table = self.rankings(trace.experts, g.shape[2])
+        for l in np.flatnonzero(self.use_table):
+            g[:, l] = table[:, l]
+        return g
+
+    def guess(self, layer: int, experts_now: torch.Tensor, width: int) -> list[int] | None:
+        """Engine side: the table guess for ``layer + 1`` from a batch's experts at ``layer``, or None
+        where this layer keeps the router's guess."""
+        if layer >= len(self.use_table) or not self.use_table[layer]:
+            return None
+        ids = experts_now.reshape(-1).cpu().numpy().astype(np.int64)
+        scores = self.tables[layer][ids[ids >= 0]].sum(axis=0)
+        return [int(e) for e in np.argsort(-scores, kind="stable")[:width]]
+
+
+def _recall(trace: RoutingTrace, guesses: np.ndarray) -> np.ndarray:
+    """Per layer l < L-1: share of layer l+1's experts among the guesses made at layer l."""
+    true = trace.experts[:, 1:].astype(np.int64)  # [T, L-1, k]
+    g = guesses[:, :-1].astype(np.int64)  # [T, L-1, w]
+    hits = (g[:, :, :, None] == true[:, :, None, :]).any(axis=2) & (true >= 0)
+    return hits.sum(axis=(0, 2)) / np.maximum((true >= 0).sum(axis=(0, 2)), 1)

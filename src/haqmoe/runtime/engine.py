@@ -20,7 +20,7 @@ import torch
 from ..errors import HaqmoeError
 from ..models.adapters import set_module
 from ..models.loading import LoadedModel
-from ..routing.guess import guess_weight
+from ..routing.guess import GuessPlan, guess_weight
 from .cache import CacheConfig, ExpertCache
 from .hybrid import HybridExperts, Telemetry
 from .policies import make_policy
@@ -39,6 +39,7 @@ class EngineConfig:
     profile: str = "rtx5090d"  # hardware profile for the cost model when no GPU is measured
     n_critical: float | None = None  # override the predictor's threshold
     prefetch: int = 0  # next-layer experts to prefetch per layer (0 = off; GPU tier only)
+    guess_trace: str | None = None  # profiled trace: learn per-layer transition guesses (routing/guess.py)
     exec_mode: str = "fake"  # quantized CPU-tier execution: fake | dequant | real | auto (quant/precision.py)
 
 
@@ -114,11 +115,12 @@ class CollaborativeEngine:
                             self.store.load_slot(slot, layer, e)
                 self.cache.stats = type(self.cache.stats).zeros(len(blocks))  # count from generation on
         routers, norms = [adapter.router(b) for b in blocks], [adapter.router_norm(b) for b in blocks]
+        guess_plan = self._guess_plan(len(blocks), num_experts)
         for layer, (block, ex) in enumerate(zip(blocks, experts)):
             nxt = routers[layer + 1] if layer + 1 < len(blocks) and self.cache is not None else None
             gw = guess_weight(nxt, norms[layer], norms[layer + 1]) if nxt is not None else None
             hybrid = HybridExperts(layer, ex, self.store, self.cache, self.cost, cfg.decision, self.telemetry,
-                                   nxt, cfg.prefetch, gw)
+                                   nxt, cfg.prefetch, gw, guess_plan)
             set_module(block, adapter.moe.experts, hybrid)
         if cfg.exec_mode != "fake":  # after the store copied the int8 experts; quantized in memory counts too
             from ..quant.precision import convert, normalize_mode
@@ -133,6 +135,13 @@ class CollaborativeEngine:
         from ..routing.placement import Plan
 
         return Plan.load(self.cfg.plan, num_layers, num_experts)
+
+    def _guess_plan(self, num_layers: int, num_experts: int) -> GuessPlan | None:
+        if self.cfg.guess_trace is None:
+            return None
+        from ..routing.trace_io import load_trace
+
+        return GuessPlan.learn(load_trace(self.cfg.guess_trace, num_layers=num_layers, num_experts=num_experts))
 
     def _cost_model(self, num_experts: int) -> CostModel:
         from .calibrate import calibrate

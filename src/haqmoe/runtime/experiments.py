@@ -13,13 +13,14 @@ is measured on a held-out trace.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from ..errors import HaqmoeError
+from ..routing.guess import GuessPlan
 from ..routing.trace import RoutingTrace
 from .predictor import CostCurve, CostModel
 from .prefetch import PrefetchConfig, guess_quality
@@ -39,6 +40,16 @@ class TracePair:
     eval: RoutingTrace  # held-out split
     kind: str  # "real trace" | "synthetic" | "synthetic-from-statistics"
     shape: str  # ModelSpec name used for timing
+    router_guesses: np.ndarray | None = None  # the eval split's recorded router guesses, before learning
+
+
+def with_learned_guesses(pair: TracePair) -> TracePair:
+    """Replace the held-out split's guesses by what the engine guesses when given the profiling split
+    (``--guess-trace``): per layer, the next router or the expert co-occurrence learned on ``plan``."""
+    if pair.eval.guesses is None or pair.plan.guesses is None:
+        return pair
+    learned = GuessPlan.learn(pair.plan).apply(pair.eval)
+    return replace(pair, eval=replace(pair.eval, guesses=learned), router_guesses=pair.eval.guesses)
 
 
 def split_trace(trace: RoutingTrace, held_out: float = 0.5) -> tuple[RoutingTrace, RoutingTrace]:
@@ -100,7 +111,7 @@ def tiny_pair(family: str, requests: int = 8, tokens_per_request: int = 256, gue
     tr = trace_windows(model, adapter_for(model), windows, guess_width)
     tr.meta["model"] = f"tiny-{family}"
     plan, ev = split_trace(tr)
-    return TracePair(f"tiny-{family}", plan, ev, "real trace (tiny random model)", "smollm2-moe")
+    return with_learned_guesses(TracePair(f"tiny-{family}", plan, ev, "real trace (tiny random model)", "smollm2-moe"))
 
 
 def load_pair(source: str, held_out: float = 0.5, shape: str | None = None) -> TracePair:
@@ -120,7 +131,7 @@ def load_pair(source: str, held_out: float = 0.5, shape: str | None = None) -> T
     plan, ev = split_trace(tr, held_out)
     name = str(tr.meta.get("model", p.name))
     guess_shape = shape or ("mixtral-8x7b" if "mixtral" in name.lower() else "smollm2-moe")
-    return TracePair(name, plan, ev, "real trace", guess_shape)
+    return with_learned_guesses(TracePair(name, plan, ev, "real trace", guess_shape))
 
 
 def slots_for(frac: float, trace: RoutingTrace) -> int:
@@ -169,12 +180,15 @@ def cache_rows(pair: TracePair, profile: HardwareProfile, fracs: Iterable[float]
 
 
 def guess_rows(pair: TracePair) -> list[dict]:
-    """Per-layer prefetch guess recall / precision of the held-out trace (its own guesses)."""
+    """Per-layer guess recall / precision on the held-out trace: the learned per-layer choice, and
+    ``router_only_recall`` of the next router alone (what the trace recorded)."""
     if pair.eval.guesses is None:
         return []
     q = guess_quality(pair.eval)
-    return [{"source": pair.source, "layer": l, "recall": r, "precision": p, "kind": pair.kind}
-            for l, (r, p) in enumerate(zip(q["recall"], q["precision"]))]
+    router = guess_quality(pair.eval, guesses=pair.router_guesses)["recall"] if pair.router_guesses is not None \
+        else q["recall"]
+    return [{"source": pair.source, "layer": l, "recall": r, "precision": p, "router_only_recall": ro,
+             "kind": pair.kind} for l, (r, p, ro) in enumerate(zip(q["recall"], q["precision"], router))]
 
 
 # ------------------------------------------------------------------------------- simulate

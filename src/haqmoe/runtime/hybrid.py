@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..routing.guess import guess_for_batch
+from ..routing.guess import GuessPlan, guess_for_batch
 from .cache import ExpertCache
 from .predictor import CostModel
 from .store import ExpertStore
@@ -43,12 +43,13 @@ class HybridExperts(nn.Module):
     def __init__(self, layer: int, original: nn.Module, store: ExpertStore, cache: ExpertCache | None,
                  cost: CostModel | None, policy: str, telemetry: Telemetry,
                  next_router: nn.Module | None = None, prefetch: int = 0,
-                 guess_w: torch.Tensor | None = None):
+                 guess_w: torch.Tensor | None = None, guess_plan: GuessPlan | None = None):
         super().__init__()
         # Next-layer prefetch: layer l+1's router, re-based onto this layer's normalised input
         # (routing/guess.py), guesses its experts; copies start while we compute.
         self._next_router = [next_router]  # a list: not a submodule (the router belongs to layer l+1)
         self._guess_w = guess_w
+        self._guess_plan = guess_plan  # per-layer transition tables where they beat the router
         self.layer = layer
         self.original = original  # the CPU tier (kept on the CPU when the model moves to a GPU)
         self.store, self.cache, self.cost, self.policy = store, cache, cost, policy
@@ -78,10 +79,13 @@ class HybridExperts(nn.Module):
                 return "gpu", slot
         return "cpu", None
 
-    def _prefetch_next(self, hidden_states: torch.Tensor) -> None:
+    def _prefetch_next(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> None:
         """Copy layer l+1's likeliest experts into the cache; a wrong guess costs a copy and a slot."""
         t = time.perf_counter()
-        guesses = guess_for_batch(hidden_states, self._guess_w, self._next_router[0], self.prefetch)
+        plan = self._guess_plan
+        guesses = plan.guess(self.layer, top_k_index, self.prefetch) if plan is not None else None
+        if guesses is None:
+            guesses = guess_for_batch(hidden_states, self._guess_w, self._next_router[0], self.prefetch)
         self.telemetry.guess_ms += 1e3 * (time.perf_counter() - t)
         nxt = self.layer + 1
         for e in guesses:
@@ -113,7 +117,7 @@ class HybridExperts(nn.Module):
             else:
                 cpu_jobs.append((e, token_idx, w))
         if self.prefetch:
-            self._prefetch_next(hidden_states)
+            self._prefetch_next(hidden_states, top_k_index)
         for e, token_idx, w in cpu_jobs:  # overlaps the asynchronous GPU work above
             x = hidden_states[token_idx].cpu()
             y = self.original(x, torch.full((len(x), 1), e), torch.ones(len(x), 1, dtype=x.dtype))
