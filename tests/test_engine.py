@@ -38,6 +38,7 @@ CASES = {
     "none-resident": dict(emulate_gpu=True, slots_per_layer=2, decision="always-cpu"),
     "mixed": dict(emulate_gpu=True, slots_per_layer=3, decision="predictor", n_critical=1),
     "lru-evicting": dict(emulate_gpu=True, slots_per_layer=3, decision="predictor", n_critical=0),
+    "balanced": dict(emulate_gpu=True, slots_per_layer=3, decision="balanced"),
 }
 
 

@@ -94,3 +94,12 @@ def test_calibration_is_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(calibrate, "time_cpu_expert", lambda *a, **k: calls.append(1))
     m2 = calibrate.calibrate(32, 64, ns=(1, 4, 16))
     assert not calls and m2.t_cpu(4) == pytest.approx(m.t_cpu(4))
+
+
+def test_balanced_sends_a_miss_to_the_channel_that_finishes_first():
+    m = linear_model()  # T_cpu(1) = 1, transfer 5 + T_gpu(1) = 5.1
+    assert m.decide(False, 1, "balanced") == "cpu"  # idle queues: same as the predictor
+    assert m.decide(False, 1, "balanced", cpu_queue_ms=4.5) == "transfer"  # 5.1 < 4.5 + 1
+    assert m.decide(False, 1, "balanced", cpu_queue_ms=4.5, copy_wait_ms=1.0) == "cpu"  # 6.1 > 5.5
+    assert m.decide(False, 1, "balanced", inflight_ms=2.0, cpu_queue_ms=2.0) == "wait"  # 2.1 < 3
+    assert m.decide(False, 1, "predictor", cpu_queue_ms=100.0) == "cpu"  # the paper's rule ignores queues

@@ -136,3 +136,12 @@ def test_tiny_model_trace_pair_records_real_routing_and_guesses():
     np.testing.assert_array_equal(pair.plan.experts, ref.experts[:12])
     np.testing.assert_array_equal(pair.eval.experts, ref.experts[12:])
     assert len(np.unique(ref.experts)) > 2  # real routing spreads over the experts
+
+
+def test_balanced_splits_a_layers_misses_between_cpu_and_pcie_by_hand():
+    # one token, two missed experts: predictor runs both on the CPU (2 + 2 = 4 ms); balanced sends the
+    # second through a copy (3 + 0.5 = 3.5 ms, in parallel with the first one's 2 ms CPU)
+    tr = RoutingTrace(np.array([[[0, 1]]], np.int16), 3, np.array([0, 1]))
+    assert run(tr, 2, "predictor").token_ms.tolist() == pytest.approx([4.0])
+    res = run(tr, 2, "balanced")
+    assert res.token_ms.tolist() == pytest.approx([3.5]) and res.decisions == {"cpu": 1, "transfer": 1}

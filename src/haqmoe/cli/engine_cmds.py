@@ -12,7 +12,7 @@ import typer
 from .common import app, emit, state
 
 _ENGINE_OPTS = dict(
-    policy=typer.Option("predictor", help="Non-resident experts: predictor | always-transfer | always-cpu."),
+    policy=typer.Option("predictor", help="Non-resident experts: predictor | always-transfer | always-cpu | balanced (CPU and copies side by side)."),
     cache_policy=typer.Option("lru", help="GPU cache eviction: lru | lfu | pinned+lru (pins the plan)."),
     slots=typer.Option(None, min=0, help="GPU expert slots per layer (default: plan size, else half)."),
     plan=typer.Option(None, help="Placement plan JSON from `haqmoe plan`."),

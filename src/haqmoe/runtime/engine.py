@@ -34,7 +34,7 @@ class EngineConfig:
     emulate_gpu: bool = False  # run the GPU tier on the CPU (no GPU needed; exercises every path)
     slots_per_layer: int | None = None  # GPU expert slots per layer (default: plan size, else half)
     cache_policy: str = "lru"  # lru | lfu | pinned+lru (pins the plan's experts)
-    decision: str = "predictor"  # predictor | always-transfer | always-cpu
+    decision: str = "predictor"  # predictor | always-transfer | always-cpu | balanced
     plan: str | None = None  # placement plan JSON (haqmoe plan)
     profile: str = "rtx5090d"  # hardware profile for the cost model when no GPU is measured
     n_critical: float | None = None  # override the predictor's threshold

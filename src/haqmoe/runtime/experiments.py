@@ -199,6 +199,7 @@ SIM_POLICIES = {
     "predictor": ("static", "predictor", False, False),  # the paper: plan + cost predictor
     "full": ("pinned+lru", "predictor", True, False),  # + cache with background admission
     "full+prefetch": ("pinned+lru", "predictor", True, True),
+    "balanced+prefetch": ("pinned+lru", "balanced", True, True),  # misses split between CPU and PCIe
 }
 
 

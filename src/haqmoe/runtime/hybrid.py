@@ -63,21 +63,24 @@ class HybridExperts(nn.Module):
         able = self._next_router[0] is not None and self._guess_w is not None and self.cache is not None
         self.prefetch = width if able else 0
 
-    def _decide(self, e: int, n: int) -> tuple[str, int | None]:
-        """('gpu', slot) or ('cpu', None) for one expert call of n tokens."""
+    def _decide(self, e: int, n: int, cpu_queue_ms: float = 0.0,
+                copy_wait_ms: float = 0.0) -> tuple[str, int | None, bool]:
+        """(tier, slot, copied now) for one expert call of n tokens: ('gpu', slot, ...) or ('cpu', None,
+        False). The queues (what this layer already gave the CPU and the copy engine) feed ``balanced``."""
         cache = self.cache
         outcome = cache.lookup(self.layer, e)
         if outcome != "miss":
-            return "gpu", cache.get(self.layer, e).slot
-        decision = self.cost.decide(False, n, self.policy) if self.cost is not None else "cpu"
+            return "gpu", cache.get(self.layer, e).slot, False
+        decision = self.cost.decide(False, n, self.policy, cpu_queue_ms=cpu_queue_ms,
+                                    copy_wait_ms=copy_wait_ms) if self.cost is not None else "cpu"
         if decision == "transfer":
             slot = cache.admit(self.layer, e)
             if slot is not None:
                 event = self.store.load_slot(slot, self.layer, e)
                 if event is not None:
                     torch.cuda.current_stream().wait_event(event)
-                return "gpu", slot
-        return "cpu", None
+                return "gpu", slot, True
+        return "cpu", None, False
 
     def _prefetch_next(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> None:
         """Copy layer l+1's likeliest experts into the cache; a wrong guess costs a copy and a slot."""
@@ -105,9 +108,13 @@ class HybridExperts(nn.Module):
         self.cache.begin_step(tel.step, protect=[(self.layer, e) for e in used])
         out = torch.zeros_like(hidden_states)
         cpu_jobs = []
+        cpu_ms = copy_ms = 0.0  # this layer's queues, as the cost model sees them
         for e in used:
             token_idx, k_pos = torch.where(top_k_index == e)
-            tier, slot = self._decide(e, len(token_idx))
+            tier, slot, copied = self._decide(e, len(token_idx), cpu_ms, copy_ms)
+            if self.cost is not None:
+                cpu_ms += self.cost.t_cpu(len(token_idx)) if tier == "cpu" else 0.0
+                copy_ms += self.cost.transfer_ms if copied else 0.0
             w = top_k_weights[token_idx, k_pos, None]
             if tier == "gpu":
                 y = self.store.gpu_forward(slot, hidden_states[token_idx].to(self.store.device))

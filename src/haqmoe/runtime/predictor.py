@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import HaqmoeError
 
-DECISION_POLICIES = ("predictor", "always-transfer", "always-cpu")
+DECISION_POLICIES = ("predictor", "always-transfer", "always-cpu", "balanced")
 N_MAX = 1 << 16
 
 
@@ -105,8 +105,14 @@ class CostModel:
         return float(lo)
 
     def decide(self, resident: bool, n: int, policy: str = "predictor",
-               inflight_ms: float | None = None) -> str:
-        """'gpu' (resident), 'wait' (copy in flight, then GPU), 'transfer' or 'cpu'."""
+               inflight_ms: float | None = None, cpu_queue_ms: float = 0.0, copy_wait_ms: float = 0.0) -> str:
+        """'gpu' (resident), 'wait' (copy in flight, then GPU), 'transfer' or 'cpu'.
+
+        ``balanced`` also counts what this layer already queued: ``cpu_queue_ms`` of CPU expert work
+        and ``copy_wait_ms`` until the copy engine is free. The paper's predictor sends every
+        one-token miss to the CPU and leaves PCIe idle at decode; balanced sends a miss to whichever
+        channel finishes it first, so CPU compute and weight copies run side by side.
+        """
         if policy not in DECISION_POLICIES:
             raise HaqmoeError(f"unknown policy {policy!r} (choose from {', '.join(DECISION_POLICIES)})")
         if resident:
@@ -116,7 +122,11 @@ class CostModel:
                 return "wait"
             if policy == "always-cpu":
                 return "cpu"
-            return "wait" if inflight_ms + self.t_gpu(n) < self.t_cpu(n) else "cpu"
+            queued = cpu_queue_ms if policy == "balanced" else 0.0
+            return "wait" if inflight_ms + self.t_gpu(n) < queued + self.t_cpu(n) else "cpu"
+        if policy == "balanced":
+            return "transfer" if copy_wait_ms + self.transfer_ms + self.t_gpu(n) < cpu_queue_ms + self.t_cpu(n) \
+                else "cpu"
         if policy == "always-transfer":
             return "transfer"
         if policy == "always-cpu":

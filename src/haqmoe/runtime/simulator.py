@@ -114,7 +114,7 @@ def _warm(cache: ExpertCache, plan_trace: RoutingTrace) -> None:
 # ---------------------------------------------------------------------------- the replay
 @dataclass
 class ReplayOptions:
-    decision: str = "always-transfer"  # predictor | always-transfer | always-cpu
+    decision: str = "always-transfer"  # predictor | always-transfer | always-cpu | balanced
     async_admit: bool = False  # copy CPU-served misses into the cache in the background
     async_backlog: float = 1.0  # ... only while the copy queue is shorter than this many copies
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
@@ -212,11 +212,12 @@ class Replay:
                 self.decisions["gpu"] += 1
                 continue
             all_resident = False
+            queue = dict(cpu_queue_ms=cpu_ms, copy_wait_ms=max(self.copies.free_at - r, 0.0))
             if out == "inflight":
                 ready = cache.get(l, e).ready_at
-                d = cost.decide(False, n, opt.decision, inflight_ms=ready - r)
+                d = cost.decide(False, n, opt.decision, inflight_ms=ready - r, **queue)
             else:
-                d = cost.decide(False, n, opt.decision)
+                d = cost.decide(False, n, opt.decision, **queue)
             self.decisions[d] += 1
             if d == "wait":
                 gpu.append((ready, cost.t_gpu(n)))
