@@ -79,7 +79,7 @@ def run(model: str = typer.Argument("smollm2-moe", help="MoE model source (embed
 
 @app.command("bench-runtime")
 def bench_runtime(model: str = typer.Argument("smollm2-moe", help="MoE model source."),
-                  policies: str = typer.Option("always-transfer,always-cpu,predictor",
+                  policies: str = typer.Option("always-transfer,always-cpu,predictor,balanced",
                                                help="Comma-separated decision policies to compare."),
                   prompt_tokens: int = typer.Option(128, min=1, help="Prompt length (tokens of WikiText/pydoc)."),
                   max_tokens: int = typer.Option(32, min=2, help="Decode tokens per run."),
