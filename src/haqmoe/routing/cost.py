@@ -32,7 +32,10 @@ SMOLLM2_MOE_EXPERT_PARAMS = 3 * 576 * 1536  # gate, up, down of one upcycled Smo
 
 
 @dataclass(frozen=True)
-class HardwareProfile:
+class PlanningCosts:
+    """Closed-form expert costs a placement strategy optimises (not runtime/profiles.HardwareProfile,
+    the per-GPU profile the simulator and the engine's predictor use)."""
+
     name: str
     expert_bytes: float  # bytes of one expert as stored on the GPU (int8 weights + scales)
     pcie_gbps: float = 24.0
@@ -76,14 +79,14 @@ def int8_expert_bytes(params: int, rows: int) -> float:
 
 
 PROFILES = {
-    "mixtral-int8-pcie4": HardwareProfile("mixtral-int8-pcie4",
+    "mixtral-int8-pcie4": PlanningCosts("mixtral-int8-pcie4",
                                           int8_expert_bytes(MIXTRAL_EXPERT_PARAMS, 2 * 14336 + 4096)),
-    "smollm2moe-int8-pcie4": HardwareProfile("smollm2moe-int8-pcie4",
+    "smollm2moe-int8-pcie4": PlanningCosts("smollm2moe-int8-pcie4",
                                              int8_expert_bytes(SMOLLM2_MOE_EXPERT_PARAMS, 2 * 1536 + 576)),
 }
 
 
-def get_profile(name: str) -> HardwareProfile:
+def get_profile(name: str) -> PlanningCosts:
     if name not in PROFILES:
         raise HaqmoeError(f"unknown hardware profile '{name}' (known: {', '.join(PROFILES)})")
     return PROFILES[name]
@@ -92,7 +95,7 @@ def get_profile(name: str) -> HardwareProfile:
 DEFAULT_DECODE_TOKENS = 32
 
 
-def request_costs(rc: np.ndarray, profile: HardwareProfile, top_k: int,
+def request_costs(rc: np.ndarray, profile: PlanningCosts, top_k: int,
                   decode_tokens: int = DEFAULT_DECODE_TOKENS) -> tuple[np.ndarray, np.ndarray]:
     """(cost if resident, cost if not) per request, layer and expert [C, L, E], in ms."""
     rc = np.asarray(rc, np.float64)
@@ -103,7 +106,7 @@ def request_costs(rc: np.ndarray, profile: HardwareProfile, top_k: int,
     return hit, miss
 
 
-def request_latency_ms(resident: np.ndarray, rc: np.ndarray, profile: HardwareProfile, top_k: int,
+def request_latency_ms(resident: np.ndarray, rc: np.ndarray, profile: PlanningCosts, top_k: int,
                        decode_tokens: int = DEFAULT_DECODE_TOKENS) -> np.ndarray:
     """[C] expert time of each request (prefill + decode), from its per-layer counts [C, L, E]."""
     hit, miss = request_costs(rc, profile, top_k, decode_tokens)

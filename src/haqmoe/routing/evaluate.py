@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cost import DEFAULT_DECODE_TOKENS, HardwareProfile, request_latency_ms
+from .cost import DEFAULT_DECODE_TOKENS, PlanningCosts, request_latency_ms
 from .placement import Plan
 from .stats import layer_counts
 from .trace import RoutingTrace
@@ -72,7 +72,7 @@ def evaluate_trace(plan: Plan, trace: RoutingTrace) -> HitSummary:
     return HitSummary.of(layer_hit(plan.mask(), layer_counts(trace)))
 
 
-def expected_latency_ms(plan: Plan, rc: np.ndarray, profile: HardwareProfile,
+def expected_latency_ms(plan: Plan, rc: np.ndarray, profile: PlanningCosts,
                         decode_tokens: int = DEFAULT_DECODE_TOKENS) -> float:
     """Mean expert time (ms) of the sample requests ``rc`` [C, L, E] (prefill + decode) under ``profile``."""
     if rc.shape[0] == 0:

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import HaqmoeError
 from ..io import atomic_write_text
-from .cost import DEFAULT_DECODE_TOKENS, HardwareProfile, request_costs
+from .cost import DEFAULT_DECODE_TOKENS, PlanningCosts, request_costs
 from .stats import RoutingStats
 from .trace_io import check_model
 
@@ -278,7 +278,7 @@ class LatencyOptimal:
     the saving is proportional to frequency.
     """
 
-    profile: HardwareProfile
+    profile: PlanningCosts
     request_counts: np.ndarray | None = None
     min_per_layer: int = 0
     max_per_layer: int | None = None  # with min_per_layer: a band around B/L that bounds layer imbalance
@@ -324,7 +324,7 @@ class LatencyOptimal:
 STRATEGIES = ("global-frequency", "path-frequency", "two-stage", "layer-frequency", "latency", "latency-balanced")
 
 
-def make_strategy(name: str, profile: HardwareProfile | None = None, request_counts: np.ndarray | None = None,
+def make_strategy(name: str, profile: PlanningCosts | None = None, request_counts: np.ndarray | None = None,
                   **kw) -> Strategy:
     if name == "global-frequency":
         return GlobalFrequency()
