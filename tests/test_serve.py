@@ -168,3 +168,17 @@ def test_client_disconnect_cancels_generation(server, client):
     # The engine is free again and still answers correctly.
     out = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=3, temperature=0)
     assert out.usage.completion_tokens >= 1
+
+
+@pytest.mark.parametrize("kind,field,value", [("completion", "echo", True), ("completion", "logprobs", 3),
+                                              ("chat", "logprobs", True), ("chat", "tools", [{"type": "function"}])])
+def test_unsupported_openai_options_are_refused_by_name(kind, field, value):
+    from pydantic import ValidationError
+
+    from haqmoe.serve.schemas import ChatRequest, CompletionRequest
+
+    cls, base = ((CompletionRequest, {"prompt": "hi"}) if kind == "completion"
+                 else (ChatRequest, {"messages": [{"role": "user", "content": "hi"}]}))
+    with pytest.raises(ValidationError, match=f"'{field}' is not supported"):
+        cls(**base, **{field: value})
+    cls(**base, **{field: False if value is True else None})  # unset / false is fine

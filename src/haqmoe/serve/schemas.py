@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class _Sampling(BaseModel):
@@ -38,6 +38,17 @@ class _Sampling(BaseModel):
         return bool(self.stream_options and self.stream_options.get("include_usage"))
 
 
+def refuse(*fields: str):
+    """A validator rejecting any set value of ``fields``: OpenAI options the engine cannot honour."""
+
+    def check(cls, v, info: ValidationInfo):
+        if v:
+            raise ValueError(f"'{info.field_name}' is not supported")
+        return v
+
+    return field_validator(*fields)(classmethod(check))
+
+
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
     echo: bool = False
@@ -55,19 +66,7 @@ class CompletionRequest(_Sampling):
             raise ValueError("prompt must be non-empty")
         return v
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v):
-        if v:
-            raise ValueError("echo is not supported")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
+    _unsupported = refuse("echo", "logprobs")
 
 
 class TextPart(BaseModel):
@@ -92,16 +91,4 @@ class ChatRequest(_Sampling):
     logprobs: bool = False
     tools: list | None = None
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v):
-        if v:
-            raise ValueError("tools are not supported")
-        return v
+    _unsupported = refuse("logprobs", "tools")
