@@ -345,19 +345,18 @@ def compute_checks(by: dict) -> dict:
     lm_head = by.get(("smollm2-135m", "real-int8-lm-head"))
     if real and lm_head and "ppl" in real and "ppl" in lm_head:
         checks["ppl_rel_diff_int8_lm_head_vs_real"] = lm_head["ppl"] / real["ppl"] - 1
-    for mode in ("real-int8", "auto", "real-int8-lm-head"):
-        moe = by.get(("smollm2-moe", mode))
-        if moe:
-            checks[f"moe_decode_{mode}_vs_fp32"] = moe.get("decode_vs_fp32")
-            checks[f"moe_decode_cpu_time_{mode}_vs_fp32"] = moe.get("decode_cpu_vs_fp32")
-            checks[f"moe_weights_{mode}_vs_fp32"] = moe.get("weights_vs_fp32")
-            checks[f"moe_disk_{mode}_vs_fp32"] = moe.get("disk_vs_fp32")
-    for mode in ("real-int8", "auto", "real-int8-lm-head"):
-        d = by.get(("smollm2-135m", mode))
-        if d:
-            checks[f"smollm2_decode_{mode}_vs_llamacpp_q8"] = d.get("decode_vs_llamacpp_q8")
-            checks[f"smollm2_decode_cpu_time_{mode}_vs_llamacpp_q8"] = d.get("decode_cpu_vs_llamacpp_q8")
-            checks[f"smollm2_weights_{mode}_vs_fp32"] = d.get("weights_vs_fp32")
+    wanted = {  # (model, results prefix): {check suffix: row column}
+        ("smollm2-moe", "moe"): {"decode_{}_vs_fp32": "decode_vs_fp32", "decode_cpu_time_{}_vs_fp32": "decode_cpu_vs_fp32",
+                                 "weights_{}_vs_fp32": "weights_vs_fp32", "disk_{}_vs_fp32": "disk_vs_fp32"},
+        ("smollm2-135m", "smollm2"): {"decode_{}_vs_llamacpp_q8": "decode_vs_llamacpp_q8",
+                                      "decode_cpu_time_{}_vs_llamacpp_q8": "decode_cpu_vs_llamacpp_q8",
+                                      "weights_{}_vs_fp32": "weights_vs_fp32"},
+    }
+    for (model, prefix), columns in wanted.items():
+        for mode in ("real-int8", "auto", "real-int8-lm-head"):
+            row = by.get((model, mode))
+            for name, col in (columns.items() if row else ()):
+                checks[f"{prefix}_{name.format(mode)}"] = row.get(col)
     return checks
 
 

@@ -110,29 +110,3 @@ def test_compare_resume_reuses_only_rows_of_the_same_setup(tiny_dir, tmp_path, m
     main(base[:-2] + ["--calib-samples", "3", "-o", str(out), "--methods", "fp32,rtn", "--resume"])
     assert ran == ["fp32", "rtn"]
 
-
-def test_named_peer_row_and_load_model_use_our_compressed_tensors_reader(tmp_path):
-    from haqmoe.models.adapters import adapter_for
-    from haqmoe.models.loading import load_model
-    from haqmoe.quant.checkpoint import save_quantized
-    from haqmoe.quant.compare import external_quant_seconds, parse_label
-    from haqmoe.quant.config import QuantConfig
-    from haqmoe.quant.methods import MethodOptions, quantize_with
-    from haqmoe.quant.modules import QuantLinear
-    from haqmoe.serve.export import ExportConfig, export_compressed_tensors
-
-    model = tiny_model("llama")
-    cfg = QuantConfig.w8a8("rtn", w_sym=True, a_sym=True)
-    quantize_with(model, adapter_for(model), "rtn", cfg, None, progress=False)
-    save_quantized(model, None, tmp_path / "ours", cfg)
-    export_compressed_tensors(str(tmp_path / "ours"), tmp_path / "ct", ExportConfig(dtype="float32"))
-    (tmp_path / "ct" / "peer_meta.json").write_text('{"quant_seconds": 12.5}')
-    spec = parse_label(f"llmcompressor=ct:{tmp_path / 'ct'}", MethodOptions())
-    assert (spec.label, spec.method, spec.path) == ("llmcompressor", "external", str(tmp_path / "ct"))
-    assert external_quant_seconds(spec.path) == 12.5 and external_quant_seconds(str(tmp_path)) == 0.0
-    lm = load_model(str(tmp_path / "ct"), progress=False)
-    assert lm.quant["quant"]["method"] == "compressed-tensors"
-    assert sum(isinstance(m, QuantLinear) for m in lm.model.modules()) == 14
-    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(lm.model(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)

@@ -13,7 +13,8 @@ from haqmoe.quant.methods import quantize_with
 from haqmoe.quant.modules import QuantLinear
 
 
-def test_compressed_tensors_checkpoint_matches_ours(tmp_path):
+def _ct_checkpoint(tmp_path):
+    """Our RTN model (symmetric, as vLLM takes it) exported as a compressed-tensors checkpoint."""
     from haqmoe.serve.export import ExportConfig, export_compressed_tensors
 
     model = tiny_model("llama")
@@ -21,11 +22,38 @@ def test_compressed_tensors_checkpoint_matches_ours(tmp_path):
     quantize_with(model, adapter_for(model), "rtn", cfg, None, progress=False)
     save_quantized(model, None, tmp_path / "ours", cfg)
     export_compressed_tensors(str(tmp_path / "ours"), tmp_path / "ct", ExportConfig(dtype="float32"))
-    peer = load_compressed_tensors(tmp_path / "ct").model
-    assert sum(isinstance(m, QuantLinear) for m in peer.modules()) == 14
-    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    return model, tmp_path / "ct"
+
+
+def _same_logits(a, b, rows: int = 2):
+    ids = torch.randint(0, 128, (rows, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(peer(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_compressed_tensors_checkpoint_matches_ours(tmp_path):
+    model, ct = _ct_checkpoint(tmp_path)
+    peer = load_compressed_tensors(ct).model
+    assert sum(isinstance(m, QuantLinear) for m in peer.modules()) == 14
+    _same_logits(peer, model)
+
+
+def test_named_peer_row_and_load_model_use_our_reader(tmp_path):
+    """``NAME=ct:DIR`` rows, the peer's recorded quantization time, and ``load_model`` (so ``haqmoe
+    eval DIR``) going through our reader rather than transformers' own compressed-tensors path."""
+    from haqmoe.models.loading import load_model
+    from haqmoe.quant.compare import external_quant_seconds, parse_label
+    from haqmoe.quant.methods import MethodOptions
+
+    model, ct = _ct_checkpoint(tmp_path)
+    (ct / "peer_meta.json").write_text('{"quant_seconds": 12.5}')
+    spec = parse_label(f"llmcompressor=ct:{ct}", MethodOptions())
+    assert (spec.label, spec.method, spec.path) == ("llmcompressor", "external", str(ct))
+    assert external_quant_seconds(spec.path) == 12.5 and external_quant_seconds(str(tmp_path)) == 0.0
+    lm = load_model(str(ct), progress=False)
+    assert lm.quant["quant"]["method"] == "compressed-tensors"
+    assert sum(isinstance(m, QuantLinear) for m in lm.model.modules()) == 14
+    _same_logits(lm.model, model, rows=1)
 
 
 def test_not_a_compressed_tensors_checkpoint(tmp_path):
