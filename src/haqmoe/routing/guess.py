@@ -3,9 +3,10 @@
 Layer l+1's router reads ``norm_{l+1}(x')``, x' being the residual stream one MoE and one attention
 later; at layer l only ``norm_l(x)`` exists. For RMS norms ``norm_{l+1}(x) = norm_l(x)·γ_{l+1}/γ_l``,
 so folding that per-channel ratio into a copy of router l+1's weight makes the guess read layer l's
-input the way layer l+1's norm would; only the residual update in between stays unknown. Without
-the ratio, one layer whose γ differs strongly from the next (layer 0 of SmolLM2) ranks the wrong
-experts almost always. One weight copy per layer, computed once: the guess costs one small GEMV.
+input the way layer l+1's norm would; only the residual update in between stays unknown (on the
+upcycled SmolLM2 MoE, layer 1's guesses found 0.59 of layer 2's experts without the ratio, 0.89 with
+it). One weight copy per layer, computed once: the guess costs one small GEMV. Where the residual
+update dominates (layer 0 there) ``GuessPlan`` below uses expert co-occurrence instead.
 The profiler (traces) and the engine (real prefetch) use these functions, so the simulator replays
 exactly the guesses the engine would make.
 """
