@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from haqmoe.errors import HaqmoeError
+from haqmoe.routing.guess import guess_quality
 from haqmoe.routing.trace import RoutingTrace
 from haqmoe.runtime.cache import CacheConfig, ExpertCache
 from haqmoe.runtime.policies import LRUPolicy
 from haqmoe.runtime.predictor import CostCurve, CostModel
-from haqmoe.runtime.prefetch import PrefetchConfig, guess_quality
+from haqmoe.runtime.prefetch import PrefetchConfig
 from haqmoe.runtime.profiles import HardwareProfile, ModelSpec
 from haqmoe.runtime.simulator import CacheSpec, Replay, ReplayOptions, build_cache
 from haqmoe.runtime.synthetic import SyntheticConfig, synthetic_trace
@@ -118,7 +119,6 @@ def test_cli_bad_input_is_one_clean_line(capsys):
 def test_tiny_model_trace_pair_records_real_routing_and_guesses():
     """tiny:FAMILY traces are the model's own routing of folded WikiText-2 ids, split by request,
     with next-layer guesses recorded for exact prefetch replay."""
-    import torch
 
     from haqmoe.data.text import load_text, tokenize
     from haqmoe.models.adapters import adapter_for

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import HaqmoeError
-from .quantizer import QuantSpec
+from .quantizer import QuantSpec, compute_qparams, quantize
 
 _CUDA_MIN_ROWS = 17
 _ALIGN = 8
@@ -419,10 +419,9 @@ def quantize_vocab(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     One row is one output channel of lm_head AND one token's embedding, so a single int8 copy with
     per-row scales serves both ends of a tied model.
     """
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1, keepdim=True).div_(127.0)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(w / scale).clamp_(-127, 127).to(torch.int8), scale
+    spec = QuantSpec(8, True, "channel")
+    scale, zero = compute_qparams(weight.detach(), spec)
+    return quantize(weight.detach(), scale, zero, spec), scale
 
 
 class Int8Embedding(nn.Module):

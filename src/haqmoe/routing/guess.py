@@ -87,9 +87,9 @@ class GuessPlan:
         plan = cls(tables, np.zeros(max(L - 1, 0), bool))
         if trace.guesses is not None:
             w = width or trace.top_k
-            router = _recall(trace, trace.guesses[:, :, :w])
-            table = _recall(trace, plan.rankings(trace.experts, w))
-            plan.use_table = table > router
+            router = guess_quality(trace, w)["recall"]
+            table = guess_quality(trace, w, plan.rankings(trace.experts, w))["recall"]
+            plan.use_table = np.array(table) > np.array(router)
         return plan
 
     def rankings(self, experts: np.ndarray, width: int) -> np.ndarray:
@@ -122,9 +122,19 @@ class GuessPlan:
         return [int(e) for e in np.argsort(-scores, kind="stable")[:width]]
 
 
-def _recall(trace: RoutingTrace, guesses: np.ndarray) -> np.ndarray:
-    """Per layer l < L-1: share of layer l+1's experts among the guesses made at layer l."""
-    true = trace.experts[:, 1:].astype(np.int64)  # [T, L-1, k]
-    g = guesses[:, :-1].astype(np.int64)  # [T, L-1, w]
-    hits = (g[:, :, :, None] == true[:, :, None, :]).any(axis=2) & (true >= 0)
-    return hits.sum(axis=(0, 2)) / np.maximum((true >= 0).sum(axis=(0, 2)), 1)
+def guess_quality(trace: RoutingTrace, num_guesses: int | None = None,
+                  guesses: np.ndarray | None = None) -> dict[str, list[float]]:
+    """Per layer l (guessing layer l+1): recall = share of layer l+1's experts among the top
+    ``num_guesses``; precision = share of those guesses that layer l+1 then uses."""
+    g = trace.guesses if guesses is None else guesses
+    if g is None:
+        raise HaqmoeError("this trace has no prefetch guesses to evaluate")
+    G = num_guesses or trace.top_k
+    recall, precision = [], []
+    for l in range(trace.num_layers - 1):
+        top = g[:, l, :G].astype(np.int64)
+        true = trace.experts[:, l + 1].astype(np.int64)
+        hits = (top[:, :, None] == true[:, None, :]).any(axis=2).sum()
+        recall.append(float(hits / true.size))
+        precision.append(float(hits / top.size))
+    return {"recall": recall, "precision": precision}

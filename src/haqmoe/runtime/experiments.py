@@ -20,11 +20,17 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..errors import HaqmoeError
-from ..routing.guess import GuessPlan
+from ..routing.guess import GuessPlan, guess_quality
 from ..routing.trace import RoutingTrace
 from .predictor import CostCurve, CostModel
-from .prefetch import PrefetchConfig, guess_quality
-from .profiles import HardwareProfile, ModelSpec, cost_model_for, memory_plan, model_spec
+from .prefetch import PrefetchConfig
+from .profiles import (
+    HardwareProfile,
+    ModelSpec,
+    cost_model_for,
+    memory_plan,
+    model_spec,
+)
 from .simulator import CacheSpec, Replay, ReplayOptions, build_cache, spec_for_trace
 from .synthetic import SyntheticConfig, synthetic_trace, trace_from_fractions
 

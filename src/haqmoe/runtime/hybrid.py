@@ -112,7 +112,7 @@ class HybridExperts(nn.Module):
         for e in used:
             token_idx, k_pos = torch.where(top_k_index == e)
             tier, slot, copied = self._decide(e, len(token_idx), cpu_ms, copy_ms)
-            if self.cost is not None:
+            if self.policy == "balanced" and self.cost is not None:  # the only policy reading the queues
                 cpu_ms += self.cost.t_cpu(len(token_idx)) if tier == "cpu" else 0.0
                 copy_ms += self.cost.transfer_ms if copied else 0.0
             w = top_k_weights[token_idx, k_pos, None]

@@ -52,21 +52,3 @@ def guesses_for(trace: RoutingTrace, cfg: PrefetchConfig) -> np.ndarray | None:
         counts[l] = np.bincount(trace.experts[:, l].ravel().astype(np.int64), minlength=trace.num_experts)
     probs = (counts + 1) / (counts + 1).sum(axis=1, keepdims=True)
     return synthesize_guesses(trace.experts, trace.num_experts, recall, np.random.default_rng(cfg.seed), probs)
-
-
-def guess_quality(trace: RoutingTrace, num_guesses: int | None = None,
-                  guesses: np.ndarray | None = None) -> dict[str, list[float]]:
-    """Per layer l (guessing layer l+1): recall = share of layer l+1's experts among the top
-    ``num_guesses``; precision = share of those guesses that layer l+1 then uses."""
-    g = trace.guesses if guesses is None else guesses
-    if g is None:
-        raise HaqmoeError("this trace has no prefetch guesses to evaluate")
-    G = num_guesses or trace.top_k
-    recall, precision = [], []
-    for l in range(trace.num_layers - 1):
-        top = g[:, l, :G].astype(np.int64)
-        true = trace.experts[:, l + 1].astype(np.int64)
-        hits = (top[:, :, None] == true[:, None, :]).any(axis=2).sum()
-        recall.append(float(hits / true.size))
-        precision.append(float(hits / top.size))
-    return {"recall": recall, "precision": precision}
