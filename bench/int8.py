@@ -110,6 +110,77 @@ def file_gb(path: Path) -> float:
 
 
 # ----------------------------------------------------------------------------- workers
+def time_model(m, ids, cfg: BenchConfig, pad_id: int) -> dict:
+    """Prefill tok/s (one forward, no cache) and greedy decode tok/s with the KV cache."""
+    import torch
+
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    row = {}
+    with torch.inference_mode():
+        m(ids[:, :16])  # warm-up (and the fake-quant weight cache)
+        sync()
+        t = time.perf_counter()
+        m(ids, use_cache=False)
+        sync()
+        row["prefill_tok_s"] = ids.shape[1] / (time.perf_counter() - t)
+        prompt = ids[:, : cfg.prompt_tokens]
+        gen = dict(do_sample=False, pad_token_id=pad_id)
+        t, c = time.perf_counter(), time.process_time()
+        m.generate(prompt, max_new_tokens=1, min_new_tokens=1, **gen)
+        sync()
+        first, first_cpu = time.perf_counter() - t, time.process_time() - c
+        t, c = time.perf_counter(), time.process_time()
+        out = m.generate(prompt, max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens, **gen)
+        sync()
+        total, total_cpu = time.perf_counter() - t, time.process_time() - c
+        row["decode_tok_s"] = (cfg.new_tokens - 1) / max(total - first, 1e-9)
+        row["decode_cpu_tok_s"] = (cfg.new_tokens - 1) / max(total_cpu - first_cpu, 1e-9)
+        row["generated"] = out[0, cfg.prompt_tokens:].tolist()
+    return row
+
+
+CUDA_MODES = ("fp16", "fp32", "fake-quant", "dequant-once", "real-int8")
+
+
+def cuda_rows(config_dir: Path, cfg: BenchConfig, device: str = "cuda") -> list[dict]:
+    """Speed on a GPU of random-weight models with the two models' exact configs (speed does not depend
+    on weight values; the GPU machine has no model files). Quantized modes: RTN W8A8 in memory."""
+    import copy
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from haqmoe.models.adapters import adapter_for
+    from haqmoe.quant.config import QuantConfig
+    from haqmoe.quant.precision import convert, weight_bytes
+    from haqmoe.quant.rtn import quantize_rtn
+
+    rows = []
+    for model in cfg.models:
+        mc = AutoConfig.from_pretrained(config_dir / model)
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_config(mc, dtype=torch.float32).eval()
+        quant = copy.deepcopy(base)
+        quantize_rtn(quant, adapter_for(quant), QuantConfig.w8a8("rtn"), progress=False)
+        ids = torch.randint(0, mc.vocab_size, (1, cfg.prefill_tokens), generator=torch.Generator().manual_seed(1))
+        for mode in CUDA_MODES:
+            m = copy.deepcopy(base if mode in ("fp16", "fp32") else quant)
+            m = m.to(device, torch.float16) if mode == "fp16" else m.to(device)
+            if mode in EXEC:
+                convert(m, EXEC[mode])
+            torch.cuda.empty_cache() if device == "cuda" else None
+            row = {"model": model, "mode": mode, "device": torch.cuda.get_device_name(0) if device == "cuda" else device,
+                   "weights": "random (the model's config.json)"}
+            row.update(time_model(m, ids.to(device), cfg, 0))
+            row["weights_gb"] = weight_bytes(m) / 1e9
+            row.pop("generated")
+            rows.append(row)
+            print(f"{model:14s} {mode:14s} decode {row['decode_tok_s']:7.1f} tok/s  prefill {row['prefill_tok_s']:8.1f}"
+                  f" tok/s  weights {row['weights_gb']:.3f} GB", flush=True)
+            del m
+    return rows
+
+
 def torch_worker(model: str, mode: str, cfg: BenchConfig, ppl: bool) -> dict:
     import torch
 
@@ -127,22 +198,7 @@ def torch_worker(model: str, mode: str, cfg: BenchConfig, ppl: bool) -> dict:
     ids = torch.tensor([prompt_ids(lm.tokenizer, cfg.prefill_tokens)])
     row: dict = {"model": model, "mode": mode, "device": "cpu", "threads": cfg.threads,
                  "disk_gb": file_gb(src)}
-    with torch.inference_mode():
-        m(ids[:, :16])  # warm-up (and the fake-quant weight cache)
-        t = time.perf_counter()
-        m(ids, use_cache=False)
-        row["prefill_tok_s"] = ids.shape[1] / (time.perf_counter() - t)
-        prompt = ids[:, : cfg.prompt_tokens]
-        gen = dict(do_sample=False, pad_token_id=lm.tokenizer.eos_token_id)
-        t, c = time.perf_counter(), time.process_time()
-        m.generate(prompt, max_new_tokens=1, min_new_tokens=1, **gen)
-        first, first_cpu = time.perf_counter() - t, time.process_time() - c
-        t, c = time.perf_counter(), time.process_time()
-        out = m.generate(prompt, max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens, **gen)
-        total, total_cpu = time.perf_counter() - t, time.process_time() - c
-        row["decode_tok_s"] = (cfg.new_tokens - 1) / max(total - first, 1e-9)
-        row["decode_cpu_tok_s"] = (cfg.new_tokens - 1) / max(total_cpu - first_cpu, 1e-9)
-        row["generated"] = out[0, cfg.prompt_tokens:].tolist()
+    row.update(time_model(m, ids, cfg, lm.tokenizer.eos_token_id))
     row["weights_gb"] = weight_bytes(m) / 1e9
     if report is not None:
         row["exec"] = report.summary()
@@ -235,9 +291,23 @@ def main() -> None:
     ap.add_argument("--ppl-windows", type=int, default=BenchConfig.ppl_windows)
     ap.add_argument("--seqlen", type=int, default=BenchConfig.seqlen)
     ap.add_argument("--out", default=BenchConfig.out)
+    ap.add_argument("--cuda-configs", type=Path, help="GPU rows instead: random-weight models built from the "
+                    "config.json files in DIR/<model>/ (copy them there from the model cache)")
     args = ap.parse_args()
     if args.worker:
         run_worker(json.loads(args.worker))
+        return
+    if args.cuda_configs:
+        import torch
+
+        from haqmoe.results import run_meta, write_results
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        cfg = BenchConfig(models=tuple(args.models.split(",")), new_tokens=16 if args.quick else 128,
+                          prefill_tokens=64 if args.quick else 512)
+        rows = cuda_rows(args.cuda_configs, cfg, device)
+        write_results(Path(args.out).with_name(Path(args.out).name + "_cuda.json"), rows, run_meta(),
+                      "int8 execution on the GPU (issue 5)", CUDA_NOTES)
         return
     if args.render:
         render(args.render)
@@ -305,6 +375,13 @@ tensor ops per linear for activation quantization and the epilogue, plus the mod
 the GEMMs: llama.cpp runs the whole token in C++.
 No GPU was lent to this task: no CUDA rows.
 """
+
+
+CUDA_NOTES = """Random-weight models with SmolLM2-135M's and the upcycled MoE's exact config.json (the GPU
+machine holds no model files; speed does not depend on weight values). Quantized modes run the RTN
+W8A8 function (asym/asym) quantized in memory; `fp16` is the plain model in half precision. Decode:
+greedy, KV cache, 128 new tokens after a 32-token prompt; prefill: one 512-token forward. One run.
+Eager PyTorch: at these sizes every mode is bound by kernel launches, not by bytes or FLOPs."""
 
 
 def render(json_path: str) -> None:

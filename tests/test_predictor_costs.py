@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from haqmoe.errors import HaqmoeError
 from haqmoe.runtime.predictor import CostCurve, CostModel
@@ -83,17 +84,26 @@ def test_profile_json_roundtrip(tmp_path):
         load_profile(str(p))
 
 
-def test_calibration_is_cached(tmp_path, monkeypatch):
+def test_tier_calibration_measures_the_given_executors_and_is_cached(tmp_path, monkeypatch):
     from haqmoe.runtime import calibrate
 
     monkeypatch.setenv("HAQMOE_CACHE", str(tmp_path))
-    m = calibrate.calibrate(32, 64, ns=(1, 4, 16))
-    files = list((tmp_path / "calibration").glob("*.json"))
-    assert len(files) == 1 and m.t_cpu(4) > 0
+    w = torch.randn(64, 32)
+    slow_cpu = lambda x: [x @ w.t() for _ in range(50)][-1]  # noqa: E731 - 50x the GPU tier's work
     calls = []
-    monkeypatch.setattr(calibrate, "time_cpu_expert", lambda *a, **k: calls.append(1))
-    m2 = calibrate.calibrate(32, 64, ns=(1, 4, 16))
-    assert not calls and m2.t_cpu(4) == pytest.approx(m.t_cpu(4))
+
+    def measure():
+        calls.append(1)
+        return calibrate.calibrate_tiers(slow_cpu, lambda x: x @ w.t(), lambda: w.clone(), 32, torch.float32,
+                                         "cpu", ns=(1, 4, 16), repeats=3)
+
+    key = calibrate.machine_key("tiny:mixtral", 32, 64, "test")
+    m = calibrate.cached_cost_model(key, measure)
+    assert [p[0] for p in m.cpu.points] == [1.0, 4.0, 16.0] and m.transfer_ms > 0
+    assert m.t_cpu(16) > m.t_gpu(16)  # it timed what it was given
+    m2 = calibrate.cached_cost_model(key, measure)
+    assert calls == [1] and m2.t_cpu(4) == pytest.approx(m.t_cpu(4))
+    assert len(list((tmp_path / "calibration").glob("*tiny-mixtral*.json"))) == 1
 
 
 def test_balanced_sends_a_miss_to_the_channel_that_finishes_first():

@@ -1,10 +1,12 @@
-"""Calibrate the cost predictor on the machine at hand (DESIGN §3), cached per machine and shape.
+"""Calibrate the cost predictor on the machine at hand (DESIGN §3), cached per machine and model.
 
-Times one SwiGLU expert of the given shape for a few token counts on the CPU (and, when CUDA is
-present, on the GPU plus a pinned host-to-device copy of the expert). The measured table keeps
-the real, non-linear shape of T(n); the engine builds its ``CostModel`` from it at start-up.
-Results are cached as JSON under ``cache_dir()/calibration`` keyed by machine, torch threads,
-expert shape and dtype, because a calibration costs seconds the user should pay once.
+``calibrate_tiers`` times the engine's own executors — one expert on the CPU tier and on the GPU
+tier for a few token counts, and one expert's host-to-device copy — so the measured table keeps
+the real, non-linear shape of T(n) in the precision each tier really runs (int8 GEMM, dequant-once,
+fp16). ``cached_cost_model`` stores the result as JSON under ``cache_dir()/calibration`` keyed by
+machine, torch threads, model and tier precision, because a calibration costs seconds the user
+should pay once. ``measure_profile`` turns micro-benchmarks into a ``HardwareProfile`` for the
+simulator.
 """
 
 from __future__ import annotations
@@ -15,37 +17,24 @@ import os
 import platform
 import statistics
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..errors import HaqmoeError
 from ..io import atomic_write_text
 from ..paths import cache_dir
 from .predictor import CostCurve, CostModel
+from .profiles import HardwareProfile
 
 DEFAULT_NS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-def machine_key(hidden: int, ffn: int, dtype: str) -> str:
+def machine_key(model: str, hidden: int, ffn: int, dtype: str) -> str:
     import torch
 
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "nocuda"
     raw = f"{platform.node()}|{platform.processor()}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}|{cuda}"
-    return f"{hashlib.sha1(raw.encode()).hexdigest()[:12]}-{hidden}x{ffn}-{dtype}"
-
-
-def _expert(hidden: int, ffn: int, dtype, device: str):
-    import torch
-
-    g = torch.Generator(device="cpu").manual_seed(0)
-    w = [torch.randn(ffn, hidden, generator=g) * 0.02, torch.randn(ffn, hidden, generator=g) * 0.02,
-         torch.randn(hidden, ffn, generator=g) * 0.02]
-    return [x.to(device=device, dtype=dtype) for x in w]
-
-
-def _swiglu(x, w):
-    import torch.nn.functional as F
-
-    return F.linear(F.silu(F.linear(x, w[0])) * F.linear(x, w[1]), w[2])
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in model)
+    return f"{hashlib.sha1(raw.encode()).hexdigest()[:12]}-{safe}-{hidden}x{ffn}-{dtype}"
 
 
 def _time_ms(fn, repeats: int, sync=None) -> float:
@@ -62,66 +51,84 @@ def _time_ms(fn, repeats: int, sync=None) -> float:
     return statistics.median(times)
 
 
-def time_cpu_expert(hidden: int, ffn: int, ns: Sequence[int] = DEFAULT_NS, repeats: int = 5) -> CostCurve:
-    """Measured T_cpu(n) of one fp32 SwiGLU expert (the dequantized CPU tier)."""
-    import torch
-
-    w = _expert(hidden, ffn, torch.float32, "cpu")
-    pts = []
-    with torch.inference_mode():
-        for n in ns:
-            x = torch.randn(n, hidden)
-            pts.append((float(n), _time_ms(lambda: _swiglu(x, w), repeats)))
-    return CostCurve.fit([p[0] for p in pts], [p[1] for p in pts])
-
-
-def time_cuda_expert(hidden: int, ffn: int, ns: Sequence[int] = DEFAULT_NS,
-                     repeats: int = 10) -> tuple[CostCurve, float]:
-    """Measured T_gpu(n) (fp16) and T_e (pinned copy of the fp16 expert), CUDA only."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise HaqmoeError("CUDA calibration asked for, but no CUDA device is available")
-    w = _expert(hidden, ffn, torch.float16, "cuda")
-    host = [t.cpu().pin_memory() for t in w]
-    dev = [torch.empty_like(t) for t in w]
-    sync = torch.cuda.synchronize
-    pts = []
-    with torch.inference_mode():
-        for n in ns:
-            x = torch.randn(n, hidden, device="cuda", dtype=torch.float16)
-            pts.append((float(n), _time_ms(lambda: _swiglu(x, w), repeats, sync)))
-
-    def copy():
-        for d, h in zip(dev, host):
-            d.copy_(h, non_blocking=True)
-
-    t_e = _time_ms(copy, repeats, sync)
-    return CostCurve.fit([p[0] for p in pts], [p[1] for p in pts]), t_e
-
-
-def calibrate(hidden: int, ffn: int, ns: Sequence[int] = DEFAULT_NS, refresh: bool = False) -> CostModel:
-    """The cost model of this machine for one expert shape (cached; ``refresh`` re-measures).
-
-    Without CUDA the GPU side is unknown: the returned model has an infinite transfer cost, so
-    every non-resident expert stays on the CPU (the "no GPU" mode of DESIGN §3).
-    """
-    import torch
-
-    dtype = "fp32cpu-fp16gpu"
-    path = cache_dir() / "calibration" / f"{machine_key(hidden, ffn, dtype)}.json"
+def cached_cost_model(key: str, measure: Callable[[], CostModel], refresh: bool = False) -> CostModel:
+    """``measure()`` once per key (a machine + model + precision), then read back from the cache."""
+    path = cache_dir() / "calibration" / f"{key}.json"
     if path.is_file() and not refresh:
         try:
             return CostModel.from_dict(json.loads(path.read_text())["cost_model"])
         except (KeyError, ValueError):
             pass  # corrupt or old cache: measure again
-    cpu = time_cpu_expert(hidden, ffn, ns)
-    if torch.cuda.is_available():
-        gpu, t_e = time_cuda_expert(hidden, ffn, ns)
-    else:
-        gpu, t_e = CostCurve(), float("inf")
-    model = CostModel(cpu, gpu, t_e)
-    payload = {"hidden": hidden, "ffn": ffn, "dtype": dtype, "cuda": torch.cuda.is_available(),
-               "cost_model": model.as_dict() | {"transfer_ms": t_e if t_e != float("inf") else 1e30}}
-    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    model = measure()
+    d = model.as_dict()
+    d["transfer_ms"] = min(d["transfer_ms"], 1e30)  # JSON has no infinity
+    atomic_write_text(path, json.dumps({"key": key, "cost_model": d}, indent=2) + "\n")
     return model
+
+
+def calibrate_tiers(cpu_fn, gpu_fn, copy_fn, hidden: int, gpu_dtype, gpu_device: str = "cuda",
+                    ns: Sequence[int] = DEFAULT_NS, repeats: int = 5) -> CostModel:
+    """The cost model of the engine's own tiers: ``cpu_fn(x)`` / ``gpu_fn(x)`` run one expert on n
+    tokens exactly as the engine would (int8 GEMM, dequant-once, ...) and ``copy_fn()`` moves one
+    expert into a slot. Measuring the real executors, not an fp32 stand-in, keeps n_critical right
+    when the CPU tier runs int8 (4x fewer bytes per token than fp32)."""
+    import torch
+
+    sync = torch.cuda.synchronize if torch.device(gpu_device).type == "cuda" else None
+    cpu, gpu = [], []
+    with torch.inference_mode():
+        for n in ns:
+            x = torch.randn(n, hidden)
+            xg = x.to(gpu_device, gpu_dtype)
+            cpu.append((float(n), _time_ms(lambda: cpu_fn(x), repeats)))
+            gpu.append((float(n), _time_ms(lambda: gpu_fn(xg), repeats, sync)))
+    t_e = _time_ms(copy_fn, repeats, sync)
+    return CostModel(CostCurve.fit(*zip(*cpu)), CostCurve.fit(*zip(*gpu)), t_e)
+
+
+def measure_profile(name: str = "measured", cpu_threads: int | None = None) -> HardwareProfile:
+    """A ``HardwareProfile`` of the machine at hand from micro-benchmarks (CUDA needed for the GPU side).
+
+    Bandwidths and throughputs are achieved numbers, so the efficiency factors are 1 for bandwidth;
+    ``gpu_kernel_ms`` is the measured time of one tiny kernel launch + sync.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        raise HaqmoeError("measuring a GPU profile needs CUDA")
+    if cpu_threads:
+        torch.set_num_threads(cpu_threads)
+    sync = torch.cuda.synchronize
+    gb = 1e9
+    with torch.inference_mode():
+        big = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")  # 1 GB
+        dst = torch.empty_like(big)
+        gpu_bw = 2 * big.numel() / gb / (_time_ms(lambda: dst.copy_(big), 5, sync) / 1e3)
+        host = torch.empty(1 << 28, dtype=torch.uint8).pin_memory()  # 256 MB
+        dev = torch.empty(host.shape, dtype=torch.uint8, device="cuda")
+        h2d = host.numel() / gb / (_time_ms(lambda: dev.copy_(host, non_blocking=True), 5, sync) / 1e3)
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
+        fp16 = 2 * 8192 ** 3 / 1e12 / (_time_ms(lambda: a @ a, 5, sync) / 1e3)
+        ai = torch.randint(-127, 127, (8192, 8192), device="cuda", dtype=torch.int8)
+        try:
+            i8 = 2 * 8192 ** 3 / 1e12 / (_time_ms(lambda: torch._int_mm(ai, ai.t()), 5, sync) / 1e3)
+        except RuntimeError:  # no int8 tensor-core GEMM for this layout/GPU: count it as fp16
+            i8 = fp16
+        small = torch.zeros(1, device="cuda")
+        kernel = _time_ms(lambda: small.add_(1), 50, sync)
+        src = torch.empty(1 << 28, dtype=torch.uint8)  # 256 MB streaming copy on the host
+        cdst = torch.empty_like(src)
+        cpu_bw = 2 * src.numel() / gb / (_time_ms(lambda: cdst.copy_(src), 5) / 1e3)
+        c = torch.randn(2048, 2048)
+        fp32 = 2 * 2048 ** 3 / 1e12 / (_time_ms(lambda: c @ c, 3) / 1e3)
+        ci = torch.randint(-127, 127, (2048, 2048), dtype=torch.int8)
+        ci8 = 2 * 2048 ** 3 / 1e12 / (_time_ms(lambda: torch._int_mm(ci, ci.t()), 3) / 1e3)
+    props = torch.cuda.get_device_properties(0)
+    how = "measured on this machine by runtime/calibrate.measure_profile"
+    return HardwareProfile(
+        name, f"{props.name}, measured ({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads)",
+        gpu_mem_gb=props.total_memory / gb, gpu_mem_bw_gb_s=gpu_bw, gpu_int8_tops=i8, gpu_fp16_tflops=fp16,
+        h2d_gb_s=h2d, cpu_mem_bw_gb_s=cpu_bw, cpu_int8_tops=ci8, cpu_fp32_tflops=fp32,
+        gpu_bw_eff=1.0, gpu_compute_eff=1.0, gpu_kernel_ms=kernel, cpu_call_ms=0.02,
+        sources={k: how for k in ("gpu_mem_bw_gb_s", "gpu_int8_tops", "gpu_fp16_tflops", "h2d_gb_s",
+                                  "cpu_mem_bw_gb_s", "cpu_int8_tops", "cpu_fp32_tflops", "gpu_kernel_ms")})

@@ -92,6 +92,7 @@ class CollaborativeEngine:
         self.cache: ExpertCache | None = None
         self.cost: CostModel | None = None
         self.store: ExpertStore | None = None
+        plan = None
         if gpu_tier:
             plan = self._load_plan(len(blocks), num_experts)
             slots = cfg.slots_per_layer if cfg.slots_per_layer is not None else (
@@ -105,7 +106,24 @@ class CollaborativeEngine:
             self.cache = ExpertCache(CacheConfig(len(blocks), num_experts, slots, "layer", self.store.expert_bytes,
                                                  pinned), make_policy(cfg.cache_policy.replace("pinned+", "")),
                                      top_k=self.top_k)
-            self.cost = self._cost_model(num_experts)
+        routers, norms = [adapter.router(b) for b in blocks], [adapter.router_norm(b) for b in blocks]
+        guess_plan = self._guess_plan(len(blocks), num_experts)
+        self.hybrids: list[HybridExperts] = []
+        for layer, (block, ex) in enumerate(zip(blocks, experts)):
+            nxt = routers[layer + 1] if layer + 1 < len(blocks) and self.cache is not None else None
+            gw = guess_weight(nxt, norms[layer], norms[layer + 1]) if nxt is not None else None
+            hybrid = HybridExperts(layer, ex, self.store, self.cache, None, cfg.decision, self.telemetry,
+                                   nxt, cfg.prefetch, gw, guess_plan)
+            set_module(block, adapter.moe.experts, hybrid)
+            self.hybrids.append(hybrid)
+        if cfg.exec_mode != "fake":  # after the store copied the int8 experts; quantized in memory counts too
+            from ..quant.precision import convert, normalize_mode
+
+            convert(self.model, normalize_mode(cfg.exec_mode))
+        if self.cache is not None:
+            self.cost = self._cost_model(num_experts)  # after conversion: it times the CPU tier as it will run
+            for h in self.hybrids:
+                h.cost = self.cost
             if plan is not None:  # the plan's experts start resident (pinned or not)
                 for layer, resident in enumerate(plan.resident):
                     for e in resident:
@@ -114,18 +132,8 @@ class CollaborativeEngine:
                         if slot is not None:
                             self.store.load_slot(slot, layer, e)
                 self.cache.stats = type(self.cache.stats).zeros(len(blocks))  # count from generation on
-        routers, norms = [adapter.router(b) for b in blocks], [adapter.router_norm(b) for b in blocks]
-        guess_plan = self._guess_plan(len(blocks), num_experts)
-        for layer, (block, ex) in enumerate(zip(blocks, experts)):
-            nxt = routers[layer + 1] if layer + 1 < len(blocks) and self.cache is not None else None
-            gw = guess_weight(nxt, norms[layer], norms[layer + 1]) if nxt is not None else None
-            hybrid = HybridExperts(layer, ex, self.store, self.cache, self.cost, cfg.decision, self.telemetry,
-                                   nxt, cfg.prefetch, gw, guess_plan)
-            set_module(block, adapter.moe.experts, hybrid)
-        if cfg.exec_mode != "fake":  # after the store copied the int8 experts; quantized in memory counts too
-            from ..quant.precision import convert, normalize_mode
-
-            convert(self.model, normalize_mode(cfg.exec_mode))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # the plan's side-stream copies land before any use
         self._place_non_experts()
 
     # ------------------------------------------------------------------ set-up
@@ -144,16 +152,59 @@ class CollaborativeEngine:
         return GuessPlan.learn(load_trace(self.cfg.guess_trace, num_layers=num_layers, num_experts=num_experts))
 
     def _cost_model(self, num_experts: int) -> CostModel:
-        from .calibrate import calibrate
+        """On CUDA: the engine's own tiers timed at start-up (runtime/calibrate.calibrate_tiers); without
+        a GPU: the stored hardware profile's roofline for this model's shape."""
         from .profiles import cost_model_for, load_profile
 
-        spec = _spec_from_config(self.model.config, num_experts, self.top_k)
         if self.device.type == "cuda":
-            cost = calibrate(spec.hidden, spec.ffn)
+            cost = self._calibrate_tiers()
         else:
-            cost = cost_model_for(load_profile(self.cfg.profile), spec)
+            cost = cost_model_for(load_profile(self.cfg.profile), _spec_from_config(self.model.config, num_experts,
+                                                                                    self.top_k))
         cost.n_critical_override = self.cfg.n_critical
         return cost
+
+    def _choose_gpu_precision(self, dtype: torch.dtype) -> None:
+        """Quantized slots: keep the int8 GEMM or dequantize per call, whichever runs one expert faster
+        here (measured at 1 and 32 tokens). In eager mode the int8 path's ~25 small kernels per linear
+        (activation quantization, zero-point corrections) can cost more than the GEMM it saves."""
+        from .calibrate import _time_ms
+
+        store = self.store
+        if not store.quantized or self.device.type != "cuda" or not store.int8_gemm:
+            return
+        store.load_slot(0, 0, 0)
+        sync = torch.cuda.synchronize
+        times = {}
+        for mode in (True, False):
+            store.int8_gemm = mode
+            times[mode] = sum(_time_ms(lambda: store.gpu_forward(0, x), 10, sync)
+                              for x in (torch.randn(n, store.host[0][0]["gate.q"].shape[1], device=self.device,
+                                                    dtype=dtype) for n in (1, 32)))
+        store.int8_gemm = times[True] <= times[False]
+
+    def _calibrate_tiers(self) -> CostModel:
+        from .calibrate import cached_cost_model, calibrate_tiers, machine_key
+
+        cpu_tier, store = self.hybrids[0].original, self.store
+        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+        with torch.inference_mode():
+            self._choose_gpu_precision(dtype)
+        cfg = self.model.config
+        hidden = int(cfg.hidden_size)
+        ffn = int(getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size)
+        tiers = f"cpu-{type(cpu_tier).__name__}-gpu-{'int8' if store.int8_gemm else str(dtype).split('.')[-1]}"
+
+        def cpu_fn(x: torch.Tensor) -> torch.Tensor:
+            n = x.shape[0]
+            return cpu_tier(x.to(dtype), torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=dtype))
+
+        def measure() -> CostModel:
+            store.load_slot(0, 0, 0)  # slot 0 is free (nothing admitted yet); the plan overwrites it after
+            return calibrate_tiers(cpu_fn, lambda x: store.gpu_forward(0, x), lambda: store.load_slot(0, 0, 0),
+                                   hidden, dtype, str(store.device))
+
+        return cached_cost_model(machine_key(self.lm.name, hidden, ffn, tiers), measure)
 
     def _place_non_experts(self) -> None:
         """Move everything except the routed experts (held by the store / CPU tier) to the device."""
@@ -253,7 +304,10 @@ class CollaborativeEngine:
     # ---------------------------------------------------------------- telemetry
     def summary(self) -> dict:
         tel = self.telemetry
-        out = {"device": str(self.device), "gpu_tier": self.cache is not None,
+        gpu_precision = None
+        if self.store is not None:
+            gpu_precision = "int8-gemm" if self.store.int8_gemm else ("dequant" if self.store.quantized else "float")
+        out = {"device": str(self.device), "gpu_tier": self.cache is not None, "gpu_precision": gpu_precision,
                "cpu_expert_calls": int(tel.cpu_experts.sum()), "gpu_expert_calls": int(tel.gpu_experts.sum())}
         if self.cache is not None:
             st = self.cache.stats

@@ -64,23 +64,24 @@ class HybridExperts(nn.Module):
         self.prefetch = width if able else 0
 
     def _decide(self, e: int, n: int, cpu_queue_ms: float = 0.0,
-                copy_wait_ms: float = 0.0) -> tuple[str, int | None, bool]:
-        """(tier, slot, copied now) for one expert call of n tokens: ('gpu', slot, ...) or ('cpu', None,
-        False). The queues (what this layer already gave the CPU and the copy engine) feed ``balanced``."""
+                copy_wait_ms: float = 0.0) -> tuple[str, int | None, bool, object]:
+        """(tier, slot, copied now, copy event) for one expert call of n tokens: ('gpu', slot, ...) or
+        ('cpu', None, False, None). The queues (what this layer already gave the CPU and the copy
+        engine) feed ``balanced``. A copy's event is returned, not waited on: the caller first moves the
+        CPU jobs' inputs off the GPU, which must not queue behind the copy."""
         cache = self.cache
         outcome = cache.lookup(self.layer, e)
-        if outcome != "miss":
-            return "gpu", cache.get(self.layer, e).slot, False
+        if outcome != "miss":  # a prefetched entry may still be copying: hand its event on once
+            entry = cache.get(self.layer, e)
+            event, entry.handle = entry.handle, None
+            return "gpu", entry.slot, False, event
         decision = self.cost.decide(False, n, self.policy, cpu_queue_ms=cpu_queue_ms,
                                     copy_wait_ms=copy_wait_ms) if self.cost is not None else "cpu"
         if decision == "transfer":
             slot = cache.admit(self.layer, e)
             if slot is not None:
-                event = self.store.load_slot(slot, self.layer, e)
-                if event is not None:
-                    torch.cuda.current_stream().wait_event(event)
-                return "gpu", slot, True
-        return "cpu", None, False
+                return "gpu", slot, True, self.store.load_slot(slot, self.layer, e)
+        return "cpu", None, False, None
 
     def _prefetch_next(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> None:
         """Copy layer l+1's likeliest experts into the cache; a wrong guess costs a copy and a slot."""
@@ -96,7 +97,7 @@ class HybridExperts(nn.Module):
                 continue
             slot = self.cache.admit(nxt, e, prefetch=True)
             if slot is not None:
-                self.store.load_slot(slot, nxt, e)
+                self.cache.get(nxt, e).handle = self.store.load_slot(slot, nxt, e)  # waited on at first use
                 self.telemetry.prefetch_copies += 1
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -107,26 +108,29 @@ class HybridExperts(nn.Module):
         used = torch.unique(top_k_index).tolist()
         self.cache.begin_step(tel.step, protect=[(self.layer, e) for e in used])
         out = torch.zeros_like(hidden_states)
-        cpu_jobs = []
+        gpu_jobs, cpu_jobs = [], []
         cpu_ms = copy_ms = 0.0  # this layer's queues, as the cost model sees them
         for e in used:
             token_idx, k_pos = torch.where(top_k_index == e)
-            tier, slot, copied = self._decide(e, len(token_idx), cpu_ms, copy_ms)
+            tier, slot, copied, event = self._decide(e, len(token_idx), cpu_ms, copy_ms)
             if self.policy == "balanced" and self.cost is not None:  # the only policy reading the queues
                 cpu_ms += self.cost.t_cpu(len(token_idx)) if tier == "cpu" else 0.0
                 copy_ms += self.cost.transfer_ms if copied else 0.0
             w = top_k_weights[token_idx, k_pos, None]
-            if tier == "gpu":
-                y = self.store.gpu_forward(slot, hidden_states[token_idx].to(self.store.device))
-                out.index_add_(0, token_idx, (y.to(out.device) * w).to(out.dtype))
-                tel.gpu_experts[self.layer] += 1
-                tel.gpu_tokens[self.layer] += len(token_idx)
-            else:
-                cpu_jobs.append((e, token_idx, w))
+            (gpu_jobs if tier == "gpu" else cpu_jobs).append((e, token_idx, w, slot, event))
+        # The CPU tier's inputs leave the GPU before any GPU job waits on a copy (same stream: a
+        # device-to-host copy queued after the wait would hold the CPU tier until the copy lands).
+        cpu_inputs = [hidden_states[token_idx].cpu() for _, token_idx, _, _, _ in cpu_jobs]
+        for e, token_idx, w, slot, event in gpu_jobs:  # asynchronous on CUDA
+            if event is not None:
+                torch.cuda.current_stream().wait_event(event)
+            y = self.store.gpu_forward(slot, hidden_states[token_idx].to(self.store.device))
+            out.index_add_(0, token_idx, (y.to(out.device) * w).to(out.dtype))
+            tel.gpu_experts[self.layer] += 1
+            tel.gpu_tokens[self.layer] += len(token_idx)
         if self.prefetch:
             self._prefetch_next(hidden_states, top_k_index)
-        for e, token_idx, w in cpu_jobs:  # overlaps the asynchronous GPU work above
-            x = hidden_states[token_idx].cpu()
+        for (e, token_idx, w, _, _), x in zip(cpu_jobs, cpu_inputs):  # overlaps the GPU work above
             y = self.original(x, torch.full((len(x), 1), e), torch.ones(len(x), 1, dtype=x.dtype))
             out.index_add_(0, token_idx, (y.to(out.device) * w).to(out.dtype))
             tel.cpu_experts[self.layer] += 1

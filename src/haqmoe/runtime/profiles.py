@@ -38,6 +38,11 @@ class HardwareProfile:
     gpu_kernel_ms: float = 0.01  # launch + sync per expert call (3 GEMMs + activation)
     cpu_call_ms: float = 0.02  # per CPU expert call: thread-pool wake-up, activation copy over PCIe
     gpu_reserved_gb: float = 2.0  # CUDA context, activations, KV cache, allocator slack
+    layer_overhead_ms: float = 0.0  # host-side framework time per layer beyond its kernels (eager
+    # PyTorch dispatch); 0 for datasheet profiles, fitted from an all-resident run of the real engine
+    cpu_gpu_overlap: float = 1.0  # share of a layer's GPU expert time that CPU experts can overlap: 1 for
+    # a runtime whose GPU work is launched ahead (graphs, a launch thread); 0 for the eager engine, whose
+    # GPU kernels are launched by the same host thread that then runs the CPU tier
     sources: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -217,7 +222,7 @@ def nonexpert_layer_ms(profile: HardwareProfile, spec: ModelSpec, precision: str
     kv = 2 * context * spec.kv_dim * 2 / bw  # fp16 KV cache read
     linear = 2 * spec.attn_params_per_layer * n_tokens / ops
     attn = 4 * n_tokens * context * spec.hidden / (profile.gpu_fp16_tflops * 1e12 * profile.gpu_compute_eff)
-    return 1e3 * (max(weights, linear) + kv + attn) + 8 * profile.gpu_kernel_ms / 2
+    return 1e3 * (max(weights, linear) + kv + attn) + 8 * profile.gpu_kernel_ms / 2 + profile.layer_overhead_ms
 
 
 def head_ms(profile: HardwareProfile, spec: ModelSpec, n_tokens: int) -> float:

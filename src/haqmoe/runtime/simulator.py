@@ -233,7 +233,8 @@ class Replay:
         gpu_end = r
         for ready, dur in sorted(gpu):
             gpu_end = max(gpu_end, ready) + dur
-        end = max(gpu_end, r + cpu_ms)
+        host_serial = (1.0 - self.profile.cpu_gpu_overlap) * sum(dur for _, dur in gpu)
+        end = max(gpu_end, r + cpu_ms + host_serial)
         if count_step:
             self.steps[l] += 1
             self.all_res[l] += all_resident

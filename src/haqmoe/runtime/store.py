@@ -5,9 +5,11 @@ precision the model was loaded — float, fake-quant, dequant-once or real int8 
 the tokens routed to it, so CPU results are exactly the plain model's.)
 
 GPU tier: preallocated slot buffers (no allocation per transfer) hold experts in their transfer
-format — int8 weights + scales/zero points for quantized models (4x fewer bytes than fp32 over
-PCIe), float weights otherwise. Host copies are pinned when CUDA is present so the
-host-to-device copies run asynchronously on a side stream.
+format — int8 weights + scales/zero points (+ int32 column sums) for quantized models (4x fewer
+bytes than fp32 over PCIe), float weights otherwise. Host copies are pinned when CUDA is present
+so the host-to-device copies run asynchronously on a side stream. Quantized slots run on the int8
+GEMM (quant/int8.py) on CUDA — the GPU tier of device-aware precision; with ``int8_gemm=False``
+they are dequantized per call (fake-quant arithmetic, what the CPU emulation uses by default).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from ..models.adapters import FusedExperts
+from ..quant.int8 import int8_matmul, quantize_tokens
 from ..quant.modules import QuantExperts
 from ..quant.quantizer import dequantize, fake_quant
 
@@ -35,6 +38,7 @@ def _host_tensors(experts: nn.Module, e: int) -> dict[str, torch.Tensor]:
         for part in _PARTS:
             lin = getattr(experts, part)[e]
             out[f"{part}.q"], out[f"{part}.s"], out[f"{part}.z"] = lin.qweight, lin.w_scale, lin.w_zero
+            out[f"{part}.c"] = lin.qweight.sum(dim=1, dtype=torch.int32)  # for the activation zero point
         return out
     w = FusedExperts.get(experts, e)
     return {"gate": w.gate.detach(), "up": w.up.detach(), "down": w.down.detach()}
@@ -45,6 +49,7 @@ class StoreConfig:
     device: str = "cpu"  # where GPU-tier slots live ("cuda", or "cpu" to exercise the path without a GPU)
     num_slots: int = 0
     pin_memory: bool = True
+    int8_gemm: bool | None = None  # quantized slots on the int8 GEMM (None: on CUDA only)
 
 
 class ExpertStore:
@@ -66,6 +71,9 @@ class ExpertStore:
                       for k, v in template.items()}
         self.expert_bytes = sum(v.numel() * v.element_size() for v in template.values())
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        gemm = cfg.int8_gemm if cfg.int8_gemm is not None else self.device.type == "cuda"
+        self.int8_gemm = bool(gemm and self.quantized and self.a_spec is not None and self.a_spec.dynamic
+                              and self.a_spec.bits == 8 and self.w_spec.granularity == "channel")
 
     # --------------------------------------------------------------------- GPU tier
     def load_slot(self, slot: int, layer: int, e: int):
@@ -82,14 +90,22 @@ class ExpertStore:
             event.record(self.stream)
         return event
 
-    def _slot_weight(self, slot: int, part: str) -> torch.Tensor:
+    def _slot_weight(self, slot: int, part: str, dtype: torch.dtype) -> torch.Tensor:
         if not self.quantized:
             return self.slots[part][slot]
         q, s, z = (self.slots[f"{part}.{t}"][slot] for t in "qsz")
-        return dequantize(q, s, z, self.w_spec, torch.float32 if self.device.type == "cpu" else torch.float16)
+        if dtype != torch.float32 and self.w_spec.granularity == "channel":
+            # 16-bit GPU tier: three elementwise kernels in the model dtype instead of an fp32 round trip
+            return q.to(dtype).sub_(z.to(dtype)).mul_(s.to(dtype))
+        return dequantize(q, s, z, self.w_spec, dtype)
 
     def _lin(self, x: torch.Tensor, slot: int, part: str) -> torch.Tensor:
-        w = self._slot_weight(slot, part)
+        if self.int8_gemm:  # W8A8 on the int8 GEMM, float32 out
+            q, s, z, c = (self.slots[f"{part}.{t}"][slot] for t in "qszc")
+            act = quantize_tokens(x, self.a_spec, need_rowsum=not self.w_spec.symmetric)
+            zero = None if self.w_spec.symmetric else z.reshape(-1).round().to(torch.int32)
+            return int8_matmul(act, q, s.reshape(-1), zero, c, q.shape[1])
+        w = self._slot_weight(slot, part, x.dtype)
         if self.a_spec is not None:
             x = fake_quant(x, self.a_spec)
         return nn.functional.linear(x.to(w.dtype), w)

@@ -1,0 +1,80 @@
+"""CUDA paths (skipped without a GPU; run on a lent GPU machine, see bench/results/runtime_gpu.md):
+the int8 GEMM on CUDA equals CPU fake quantization, and the engine with a real GPU tier (pinned host
+copies, side-stream copies, int8 slots) gives plain transformers' greedy tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from haqmoe.quant.int8 import ACT_CACHE, Int8Linear
+from haqmoe.quant.modules import QuantLinear
+from haqmoe.quant.quantizer import QuantSpec
+from haqmoe.runtime.engine import SamplingConfig
+
+from .test_engine import PROMPT, make
+from .test_int8 import TOKENS, _inputs, _one_step
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("w_sym,a_sym", [(True, True), (False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("m", TOKENS)
+def test_cuda_int8_linear_matches_cpu_fake_quant(w_sym: bool, a_sym: bool, m: int):
+    k, n = 96, 40  # neither a multiple of 16 rows nor aligned: exercises CUDA's padding
+    g = torch.Generator().manual_seed(m)
+    w, b = torch.randn(n, k, generator=g) * 0.1 + 0.02, torch.randn(n, generator=g)
+    ql = QuantLinear.from_weight(w, b, QuantSpec(8, w_sym, "channel"), QuantSpec(8, a_sym, "token"))
+    il = Int8Linear.from_quant_linear(ql).cuda()
+    x = _inputs(m, k, outliers=True, seed=m + 1)
+    ACT_CACHE.clear()
+    y_fake, y_cuda = ql(x), il(x.cuda()).cpu()
+    assert ((y_cuda - y_fake).abs() <= _one_step(ql, x)).all()
+
+
+@pytest.mark.parametrize("quant", [False, True], ids=["fp32", "rtn"])
+@pytest.mark.parametrize("slots,decision", [(8, "always-transfer"), (2, "always-cpu"), (3, "predictor"),
+                                            (3, "balanced")])
+def test_cuda_engine_greedy_tokens_equal_transformers(quant, slots, decision):
+    engine, ref = make(quant=quant, device="cuda", slots_per_layer=slots, decision=decision)
+    assert engine.store.device.type == "cuda" and engine.store.quantized == quant  # int8 or dequant: auto
+    gen = engine.generate(PROMPT, SamplingConfig(max_new_tokens=12))
+    assert gen.tokens == ref
+    s = engine.summary()
+    if slots == 8:
+        assert s["cpu_expert_calls"] == 0
+    if decision == "always-cpu":  # no plan, nothing ever admitted: every expert ran on the CPU tier
+        assert s["gpu_expert_calls"] == 0 and s["bytes_moved"] == 0
+    engine.cache.check_invariants()
+
+
+@pytest.mark.parametrize("int8_gemm", [True, False])
+def test_cuda_engine_gpu_tier_precisions_keep_tokens(int8_gemm):
+    engine, ref = make(quant=True, device="cuda", slots_per_layer=3, decision="predictor", n_critical=0)
+    engine.store.int8_gemm = int8_gemm  # override the start-up choice: both GPU-tier paths
+    assert engine.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref
+    assert engine.summary()["gpu_expert_calls"] > 0
+
+
+def test_cuda_prefetch_waits_for_its_copies():
+    """Prefetched slots are copied on a side stream: their first use must wait for the copy."""
+    engine, ref = make(quant=True, device="cuda", slots_per_layer=4, decision="always-transfer", prefetch=2)
+    assert engine.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref
+    assert engine.summary()["prefetch_copies"] > 0
+
+
+def test_cuda_shaped_model_int8_slots_match_dequantized():
+    from haqmoe.runtime.shaped import MoEShape, shaped_mixtral
+    from haqmoe.runtime.store import ExpertStore, StoreConfig
+
+    shape = MoEShape(hidden=256, ffn=512, experts=4, heads=4, kv_heads=2, vocab=100, layers=2)
+    _, _, experts = shaped_mixtral(shape, np.zeros((4, 2, 2), dtype=np.int64) + np.array([0, 1]))
+    real = ExpertStore(experts, StoreConfig("cuda", 2))
+    fake = ExpertStore(experts, StoreConfig("cuda", 2, int8_gemm=False))
+    x = torch.randn(5, shape.hidden, device="cuda", dtype=torch.float16)
+    for s in (real, fake):
+        s.load_slot(0, 1, 2)
+    torch.cuda.synchronize()
+    a, b = fake.gpu_forward(0, x).float(), real.gpu_forward(0, x).float()
+    assert ((a - b).abs().max() / a.abs().max()) < 2e-2
