@@ -373,7 +373,7 @@ Timing conditions: idle machine (the other job on it was stopped for the duratio
 between us and llama.cpp on a 135M model is per-op dispatch in eager PyTorch/transformers (~20 small
 tensor ops per linear for activation quantization and the epilogue, plus the model's own), not
 the GEMMs: llama.cpp runs the whole token in C++.
-No GPU was lent to this task: no CUDA rows.
+GPU rows (random-weight models with the same configs, NVIDIA H200): bench/results/int8_cuda.md and int8_gpu.md.
 """
 
 

@@ -108,7 +108,7 @@ def main() -> None:
              f"Greedy, {args.prompt_tokens}-token pydoc prompt, {args.tokens} new tokens, median of {args.rounds} "
              f"interleaved rounds, torch threads {torch.get_num_threads()}, load average at end "
              f"{os.getloadavg()[0]:.1f}. The GPU-tier path (cache, predictor, copies) is exercised on the CPU by "
-             "tests/test_engine.py; measured GPU rows need a session lent a GPU.")
+             "tests/test_engine.py (and on CUDA by tests/test_cuda.py); the measured GPU rows (a Mixtral-shaped model on an H200, vs the simulator) are in runtime_gpu.md.")
     share = max(r["guess_share"] for r in rows if r.get("guess_share") is not None and "prefetch 2" in r["precision"])
     same = len({tuple(t) for runs in pf_tokens.values() for t in runs}) == 1
     notes += (f"\n\nPrefetch (`emulated-gpu-lru` rows: GPU tier emulated on the CPU, 4 slots per layer, LRU, every "

@@ -40,7 +40,9 @@ copy engine finishes it first, so CPU compute and copies run side by side at dec
 sends every one-token miss to the CPU). Why not 2x: a one-token miss costs at least the CPU floor
 (2.7 ms, the 176 MB expert read once from DDR5) or a copy (3.4 ms); ~20 of a token's 64 expert calls
 miss at this memory budget, so decode stays near 50 ms/token unless far more of them are resident. CPU tier: int8 weights, int8 GEMM (bandwidth-
-bound at decode: one token streams the whole 176 MB expert)."""
+bound at decode: one token streams the whole 176 MB expert).
+
+These profiles assume CPU and GPU experts of a layer overlap (`cpu_gpu_overlap` 1), i.e. a runtime that launches GPU work ahead of the CPU tier. Our eager engine does not: on a real H200 its offloading rows matched the simulator only with `cpu_gpu_overlap` 0 and a fitted per-layer host overhead (runtime_gpu.md), so these rows are what the policies give once GPU work is launched ahead (CUDA graphs or a launch thread), not what today's eager engine measures."""
 
 
 def main() -> None:

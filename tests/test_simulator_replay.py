@@ -52,6 +52,13 @@ def test_predictor_and_overlap_by_hand():
     res = Replay(tr, cache, COST, ZERO, SPEC, options=ReplayOptions("predictor")).run()
     assert res.token_ms.tolist() == pytest.approx([2.0])
     assert res.decisions == {"gpu": 1, "cpu": 1}
+    # the eager engine launches GPU kernels from the thread that then runs the CPU tier: no overlap
+    from dataclasses import replace
+
+    cache = ExpertCache(CacheConfig(1, 3, 2, pinned={0: [0]}), LRUPolicy())
+    eager = replace(ZERO, cpu_gpu_overlap=0.0, layer_overhead_ms=1.0)
+    res = Replay(tr, cache, COST, eager, SPEC, options=ReplayOptions("predictor")).run()
+    assert res.token_ms.tolist() == pytest.approx([1.0 + 0.5 + 2.0])
 
 
 def test_prefill_batches_tokens_per_expert():

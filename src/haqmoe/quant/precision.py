@@ -6,9 +6,11 @@ Modes (all compute the same W8A8 function; they differ in speed and memory):
                 activations quantize-dequantized. The accuracy reference.
 - ``dequant`` — CPU tier "dequantize once at load": fp32 weights only (int8 released).
 - ``int8``    — real int8 GEMM (``torch._int_mm``), int8 weights only. ``real`` is an alias.
-- ``auto``    — GPU tier: int8. CPU tier: per weight shape, a micro-benchmark at load picks the
-                faster of int8 and dequant (the answer depends on the CPU's int8 dot-product
-                support and on token counts, so it is measured, not assumed).
+- ``auto``    — per weight shape, a micro-benchmark at load picks the faster of int8 and dequant
+                on the device the model is on (the answer depends on the CPU's int8 dot-product
+                support, on token counts, and on a GPU on kernel-launch overhead: eager int8 lost
+                to dequant on an H200 at SmolLM2's shapes, bench/results/int8_cuda.md — so it is
+                measured, not assumed).
 
 Per-group weights have no per-channel scale for the int8 GEMM epilogue: they fall back to dequant
 (reported in ``ConversionReport.fallbacks``); weight-only (no activation quantization) too.
@@ -91,14 +93,17 @@ def _int8_capable(m: nn.Module) -> bool:
 
 
 def _median_us(fn, x: torch.Tensor, cfg: AutoConfig) -> float:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     for _ in range(cfg.warmup):
         ACT_CACHE.clear()
         fn(x)
     times = []
     for _ in range(cfg.reps):
         ACT_CACHE.clear()  # the cache would hide the activation quantization cost
+        sync()
         t = time.perf_counter()
         fn(x)
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e6
 
@@ -121,9 +126,10 @@ def _bench_experts(qe: QuantExperts, cfg: AutoConfig) -> ShapeChoice:
     int8, deq = Int8Experts.from_quant_experts(_first_expert(qe)), DequantExperts.from_quant_experts(_first_expert(qe))
     g = torch.Generator().manual_seed(cfg.seed)
     ch = ShapeChoice("experts", f"{qe.hidden_dim}x{qe.intermediate_dim}", "int8")
+    dev = _device(qe)
     for t in cfg.tokens:
-        x = torch.randn(t, qe.hidden_dim, generator=g)
-        idx, w = torch.zeros(t, 1, dtype=torch.long), torch.ones(t, 1)
+        x = torch.randn(t, qe.hidden_dim, generator=g).to(dev)
+        idx, w = torch.zeros(t, 1, dtype=torch.long, device=dev), torch.ones(t, 1, device=dev)
         ch.int8_us[t] = _median_us(lambda h: int8(h, idx, w), x, cfg)
         ch.dequant_us[t] = _median_us(lambda h: deq(h, idx, w), x, cfg)
     ch.mode = _pick(ch)
@@ -205,8 +211,6 @@ def convert(model: nn.Module, mode: str = "auto", auto: AutoConfig | None = None
                 report.fallbacks.append(name)
         elif mode != "auto":
             chosen = mode
-        elif device.type == "cuda":
-            chosen = "int8"
         else:
             key = _shape_key(m)
             if key not in decided:
