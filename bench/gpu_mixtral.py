@@ -10,7 +10,8 @@ heads, vocab 32000) and --layers layers, random W8A8 experts built directly in i
 replay held-out Mixtral routing (synthetic-from-statistics, as bench/simulate.py), non-expert weights
 in fp16 on the GPU. The GPU budget is --budget of the model's FP16 size: non-expert weights + 1 GB
 reserve + as many int8 expert slots as fit. Per policy it runs the real engine (CPU tier: real int8
-GEMM on all cores; GPU tier: int8 GEMM on the slots) for one 512-token prefill and --tokens decode
+GEMM on all cores; GPU tier: int8 GEMM or per-call dequantization of the int8 slots, whichever the
+engine measures faster at start-up — int8 here) for one 512-token prefill and --tokens decode
 tokens, and the simulator on the same routing with the engine's own calibrated cost model and a
 profile measured on the machine (runtime/calibrate.measure_profile). The all-resident row fits the
 one free parameter of the simulator, the framework's host time per layer (layer_overhead_ms); the

@@ -7,9 +7,10 @@ the tokens routed to it, so CPU results are exactly the plain model's.)
 GPU tier: preallocated slot buffers (no allocation per transfer) hold experts in their transfer
 format — int8 weights + scales/zero points (+ int32 column sums) for quantized models (4x fewer
 bytes than fp32 over PCIe), float weights otherwise. Host copies are pinned when CUDA is present
-so the host-to-device copies run asynchronously on a side stream. Quantized slots run on the int8
-GEMM (quant/int8.py) on CUDA — the GPU tier of device-aware precision; with ``int8_gemm=False``
-they are dequantized per call (fake-quant arithmetic, what the CPU emulation uses by default).
+so the host-to-device copies run asynchronously on a side stream. Quantized slots run either on the
+int8 GEMM (quant/int8.py) or dequantized per call (fake-quant arithmetic, what the CPU emulation
+uses by default); on CUDA the engine measures both at start-up and keeps the faster (eager int8 is
+launch-bound: it wins at Mixtral's shape, loses on small models).
 """
 
 from __future__ import annotations
