@@ -75,3 +75,28 @@ def test_gpu_tier_int8_gemm_matches_dequantized_slots(w_sym, a_sym, n):
     assert step < 2e-2  # equal up to activation-rounding flips; a wrong zero point or scale is O(1)
     ref = experts[2].expert_forward(3, x)  # the CPU tier's own fake-quant expert
     assert torch.allclose(a, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gpu_benchmark_script_dry_run(tmp_path, monkeypatch):
+    """bench/gpu_mixtral.py end to end on the CPU (tiny shape, GPU tier emulated): every policy measured,
+    predicted, and the all-resident row fits the simulator's host overhead exactly."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    from haqmoe.paths import shared_data_dir
+
+    if shared_data_dir() is None or not (shared_data_dir() / "mixtral-routing").is_dir():
+        pytest.skip("needs ../shared/data/mixtral-routing")
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_mixtral.py"
+    spec = importlib.util.spec_from_file_location("gpu_mixtral", path)
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_mixtral", mod)  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    mod.prepare(tmp_path / "in", requests=2, tokens=8, prefill=16)
+    mod.run(tmp_path / "in", tmp_path / "out", layers=2, tokens=4, budget_frac=0.4, dry_run=True)
+    rows = json.loads((tmp_path / "out" / "runtime_gpu.json").read_text())["rows"]
+    assert [r["policy"] for r in rows] == list(mod.GPU_POLICIES) and not any("error" in r for r in rows)
+    assert rows[0]["prediction_error"] == pytest.approx(0.0, abs=1e-9)
+    assert all(r["predicted_decode_tok_s"] > 0 and r["hit_rate"] == 1.0 for r in rows)
