@@ -123,6 +123,28 @@ def test_cli_bad_input_is_one_clean_line(capsys):
     assert exc.value.code == 2 and "too small for the non-expert" in capsys.readouterr().err
 
 
+def test_measured_h200_profile_drives_the_simulator(capsys, tmp_path):
+    """The profile measured on a lent H200 (bench/results) loads as a --profile; measuring one here
+    without CUDA is a clean error that writes nothing."""
+    from pathlib import Path
+
+    import torch
+
+    from haqmoe.cli.main import main
+    from haqmoe.runtime.profiles import load_profile
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "results" / "runtime_gpu_profile_h200.json"
+    prof = load_profile(str(path))
+    assert 40 < prof.h2d_gb_s < 70 and prof.gpu_mem_gb > 100
+    main(["-q", "simulate", "--profile", str(path), "--policies", "always-transfer", "--json"])
+    assert '"decode_tok_s"' in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exc:
+            main(["-q", "measure-profile", "-o", str(tmp_path / "p.json")])
+        assert exc.value.code == 2 and "needs CUDA" in capsys.readouterr().err
+        assert not (tmp_path / "p.json").exists()
+
+
 def test_tiny_model_trace_pair_records_real_routing_and_guesses():
     """tiny:FAMILY traces are the model's own routing of folded WikiText-2 ids, split by request,
     with next-layer guesses recorded for exact prefetch replay."""

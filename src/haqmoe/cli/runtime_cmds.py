@@ -1,4 +1,4 @@
-"""Runtime commands: run, bench-runtime, simulate, cache-eval."""
+"""Runtime commands: run, bench-runtime, simulate, cache-eval, measure-profile."""
 
 from __future__ import annotations
 
@@ -96,3 +96,19 @@ def simulate(source: str = typer.Argument("mixtral-stats", help=_SOURCE_HELP),
                       f"std {r['latency_std_ms']:.2f} ms  resident {r['hit_rate']:.3f}  GPU {r['gpu_mem_gb']:.1f} GB "
                       f"(FP16 {r['gpu_mem_fp16_gb']:.1f})" for r in rows)
     emit({"rows": rows}, as_json, f"{pair.source} on {prof.description}\n{human}")
+
+
+@app.command("measure-profile")
+def measure_profile_cmd(out: Path = typer.Option(..., "-o", "--out", help="Profile JSON to write."),
+                        name: str = typer.Option("measured", help="Profile name.")) -> None:
+    """Measure this machine's hardware profile (GPU and PCIe bandwidth, int8/fp16 throughput, host memory
+    bandwidth, CPU int8/fp32 throughput) for `simulate --profile FILE.json`. Needs a CUDA GPU."""
+    from ..io import atomic_write_text
+    from ..runtime.calibrate import measure_profile
+
+    if out.suffix != ".json":
+        raise HaqmoeError(f"--out must be a .json file (got {out})")
+    prof = measure_profile(name)
+    atomic_write_text(out, prof.to_json() + "\n")
+    emit({"profile": str(out)}, False, f"wrote {out}: {prof.description}; H2D {prof.h2d_gb_s:.1f} GB/s, GPU "
+                                       f"{prof.gpu_mem_bw_gb_s:.0f} GB/s, host {prof.cpu_mem_bw_gb_s:.1f} GB/s")
