@@ -155,3 +155,21 @@ def test_experts_match_quant_experts(w_sym: bool, t: int):
     ref = qe(h, idx, w)
     for impl in (Int8Experts, DequantExperts):
         torch.testing.assert_close(impl.from_quant_experts(qe)(h, idx, w), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("w_sym,a_sym", [(True, True), (False, False), (True, False), (False, True)])
+def test_one_token_fast_path_is_bit_identical(w_sym: bool, a_sym: bool):
+    """Decode's scalar epilogue gives exactly the general epilogue's floats (so it cannot move PPL)."""
+    from dataclasses import replace
+
+    k, n = 100, 36  # unaligned: the padded weight is sliced back
+    g = torch.Generator().manual_seed(3)
+    ql = QuantLinear.from_weight(torch.randn(n, k, generator=g), torch.randn(n, generator=g),
+                                 QuantSpec(8, w_sym, "channel"), QuantSpec(8, a_sym, "token"))
+    il = Int8Linear.from_quant_linear(ql)
+    x = _inputs(1, k, outliers=True, seed=4)
+    act = quantize_tokens(x, ql.a_spec, need_rowsum=il.w_zero is not None)
+    assert act.scalars is not None
+    fast = int8_matmul(act, il.w, il.w_scale, il.w_zero, il.colsum, k, il.bias)
+    general = int8_matmul(replace(act, scalars=None), il.w, il.w_scale, il.w_zero, il.colsum, k, il.bias)
+    assert torch.equal(fast, general)

@@ -44,6 +44,7 @@ class QuantAct:
     scale: torch.Tensor  # float32 [M, 1]
     zero: torch.Tensor | None  # int32 [M] (None: symmetric)
     rowsum: torch.Tensor | None  # int32 [M], only needed for asymmetric weights
+    scalars: tuple[float, int, int | None] | None = None  # one CPU token: (scale, zero, rowsum) as numbers
 
     def rows(self, idx: torch.Tensor) -> "QuantAct":
         """The same quantization restricted to some tokens (per-token params make this exact)."""
@@ -95,7 +96,9 @@ def _quantize_one_token(x: torch.Tensor, spec: QuantSpec, need_rowsum: bool) -> 
     q = torch.round(x / float(scale)).add_(float(zf)).clamp_(spec.qmin, spec.qmax).to(torch.int8)
     s = torch.full((1, 1), float(scale), dtype=torch.float32)
     zero = None if spec.symmetric else torch.full((1,), int(zf), dtype=torch.int32)
-    return QuantAct(q, s, zero, q.sum(dim=-1, dtype=torch.int32) if need_rowsum else None)
+    rowsum = q.sum(dim=-1, dtype=torch.int32) if need_rowsum else None
+    scalars = (float(scale), int(zf), None if rowsum is None else int(rowsum))
+    return QuantAct(q, s, zero, rowsum, scalars)
 
 
 def quantize_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,
@@ -148,6 +151,8 @@ def _pad_to(n: int, align: int) -> int:
 def int8_matmul(act: QuantAct, w: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
                 colsum: torch.Tensor | None, k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Float32 [M, N] output of the W8A8 product; ``w`` is the int8 weight [N_pad, K_pad] as stored."""
+    if act.scalars is not None and k <= _INT32_SAFE_K:
+        return _int8_matmul_one_token(act, w, w_scale, w_zero, colsum, k, bias)
     q = act.q
     m = q.shape[0]
     np_, kp = w.shape
@@ -172,6 +177,29 @@ def int8_matmul(act: QuantAct, w: torch.Tensor, w_scale: torch.Tensor, w_zero: t
             r = r - k * act.zero.to(acc.dtype)
         acc = torch.addr(acc, r, w_zero.to(acc.dtype), alpha=-1)
     y = acc.to(torch.float32).mul_(act.scale).mul_(w_scale)
+    if bias is not None:
+        y.add_(bias)
+    return y
+
+
+def _int8_matmul_one_token(act: QuantAct, w: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
+                           colsum: torch.Tensor | None, k: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """Decode on the CPU: the same integers and float steps as ``int8_matmul``, with the token's zero
+    point and row sum as numbers, so each zero-point correction is one in-place op (not an outer product
+    plus casts): ~6 dispatches per linear instead of ~13, and a decode step runs ~240 of them."""
+    scale, z_a, rowsum = act.scalars
+    q = act.q if act.q.shape[1] == w.shape[1] else nn.functional.pad(act.q, (0, w.shape[1] - act.q.shape[1]))
+    acc = torch._int_mm(q, w.t())
+    n = w_scale.shape[-1]
+    if acc.shape[1] != n:
+        acc = acc[:, :n]
+    if act.zero is not None and z_a:
+        acc.sub_(colsum, alpha=z_a)  # − z_a·c[o]
+    if w_zero is not None:
+        r = rowsum - (k * z_a if act.zero is not None else 0)
+        if r:
+            acc.sub_(w_zero, alpha=r)  # − z_w[o]·(r − K·z_a)
+    y = acc.to(torch.float32).mul_(scale).mul_(w_scale)
     if bias is not None:
         y.add_(bias)
     return y
