@@ -69,7 +69,7 @@ def gemm_rows(device: str = "cuda", shapes=GEMM_SHAPES, ms=(1, 16, 128, 512)) ->
     """int8 GEMM (dynamic per-token activations, quant/int8.py) vs fp16 F.linear, expert shapes."""
     from haqmoe.quant.int8 import int8_matmul, quantize_tokens
     from haqmoe.quant.quantizer import QuantSpec
-    from haqmoe.runtime.calibrate import _time_ms
+    from haqmoe.runtime.calibrate import time_ms
 
     spec = QuantSpec(8, False, "token")
     sync = torch.cuda.synchronize if device == "cuda" else None
@@ -80,8 +80,8 @@ def gemm_rows(device: str = "cuda", shapes=GEMM_SHAPES, ms=(1, 16, 128, 512)) ->
         w16 = torch.randn(n, k, dtype=torch.float16, device=device)
         for m in ms:
             x = torch.randn(m, k, dtype=torch.float16, device=device)
-            t8 = _time_ms(lambda: int8_matmul(quantize_tokens(x, spec, False), w8, ws, None, cs, k), 20, sync)
-            t16 = _time_ms(lambda: torch.nn.functional.linear(x, w16), 20, sync)
+            t8 = time_ms(lambda: int8_matmul(quantize_tokens(x, spec, False), w8, ws, None, cs, k), 20, sync)
+            t16 = time_ms(lambda: torch.nn.functional.linear(x, w16), 20, sync)
             rows.append({"shape": name, "k": k, "n": n, "tokens": m, "int8_ms": t8, "fp16_ms": t16,
                          "int8_speedup": t16 / t8})
     return rows

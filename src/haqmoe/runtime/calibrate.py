@@ -37,7 +37,8 @@ def machine_key(model: str, hidden: int, ffn: int, dtype: str) -> str:
     return f"{hashlib.sha1(raw.encode()).hexdigest()[:12]}-{safe}-{hidden}x{ffn}-{dtype}"
 
 
-def _time_ms(fn, repeats: int, sync=None) -> float:
+def time_ms(fn, repeats: int, sync=None) -> float:
+    """Median wall time (ms) of ``fn()`` over ``repeats`` runs after one warm-up; ``sync`` waits for a device."""
     fn()  # warm-up
     if sync:
         sync()
@@ -80,9 +81,9 @@ def calibrate_tiers(cpu_fn, gpu_fn, copy_fn, hidden: int, gpu_dtype, gpu_device:
         for n in ns:
             x = torch.randn(n, hidden)
             xg = x.to(gpu_device, gpu_dtype)
-            cpu.append((float(n), _time_ms(lambda: cpu_fn(x), repeats)))
-            gpu.append((float(n), _time_ms(lambda: gpu_fn(xg), repeats, sync)))
-    t_e = _time_ms(copy_fn, repeats, sync)
+            cpu.append((float(n), time_ms(lambda: cpu_fn(x), repeats)))
+            gpu.append((float(n), time_ms(lambda: gpu_fn(xg), repeats, sync)))
+    t_e = time_ms(copy_fn, repeats, sync)
     return CostModel(CostCurve.fit(*zip(*cpu)), CostCurve.fit(*zip(*gpu)), t_e)
 
 
@@ -103,26 +104,26 @@ def measure_profile(name: str = "measured", cpu_threads: int | None = None) -> H
     with torch.inference_mode():
         big = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")  # 1 GB
         dst = torch.empty_like(big)
-        gpu_bw = 2 * big.numel() / gb / (_time_ms(lambda: dst.copy_(big), 5, sync) / 1e3)
+        gpu_bw = 2 * big.numel() / gb / (time_ms(lambda: dst.copy_(big), 5, sync) / 1e3)
         host = torch.empty(1 << 28, dtype=torch.uint8).pin_memory()  # 256 MB
         dev = torch.empty(host.shape, dtype=torch.uint8, device="cuda")
-        h2d = host.numel() / gb / (_time_ms(lambda: dev.copy_(host, non_blocking=True), 5, sync) / 1e3)
+        h2d = host.numel() / gb / (time_ms(lambda: dev.copy_(host, non_blocking=True), 5, sync) / 1e3)
         a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
-        fp16 = 2 * 8192 ** 3 / 1e12 / (_time_ms(lambda: a @ a, 5, sync) / 1e3)
+        fp16 = 2 * 8192 ** 3 / 1e12 / (time_ms(lambda: a @ a, 5, sync) / 1e3)
         ai = torch.randint(-127, 127, (8192, 8192), device="cuda", dtype=torch.int8)
         try:
-            i8 = 2 * 8192 ** 3 / 1e12 / (_time_ms(lambda: torch._int_mm(ai, ai.t()), 5, sync) / 1e3)
+            i8 = 2 * 8192 ** 3 / 1e12 / (time_ms(lambda: torch._int_mm(ai, ai.t()), 5, sync) / 1e3)
         except RuntimeError:  # no int8 tensor-core GEMM for this layout/GPU: count it as fp16
             i8 = fp16
         small = torch.zeros(1, device="cuda")
-        kernel = _time_ms(lambda: small.add_(1), 50, sync)
+        kernel = time_ms(lambda: small.add_(1), 50, sync)
         src = torch.empty(1 << 28, dtype=torch.uint8)  # 256 MB streaming copy on the host
         cdst = torch.empty_like(src)
-        cpu_bw = 2 * src.numel() / gb / (_time_ms(lambda: cdst.copy_(src), 5) / 1e3)
+        cpu_bw = 2 * src.numel() / gb / (time_ms(lambda: cdst.copy_(src), 5) / 1e3)
         c = torch.randn(2048, 2048)
-        fp32 = 2 * 2048 ** 3 / 1e12 / (_time_ms(lambda: c @ c, 3) / 1e3)
+        fp32 = 2 * 2048 ** 3 / 1e12 / (time_ms(lambda: c @ c, 3) / 1e3)
         ci = torch.randint(-127, 127, (2048, 2048), dtype=torch.int8)
-        ci8 = 2 * 2048 ** 3 / 1e12 / (_time_ms(lambda: torch._int_mm(ci, ci.t()), 3) / 1e3)
+        ci8 = 2 * 2048 ** 3 / 1e12 / (time_ms(lambda: torch._int_mm(ci, ci.t()), 3) / 1e3)
     props = torch.cuda.get_device_properties(0)
     how = "measured on this machine by runtime/calibrate.measure_profile"
     return HardwareProfile(

@@ -168,7 +168,7 @@ class CollaborativeEngine:
         """Quantized slots: keep the int8 GEMM or dequantize per call, whichever runs one expert faster
         here (measured at 1 and 32 tokens). In eager mode the int8 path's ~25 small kernels per linear
         (activation quantization, zero-point corrections) can cost more than the GEMM it saves."""
-        from .calibrate import _time_ms
+        from .calibrate import time_ms
 
         store = self.store
         if not store.quantized or self.device.type != "cuda" or not store.int8_gemm:
@@ -178,7 +178,7 @@ class CollaborativeEngine:
         times = {}
         for mode in (True, False):
             store.int8_gemm = mode
-            times[mode] = sum(_time_ms(lambda: store.gpu_forward(0, x), 10, sync)
+            times[mode] = sum(time_ms(lambda: store.gpu_forward(0, x), 10, sync)
                               for x in (torch.randn(n, store.host[0][0]["gate.q"].shape[1], device=self.device,
                                                     dtype=dtype) for n in (1, 32)))
         store.int8_gemm = times[True] <= times[False]
