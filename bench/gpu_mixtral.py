@@ -114,15 +114,23 @@ class Inputs:
         return RoutingTrace(self.routes[:n], num_experts, np.array([0, n]), decode=np.arange(n) >= self.prefill)
 
 
+def cost_spec(shape):
+    """Mixtral-8x7B's cost shape with the run's layer count and expert dimensions (one place for the
+    memory budget and the simulator)."""
+    from haqmoe.runtime.profiles import model_spec
+
+    return replace(model_spec("mixtral-8x7b"), num_layers=shape.layers, hidden=shape.hidden, ffn=shape.ffn,
+                   vocab=shape.vocab)
+
+
 def predict(name: str, cost, profile, inp: Inputs, shape, per_layer: int) -> tuple[float, float]:
     """Simulated (decode tok/s, prefill ms) of one policy's engine configuration."""
-    from haqmoe.runtime.profiles import model_spec
     from haqmoe.runtime.simulator import CacheSpec, Replay, ReplayOptions, build_cache
 
     L = shape.layers
     slots_kind, cpol, decision = GPU_POLICIES[name]
     slots = (shape.experts if slots_kind == "all" else per_layer) * L
-    spec = replace(model_spec("mixtral-8x7b"), num_layers=L, hidden=shape.hidden, ffn=shape.ffn, vocab=shape.vocab)
+    spec = cost_spec(shape)
     cache = build_cache(CacheSpec(SIM_CACHE.get(name, cpol), slots), L, shape.experts, shape.top_k,
                         spec.expert_bytes("w8a8"), inp.plan)
     res = Replay(inp.sim_trace(shape.experts), cache, cost, profile, spec,
@@ -193,15 +201,13 @@ def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, d
     from haqmoe.routing.placement import Plan
     from haqmoe.runtime.calibrate import measure_profile
     from haqmoe.runtime.engine import CollaborativeEngine, EngineConfig, SamplingConfig, latency_stats
-    from haqmoe.runtime.profiles import model_spec
+    from haqmoe.runtime.profiles import PROFILES
     from haqmoe.runtime.shaped import MoEShape, restore_experts, shaped_mixtral
     from haqmoe.runtime.simulator import frequency_plan
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if dry_run:
-        from haqmoe.runtime.profiles import PROFILES
-
         profile = PROFILES["h100-pcie"]
     else:
         torch.set_num_threads(os.cpu_count() or 1)
@@ -209,8 +215,6 @@ def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, d
             profile = measure_profile(f"{torch.cuda.get_device_name(0)} (measured)")
         except Exception:  # noqa: BLE001 - a datasheet profile still lets the engine rows run
             traceback.print_exc()
-            from haqmoe.runtime.profiles import PROFILES
-
             profile = PROFILES["h100-pcie"]
     (out / "profile.json").write_text(profile.to_json())
     print(f"[{time.perf_counter() - t0:.0f}s] profile: h2d {profile.h2d_gb_s:.1f} GB/s, gpu {profile.gpu_mem_bw_gb_s:.0f} "
@@ -232,7 +236,7 @@ def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, d
         shape = MoEShape(hidden=256, ffn=512, heads=4, kv_heads=2, vocab=1000, layers=L)
     lm, feed, experts = shaped_mixtral(shape, inp.routes, device="cpu" if dry_run else "cuda",
                                        dtype=torch.float32 if dry_run else torch.float16)
-    spec = replace(model_spec("mixtral-8x7b"), num_layers=L, hidden=shape.hidden, ffn=shape.ffn, vocab=shape.vocab)
+    spec = cost_spec(shape)
     fp16_gb = spec.total_bytes("fp16") / 1e9
     budget_gb = budget_frac * fp16_gb
     nonexpert_gb = sum(p.numel() * p.element_size() for p in lm.model.parameters() if p.device.type != "meta") / 1e9

@@ -168,7 +168,8 @@ def cuda_rows(config_dir: Path, cfg: BenchConfig, device: str = "cuda") -> list[
             m = m.to(device, torch.float16) if mode == "fp16" else m.to(device)
             if mode in EXEC:
                 convert(m, EXEC[mode])
-            torch.cuda.empty_cache() if device == "cuda" else None
+            if device == "cuda":
+                torch.cuda.empty_cache()
             row = {"model": model, "mode": mode, "device": torch.cuda.get_device_name(0) if device == "cuda" else device,
                    "weights": "random (the model's config.json)"}
             row.update(time_model(m, ids.to(device), cfg, 0))

@@ -164,35 +164,35 @@ class CollaborativeEngine:
         cost.n_critical_override = self.cfg.n_critical
         return cost
 
-    def _choose_gpu_precision(self, dtype: torch.dtype) -> None:
+    def _choose_gpu_precision(self, dtype: torch.dtype, hidden: int) -> None:
         """Quantized slots: keep the int8 GEMM or dequantize per call, whichever runs one expert faster
-        here (measured at 1 and 32 tokens). In eager mode the int8 path's ~25 small kernels per linear
-        (activation quantization, zero-point corrections) can cost more than the GEMM it saves."""
+        here (measured at 1 and 32 tokens, on slot 0). In eager mode the int8 path's ~25 small kernels
+        per linear (activation quantization, zero-point corrections) can cost more than the GEMM it saves."""
         from .calibrate import time_ms
 
         store = self.store
-        if not store.quantized or self.device.type != "cuda" or not store.int8_gemm:
+        if not store.quantized or not store.int8_gemm:
             return
-        store.load_slot(0, 0, 0)
-        sync = torch.cuda.synchronize
         times = {}
         for mode in (True, False):
             store.int8_gemm = mode
-            times[mode] = sum(time_ms(lambda: store.gpu_forward(0, x), 10, sync)
-                              for x in (torch.randn(n, store.host[0][0]["gate.q"].shape[1], device=self.device,
-                                                    dtype=dtype) for n in (1, 32)))
+            times[mode] = sum(time_ms(lambda: store.gpu_forward(0, x), 10, torch.cuda.synchronize)
+                              for x in (torch.randn(n, hidden, device=self.device, dtype=dtype) for n in (1, 32)))
         store.int8_gemm = times[True] <= times[False]
 
     def _calibrate_tiers(self) -> CostModel:
+        """CUDA only. Slot 0 is free at this point (nothing admitted yet; the plan overwrites it after):
+        it holds expert (0, 0) for both the precision choice and the tier timings."""
         from .calibrate import cached_cost_model, calibrate_tiers, machine_key
 
         cpu_tier, store = self.hybrids[0].original, self.store
         dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
-        with torch.inference_mode():
-            self._choose_gpu_precision(dtype)
         cfg = self.model.config
         hidden = int(cfg.hidden_size)
         ffn = int(getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size)
+        torch.cuda.current_stream().wait_event(store.load_slot(0, 0, 0))
+        with torch.inference_mode():
+            self._choose_gpu_precision(dtype, hidden)
         tiers = f"cpu-{type(cpu_tier).__name__}-gpu-{'int8' if store.int8_gemm else str(dtype).split('.')[-1]}"
 
         def cpu_fn(x: torch.Tensor) -> torch.Tensor:
@@ -200,7 +200,6 @@ class CollaborativeEngine:
             return cpu_tier(x.to(dtype), torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=dtype))
 
         def measure() -> CostModel:
-            store.load_slot(0, 0, 0)  # slot 0 is free (nothing admitted yet); the plan overwrites it after
             return calibrate_tiers(cpu_fn, lambda x: store.gpu_forward(0, x), lambda: store.load_slot(0, 0, 0),
                                    hidden, dtype, str(store.device))
 
