@@ -11,8 +11,8 @@ replay held-out Mixtral routing (synthetic-from-statistics, as bench/simulate.py
 in fp16 on the GPU. The GPU budget is --budget of the model's FP16 size: non-expert weights + 1 GB
 reserve + as many int8 expert slots as fit. Per policy it runs the real engine (CPU tier: real int8
 GEMM on all cores; GPU tier: int8 GEMM or per-call dequantization of the int8 slots, whichever the
-engine measures faster at start-up — int8 here) for one 512-token prefill and --tokens decode
-tokens, and the simulator on the same routing with the engine's own calibrated cost model and a
+engine measures faster at start-up — int8 here; one-token experts replayed as one CUDA graph per
+slot) for one 512-token prefill and --tokens decode tokens, and the simulator on the same routing with the engine's own calibrated cost model and a
 profile measured on the machine (runtime/calibrate.measure_profile). The all-resident row fits the
 one free parameter of the simulator, the framework's host time per layer (layer_overhead_ms); the
 other rows are predictions. Also writes int8-vs-fp16 GEMM timings of the expert shapes on the GPU.
@@ -38,12 +38,25 @@ import torch
 if TYPE_CHECKING:
     from haqmoe.routing.trace import RoutingTrace
 
-GPU_POLICIES = {  # name: (slots: "budget" | "all", engine cache policy, decision)
-    "all-resident": ("all", "lru", "always-transfer"),
-    "always-transfer": ("budget", "lru", "always-transfer"),  # mixtral-offloading
-    "always-cpu": ("budget", "lru", "always-cpu"),  # Fiddler (plan resident, nothing admitted)
-    "predictor": ("budget", "lru", "predictor"),  # the paper
-    "balanced": ("budget", "lru", "balanced"),  # ours: misses split between CPU and PCIe
+@dataclass(frozen=True)
+class GpuPolicy:
+    slots: str  # "budget" | "all"
+    cache: str  # engine cache policy
+    decision: str
+    admit: bool = False  # background admission of CPU-served misses
+    graphs: bool = True  # one-token GPU experts as CUDA graphs
+
+
+GPU_POLICIES = {
+    "all-resident": GpuPolicy("all", "lru", "always-transfer"),
+    "always-transfer": GpuPolicy("budget", "lru", "always-transfer"),  # mixtral-offloading
+    "always-cpu": GpuPolicy("budget", "lru", "always-cpu"),  # Fiddler (plan resident, nothing admitted)
+    "predictor": GpuPolicy("budget", "lru", "predictor"),  # the paper
+    "balanced": GpuPolicy("budget", "lru", "balanced"),  # ours: misses split between CPU and PCIe
+    "full": GpuPolicy("budget", "lru", "predictor", admit=True),  # + CPU-served misses copied in behind
+    # the same engine without CUDA graphs (what the graphs buy; no prediction: the fit is per mode)
+    "all-resident-eager": GpuPolicy("all", "lru", "always-transfer", graphs=False),
+    "always-transfer-eager": GpuPolicy("budget", "lru", "always-transfer", graphs=False),
 }
 SIM_CACHE = {"always-cpu": "static", "predictor": "static"}  # the engine never admits there at decode
 
@@ -63,6 +76,18 @@ def prepare(out: Path, requests: int, tokens: int, prefill: int) -> None:
 
 GEMM_SHAPES = (("mixtral gate_up", 4096, 28672), ("mixtral down", 14336, 4096),
                ("smollm2 gate_up", 576, 3072), ("smollm2 down", 1536, 576))
+
+
+GEMM_NOTES = (
+    'quant/int8.py `int8_matmul` including the per-token activation quantization, vs fp16 `F.linear`, '
+    'median of 20 after a warm-up (bench/gpu_mixtral.py run). In eager PyTorch the int8 path is ~25 small'
+    ' kernels per linear (quantize, zero-point corrections, rescale) and is launch-bound at ~0.3 ms '
+    'whatever the shape: 0.07-0.3x the speed of one fp16 GEMM. The engine therefore measures both GPU-'
+    'tier precisions of a quantized expert at start-up (int8 GEMM vs dequantize-per-call) and keeps the '
+    "faster: int8 at Mixtral's shape, dequant on tiny models. Fusing the activation quantization into one"
+    ' kernel (Triton) is the way to make int8 pay on the GPU. With CUDA graphs (runtime/store.py) the '
+    'launches are recorded once per expert slot: one Mixtral expert at one token then takes 0.27 ms '
+    'instead of 1.05 ms (runtime_gpu.md).')
 
 
 def gemm_rows(device: str = "cuda", shapes=GEMM_SHAPES, ms=(1, 16, 128, 512)) -> list[dict]:
@@ -128,13 +153,13 @@ def predict(name: str, cost, profile, inp: Inputs, shape, per_layer: int) -> tup
     from haqmoe.runtime.simulator import CacheSpec, Replay, ReplayOptions, build_cache
 
     L = shape.layers
-    slots_kind, cpol, decision = GPU_POLICIES[name]
-    slots = (shape.experts if slots_kind == "all" else per_layer) * L
+    pol = GPU_POLICIES[name]
+    slots = (shape.experts if pol.slots == "all" else per_layer) * L
     spec = cost_spec(shape)
-    cache = build_cache(CacheSpec(SIM_CACHE.get(name, cpol), slots), L, shape.experts, shape.top_k,
+    cache = build_cache(CacheSpec(SIM_CACHE.get(name, pol.cache), slots), L, shape.experts, shape.top_k,
                         spec.expert_bytes("w8a8"), inp.plan)
     res = Replay(inp.sim_trace(shape.experts), cache, cost, profile, spec,
-                 options=ReplayOptions(decision, prefill_tokens=inp.prefill, decode_only=True)).run()
+                 options=ReplayOptions(pol.decision, pol.admit, prefill_tokens=inp.prefill, decode_only=True)).run()
     return float(1e3 / res.token_ms.mean()), float(res.prefill_ms)
 
 
@@ -145,7 +170,7 @@ def add_predictions(rows: list[dict], costs: dict, profile, inp: Inputs, shape, 
     eager engine's two known host costs: GPU expert kernels are launched by the thread that next runs
     the CPU tier (``cpu_gpu_overlap = 0``), and the framework's per-layer host time, the one number
     fitted, on the all-resident row only."""
-    measured = {r["policy"]: r for r in rows if r.get("decode_tok_s")}
+    measured = {r["policy"]: r for r in rows if r.get("decode_tok_s") and GPU_POLICIES[r["policy"]].graphs}
     eager = replace(profile, cpu_gpu_overlap=0.0)
     overhead = 0.0
     if "all-resident" in measured:
@@ -192,7 +217,8 @@ def notes(fitted, L: int, per_layer: int, rows: list[dict]) -> str:
         f"{r.get('gpu_precision')}. `predicted_raw_decode_tok_s` = simulator with the measured profile as is; "
         f"`predicted_decode_tok_s` = with the eager engine's host costs (cpu_gpu_overlap 0; per-layer framework "
         f"time {fitted.layer_overhead_ms:.3f} ms fitted on the all-resident row only); `prediction_error` = "
-        f"predicted / measured - 1 (goal: within 20 %).")
+        f"predicted / measured - 1 (goal: within 20 %). `full` = predictor + background admission of "
+        f"CPU-served misses (one copy in flight at most). `-eager` rows: the same engine without CUDA graphs.")
 
 
 def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, dry_run: bool = False) -> None:
@@ -222,8 +248,7 @@ def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, d
     try:
         gemm = gemm_rows() if not dry_run else gemm_rows("cpu", GEMM_SHAPES[2:3], (1,))
         write_results(out / "int8_gpu.json", gemm, run_meta(), "int8 vs fp16 GEMM on the GPU (issue 5)",
-                      "quant/int8.py int8_matmul incl. per-token activation quantization vs fp16 F.linear; "
-                      "median of 20 after a warm-up.")
+                      GEMM_NOTES)
     except Exception:  # noqa: BLE001 - the engine rows matter more; report and go on
         traceback.print_exc()
     print(f"[{time.perf_counter() - t0:.0f}s] gemm rows done", flush=True)
@@ -258,8 +283,8 @@ def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, d
 
     rows, costs = [], {}
     for i, name in enumerate(["all-resident", *GPU_POLICIES]):  # the first run only warms CUDA / oneDNN up
-        slots_kind, cpol, decision = GPU_POLICIES[name]
-        slots = shape.experts if slots_kind == "all" else per_layer
+        pol = GPU_POLICIES[name]
+        slots = shape.experts if pol.slots == "all" else per_layer
         try:
             restore_experts(lm, experts)
             feed.pos = 0
@@ -269,9 +294,10 @@ def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, d
                 torch.cuda.reset_peak_memory_stats()
             tb = time.perf_counter()
             engine = CollaborativeEngine(lm, EngineConfig(device="cpu" if dry_run else "cuda", emulate_gpu=dry_run,
-                                                          slots_per_layer=slots, cache_policy=cpol,
-                                                          decision=decision, plan=plans[slots_kind],
-                                                          exec_mode="real"))
+                                                          slots_per_layer=slots, cache_policy=pol.cache,
+                                                          decision=pol.decision, plan=plans[pol.slots],
+                                                          exec_mode="real", admit=pol.admit,
+                                                          cuda_graphs=pol.graphs))
             build_s = time.perf_counter() - tb
             gen = engine.generate(ids, SamplingConfig(max_new_tokens=tokens))
             s = engine.summary()
@@ -290,8 +316,9 @@ def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, d
                 "predicted_raw_decode_tok_s": None, "predicted_prefill_ms_512": None,
                 "slots_per_layer": slots, "layers": L, "cpu_expert_calls": s["cpu_expert_calls"],
                 "gpu_expert_calls": s["gpu_expert_calls"], "n_critical": s["n_critical"],
-                "engine_build_s": build_s, "budget_gb": budget_gb if slots_kind == "budget" else None,
-                "fp16_model_gb": fp16_gb, "gpu_precision": s.get("gpu_precision"),
+                "engine_build_s": build_s, "budget_gb": budget_gb if pol.slots == "budget" else None,
+                "fp16_model_gb": fp16_gb, "gpu_precision": s.get("gpu_precision"), "cuda_graphs": pol.graphs,
+                "background_copies": s.get("background_copies", 0),
             })
             print(f"[{time.perf_counter() - t0:.0f}s] {name}: {rows[-1]['decode_tok_s']:.1f} tok/s, prefill "
                   f"{gen.prefill_ms:.0f} ms, hit {s['hit_rate']:.3f}, peak {peak:.1f} GB", flush=True)

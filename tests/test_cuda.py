@@ -49,12 +49,37 @@ def test_cuda_engine_greedy_tokens_equal_transformers(quant, slots, decision):
     engine.cache.check_invariants()
 
 
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
 @pytest.mark.parametrize("int8_gemm", [True, False])
-def test_cuda_engine_gpu_tier_precisions_keep_tokens(int8_gemm):
-    engine, ref = make(quant=True, device="cuda", slots_per_layer=3, decision="predictor", n_critical=0)
+def test_cuda_engine_gpu_tier_precisions_keep_tokens(int8_gemm, graphs):
+    engine, ref = make(quant=True, device="cuda", slots_per_layer=3, decision="predictor", n_critical=0,
+                       cuda_graphs=graphs)
     engine.store.int8_gemm = int8_gemm  # override the start-up choice: both GPU-tier paths
+    if graphs:
+        engine.store.capture_decode_graphs(engine.model.config.hidden_size, torch.float32)
+    assert bool(engine.store._graphs) == graphs
     assert engine.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref
     assert engine.summary()["gpu_expert_calls"] > 0
+
+
+def test_cuda_graph_replay_equals_eager_expert():
+    engine, _ = make(quant=True, device="cuda", slots_per_layer=3, decision="always-transfer")
+    store = engine.store
+    assert store._graphs, "graphs are on by default on CUDA"
+    for slot, (layer, e) in enumerate([(0, 1), (1, 5), (0, 7)]):
+        store.load_slot(slot, layer, e)
+    torch.cuda.synchronize()
+    with torch.inference_mode():  # as the engine runs (the graphs' buffers are inference tensors)
+        for slot in range(3):
+            x = torch.randn(1, engine.model.config.hidden_size, device="cuda")
+            assert torch.equal(store.gpu_forward(slot, x).clone(), store._forward(slot, x))
+
+
+def test_cuda_background_admission_keeps_tokens():
+    engine, ref = make(quant=True, device="cuda", slots_per_layer=3, decision="always-cpu", admit=True)
+    assert engine.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref
+    s = engine.summary()
+    assert s["background_copies"] > 0 and s["gpu_expert_calls"] > 0
 
 
 def test_cuda_prefetch_waits_for_its_copies():

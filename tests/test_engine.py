@@ -39,6 +39,7 @@ CASES = {
     "mixed": dict(emulate_gpu=True, slots_per_layer=3, decision="predictor", n_critical=1),
     "lru-evicting": dict(emulate_gpu=True, slots_per_layer=3, decision="predictor", n_critical=0),
     "balanced": dict(emulate_gpu=True, slots_per_layer=3, decision="balanced"),
+    "admit": dict(emulate_gpu=True, slots_per_layer=3, decision="always-cpu", admit=True),
 }
 
 
@@ -57,6 +58,9 @@ def test_greedy_tokens_equal_transformers(case, quant):
         assert s["cpu_expert_calls"] > 0 and s["gpu_expert_calls"] > 0 and 0 < s["hit_rate"] < 1
     if case == "lru-evicting":  # every miss transfers unless all slots hold experts this call still uses
         assert s["gpu_expert_calls"] > 3 * s["cpu_expert_calls"] and s["evictions"] > 0 and 0 < s["hit_rate"] < 1
+    if case == "admit":  # every miss runs on the CPU, then is copied in unless every slot is in use now
+        assert 0 < s["background_copies"] <= s["cpu_expert_calls"] == s["misses"]
+        assert s["gpu_expert_calls"] > 0 and s["bytes_moved"] > 0
     if engine.cache is not None:
         engine.cache.check_invariants()
 

@@ -23,19 +23,21 @@ _ENGINE_OPTS = dict(
     prefetch=typer.Option(0, min=0, help="Next-layer experts to prefetch per layer (GPU tier; 0 = off)."),
     guess_trace=typer.Option(None, help="Trace from `haqmoe profile` of this model: prefetch learns, per layer, "
                              "whether expert co-occurrence guesses better than the next router."),
+    admit=typer.Option(False, help="Also copy experts served on the CPU into the GPU cache for their next use "
+                       "(background admission, while the copy engine is idle)."),
 )
 
 
 def build_engine(model: str, policy: str, cache_policy: str, slots: Optional[int], plan: Optional[str],
                  device: str, emulate_gpu: bool, profile: str, exec_mode: str, prefetch: int = 0,
-                 guess_trace: Optional[str] = None):
+                 guess_trace: Optional[str] = None, admit: bool = False):
     from ..models.loading import load_model
     from ..runtime.engine import CollaborativeEngine, EngineConfig, plan_path
 
     lm = load_model(model, progress=state["progress"])
     cfg = EngineConfig(device=device, emulate_gpu=emulate_gpu, slots_per_layer=slots, cache_policy=cache_policy,
                        decision=policy, plan=plan_path(plan), profile=profile, exec_mode=exec_mode,
-                       prefetch=prefetch, guess_trace=guess_trace)
+                       prefetch=prefetch, guess_trace=guess_trace, admit=admit)
     return CollaborativeEngine(lm, cfg)
 
 
@@ -52,12 +54,13 @@ def run(model: str = typer.Argument("smollm2-moe", help="MoE model source (embed
         device: str = _ENGINE_OPTS["device"], emulate_gpu: bool = _ENGINE_OPTS["emulate_gpu"],
         profile: str = _ENGINE_OPTS["profile"], exec_mode: str = _ENGINE_OPTS["exec_mode"],
         prefetch: int = _ENGINE_OPTS["prefetch"], guess_trace: Optional[str] = _ENGINE_OPTS["guess_trace"],
+        admit: bool = _ENGINE_OPTS["admit"],
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output (no streaming).")) -> None:
     """Generate from a prompt through the collaborative runtime, streaming text, then telemetry."""
     from ..runtime.engine import SamplingConfig, latency_stats
 
     engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode,
-                          prefetch, guess_trace)
+                          prefetch, guess_trace, admit)
     sampling = SamplingConfig(max_tokens, temperature, top_p, seed)
     msgs = [{"role": "user", "content": prompt}] if chat else prompt
     gen = None
@@ -88,6 +91,7 @@ def bench_runtime(model: str = typer.Argument("smollm2-moe", help="MoE model sou
                   emulate_gpu: bool = _ENGINE_OPTS["emulate_gpu"], profile: str = _ENGINE_OPTS["profile"],
                   exec_mode: str = _ENGINE_OPTS["exec_mode"], prefetch: int = _ENGINE_OPTS["prefetch"],
                   guess_trace: Optional[str] = _ENGINE_OPTS["guess_trace"],
+                  admit: bool = _ENGINE_OPTS["admit"],
                   out: Optional[Path] = typer.Option(None, help="Write results JSON + markdown here."),
                   as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Prefill and decode latency, tokens/s, p50/p95/p99, hit rate and bytes moved, per policy."""
@@ -97,7 +101,7 @@ def bench_runtime(model: str = typer.Argument("smollm2-moe", help="MoE model sou
     rows = []
     for policy in [p.strip() for p in policies.split(",") if p.strip()]:
         engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode,
-                              prefetch, guess_trace)
+                              prefetch, guess_trace, admit)
         ids = tokenize(engine.tokenizer, load_text("pydoc"))[:, :prompt_tokens]
         engine.generate(ids[:, :8], SamplingConfig(max_new_tokens=2))  # warm-up
         gen = engine.generate(ids, SamplingConfig(max_new_tokens=max_tokens))

@@ -41,6 +41,8 @@ class EngineConfig:
     prefetch: int = 0  # next-layer experts to prefetch per layer (0 = off; GPU tier only)
     guess_trace: str | None = None  # profiled trace: learn per-layer transition guesses (routing/guess.py)
     exec_mode: str = "fake"  # quantized CPU-tier execution: fake | dequant | real | auto (quant/precision.py)
+    admit: bool = False  # also copy CPU-served misses into the cache, while the copy engine is idle
+    cuda_graphs: bool = True  # CUDA: one-token GPU experts replay one graph per slot (eager is launch-bound)
 
 
 @dataclass
@@ -113,7 +115,7 @@ class CollaborativeEngine:
             nxt = routers[layer + 1] if layer + 1 < len(blocks) and self.cache is not None else None
             gw = guess_weight(nxt, norms[layer], norms[layer + 1]) if nxt is not None else None
             hybrid = HybridExperts(layer, ex, self.store, self.cache, None, cfg.decision, self.telemetry,
-                                   nxt, cfg.prefetch, gw, guess_plan)
+                                   nxt, cfg.prefetch, gw, guess_plan, admit=cfg.admit)
             set_module(block, adapter.moe.experts, hybrid)
             self.hybrids.append(hybrid)
         if cfg.exec_mode != "fake":  # after the store copied the int8 experts; quantized in memory counts too
@@ -193,7 +195,10 @@ class CollaborativeEngine:
         torch.cuda.current_stream().wait_event(store.load_slot(0, 0, 0))
         with torch.inference_mode():
             self._choose_gpu_precision(dtype, hidden)
-        tiers = f"cpu-{type(cpu_tier).__name__}-gpu-{'int8' if store.int8_gemm else str(dtype).split('.')[-1]}"
+            if self.cfg.cuda_graphs:
+                store.capture_decode_graphs(hidden, dtype)
+        tiers = f"cpu-{type(cpu_tier).__name__}-gpu-{'int8' if store.int8_gemm else str(dtype).split('.')[-1]}" \
+                f"{'-graphs' if self.cfg.cuda_graphs else ''}"
 
         def cpu_fn(x: torch.Tensor) -> torch.Tensor:
             n = x.shape[0]
@@ -320,6 +325,7 @@ class CollaborativeEngine:
                 "n_critical": float(self.cost.n_critical) if self.cost is not None else None,
                 "prefetch_hits": int(st.prefetch_hits.sum()), "prefetch_copies": tel.prefetch_copies,
                 "prefetch_wasted": int(st.prefetch_wasted.sum()), "guess_ms": tel.guess_ms,
+                "background_copies": tel.background_copies,
             })
         return out
 

@@ -4,6 +4,8 @@ Per forward call (a prefill batch or one decode token) and per selected expert w
 resident in the GPU cache -> GPU; otherwise the cost predictor decides: n > n_critical ->
 transfer through the cache and run on the GPU, else run on the CPU. GPU work is issued first
 (asynchronous on CUDA), CPU experts run meanwhile, results are combined with the router weights.
+With ``admit`` (the simulator's background admission), an expert served on the CPU is also copied
+into the cache for its next use when the copy engine is idle.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Telemetry:
     step: int = 0  # policy clock: one per model forward
     guess_ms: float = 0.0  # time spent scoring next-layer guesses (prefetch's compute cost)
     prefetch_copies: int = 0
+    background_copies: int = 0  # CPU-served misses copied into the cache afterwards (admit)
 
     def __post_init__(self) -> None:
         for name in ("cpu_experts", "gpu_experts", "cpu_tokens", "gpu_tokens"):
@@ -43,7 +46,7 @@ class HybridExperts(nn.Module):
     def __init__(self, layer: int, original: nn.Module, store: ExpertStore, cache: ExpertCache | None,
                  cost: CostModel | None, policy: str, telemetry: Telemetry,
                  next_router: nn.Module | None = None, prefetch: int = 0,
-                 guess_w: torch.Tensor | None = None, guess_plan: GuessPlan | None = None):
+                 guess_w: torch.Tensor | None = None, guess_plan: GuessPlan | None = None, admit: bool = False):
         super().__init__()
         # Next-layer prefetch: layer l+1's router, re-based onto this layer's normalised input
         # (routing/guess.py), guesses its experts; copies start while we compute.
@@ -54,6 +57,7 @@ class HybridExperts(nn.Module):
         self.original = original  # the CPU tier (kept on the CPU when the model moves to a GPU)
         self.store, self.cache, self.cost, self.policy = store, cache, cost, policy
         self.telemetry = telemetry
+        self.admit = admit and cache is not None
         self.num_experts = original.num_experts
         self.prefetch = 0
         self.set_prefetch(prefetch)
@@ -135,4 +139,18 @@ class HybridExperts(nn.Module):
             out.index_add_(0, token_idx, (y.to(out.device) * w).to(out.dtype))
             tel.cpu_experts[self.layer] += 1
             tel.cpu_tokens[self.layer] += len(token_idx)
+        if self.admit:
+            self._admit_in_background([e for e, *_ in cpu_jobs])
         return out
+
+    def _admit_in_background(self, experts: list[int]) -> None:
+        """Copy CPU-served misses in for their next use, one copy in flight at most (the simulator's
+        backlog of one transfer) and only into dynamic slots (a pinned plan stays)."""
+        for e in experts:
+            if self.store.copies_in_flight() > 0 or self.cache.dynamic_slots(self.layer) <= 0:
+                return
+            slot = self.cache.admit(self.layer, e)
+            if slot is None:
+                return
+            self.cache.get(self.layer, e).handle = self.store.load_slot(slot, self.layer, e)  # waited at first use
+            self.telemetry.background_copies += 1

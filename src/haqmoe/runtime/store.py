@@ -10,7 +10,8 @@ bytes than fp32 over PCIe), float weights otherwise. Host copies are pinned when
 so the host-to-device copies run asynchronously on a side stream. Quantized slots run either on the
 int8 GEMM (quant/int8.py) or dequantized per call (fake-quant arithmetic, what the CPU emulation
 uses by default); on CUDA the engine measures both at start-up and keeps the faster (eager int8 is
-launch-bound: it wins at Mixtral's shape, loses on small models).
+launch-bound: it wins at Mixtral's shape, loses on small models). Decode (one token) on CUDA then
+replays one CUDA graph per slot instead of launching ~80 small kernels per expert.
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ class ExpertStore:
         gemm = cfg.int8_gemm if cfg.int8_gemm is not None else self.device.type == "cuda"
         self.int8_gemm = bool(gemm and self.quantized and self.a_spec is not None and self.a_spec.dynamic
                               and self.a_spec.bits == 8 and self.w_spec.granularity == "channel")
+        self._pending: list = []  # CUDA events of copies not known to be done (copies_in_flight)
+        self._graphs: dict[int, tuple] = {}  # slot -> (graph, static input, static output), one token
+        self._graphs_int8: bool | None = None  # the precision the graphs were recorded in
 
     # --------------------------------------------------------------------- GPU tier
     def load_slot(self, slot: int, layer: int, e: int):
@@ -89,7 +93,15 @@ class ExpertStore:
                 buf[slot].copy_(src[k], non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.stream)
+        if len(self._pending) >= 32:
+            self.copies_in_flight()  # drop finished events so the list stays short
+        self._pending.append(event)
         return event
+
+    def copies_in_flight(self) -> int:
+        """Host-to-device copies queued and not finished yet (0 without CUDA: copies are synchronous)."""
+        self._pending = [ev for ev in self._pending if not ev.query()]
+        return len(self._pending)
 
     def _slot_weight(self, slot: int, part: str, dtype: torch.dtype) -> torch.Tensor:
         if not self.quantized:
@@ -111,6 +123,40 @@ class ExpertStore:
             x = fake_quant(x, self.a_spec)
         return nn.functional.linear(x.to(w.dtype), w)
 
-    def gpu_forward(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         h = self.act_fn(self._lin(x, slot, "gate")) * self._lin(x, slot, "up")
         return self._lin(h, slot, "down").to(x.dtype)
+
+    def gpu_forward(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert on its slot. A one-token call replays the slot's graph when recorded: the result
+        is the graph's static output, valid until that slot runs again (callers consume it at once)."""
+        graph = self._graphs.get(slot) if x.shape[0] == 1 and self._graphs_int8 == self.int8_gemm else None
+        if graph is None or x.dtype != graph[1].dtype:
+            return self._forward(slot, x)
+        g, x_in, y_out = graph
+        x_in.copy_(x)
+        g.replay()
+        return y_out
+
+    def capture_decode_graphs(self, hidden: int, dtype: torch.dtype) -> None:
+        """CUDA only: record each slot's one-token expert as a CUDA graph (same kernels, so the same
+        numbers). Slots are fixed buffers, so a graph stays valid whatever expert a copy puts in its
+        slot. The graphs share one memory pool: replays are serialized on the compute stream and each
+        graph's output stays allocated, so only intermediates are shared."""
+        if self.device.type != "cuda" or self.cfg.num_slots == 0:
+            return
+        x = torch.zeros(1, hidden, device=self.device, dtype=dtype)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside capture: cuBLAS handles and workspaces
+            for _ in range(2):
+                self._forward(0, x)
+        torch.cuda.current_stream().wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        graphs = {}
+        for slot in range(self.cfg.num_slots):
+            g, x_in = torch.cuda.CUDAGraph(), torch.zeros_like(x)
+            with torch.cuda.graph(g, pool=pool):
+                y_out = self._forward(slot, x_in)
+            graphs[slot] = (g, x_in, y_out)
+        self._graphs, self._graphs_int8 = graphs, self.int8_gemm
