@@ -105,7 +105,7 @@ def gemm_rows(device: str = "cuda", shapes=GEMM_SHAPES, ms=(1, 16, 128, 512)) ->
         w16 = torch.randn(n, k, dtype=torch.float16, device=device)
         for m in ms:
             x = torch.randn(m, k, dtype=torch.float16, device=device)
-            t8 = time_ms(lambda: int8_matmul(quantize_tokens(x, spec, False), w8, ws, None, cs, k), 20, sync)
+            t8 = time_ms(lambda: int8_matmul(quantize_tokens(x, spec, False), w8.t(), ws, None, cs, k), 20, sync)
             t16 = time_ms(lambda: torch.nn.functional.linear(x, w16), 20, sync)
             rows.append({"shape": name, "k": k, "n": n, "tokens": m, "int8_ms": t8, "fp16_ms": t16,
                          "int8_speedup": t16 / t8})

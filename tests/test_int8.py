@@ -9,7 +9,7 @@ import torch
 from haqmoe.models.adapters import adapter_for
 from haqmoe.models.tiny import tiny_model
 from haqmoe.quant.config import QuantConfig
-from haqmoe.quant.int8 import (ACT_CACHE, DequantExperts, DequantLinear, Int8Experts, Int8Linear, int8_matmul,
+from haqmoe.quant.int8 import (ACT_CACHE, DequantExperts, DequantLinear, Int8Experts, Int8Linear, QuantAct, int8_matmul,
                                pack_weight, quantize_tokens)
 from haqmoe.quant.modules import QuantExperts, QuantLinear
 from haqmoe.quant.quantizer import QuantSpec, compute_qparams, quantize
@@ -97,7 +97,7 @@ def test_int8_linear_exact_on_extreme_long_k():
     x = torch.where(torch.arange(2 * k).view(2, k) % 5 == 0, 3.0, -1.0)
     act = quantize_tokens(x, spec_a)
     w, sw, zw, cs = pack_weight(ql.qweight, ql.w_scale, ql.w_zero, False)
-    y = int8_matmul(act, w, sw, zw, cs, k)
+    y = int8_matmul(act, w.t(), sw, zw, cs, k)
     ref = ((act.q.double() - act.zero.double()[:, None]) @ (ql.qweight.double() - ql.w_zero.double()).T)
     ref = ref * act.scale.double() * ql.w_scale.double().view(1, -1)
     torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=0)
@@ -160,8 +160,6 @@ def test_experts_match_quant_experts(w_sym: bool, t: int):
 @pytest.mark.parametrize("w_sym,a_sym", [(True, True), (False, False), (True, False), (False, True)])
 def test_one_token_fast_path_is_bit_identical(w_sym: bool, a_sym: bool):
     """Decode's scalar epilogue gives exactly the general epilogue's floats (so it cannot move PPL)."""
-    from dataclasses import replace
-
     k, n = 100, 36  # unaligned: the padded weight is sliced back
     g = torch.Generator().manual_seed(3)
     ql = QuantLinear.from_weight(torch.randn(n, k, generator=g), torch.randn(n, generator=g),
@@ -170,6 +168,7 @@ def test_one_token_fast_path_is_bit_identical(w_sym: bool, a_sym: bool):
     x = _inputs(1, k, outliers=True, seed=4)
     act = quantize_tokens(x, ql.a_spec, need_rowsum=il.w_zero is not None)
     assert act.scalars is not None
-    fast = int8_matmul(act, il.w, il.w_scale, il.w_zero, il.colsum, k, il.bias)
-    general = int8_matmul(replace(act, scalars=None), il.w, il.w_scale, il.w_zero, il.colsum, k, il.bias)
+    fast = int8_matmul(act, il.wt, il.w_scale, il.w_zero, il.colsum, k, il.bias)
+    general_act = QuantAct(act.q, act.scale, act.zero, act.rowsum)  # the same numbers as tensors, no scalars
+    general = int8_matmul(general_act, il.wt, il.w_scale, il.w_zero, il.colsum, k, il.bias)
     assert torch.equal(fast, general)

@@ -117,7 +117,7 @@ class ExpertStore:
             q, s, z, c = (self.slots[f"{part}.{t}"][slot] for t in "qszc")
             act = quantize_tokens(x, self.a_spec, need_rowsum=not self.w_spec.symmetric)
             zero = None if self.w_spec.symmetric else z.reshape(-1).round().to(torch.int32)
-            return int8_matmul(act, q, s.reshape(-1), zero, c, q.shape[1])
+            return int8_matmul(act, q.t(), s.reshape(-1), zero, c, q.shape[1])
         w = self._slot_weight(slot, part, x.dtype)
         if self.a_spec is not None:
             x = fake_quant(x, self.a_spec)
