@@ -172,3 +172,47 @@ def test_one_token_fast_path_is_bit_identical(w_sym: bool, a_sym: bool):
     general_act = QuantAct(act.q, act.scale, act.zero, act.rowsum)  # the same numbers as tensors, no scalars
     general = int8_matmul(general_act, il.wt, il.w_scale, il.w_zero, il.colsum, k, il.bias)
     assert torch.equal(fast, general)
+
+
+@pytest.mark.parametrize("w_sym", [True, False])
+@pytest.mark.parametrize("m", [1, 7])
+def test_fused_sibling_group_is_bit_identical_to_its_linears(w_sym: bool, m: int):
+    """q/k/v (gate/up) as one int8 GEMM: each member's slice equals that linear's own output exactly."""
+    from haqmoe.quant.int8 import Int8LinearGroup, Int8Sibling
+
+    g = torch.Generator().manual_seed(5)
+    k = 100  # unaligned K; an unaligned member N, and one member without bias
+    members = [Int8Linear.from_quant_linear(QuantLinear.from_weight(
+        torch.randn(n, k, generator=g), torch.randn(n, generator=g) if bias else None,
+        QuantSpec(8, w_sym, "channel"), QuantSpec(8, False, "token"))) for n, bias in ((36, True), (20, False), (17, True))]
+    group = Int8LinearGroup(members)
+    siblings = [Int8Sibling(group, i) for i in range(len(members))]
+    x = _inputs(m, k, outliers=True, seed=6).reshape(1, m, k)
+    with torch.inference_mode():
+        for lin, sib in zip(members, siblings):
+            ACT_CACHE.clear()
+            assert torch.equal(sib(x), lin(x))
+        assert group._x is None  # every member read its slice: the group holds no activation
+
+
+def test_int8_conversion_fuses_qkv_and_gate_up_without_changing_logits(monkeypatch):
+    import copy
+
+    from haqmoe.quant import precision
+    from haqmoe.quant.int8 import Int8Sibling
+    from haqmoe.quant.precision import convert
+
+    model = tiny_model("llama", seed=2)
+    quantize_rtn(model, adapter_for(model), QuantConfig.w8a8("rtn"), progress=False)
+    separate = copy.deepcopy(model)
+    report = convert(model, "int8")
+    with monkeypatch.context() as mp:
+        mp.setattr(precision, "_fuse_siblings", lambda *a: None)
+        convert(separate, "int8")
+    layers = model.config.num_hidden_layers
+    assert report.counts["fused-groups"] == 2 * layers  # attention q/k/v and MLP gate/up per block
+    assert sum(isinstance(m, Int8Sibling) for m in model.modules()) == 5 * layers
+    assert precision.weight_bytes(model) <= precision.weight_bytes(separate)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, separate(ids).logits)

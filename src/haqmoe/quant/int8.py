@@ -300,6 +300,74 @@ class Int8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, w8{'a' if self.w_zero is not None else 's'}, {a}"
 
 
+class Int8LinearGroup(nn.Module):
+    """Linears that read one input (q/k/v, gate/up) run as ONE int8 GEMM over their stacked weights.
+
+    Decode is dispatch-bound: one quantization, one GEMM and one epilogue instead of one per linear.
+    Each output column is the same integer dot product and the same float steps as in its own linear,
+    so the members' outputs are bit-identical. Members (``Int8Sibling``) read column slices of the
+    output, which is kept until each member has read it once (or the input changes).
+    """
+
+    def __init__(self, members: list[Int8Linear]):
+        super().__init__()
+        first = members[0]
+        self.a_spec, self.in_features = first.a_spec, first.in_features
+        self.sizes = [m.out_features for m in members]
+        w = torch.cat([m.w[: m.out_features] for m in members])
+        if w.shape[0] % _ALIGN:
+            w = nn.functional.pad(w, (0, 0, 0, _ALIGN - w.shape[0] % _ALIGN))
+        self.register_buffer("w", w)
+        self.register_buffer("w_scale", torch.cat([m.w_scale for m in members]))
+        zeros = [m.w_zero if m.w_zero is not None else torch.zeros(m.out_features, dtype=torch.int32,
+                                                                     device=w.device) for m in members]
+        self.register_buffer("w_zero", torch.cat(zeros) if any(m.w_zero is not None for m in members) else None)
+        self.register_buffer("colsum", torch.cat([m.colsum for m in members]))
+        biases = [m.bias if m.bias is not None else torch.zeros(m.out_features, device=w.device) for m in members]
+        self.register_buffer("bias", torch.cat(biases) if any(m.bias is not None for m in members) else None)
+        self.wt = transposed(self.w)
+        self._x: torch.Tensor | None = None
+        self._outs: list[torch.Tensor] = []
+        self._unread: set[int] = set()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.wt = transposed(self.w)
+        return self
+
+    def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if self._x is not x or index not in self._unread:
+            x2 = x.reshape(-1, x.shape[-1])
+            act = quantize_tokens(x2, self.a_spec, need_rowsum=self.w_zero is not None)
+            y = int8_matmul(act, self.wt, self.w_scale, self.w_zero, self.colsum, self.in_features, self.bias)
+            y = y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+            self._outs, self._x, self._unread = list(y.split(self.sizes, dim=-1)), x, set(range(len(self.sizes)))
+        self._unread.discard(index)
+        out = self._outs[index]
+        if not self._unread:  # every member has its slice: drop the references
+            self._x, self._outs = None, []
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, outs={self.sizes}, int8 GEMM"
+
+
+class Int8Sibling(nn.Module):
+    """A member of an ``Int8LinearGroup``, in the place of its linear (the group is registered once,
+    on the decoder block, and only referenced here)."""
+
+    def __init__(self, group: Int8LinearGroup, index: int):
+        super().__init__()
+        self.in_features, self.out_features, self.index = group.in_features, group.sizes[index], index
+        self._group = [group]  # a list: not a second registration of the same module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._group[0].output(self.index, x)
+
+    def extra_repr(self) -> str:
+        return f"member {self.index} of a fused int8 group, out={self.out_features}"
+
+
 def dequant_act(act: QuantAct) -> torch.Tensor:
     """Float activations exactly as fake quantization produces them: (q - z)·s."""
     x = act.q.to(torch.float32)

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from ..errors import HaqmoeError
-from .int8 import ACT_CACHE, DequantExperts, DequantLinear, Int8Experts, Int8Linear, int8_vocab
+from .int8 import (ACT_CACHE, DequantExperts, DequantLinear, Int8Experts, Int8Linear, Int8LinearGroup, Int8Sibling,
+                   int8_vocab)
 from .modules import QuantExperts, QuantLinear
 
 ExecMode = Literal["fake", "dequant", "int8", "auto"]
@@ -221,6 +222,8 @@ def convert(model: nn.Module, mode: str = "auto", auto: AutoConfig | None = None
             chosen = decided[key]
         _set(model, name, _convert_one(m, chosen).to(device))
         report.counts[chosen] = report.counts.get(chosen, 0) + 1
+    if mode != "dequant":
+        _fuse_siblings(model, report)
     if int8_lm_head and mode != "dequant":
         _int8_vocab(model, targets, report)
     if not getattr(model, "_haqmoe_act_cache_hook", False):
@@ -228,6 +231,31 @@ def convert(model: nn.Module, mode: str = "auto", auto: AutoConfig | None = None
         model._haqmoe_act_cache_hook = True
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _fuse_siblings(model: nn.Module, report: ConversionReport) -> None:
+    """Each group of linears sharing one input (the adapter's LinearGroups: q/k/v, gate/up) whose
+    members all run on the int8 GEMM with dynamic activations becomes one ``Int8LinearGroup``,
+    registered on its block as ``int8_<group name>``."""
+    from ..models.adapters import EXPERTS, adapter_for, get_module, set_module
+
+    try:
+        adapter = adapter_for(model)
+    except HaqmoeError:
+        return  # an architecture without a description: linears stay separate
+    for block in adapter.blocks(model):
+        for g in adapter.groups(block):
+            paths = [p for p in g.layers if p != EXPERTS]
+            members = [get_module(block, p) for p in paths]
+            if len(members) < 2 or not all(type(m) is Int8Linear and m.a_scale is None for m in members):
+                continue
+            if len({(m.in_features, m.a_spec, m.w.device) for m in members}) != 1:
+                continue
+            group = Int8LinearGroup(members)
+            block.add_module(f"int8_{g.name}", group)
+            for i, path in enumerate(paths):
+                set_module(block, path, Int8Sibling(group, i))
+            report.counts["fused-groups"] = report.counts.get("fused-groups", 0) + 1
 
 
 def _int8_vocab(model: nn.Module, targets: list[tuple[str, nn.Module]], report: ConversionReport) -> None:
