@@ -184,7 +184,8 @@ def test_fused_sibling_group_is_bit_identical_to_its_linears(w_sym: bool, m: int
     k = 100  # unaligned K; an unaligned member N, and one member without bias
     members = [Int8Linear.from_quant_linear(QuantLinear.from_weight(
         torch.randn(n, k, generator=g), torch.randn(n, generator=g) if bias else None,
-        QuantSpec(8, w_sym, "channel"), QuantSpec(8, False, "token"))) for n, bias in ((36, True), (20, False), (17, True))]
+        QuantSpec(8, w_sym, "channel"), QuantSpec(8, False, "token")))
+        for n, bias in ((36, True), (20, False), (17, True))]
     group = Int8LinearGroup(members)
     siblings = [Int8Sibling(group, i) for i in range(len(members))]
     x = _inputs(m, k, outliers=True, seed=6).reshape(1, m, k)
