@@ -69,13 +69,18 @@ class QuantAct:
                         None if self.rowsum is None else self.rowsum.index_select(0, idx))
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the dispatch when it already is (decode is dispatch-bound)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def quantize_tokens(x: torch.Tensor, spec: QuantSpec, need_rowsum: bool = True) -> QuantAct:
     """Dynamic per-token quantization of ``x`` [M, K]; integers identical to ``quantizer.fake_quant``.
 
     Same float formulas (division, not a reciprocal multiply) so real and fake execution round the
     same activations to the same integers; ``aminmax`` makes it one reduction pass.
     """
-    x = x.float()
+    x = as_dtype(x, torch.float32)
     if x.shape[0] == 1 and not x.is_cuda:
         return _quantize_one_token(x, spec, need_rowsum)
     if spec.symmetric:
@@ -293,7 +298,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = self.quant_act(x, x.reshape(-1, x.shape[-1]))
         y = int8_matmul(act, self.wt, self.w_scale, self.w_zero, self.colsum, self.in_features, self.bias)
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return as_dtype(y.view(*x.shape[:-1], self.out_features), x.dtype)
 
     def extra_repr(self) -> str:
         a = f"a8{'s' if self.a_spec.symmetric else 'a'}{'' if self.a_scale is None else '-static'}"
@@ -340,7 +345,7 @@ class Int8LinearGroup(nn.Module):
             x2 = x.reshape(-1, x.shape[-1])
             act = quantize_tokens(x2, self.a_spec, need_rowsum=self.w_zero is not None)
             y = int8_matmul(act, self.wt, self.w_scale, self.w_zero, self.colsum, self.in_features, self.bias)
-            y = y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+            y = as_dtype(y.view(*x.shape[:-1], y.shape[-1]), x.dtype)
             self._outs, self._x, self._unread = list(y.split(self.sizes, dim=-1)), x, set(range(len(self.sizes)))
         self._unread.discard(index)
         out = self._outs[index]
@@ -396,7 +401,7 @@ class GroupedExperts(nn.Module):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         act = quantize_tokens(hidden_states, self.a_spec, self.needs_rowsum())
         if hidden_states.shape[0] == 1:
-            return self._one_token(act, top_k_index, top_k_weights).to(hidden_states.dtype)
+            return as_dtype(self._one_token(act, top_k_index, top_k_weights), hidden_states.dtype)
         out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
         k = top_k_index.shape[-1]
         flat = top_k_index.reshape(-1)
@@ -418,7 +423,7 @@ class GroupedExperts(nn.Module):
     def _one_token(self, act: QuantAct, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """Decode: one token, k experts; no sorting or row gathers (a third of the dispatches)."""
         out = None
-        for e, w in zip(top_k_index.reshape(-1).tolist(), top_k_weights.reshape(-1).float().tolist()):
+        for e, w in zip(top_k_index.reshape(-1).tolist(), top_k_weights.reshape(-1).tolist()):  # floats
             if not 0 <= e < self.num_experts:
                 continue
             y = self.expert_forward(e, act).mul_(w)
