@@ -103,3 +103,27 @@ def test_cuda_shaped_model_int8_slots_match_dequantized():
     torch.cuda.synchronize()
     a, b = fake.gpu_forward(0, x).float(), real.gpu_forward(0, x).float()
     assert ((a - b).abs().max() / a.abs().max()) < 2e-2
+
+
+def test_cuda_fused_int8_groups_equal_unfused_after_moving():
+    """Conversion on the CPU, then .cuda(): the groups' stacked weights move once and keep exact outputs."""
+    import copy
+
+    from haqmoe.models.adapters import adapter_for
+    from haqmoe.models.tiny import tiny_model
+    from haqmoe.quant import precision
+    from haqmoe.quant.config import QuantConfig
+    from haqmoe.quant.rtn import quantize_rtn
+
+    model = tiny_model("llama", seed=2)
+    quantize_rtn(model, adapter_for(model), QuantConfig.w8a8("rtn"), progress=False)
+    separate = copy.deepcopy(model)
+    assert precision.convert(model, "int8").counts["fused-groups"] > 0
+    fuse, precision._fuse_siblings = precision._fuse_siblings, lambda *a: None
+    try:
+        precision.convert(separate, "int8")
+    finally:
+        precision._fuse_siblings = fuse
+    ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.inference_mode():
+        assert torch.equal(model.cuda()(ids).logits, separate.cuda()(ids).logits)
