@@ -182,3 +182,11 @@ def test_unsupported_openai_options_are_refused_by_name(kind, field, value):
     with pytest.raises(ValidationError, match=f"'{field}' is not supported"):
         cls(**base, **{field: value})
     cls(**base, **{field: False if value is True else None})  # unset / false is fine
+
+
+def test_haqmoe_run_admit_copies_cpu_served_experts_and_keeps_text(ckpt, capsys):
+    args = ("--prompt", "Hello there", "--max-tokens", "10", "--policy", "always-cpu")
+    plain, admitted = _haqmoe_run(capsys, ckpt, *args), _haqmoe_run(capsys, ckpt, *args, "--admit")
+    assert admitted["text"] == plain["text"]
+    assert plain["background_copies"] == 0 and plain["gpu_expert_calls"] == 0
+    assert admitted["background_copies"] > 0 and admitted["gpu_expert_calls"] > 0
