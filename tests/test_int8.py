@@ -217,3 +217,20 @@ def test_int8_conversion_fuses_qkv_and_gate_up_without_changing_logits(monkeypat
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         assert torch.equal(model(ids).logits, separate(ids).logits)
+
+
+def test_fused_group_recomputes_after_an_in_place_edit_of_its_input():
+    from haqmoe.quant.int8 import Int8LinearGroup, Int8Sibling
+
+    g = torch.Generator().manual_seed(8)
+    members = [Int8Linear.from_quant_linear(QuantLinear.from_weight(
+        torch.randn(16, 24, generator=g), None, QuantSpec(8, False, "channel"), QuantSpec(8, False, "token")))
+        for _ in range(2)]
+    group = Int8LinearGroup(members)
+    first, second = Int8Sibling(group, 0), Int8Sibling(group, 1)
+    x = torch.randn(3, 24, generator=g)
+    with torch.no_grad():
+        first(x)
+        x.mul_(3.0)  # same object, new values: the kept output must not be served
+        ACT_CACHE.clear()
+        assert torch.equal(second(x), members[1](x))

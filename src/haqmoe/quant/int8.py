@@ -332,6 +332,7 @@ class Int8LinearGroup(nn.Module):
         self.register_buffer("bias", torch.cat(biases) if any(m.bias is not None for m in members) else None)
         self.wt = transposed(self.w)
         self._x: torch.Tensor | None = None
+        self._version: int | None = None  # outside inference mode: an in-place edit of x invalidates
         self._outs: list[torch.Tensor] = []
         self._unread: set[int] = set()
 
@@ -341,12 +342,14 @@ class Int8LinearGroup(nn.Module):
         return self
 
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        if self._x is not x or index not in self._unread:
+        version = _ActCache._version(x)
+        if self._x is not x or self._version != version or index not in self._unread:
             x2 = x.reshape(-1, x.shape[-1])
             act = quantize_tokens(x2, self.a_spec, need_rowsum=self.w_zero is not None)
             y = int8_matmul(act, self.wt, self.w_scale, self.w_zero, self.colsum, self.in_features, self.bias)
             y = as_dtype(y.view(*x.shape[:-1], y.shape[-1]), x.dtype)
-            self._outs, self._x, self._unread = list(y.split(self.sizes, dim=-1)), x, set(range(len(self.sizes)))
+            self._outs, self._unread = list(y.split(self.sizes, dim=-1)), set(range(len(self.sizes)))
+            self._x, self._version = x, version
         self._unread.discard(index)
         out = self._outs[index]
         if not self._unread:  # every member has its slice: drop the references
@@ -479,8 +482,8 @@ class Int8Experts(GroupedExperts):
 
     def expert_forward(self, e: int, act: QuantAct) -> torch.Tensor:
         _, sw, zw, cs = self._packed("gate_up", e)
-        gate, up = int8_matmul(act, self.wt["gate_up"][e], sw, zw, cs, self.hidden_dim).split(self.intermediate_dim,
-                                                                                             dim=-1)
+        gate_up = int8_matmul(act, self.wt["gate_up"][e], sw, zw, cs, self.hidden_dim)
+        gate, up = gate_up.split(self.intermediate_dim, dim=-1)
         h = self.act_fn(gate).mul_(up)
         _, sw, zw, cs = self._packed("down", e)
         return int8_matmul(quantize_tokens(h, self.a_spec, zw is not None), self.wt["down"][e], sw, zw, cs,
@@ -598,7 +601,7 @@ class ResidualInt8Linear(Int8Linear):
         both = QuantAct(torch.cat([hi.q, lo.q]), torch.cat([hi.scale, lo.scale]), zero, None)
         y = int8_matmul(both, self.wt, self.w_scale, None, self.colsum, self.in_features)
         m = x2.shape[0]
-        return y[:m].add_(y[m:]).view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return as_dtype(y[:m].add_(y[m:]).view(*x.shape[:-1], self.out_features), x.dtype)
 
 
 def int8_vocab(weight: torch.Tensor, a_spec: QuantSpec) -> tuple[Int8Linear, Int8Embedding]:
