@@ -12,10 +12,11 @@ in fp16 on the GPU. The GPU budget is --budget of the model's FP16 size: non-exp
 reserve + as many int8 expert slots as fit. Per policy it runs the real engine (CPU tier: real int8
 GEMM on all cores; GPU tier: int8 GEMM or per-call dequantization of the int8 slots, whichever the
 engine measures faster at start-up — int8 here; one-token experts replayed as one CUDA graph per
-slot) for one 512-token prefill and --tokens decode tokens, and the simulator on the same routing with the engine's own calibrated cost model and a
-profile measured on the machine (runtime/calibrate.measure_profile). The all-resident row fits the
-one free parameter of the simulator, the framework's host time per layer (layer_overhead_ms); the
-other rows are predictions. Also writes int8-vs-fp16 GEMM timings of the expert shapes on the GPU.
+slot) for one 512-token prefill and --tokens decode tokens, and the simulator on the same routing
+with the engine's own calibrated cost model and a profile measured on the machine
+(runtime/calibrate.measure_profile). The all-resident row fits the one free parameter of the
+simulator, the framework's host time per layer (layer_overhead_ms); the other rows are predictions.
+Also writes int8-vs-fp16 GEMM timings of the expert shapes on the GPU.
 """
 
 from __future__ import annotations

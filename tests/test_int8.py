@@ -193,7 +193,7 @@ def test_fused_sibling_group_is_bit_identical_to_its_linears(w_sym: bool, m: int
         for lin, sib in zip(members, siblings):
             ACT_CACHE.clear()
             assert torch.equal(sib(x), lin(x))
-        assert group._x is None  # every member read its slice: the group holds no activation
+        assert group._kept.x is None  # every member read its slice: the group holds no activation
 
 
 def test_int8_conversion_fuses_qkv_and_gate_up_without_changing_logits(monkeypatch):

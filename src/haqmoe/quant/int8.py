@@ -132,7 +132,8 @@ def quantize_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, sp
 
 
 class _ActCache:
-    """One-entry cache: the last tensor quantized, by identity, so q/k/v (gate/up) quantize once.
+    """One-entry cache of a value computed from a tensor, by the tensor's identity: the last tensor
+    quantized (so linears reading one input quantize it once), or a fused group's last output.
 
     Holds a strong reference, so the identity cannot be recycled by the allocator. Outside
     inference mode the version counter also guards against in-place edits between the calls.
@@ -331,10 +332,7 @@ class Int8LinearGroup(nn.Module):
         biases = [m.bias if m.bias is not None else torch.zeros(m.out_features, device=w.device) for m in members]
         self.register_buffer("bias", torch.cat(biases) if any(m.bias is not None for m in members) else None)
         self.wt = transposed(self.w)
-        self._x: torch.Tensor | None = None
-        self._version: int | None = None  # outside inference mode: an in-place edit of x invalidates
-        self._outs: list[torch.Tensor] = []
-        self._unread: set[int] = set()
+        self._kept = _ActCache()  # (output slices, members that have not read theirs) of the last input
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -342,19 +340,19 @@ class Int8LinearGroup(nn.Module):
         return self
 
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        version = _ActCache._version(x)
-        if self._x is not x or self._version != version or index not in self._unread:
+        kept = self._kept.get(x, ())
+        if kept is None or index not in kept[1]:
             x2 = x.reshape(-1, x.shape[-1])
             act = quantize_tokens(x2, self.a_spec, need_rowsum=self.w_zero is not None)
             y = int8_matmul(act, self.wt, self.w_scale, self.w_zero, self.colsum, self.in_features, self.bias)
             y = as_dtype(y.view(*x.shape[:-1], y.shape[-1]), x.dtype)
-            self._outs, self._unread = list(y.split(self.sizes, dim=-1)), set(range(len(self.sizes)))
-            self._x, self._version = x, version
-        self._unread.discard(index)
-        out = self._outs[index]
-        if not self._unread:  # every member has its slice: drop the references
-            self._x, self._outs = None, []
-        return out
+            kept = (y.split(self.sizes, dim=-1), set(range(len(self.sizes))))
+            self._kept.put(x, (), kept)
+        slices, unread = kept
+        unread.discard(index)
+        if not unread:  # every member has its slice: drop the references
+            self._kept.clear()
+        return slices[index]
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, outs={self.sizes}, int8 GEMM"

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..models.adapters import FusedExperts
-from ..quant.int8 import int8_matmul, quantize_tokens
+from ..quant.int8 import QuantAct, int8_matmul, quantize_tokens
 from ..quant.modules import QuantExperts
 from ..quant.quantizer import dequantize, fake_quant
 
@@ -112,10 +112,11 @@ class ExpertStore:
             return q.to(dtype).sub_(z.to(dtype)).mul_(s.to(dtype))
         return dequantize(q, s, z, self.w_spec, dtype)
 
-    def _lin(self, x: torch.Tensor, slot: int, part: str) -> torch.Tensor:
+    def _lin(self, x: torch.Tensor, slot: int, part: str, act: QuantAct | None = None) -> torch.Tensor:
+        """``act``: ``x`` already quantized (int8 GEMM only), so gate and up quantize their input once."""
         if self.int8_gemm:  # W8A8 on the int8 GEMM, float32 out
             q, s, z, c = (self.slots[f"{part}.{t}"][slot] for t in "qszc")
-            act = quantize_tokens(x, self.a_spec, need_rowsum=not self.w_spec.symmetric)
+            act = act if act is not None else quantize_tokens(x, self.a_spec, need_rowsum=not self.w_spec.symmetric)
             zero = None if self.w_spec.symmetric else z.reshape(-1).round().to(torch.int32)
             return int8_matmul(act, q.t(), s.reshape(-1), zero, c, q.shape[1])
         w = self._slot_weight(slot, part, x.dtype)
@@ -124,7 +125,8 @@ class ExpertStore:
         return nn.functional.linear(x.to(w.dtype), w)
 
     def _forward(self, slot: int, x: torch.Tensor) -> torch.Tensor:
-        h = self.act_fn(self._lin(x, slot, "gate")) * self._lin(x, slot, "up")
+        act = quantize_tokens(x, self.a_spec, need_rowsum=not self.w_spec.symmetric) if self.int8_gemm else None
+        h = self.act_fn(self._lin(x, slot, "gate", act)) * self._lin(x, slot, "up", act)
         return self._lin(h, slot, "down").to(x.dtype)
 
     def gpu_forward(self, slot: int, x: torch.Tensor) -> torch.Tensor:
