@@ -44,24 +44,28 @@ class BenchConfig:
 
 
 # ----------------------------------------------------------------------------- helpers
-def quantized_dir(model: str) -> Path:
-    """RTN W8A8 (asym/asym, the paper default) checkpoint of ``model``, built once in the cache."""
+def quantized_dir(model: str, int8_lm_head: bool = False) -> Path:
+    """RTN W8A8 (asym/asym, the paper default) checkpoint of ``model``, built once in the cache;
+    ``int8_lm_head``: lm_head (and the tied embedding) stored as int8 rows too."""
     from haqmoe.paths import cache_dir
 
-    return cache_dir() / "bench-int8" / f"{model}-rtn-w8a8"
+    return cache_dir() / "bench-int8" / f"{model}-rtn-w8a8{'-int8-lm-head' if int8_lm_head else ''}"
 
 
-def ensure_quantized(model: str) -> Path:
+def ensure_quantized(model: str, int8_lm_head: bool = False) -> Path:
     from haqmoe.models.loading import load_model
     from haqmoe.quant.checkpoint import save_quantized
     from haqmoe.quant.config import QuantConfig
+    from haqmoe.quant.modules import quantize_vocabulary
     from haqmoe.quant.rtn import quantize_rtn
 
-    out = quantized_dir(model)
+    out = quantized_dir(model, int8_lm_head)
     if not (out / "haqmoe_quant.json").is_file():
         cfg = QuantConfig.w8a8("rtn")
         lm = load_model(model, progress=False)
         quantize_rtn(lm.model, lm.adapter, cfg, progress=False)
+        if int8_lm_head:
+            quantize_vocabulary(lm.model)
         save_quantized(lm.model, lm.tokenizer, out, cfg, {"source": model}, overwrite=True)
     return out
 
@@ -190,12 +194,13 @@ def torch_worker(model: str, mode: str, cfg: BenchConfig, ppl: bool) -> dict:
     from haqmoe.quant.precision import convert, weight_bytes
 
     torch.set_num_threads(cfg.threads)
-    src = ensure_embedded(model, progress=False) if mode == "fp32" else ensure_quantized(model)
+    src = ensure_embedded(model, progress=False) if mode == "fp32" else \
+        ensure_quantized(model, int8_lm_head=mode.endswith("lm-head"))
     lm = load_model(str(src), progress=False)
     m = lm.model
     report = None
     if mode in EXEC:
-        report = convert(m, EXEC[mode], int8_lm_head=mode.endswith("lm-head"))
+        report = convert(m, EXEC[mode])  # a checkpoint with int8 lm_head rows runs them on the int8 GEMM
     ids = torch.tensor([prompt_ids(lm.tokenizer, cfg.prefill_tokens)])
     row: dict = {"model": model, "mode": mode, "device": "cpu", "threads": cfg.threads,
                  "disk_gb": file_gb(src)}
@@ -321,6 +326,8 @@ def main() -> None:
     load_start = os.getloadavg()
     for model in cfg.models:
         ensure_quantized(model)
+        if "real-int8-lm-head" in args.modes.split(","):
+            ensure_quantized(model, int8_lm_head=True)
     for kind in GGUF_MODES:
         ensure_gguf(kind)
     wanted = set(args.modes.split(","))

@@ -83,3 +83,24 @@ def test_export_cli_rejects_float_checkpoint(tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["export", str(tmp_path / "float"), "--out", str(tmp_path / "ct")])
     assert exc.value.code == 2
+
+
+def test_int8_vocab_is_exported_in_float(tmp_path):
+    """An lm_head stored as int8 rows (tied embedding included) goes to vLLM dequantized, ignored."""
+    from haqmoe.quant.modules import quantize_vocabulary
+
+    m = tiny_model("llama")
+    m.lm_head.weight = m.model.embed_tokens.weight
+    m.config.tie_word_embeddings = True
+    cfg = QuantConfig.w8a8("rtn", w_sym=True, a_sym=True)
+    quantize_rtn(m, adapter_for(m), cfg, progress=False)
+    vocab = quantize_vocabulary(m)
+    src = save_quantized(m, None, tmp_path / "q", cfg)
+    out = tmp_path / "ct"
+    export_compressed_tensors(str(src), out, ExportConfig(dtype="float32"))
+    with safe_open(str(out / "model.safetensors"), "pt") as st:
+        assert "lm_head.weight" not in st.keys()  # tied: vLLM reads the embedding
+        emb = st.get_tensor("model.embed_tokens.weight")
+    assert torch.equal(emb, vocab.q.float() * vocab.scale)
+    assert "lm_head" in json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    assert verify_export(out, str(src)).max_weight_diff == 0.0

@@ -87,7 +87,7 @@ def test_mode_names():
 def test_int8_lm_head_matches_its_fake_quant_reference(tied: bool):
     """lm_head on the int8 GEMM with two-level activations is ~exact against its int8 weights (one
     level would not be); a tied embedding reads the same int8 rows, and the model gets smaller."""
-    from haqmoe.quant.int8 import Int8Embedding, quantize_vocab
+    from haqmoe.quant.modules import Int8Embedding, quantize_vocab
     from haqmoe.quant.quantizer import fake_quant
 
     model = _quantized("llama")
@@ -113,3 +113,53 @@ def test_int8_lm_head_matches_its_fake_quant_reference(tied: bool):
         assert conv(ids).logits.shape == model(ids).logits.shape
     v, h_dim = model.lm_head.weight.shape  # fp32 [V, H] -> int8 [V, H] + scale and column sums [V]
     assert weight_bytes(plain) - weight_bytes(conv) == 4 * v * h_dim - (v * h_dim + 4 * v + 4 * v)
+
+
+def _tied(model):
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.tie_word_embeddings = True
+    return model
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_int8_vocab_checkpoint_is_exact_and_smaller(tied: bool, tmp_path):
+    """A checkpoint storing lm_head as int8 rows loads bit-exact (tied rows stay ONE tensor), is
+    smaller by the fp32 vocabulary, and its int8 execution is the runtime --int8-lm-head path."""
+    from haqmoe.quant.checkpoint import load_quantized, save_quantized
+    from haqmoe.quant.int8 import ResidualInt8Linear
+    from haqmoe.quant.modules import Int8Embedding, QuantVocab, quantize_vocabulary
+
+    base = _quantized("llama")
+    if tied:
+        _tied(base)
+    model = copy.deepcopy(base)
+    vocab = quantize_vocabulary(model)
+    assert isinstance(model.lm_head, QuantVocab)
+    assert isinstance(model.model.embed_tokens, Int8Embedding) == tied
+    cfg = QuantConfig.w8a8("rtn")
+    save_quantized(base, None, tmp_path / "float", cfg)
+    save_quantized(model, None, tmp_path / "int8", cfg)
+    loaded = load_quantized(tmp_path / "int8").model
+    loaded.set_attn_implementation("eager")  # as the tiny model: W8A8 outputs amplify kernel rounding
+    if tied:
+        assert loaded.model.embed_tokens.q is loaded.lm_head.q
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(3))
+    h = torch.randn(3, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        fake = model(ids).logits
+        assert torch.equal(loaded(ids).logits, fake)
+        w = vocab.q.float() * vocab.scale  # fake-quant = float activations x the int8 rows
+        torch.testing.assert_close(model.lm_head(h), h @ w.T)
+        runtime = copy.deepcopy(base)
+        convert(runtime, "int8", int8_lm_head=True)
+        report = convert(loaded, "int8")
+        assert report.counts["int8-lm-head"] == 1 and isinstance(loaded.lm_head, ResidualInt8Linear)
+        assert torch.equal(loaded.lm_head(h), runtime.lm_head(h))  # same rows, same GEMM
+        assert (loaded.lm_head(h) - h @ w.T).abs().max() < 1e-3 * (h @ w.T).abs().max()
+        assert (loaded(ids).logits - fake).abs().max() < 0.05 * fake.abs().max()
+    v, hd = vocab.q.shape
+    size = {k: (tmp_path / k / "model.safetensors").stat().st_size for k in ("float", "int8")}
+    saved = 4 * v * hd - (v * hd + 4 * v)  # fp32 matrix -> int8 rows + per-row scales
+    assert abs(size["float"] - size["int8"] - saved) < 4096  # safetensors header differences only

@@ -49,6 +49,27 @@ def test_quantize_writes_checkpoint(tiny_dir, tmp_path, capsys):
     assert meta["linears"] and (out / "model.safetensors").is_file()
 
 
+def test_int8_lm_head_checkpoint_evaluates_alike_in_fake_and_real(tiny_dir, tmp_path, capsys):
+    """quantize --int8-lm-head stores the vocabulary as int8 rows; eval runs it in both modes."""
+    base, out = tmp_path / "plain", tmp_path / "q"
+    common = ["--method", "rtn", "--calib", str(tiny_dir / "calib.txt"), "--calib-samples", "4",
+              "--calib-len", "64", "--json"]
+    main(["-q", "quantize", str(tiny_dir / "llama"), "-o", str(base), *common])
+    main(["-q", "quantize", str(tiny_dir / "llama"), "-o", str(out), "--int8-lm-head", *common])
+    meta = json.loads((out / "haqmoe_quant.json").read_text())
+    assert meta["vocab"] == {"head": "lm_head", "embedding": None}  # the tiny llama is untied
+    v, h = 128, 64
+    saved = (base / "model.safetensors").stat().st_size - (out / "model.safetensors").stat().st_size
+    assert abs(saved - (4 * v * h - v * h - 4 * v)) < 4096
+    capsys.readouterr()
+    ppl = {}
+    for mode in ("fake", "real"):
+        main(["-q", "eval", str(out), "--data", str(tiny_dir / "calib.txt"), "--seqlen", "64", "--exec", mode,
+              "--json"])
+        ppl[mode] = json.loads(capsys.readouterr().out)["ppl"]
+    assert abs(ppl["real"] / ppl["fake"] - 1) < 0.01
+
+
 def test_short_calibration_text_is_refused(tiny_dir, tmp_path, capsys):
     out = tmp_path / "q"
     code, cap = _run(["-q", "quantize", str(tiny_dir / "llama"), "-o", str(out), "--calib",

@@ -79,6 +79,10 @@ def quantize(model: str = typer.Argument(..., help="Model source to quantize."),
              calib_samples: int = typer.Option(128, min=1, help="Calibration windows."),
              calib_len: int = typer.Option(512, min=8, help="Calibration window length (tokens)."),
              seed: int = typer.Option(0, help="Calibration sampling seed."),
+             int8_lm_head: bool = typer.Option(False, "--int8-lm-head", help="Also store lm_head (and a tied "
+                                               "embedding) as int8 rows: a smaller checkpoint and faster "
+                                               "decode, not part of the W8A8 recipe (SmolLM2: weights 0.41x "
+                                               "-> 0.25x of fp32, +0.2 % PPL)."),
              overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
              resume: bool = typer.Option(False, help="Continue an interrupted run from OUT.partial/ (same "
                                          "options): the result is identical to an uninterrupted run."),
@@ -102,6 +106,10 @@ def quantize(model: str = typer.Argument(..., help="Model source to quantize."),
     lm = load_model(model, progress=state["progress"])
     if lm.quant is not None:
         raise HaqmoeError(f"{model} is already quantized")
+    if int8_lm_head:  # first, so calibration sees the embedding that inference will read
+        from ..quant.modules import quantize_vocabulary
+
+        quantize_vocabulary(lm.model)
     ids = None
     if needs_calibration(method.value, cfg):
         if lm.tokenizer is None:
@@ -113,7 +121,7 @@ def quantize(model: str = typer.Argument(..., help="Model source to quantize."),
         from ..reliability.resume import BlockCheckpoint, run_fingerprint
 
         check_quant_memory(lm.model, lm.adapter, ids, opts.batch_size)
-        ckpt = BlockCheckpoint.open(out, run_fingerprint(lm.model, ids, (method.value, cfg, opts)), cfg, resume)
+        ckpt = BlockCheckpoint.open(out, run_fingerprint(lm.model, ids, (method.value, cfg, opts, int8_lm_head)), cfg, resume)
     report = quantize_with(lm.model, lm.adapter, method.value, cfg, ids, opts, state["progress"], ckpt)
     extra = {"source": model, "options": opts.__dict__, "calib": None if ids is None else
              {"source": calib, "samples": calib_samples, "length": calib_len, "seed": seed},

@@ -1,5 +1,6 @@
 """Quantized checkpoints: config.json + tokenizer + model.safetensors (int8 weights, scales, zero
-points, every float tensor) + ``haqmoe_quant.json`` (the QuantConfig and which modules are quantized).
+points, every float tensor) + ``haqmoe_quant.json`` (the QuantConfig and which modules are quantized;
+``vocab`` where lm_head, and the tied embedding with it, is stored as int8 rows).
 
 Loading rebuilds the model skeleton from its config, swaps in the quantized modules named in the
 JSON, and loads the tensors strictly: save -> load is bit-exact.
@@ -21,17 +22,18 @@ from ..io import atomic_directory
 from ..models.adapters import adapter_for, get_module, set_module
 from ..reliability.manifest import verify_manifest
 from .config import QuantConfig
-from .modules import QuantExperts, QuantLinear
+from .modules import QuantExperts, QuantLinear, tie_vocabulary, vocab_names
 
 QUANT_CONFIG = "haqmoe_quant.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
 
 
-def quantized_modules(model: torch.nn.Module) -> dict[str, list[str]]:
+def quantized_modules(model: torch.nn.Module) -> dict:
     linears = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and ".experts." not in n]
     experts = [n for n, m in model.named_modules() if isinstance(m, QuantExperts)]
-    return {"linears": linears, "experts": experts}
+    vocab = vocab_names(model)
+    return {"linears": linears, "experts": experts, **({"vocab": vocab} if vocab else {})}
 
 
 def save_quantized(model, tokenizer, out: str | Path, cfg: QuantConfig, extra: dict | None = None,
@@ -75,6 +77,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32):
             ex = get_module(model, name)
             set_module(model, name, QuantExperts(ex.num_experts, ex.hidden_dim, ex.intermediate_dim, ex.act_fn,
                                                  cfg.weights, cfg.acts))
+        if "vocab" in meta:
+            head = get_module(model, meta["vocab"]["head"])
+            tie_vocabulary(model, meta["vocab"], head.out_features, head.in_features)
     except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
         raise HaqmoeError(f"{path / QUANT_CONFIG} lists modules this model does not have "
                           f"({type(exc).__name__}: {exc}): the file is damaged") from exc

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from ..errors import HaqmoeError
-from .quantizer import QuantSpec, compute_qparams, quantize
+from .modules import QuantVocab
+from .quantizer import QuantSpec
 
 _CUDA_MIN_ROWS = 17
 _ALIGN = 8
@@ -551,35 +552,7 @@ class DequantExperts(GroupedExperts):
         return f"experts={self.num_experts}, hidden={self.hidden_dim}, inter={self.intermediate_dim}, dequantized fp32"
 
 
-# ------------------------------------------------------------------ vocabulary (embedding + lm_head)
-def quantize_vocab(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8 of a [V, H] vocabulary matrix: (q int8 [V, H], scale float32 [V, 1]).
-
-    One row is one output channel of lm_head AND one token's embedding, so a single int8 copy with
-    per-row scales serves both ends of a tied model.
-    """
-    spec = QuantSpec(8, True, "channel")
-    scale, zero = compute_qparams(weight.detach(), spec)
-    return quantize(weight.detach(), scale, zero, spec), scale
-
-
-class Int8Embedding(nn.Module):
-    """Token embedding read from an int8 vocabulary: rows dequantized on lookup (a few per step)."""
-
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, padding_idx: int | None = None):
-        super().__init__()
-        self.num_embeddings, self.embedding_dim = q.shape
-        self.padding_idx = padding_idx
-        self.register_buffer("q", q)
-        self.register_buffer("scale", scale)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.q[ids].to(torch.float32).mul_(self.scale[ids])
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
-
-
+# ------------------------------------------------------------------ vocabulary (lm_head)
 class ResidualInt8Linear(Int8Linear):
     """W8 x two-level A8: activations as an int8 quantization plus an int8 quantization of its residual.
 
@@ -602,14 +575,12 @@ class ResidualInt8Linear(Int8Linear):
         return as_dtype(y[:m].add_(y[m:]).view(*x.shape[:-1], self.out_features), x.dtype)
 
 
-def int8_vocab(weight: torch.Tensor, a_spec: QuantSpec) -> tuple[Int8Linear, Int8Embedding]:
-    """lm_head (int8 GEMM, two-level activations) and embedding sharing one int8 copy of ``weight``."""
-    q, scale = quantize_vocab(weight)
-    v, h = q.shape
+def int8_head(vocab: QuantVocab, a_spec: QuantSpec) -> ResidualInt8Linear:
+    """lm_head on the int8 GEMM from a quantized vocabulary's rows (no copy where no padding is needed)."""
+    q, (v, h) = vocab.q, vocab.q.shape
     w = q if v % _ALIGN == 0 and h % _ALIGN == 0 else None
-    if w is None:  # CUDA alignment: the GEMM gets a padded copy, the embedding keeps the rows
+    if w is None:  # CUDA alignment: the GEMM gets a padded copy, a tied embedding keeps the rows
         w = torch.zeros(_pad_to(v, _ALIGN), _pad_to(h, _ALIGN), dtype=torch.int8, device=q.device)
         w[:v, :h] = q
-    head = ResidualInt8Linear(h, v, a_spec, w, scale.reshape(-1).contiguous(), None,
+    return ResidualInt8Linear(h, v, a_spec, w, vocab.scale.reshape(-1).contiguous(), None,
                               q.sum(dim=1, dtype=torch.int32), None)
-    return head, Int8Embedding(q, scale)

@@ -125,3 +125,127 @@ class QuantExperts(nn.Module):
             y = self.expert_forward(e, hidden_states[token_idx])
             out.index_add_(0, token_idx, (y * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
         return out
+
+
+# ------------------------------------------------------------------ vocabulary (embedding + lm_head)
+VOCAB_SPEC = QuantSpec(8, symmetric=True, granularity="channel")
+
+
+def quantize_vocab(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 of a [V, H] vocabulary matrix: (q int8 [V, H], scale float32 [V, 1]).
+
+    One row is one output channel of lm_head AND one token's embedding, so a single int8 copy with
+    per-row scales serves both ends of a tied model.
+    """
+    scale, zero = compute_qparams(weight.detach().float(), VOCAB_SPEC)
+    return quantize(weight.detach().float(), scale, zero, VOCAB_SPEC), scale
+
+
+class _Int8Rows(nn.Module):
+    """int8 rows ``q`` [V, H] with per-row scales [V, 1]: the storage of a quantized vocabulary."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+
+    def weight_float(self) -> torch.Tensor:
+        return self.q.float() * self.scale
+
+
+class Int8Embedding(_Int8Rows):
+    """Token embedding read from an int8 vocabulary: rows dequantized on lookup (a few per step)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, padding_idx: int | None = None):
+        super().__init__(q, scale)
+        self.num_embeddings, self.embedding_dim = q.shape
+        self.padding_idx = padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.q[ids].to(torch.float32).mul_(self.scale[ids])
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
+
+
+class QuantVocab(_Int8Rows):
+    """lm_head stored as int8 rows (``haqmoe quantize --int8-lm-head``), shared with a tied embedding.
+
+    Weight-only in fake-quant and dequant modes (the fp32 weight is rebuilt once, on first use); the
+    int8 execution modes run it on the int8 GEMM with two-level activations (``int8.int8_head``),
+    which is exact to ~1/250 of one activation step, so both modes compute the same function.
+    """
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        super().__init__(q, scale)
+        self.out_features, self.in_features = q.shape
+        self._weight: torch.Tensor | None = None
+
+    @classmethod
+    def empty(cls, vocab: int, hidden: int) -> "QuantVocab":
+        return cls(torch.zeros(vocab, hidden, dtype=torch.int8), torch.ones(vocab, 1))
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor) -> "QuantVocab":
+        return cls(*quantize_vocab(weight))
+
+    def embedding(self, padding_idx: int | None = None) -> Int8Embedding:
+        """The input embedding of a tied model: the same int8 rows, not a copy."""
+        return Int8Embedding(self.q, self.scale, padding_idx)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if self._weight is None or self._weight.device != self.q.device:
+            self._weight = self.weight_float()
+        return self._weight
+
+    def _apply(self, fn, recurse=True):
+        self._weight = None
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x.float(), self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 rows (weight-only)"
+
+
+def vocab_names(model: nn.Module) -> dict[str, str | None] | None:
+    """Module names of a quantized vocabulary (``{"head": ..., "embedding": name | None}``), or None."""
+    names = {id(m): n for n, m in model.named_modules()}
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if not isinstance(head, QuantVocab):
+        return None
+    tied = isinstance(emb, Int8Embedding) and emb.q is head.q
+    return {"head": names[id(head)], "embedding": names[id(emb)] if tied else None}
+
+
+def quantize_vocabulary(model: nn.Module) -> QuantVocab:
+    """Replace lm_head by its int8 rows (and a tied input embedding by a view of the same rows).
+
+    Untied input embeddings stay float: they are read a few rows per token and never in a GEMM.
+    """
+    from ..errors import HaqmoeError
+
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if isinstance(head, QuantVocab):
+        return head
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        raise HaqmoeError("an int8 lm_head needs a bias-free nn.Linear lm_head "
+                          f"(this model has {type(head).__name__})")
+    tied = isinstance(emb, nn.Embedding) and emb.weight.data_ptr() == head.weight.data_ptr()
+    vocab = QuantVocab.from_weight(head.weight).to(head.weight.device)
+    model.set_output_embeddings(vocab)
+    if tied:
+        model.set_input_embeddings(vocab.embedding(emb.padding_idx))
+    return vocab
+
+
+def tie_vocabulary(model: nn.Module, names: dict[str, str | None], vocab: int, hidden: int) -> None:
+    """Rebuild a checkpoint's vocabulary modules (empty, tied as saved) before its tensors load."""
+    from ..models.adapters import set_module
+
+    head = QuantVocab.empty(vocab, hidden)
+    set_module(model, names["head"], head)
+    if names.get("embedding"):
+        set_module(model, names["embedding"], head.embedding(model.get_input_embeddings().padding_idx))

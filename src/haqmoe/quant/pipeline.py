@@ -79,7 +79,7 @@ def check_finite(model: nn.Module) -> None:
 
 def check_token_ids(ids: torch.Tensor, model: nn.Module) -> None:
     """Ids outside the embedding table would crash deep in the model (or read garbage rows)."""
-    vocab = int(model.get_input_embeddings().weight.shape[0])
+    vocab = int(model.get_input_embeddings().num_embeddings)
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         raise HaqmoeError(f"calibration token ids span [{int(ids.min())}, {int(ids.max())}] but the model's "
                           f"vocabulary has {vocab} entries: tokenizer and model do not match")

@@ -29,8 +29,8 @@ from torch import nn
 
 from ..errors import HaqmoeError
 from .int8 import (ACT_CACHE, DequantExperts, DequantLinear, Int8Experts, Int8Linear, Int8LinearGroup, Int8Sibling,
-                   int8_vocab)
-from .modules import QuantExperts, QuantLinear
+                   int8_head)
+from .modules import QuantExperts, QuantLinear, QuantVocab, quantize_vocabulary
 
 ExecMode = Literal["fake", "dequant", "int8", "auto"]
 EXEC_MODES: tuple[str, ...] = ("fake", "dequant", "int8", "auto")
@@ -191,10 +191,11 @@ def convert(model: nn.Module, mode: str = "auto", auto: AutoConfig | None = None
             int8_lm_head: bool = False) -> ConversionReport:
     """Replace the model's quantized modules in place by the executors of ``mode``.
 
-    ``int8_lm_head``: also run lm_head as W8A8 (symmetric per-row weights) from one int8 copy shared
-    with a tied input embedding. Off by default: it is not part of the W8A8 recipe being evaluated
-    (lm_head stays fp32 there, as in every peer), but at decode the fp32 vocabulary matrix is a
-    large share of the bytes read per token (SmolLM2: 21 % of parameters).
+    ``int8_lm_head``: also quantize a float lm_head to int8 rows (symmetric, per row) shared with a
+    tied input embedding. Off by default: it is not part of the W8A8 recipe being evaluated (lm_head
+    stays fp32 there, as in every peer), but at decode the fp32 vocabulary matrix is a large share
+    of the bytes read per token (SmolLM2: 21 % of parameters). A checkpoint quantized with
+    ``--int8-lm-head`` already stores those rows; the int8 modes then run it on the int8 GEMM.
     """
     start = time.perf_counter()
     mode = normalize_mode(mode)
@@ -224,7 +225,8 @@ def convert(model: nn.Module, mode: str = "auto", auto: AutoConfig | None = None
         report.counts[chosen] = report.counts.get(chosen, 0) + 1
     if mode != "dequant":
         _fuse_siblings(model, report)
-    if int8_lm_head and mode != "dequant":
+    stored = isinstance(model.get_output_embeddings(), QuantVocab)
+    if (int8_lm_head or stored) and mode != "dequant":
         _int8_vocab(model, targets, report)
     if not getattr(model, "_haqmoe_act_cache_hook", False):
         model.register_forward_pre_hook(_clear_cache_hook)
@@ -259,16 +261,12 @@ def _fuse_siblings(model: nn.Module, report: ConversionReport) -> None:
 
 
 def _int8_vocab(model: nn.Module, targets: list[tuple[str, nn.Module]], report: ConversionReport) -> None:
-    """Swap lm_head (and a tied input embedding) for the shared int8 vocabulary."""
-    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    if not isinstance(head, nn.Linear) or head.bias is not None or not targets:
-        raise HaqmoeError("--int8-lm-head needs a bias-free nn.Linear lm_head and a quantized model")
+    """lm_head on the int8 GEMM (quantized here unless the checkpoint stores int8 rows)."""
+    if not targets:
+        raise HaqmoeError("--int8-lm-head needs a quantized model")
     lin = targets[0][1].gate[0] if isinstance(targets[0][1], QuantExperts) else targets[0][1]
-    tied = isinstance(emb, nn.Embedding) and emb.weight.data_ptr() == head.weight.data_ptr()
-    new_head, new_emb = int8_vocab(head.weight, lin.a_spec)
-    model.set_output_embeddings(new_head.to(head.weight.device))
-    if tied:
-        model.set_input_embeddings(new_emb.to(head.weight.device))
+    vocab = quantize_vocabulary(model)
+    model.set_output_embeddings(int8_head(vocab, lin.a_spec).to(vocab.q.device))
     report.counts["int8-lm-head"] = 1
 
 
@@ -287,9 +285,10 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def cached_bytes(model: nn.Module) -> int:
-    """fp32 weights that fake-quant ``QuantLinear``s hold beside their int8 copy after first use."""
+    """fp32 weights that fake-quant ``QuantLinear``s (and a ``QuantVocab``) hold beside their int8
+    copy after first use."""
     return sum(m._weight.numel() * m._weight.element_size() for m in model.modules()
-               if isinstance(m, QuantLinear) and m._weight is not None)
+               if isinstance(m, (QuantLinear, QuantVocab)) and m._weight is not None)
 
 
 __all__ = ["AutoConfig", "ConversionReport", "ExecMode", "EXEC_MODES", "convert", "normalize_mode",

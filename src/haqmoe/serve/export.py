@@ -14,7 +14,8 @@ What vLLM's int8 paths need, and why this layout:
   ``mlp.experts.E.gate_proj/up_proj/down_proj``. transformers' own conversion mapping reads the
   same names back into its fused experts.
 * routers, lm_head, embeddings (and any linear we left in float) stay unquantized and are listed
-  in ``ignore``; routers decide expert choice and vLLM keeps them in float.
+  in ``ignore``; routers decide expert choice and vLLM keeps them in float. An lm_head stored as
+  int8 rows (``--int8-lm-head``) is written dequantized, in float, like the others.
 
 The ``quantization_config`` is built with the compressed-tensors library's own classes and
 written by its ``ModelCompressor.update_config``, so the format is the library's, not ours.
@@ -32,7 +33,7 @@ from torch import nn
 
 from ..errors import HaqmoeError
 from ..io import atomic_directory
-from ..quant.modules import QuantExperts, QuantLinear
+from ..quant.modules import Int8Embedding, QuantExperts, QuantLinear, QuantVocab
 from ..quant.quantizer import QuantSpec, compute_qparams, quantize
 
 EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}  # (gate, up, down) per family; default below
@@ -112,6 +113,11 @@ def collect_tensors(lm, cfg: ExportConfig, report: ExportReport) -> tuple[dict[s
                 report.quantized_linears += 1
             if mod.bias is not None:
                 tensors[f"{base}.bias"] = mod.bias.to(dtype)
+            owned.add(name)
+        elif isinstance(mod, (QuantVocab, Int8Embedding)):  # int8 rows (--int8-lm-head): float for vLLM
+            base = vllm_name(name, family)
+            tensors[f"{base}.weight"] = mod.weight_float().to(dtype)
+            ignore.append(base)
             owned.add(name)
         elif isinstance(mod, nn.Linear) or _is_router(lm, name) or isinstance(mod, nn.Embedding):
             ignore.append(vllm_name(name, family))  # float linears / routers / embeddings: not quantized
@@ -296,6 +302,8 @@ def verify_export(out: str | Path, source: str, layers: int = 2, seed: int = 0) 
     deq = CompressedTensorsDequantizer(out, dtype=torch.float32).validate(dict(raw))
     rep = VerifyReport()
     ours_float = {vllm_name(k, family): v for k, v in lm.model.state_dict().items()}
+    ours_float.update({f"{vllm_name(n, family)}.weight": m.weight_float() for n, m in lm.model.named_modules()
+                       if isinstance(m, (QuantVocab, Int8Embedding))})
     for key, t in deq.items():
         module = key.rsplit(".", 1)[0]
         if f"{module}.weight_scale" in raw and key.endswith(".weight"):
