@@ -363,7 +363,8 @@ SmolLM2 weights (our fp32 is the dequantized Q4_1 file; Q8_0 is a requantization
 `dequant-once` holds fp32 weights; `fake-quant` holds both. lm_head and the tied embedding stay fp32
 in those modes (as in fake-quant, so PPL is comparable). `real-int8-lm-head` (`--int8-lm-head`) also
 runs lm_head on the int8 GEMM, with two-level activations (value + residual, one GEMM call) and the
-tied embedding reading the same int8 rows: SmolLM2 weights drop from 0.41x to 0.25x of fp32. `auto`
+tied embedding reading the same int8 rows; it reads a checkpoint written that way (`haqmoe quantize
+--int8-lm-head`), so SmolLM2 drops from 0.41x to 0.25x of fp32 both resident and on disk. `auto`
 benchmarks int8 against dequant per weight shape at load and picked int8 for every shape on this CPU
 (AVX512-VNNI).
 

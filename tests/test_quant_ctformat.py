@@ -13,16 +13,25 @@ from haqmoe.quant.methods import quantize_with
 from haqmoe.quant.modules import QuantLinear
 
 
-def _ct_checkpoint(tmp_path):
+def _ct_checkpoint(tmp_path, family: str = "llama"):
     """Our RTN model (symmetric, as vLLM takes it) exported as a compressed-tensors checkpoint."""
     from haqmoe.serve.export import ExportConfig, export_compressed_tensors
 
-    model = tiny_model("llama")
+    model = tiny_model(family)
     cfg = QuantConfig.w8a8("rtn", w_sym=True, a_sym=True)
     quantize_with(model, adapter_for(model), "rtn", cfg, None, progress=False)
     save_quantized(model, None, tmp_path / "ours", cfg)
     export_compressed_tensors(str(tmp_path / "ours"), tmp_path / "ct", ExportConfig(dtype="float32"))
     return model, tmp_path / "ct"
+
+
+def _rename_tensors(ct, rename) -> None:
+    """Rewrite the export's tensor names (``rename`` returns None to drop a tensor)."""
+    from safetensors.torch import load_file, save_file
+
+    f = ct / "model.safetensors"
+    renamed = {rename(k): v for k, v in load_file(str(f)).items()}
+    save_file({k: v for k, v in renamed.items() if k is not None}, str(f), metadata={"format": "pt"})
 
 
 def _same_logits(a, b, rows: int = 2):
@@ -36,6 +45,35 @@ def test_compressed_tensors_checkpoint_matches_ours(tmp_path):
     peer = load_compressed_tensors(ct).model
     assert sum(isinstance(m, QuantLinear) for m in peer.modules()) == 14
     _same_logits(peer, model)
+
+
+@pytest.mark.parametrize("names", ["vllm", "llmcompressor"])
+def test_moe_checkpoint_with_per_expert_linears_matches_ours(tmp_path, names: str):
+    """Unfused per-expert Linears (vLLM's w1/w3/w2 as our export writes them, or llm-compressor's
+    block_sparse_moe.experts.E.gate_proj/up_proj/down_proj) load into one QuantExperts per layer."""
+    import re
+
+    from haqmoe.quant.modules import QuantExperts
+
+    model, ct = _ct_checkpoint(tmp_path, "mixtral")
+    if names == "llmcompressor":
+        kinds = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+        _rename_tensors(ct, lambda k: re.sub(r"\.experts\.(\d+)\.(w[123])\.", lambda m: f".experts.{m[1]}."
+                                             f"{kinds[m[2]]}.", k))
+    peer = load_compressed_tensors(ct).model
+    assert sum(isinstance(m, QuantExperts) for m in peer.modules()) == 2
+    _same_logits(peer, model)
+
+
+def test_partly_quantized_or_foreign_moe_names_are_clear_errors(tmp_path):
+    _, ct = _ct_checkpoint(tmp_path, "mixtral")
+    _rename_tensors(ct, lambda k: k.replace("self_attn.q_proj", "self_attn.query"))
+    with pytest.raises(HaqmoeError, match="does not have"):
+        load_compressed_tensors(ct)
+    _rename_tensors(ct, lambda k: None if k.endswith("experts.7.w2.weight_scale") else
+                    k.replace("self_attn.query", "self_attn.q_proj"))
+    with pytest.raises(HaqmoeError, match="not quantized"):
+        load_compressed_tensors(ct)
 
 
 def test_named_peer_row_and_load_model_use_our_reader(tmp_path):

@@ -8,7 +8,10 @@ evaluator reads (``haqmoe compare --methods ...,ct:OUT`` or ``bench/haq.py --pee
 
 --asym: the preset as close to ours as its schemes allow (asymmetric int8 weights per channel,
 asymmetric dynamic per-token activations); default: the stock symmetric ``W8A8`` preset, as users run it.
-Prints the quantization wall time (what the haq/peer time ratio is computed from).
+Prints the quantization wall time (what the haq/peer time ratio is computed from). MoE models
+(the upcycled SmolLM2-MoE) are loaded through llm-compressor's ``load_quantizable_moe``, which
+unfuses the experts into Linears so its GPTQ quantizes them; its SmoothQuant mapping for Mixtral
+smooths attention only, the router stays float (ignored, as in ours).
 """
 
 import argparse
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from llmcompressor import oneshot
+from llmcompressor.modeling.moe.linearize import load_quantizable_moe
 from llmcompressor.modifiers.quantization import GPTQModifier
 from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -33,7 +37,8 @@ a = ap.parse_args()
 
 ids = torch.load(a.calib)
 ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32)
+with load_quantizable_moe():  # MoE experts as per-expert Linears, so GPTQ reaches them (no-op for dense)
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32)
 tok = AutoTokenizer.from_pretrained(a.model_dir)
 if a.asym:
     scheme = {"config_groups": {"group_0": {
