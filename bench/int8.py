@@ -363,8 +363,12 @@ SmolLM2 weights (our fp32 is the dequantized Q4_1 file; Q8_0 is a requantization
 `dequant-once` holds fp32 weights; `fake-quant` holds both. lm_head and the tied embedding stay fp32
 in those modes (as in fake-quant, so PPL is comparable). `real-int8-lm-head` (`--int8-lm-head`) also
 runs lm_head on the int8 GEMM, with two-level activations (value + residual, one GEMM call) and the
-tied embedding reading the same int8 rows; it reads a checkpoint written that way (`haqmoe quantize
---int8-lm-head`), so SmolLM2 drops from 0.41x to 0.25x of fp32 both resident and on disk. `auto`
+tied embedding reading the same int8 rows; it now reads a checkpoint written that way (`haqmoe
+quantize --int8-lm-head`), so SmolLM2 drops from 0.41x to 0.25x of fp32 both resident and on disk
+(int8_vocab.md, the SmolLM2 rows again, 3 rounds: disk 0.253x, weights 0.254x, decode 2.02x fp32 and
+0.26x llama.cpp Q8_0; 20-window PPL of that checkpoint real 21.273, fake-quant 21.248: 0.12 % apart,
+the noise floor below; int8.json's lm-head row predates it and converted the fp32 lm_head at load,
+so its disk column still says 0.41x). `auto`
 benchmarks int8 against dequant per weight shape at load and picked int8 for every shape on this CPU
 (AVX512-VNNI).
 
