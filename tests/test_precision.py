@@ -157,6 +157,10 @@ def test_int8_vocab_checkpoint_is_exact_and_smaller(tied: bool, tmp_path):
         report = convert(loaded, "int8")
         assert report.counts["int8-lm-head"] == 1 and isinstance(loaded.lm_head, ResidualInt8Linear)
         assert torch.equal(loaded.lm_head(h), runtime.lm_head(h))  # same rows, same GEMM
+        tokens = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(5))
+        whole = loaded.lm_head(tokens)
+        loaded.lm_head.ROWS = 3  # long inputs run in row chunks: the same integers, the same floats
+        assert torch.equal(loaded.lm_head(tokens), whole)
         assert (loaded.lm_head(h) - h @ w.T).abs().max() < 1e-3 * (h @ w.T).abs().max()
         assert (loaded(ids).logits - fake).abs().max() < 0.05 * fake.abs().max()
     v, hd = vocab.q.shape

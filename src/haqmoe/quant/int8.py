@@ -563,16 +563,24 @@ class ResidualInt8Linear(Int8Linear):
     """
 
     RESIDUAL = QuantSpec(8, True, "token")
+    ROWS = 256  # tokens per GEMM: a 2048-token window's int32 + float logits would be ~2 GB at once
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1]).float()
+    def _rows(self, x2: torch.Tensor) -> torch.Tensor:
         hi = quantize_tokens(x2, self.a_spec, need_rowsum=False)
         lo = quantize_tokens(x2 - dequant_act(hi), self.RESIDUAL, need_rowsum=False)
         zero = None if hi.zero is None else torch.cat([hi.zero, torch.zeros_like(hi.zero)])
         both = QuantAct(torch.cat([hi.q, lo.q]), torch.cat([hi.scale, lo.scale]), zero, None)
         y = int8_matmul(both, self.wt, self.w_scale, None, self.colsum, self.in_features)
         m = x2.shape[0]
-        return as_dtype(y[:m].add_(y[m:]).view(*x.shape[:-1], self.out_features), x.dtype)
+        return y[:m].add_(y[m:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        if x2.shape[0] <= self.ROWS:
+            y = self._rows(x2)
+        else:
+            y = torch.cat([self._rows(x2[i: i + self.ROWS]) for i in range(0, x2.shape[0], self.ROWS)])
+        return as_dtype(y.view(*x.shape[:-1], self.out_features), x.dtype)
 
 
 def int8_head(vocab: QuantVocab, a_spec: QuantSpec) -> ResidualInt8Linear:
