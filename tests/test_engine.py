@@ -119,6 +119,28 @@ def test_real_int8_engine_runs_int8_modules_for_in_memory_quantized_models():
     assert real.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref
 
 
+@pytest.mark.parametrize("case", ["cpu-plain", "mixed"])
+def test_int8_lm_head_model_in_the_engine(case):
+    """A model whose lm_head is stored as int8 rows runs it on the int8 GEMM in the real-int8 engine,
+    with the greedy tokens of plain transformers on the same converted model."""
+    import copy
+
+    from haqmoe.quant.int8 import ResidualInt8Linear
+    from haqmoe.quant.modules import quantize_vocabulary
+    from haqmoe.quant.precision import convert
+
+    model = tiny_model("mixtral", seed=3)
+    quantize_rtn(model, adapter_for(model), QuantConfig.w8a8("rtn"), progress=False)
+    quantize_vocabulary(model)
+    plain = copy.deepcopy(model)
+    convert(plain, "int8")
+    ref = reference_tokens(plain, 12)
+    engine = CollaborativeEngine(LoadedModel(model, None, "mixtral", adapter_for(model)),
+                                 EngineConfig(exec_mode="real", **CASES[case]))
+    assert isinstance(engine.model.lm_head, ResidualInt8Linear)
+    assert engine.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref
+
+
 def test_prefetch_with_learned_guesses_keeps_tokens(tmp_path):
     """--guess-trace: per-layer transition tables learned from a profiled trace of the same model."""
     from haqmoe.routing.profile import trace_windows
