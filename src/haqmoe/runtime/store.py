@@ -33,14 +33,17 @@ def _is_quant(experts: nn.Module) -> bool:
     return isinstance(experts, QuantExperts)
 
 
-def _host_tensors(experts: nn.Module, e: int) -> dict[str, torch.Tensor]:
-    """One expert's weights in transfer format (what a slot holds)."""
+def _host_tensors(experts: nn.Module, e: int, int8_gemm: bool) -> dict[str, torch.Tensor]:
+    """One expert's weights in transfer format (what a slot holds). For the int8 GEMM also the
+    weight's column sums and integer zero points, derived once here instead of on every call."""
     if _is_quant(experts):
         out = {}
         for part in _PARTS:
             lin = getattr(experts, part)[e]
             out[f"{part}.q"], out[f"{part}.s"], out[f"{part}.z"] = lin.qweight, lin.w_scale, lin.w_zero
-            out[f"{part}.c"] = lin.qweight.sum(dim=1, dtype=torch.int32)  # for the activation zero point
+            if int8_gemm:
+                out[f"{part}.c"] = lin.qweight.sum(dim=1, dtype=torch.int32)  # for the activation zero point
+                out[f"{part}.zi"] = lin.w_zero.reshape(-1).round().to(torch.int32)
         return out
     w = FusedExperts.get(experts, e)
     return {"gate": w.gate.detach(), "up": w.up.detach(), "down": w.down.detach()}
@@ -64,18 +67,18 @@ class ExpertStore:
         self.act_fn = first.act_fn
         self.a_spec = first.gate[0].a_spec if self.quantized else None
         self.w_spec = first.gate[0].w_spec if self.quantized else None
+        gemm = cfg.int8_gemm if cfg.int8_gemm is not None else self.device.type == "cuda"
+        self.int8_gemm = bool(gemm and self.quantized and self.a_spec is not None and self.a_spec.dynamic
+                              and self.a_spec.bits == 8 and self.w_spec.granularity == "channel")
         pin = cfg.pin_memory and self.device.type == "cuda"
         self.host = [[{k: (v.contiguous().pin_memory() if pin else v.contiguous())
-                       for k, v in _host_tensors(m, e).items()}
+                       for k, v in _host_tensors(m, e, self.int8_gemm).items()}
                       for e in range(FusedExperts.count(m))] for m in experts_by_layer]
         template = self.host[0][0]
         self.slots = {k: torch.empty((cfg.num_slots, *v.shape), dtype=v.dtype, device=self.device)
                       for k, v in template.items()}
         self.expert_bytes = sum(v.numel() * v.element_size() for v in template.values())
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        gemm = cfg.int8_gemm if cfg.int8_gemm is not None else self.device.type == "cuda"
-        self.int8_gemm = bool(gemm and self.quantized and self.a_spec is not None and self.a_spec.dynamic
-                              and self.a_spec.bits == 8 and self.w_spec.granularity == "channel")
         self._pending: list = []  # CUDA events of copies not known to be done (copies_in_flight)
         self._graphs: dict[int, tuple] = {}  # slot -> (graph, static input, static output), one token
         self._graphs_int8: bool | None = None  # the precision the graphs were recorded in
@@ -115,10 +118,9 @@ class ExpertStore:
     def _lin(self, x: torch.Tensor, slot: int, part: str, act: QuantAct | None = None) -> torch.Tensor:
         """``act``: ``x`` already quantized (int8 GEMM only), so gate and up quantize their input once."""
         if self.int8_gemm:  # W8A8 on the int8 GEMM, float32 out
-            q, s, z, c = (self.slots[f"{part}.{t}"][slot] for t in "qszc")
+            q, s, zi, c = (self.slots[f"{part}.{t}"][slot] for t in ("q", "s", "zi", "c"))
             act = act if act is not None else quantize_tokens(x, self.a_spec, need_rowsum=not self.w_spec.symmetric)
-            zero = None if self.w_spec.symmetric else z.reshape(-1).round().to(torch.int32)
-            return int8_matmul(act, q.t(), s.reshape(-1), zero, c, q.shape[1])
+            return int8_matmul(act, q.t(), s.reshape(-1), None if self.w_spec.symmetric else zi, c, q.shape[1])
         w = self._slot_weight(slot, part, x.dtype)
         if self.a_spec is not None:
             x = fake_quant(x, self.a_spec)
