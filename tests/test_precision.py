@@ -115,6 +115,20 @@ def test_int8_lm_head_matches_its_fake_quant_reference(tied: bool):
     assert weight_bytes(plain) - weight_bytes(conv) == 4 * v * h_dim - (v * h_dim + 4 * v + 4 * v)
 
 
+def test_int8_lm_head_of_a_weight_only_model_stays_weight_only():
+    """No 8-bit activation recipe to run the vocabulary GEMM with: it falls back, reported, not a crash."""
+    from haqmoe.quant.modules import QuantVocab, quantize_vocabulary
+
+    model = _quantized("llama", QuantConfig(method="rtn", acts=None))
+    quantize_vocabulary(model)
+    ref = copy.deepcopy(model)
+    report = convert(model, "int8")
+    assert "lm_head" in report.fallbacks and isinstance(model.lm_head, QuantVocab)
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits)
+
+
 def _tied(model):
     model.lm_head.weight = model.model.embed_tokens.weight
     model.config.tie_word_embeddings = True

@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import HaqmoeError
 from .int8 import (ACT_CACHE, DequantExperts, DequantLinear, Int8Experts, Int8Linear, Int8LinearGroup, Int8Sibling,
                    int8_head)
-from .modules import QuantExperts, QuantLinear, QuantVocab, quantize_vocabulary
+from .modules import QuantExperts, QuantLinear, QuantVocab, quantize_vocabulary, vocab_names
 
 ExecMode = Literal["fake", "dequant", "int8", "auto"]
 EXEC_MODES: tuple[str, ...] = ("fake", "dequant", "int8", "auto")
@@ -266,6 +266,9 @@ def _int8_vocab(model: nn.Module, targets: list[tuple[str, nn.Module]], report: 
         raise HaqmoeError("--int8-lm-head needs a quantized model")
     lin = targets[0][1].gate[0] if isinstance(targets[0][1], QuantExperts) else targets[0][1]
     vocab = quantize_vocabulary(model)
+    if lin.a_spec is None or lin.a_spec.bits != 8:  # no 8-bit activation recipe: it stays weight-only
+        report.fallbacks.append(vocab_names(model)["head"])
+        return
     model.set_output_embeddings(int8_head(vocab, lin.a_spec).to(vocab.q.device))
     report.counts["int8-lm-head"] = 1
 
