@@ -108,7 +108,9 @@ def quantize(model: str = typer.Argument(..., help="Model source to quantize."),
         raise HaqmoeError(f"{model} is already quantized")
     if int8_lm_head:  # first, so calibration sees the embedding that inference will read
         from ..quant.modules import quantize_vocabulary
+        from ..quant.pipeline import check_finite
 
+        check_finite(lm.model)  # the vocabulary leaves the parameters here: check it while it is one
         quantize_vocabulary(lm.model)
     ids = None
     if needs_calibration(method.value, cfg):
@@ -121,7 +123,8 @@ def quantize(model: str = typer.Argument(..., help="Model source to quantize."),
         from ..reliability.resume import BlockCheckpoint, run_fingerprint
 
         check_quant_memory(lm.model, lm.adapter, ids, opts.batch_size)
-        ckpt = BlockCheckpoint.open(out, run_fingerprint(lm.model, ids, (method.value, cfg, opts, int8_lm_head)), cfg, resume)
+        fingerprint = run_fingerprint(lm.model, ids, (method.value, cfg, opts, int8_lm_head))
+        ckpt = BlockCheckpoint.open(out, fingerprint, cfg, resume)
     report = quantize_with(lm.model, lm.adapter, method.value, cfg, ids, opts, state["progress"], ckpt)
     extra = {"source": model, "options": opts.__dict__, "calib": None if ids is None else
              {"source": calib, "samples": calib_samples, "length": calib_len, "seed": seed},
