@@ -233,6 +233,13 @@ def transposed(w: torch.Tensor) -> torch.Tensor:
     return w.t()
 
 
+def weight_terms(qweight: torch.Tensor, zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the zero-point corrections read of an int8 weight [N, K]: column sums (int32 [N]) and the
+    per-channel zero points as integers (int32 [N]; None without ``zero``). Derived once, at load."""
+    colsum = qweight.sum(dim=1, dtype=torch.int32)
+    return colsum, None if zero is None else zero.reshape(-1).round().to(torch.int32)
+
+
 def pack_weight(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                 symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(w int8 [N_pad, K_pad], w_scale [N], w_zero int32 [N] | None, colsum int32 [N]) from [N, K] int8.
@@ -247,9 +254,8 @@ def pack_weight(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     n, k = qweight.shape
     w = torch.zeros(_pad_to(n, _ALIGN), _pad_to(k, _ALIGN), dtype=torch.int8, device=qweight.device)
     w[:n, :k] = qweight
-    colsum = qweight.sum(dim=1, dtype=torch.int32)
-    z = zero.reshape(-1).round()
-    w_zero = None if symmetric or not bool(z.any()) else z.to(torch.int32)
+    colsum, z = weight_terms(qweight, zero)
+    w_zero = None if symmetric or not bool(z.any()) else z
     return w, scale.reshape(-1).float().contiguous(), w_zero, colsum
 
 
@@ -591,4 +597,4 @@ def int8_head(vocab: QuantVocab, a_spec: QuantSpec) -> ResidualInt8Linear:
         w = torch.zeros(_pad_to(v, _ALIGN), _pad_to(h, _ALIGN), dtype=torch.int8, device=q.device)
         w[:v, :h] = q
     return ResidualInt8Linear(h, v, a_spec, w, vocab.scale.reshape(-1).contiguous(), None,
-                              q.sum(dim=1, dtype=torch.int32), None)
+                              weight_terms(q)[0], None)

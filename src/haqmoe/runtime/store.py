@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..models.adapters import FusedExperts
-from ..quant.int8 import QuantAct, int8_matmul, quantize_tokens
+from ..quant.int8 import QuantAct, int8_matmul, quantize_tokens, weight_terms
 from ..quant.modules import QuantExperts
 from ..quant.quantizer import dequantize, fake_quant
 
@@ -42,8 +42,7 @@ def _host_tensors(experts: nn.Module, e: int, int8_gemm: bool) -> dict[str, torc
             lin = getattr(experts, part)[e]
             out[f"{part}.q"], out[f"{part}.s"], out[f"{part}.z"] = lin.qweight, lin.w_scale, lin.w_zero
             if int8_gemm:
-                out[f"{part}.c"] = lin.qweight.sum(dim=1, dtype=torch.int32)  # for the activation zero point
-                out[f"{part}.zi"] = lin.w_zero.reshape(-1).round().to(torch.int32)
+                out[f"{part}.c"], out[f"{part}.zi"] = weight_terms(lin.qweight, lin.w_zero)
         return out
     w = FusedExperts.get(experts, e)
     return {"gate": w.gate.detach(), "up": w.up.detach(), "down": w.down.detach()}
