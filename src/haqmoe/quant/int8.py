@@ -17,7 +17,8 @@ neither the products nor ``c``), rows are padded per call.
 
 Per-token activation quantization commutes with row selection, so MoE experts quantize the hidden
 states once for all tokens, and linears that read the same tensor (q/k/v, gate/up) reuse one
-quantization through a one-entry identity cache.
+quantization through a one-entry identity cache. Under ``torch.compile`` (``compiled.py``) those
+Python-side shortcuts step aside and the same integer arithmetic is traced as tensors.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def quantize_tokens(x: torch.Tensor, spec: QuantSpec, need_rowsum: bool = True) 
     same activations to the same integers; ``aminmax`` makes it one reduction pass.
     """
     x = as_dtype(x, torch.float32)
-    if x.shape[0] == 1 and not x.is_cuda:
+    if x.shape[0] == 1 and not x.is_cuda and not torch.compiler.is_compiling():  # traced: tensors only
         return _quantize_one_token(x, spec, need_rowsum)
     if spec.symmetric:
         scale = x.abs().amax(dim=-1, keepdim=True).div_(spec.qmax)
@@ -296,6 +297,8 @@ class Int8Linear(nn.Module):
         need_rowsum = self.w_zero is not None
         if self.a_scale is not None:
             return quantize_static(x2, self.a_scale, self.a_zero, self.a_spec, need_rowsum)
+        if torch.compiler.is_compiling():  # identity caches are Python state a graph cannot hold
+            return quantize_tokens(x2, self.a_spec, need_rowsum)
         key = (self.a_spec, tuple(x.shape), need_rowsum)
         hit = self.cache.get(x, key)
         if hit is None:
@@ -347,6 +350,8 @@ class Int8LinearGroup(nn.Module):
         return self
 
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._member_rows(index, x)
         kept = self._kept.get(x, ())
         if kept is None or index not in kept[1]:
             x2 = x.reshape(-1, x.shape[-1])
@@ -360,6 +365,18 @@ class Int8LinearGroup(nn.Module):
         if not unread:  # every member has its slice: drop the references
             self._kept.clear()
         return slices[index]
+
+    def _member_rows(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Traced (``torch.compile``): one member's GEMM over its own rows of the stacked weight. The kept
+        output above is Python state keyed by tensor identity, which a graph cannot hold; the members'
+        GEMMs read disjoint rows, so together they stream the weight once, as the fused call does."""
+        lo = sum(self.sizes[:index])
+        rows = slice(lo, lo + self.sizes[index])
+        part = lambda t: None if t is None else t[rows]  # noqa: E731
+        act = quantize_tokens(x.reshape(-1, x.shape[-1]), self.a_spec, need_rowsum=self.w_zero is not None)
+        y = int8_matmul(act, self.wt[:, rows], self.w_scale[rows], part(self.w_zero), self.colsum[rows],
+                        self.in_features, part(self.bias))
+        return as_dtype(y.view(*x.shape[:-1], y.shape[-1]), x.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, outs={self.sizes}, int8 GEMM"

@@ -184,7 +184,8 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _clear_cache_hook(module: nn.Module, args) -> None:
-    ACT_CACHE.clear()  # drop the previous forward's activation (and its strong reference)
+    if not torch.compiler.is_compiling():
+        ACT_CACHE.clear()  # drop the previous forward's activation (and its strong reference)
 
 
 def convert(model: nn.Module, mode: str = "auto", auto: AutoConfig | None = None,
