@@ -423,6 +423,10 @@ kernel, no longer Python: `_int_mm` with one token streams int8 weights at ~12.5
 (cold weights; 6.5 GB/s on one thread, so the kernel is compute-bound, not at the memory's limit), so
 the GEMMs alone take ~11 ms of the ~15.5 ms step, while llama.cpp's VNNI kernels run its 145 MB at
 ~18 GB/s. `torch._weight_int8pack_mm` (W8A16) and inductor's own int32 reduction were slower still.
+oneDNN's prepacked `qlinear_pointwise` measured the same as `_int_mm` (12.6 vs 12.9 GB/s). The upcycled
+MoE does not gain: expert dispatch (Python expert ids) breaks the graph once per layer, and one round
+measured 15.5 tok/s compiled vs 24.3 eager (`--models smollm2-moe --modes
+real-int8-lm-head,real-int8-lm-head-compiled --rounds 1`), so `compiled_decode_kwargs` warns on MoE models.
 GPU rows (random-weight models with the same configs, NVIDIA H200): bench/results/int8_cuda.md and int8_gpu.md.
 """
 

@@ -39,3 +39,11 @@ def test_compiled_int8_decode_matches_eager(int8_lm_head: bool):
     # same integers and float steps; inductor may fuse float ops in another order, and a rounding
     # boundary can then flip one activation integer: compare in norm (an indexing bug is of order 1)
     assert float((logits - ref_logits).norm() / ref_logits.norm()) < 2e-3
+
+
+def test_moe_models_are_warned_off():
+    model = tiny_model("mixtral", layers=1)
+    quantize_rtn(model, adapter_for(model), QuantConfig.w8a8("rtn"), progress=False)
+    convert(model, "int8")
+    with pytest.warns(UserWarning, match="MoE"):
+        compiled_decode_kwargs(model, 32)
