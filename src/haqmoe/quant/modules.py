@@ -13,7 +13,30 @@ from torch import nn
 from .quantizer import QuantSpec, compute_qparams, dequantize, fake_quant, fake_quant_static, quantize
 
 
-class QuantLinear(nn.Module):
+class _DequantizedOnce:
+    """Mixin for an int8-stored module whose float ``weight`` is dequantized once, on first use (what
+    fake-quant and weight-only execution compute with), and dropped when the module moves."""
+
+    _weight: torch.Tensor | None = None
+
+    def _storage(self) -> torch.Tensor:  # the int8 tensor the cached weight follows across devices
+        raise NotImplementedError
+
+    def _dequantized(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if self._weight is None or self._weight.device != self._storage().device:
+            self._weight = self._dequantized()
+        return self._weight
+
+    def _apply(self, fn, recurse=True):
+        self._weight = None  # device/dtype moves invalidate the cache
+        return super()._apply(fn, recurse)
+
+
+class QuantLinear(_DequantizedOnce, nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, w_spec: QuantSpec,
                  a_spec: QuantSpec | None, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -28,7 +51,6 @@ class QuantLinear(nn.Module):
         if a_spec is not None and not a_spec.dynamic:
             self.register_buffer("a_scale", torch.ones(1, 1))
             self.register_buffer("a_zero", torch.zeros(1, 1))
-        self._weight: torch.Tensor | None = None  # dequantized once, on first use
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, w_spec: QuantSpec,
@@ -56,16 +78,11 @@ class QuantLinear(nn.Module):
     def weight_float(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.qweight, self.w_scale, self.w_zero, self.w_spec, dtype)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """Dequantized weight, cached (what fake-quant and the CPU dequant-once tier compute with)."""
-        if self._weight is None or self._weight.device != self.qweight.device:
-            self._weight = self.weight_float(self.bias.dtype if self.bias is not None else torch.float32)
-        return self._weight
+    def _storage(self) -> torch.Tensor:
+        return self.qweight
 
-    def _apply(self, fn, recurse=True):
-        self._weight = None  # device/dtype moves invalidate the cache
-        return super()._apply(fn, recurse)
+    def _dequantized(self) -> torch.Tensor:
+        return self.weight_float(self.bias.dtype if self.bias is not None else torch.float32)
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_spec is None:
@@ -168,7 +185,7 @@ class Int8Embedding(_Int8Rows):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
 
 
-class QuantVocab(_Int8Rows):
+class QuantVocab(_DequantizedOnce, _Int8Rows):
     """lm_head stored as int8 rows (``haqmoe quantize --int8-lm-head``), shared with a tied embedding.
 
     Weight-only in fake-quant and dequant modes (the fp32 weight is rebuilt once, on first use); the
@@ -179,7 +196,6 @@ class QuantVocab(_Int8Rows):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         super().__init__(q, scale)
         self.out_features, self.in_features = q.shape
-        self._weight: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, vocab: int, hidden: int) -> "QuantVocab":
@@ -193,15 +209,11 @@ class QuantVocab(_Int8Rows):
         """The input embedding of a tied model: the same int8 rows, not a copy."""
         return Int8Embedding(self.q, self.scale, padding_idx)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        if self._weight is None or self._weight.device != self.q.device:
-            self._weight = self.weight_float()
-        return self._weight
+    def _storage(self) -> torch.Tensor:
+        return self.q
 
-    def _apply(self, fn, recurse=True):
-        self._weight = None
-        return super()._apply(fn, recurse)
+    def _dequantized(self) -> torch.Tensor:
+        return self.weight_float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x.float(), self.weight)
