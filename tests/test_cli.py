@@ -90,3 +90,53 @@ def test_out_of_range_option_is_a_usage_error(capsys):
     code, _, err = run(["eval", "--windows", "0"], capsys)
     assert code == 2 and "Traceback" not in err and "internal error" not in err
     assert "--windows" in err
+
+
+def _greedy(model, tokenizer, prompt: str, new: int) -> list[int]:
+    import torch
+
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_generate_json_equals_transformers_greedy(capsys):
+    from haqmoe.models.loading import load_model
+
+    code, out, err = run(["generate", "smollm2-135m", "-p", "The capital of France is", "--max-tokens", "6",
+                          "--json"], capsys)
+    assert code == 0, err
+    row = json.loads(out)
+    lm = load_model("smollm2-135m", progress=False)
+    ref = _greedy(lm.model, lm.tokenizer, "The capital of France is", 6)
+    assert row["tokens"] == len(ref) and row["text"] == lm.tokenizer.decode(ref, skip_special_tokens=True)
+    assert row["exec"] == "fake" and row["prompt_tokens"] == 5
+
+
+def test_generate_runs_a_quantized_checkpoint_in_int8(capsys, tmp_path):
+    """`--exec real` generates what the library's int8 conversion of the same checkpoint generates."""
+    from haqmoe.models.loading import load_model
+    from haqmoe.quant.checkpoint import save_quantized
+    from haqmoe.quant.config import QuantConfig
+    from haqmoe.quant.precision import convert
+    from haqmoe.quant.rtn import quantize_rtn
+    from haqmoe.serve.fixtures import tiny_chat_moe
+
+    lm = load_model(str(tiny_chat_moe(tmp_path / "m")), progress=False)
+    cfg = QuantConfig.w8a8("rtn")
+    quantize_rtn(lm.model, lm.adapter, cfg, progress=False)
+    save_quantized(lm.model, lm.tokenizer, tmp_path / "q", cfg, {"source": "tiny"})
+    code, out, err = run(["generate", str(tmp_path / "q"), "-p", "Hello there", "--max-tokens", "5", "--exec",
+                          "real", "--json"], capsys)
+    assert code == 0, err
+    row = json.loads(out)
+    ref_lm = load_model(str(tmp_path / "q"), progress=False)
+    convert(ref_lm.model, "int8")
+    ref = _greedy(ref_lm.model, ref_lm.tokenizer, "Hello there", 5)
+    assert row["exec"] == "int8" and row["text"] == ref_lm.tokenizer.decode(ref, skip_special_tokens=True)
+
+
+def test_generate_refuses_int8_execution_of_a_float_model(capsys):
+    code, _, err = run(["generate", "smollm2-135m", "--exec", "real"], capsys)
+    assert_clean_error(code, err, "needs a quantized model")

@@ -45,6 +45,24 @@ def info(model: str = typer.Argument("smollm2-135m", help="Embedded name, checkp
 
 
 # ------------------------------------------------------------------------- eval
+_EXEC_HELP = "Quantized execution: fake, dequant, real (int8 GEMM) or auto (measured per shape)."
+_INT8_HEAD_HELP = ("With --exec int8/auto: lm_head (and a tied embedding) as int8 too; faster decode, not part "
+                   "of the W8A8 recipe.")
+
+
+def _execute(lm, exec_mode: str, int8_lm_head: bool) -> str:
+    """Convert a loaded model's quantized modules to the requested execution mode (its name returned)."""
+    from ..quant.precision import convert, normalize_mode
+
+    exec_mode = normalize_mode(exec_mode)
+    if int8_lm_head and exec_mode not in ("int8", "auto"):
+        raise HaqmoeError("--int8-lm-head needs --exec int8 or auto")
+    if exec_mode != "fake" and not convert(lm.model, exec_mode, int8_lm_head=int8_lm_head).counts:
+        raise HaqmoeError(f"--exec {exec_mode} needs a quantized model ({lm.name} has no quantized layers: "
+                          "`haqmoe quantize` it first)")
+    return exec_mode
+
+
 @app.command("eval")
 def eval_cmd(model: str = typer.Argument("smollm2-135m", help="Model source (see `haqmoe info --help`)."),
              data: str = typer.Option("wikitext2:test", help="Text source: wikitext2:SPLIT, wikitext2-tokens:SPLIT, "
@@ -53,11 +71,8 @@ def eval_cmd(model: str = typer.Argument("smollm2-135m", help="Model source (see
              windows: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N windows."),
              batch_size: int = typer.Option(1, min=1, help="Windows per forward pass."),
              quantize: Optional[Method] = typer.Option(None, help="Quantize in memory before evaluating."),
-             exec_mode: str = typer.Option("fake", "--exec", help="Quantized execution: fake, dequant, "
-                                           "real (int8 GEMM) or auto (measured per shape)."),
-             int8_lm_head: bool = typer.Option(False, "--int8-lm-head", help="With --exec int8/auto: lm_head "
-                                               "(and a tied embedding) as int8 too; faster decode, not part "
-                                               "of the W8A8 recipe."),
+             exec_mode: str = typer.Option("fake", "--exec", help=_EXEC_HELP),
+             int8_lm_head: bool = typer.Option(False, "--int8-lm-head", help=_INT8_HEAD_HELP),
              as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
              out: Optional[Path] = typer.Option(None, help="Also write the result as a results JSON/MD.")) -> None:
     """Perplexity by the standard protocol (non-overlapping windows of the tokenized text)."""
@@ -72,13 +87,7 @@ def eval_cmd(model: str = typer.Argument("smollm2-135m", help="Model source (see
         from .quant_cmds import quantize_in_memory
 
         method = quantize_in_memory(lm, quantize.value, data)
-    from ..quant.precision import convert, normalize_mode
-
-    exec_mode = normalize_mode(exec_mode)
-    if int8_lm_head and exec_mode not in ("int8", "auto"):
-        raise HaqmoeError("--int8-lm-head needs --exec int8 or auto")
-    if exec_mode != "fake":
-        convert(lm.model, exec_mode, int8_lm_head=int8_lm_head)
+    exec_mode = _execute(lm, exec_mode, int8_lm_head)
     res = perplexity(lm.model, wins, batch_size, state["progress"])
     row = {"model": model, "method": method, "exec": exec_mode, "data": data, **res.as_dict()}
     if out is not None:
@@ -87,6 +96,72 @@ def eval_cmd(model: str = typer.Argument("smollm2-135m", help="Model source (see
         write_results(out, [row], run_meta(), f"Perplexity of {model}")
     emit(row, as_json, f"{model} [{method}] on {data}: ppl {res.ppl:.4f} "
                         f"({res.windows} windows x {seqlen}, {res.tokens} tokens, {res.seconds:.1f} s)")
+
+
+# --------------------------------------------------------------------- generate
+@app.command()
+def generate(model: str = typer.Argument("smollm2-135m", help="Model source (see `haqmoe info --help`)."),
+             prompt: str = typer.Option("The capital of France is", "--prompt", "-p", help="Prompt text."),
+             chat: bool = typer.Option(False, help="Wrap the prompt in the model's chat template."),
+             max_tokens: int = typer.Option(64, min=1, help="Tokens to generate."),
+             temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
+             top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling mass."),
+             seed: int = typer.Option(0, help="Sampling seed."),
+             exec_mode: str = typer.Option("fake", "--exec", help=_EXEC_HELP),
+             int8_lm_head: bool = typer.Option(False, "--int8-lm-head", help=_INT8_HEAD_HELP),
+             compile_decode: bool = typer.Option(False, "--compile", help="Compile the decode step (torch.compile, "
+                                                 "static KV cache; dense models, ~1.9x with --exec real; a warm-up "
+                                                 "generation compiles first, needs a C++ compiler)."),
+             as_json: bool = typer.Option(False, "--json", help="Machine-readable output (no streaming).")) -> None:
+    """Generate from a prompt with the whole model on one device, as transformers runs it (dense or MoE;
+    `haqmoe run` is the collaborative CPU-GPU runtime for MoE models), streaming text, then timings."""
+    import time
+
+    import torch
+    from transformers import TextStreamer
+
+    from ..models.loading import encode_prompt, load_model
+
+    lm = load_model(model, progress=state["progress"])
+    exec_mode = _execute(lm, exec_mode, int8_lm_head)
+    ids = encode_prompt(lm.tokenizer, lm.model.config, [{"role": "user", "content": prompt}] if chat else prompt)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    options = dict(max_new_tokens=max_tokens, pad_token_id=lm.tokenizer.eos_token_id, **sampling)
+    extra, compile_s = dict, None
+    if compile_decode:
+        from ..quant.compiled import compiled_decode_kwargs
+
+        extra = lambda: compiled_decode_kwargs(lm.model, ids.shape[1] + max_tokens)  # noqa: E731 (fresh cache)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            lm.model.generate(ids, **{**options, "max_new_tokens": min(max_tokens, 3)}, **extra())
+        compile_s = time.perf_counter() - t
+    stamps: list[float] = []  # the prompt, then each new token
+
+    class Streamer(TextStreamer):
+        def put(self, value):
+            stamps.append(time.perf_counter())
+            super().put(value)
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if not as_json:
+                super().on_finalized_text(text, stream_end)
+
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = lm.model.generate(ids, streamer=Streamer(lm.tokenizer, skip_prompt=True, skip_special_tokens=True),
+                                **options, **extra())
+    tokens = out[0, ids.shape[1]:].tolist()
+    decode_s = stamps[-1] - stamps[1] if len(stamps) > 2 else 0.0
+    payload = {"model": model, "exec": exec_mode, "compiled": compile_decode,
+               "text": lm.tokenizer.decode(tokens, skip_special_tokens=True), "tokens": len(tokens),
+               "prompt_tokens": int(ids.shape[1]), "prefill_ms": 1e3 * (stamps[1] - stamps[0]),
+               "decode_tok_s": (len(stamps) - 2) / decode_s if decode_s > 0 else None, "compile_s": compile_s}
+    if as_json:
+        emit(payload, True, "")
+    else:
+        typer.echo("\n---\n" + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in payload.items() if k != "text"), err=True)
 
 
 # ---------------------------------------------------------------------- upcycle

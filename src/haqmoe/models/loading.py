@@ -31,6 +31,23 @@ class LoadedModel:
         return any(self.adapter.is_moe_block(b) for b in self.adapter.blocks(self.model))
 
 
+def encode_prompt(tokenizer, config, prompt: str | list[dict]) -> torch.Tensor:
+    """Token ids [1, T] of a prompt (a string, or chat messages rendered with the model's template),
+    refused when empty or as long as the model's context."""
+    if isinstance(prompt, list):
+        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=False)
+        ids = ids if isinstance(ids, torch.Tensor) else torch.tensor([ids])
+    else:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.numel() == 0:
+        raise HaqmoeError("empty prompt")
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and ids.shape[1] >= limit:
+        raise HaqmoeError(f"prompt has {ids.shape[1]} tokens; the model's context is {limit}")
+    return ids
+
+
 def _quiet_transformers() -> None:
     """transformers' own warnings and per-tensor progress bars are noise in our CLI output."""
     from transformers.utils import logging as hf_logging

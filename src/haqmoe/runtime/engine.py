@@ -19,7 +19,7 @@ import torch
 
 from ..errors import HaqmoeError
 from ..models.adapters import set_module
-from ..models.loading import LoadedModel
+from ..models.loading import LoadedModel, encode_prompt
 from ..routing.guess import GuessPlan, guess_weight
 from .cache import CacheConfig, ExpertCache
 from .hybrid import HybridExperts, Telemetry
@@ -225,18 +225,7 @@ class CollaborativeEngine:
     # ---------------------------------------------------------------- generation
     def encode(self, prompt: str | list[dict]) -> torch.Tensor:
         """Token ids of a prompt (a string, or chat messages rendered with the model's template)."""
-        if isinstance(prompt, list):
-            ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
-                                                     return_dict=False)
-            ids = ids if isinstance(ids, torch.Tensor) else torch.tensor([ids])
-        else:
-            ids = self.tokenizer(prompt, return_tensors="pt").input_ids
-        if ids.numel() == 0:
-            raise HaqmoeError("empty prompt")
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit and ids.shape[1] >= limit:
-            raise HaqmoeError(f"prompt has {ids.shape[1]} tokens; the model's context is {limit}")
-        return ids
+        return encode_prompt(self.tokenizer, self.model.config, prompt)
 
     def _sample(self, logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator) -> int:
         if s.temperature <= 0:
