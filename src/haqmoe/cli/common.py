@@ -52,3 +52,9 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on 
 
 def emit(payload: dict, as_json: bool, human: str) -> None:
     typer.echo(json.dumps(payload, indent=2) if as_json else human)
+
+
+def echo_summary(payload: dict) -> None:
+    """After streamed text: the payload (text aside) as one key=value line on stderr."""
+    typer.echo("\n---\n" + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in payload.items() if k != "text"), err=True)

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .common import app, emit, state
+from .common import app, echo_summary, emit, state
 
 _ENGINE_OPTS = dict(
     policy=typer.Option("predictor", help="Non-resident experts: predictor | always-transfer | always-cpu | balanced (CPU and copies side by side)."),
@@ -76,8 +76,7 @@ def run(model: str = typer.Argument("smollm2-moe", help="MoE model source (embed
         emit(payload, True, "")
     else:
         payload.pop("hit_rate_per_layer", None)
-        typer.echo("\n---\n" + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                          for k, v in payload.items() if k != "text"), err=True)
+        echo_summary(payload)
 
 
 @app.command("bench-runtime")

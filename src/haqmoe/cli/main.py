@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from ..errors import HaqmoeError
-from .common import Method, app, check_output_dir, emit, state
+from .common import Method, app, check_output_dir, echo_summary, emit, state
 
 # ------------------------------------------------------------------------- info
 @app.command()
@@ -160,8 +160,7 @@ def generate(model: str = typer.Argument("smollm2-135m", help="Model source (see
     if as_json:
         emit(payload, True, "")
     else:
-        typer.echo("\n---\n" + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                          for k, v in payload.items() if k != "text"), err=True)
+        echo_summary(payload)
 
 
 # ---------------------------------------------------------------------- upcycle
