@@ -35,6 +35,16 @@ class Order(str, Enum):
     rank2 = "rank2"
 
 
+GEN_OPTS = dict(  # the prompt and sampling options of every generating command (run, generate)
+    prompt=typer.Option("The capital of France is", "--prompt", "-p", help="Prompt text."),
+    chat=typer.Option(False, help="Wrap the prompt in the model's chat template."),
+    max_tokens=typer.Option(64, min=1, help="Tokens to generate."),
+    temperature=typer.Option(0.0, min=0.0, help="0 = greedy."),
+    top_p=typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling mass."),
+    seed=typer.Option(0, help="Sampling seed."),
+)
+
+
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),

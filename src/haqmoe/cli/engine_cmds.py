@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .common import app, echo_summary, emit, state
+from .common import GEN_OPTS, app, echo_summary, emit, state
 
 _ENGINE_OPTS = dict(
     policy=typer.Option("predictor", help="Non-resident experts: predictor | always-transfer | always-cpu | balanced (CPU and copies side by side)."),
@@ -43,12 +43,8 @@ def build_engine(model: str, policy: str, cache_policy: str, slots: Optional[int
 
 @app.command()
 def run(model: str = typer.Argument("smollm2-moe", help="MoE model source (embedded name, directory, ...)."),
-        prompt: str = typer.Option("The capital of France is", "--prompt", "-p", help="Prompt text."),
-        chat: bool = typer.Option(False, help="Wrap the prompt in the model's chat template."),
-        max_tokens: int = typer.Option(64, min=1, help="Tokens to generate."),
-        temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
-        top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling mass."),
-        seed: int = typer.Option(0, help="Sampling seed."),
+        prompt: str = GEN_OPTS["prompt"], chat: bool = GEN_OPTS["chat"], max_tokens: int = GEN_OPTS["max_tokens"],
+        temperature: float = GEN_OPTS["temperature"], top_p: float = GEN_OPTS["top_p"], seed: int = GEN_OPTS["seed"],
         policy: str = _ENGINE_OPTS["policy"], cache_policy: str = _ENGINE_OPTS["cache_policy"],
         slots: Optional[int] = _ENGINE_OPTS["slots"], plan: Optional[str] = _ENGINE_OPTS["plan"],
         device: str = _ENGINE_OPTS["device"], emulate_gpu: bool = _ENGINE_OPTS["emulate_gpu"],

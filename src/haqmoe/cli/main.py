@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from ..errors import HaqmoeError
-from .common import Method, app, check_output_dir, echo_summary, emit, state
+from .common import GEN_OPTS, Method, app, check_output_dir, echo_summary, emit, state
 
 # ------------------------------------------------------------------------- info
 @app.command()
@@ -101,12 +101,9 @@ def eval_cmd(model: str = typer.Argument("smollm2-135m", help="Model source (see
 # --------------------------------------------------------------------- generate
 @app.command()
 def generate(model: str = typer.Argument("smollm2-135m", help="Model source (see `haqmoe info --help`)."),
-             prompt: str = typer.Option("The capital of France is", "--prompt", "-p", help="Prompt text."),
-             chat: bool = typer.Option(False, help="Wrap the prompt in the model's chat template."),
-             max_tokens: int = typer.Option(64, min=1, help="Tokens to generate."),
-             temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
-             top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling mass."),
-             seed: int = typer.Option(0, help="Sampling seed."),
+             prompt: str = GEN_OPTS["prompt"], chat: bool = GEN_OPTS["chat"], max_tokens: int = GEN_OPTS["max_tokens"],
+             temperature: float = GEN_OPTS["temperature"], top_p: float = GEN_OPTS["top_p"],
+             seed: int = GEN_OPTS["seed"],
              exec_mode: str = typer.Option("fake", "--exec", help=_EXEC_HELP),
              int8_lm_head: bool = typer.Option(False, "--int8-lm-head", help=_INT8_HEAD_HELP),
              compile_decode: bool = typer.Option(False, "--compile", help="Compile the decode step (torch.compile, "
