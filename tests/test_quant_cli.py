@@ -131,3 +131,47 @@ def test_compare_resume_reuses_only_rows_of_the_same_setup(tiny_dir, tmp_path, m
     main(base[:-2] + ["--calib-samples", "3", "-o", str(out), "--methods", "fp32,rtn", "--resume"])
     assert ran == ["fp32", "rtn"]
 
+
+
+def test_compare_resume_continues_an_interrupted_row(tiny_dir, tmp_path, monkeypatch):
+    """Killed after one quantized block, then after one evaluated window: the resumed row equals an
+    uninterrupted one, and its quantization time counts the killed runs' time too."""
+    import haqmoe.eval.perplexity as perplexity
+    from haqmoe.reliability.resume import BlockCheckpoint, partial_dir
+
+    (tmp_path / "eval.txt").write_text("Lazy dogs sleep while foxes run in circles. " * 30)
+    base = ["-q", "compare", str(tiny_dir / "llama"), "--data", str(tmp_path / "eval.txt"), "--seqlen", "128",
+            "--calib", str(tiny_dir / "calib.txt"), "--calib-samples", "4", "--calib-len", "64", "--methods", "haq"]
+    main(base + ["-o", str(tmp_path / "ref.json")])
+    ref = json.loads((tmp_path / "ref.json").read_text())["rows"][0]
+    out = tmp_path / "cmp.json"
+    work = partial_dir(out) / "haq"
+
+    def crash_after(calls: list, n: int, real):
+        def wrapped(*a):
+            calls.append(1)
+            if len(calls) > n:
+                raise RuntimeError("killed")
+            return real(*a)
+        return wrapped
+
+    monkeypatch.setattr(BlockCheckpoint, "save", crash_after([], 1, BlockCheckpoint.save))
+    with pytest.raises(SystemExit):
+        main(base + ["-o", str(out)])
+    monkeypatch.undo()
+    killed = json.loads((work / "quant.partial" / "state.json").read_text())
+    assert killed["done"] == 1 and killed["report"]["seconds"] > 0
+    monkeypatch.setattr(perplexity, "window_nll", crash_after([], 1, perplexity.window_nll))
+    with pytest.raises(SystemExit):
+        main(base + ["-o", str(out), "--resume"])
+    monkeypatch.undo()
+    assert len(json.loads((work / "nll.json").read_text())["nll"]) == 1
+    saves, windows = [], []
+    monkeypatch.setattr(BlockCheckpoint, "save", crash_after(saves, 99, BlockCheckpoint.save))
+    monkeypatch.setattr(perplexity, "window_nll", crash_after(windows, 99, perplexity.window_nll))
+    main(base + ["-o", str(out), "--resume"])
+    row = json.loads(out.read_text())["rows"][0]
+    assert not saves and len(windows) == row["windows"] - 1  # nothing done twice
+    assert row["ppl"] == ref["ppl"] and row["windows"] == ref["windows"] > 1
+    assert row["quant_seconds"] >= round(killed["report"]["seconds"], 1)
+    assert not partial_dir(out).exists()

@@ -158,7 +158,8 @@ def compare(model: str = typer.Argument("smollm2-135m", help="FP model to quanti
             a_sym: bool = typer.Option(False, "--a-sym/--a-asym"),
             static_acts: bool = typer.Option(False, "--static-acts/--dynamic-acts"),
             resume: bool = typer.Option(False, "--resume", help="Keep rows already in --out that were measured "
-                                        "with the same setup; run only the missing ones."),
+                                        "with the same setup; run only the missing ones, continuing an "
+                                        "interrupted row from its saved blocks and windows (OUT.partial/)."),
             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Run several methods on one model and calibration set; write a PPL / time / memory table and plot."""
     from ..quant.compare import CompareSetup, run_compare

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -125,12 +126,18 @@ class CompareSetup:
 
 
 def run_row(spec: RowSpec, setup: CompareSetup, wins: torch.Tensor, calib: torch.Tensor | None,
-            progress: bool) -> dict:
+            progress: bool, work: Path | None = None) -> dict:
+    """One row. ``work``: a directory for the row's progress (finished quantization blocks, evaluated
+    windows); a rerun with the same directory continues where a killed run stopped."""
+    import json
+
     from ..eval.perplexity import perplexity
+    from ..io import atomic_write_text
     from ..models.loading import load_model
 
     gc.collect()
     seconds = 0.0
+    quant_file = None if work is None else work / "quant.json"
     with PeakRSS() as mem:
         if spec.method == "external":
             from .ctformat import load_compressed_tensors
@@ -144,14 +151,28 @@ def run_row(spec: RowSpec, setup: CompareSetup, wins: torch.Tensor, calib: torch
             model = lm.model
             if spec.method != "fp32":
                 quant = replace(setup.quant, method=spec.method)
-                rep = quantize_with(model, lm.adapter, spec.method, quant, calib, spec.opts, progress)
+                rep = quantize_with(model, lm.adapter, spec.method, quant, calib, spec.opts, progress,
+                                    _block_checkpoint(work, model, calib, spec, quant))
                 seconds = rep.seconds
         quant_peak = mem.peak_gb
-    res = perplexity(model, wins, 1, progress, desc=spec.label)
+    if quant_file is not None:  # a resumed row reports the larger peak of its runs
+        if quant_file.is_file():
+            quant_peak = max(quant_peak, json.loads(quant_file.read_text())["peak_rss_gb"])
+        atomic_write_text(quant_file, json.dumps({"peak_rss_gb": quant_peak}))
+    res = perplexity(model, wins, 1, progress, desc=spec.label,
+                     progress_file=None if work is None else work / "nll.json")
     del model
     return {"model": setup.model, "method": spec.label, "ppl": round(res.ppl, 4), "windows": res.windows,
             "tokens": res.tokens, "quant_seconds": round(seconds, 1), "peak_rss_gb": round(quant_peak, 2),
             "eval_seconds": round(res.seconds, 1)}
+
+
+def _block_checkpoint(work: Path | None, model, calib: torch.Tensor | None, spec: RowSpec, quant: QuantConfig):
+    if work is None or calib is None:
+        return None
+    from ..reliability.resume import BlockCheckpoint, run_fingerprint
+
+    return BlockCheckpoint.open(work / "quant", run_fingerprint(model, calib, (spec, quant)), quant, resume=True)
 
 
 def add_deltas(rows: list[dict]) -> None:
@@ -214,7 +235,8 @@ def run_compare(setup: CompareSetup, labels: list[str], out: Path, base: MethodO
     """Run every row, writing ``out`` (.json/.md/.png) after each so a long run is never lost.
 
     ``resume``: keep rows already in ``out`` that were measured with the same setup (same model,
-    windows, calibration, quantization config) and run only the missing labels.
+    windows, calibration, quantization config) and run only the missing labels; a row a kill
+    interrupted continues from its finished quantization blocks and evaluated windows (OUT.partial/).
     """
     from ..data.text import calibration_ids, eval_windows, load_text, tokenize
     from ..models.loading import load_model
@@ -234,17 +256,36 @@ def run_compare(setup: CompareSetup, labels: list[str], out: Path, base: MethodO
     title = (f"{setup.model}: W{setup.quant.weights.bits}A{setup.quant.acts.bits if setup.quant.acts else 16} "
              f"methods on {setup.eval_data} ({int(wins.shape[0])} windows x {setup.seqlen})")
     done = resumable_rows(out, setup.model, meta) if resume else {}
+    work = _work_dir(out, {"model": setup.model, **{k: meta[k] for k in _SETUP_KEYS}}, resume)
     rows: list[dict] = []
     for spec in specs:
         start = time.perf_counter()
         if spec.label in done:
             rows.append(done[spec.label])
             continue
-        rows.append(run_row(spec, setup, wins, calib, progress))
+        rows.append(run_row(spec, setup, wins, calib, progress, work / spec.label.replace("/", "_")))
         rows[-1]["row_seconds"] = round(time.perf_counter() - start, 1)
         add_deltas(rows)
         if progress:
             print(rows[-1], flush=True)
         write_results(out, rows, meta, title, notes)
         bar_plot(rows, out.with_suffix(".png"), title)
+        shutil.rmtree(work / spec.label.replace("/", "_"), ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     return rows
+
+
+def _work_dir(out: Path, setup: dict, resume: bool) -> Path:
+    """``OUT.partial/``: progress of unfinished rows, kept only for a resume of the same setup."""
+    import json
+
+    from ..io import atomic_write_text
+    from ..reliability.resume import partial_dir
+
+    work = partial_dir(out)
+    setup = json.dumps(setup, sort_keys=True)
+    if work.exists() and not (resume and (work / "setup.json").is_file()
+                              and (work / "setup.json").read_text() == setup):
+        shutil.rmtree(work)
+    atomic_write_text(work / "setup.json", setup)
+    return work

@@ -371,6 +371,7 @@ def quantize_model(model: nn.Module, adapter: ArchSpec, calib: torch.Tensor, cfg
         first = 0
         if checkpoint is not None:
             first, inputs = checkpoint.restore(blocks, inputs, gen, report)
+        before = report.seconds  # restored: the time the interrupted run(s) had spent
         bar = tqdm(blocks, desc=f"{cfg.quant.method}", unit="block", disable=not progress, leave=False)
         for i, block in enumerate(bar):
             if i < first:  # restored from the checkpoint
@@ -387,6 +388,7 @@ def quantize_model(model: nn.Module, adapter: ArchSpec, calib: torch.Tensor, cfg
                 raise HaqmoeError(f"block {i} produced NaN/Inf after quantization")
             inputs = [(o, a, k) for o, (_, a, k) in zip(outs, inputs)]
             if checkpoint is not None:
+                report.seconds = before + time.perf_counter() - start
                 checkpoint.save(i, block, inputs, gen, report)
-    report.seconds = time.perf_counter() - start
+    report.seconds = before + time.perf_counter() - start
     return report

@@ -152,6 +152,7 @@ class BlockCheckpoint:
         rep = state["report"]
         report.groups[:] = rep["groups"]
         report.fallbacks[:] = rep["fallbacks"]
+        report.seconds = float(rep.get("seconds", 0.0))
         self.layouts = list(state["layouts"])
         return done, inputs
 
@@ -164,7 +165,8 @@ class BlockCheckpoint:
         self.layouts = self.layouts[:i] + [quant_layout(block)]
         atomic_write_text(self.root / STATE, json.dumps({
             "version": VERSION, "fingerprint": self.fingerprint, "done": i + 1, "batches": len(inputs),
-            "layouts": self.layouts, "report": {"groups": report.groups, "fallbacks": report.fallbacks}}))
+            "layouts": self.layouts, "report": {"groups": report.groups, "fallbacks": report.fallbacks,
+                                                "seconds": report.seconds}}))
         if i > 0:  # only now is the previous block's activation file no longer needed
             (self.root / _acts_name(i - 1)).unlink(missing_ok=True)
         _fault_point(i)
