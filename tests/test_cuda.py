@@ -35,7 +35,7 @@ def test_cuda_int8_linear_matches_cpu_fake_quant(w_sym: bool, a_sym: bool, m: in
 
 @pytest.mark.parametrize("quant", [False, True], ids=["fp32", "rtn"])
 @pytest.mark.parametrize("slots,decision", [(8, "always-transfer"), (2, "always-cpu"), (3, "predictor"),
-                                            (3, "balanced")])
+                                            (3, "balanced"), (3, "split")])
 def test_cuda_engine_greedy_tokens_equal_transformers(quant, slots, decision):
     engine, ref = make(quant=quant, device="cuda", slots_per_layer=slots, decision=decision)
     assert engine.store.device.type == "cuda" and engine.store.quantized == quant  # int8 or dequant: auto

@@ -39,6 +39,7 @@ CASES = {
     "mixed": dict(emulate_gpu=True, slots_per_layer=3, decision="predictor", n_critical=1),
     "lru-evicting": dict(emulate_gpu=True, slots_per_layer=3, decision="predictor", n_critical=0),
     "balanced": dict(emulate_gpu=True, slots_per_layer=3, decision="balanced"),
+    "split": dict(emulate_gpu=True, slots_per_layer=3, decision="split"),
     "admit": dict(emulate_gpu=True, slots_per_layer=3, decision="always-cpu", admit=True),
 }
 
@@ -58,6 +59,8 @@ def test_greedy_tokens_equal_transformers(case, quant):
         assert s["cpu_expert_calls"] > 0 and s["gpu_expert_calls"] > 0 and 0 < s["hit_rate"] < 1
     if case == "lru-evicting":  # every miss transfers unless all slots hold experts this call still uses
         assert s["gpu_expert_calls"] > 3 * s["cpu_expert_calls"] and s["evictions"] > 0 and 0 < s["hit_rate"] < 1
+    if case == "split":  # one-token misses computed half on the CPU, half on the (emulated) GPU
+        assert s["split_expert_calls"] > 0 and s["bytes_moved"] > 0
     if case == "admit":  # every miss runs on the CPU, then is copied in unless every slot is in use now
         assert 0 < s["background_copies"] <= s["cpu_expert_calls"] == s["misses"]
         assert s["gpu_expert_calls"] > 0 and s["bytes_moved"] > 0
@@ -157,3 +160,28 @@ def test_prefetch_with_learned_guesses_keeps_tokens(tmp_path):
         other = tiny_model("mixtral", seed=3, layers=3)
         bad = save_trace(trace_windows(other, adapter_for(other), ids, guess_width=2), tmp_path / "bad")
         make(emulate_gpu=True, slots_per_layer=4, prefetch=2, guess_trace=str(bad))
+
+
+@pytest.mark.parametrize("quant", [False, True], ids=["fp32", "rtn"])
+def test_split_expert_equals_the_whole_expert(quant):
+    """CPU rows [0, r) + copied rows [r, I) and down: the same expert output, and only that much copied."""
+    from haqmoe.runtime.store import ExpertStore, StoreConfig
+
+    model = tiny_model("mixtral", seed=3)
+    adapter = adapter_for(model)
+    if quant:
+        quantize_rtn(model, adapter, QuantConfig.w8a8("rtn"), progress=False)
+    experts = [adapter.experts(b) for b in adapter.blocks(model)]
+    store = ExpertStore(experts, StoreConfig("cpu", num_slots=1, split_slots=1))
+    x = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    store.load_slot(0, 1, 5)
+    ref = store.gpu_forward(0, x)
+    split = store.split_slot(0)
+    for rows in (8, store.intermediate // 2, store.intermediate - 8):
+        for buf in store.slots.values():
+            buf[split].fill_(7)  # what a split does not copy must not be read
+        store.load_slot(split, 1, 5, rows_from=rows)
+        y = store.split_forward(split, x, store.cpu_rows(1, 5, x, rows), rows)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        full = sum(t.numel() * t.element_size() for t in store.host[1][5].values())
+        assert store.copied_bytes(0) == full > store.copied_bytes(rows) > full / 3

@@ -113,3 +113,20 @@ def test_balanced_sends_a_miss_to_the_channel_that_finishes_first():
     assert m.decide(False, 1, "balanced", cpu_queue_ms=4.5, copy_wait_ms=1.0) == "cpu"  # 6.1 > 5.5
     assert m.decide(False, 1, "balanced", inflight_ms=2.0, cpu_queue_ms=2.0) == "wait"  # 2.1 < 3
     assert m.decide(False, 1, "predictor", cpu_queue_ms=100.0) == "cpu"  # the paper's rule ignores queues
+
+
+def test_split_picks_the_row_share_that_finishes_first():
+    from haqmoe.runtime.predictor import SPLIT_STEPS, copied_share
+
+    m = linear_model()  # T_cpu(1) = 1, transfer 5, T_gpu(1) = 0.1
+    for n, cq, cw in [(1, 0.0, 0.0), (4, 1.0, 0.0), (1, 0.0, 3.0), (30, 0.0, 0.0)]:
+        brute = {k: max(cq + m.t_cpu(n) * (1 - copied_share(k)), cw + 5.0 * copied_share(k)) + m.t_gpu(n) * copied_share(k)
+                 for k in range(1, SPLIT_STEPS)}
+        k, finish = m.best_split(n, cq, cw)
+        assert finish == pytest.approx(min(brute.values())) and brute[k] == pytest.approx(finish)
+    assert copied_share(0) == 1.0 and copied_share(SPLIT_STEPS) == pytest.approx(1 / 3)  # down is always copied
+    # CPU 1 ms beats any split (down alone copies in 5/3 ms); behind a 4 ms CPU queue, split beats both
+    # (k = 1: max(4 + 1/12, 5 * 11/12) + 0.1 * 11/12 = 4.675 < CPU 5 < transfer 5.1)
+    assert m.decide(False, 1, "split") == "cpu"
+    assert m.decide(False, 1, "split", cpu_queue_ms=4.0) == "split"
+    assert m.decide(False, 1, "balanced", cpu_queue_ms=4.0) == "cpu"

@@ -174,3 +174,13 @@ def test_balanced_splits_a_layers_misses_between_cpu_and_pcie_by_hand():
     assert run(tr, 2, "predictor").token_ms.tolist() == pytest.approx([4.0])
     res = run(tr, 2, "balanced")
     assert res.token_ms.tolist() == pytest.approx([3.5]) and res.decisions == {"cpu": 1, "transfer": 1}
+
+
+def test_split_serves_one_miss_on_cpu_and_pcie_at_once_by_hand():
+    # one one-token miss: CPU 2 ms, copy + GPU 3.5 ms; a split at 7/8 of the gate/up rows leaves the copy
+    # engine 5/12 of the expert: max(CPU 2 * 7/12, copy 3 * 5/12) + GPU 0.5 * 5/12 = 35/24 ms
+    tr = trace([[0]])
+    res = run(tr, 1, "split")
+    assert res.token_ms.tolist() == pytest.approx([35 / 24]) and res.decisions == {"split": 1}
+    assert res.summary()["bytes_moved_gb"] == pytest.approx(4e-9)  # int(10 bytes * 5/12), not cached
+    assert run(tr, 1, "balanced").token_ms.tolist() == pytest.approx([2.0])

@@ -12,7 +12,7 @@ import typer
 from .common import GEN_OPTS, app, echo_summary, emit, state
 
 _ENGINE_OPTS = dict(
-    policy=typer.Option("predictor", help="Non-resident experts: predictor | always-transfer | always-cpu | balanced (CPU and copies side by side)."),
+    policy=typer.Option("predictor", help="Non-resident experts: predictor | always-transfer | always-cpu | balanced (CPU and copies side by side) | split (also one miss on both: CPU rows + copied rest)."),
     cache_policy=typer.Option("lru", help="GPU cache eviction: lru | lfu | pinned+lru (pins the plan)."),
     slots=typer.Option(None, min=0, help="GPU expert slots per layer (default: plan size, else half)."),
     plan=typer.Option(None, help="Placement plan JSON from `haqmoe plan`."),
@@ -77,7 +77,7 @@ def run(model: str = typer.Argument("smollm2-moe", help="MoE model source (embed
 
 @app.command("bench-runtime")
 def bench_runtime(model: str = typer.Argument("smollm2-moe", help="MoE model source."),
-                  policies: str = typer.Option("always-transfer,always-cpu,predictor,balanced",
+                  policies: str = typer.Option("always-transfer,always-cpu,predictor,balanced,split",
                                                help="Comma-separated decision policies to compare."),
                   prompt_tokens: int = typer.Option(128, min=1, help="Prompt length (tokens of WikiText/pydoc)."),
                   max_tokens: int = typer.Option(32, min=2, help="Decode tokens per run."),
@@ -107,7 +107,8 @@ def bench_runtime(model: str = typer.Argument("smollm2-moe", help="MoE model sou
                      "latency_p50_ms": lat["p50_ms"], "latency_p95_ms": lat["p95_ms"],
                      "latency_p99_ms": lat["p99_ms"], "latency_std_ms": lat["std_ms"],
                      "hit_rate": s.get("hit_rate"), "bytes_moved_gb": s.get("bytes_moved", 0) / 1e9,
-                     "cpu_expert_calls": s["cpu_expert_calls"], "gpu_expert_calls": s["gpu_expert_calls"]})
+                     "cpu_expert_calls": s["cpu_expert_calls"], "gpu_expert_calls": s["gpu_expert_calls"],
+                     "split_expert_calls": s["split_expert_calls"]})
     if out is not None:
         from ..results import run_meta, write_results
 

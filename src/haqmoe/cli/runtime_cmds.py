@@ -72,8 +72,9 @@ def cache_eval(source: str = typer.Argument("mixtral-stats", help=_SOURCE_HELP),
 def simulate(source: str = typer.Argument("mixtral-stats", help=_SOURCE_HELP),
              profile: str = typer.Option("rtx5090d", help="Hardware profile: rtx5090d, rtx4090, a100-40gb, "
                                                           "h100-pcie, or a .json file."),
-             policies: str = typer.Option("always-transfer,always-cpu,predictor,full,full+prefetch",
-                                          help="Runtime policies to compare."),
+             policies: str = typer.Option("always-transfer,always-cpu,predictor,full,full+prefetch,"
+                                          "balanced+prefetch,full+split",
+                                          help="Runtime policies to compare (runtime/experiments.py SIM_POLICIES)."),
              budget_gb: Optional[float] = typer.Option(None, help="GPU memory budget (default: the profile's)."),
              prefill_tokens: int = typer.Option(512, min=1, help="Prompt length of the prefill estimate."),
              guess_recall: Optional[float] = typer.Option(None, help="Top-k recall of prefetch guesses."),

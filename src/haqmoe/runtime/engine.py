@@ -34,7 +34,7 @@ class EngineConfig:
     emulate_gpu: bool = False  # run the GPU tier on the CPU (no GPU needed; exercises every path)
     slots_per_layer: int | None = None  # GPU expert slots per layer (default: plan size, else half)
     cache_policy: str = "lru"  # lru | lfu | pinned+lru (pins the plan's experts)
-    decision: str = "predictor"  # predictor | always-transfer | always-cpu | balanced
+    decision: str = "predictor"  # predictor | always-transfer | always-cpu | balanced | split
     plan: str | None = None  # placement plan JSON (haqmoe plan)
     profile: str = "rtx5090d"  # hardware profile for the cost model when no GPU is measured
     n_critical: float | None = None  # override the predictor's threshold
@@ -103,7 +103,8 @@ class CollaborativeEngine:
                 raise HaqmoeError("the GPU cache needs at least one slot per layer "
                                   "(use --policy always-cpu to keep every expert on the CPU)")
             store_device = "cpu" if cfg.emulate_gpu else str(self.device)
-            self.store = ExpertStore(experts, StoreConfig(store_device, slots * len(blocks)))
+            splits = self.top_k if cfg.decision == "split" else 0  # scratch slots: a layer's misses at decode
+            self.store = ExpertStore(experts, StoreConfig(store_device, slots * len(blocks), split_slots=splits))
             pinned = {i: r for i, r in enumerate(plan.resident)} if plan and cfg.cache_policy == "pinned+lru" else {}
             self.cache = ExpertCache(CacheConfig(len(blocks), num_experts, slots, "layer", self.store.expert_bytes,
                                                  pinned), make_policy(cfg.cache_policy.replace("pinned+", "")),
@@ -301,7 +302,8 @@ class CollaborativeEngine:
         if self.store is not None:
             gpu_precision = "int8-gemm" if self.store.int8_gemm else ("dequant" if self.store.quantized else "float")
         out = {"device": str(self.device), "gpu_tier": self.cache is not None, "gpu_precision": gpu_precision,
-               "cpu_expert_calls": int(tel.cpu_experts.sum()), "gpu_expert_calls": int(tel.gpu_experts.sum())}
+               "cpu_expert_calls": int(tel.cpu_experts.sum()), "gpu_expert_calls": int(tel.gpu_experts.sum()),
+               "split_expert_calls": int(tel.split_experts.sum())}
         if self.cache is not None:
             st = self.cache.stats
             served = st.hits + st.prefetch_hits + st.inflight
@@ -310,7 +312,7 @@ class CollaborativeEngine:
                 "hit_rate": float(served.sum() / max(lookups.sum(), 1)),
                 "hit_rate_per_layer": [float(h / max(n, 1)) for h, n in zip(served, lookups)],
                 "misses": int(st.misses.sum()), "evictions": int(st.evictions.sum()),
-                "bytes_moved": int(st.bytes_moved.sum()),
+                "bytes_moved": int(st.bytes_moved.sum()) + tel.split_bytes,  # + the copied parts of splits
                 "n_critical": float(self.cost.n_critical) if self.cost is not None else None,
                 "prefetch_hits": int(st.prefetch_hits.sum()), "prefetch_copies": tel.prefetch_copies,
                 "prefetch_wasted": int(st.prefetch_wasted.sum()), "guess_ms": tel.guess_ms,

@@ -206,6 +206,7 @@ SIM_POLICIES = {
     "full": ("pinned+lru", "predictor", True, False),  # + cache with background admission
     "full+prefetch": ("pinned+lru", "predictor", True, True),
     "balanced+prefetch": ("pinned+lru", "balanced", True, True),  # misses split between CPU and PCIe
+    "full+split": ("pinned+lru", "split", True, False),  # one miss served by CPU and PCIe at once
 }
 
 

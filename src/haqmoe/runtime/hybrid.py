@@ -2,8 +2,11 @@
 
 Per forward call (a prefill batch or one decode token) and per selected expert with n tokens:
 resident in the GPU cache -> GPU; otherwise the cost predictor decides: n > n_critical ->
-transfer through the cache and run on the GPU, else run on the CPU. GPU work is issued first
-(asynchronous on CUDA), CPU experts run meanwhile, results are combined with the router weights.
+transfer through the cache and run on the GPU, else run on the CPU; the ``split`` policy may also
+serve a miss on both (predictor.py): the CPU computes the first gate/up rows from the host copy
+while the rest of the expert is copied into a scratch slot, then the GPU finishes it. GPU work is
+issued first (asynchronous on CUDA), CPU experts run meanwhile, results are combined with the router
+weights.
 With ``admit`` (the simulator's background admission), an expert served on the CPU is also copied
 into the cache for its next use when the copy engine is idle.
 """
@@ -19,7 +22,7 @@ from torch import nn
 
 from ..routing.guess import GuessPlan, guess_for_batch
 from .cache import ExpertCache
-from .predictor import CostModel
+from .predictor import SPLIT_STEPS, CostModel
 from .store import ExpertStore
 
 
@@ -30,16 +33,31 @@ class Telemetry:
     num_layers: int
     cpu_experts: np.ndarray = field(init=False)  # expert calls run on the CPU tier, per layer
     gpu_experts: np.ndarray = field(init=False)
+    split_experts: np.ndarray = field(init=False)  # misses served by both (decision ``split``)
     cpu_tokens: np.ndarray = field(init=False)
     gpu_tokens: np.ndarray = field(init=False)
     step: int = 0  # policy clock: one per model forward
     guess_ms: float = 0.0  # time spent scoring next-layer guesses (prefetch's compute cost)
     prefetch_copies: int = 0
     background_copies: int = 0  # CPU-served misses copied into the cache afterwards (admit)
+    split_bytes: int = 0  # bytes the GPU parts of split misses copied (not cached)
 
     def __post_init__(self) -> None:
-        for name in ("cpu_experts", "gpu_experts", "cpu_tokens", "gpu_tokens"):
+        for name in ("cpu_experts", "gpu_experts", "split_experts", "cpu_tokens", "gpu_tokens"):
             setattr(self, name, np.zeros(self.num_layers, dtype=np.int64))
+
+
+@dataclass
+class _Call:
+    """One expert call's placement: tier gpu | cpu | split, its slot and copy event, the split point,
+    and what it adds to this layer's CPU and copy queues (the cost model's estimate)."""
+
+    tier: str
+    slot: int | None = None
+    event: object = None
+    rows: int = 0
+    cpu_ms: float = 0.0
+    copy_ms: float = 0.0
 
 
 class HybridExperts(nn.Module):
@@ -67,25 +85,35 @@ class HybridExperts(nn.Module):
         able = self._next_router[0] is not None and self._guess_w is not None and self.cache is not None
         self.prefetch = width if able else 0
 
-    def _decide(self, e: int, n: int, cpu_queue_ms: float = 0.0,
-                copy_wait_ms: float = 0.0) -> tuple[str, int | None, bool, object]:
-        """(tier, slot, copied now, copy event) for one expert call of n tokens: ('gpu', slot, ...) or
-        ('cpu', None, False, None). The queues (what this layer already gave the CPU and the copy
-        engine) feed ``balanced``. A copy's event is returned, not waited on: the caller first moves the
-        CPU jobs' inputs off the GPU, which must not queue behind the copy."""
+    def _decide(self, e: int, n: int, cpu_queue_ms: float = 0.0, copy_wait_ms: float = 0.0,
+                split_slot: int | None = None) -> _Call:
+        """How one expert call of n tokens runs. The queues (what this layer already gave the CPU and
+        the copy engine) feed ``balanced`` and ``split``; ``split_slot``: a free scratch slot, if any.
+        A copy's event is returned, not waited on: the caller first moves the CPU jobs' inputs off the
+        GPU, which must not queue behind the copy."""
         cache = self.cache
         outcome = cache.lookup(self.layer, e)
         if outcome != "miss":  # a prefetched entry may still be copying: hand its event on once
             entry = cache.get(self.layer, e)
             event, entry.handle = entry.handle, None
-            return "gpu", entry.slot, False, event
-        decision = self.cost.decide(False, n, self.policy, cpu_queue_ms=cpu_queue_ms,
-                                    copy_wait_ms=copy_wait_ms) if self.cost is not None else "cpu"
+            return _Call("gpu", entry.slot, event=event)
+        if self.cost is None:
+            return _Call("cpu")
+        queues = dict(cpu_queue_ms=cpu_queue_ms, copy_wait_ms=copy_wait_ms)
+        policy = self.policy if self.policy != "split" or split_slot is not None else "balanced"
+        decision = self.cost.decide(False, n, policy, **queues)
+        if decision == "split":
+            k = self.cost.best_split(n, **queues)[0]
+            cpu, copy, _ = self.cost.split_costs(n, k)
+            rows = self.store.intermediate * k // SPLIT_STEPS
+            return _Call("split", split_slot, event=self.store.load_slot(split_slot, self.layer, e, rows), rows=rows,
+                         cpu_ms=cpu, copy_ms=copy)
         if decision == "transfer":
             slot = cache.admit(self.layer, e)
             if slot is not None:
-                return "gpu", slot, True, self.store.load_slot(slot, self.layer, e)
-        return "cpu", None, False, None
+                return _Call("gpu", slot, event=self.store.load_slot(slot, self.layer, e),
+                             copy_ms=self.cost.transfer_ms)
+        return _Call("cpu", cpu_ms=self.cost.t_cpu(n))
 
     def _prefetch_next(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> None:
         """Copy layer l+1's likeliest experts into the cache; a wrong guess costs a copy and a slot."""
@@ -112,36 +140,47 @@ class HybridExperts(nn.Module):
         used = torch.unique(top_k_index).tolist()
         self.cache.begin_step(tel.step, protect=[(self.layer, e) for e in used])
         out = torch.zeros_like(hidden_states)
-        gpu_jobs, cpu_jobs = [], []
+        jobs: dict[str, list] = {"gpu": [], "cpu": [], "split": []}
         cpu_ms = copy_ms = 0.0  # this layer's queues, as the cost model sees them
+        splits = self.store.cfg.split_slots
         for e in used:
             token_idx, k_pos = torch.where(top_k_index == e)
-            tier, slot, copied, event = self._decide(e, len(token_idx), cpu_ms, copy_ms)
-            if self.policy == "balanced" and self.cost is not None:  # the only policy reading the queues
-                cpu_ms += self.cost.t_cpu(len(token_idx)) if tier == "cpu" else 0.0
-                copy_ms += self.cost.transfer_ms if copied else 0.0
-            w = top_k_weights[token_idx, k_pos, None]
-            (gpu_jobs if tier == "gpu" else cpu_jobs).append((e, token_idx, w, slot, event))
+            free = self.store.split_slot(len(jobs["split"])) if len(jobs["split"]) < splits else None
+            call = self._decide(e, len(token_idx), cpu_ms, copy_ms, free)
+            cpu_ms, copy_ms = cpu_ms + call.cpu_ms, copy_ms + call.copy_ms
+            jobs[call.tier].append((e, token_idx, top_k_weights[token_idx, k_pos, None], call))
         # The CPU tier's inputs leave the GPU before any GPU job waits on a copy (same stream: a
         # device-to-host copy queued after the wait would hold the CPU tier until the copy lands).
-        cpu_inputs = [hidden_states[token_idx].cpu() for _, token_idx, _, _, _ in cpu_jobs]
-        for e, token_idx, w, slot, event in gpu_jobs:  # asynchronous on CUDA
-            if event is not None:
-                torch.cuda.current_stream().wait_event(event)
-            y = self.store.gpu_forward(slot, hidden_states[token_idx].to(self.store.device))
+        cpu_inputs = {e: hidden_states[token_idx].cpu() for e, token_idx, _, _ in jobs["cpu"] + jobs["split"]}
+        for e, token_idx, w, call in jobs["gpu"]:  # asynchronous on CUDA
+            self._wait(call)
+            y = self.store.gpu_forward(call.slot, hidden_states[token_idx].to(self.store.device))
             out.index_add_(0, token_idx, (y.to(out.device) * w).to(out.dtype))
             tel.gpu_experts[self.layer] += 1
             tel.gpu_tokens[self.layer] += len(token_idx)
         if self.prefetch:
             self._prefetch_next(hidden_states, top_k_index)
-        for (e, token_idx, w, _, _), x in zip(cpu_jobs, cpu_inputs):  # overlaps the GPU work above
+        for e, token_idx, w, call in jobs["split"]:  # CPU rows while the copy runs, then the GPU's part
+            h_cpu = self.store.cpu_rows(self.layer, e, cpu_inputs[e], call.rows)
+            self._wait(call)
+            y = self.store.split_forward(call.slot, hidden_states[token_idx].to(self.store.device), h_cpu, call.rows)
+            out.index_add_(0, token_idx, (y.to(out.device) * w).to(out.dtype))
+            tel.split_experts[self.layer] += 1
+            tel.split_bytes += self.store.copied_bytes(call.rows)
+        for e, token_idx, w, _ in jobs["cpu"]:  # overlaps the GPU work above
+            x = cpu_inputs[e]
             y = self.original(x, torch.full((len(x), 1), e), torch.ones(len(x), 1, dtype=x.dtype))
             out.index_add_(0, token_idx, (y.to(out.device) * w).to(out.dtype))
             tel.cpu_experts[self.layer] += 1
             tel.cpu_tokens[self.layer] += len(token_idx)
         if self.admit:
-            self._admit_in_background([e for e, *_ in cpu_jobs])
+            self._admit_in_background([e for e, *_ in jobs["cpu"]])
         return out
+
+    @staticmethod
+    def _wait(call: _Call) -> None:
+        if call.event is not None:
+            torch.cuda.current_stream().wait_event(call.event)
 
     def _admit_in_background(self, experts: list[int]) -> None:
         """Copy CPU-served misses in for their next use, one copy in flight at most (the simulator's

@@ -9,6 +9,12 @@ copy time ``T_e = expert bytes / host-to-device bandwidth``.
 ``n_critical`` = the largest n for which the CPU is no slower than transfer + GPU; a miss with
 n > n_critical goes through the cache to the GPU, otherwise to the CPU. The peers' rules are
 the policies ``always-transfer`` (mixtral-offloading) and ``always-cpu`` (Fiddler).
+
+``split`` (ours) adds a third way to serve a miss: the CPU computes the first k/8 of the gate/up rows
+while the copy engine ships the other rows and the whole down projection; the GPU finishes the
+rows, joins the intermediate vector and runs down. A one-token miss then streams its bytes over CPU
+memory and PCIe at once, instead of over one of them (and the result is the same function: every
+output row is computed by one side in full, down sees the whole intermediate vector).
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ import numpy as np
 
 from ..errors import HaqmoeError
 
-DECISION_POLICIES = ("predictor", "always-transfer", "always-cpu", "balanced")
+DECISION_POLICIES = ("predictor", "always-transfer", "always-cpu", "balanced", "split")
 N_MAX = 1 << 16
+SPLIT_STEPS = 8  # a split keeps k / SPLIT_STEPS of the gate/up rows on the CPU, k = 1 .. SPLIT_STEPS - 1
 
 
 @dataclass
@@ -62,6 +69,12 @@ class CostCurve:
     def from_dict(cls, d: dict) -> "CostCurve":
         return cls(d.get("overhead_ms", 0.0), d.get("floor_ms", 0.0), d.get("per_token_ms", 0.0),
                    [tuple(p) for p in d.get("points", [])])
+
+
+def copied_share(k: int) -> float:
+    """Share of an expert's bytes (and work) a split at k / SPLIT_STEPS leaves to the copy and the GPU.
+    The three matrices of a SwiGLU expert are the same size: gate/up rows are 2/3 of it, down 1/3."""
+    return 1.0 - k / SPLIT_STEPS * 2 / 3
 
 
 @dataclass
@@ -104,6 +117,19 @@ class CostModel:
                 lo = mid
         return float(lo)
 
+    def split_costs(self, n: float, k: int) -> tuple[float, float, float]:
+        """(CPU ms, copy ms, GPU ms) of a miss split at k / SPLIT_STEPS of the gate/up rows."""
+        copied = copied_share(k)
+        return self.t_cpu(n) * (1 - copied), self.transfer_ms * copied, self.t_gpu(n) * copied
+
+    def best_split(self, n: float, cpu_queue_ms: float = 0.0, copy_wait_ms: float = 0.0) -> tuple[int, float]:
+        """(k, finish ms) of the split that finishes first behind the given queues."""
+        def finish(k: int) -> float:
+            cpu, copy, gpu = self.split_costs(n, k)
+            return max(cpu_queue_ms + cpu, copy_wait_ms + copy) + gpu
+        k = min(range(1, SPLIT_STEPS), key=finish)
+        return k, finish(k)
+
     def decide(self, resident: bool, n: int, policy: str = "predictor",
                inflight_ms: float | None = None, cpu_queue_ms: float = 0.0, copy_wait_ms: float = 0.0) -> str:
         """'gpu' (resident), 'wait' (copy in flight, then GPU), 'transfer' or 'cpu'.
@@ -111,7 +137,8 @@ class CostModel:
         ``balanced`` also counts what this layer already queued: ``cpu_queue_ms`` of CPU expert work
         and ``copy_wait_ms`` until the copy engine is free. The paper's predictor sends every
         one-token miss to the CPU and leaves PCIe idle at decode; balanced sends a miss to whichever
-        channel finishes it first, so CPU compute and weight copies run side by side.
+        channel finishes it first, so CPU compute and weight copies run side by side. ``split`` may also
+        return 'split' (``best_split``), when serving one miss on both channels finishes first.
         """
         if policy not in DECISION_POLICIES:
             raise HaqmoeError(f"unknown policy {policy!r} (choose from {', '.join(DECISION_POLICIES)})")
@@ -122,11 +149,13 @@ class CostModel:
                 return "wait"
             if policy == "always-cpu":
                 return "cpu"
-            queued = cpu_queue_ms if policy == "balanced" else 0.0
+            queued = cpu_queue_ms if policy in ("balanced", "split") else 0.0
             return "wait" if inflight_ms + self.t_gpu(n) < queued + self.t_cpu(n) else "cpu"
-        if policy == "balanced":
-            return "transfer" if copy_wait_ms + self.transfer_ms + self.t_gpu(n) < cpu_queue_ms + self.t_cpu(n) \
-                else "cpu"
+        if policy in ("balanced", "split"):
+            options = {"cpu": cpu_queue_ms + self.t_cpu(n), "transfer": copy_wait_ms + self.transfer_ms + self.t_gpu(n)}
+            if policy == "split":
+                options["split"] = self.best_split(n, cpu_queue_ms, copy_wait_ms)[1]
+            return min(options, key=options.get)  # ties: the first (cpu, then transfer)
         if policy == "always-transfer":
             return "transfer"
         if policy == "always-cpu":

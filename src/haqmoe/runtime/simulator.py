@@ -26,7 +26,7 @@ from ..routing.trace import RoutingTrace
 from .cache import CacheConfig, ExpertCache
 from .policies import (ALL_POLICIES, allocate_slots, equal_slots, make_policy, policy_uses_alloc,
                        policy_uses_pins)
-from .predictor import DECISION_POLICIES, CostModel
+from .predictor import DECISION_POLICIES, CostModel, copied_share
 from .prefetch import PrefetchConfig, guesses_for
 from .profiles import HardwareProfile, ModelSpec, head_ms, nonexpert_layer_ms
 
@@ -129,7 +129,7 @@ class ReplayResult:
     stats: dict  # cache counters per layer (LayerStats.as_dict)
     p_all_resident: np.ndarray  # [L]
     decisions: dict
-    streamed_bytes: int  # copies that could not be cached (no evictable slot)
+    streamed_bytes: int  # copies that were not cached (no evictable slot; the copied part of a split)
     expert_bytes: int
     n_critical: float
 
@@ -164,8 +164,9 @@ class _Timeline:
         self.transfer_ms = transfer_ms
         self.free_at = 0.0
 
-    def copy(self, at: float) -> float:
-        self.free_at = max(self.free_at, at) + self.transfer_ms
+    def copy(self, at: float, ms: float | None = None) -> float:
+        """Queue a copy of ``ms`` (default: one whole expert); returns when it lands."""
+        self.free_at = max(self.free_at, at) + (self.transfer_ms if ms is None else ms)
         return self.free_at
 
     def backlog(self, at: float) -> float:
@@ -226,6 +227,13 @@ class Replay:
                 if cache.admit(l, e, ready_at=done) is None:
                     self.streamed += cache.config.expert_bytes
                 gpu.append((done, cost.t_gpu(n)))
+            elif d == "split":  # CPU rows and copied rows at once; the GPU part needs both
+                k = cost.best_split(n, **queue)[0]
+                cpu_part, copy_ms, gpu_part = cost.split_costs(n, k)
+                cpu_ms += cpu_part
+                done = self.copies.copy(r, copy_ms)
+                self.streamed += int(cache.config.expert_bytes * copied_share(k))
+                gpu.append((max(done, r + cpu_ms), gpu_part))
             else:
                 cpu_ms += cost.t_cpu(n)
                 if opt.async_admit and out == "miss":

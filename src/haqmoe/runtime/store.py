@@ -33,7 +33,7 @@ def _is_quant(experts: nn.Module) -> bool:
     return isinstance(experts, QuantExperts)
 
 
-def _host_tensors(experts: nn.Module, e: int, int8_gemm: bool) -> dict[str, torch.Tensor]:
+def _host_tensors(experts: nn.Module, e: int, int8_terms: bool) -> dict[str, torch.Tensor]:
     """One expert's weights in transfer format (what a slot holds). For the int8 GEMM also the
     weight's column sums and integer zero points, derived once here instead of on every call."""
     if _is_quant(experts):
@@ -41,11 +41,16 @@ def _host_tensors(experts: nn.Module, e: int, int8_gemm: bool) -> dict[str, torc
         for part in _PARTS:
             lin = getattr(experts, part)[e]
             out[f"{part}.q"], out[f"{part}.s"], out[f"{part}.z"] = lin.qweight, lin.w_scale, lin.w_zero
-            if int8_gemm:
+            if int8_terms:
                 out[f"{part}.c"], out[f"{part}.zi"] = weight_terms(lin.qweight, lin.w_zero)
         return out
     w = FusedExperts.get(experts, e)
     return {"gate": w.gate.detach(), "up": w.up.detach(), "down": w.down.detach()}
+
+
+def _rows_from(key: str, rows: int) -> slice:
+    """What a split copies and the GPU computes of one tensor: gate/up rows from ``rows`` on, all of down."""
+    return slice(None) if key.startswith("down") else slice(rows, None)
 
 
 @dataclass
@@ -54,6 +59,7 @@ class StoreConfig:
     num_slots: int = 0
     pin_memory: bool = True
     int8_gemm: bool | None = None  # quantized slots on the int8 GEMM (None: on CUDA only)
+    split_slots: int = 0  # scratch slots for split misses (decision ``split``), outside the cache
 
 
 class ExpertStore:
@@ -67,14 +73,18 @@ class ExpertStore:
         self.a_spec = first.gate[0].a_spec if self.quantized else None
         self.w_spec = first.gate[0].w_spec if self.quantized else None
         gemm = cfg.int8_gemm if cfg.int8_gemm is not None else self.device.type == "cuda"
-        self.int8_gemm = bool(gemm and self.quantized and self.a_spec is not None and self.a_spec.dynamic
-                              and self.a_spec.bits == 8 and self.w_spec.granularity == "channel")
+        # W8A8 per channel with dynamic 8-bit activations runs on the int8 GEMM: always for the CPU part
+        # of a split (dequantizing rows per call would cost the CPU 4x the bytes), by choice on the slots
+        self.int8_capable = bool(self.quantized and self.a_spec is not None and self.a_spec.dynamic
+                                 and self.a_spec.bits == 8 and self.w_spec.granularity == "channel")
+        self.int8_gemm = bool(gemm and self.int8_capable)
         pin = cfg.pin_memory and self.device.type == "cuda"
         self.host = [[{k: (v.contiguous().pin_memory() if pin else v.contiguous())
-                       for k, v in _host_tensors(m, e, self.int8_gemm).items()}
+                       for k, v in _host_tensors(m, e, self.int8_capable).items()}
                       for e in range(FusedExperts.count(m))] for m in experts_by_layer]
         template = self.host[0][0]
-        self.slots = {k: torch.empty((cfg.num_slots, *v.shape), dtype=v.dtype, device=self.device)
+        self.intermediate = int(template["gate.q" if self.quantized else "gate"].shape[0])
+        self.slots = {k: torch.empty((cfg.num_slots + cfg.split_slots, *v.shape), dtype=v.dtype, device=self.device)
                       for k, v in template.items()}
         self.expert_bytes = sum(v.numel() * v.element_size() for v in template.values())
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -83,16 +93,19 @@ class ExpertStore:
         self._graphs_int8: bool | None = None  # the precision the graphs were recorded in
 
     # --------------------------------------------------------------------- GPU tier
-    def load_slot(self, slot: int, layer: int, e: int):
-        """Copy an expert into a slot (async on the side stream when on CUDA); returns an event or None."""
+    def load_slot(self, slot: int, layer: int, e: int, rows_from: int = 0):
+        """Copy an expert into a slot (async on the side stream when on CUDA); returns an event or None.
+        ``rows_from`` > 0: only what the GPU part of a split needs (gate/up rows from there on, down)."""
         src = self.host[layer][e]
+        parts = [(buf[slot], src[k], _rows_from(k, rows_from) if rows_from else slice(None))
+                 for k, buf in self.slots.items()]
         if self.stream is None:
-            for k, buf in self.slots.items():
-                buf[slot].copy_(src[k])
+            for dst, t, rows in parts:
+                dst[rows].copy_(t[rows])
             return None
         with torch.cuda.stream(self.stream):
-            for k, buf in self.slots.items():
-                buf[slot].copy_(src[k], non_blocking=True)
+            for dst, t, rows in parts:
+                dst[rows].copy_(t[rows], non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.stream)
         if len(self._pending) >= 32:
@@ -100,35 +113,67 @@ class ExpertStore:
         self._pending.append(event)
         return event
 
+    def copied_bytes(self, rows_from: int) -> int:
+        """Bytes ``load_slot(..., rows_from)`` copies."""
+        return sum(t[_rows_from(k, rows_from)].numel() * t.element_size() for k, t in self.host[0][0].items())
+
+    def split_slot(self, i: int) -> int:
+        """The i-th scratch slot of split misses (after the cache's slots)."""
+        if not 0 <= i < self.cfg.split_slots:
+            raise IndexError(f"split slot {i} of {self.cfg.split_slots}")
+        return self.cfg.num_slots + i
+
     def copies_in_flight(self) -> int:
         """Host-to-device copies queued and not finished yet (0 without CUDA: copies are synchronous)."""
         self._pending = [ev for ev in self._pending if not ev.query()]
         return len(self._pending)
 
-    def _slot_weight(self, slot: int, part: str, dtype: torch.dtype) -> torch.Tensor:
+    def _weight(self, get, part: str, dtype: torch.dtype) -> torch.Tensor:
         if not self.quantized:
-            return self.slots[part][slot]
-        q, s, z = (self.slots[f"{part}.{t}"][slot] for t in "qsz")
+            return get(part)
+        q, s, z = (get(f"{part}.{t}") for t in "qsz")
         if dtype != torch.float32 and self.w_spec.granularity == "channel":
             # 16-bit GPU tier: three elementwise kernels in the model dtype instead of an fp32 round trip
             return q.to(dtype).sub_(z.to(dtype)).mul_(s.to(dtype))
         return dequantize(q, s, z, self.w_spec, dtype)
 
-    def _lin(self, x: torch.Tensor, slot: int, part: str, act: QuantAct | None = None) -> torch.Tensor:
-        """``act``: ``x`` already quantized (int8 GEMM only), so gate and up quantize their input once."""
-        if self.int8_gemm:  # W8A8 on the int8 GEMM, float32 out
-            q, s, zi, c = (self.slots[f"{part}.{t}"][slot] for t in ("q", "s", "zi", "c"))
+    def _lin(self, x: torch.Tensor, get, part: str, int8: bool, act: QuantAct | None = None) -> torch.Tensor:
+        """``get(key)``: the tensors to use (a slot's, or host rows). ``act``: ``x`` already quantized
+        (int8 GEMM only), so gate and up quantize their input once."""
+        if int8:  # W8A8 on the int8 GEMM, float32 out
+            q, s, zi, c = (get(f"{part}.{t}") for t in ("q", "s", "zi", "c"))
             act = act if act is not None else quantize_tokens(x, self.a_spec, need_rowsum=not self.w_spec.symmetric)
             return int8_matmul(act, q.t(), s.reshape(-1), None if self.w_spec.symmetric else zi, c, q.shape[1])
-        w = self._slot_weight(slot, part, x.dtype)
+        w = self._weight(get, part, x.dtype)
         if self.a_spec is not None:
             x = fake_quant(x, self.a_spec)
         return nn.functional.linear(x.to(w.dtype), w)
 
+    def _gate_up(self, x: torch.Tensor, get, int8: bool) -> torch.Tensor:
+        act = quantize_tokens(x, self.a_spec, need_rowsum=not self.w_spec.symmetric) if int8 else None
+        return self.act_fn(self._lin(x, get, "gate", int8, act)) * self._lin(x, get, "up", int8, act)
+
+    def _slot(self, slot: int):
+        return lambda key: self.slots[key][slot]
+
     def _forward(self, slot: int, x: torch.Tensor) -> torch.Tensor:
-        act = quantize_tokens(x, self.a_spec, need_rowsum=not self.w_spec.symmetric) if self.int8_gemm else None
-        h = self.act_fn(self._lin(x, slot, "gate", act)) * self._lin(x, slot, "up", act)
-        return self._lin(h, slot, "down").to(x.dtype)
+        get = self._slot(slot)
+        return self._lin(self._gate_up(x, get, self.int8_gemm), get, "down", self.int8_gemm).to(x.dtype)
+
+    def cpu_rows(self, layer: int, e: int, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """The CPU part of a split: intermediate rows [0, rows) of expert ``e`` for the tokens ``x`` (on
+        the CPU), from the host copy."""
+        src = self.host[layer][e]
+        return self._gate_up(x, lambda key: src[key][:rows], self.int8_capable)
+
+    def split_forward(self, slot: int, x: torch.Tensor, h_cpu: torch.Tensor, rows: int) -> torch.Tensor:
+        """The GPU part of a split (``load_slot(..., rows_from=rows)`` filled ``slot``): the remaining
+        rows, joined with the CPU's, then the whole down projection (its activations quantized over
+        the whole intermediate vector, as unsplit)."""
+        get = self._slot(slot)
+        h_gpu = self._gate_up(x, lambda key: get(key)[_rows_from(key, rows)], self.int8_gemm)
+        h = torch.cat([h_cpu.to(h_gpu.device, h_gpu.dtype), h_gpu], dim=1)
+        return self._lin(h, get, "down", self.int8_gemm).to(x.dtype)
 
     def gpu_forward(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         """One expert on its slot. A one-token call replays the slot's graph when recorded: the result
