@@ -53,7 +53,8 @@ GPU_POLICIES = {
     "always-transfer": GpuPolicy("budget", "lru", "always-transfer"),  # mixtral-offloading
     "always-cpu": GpuPolicy("budget", "lru", "always-cpu"),  # Fiddler (plan resident, nothing admitted)
     "predictor": GpuPolicy("budget", "lru", "predictor"),  # the paper
-    "balanced": GpuPolicy("budget", "lru", "balanced"),  # ours: misses split between CPU and PCIe
+    "balanced": GpuPolicy("budget", "lru", "balanced"),  # ours: a layer's misses divided between CPU and PCIe
+    "split": GpuPolicy("budget", "lru", "split"),  # ours: + one miss served by CPU rows and a partial copy
     "full": GpuPolicy("budget", "lru", "predictor", admit=True),  # + CPU-served misses copied in behind
     # the same engine without CUDA graphs (what the graphs buy; no prediction: the fit is per mode)
     "all-resident-eager": GpuPolicy("all", "lru", "always-transfer", graphs=False),
