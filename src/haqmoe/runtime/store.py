@@ -172,6 +172,8 @@ class ExpertStore:
         the whole intermediate vector, as unsplit)."""
         get = self._slot(slot)
         h_gpu = self._gate_up(x, lambda key: get(key)[_rows_from(key, rows)], self.int8_gemm)
+        if h_gpu.is_cuda:  # from pinned memory the copy is queued, not waited for (the CPU tier goes on)
+            h_cpu = h_cpu.pin_memory().to(h_gpu.device, non_blocking=True)
         h = torch.cat([h_cpu.to(h_gpu.device, h_gpu.dtype), h_gpu], dim=1)
         return self._lin(h, get, "down", self.int8_gemm).to(x.dtype)
 
