@@ -2,7 +2,8 @@
 
 (The CPU tier needs no store: an expert runs through its own experts module, in whatever
 precision the model was loaded — float, fake-quant, dequant-once or real int8 — restricted to
-the tokens routed to it, so CPU results are exactly the plain model's.)
+the tokens routed to it, so CPU results are exactly the plain model's. The one exception is the
+CPU part of a split miss, a range of gate/up rows, computed here from the host copy.)
 
 GPU tier: preallocated slot buffers (no allocation per transfer) hold experts in their transfer
 format — int8 weights + scales/zero points (+ int32 column sums) for quantized models (4x fewer
@@ -97,8 +98,7 @@ class ExpertStore:
         """Copy an expert into a slot (async on the side stream when on CUDA); returns an event or None.
         ``rows_from`` > 0: only what the GPU part of a split needs (gate/up rows from there on, down)."""
         src = self.host[layer][e]
-        parts = [(buf[slot], src[k], _rows_from(k, rows_from) if rows_from else slice(None))
-                 for k, buf in self.slots.items()]
+        parts = [(buf[slot], src[k], _rows_from(k, rows_from)) for k, buf in self.slots.items()]
         if self.stream is None:
             for dst, t, rows in parts:
                 dst[rows].copy_(t[rows])
