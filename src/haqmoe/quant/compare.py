@@ -11,6 +11,7 @@ Each row records PPL, ΔPPL vs FP32, quantization wall time and peak resident me
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 import threading
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import HaqmoeError
+from ..io import atomic_write_text
 from .config import QuantConfig
 from .gptq import ORDERS
 from .methods import METHODS, MethodOptions, needs_calibration, quantize_with
@@ -103,8 +105,6 @@ class PeakRSS:
 
 def external_quant_seconds(path: str) -> float:
     """The peer's own quantization time, if its script recorded one (bench/peers writes peer_meta.json)."""
-    import json
-
     meta = Path(path) / "peer_meta.json"
     try:
         return float(json.loads(meta.read_text())["quant_seconds"])
@@ -129,10 +129,7 @@ def run_row(spec: RowSpec, setup: CompareSetup, wins: torch.Tensor, calib: torch
             progress: bool, work: Path | None = None) -> dict:
     """One row. ``work``: a directory for the row's progress (finished quantization blocks, evaluated
     windows); a rerun with the same directory continues where a killed run stopped."""
-    import json
-
     from ..eval.perplexity import perplexity
-    from ..io import atomic_write_text
     from ..models.loading import load_model
 
     gc.collect()
@@ -217,8 +214,6 @@ def resumable_rows(out: Path, model: str, meta: dict) -> dict[str, dict]:
     A full-test-set table is hours of CPU time per model; resuming lets it be built across sessions
     without ever mixing rows measured on different windows or calibration sets.
     """
-    import json
-
     if not out.exists():
         return {}
     try:
@@ -263,23 +258,21 @@ def run_compare(setup: CompareSetup, labels: list[str], out: Path, base: MethodO
         if spec.label in done:
             rows.append(done[spec.label])
             continue
-        rows.append(run_row(spec, setup, wins, calib, progress, work / spec.label.replace("/", "_")))
+        row_work = work / spec.label.replace("/", "_")
+        rows.append(run_row(spec, setup, wins, calib, progress, row_work))
         rows[-1]["row_seconds"] = round(time.perf_counter() - start, 1)
         add_deltas(rows)
         if progress:
             print(rows[-1], flush=True)
         write_results(out, rows, meta, title, notes)
         bar_plot(rows, out.with_suffix(".png"), title)
-        shutil.rmtree(work / spec.label.replace("/", "_"), ignore_errors=True)
+        shutil.rmtree(row_work, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
 def _work_dir(out: Path, setup: dict, resume: bool) -> Path:
     """``OUT.partial/``: progress of unfinished rows, kept only for a resume of the same setup."""
-    import json
-
-    from ..io import atomic_write_text
     from ..reliability.resume import partial_dir
 
     work = partial_dir(out)
