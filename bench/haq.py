@@ -4,7 +4,8 @@
     .venv/bin/python bench/haq.py --model smollm2-moe --windows 8 --out bench/results/haq_moe.json
     .venv/bin/python bench/haq.py --peer bench/peers/out/smollm2-llmc-w8a8    # + llm-compressor row
 
-Rows are written as each finishes (json + md + png beside --out). Calibration: random windows of
+Rows are written as each finishes (json + md + png beside --out); with --resume a killed row goes on
+from its last quantized block and evaluated window (OUT.partial/). Calibration: random windows of
 wikitext2:valid (the train split is not available offline), never the test split.
 """
 
