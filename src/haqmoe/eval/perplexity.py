@@ -70,7 +70,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
     vocab = model.get_input_embeddings().num_embeddings
     if int(windows.max()) >= vocab or int(windows.min()) < 0:
         raise HaqmoeError(f"token ids out of the model's vocabulary range [0, {vocab})")
-    key = _windows_key(windows)
+    key = _windows_key(windows) if progress_file is not None else ""  # hashing only when resumable
     nll, before = _resume_nll(progress_file, key)
     start = time.perf_counter()
     with tqdm(total=n, initial=len(nll), desc=desc, unit="win", disable=not progress, leave=False) as bar:
