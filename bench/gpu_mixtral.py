@@ -169,22 +169,44 @@ def add_predictions(rows: list[dict], costs: dict, profile, inp: Inputs, shape, 
     """Fill each measured row's predictions; returns the fitted profile.
 
     ``predicted_raw``: the measured profile as is (CPU and GPU experts of a layer overlap). Then the
-    eager engine's two known host costs: GPU expert kernels are launched by the thread that next runs
-    the CPU tier (``cpu_gpu_overlap = 0``), and the framework's per-layer host time, the one number
-    fitted, on the all-resident row only."""
+    eager engine's known host costs: GPU expert kernels are launched by the thread that next runs the
+    CPU tier (``cpu_gpu_overlap = 0``), and two numbers fitted, each on one row: the framework's host
+    time per layer on all-resident, and what a layer with host expert work loses by reading the router's
+    output off the GPU (``host_sync_ms``) on always-cpu. The other rows are predictions (``fit`` empty)."""
     measured = {r["policy"]: r for r in rows if r.get("decode_tok_s") and GPU_POLICIES[r["policy"]].graphs}
     eager = replace(profile, cpu_gpu_overlap=0.0)
     overhead = 0.0
     if "all-resident" in measured:
         raw, _ = predict("all-resident", costs["all-resident"], eager, inp, shape, per_layer)
         overhead = max(1e3 / measured["all-resident"]["decode_tok_s"] - 1e3 / raw, 0.0) / shape.layers
+        measured["all-resident"]["fit"] = "layer_overhead_ms"
     fitted = replace(eager, layer_overhead_ms=overhead)
+    if "always-cpu" in measured:
+        fitted = replace(fitted, host_sync_ms=_fit_host_sync(measured["always-cpu"]["decode_tok_s"],
+                                                             costs["always-cpu"], fitted, inp, shape, per_layer))
+        measured["always-cpu"]["fit"] = "host_sync_ms"
     for name, r in measured.items():
+        r.setdefault("fit", "")
         r["predicted_raw_decode_tok_s"] = predict(name, costs[name], profile, inp, shape, per_layer)[0]
         r["predicted_decode_tok_s"], r["predicted_prefill_ms_512"] = predict(name, costs[name], fitted, inp, shape,
                                                                             per_layer)
         r["prediction_error"] = r["predicted_decode_tok_s"] / r["decode_tok_s"] - 1
     return fitted
+
+
+def _fit_host_sync(decode_tok_s: float, cost, profile, inp: Inputs, shape, per_layer: int) -> float:
+    """The host_sync_ms at which the simulator's always-cpu decode matches the measured one (bisection:
+    the prediction falls as the sync grows); 0 when even no sync predicts slower."""
+    def tok_s(sync: float) -> float:
+        return predict("always-cpu", cost, replace(profile, host_sync_ms=sync), inp, shape, per_layer)[0]
+
+    lo, hi = 0.0, 50.0
+    if tok_s(lo) <= decode_tok_s:
+        return 0.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if tok_s(mid) > decode_tok_s else (lo, mid)
+    return (lo + hi) / 2
 
 
 def repredict(inputs: Path, results: Path) -> None:
@@ -218,12 +240,15 @@ def notes(fitted, L: int, per_layer: int, rows: list[dict]) -> str:
         f"{r.get('fp16_model_gb', 0):.1f} GB; {per_layer}/8 expert slots per layer; GPU tier precision: "
         f"{r.get('gpu_precision')}. `predicted_raw_decode_tok_s` = simulator with the measured profile as is; "
         f"`predicted_decode_tok_s` = with the eager engine's host costs (cpu_gpu_overlap 0; per-layer framework "
-        f"time {fitted.layer_overhead_ms:.3f} ms fitted on the all-resident row only); `prediction_error` = "
+        f"time {fitted.layer_overhead_ms:.3f} ms fitted on the all-resident row, host sync "
+        f"{fitted.host_sync_ms:.3f} ms per layer with host expert work fitted on the always-cpu row: `fit` names "
+        f"them; every other row is a prediction); `prediction_error` = "
         f"predicted / measured - 1 (goal: within 20 %). `full` = predictor + background admission of "
         f"CPU-served misses (one copy in flight at most). `-eager` rows: the same engine without CUDA graphs.")
 
 
-def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, dry_run: bool = False) -> None:
+def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, dry_run: bool = False,
+        policies: list[str] | None = None) -> None:
     """``dry_run``: the same steps on this CPU with a tiny shape and the GPU tier emulated (checks the script)."""
     from haqmoe.results import run_meta, write_results
     from haqmoe.routing.placement import Plan
@@ -284,7 +309,7 @@ def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, d
     ids = torch.randint(0, shape.vocab, (1, P), generator=torch.Generator().manual_seed(0))
 
     rows, costs = [], {}
-    for i, name in enumerate(["all-resident", *GPU_POLICIES]):  # the first run only warms CUDA / oneDNN up
+    for i, name in enumerate(["all-resident", *(policies or GPU_POLICIES)]):  # the first only warms CUDA/oneDNN up
         pol = GPU_POLICIES[name]
         slots = shape.experts if pol.slots == "all" else per_layer
         try:
@@ -339,6 +364,25 @@ def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, d
     print((out / "runtime_gpu.md").read_text())
 
 
+def combine(out: Path, runs: list[Path], notes_file: Path | None) -> None:
+    """One table from several ``run`` outputs (a ``run`` column, 1-based): repeated runs on one lease."""
+    from haqmoe.results import write_results
+
+    rows, metas = [], []
+    for i, d in enumerate(runs, 1):
+        data = json.loads((d / "runtime_gpu.json").read_text())
+        rows += [{"run": i, **r} for r in data["rows"]]
+        metas.append(data["meta"])
+    meta = {**metas[0], "command": "; ".join(m["command"] for m in metas), "runs": [str(d) for d in runs]}
+    text = notes_file.read_text() if notes_file else ""
+    write_results(out, rows, meta, TITLE, text, columns=COMBINED_COLUMNS)
+
+
+COMBINED_COLUMNS = ("run", "policy", "decode_tok_s", "predicted_decode_tok_s", "prediction_error", "fit",
+                    "prefill_ms_512", "latency_p50_ms", "latency_p99_ms", "latency_std_ms", "hit_rate", "gpu_mem_gb",
+                    "bytes_moved_gb", "cpu_expert_calls", "gpu_expert_calls", "n_critical")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -354,18 +398,30 @@ def main() -> None:
     r.add_argument("--tokens", type=int, default=64)
     r.add_argument("--budget", type=float, default=0.4, help="GPU budget as a fraction of the FP16 model size")
     r.add_argument("--dry-run", action="store_true", help="check the script on the CPU: tiny shape, GPU emulated")
+    r.add_argument("--policies", default=",".join(GPU_POLICIES),
+                   help="comma-separated subset of: " + ", ".join(GPU_POLICIES))
     q = sub.add_parser("predict", help="recompute the simulator predictions of a finished run")
     q.add_argument("dir", type=Path)
     q.add_argument("results", type=Path)
+    c = sub.add_parser("combine", help="one table from several run outputs (a run column)")
+    c.add_argument("out", type=Path, help="combined JSON (the .md is written beside it)")
+    c.add_argument("runs", type=Path, nargs="+", help="run output folders, in order")
+    c.add_argument("--notes", type=Path, help="a markdown file appended under the table")
     args = ap.parse_args()
-    if args.cmd == "predict":
+    if args.cmd == "combine":
+        combine(args.out, args.runs, args.notes)
+    elif args.cmd == "predict":
         repredict(args.dir, args.results)
     elif args.cmd == "prepare":
         prepare(args.dir, args.requests, args.tokens, args.prefill)
     else:
         if not torch.cuda.is_available() and not args.dry_run:
             raise SystemExit("run needs a CUDA GPU (use the device tool; see bench/results/runtime_gpu.md)")
-        run(args.dir, args.out, args.layers, args.tokens, args.budget, args.dry_run)
+        policies = [p for p in args.policies.split(",") if p]
+        unknown = sorted(set(policies) - set(GPU_POLICIES))
+        if unknown:
+            raise SystemExit(f"unknown policies {unknown}; known: {', '.join(GPU_POLICIES)}")
+        run(args.dir, args.out, args.layers, args.tokens, args.budget, args.dry_run, policies)
 
 
 if __name__ == "__main__":

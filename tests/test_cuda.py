@@ -127,3 +127,23 @@ def test_cuda_fused_int8_groups_equal_unfused_after_moving():
     ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1)).cuda()
     with torch.inference_mode():
         assert torch.equal(model.cuda()(ids).logits, separate.cuda()(ids).logits)
+
+
+def test_cuda_split_graph_equals_eager_split_and_whole_expert():
+    engine, _ = make(quant=True, device="cuda", slots_per_layer=3, decision="split")
+    store = engine.store
+    assert store._split_graphs and len(engine.cost.split_ms) == 7  # recorded and calibrated at start-up
+    slot, whole = store.split_slot(0), 0
+    hidden = engine.model.config.hidden_size
+    with torch.inference_mode():
+        for k, (layer, e) in [(1, (0, 3)), (4, (1, 6)), (7, (0, 2))]:
+            rows = store.split_rows(k)
+            store.load_slot(whole, layer, e)
+            store.load_slot(slot, layer, e, rows_from=rows)
+            torch.cuda.synchronize()
+            x = torch.randn(1, hidden, device="cuda")
+            h_cpu = store.cpu_rows(layer, e, x.cpu(), rows)
+            y_graph = store.split_forward(slot, x, h_cpu, rows).clone()
+            assert torch.equal(y_graph, store._split_tail(slot, x, h_cpu.cuda(), rows))
+            y_whole = store._forward(whole, x)  # CPU and CUDA float rescales may flip one activation step of down
+            assert (y_graph - y_whole).abs().max() <= 0.02 * y_whole.abs().max()

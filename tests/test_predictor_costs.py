@@ -130,3 +130,24 @@ def test_split_picks_the_row_share_that_finishes_first():
     assert m.decide(False, 1, "split") == "cpu"
     assert m.decide(False, 1, "split", cpu_queue_ms=4.0) == "split"
     assert m.decide(False, 1, "balanced", cpu_queue_ms=4.0) == "cpu"
+
+
+def test_measured_split_parts_replace_the_row_share_scaling():
+    """A CPU tier with a fixed cost per call (the H100 machine: 2.3 of a one-token expert's 2.5 ms) gains
+    nothing from a share of the rows: measured parts must keep the engine from splitting there."""
+    from haqmoe.runtime.predictor import SPLIT_STEPS, copied_share
+
+    cpu = CostCurve(points=[(1.0, 2.5), (2.0, 3.0), (4.0, 4.0)])
+    gpu = CostCurve(points=[(1.0, 0.25), (2.0, 0.9)])
+    scaled = CostModel(cpu, gpu, 3.3)
+    assert scaled.decide(False, 1, "split") == "split"  # 2.5 x share: the analytic split looks best
+    measured = CostModel(cpu, gpu, 3.3, split_ms=[(2.35, 0.3)] * (SPLIT_STEPS - 1))
+    assert measured.decide(False, 1, "split") == "cpu"  # 2.35 + 0.3 > CPU alone 2.5
+    cpu_ms, copy_ms, gpu_ms = measured.split_costs(2, 3)  # n = 2 scales as the whole expert does
+    assert (cpu_ms, gpu_ms) == (pytest.approx(2.35 * 3.0 / 2.5), pytest.approx(0.3 * 0.9 / 0.25))
+    assert copy_ms == pytest.approx(3.3 * copied_share(3))
+    back = CostModel.from_dict(measured.as_dict())
+    assert back.split_ms == measured.split_ms and back.decide(False, 1, "split") == "cpu"
+    assert CostModel.from_dict(scaled.as_dict()).split_ms is None
+    with pytest.raises(HaqmoeError, match="split_ms"):
+        CostModel.from_dict({**measured.as_dict(), "split_ms": [[1.0, 1.0]]})

@@ -184,3 +184,20 @@ def test_split_serves_one_miss_on_cpu_and_pcie_at_once_by_hand():
     assert res.token_ms.tolist() == pytest.approx([35 / 24]) and res.decisions == {"split": 1}
     assert res.summary()["bytes_moved_gb"] == pytest.approx(4e-9)  # int(10 bytes * 5/12), not cached
     assert run(tr, 1, "balanced").token_ms.tolist() == pytest.approx([2.0])
+
+
+def test_host_sync_costs_only_layers_with_host_expert_work_by_hand():
+    from dataclasses import replace
+
+    synced = replace(ZERO, host_sync_ms=0.7)
+    tr = trace([[0], [1], [0]])
+
+    def token_ms(decision: str, profile=synced) -> list[float]:
+        cache = ExpertCache(CacheConfig(1, 3, 2, pinned={0: [0]}), LRUPolicy())
+        return Replay(tr, cache, COST, profile, SPEC, options=ReplayOptions(decision)).run().token_ms.tolist()
+
+    # expert 0 resident: 0.5 ms, no sync; expert 1 on the CPU: 0.7 + 2 ms; always-transfer never syncs
+    assert token_ms("predictor") == pytest.approx([0.5, 2.7, 0.5])
+    assert token_ms("always-transfer") == token_ms("always-transfer", ZERO)
+    # a split's GPU part waits for the synced CPU rows: max(0.7 + 2 * 7/12, 3 * 5/12) + 0.5 * 5/12 (k = 7)
+    assert token_ms("split")[1] == pytest.approx(0.7 + 7 / 6 + 5 / 24)

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 from ..errors import HaqmoeError
 from ..io import atomic_write_text
 from ..paths import cache_dir
-from .predictor import CostCurve, CostModel
+from .predictor import SPLIT_STEPS, CostCurve, CostModel
 from .profiles import HardwareProfile
 
 DEFAULT_NS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -58,7 +58,7 @@ def cached_cost_model(key: str, measure: Callable[[], CostModel], refresh: bool 
     if path.is_file() and not refresh:
         try:
             return CostModel.from_dict(json.loads(path.read_text())["cost_model"])
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, HaqmoeError):
             pass  # corrupt or old cache: measure again
     model = measure()
     d = model.as_dict()
@@ -85,6 +85,26 @@ def calibrate_tiers(cpu_fn, gpu_fn, copy_fn, hidden: int, gpu_dtype, gpu_device:
             gpu.append((float(n), time_ms(lambda: gpu_fn(xg), repeats, sync)))
     t_e = time_ms(copy_fn, repeats, sync)
     return CostModel(CostCurve.fit(*zip(*cpu)), CostCurve.fit(*zip(*gpu)), t_e)
+
+
+def calibrate_split(cpu_rows_fn, gpu_part_fn, rows_of: Callable[[int], int], hidden: int, gpu_dtype,
+                    gpu_device: str = "cuda", repeats: int = 5) -> list[tuple[float, float]]:
+    """One-token (CPU ms, GPU ms) of each split k = 1 .. SPLIT_STEPS - 1: ``cpu_rows_fn(x, rows)`` the CPU's
+    gate/up rows, ``gpu_part_fn(x, h_cpu, rows)`` the GPU's remaining rows + down, as the engine runs them
+    (CostModel.split_ms)."""
+    import torch
+
+    sync = torch.cuda.synchronize if torch.device(gpu_device).type == "cuda" else None
+    x = torch.randn(1, hidden)
+    xg = x.to(gpu_device, gpu_dtype)
+    out = []
+    with torch.inference_mode():
+        for k in range(1, SPLIT_STEPS):
+            rows = rows_of(k)
+            h = cpu_rows_fn(x.to(gpu_dtype), rows)
+            out.append((time_ms(lambda: cpu_rows_fn(x.to(gpu_dtype), rows), repeats),
+                        time_ms(lambda: gpu_part_fn(xg, h, rows), repeats, sync)))
+    return out
 
 
 def measure_profile(name: str = "measured", cpu_threads: int | None = None) -> HardwareProfile:

@@ -186,7 +186,7 @@ class CollaborativeEngine:
     def _calibrate_tiers(self) -> CostModel:
         """CUDA only. Slot 0 is free at this point (nothing admitted yet; the plan overwrites it after):
         it holds expert (0, 0) for both the precision choice and the tier timings."""
-        from .calibrate import cached_cost_model, calibrate_tiers, machine_key
+        from .calibrate import cached_cost_model, calibrate_split, calibrate_tiers, machine_key
 
         cpu_tier, store = self.hybrids[0].original, self.store
         dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
@@ -199,15 +199,22 @@ class CollaborativeEngine:
             if self.cfg.cuda_graphs:
                 store.capture_decode_graphs(hidden, dtype)
         tiers = f"cpu-{type(cpu_tier).__name__}-gpu-{'int8' if store.int8_gemm else str(dtype).split('.')[-1]}" \
-                f"{'-graphs' if self.cfg.cuda_graphs else ''}"
+                f"{'-graphs' if self.cfg.cuda_graphs else ''}{'-split' if store.cfg.split_slots else ''}"
 
         def cpu_fn(x: torch.Tensor) -> torch.Tensor:
             n = x.shape[0]
             return cpu_tier(x.to(dtype), torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=dtype))
 
         def measure() -> CostModel:
-            return calibrate_tiers(cpu_fn, lambda x: store.gpu_forward(0, x), lambda: store.load_slot(0, 0, 0),
+            cost = calibrate_tiers(cpu_fn, lambda x: store.gpu_forward(0, x), lambda: store.load_slot(0, 0, 0),
                                    hidden, dtype, str(store.device))
+            if store.cfg.split_slots:  # the split's parts as the engine runs them (a whole split slot)
+                slot = store.split_slot(0)
+                torch.cuda.current_stream().wait_event(store.load_slot(slot, 0, 0))
+                cost.split_ms = calibrate_split(lambda x, rows: store.cpu_rows(0, 0, x, rows),
+                                                lambda x, h, rows: store.split_forward(slot, x, h, rows),
+                                                store.split_rows, hidden, dtype, str(store.device))
+            return cost
 
         return cached_cost_model(machine_key(self.lm.name, hidden, ffn, tiers), measure)
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..routing.guess import GuessPlan, guess_for_batch
 from .cache import ExpertCache
-from .predictor import SPLIT_STEPS, CostModel
+from .predictor import CostModel
 from .store import ExpertStore
 
 
@@ -105,7 +105,7 @@ class HybridExperts(nn.Module):
         if decision == "split":
             k = self.cost.best_split(n, **queues)[0]
             cpu, copy, _ = self.cost.split_costs(n, k)
-            rows = self.store.intermediate * k // SPLIT_STEPS
+            rows = self.store.split_rows(k)
             return _Call("split", split_slot, event=self.store.load_slot(split_slot, self.layer, e, rows), rows=rows,
                          cpu_ms=cpu, copy_ms=copy)
         if decision == "transfer":

@@ -83,6 +83,9 @@ class CostModel:
     gpu: CostCurve
     transfer_ms: float  # T_e: one expert host -> device
     n_critical_override: float | None = None
+    # measured one-token (CPU rows ms, GPU part ms) of a split at k = 1 .. SPLIT_STEPS - 1 (engine start-up on
+    # CUDA); without it a split's parts are the whole expert's times scaled by their share of the rows
+    split_ms: list[tuple[float, float]] | None = None
 
     def t_cpu(self, n: float) -> float:
         return self.cpu(n)
@@ -118,8 +121,14 @@ class CostModel:
         return float(lo)
 
     def split_costs(self, n: float, k: int) -> tuple[float, float, float]:
-        """(CPU ms, copy ms, GPU ms) of a miss split at k / SPLIT_STEPS of the gate/up rows."""
+        """(CPU ms, copy ms, GPU ms) of a miss split at k / SPLIT_STEPS of the gate/up rows. Measured parts
+        (``split_ms``) scale with n as the whole expert does: a real CPU tier has a fixed cost per call that
+        a share of the rows does not shrink, and the GPU part runs kernels the whole expert's timing lacks."""
         copied = copied_share(k)
+        if self.split_ms:
+            cpu1, gpu1 = self.split_ms[k - 1]
+            return (cpu1 * self.t_cpu(n) / max(self.t_cpu(1), 1e-9), self.transfer_ms * copied,
+                    gpu1 * self.t_gpu(n) / max(self.t_gpu(1), 1e-9))
         return self.t_cpu(n) * (1 - copied), self.transfer_ms * copied, self.t_gpu(n) * copied
 
     def best_split(self, n: float, cpu_queue_ms: float = 0.0, copy_wait_ms: float = 0.0) -> tuple[int, float]:
@@ -163,9 +172,16 @@ class CostModel:
         return "transfer" if n > self.n_critical else "cpu"
 
     def as_dict(self) -> dict:
-        return {"cpu": self.cpu.as_dict(), "gpu": self.gpu.as_dict(), "transfer_ms": self.transfer_ms,
-                "n_critical": self.n_critical}
+        d = {"cpu": self.cpu.as_dict(), "gpu": self.gpu.as_dict(), "transfer_ms": self.transfer_ms,
+             "n_critical": self.n_critical}
+        if self.split_ms:
+            d["split_ms"] = [list(p) for p in self.split_ms]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "CostModel":
-        return cls(CostCurve.from_dict(d["cpu"]), CostCurve.from_dict(d["gpu"]), float(d["transfer_ms"]))
+        split = d.get("split_ms")
+        if split is not None and len(split) != SPLIT_STEPS - 1:
+            raise HaqmoeError(f"split_ms holds {len(split)} entries, expected {SPLIT_STEPS - 1}")
+        return cls(CostCurve.from_dict(d["cpu"]), CostCurve.from_dict(d["gpu"]), float(d["transfer_ms"]),
+                   split_ms=[tuple(map(float, p)) for p in split] if split is not None else None)

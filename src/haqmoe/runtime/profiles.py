@@ -43,6 +43,9 @@ class HardwareProfile:
     cpu_gpu_overlap: float = 1.0  # share of a layer's GPU expert time that CPU experts can overlap: 1 for
     # a runtime whose GPU work is launched ahead (graphs, a launch thread); 0 for the eager engine, whose
     # GPU kernels are launched by the same host thread that then runs the CPU tier
+    host_sync_ms: float = 0.0  # extra time of a layer that runs expert work on the host (CPU or split): the
+    # host reads the router's output off the GPU, so the GPU work it had queued ahead no longer hides behind
+    # host time; 0 for datasheet profiles, fitted from an always-cpu run of the real engine
     sources: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:

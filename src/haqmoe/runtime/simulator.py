@@ -233,7 +233,7 @@ class Replay:
                 cpu_ms += cpu_part
                 done = self.copies.copy(r, copy_ms)
                 self.streamed += int(cache.config.expert_bytes * copied_share(k))
-                gpu.append((max(done, r + cpu_ms), gpu_part))
+                gpu.append((max(done, r + self.profile.host_sync_ms + cpu_ms), gpu_part))
             else:
                 cpu_ms += cost.t_cpu(n)
                 if opt.async_admit and out == "miss":
@@ -242,7 +242,8 @@ class Replay:
         for ready, dur in sorted(gpu):
             gpu_end = max(gpu_end, ready) + dur
         host_serial = (1.0 - self.profile.cpu_gpu_overlap) * sum(dur for _, dur in gpu)
-        end = max(gpu_end, r + cpu_ms + host_serial)
+        sync = self.profile.host_sync_ms if cpu_ms > 0 else 0.0
+        end = max(gpu_end, r + sync + cpu_ms + host_serial)
         if count_step:
             self.steps[l] += 1
             self.all_res[l] += all_resident

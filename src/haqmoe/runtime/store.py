@@ -26,6 +26,7 @@ from ..models.adapters import FusedExperts
 from ..quant.int8 import QuantAct, int8_matmul, quantize_tokens, weight_terms
 from ..quant.modules import QuantExperts
 from ..quant.quantizer import dequantize, fake_quant
+from .predictor import SPLIT_STEPS
 
 _PARTS = ("gate", "up", "down")
 
@@ -91,6 +92,7 @@ class ExpertStore:
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._pending: list = []  # CUDA events of copies not known to be done (copies_in_flight)
         self._graphs: dict[int, tuple] = {}  # slot -> (graph, static input, static output), one token
+        self._split_graphs: dict[tuple[int, int], tuple] = {}  # (split slot, rows) -> (graph, x, h_cpu, output)
         self._graphs_int8: bool | None = None  # the precision the graphs were recorded in
 
     # --------------------------------------------------------------------- GPU tier
@@ -116,6 +118,10 @@ class ExpertStore:
     def copied_bytes(self, rows_from: int) -> int:
         """Bytes ``load_slot(..., rows_from)`` copies."""
         return sum(t[_rows_from(k, rows_from)].numel() * t.element_size() for k, t in self.host[0][0].items())
+
+    def split_rows(self, k: int) -> int:
+        """Gate/up rows the CPU computes in a split at k / SPLIT_STEPS."""
+        return self.intermediate * k // SPLIT_STEPS
 
     def split_slot(self, i: int) -> int:
         """The i-th scratch slot of split misses (after the cache's slots)."""
@@ -169,12 +175,24 @@ class ExpertStore:
     def split_forward(self, slot: int, x: torch.Tensor, h_cpu: torch.Tensor, rows: int) -> torch.Tensor:
         """The GPU part of a split (``load_slot(..., rows_from=rows)`` filled ``slot``): the remaining
         rows, joined with the CPU's, then the whole down projection (its activations quantized over
-        the whole intermediate vector, as unsplit)."""
+        the whole intermediate vector, as unsplit). One token replays the (slot, rows) graph when recorded
+        (its output is static, as ``gpu_forward``'s)."""
+        if x.is_cuda:  # from pinned memory the copy is queued, not waited for (the CPU tier goes on)
+            h_cpu = h_cpu.pin_memory()
+        graph = self._split_graphs.get((slot, rows)) if x.shape[0] == 1 and self._graphs_int8 == self.int8_gemm \
+            else None
+        if graph is None or x.dtype != graph[1].dtype:
+            return self._split_tail(slot, x, h_cpu.to(x.device, non_blocking=True), rows)
+        g, x_in, h_in, y_out = graph
+        x_in.copy_(x)
+        h_in.copy_(h_cpu, non_blocking=True)
+        g.replay()
+        return y_out
+
+    def _split_tail(self, slot: int, x: torch.Tensor, h_cpu: torch.Tensor, rows: int) -> torch.Tensor:
         get = self._slot(slot)
         h_gpu = self._gate_up(x, lambda key: get(key)[_rows_from(key, rows)], self.int8_gemm)
-        if h_gpu.is_cuda:  # from pinned memory the copy is queued, not waited for (the CPU tier goes on)
-            h_cpu = h_cpu.pin_memory().to(h_gpu.device, non_blocking=True)
-        h = torch.cat([h_cpu.to(h_gpu.device, h_gpu.dtype), h_gpu], dim=1)
+        h = torch.cat([h_cpu.to(h_gpu.dtype), h_gpu], dim=1)
         return self._lin(h, get, "down", self.int8_gemm).to(x.dtype)
 
     def gpu_forward(self, slot: int, x: torch.Tensor) -> torch.Tensor:
@@ -190,7 +208,7 @@ class ExpertStore:
 
     def capture_decode_graphs(self, hidden: int, dtype: torch.dtype) -> None:
         """CUDA only: record each slot's one-token expert as a CUDA graph (same kernels, so the same
-        numbers). Slots are fixed buffers, so a graph stays valid whatever expert a copy puts in its
+        numbers), and each split slot's GPU part at every split point. Slots are fixed buffers, so a graph stays valid whatever expert a copy puts in its
         slot. The graphs share one memory pool: replays are serialized on the compute stream and each
         graph's output stays allocated, so only intermediates are shared."""
         if self.device.type != "cuda" or self.cfg.num_slots == 0:
@@ -201,12 +219,21 @@ class ExpertStore:
         with torch.cuda.stream(side):  # warm-up outside capture: cuBLAS handles and workspaces
             for _ in range(2):
                 self._forward(0, x)
+            splits = [self.split_rows(k) for k in range(1, SPLIT_STEPS)] if self.cfg.split_slots else []
+            for rows in splits:
+                self._split_tail(0, x, torch.zeros(1, rows, device=self.device), rows)
         torch.cuda.current_stream().wait_stream(side)
         pool = torch.cuda.graph_pool_handle()
-        graphs = {}
+        graphs, split_graphs = {}, {}
         for slot in range(self.cfg.num_slots):
             g, x_in = torch.cuda.CUDAGraph(), torch.zeros_like(x)
             with torch.cuda.graph(g, pool=pool):
                 y_out = self._forward(slot, x_in)
             graphs[slot] = (g, x_in, y_out)
-        self._graphs, self._graphs_int8 = graphs, self.int8_gemm
+        for slot in range(self.cfg.num_slots, self.cfg.num_slots + self.cfg.split_slots):
+            for rows in splits:  # the CPU's rows arrive as float32 (the int8 GEMM's output)
+                g, x_in, h_in = torch.cuda.CUDAGraph(), torch.zeros_like(x), torch.zeros(1, rows, device=self.device)
+                with torch.cuda.graph(g, pool=pool):
+                    y_out = self._split_tail(slot, x_in, h_in, rows)
+                split_graphs[(slot, rows)] = (g, x_in, h_in, y_out)
+        self._graphs, self._split_graphs, self._graphs_int8 = graphs, split_graphs, self.int8_gemm
