@@ -83,7 +83,11 @@ def main() -> None:
                      f"{cost.t_gpu(1, resident=False):.2f}). The hit rate is the "
                      f"limit: an offline-optimal cache (Belady's MIN, which knows the future) on the same "
                      f"trace and slots reaches {belady['hit_rate']:.2f} (every miss copied in); our online "
-                     f"policies stay at 0.68-0.72.")
+                     f"policies stay at 0.68-0.72. A miss has to read its expert's bytes once, over DDR (CPU) or "
+                     f"PCIe: with both at once it costs at least 1/(1/CPU + 1/copy) = "
+                     f"{1 / (1 / cost.t_cpu(1) + 1 / cost.transfer_ms):.2f} ms, so split is near its floor, and "
+                     f"copying split misses into the cache behind them (tried: 19.4 tok/s, hit 0.71) loses: a "
+                     f"whole-expert copy cannot be preempted and the next split waits behind it.")
     write_results(args.out, rows, run_meta(), "Simulated Mixtral-8x7B W8A8 (issue 7)", notes)
     print(Path(args.out).with_suffix(".md").read_text())
 
