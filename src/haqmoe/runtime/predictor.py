@@ -122,8 +122,8 @@ class CostModel:
 
     def split_costs(self, n: float, k: int) -> tuple[float, float, float]:
         """(CPU ms, copy ms, GPU ms) of a miss split at k / SPLIT_STEPS of the gate/up rows. Measured parts
-        (``split_ms``) scale with n as the whole expert does: a real CPU tier has a fixed cost per call that
-        a share of the rows does not shrink, and the GPU part runs kernels the whole expert's timing lacks."""
+        (``split_ms``, scaled with n as the whole expert is) replace the share scaling, which ignores per-call
+        costs a share of the rows does not shrink (activation quantization, launches, the join of the halves)."""
         copied = copied_share(k)
         if self.split_ms:
             cpu1, gpu1 = self.split_ms[k - 1]
