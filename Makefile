@@ -42,8 +42,8 @@ $(PEER_OUT)/peer_meta.json: $(PEER_VENV)/.installed $(STAMP) bench/peers/llmcomp
 		"from haqmoe.models.embedded import ensure_embedded; print(ensure_embedded('smollm2-135m'))") \
 		bench/peers/out/calib.pt $(PEER_OUT)
 
-# The same for the upcycled MoE (experts unfused by llm-compressor's load_quantizable_moe; two passes
-# of ~1.5 h each on 2 cores, and a rerun resumes after the first from the saved smoothed weights);
+# The same for the upcycled MoE (experts unfused by llm-compressor's load_quantizable_moe; two passes,
+# ~20 and ~35 min on 2 cores alone, and a rerun resumes after the first from the saved smoothed weights);
 # then: .venv/bin/python bench/haq.py --model smollm2-moe --windows all --resume --peer $(PEER_MOE_OUT)
 PEER_MOE_OUT := bench/peers/out/smollm2-moe-llmc-w8a8
 $(PEER_MOE_OUT)/peer_meta.json: $(PEER_VENV)/.installed $(STAMP) bench/peers/llmcompressor_w8a8.py
