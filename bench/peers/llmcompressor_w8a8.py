@@ -16,7 +16,7 @@ smooths attention only, the router stays float (ignored, as in ours).
 --stage-dir DIR: run the two passes as two oneshot calls and save the SmoothQuant-smoothed float
 weights (state dict of the linearized model) to DIR in between; a rerun finds it and only runs GPTQ. The same result as one call (its
 independent pipeline runs SmoothQuant with quantization disabled, then GPTQ), but the MoE build,
-~1.5 h per pass on 2 cores, then survives an interruption between its passes.
+~20 + ~35 min on 2 cores, then survives an interruption between its passes.
 """
 
 import argparse
