@@ -133,8 +133,8 @@ def test_split_picks_the_row_share_that_finishes_first():
 
 
 def test_measured_split_parts_replace_the_row_share_scaling():
-    """A CPU tier with a fixed cost per call (the H100 machine: 2.3 of a one-token expert's 2.5 ms) gains
-    nothing from a share of the rows: measured parts must keep the engine from splitting there."""
+    """A CPU tier whose per-call cost a share of the rows does not shrink (2.35 of 2.5 ms here) gains nothing
+    from splitting: measured parts must keep the engine from splitting there, where the share scaling splits."""
     from haqmoe.runtime.predictor import SPLIT_STEPS, copied_share
 
     cpu = CostCurve(points=[(1.0, 2.5), (2.0, 3.0), (4.0, 4.0)])
