@@ -95,14 +95,14 @@ def calibrate_split(cpu_rows_fn, gpu_part_fn, rows_of: Callable[[int], int], hid
     import torch
 
     sync = torch.cuda.synchronize if torch.device(gpu_device).type == "cuda" else None
-    x = torch.randn(1, hidden)
-    xg = x.to(gpu_device, gpu_dtype)
+    x = torch.randn(1, hidden, dtype=gpu_dtype)  # the CPU tier's input is in the model dtype already
+    xg = x.to(gpu_device)
     out = []
     with torch.inference_mode():
         for k in range(1, SPLIT_STEPS):
             rows = rows_of(k)
-            h = cpu_rows_fn(x.to(gpu_dtype), rows)
-            out.append((time_ms(lambda: cpu_rows_fn(x.to(gpu_dtype), rows), repeats),
+            h = cpu_rows_fn(x, rows)
+            out.append((time_ms(lambda: cpu_rows_fn(x, rows), repeats),
                         time_ms(lambda: gpu_part_fn(xg, h, rows), repeats, sync)))
     return out
 
