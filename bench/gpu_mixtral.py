@@ -46,6 +46,7 @@ class GpuPolicy:
     decision: str
     admit: bool = False  # background admission of CPU-served misses
     graphs: bool = True  # one-token GPU experts as CUDA graphs
+    compiled: bool = False  # decode steps compiled, non-expert parts as CUDA graphs (EngineConfig.compile)
 
 
 GPU_POLICIES = {
@@ -59,6 +60,12 @@ GPU_POLICIES = {
     # the same engine without CUDA graphs (what the graphs buy; no prediction: the fit is per mode)
     "all-resident-eager": GpuPolicy("all", "lru", "always-transfer", graphs=False),
     "always-transfer-eager": GpuPolicy("budget", "lru", "always-transfer", graphs=False),
+    # compiled decode: what removing the per-layer launch cost buys (predicted: the launch-ahead simulator)
+    "all-resident-compiled": GpuPolicy("all", "lru", "always-transfer", compiled=True),
+    "always-transfer-compiled": GpuPolicy("budget", "lru", "always-transfer", compiled=True),
+    "always-cpu-compiled": GpuPolicy("budget", "lru", "always-cpu", compiled=True),
+    "balanced-compiled": GpuPolicy("budget", "lru", "balanced", compiled=True),
+    "split-compiled": GpuPolicy("budget", "lru", "split", compiled=True),
 }
 SIM_CACHE = {"always-cpu": "static", "predictor": "static"}  # the engine never admits there at decode
 
@@ -158,7 +165,7 @@ def predict(name: str, cost, profile, inp: Inputs, shape, per_layer: int) -> tup
     pol = GPU_POLICIES[name]
     slots = (shape.experts if pol.slots == "all" else per_layer) * L
     spec = cost_spec(shape)
-    cache = build_cache(CacheSpec(SIM_CACHE.get(name, pol.cache), slots), L, shape.experts, shape.top_k,
+    cache = build_cache(CacheSpec(SIM_CACHE.get(name.removesuffix("-compiled"), pol.cache), slots), L, shape.experts, shape.top_k,
                         spec.expert_bytes("w8a8"), inp.plan)
     res = Replay(inp.sim_trace(shape.experts), cache, cost, profile, spec,
                  options=ReplayOptions(pol.decision, pol.admit, prefill_tokens=inp.prefill, decode_only=True)).run()
@@ -173,7 +180,15 @@ def add_predictions(rows: list[dict], costs: dict, profile, inp: Inputs, shape, 
     CPU tier (``cpu_gpu_overlap = 0``), and two numbers fitted, each on one row: the framework's host
     time per layer on all-resident, and what a layer with host expert work loses by reading the router's
     output off the GPU (``host_sync_ms``) on always-cpu. The other rows are predictions (``fit`` empty)."""
-    measured = {r["policy"]: r for r in rows if r.get("decode_tok_s") and GPU_POLICIES[r["policy"]].graphs}
+    done = [r for r in rows if r.get("decode_tok_s")]
+    for r in done:
+        if GPU_POLICIES[r["policy"]].compiled:  # no fitted host costs: the simulator's launch-ahead model as is
+            r["fit"] = ""
+            r["predicted_raw_decode_tok_s"], r["predicted_prefill_ms_512"] = predict(
+                r["policy"], costs[r["policy"]], profile, inp, shape, per_layer)
+            r["predicted_decode_tok_s"] = r["predicted_raw_decode_tok_s"]
+            r["prediction_error"] = r["predicted_decode_tok_s"] / r["decode_tok_s"] - 1
+    measured = {r["policy"]: r for r in done if GPU_POLICIES[r["policy"]].graphs and not GPU_POLICIES[r["policy"]].compiled}
     eager = replace(profile, cpu_gpu_overlap=0.0)
     overhead = 0.0
     if "all-resident" in measured:
@@ -244,7 +259,10 @@ def notes(fitted, L: int, per_layer: int, rows: list[dict]) -> str:
         f"{fitted.host_sync_ms:.3f} ms per layer with host expert work fitted on the always-cpu row: `fit` names "
         f"them; every other row is a prediction); `prediction_error` = "
         f"predicted / measured - 1 (goal: within 20 %). `full` = predictor + background admission of "
-        f"CPU-served misses (one copy in flight at most). `-eager` rows: the same engine without CUDA graphs.")
+        f"CPU-served misses (one copy in flight at most). `-eager` rows: the same engine without CUDA graphs. "
+        f"`-compiled` rows: decode steps compiled (`EngineConfig.compile`: inductor graphs replayed as CUDA "
+        f"graphs between the eager routers and hybrid experts), compiled and recorded by 4 warm-up tokens "
+        f"(in `engine_build_s`); predicted by the simulator as is (launch-ahead, no fitted host costs).")
 
 
 def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, dry_run: bool = False,
@@ -324,7 +342,13 @@ def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, d
                                                           slots_per_layer=slots, cache_policy=pol.cache,
                                                           decision=pol.decision, plan=plans[pol.slots],
                                                           exec_mode="real", admit=pol.admit,
-                                                          cuda_graphs=pol.graphs))
+                                                          cuda_graphs=pol.graphs, compile=pol.compiled))
+            if pol.compiled:  # compile and record the decode graphs (same cache length), then start over
+                for n, _ in enumerate(engine.stream(ids, SamplingConfig(max_new_tokens=tokens))):
+                    if n == 4:
+                        break
+                feed.pos = 0
+                engine.reset_telemetry()
             build_s = time.perf_counter() - tb
             gen = engine.generate(ids, SamplingConfig(max_new_tokens=tokens))
             s = engine.summary()

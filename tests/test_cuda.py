@@ -49,6 +49,16 @@ def test_cuda_engine_greedy_tokens_equal_transformers(quant, slots, decision):
     engine.cache.check_invariants()
 
 
+@pytest.mark.parametrize("decision", ["always-cpu", "split"])
+def test_cuda_compiled_decode_keeps_tokens(decision):
+    """Compiled decode on CUDA: inductor graphs replayed as CUDA graphs between eager routers and hybrid
+    experts, two generations (the second replays the recorded graphs)."""
+    engine, ref = make(quant=True, device="cuda", slots_per_layer=3, decision=decision, compile=True)
+    for _ in range(2):
+        assert engine.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref
+    assert engine.summary()["cpu_expert_calls" if decision == "always-cpu" else "split_expert_calls"] > 0
+
+
 @pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
 @pytest.mark.parametrize("int8_gemm", [True, False])
 def test_cuda_engine_gpu_tier_precisions_keep_tokens(int8_gemm, graphs):

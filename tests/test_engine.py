@@ -9,6 +9,7 @@ from haqmoe.errors import HaqmoeError
 from haqmoe.models.adapters import adapter_for
 from haqmoe.models.loading import LoadedModel
 from haqmoe.models.tiny import tiny_model
+from haqmoe.quant.compiled import compiler_available
 from haqmoe.quant.config import QuantConfig
 from haqmoe.quant.rtn import quantize_rtn
 from haqmoe.runtime.engine import CollaborativeEngine, EngineConfig, SamplingConfig
@@ -66,6 +67,18 @@ def test_greedy_tokens_equal_transformers(case, quant):
         assert s["gpu_expert_calls"] > 0 and s["bytes_moved"] > 0
     if engine.cache is not None:
         engine.cache.check_invariants()
+
+
+@pytest.mark.skipif(not compiler_available(), reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_decode_gives_the_eager_tokens():
+    """Compiled decode (static cache, inductor graphs between eager routers and hybrid experts) keeps the
+    engine's decisions on the host and its tokens: two generations, the second reusing the graphs."""
+    engine, ref = make(emulate_gpu=True, slots_per_layer=3, decision="split", compile=True)
+    for _ in range(2):
+        assert engine.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref
+    s = engine.summary()
+    assert s["split_expert_calls"] > 0 and s["cpu_expert_calls"] + s["gpu_expert_calls"] > 0
+    engine.cache.check_invariants()
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "olmoe"])

@@ -43,6 +43,7 @@ class EngineConfig:
     exec_mode: str = "fake"  # quantized CPU-tier execution: fake | dequant | real | auto (quant/precision.py)
     admit: bool = False  # also copy CPU-served misses into the cache, while the copy engine is idle
     cuda_graphs: bool = True  # CUDA: one-token GPU experts replay one graph per slot (eager is launch-bound)
+    compile: bool = False  # decode steps through torch.compile over a static KV cache (see _compile_decode)
 
 
 @dataclass
@@ -134,12 +135,38 @@ class CollaborativeEngine:
                             self.cache.get(layer, e).slot
                         if slot is not None:
                             self.store.load_slot(slot, layer, e)
-                self.cache.stats = type(self.cache.stats).zeros(len(blocks))  # count from generation on
+                self.reset_telemetry()  # count from generation on
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # the plan's side-stream copies land before any use
         self._place_non_experts()
+        self._decode = self._compile_decode(len(blocks)) if cfg.compile else None
 
     # ------------------------------------------------------------------ set-up
+    def _compile_decode(self, num_layers: int) -> Callable:
+        """The model's forward compiled for one-token decode steps; prefill stays eager (any length).
+
+        Why: eager decode launches every non-expert kernel from Python after the layer's host-side expert
+        work, so the GPU waits on launches once per layer (the ``host_sync_ms`` the H100 runs measured).
+        Compiled, the hybrid experts and routers stay eager (``torch.compiler.disable``: graph breaks),
+        and everything between them becomes one inductor graph; on CUDA each graph is replayed as a CUDA
+        graph (``reduce-overhead``), so a layer's attention costs one launch. Decoder layers differ in
+        ``layer_idx`` and compile once each: the recompile limit is raised to cover them."""
+        from ..quant.compiled import compiler_available
+
+        if self.device.type == "cpu" and not compiler_available():
+            raise HaqmoeError("--compile on the CPU needs a C++ compiler (g++) for torch.compile's kernels")
+        limit = 2 * num_layers + 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        return torch.compile(self.model.forward, mode=mode, dynamic=False)
+
+    def _static_cache(self, tokens: int):
+        """A static KV cache for ``tokens`` positions, rounded up to a multiple of 256: the compiled graphs
+        depend on its length, so nearby generation lengths reuse them."""
+        from transformers import StaticCache
+
+        return StaticCache(self.model.config, max_cache_len=-(-tokens // 256) * 256)
+
     def _load_plan(self, num_layers: int, num_experts: int):
         if self.cfg.plan is None:
             return None
@@ -259,7 +286,13 @@ class CollaborativeEngine:
         eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
         t0 = time.perf_counter()
         self.telemetry.step += 1
-        out = self.model(input_ids=ids.to(self.device), use_cache=True)
+        ids = ids.to(self.device)
+        prompt_len = int(ids.shape[1])
+        if self._decode is None:
+            out = self.model(input_ids=ids, use_cache=True)
+        else:
+            out = self.model(input_ids=ids, past_key_values=self._static_cache(prompt_len + sampling.max_new_tokens),
+                             use_cache=True, cache_position=torch.arange(prompt_len, device=self.device))
         past, logits = out.past_key_values, out.logits[0, -1]
         self._sync()
         gen.prefill_ms = 1e3 * (time.perf_counter() - t0)
@@ -284,11 +317,21 @@ class CollaborativeEngine:
                 break
             t = time.perf_counter()
             self.telemetry.step += 1
-            out = self.model(input_ids=torch.tensor([[tok]], device=self.device), past_key_values=past,
-                             use_cache=True)
+            out = self._step(tok, past, prompt_len + i)
             past, logits = out.past_key_values, out.logits[0, -1]
             self._sync()
             gen.token_ms.append(1e3 * (time.perf_counter() - t))
+
+    def _step(self, tok: int, past, position: int):
+        """One decode step: the eager model over the growing cache, or the compiled one over the static cache."""
+        ids = torch.tensor([[tok]], device=self.device)
+        if self._decode is None:
+            return self.model(input_ids=ids, past_key_values=past, use_cache=True)
+        if self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be reused
+        out = self._decode(input_ids=ids, past_key_values=past, use_cache=True,
+                           cache_position=torch.tensor([position], device=self.device))
+        return out
 
     def generate(self, prompt, sampling: SamplingConfig = SamplingConfig()) -> Generation:
         gen = Generation(0)
@@ -303,6 +346,15 @@ class CollaborativeEngine:
                 m.set_prefetch(width)
 
     # ---------------------------------------------------------------- telemetry
+    def reset_telemetry(self) -> None:
+        """Count from here on (e.g. after a warm-up generation); the cache keeps its contents."""
+        fresh = Telemetry(self.telemetry.num_layers)
+        for name, value in vars(fresh).items():
+            if name != "step":  # the policy clock keeps running: recency stays ordered
+                setattr(self.telemetry, name, value)
+        if self.cache is not None:
+            self.cache.stats = type(self.cache.stats).zeros(self.telemetry.num_layers)
+
     def summary(self) -> dict:
         tel = self.telemetry
         gpu_precision = None

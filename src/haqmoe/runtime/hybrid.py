@@ -132,6 +132,7 @@ class HybridExperts(nn.Module):
                 self.cache.get(nxt, e).handle = self.store.load_slot(slot, nxt, e)  # waited on at first use
                 self.telemetry.prefetch_copies += 1
 
+    @torch.compiler.disable  # data-dependent host decisions: stays eager inside a compiled decode step
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.cache is None:  # every expert on the CPU tier: the plain module, zero overhead

@@ -54,6 +54,7 @@ class TraceRouter(nn.Module):
         self.layer, self.feed, self.last, self.shape = layer, feed, last, shape
         self.weight = nn.Parameter(torch.randn(shape.experts, shape.hidden) * 0.02, requires_grad=False)
 
+    @torch.compiler.disable  # reads and advances a host-side feed: stays eager in a compiled decode step
     def forward(self, hidden_states: torch.Tensor):
         h = hidden_states.reshape(-1, self.shape.hidden)
         n, f = h.shape[0], self.feed
