@@ -261,7 +261,7 @@ def notes(fitted, L: int, per_layer: int, rows: list[dict]) -> str:
         f"predicted / measured - 1 (goal: within 20 %). `full` = predictor + background admission of "
         f"CPU-served misses (one copy in flight at most). `-eager` rows: the same engine without CUDA graphs. "
         f"`-compiled` rows: decode steps compiled (`EngineConfig.compile`: inductor graphs replayed as CUDA "
-        f"graphs between the eager routers and hybrid experts), compiled and recorded by 4 warm-up tokens "
+        f"graphs between the eager routers and hybrid experts), compiled and recorded by 8 warm-up tokens "
         f"(in `engine_build_s`); predicted by the simulator as is (launch-ahead, no fitted host costs).")
 
 
@@ -326,7 +326,7 @@ def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, d
             tmp / f"plan_{k}.json"))
     ids = torch.randint(0, shape.vocab, (1, P), generator=torch.Generator().manual_seed(0))
 
-    rows, costs = [], {}
+    rows, costs, token_ms = [], {}, {}
     for i, name in enumerate(["all-resident", *(policies or GPU_POLICIES)]):  # the first only warms CUDA/oneDNN up
         pol = GPU_POLICIES[name]
         slots = shape.experts if pol.slots == "all" else per_layer
@@ -345,7 +345,7 @@ def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, d
                                                           cuda_graphs=pol.graphs, compile=pol.compiled))
             if pol.compiled:  # compile and record the decode graphs (same cache length), then start over
                 for n, _ in enumerate(engine.stream(ids, SamplingConfig(max_new_tokens=tokens))):
-                    if n == 4:
+                    if n == 8:
                         break
                 feed.pos = 0
                 engine.reset_telemetry()
@@ -371,12 +371,14 @@ def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, d
                 "fp16_model_gb": fp16_gb, "gpu_precision": s.get("gpu_precision"), "cuda_graphs": pol.graphs,
                 "background_copies": s.get("background_copies", 0),
             })
+            token_ms[name] = gen.token_ms
             print(f"[{time.perf_counter() - t0:.0f}s] {name}: {rows[-1]['decode_tok_s']:.1f} tok/s, prefill "
                   f"{gen.prefill_ms:.0f} ms, hit {s['hit_rate']:.3f}, peak {peak:.1f} GB", flush=True)
             del engine
         except Exception:  # noqa: BLE001 - keep the other policies' rows
             traceback.print_exc()
             rows.append({"case": "gpu-mixtral-shape", "policy": name, "error": traceback.format_exc(limit=3)})
+    (out / "token_ms.json").write_text(json.dumps(token_ms))  # per-token decode latencies, per policy
     (out / "cost_models.json").write_text(json.dumps({k: c.as_dict() for k, c in costs.items()}, indent=1,
                                                      default=str))
 
