@@ -172,48 +172,53 @@ def predict(name: str, cost, profile, inp: Inputs, shape, per_layer: int) -> tup
     return float(1e3 / res.token_ms.mean()), float(res.prefill_ms)
 
 
-def add_predictions(rows: list[dict], costs: dict, profile, inp: Inputs, shape, per_layer: int):
-    """Fill each measured row's predictions; returns the fitted profile.
+MODES = {"eager": "", "compiled": "-compiled"}  # engine mode -> policy-name suffix
+
+
+def add_predictions(rows: list[dict], costs: dict, profile, inp: Inputs, shape, per_layer: int) -> dict:
+    """Fill each measured row's predictions; returns the fitted profile per engine mode (``MODES``).
 
     ``predicted_raw``: the measured profile as is (CPU and GPU experts of a layer overlap). Then the
-    eager engine's known host costs: GPU expert kernels are launched by the thread that next runs the
-    CPU tier (``cpu_gpu_overlap = 0``), and two numbers fitted, each on one row: the framework's host
-    time per layer on all-resident, and what a layer with host expert work loses by reading the router's
-    output off the GPU (``host_sync_ms``) on always-cpu. The other rows are predictions (``fit`` empty)."""
-    done = [r for r in rows if r.get("decode_tok_s")]
-    for r in done:
-        if GPU_POLICIES[r["policy"]].compiled:  # no fitted host costs: the simulator's launch-ahead model as is
-            r["fit"] = ""
-            r["predicted_raw_decode_tok_s"], r["predicted_prefill_ms_512"] = predict(
-                r["policy"], costs[r["policy"]], profile, inp, shape, per_layer)
-            r["predicted_decode_tok_s"] = r["predicted_raw_decode_tok_s"]
+    engine's known host costs: GPU expert kernels are launched by the thread that next runs the CPU tier
+    (``cpu_gpu_overlap = 0``), and two numbers fitted per mode, each on one row: the framework's host time
+    per layer on all-resident, and what a layer with host expert work loses by reading the router's output
+    off the GPU (``host_sync_ms``) on always-cpu. The other rows are predictions (``fit`` empty). Eager
+    and compiled decode have their own host costs, so each mode is fitted on its own rows."""
+    done = {r["policy"]: r for r in rows if r.get("decode_tok_s") and GPU_POLICIES[r["policy"]].graphs}
+    fitted = {}
+    for mode, suffix in MODES.items():
+        measured = {n: r for n, r in done.items() if GPU_POLICIES[n].compiled == bool(suffix)}
+        res, cpu = f"all-resident{suffix}", f"always-cpu{suffix}"
+        fit = replace(profile, cpu_gpu_overlap=0.0)
+        if res in measured:
+            raw, _ = predict(res, costs[res], fit, inp, shape, per_layer)
+            fit = replace(fit, layer_overhead_ms=max(1e3 / measured[res]["decode_tok_s"] - 1e3 / raw, 0.0) / shape.layers)
+            measured[res]["fit"] = "layer_overhead_ms"
+        if cpu in measured:
+            fit = replace(fit, host_sync_ms=_fit_host_sync(measured[cpu]["decode_tok_s"], costs[cpu], fit, inp, shape,
+                                                           per_layer, cpu))
+            measured[cpu]["fit"] = "host_sync_ms"
+        for name, r in measured.items():
+            r.setdefault("fit", "")
+            r["predicted_raw_decode_tok_s"] = predict(name, costs[name], profile, inp, shape, per_layer)[0]
+            r["predicted_decode_tok_s"], r["predicted_prefill_ms_512"] = predict(name, costs[name], fit, inp, shape,
+                                                                                per_layer)
             r["prediction_error"] = r["predicted_decode_tok_s"] / r["decode_tok_s"] - 1
-    measured = {r["policy"]: r for r in done if GPU_POLICIES[r["policy"]].graphs and not GPU_POLICIES[r["policy"]].compiled}
-    eager = replace(profile, cpu_gpu_overlap=0.0)
-    overhead = 0.0
-    if "all-resident" in measured:
-        raw, _ = predict("all-resident", costs["all-resident"], eager, inp, shape, per_layer)
-        overhead = max(1e3 / measured["all-resident"]["decode_tok_s"] - 1e3 / raw, 0.0) / shape.layers
-        measured["all-resident"]["fit"] = "layer_overhead_ms"
-    fitted = replace(eager, layer_overhead_ms=overhead)
-    if "always-cpu" in measured:
-        fitted = replace(fitted, host_sync_ms=_fit_host_sync(measured["always-cpu"]["decode_tok_s"],
-                                                             costs["always-cpu"], fitted, inp, shape, per_layer))
-        measured["always-cpu"]["fit"] = "host_sync_ms"
-    for name, r in measured.items():
-        r.setdefault("fit", "")
-        r["predicted_raw_decode_tok_s"] = predict(name, costs[name], profile, inp, shape, per_layer)[0]
-        r["predicted_decode_tok_s"], r["predicted_prefill_ms_512"] = predict(name, costs[name], fitted, inp, shape,
-                                                                            per_layer)
-        r["prediction_error"] = r["predicted_decode_tok_s"] / r["decode_tok_s"] - 1
+        fitted[mode] = fit
     return fitted
 
 
-def _fit_host_sync(decode_tok_s: float, cost, profile, inp: Inputs, shape, per_layer: int) -> float:
+def save_fitted(out: Path, fitted: dict) -> None:
+    for mode, fit in fitted.items():
+        (out / f"profile_fitted{MODES[mode].replace('-', '_')}.json").write_text(fit.to_json())
+
+
+def _fit_host_sync(decode_tok_s: float, cost, profile, inp: Inputs, shape, per_layer: int,
+                   policy: str = "always-cpu") -> float:
     """The host_sync_ms at which the simulator's always-cpu decode matches the measured one (bisection:
     the prediction falls as the sync grows); 0 when even no sync predicts slower."""
     def tok_s(sync: float) -> float:
-        return predict("always-cpu", cost, replace(profile, host_sync_ms=sync), inp, shape, per_layer)[0]
+        return predict(policy, cost, replace(profile, host_sync_ms=sync), inp, shape, per_layer)[0]
 
     lo, hi = 0.0, 50.0
     if tok_s(lo) <= decode_tok_s:
@@ -240,7 +245,7 @@ def repredict(inputs: Path, results: Path) -> None:
     per_layer = min(r["slots_per_layer"] for r in rows)
     tokens = int(d["meta"]["command"].split("--tokens")[1].split()[0]) if "--tokens" in d["meta"]["command"] else 64
     fitted = add_predictions(rows, costs, profile, Inputs.load(inputs, L, tokens), shape, per_layer)
-    (results / "profile_fitted.json").write_text(fitted.to_json())
+    save_fitted(results, fitted)
     d["meta"]["repredicted"] = "python bench/gpu_mixtral.py predict " + f"{inputs} {results}"
     write_results(results / "runtime_gpu.json", rows, d["meta"], TITLE, notes(fitted, L, per_layer, rows))
 
@@ -248,21 +253,22 @@ def repredict(inputs: Path, results: Path) -> None:
 TITLE = "Real engine on the GPU: Mixtral-shaped W8A8 model (issue 7)"
 
 
-def notes(fitted, L: int, per_layer: int, rows: list[dict]) -> str:
+def notes(fitted: dict, L: int, per_layer: int, rows: list[dict]) -> str:
     r = next((r for r in rows if r.get("budget_gb")), {})
+    fits = "; ".join(f"{mode}: per-layer framework time {f.layer_overhead_ms:.3f} ms, host sync {f.host_sync_ms:.3f} ms"
+                     for mode, f in fitted.items())
     return (__doc__ or "") + (
         f"\n\n{L} layers; GPU budget {r.get('budget_gb', 0):.1f} GB = 40 % of the FP16 size "
         f"{r.get('fp16_model_gb', 0):.1f} GB; {per_layer}/8 expert slots per layer; GPU tier precision: "
         f"{r.get('gpu_precision')}. `predicted_raw_decode_tok_s` = simulator with the measured profile as is; "
-        f"`predicted_decode_tok_s` = with the eager engine's host costs (cpu_gpu_overlap 0; per-layer framework "
-        f"time {fitted.layer_overhead_ms:.3f} ms fitted on the all-resident row, host sync "
-        f"{fitted.host_sync_ms:.3f} ms per layer with host expert work fitted on the always-cpu row: `fit` names "
-        f"them; every other row is a prediction); `prediction_error` = "
-        f"predicted / measured - 1 (goal: within 20 %). `full` = predictor + background admission of "
-        f"CPU-served misses (one copy in flight at most). `-eager` rows: the same engine without CUDA graphs. "
-        f"`-compiled` rows: decode steps compiled (`EngineConfig.compile`: inductor graphs replayed as CUDA "
-        f"graphs between the eager routers and hybrid experts), compiled and recorded by 8 warm-up tokens "
-        f"(in `engine_build_s`); predicted by the simulator as is (launch-ahead, no fitted host costs).")
+        f"`predicted_decode_tok_s` = with the engine's host costs (cpu_gpu_overlap 0; the per-layer framework "
+        f"time fitted on the all-resident row and the host sync per layer with host expert work fitted on the "
+        f"always-cpu row, per engine mode ({fits}): `fit` names them; every other row is a prediction); "
+        f"`prediction_error` = predicted / measured - 1 (goal: within 20 %). `full` = predictor + background "
+        f"admission of CPU-served misses (one copy in flight at most). `-eager` rows: the same engine without "
+        f"CUDA graphs. `-compiled` rows: decode steps compiled (`EngineConfig.compile`: inductor graphs replayed "
+        f"as CUDA graphs between the eager routers and hybrid experts), compiled and recorded by 8 warm-up "
+        f"tokens (in `engine_build_s`).")
 
 
 def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, dry_run: bool = False,
@@ -383,7 +389,7 @@ def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, d
                                                      default=str))
 
     fitted = add_predictions(rows, costs, profile, inp, shape, per_layer)
-    (out / "profile_fitted.json").write_text(fitted.to_json())
+    save_fitted(out, fitted)
     write_results(out / "runtime_gpu.json", rows, run_meta(" ".join(sys.argv)), TITLE,
                   notes(fitted, L, per_layer, rows) + ("\n\nDRY RUN on the CPU (tiny shape, GPU tier emulated)."
                                                       if dry_run else ""))
