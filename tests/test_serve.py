@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -190,3 +191,10 @@ def test_haqmoe_run_admit_copies_cpu_served_experts_and_keeps_text(ckpt, capsys)
     assert admitted["text"] == plain["text"]
     assert plain["background_copies"] == 0 and plain["gpu_expert_calls"] == 0
     assert admitted["background_copies"] > 0 and admitted["gpu_expert_calls"] > 0
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on the CPU needs a C++ compiler")
+def test_haqmoe_run_compile_keeps_text(ckpt, capsys):
+    args = ("--prompt", "Hello there", "--max-tokens", "10", "--policy", "split")
+    plain, compiled = _haqmoe_run(capsys, ckpt, *args), _haqmoe_run(capsys, ckpt, *args, "--compile")
+    assert compiled["text"] == plain["text"] and compiled["split_expert_calls"] == plain["split_expert_calls"] > 0

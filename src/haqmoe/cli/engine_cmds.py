@@ -25,19 +25,23 @@ _ENGINE_OPTS = dict(
                              "whether expert co-occurrence guesses better than the next router."),
     admit=typer.Option(False, help="Also copy experts served on the CPU into the GPU cache for their next use "
                        "(background admission, while the copy engine is idle)."),
+    compile_decode=typer.Option(False, "--compile", help="Compile the decode step (torch.compile over a static "
+                                "KV cache, replayed as CUDA graphs around the eager experts). For CUDA: on the "
+                                "CPU a MoE step breaks into small graphs and gets slower. The first decode steps "
+                                "compile (seconds to minutes); needs a C++ compiler on the CPU."),
 )
 
 
 def build_engine(model: str, policy: str, cache_policy: str, slots: Optional[int], plan: Optional[str],
                  device: str, emulate_gpu: bool, profile: str, exec_mode: str, prefetch: int = 0,
-                 guess_trace: Optional[str] = None, admit: bool = False):
+                 guess_trace: Optional[str] = None, admit: bool = False, compile_decode: bool = False):
     from ..models.loading import load_model
     from ..runtime.engine import CollaborativeEngine, EngineConfig, plan_path
 
     lm = load_model(model, progress=state["progress"])
     cfg = EngineConfig(device=device, emulate_gpu=emulate_gpu, slots_per_layer=slots, cache_policy=cache_policy,
                        decision=policy, plan=plan_path(plan), profile=profile, exec_mode=exec_mode,
-                       prefetch=prefetch, guess_trace=guess_trace, admit=admit)
+                       prefetch=prefetch, guess_trace=guess_trace, admit=admit, compile=compile_decode)
     return CollaborativeEngine(lm, cfg)
 
 
@@ -50,13 +54,13 @@ def run(model: str = typer.Argument("smollm2-moe", help="MoE model source (embed
         device: str = _ENGINE_OPTS["device"], emulate_gpu: bool = _ENGINE_OPTS["emulate_gpu"],
         profile: str = _ENGINE_OPTS["profile"], exec_mode: str = _ENGINE_OPTS["exec_mode"],
         prefetch: int = _ENGINE_OPTS["prefetch"], guess_trace: Optional[str] = _ENGINE_OPTS["guess_trace"],
-        admit: bool = _ENGINE_OPTS["admit"],
+        admit: bool = _ENGINE_OPTS["admit"], compile_decode: bool = _ENGINE_OPTS["compile_decode"],
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output (no streaming).")) -> None:
     """Generate from a prompt through the collaborative runtime, streaming text, then telemetry."""
     from ..runtime.engine import SamplingConfig, latency_stats
 
     engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode,
-                          prefetch, guess_trace, admit)
+                          prefetch, guess_trace, admit, compile_decode)
     sampling = SamplingConfig(max_tokens, temperature, top_p, seed)
     msgs = [{"role": "user", "content": prompt}] if chat else prompt
     gen = None
@@ -86,7 +90,7 @@ def bench_runtime(model: str = typer.Argument("smollm2-moe", help="MoE model sou
                   emulate_gpu: bool = _ENGINE_OPTS["emulate_gpu"], profile: str = _ENGINE_OPTS["profile"],
                   exec_mode: str = _ENGINE_OPTS["exec_mode"], prefetch: int = _ENGINE_OPTS["prefetch"],
                   guess_trace: Optional[str] = _ENGINE_OPTS["guess_trace"],
-                  admit: bool = _ENGINE_OPTS["admit"],
+                  admit: bool = _ENGINE_OPTS["admit"], compile_decode: bool = _ENGINE_OPTS["compile_decode"],
                   out: Optional[Path] = typer.Option(None, help="Write results JSON + markdown here."),
                   as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Prefill and decode latency, tokens/s, p50/p95/p99, hit rate and bytes moved, per policy."""
@@ -96,13 +100,18 @@ def bench_runtime(model: str = typer.Argument("smollm2-moe", help="MoE model sou
     rows = []
     for policy in [p.strip() for p in policies.split(",") if p.strip()]:
         engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode,
-                              prefetch, guess_trace, admit)
+                              prefetch, guess_trace, admit, compile_decode)
         ids = tokenize(engine.tokenizer, load_text("pydoc"))[:, :prompt_tokens]
-        engine.generate(ids[:, :8], SamplingConfig(max_new_tokens=2))  # warm-up
+        # warm-up; compiled decode: the timed run's cache length, and enough steps to compile and record
+        warm = (ids, SamplingConfig(max_new_tokens=max_tokens)) if compile_decode else (ids[:, :8], SamplingConfig(2))
+        for n, _ in enumerate(engine.stream(*warm)):
+            if n == 8:
+                break
+        engine.reset_telemetry()
         gen = engine.generate(ids, SamplingConfig(max_new_tokens=max_tokens))
         lat = latency_stats(gen.token_ms)
         s = engine.summary()
-        rows.append({"policy": policy, "device": s["device"], "prefill_ms": gen.prefill_ms,
+        rows.append({"policy": policy, "device": s["device"], "compiled": compile_decode, "prefill_ms": gen.prefill_ms,
                      "prompt_tokens": gen.prompt_tokens, "decode_tok_s": 1e3 / lat["mean_ms"],
                      "latency_p50_ms": lat["p50_ms"], "latency_p95_ms": lat["p95_ms"],
                      "latency_p99_ms": lat["p99_ms"], "latency_std_ms": lat["std_ms"],
