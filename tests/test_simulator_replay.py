@@ -201,3 +201,24 @@ def test_host_sync_costs_only_layers_with_host_expert_work_by_hand():
     assert token_ms("always-transfer") == token_ms("always-transfer", ZERO)
     # a split's GPU part waits for the synced CPU rows: max(0.7 + 2 * 7/12, 3 * 5/12) + 0.5 * 5/12 (k = 7)
     assert token_ms("split")[1] == pytest.approx(0.7 + 7 / 6 + 5 / 24)
+
+
+@pytest.mark.parametrize("per_request", [False, True])
+def test_static_oracle_hit_equals_brute_force(per_request):
+    """The best static placement, found by enumerating every set of slots (per request or one for all)."""
+    from itertools import combinations
+
+    from haqmoe.runtime.experiments import static_oracle_hit
+
+    tr = synthetic_trace(SyntheticConfig(num_layers=2, num_experts=4, top_k=2, requests=3, tokens_per_request=20,
+                                         seed=5))
+    slots = 3
+    cells = [(l, e) for l in range(2) for e in range(4)]
+
+    def best(part: RoutingTrace) -> int:
+        calls = [(l, int(e)) for t in range(part.experts.shape[0]) for l in range(2) for e in part.experts[t, l]]
+        return max(sum(c in set(chosen) for c in calls) for chosen in combinations(cells, slots))
+
+    parts = [tr.request(r) for r in range(tr.num_requests)] if per_request else [tr]
+    expected = sum(best(p) for p in parts) / tr.experts.size
+    assert static_oracle_hit(tr, slots, per_request) == pytest.approx(expected)

@@ -67,6 +67,20 @@ def split_trace(trace: RoutingTrace, held_out: float = 0.5) -> tuple[RoutingTrac
     return trace.select_requests(range(cut)), trace.select_requests(range(cut, R))
 
 
+def static_oracle_hit(trace: RoutingTrace, slots: int, per_request: bool = True) -> float:
+    """Hit rate of the best static placement of ``slots`` experts (any per-layer split), chosen knowing
+    the replayed trace itself: per request (re-placed for each request for free) or one for all.
+    An upper bound for every plan, pinned or re-planned per request, on that trace."""
+    parts = [trace.request(r) for r in range(trace.num_requests)] if per_request else [trace]
+    hits = total = 0
+    for part in parts:
+        L, E = part.num_layers, part.num_experts
+        counts = np.stack([np.bincount(part.experts[:, l].ravel().astype(np.int64), minlength=E) for l in range(L)])
+        hits += int(np.sort(counts.ravel())[::-1][:slots].sum())
+        total += int(counts.sum())
+    return hits / max(total, 1)
+
+
 def mixtral_pair(requests: int = 8, tokens_per_request: int = 100, locality: float = MIXTRAL_LOCALITY,
                  guess_recall: float | None = None, seed: int = 0) -> TracePair:
     """Decode-like Mixtral-8x7B traces from the real per-prompt MMLU statistics: the plan side
