@@ -153,7 +153,8 @@ class CollaborativeEngine:
         graph (``reduce-overhead``), so a layer's attention costs one launch. Decoder layers differ in
         ``layer_idx`` and compile once each: the recompile limit is raised to cover them. Nested graph
         breaks (where torch has them) resume tracing inside the decoder layer instead of splitting every
-        enclosing frame: a tiny 2-layer Mixtral decodes ~1.5x faster on the CPU (fewer guarded frames)."""
+        enclosing frame (fewer guarded frames: a tiny 2-layer Mixtral's emulated-GPU step on this CPU went
+        from 2.9 to 1.7-2.5 ms)."""
         from ..quant.compiled import compiler_available
 
         if self.device.type == "cpu" and not compiler_available():
@@ -341,9 +342,8 @@ class CollaborativeEngine:
             return self.model(input_ids=ids, past_key_values=past, use_cache=True)
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be reused
-        out = self._decode(input_ids=ids, past_key_values=past, use_cache=True,
-                           cache_position=torch.tensor([position], device=self.device))
-        return out
+        return self._decode(input_ids=ids, past_key_values=past, use_cache=True,
+                            cache_position=torch.tensor([position], device=self.device))
 
     def generate(self, prompt, sampling: SamplingConfig = SamplingConfig()) -> Generation:
         gen = Generation(0)
