@@ -60,13 +60,14 @@ def ceiling_note(pair, cost, spec, slots: int, ours: dict, peer: float) -> str:
     floor = 1 / (1 / cost.t_cpu(1) + 1 / cost.transfer_ms)
     h_all, h_req = static_oracle_hit(pair.eval, slots, False), static_oracle_hit(pair.eval, slots, True)
     bound = 1e3 / (rest + calls * (1 - h_req) * floor)
+    bound_split = 1e3 / (rest + calls * (1 - h_req) * split_ms)
     need = 1 - (1e3 / (2 * peer) - rest) / (calls * floor)
     return (f"\n\nCeiling of static placement: the best row's {token_ms:.1f} ms per token = "
             f"{calls * (1 - ours['hit_rate']):.1f} misses x {split_ms:.2f} ms + {rest:.1f} ms of the rest. The best "
             f"static placement of {slots} experts chosen knowing the replayed trace hits {h_all:.3f} (one for all "
-            f"requests) or {h_req:.3f} (re-chosen for each request, for free); with the latter and every miss at "
-            f"the two-channel floor {floor:.2f} ms, decode would be {bound:.1f} tok/s = {bound / peer:.2f}x the "
-            f"better peer. 2x needs a hit rate of at least {need:.3f} with every miss at that floor: more than "
+            f"requests) or {h_req:.3f} (re-chosen for each request, for free); with the latter, decode would be "
+            f"{bound_split:.1f} tok/s = {bound_split / peer:.2f}x the better peer with misses split as today, "
+            f"{bound:.1f} tok/s = {bound / peer:.2f}x with every miss at the two-channel floor {floor:.2f} ms. 2x needs a hit rate of at least {need:.3f} with every miss at that floor: more than "
             f"one placement for all requests can reach ({h_all:.3f} even knowing the trace), so 2x needs the "
             f"placement re-chosen per request, close to that oracle, from what the request's prompt shows, with "
             f"the re-placement copies fitted into PCIe time the misses leave free (not built; every request's "
