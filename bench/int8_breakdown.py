@@ -1,6 +1,6 @@
 """Where a compiled int8 decode step of SmolLM2-135M spends its time, beside the int8 GEMV alone (issue 5).
 
-    .venv/bin/python bench/int8_breakdown.py          # -> bench/results/int8_breakdown.{json,md}
+    .venv/bin/python bench/int8_breakdown.py [--aoti]  # -> bench/results/int8_breakdown.{json,md}
 
 Two measurements in one process, 2 threads:
 
@@ -12,6 +12,10 @@ Two measurements in one process, 2 threads:
 2. the GEMV floor: one token through `_int_mm` over int8 weights of every decoder linear and lm_head at
    their real shapes, all distinct tensors (135 MB, so they stream from DRAM as in decode), on 1 and on 2
    threads.
+
+``--aoti`` adds the same step ahead-of-time compiled (torch.export + AOTInductor: no dynamo, no Python
+wrapper at run time; ~2.5 min to build here), timed on a greedy decode whose first 8 tokens are checked
+against eager ``generate``.
 
 The profiler adds its own per-op cost, so the split is a guide to shares; the tokens/s rows are unprofiled.
 llama.cpp Q8_0 on the same model and machine decodes at 123-138 tok/s (int8_compiled.md, int8.md).
@@ -80,6 +84,48 @@ def decode_rows() -> list[dict]:
     return rows
 
 
+def aoti_rows() -> list[dict]:
+    """The same decode step ahead-of-time compiled: transformers' exportable static-cache wrapper, strict
+    torch.export of a one-token step, AOTInductor package (C++ wrapper, no dynamo at run time). The prompt
+    goes through it token by token; greedy tokens are checked against eager ``generate``."""
+    import int8 as bench_int8
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    from haqmoe.models.loading import load_model
+    from haqmoe.quant.precision import convert
+
+    lm = load_model(str(bench_int8.ensure_quantized("smollm2-135m", int8_lm_head=True)), progress=False)
+    convert(lm.model, "int8")
+    m = lm.model
+    ids = bench_int8.prompt_ids(lm.tokenizer, PROMPT)
+    with torch.inference_mode():
+        ref = m.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                         pad_token_id=lm.tokenizer.eos_token_id)[0, PROMPT:].tolist()
+    m.generation_config.cache_implementation = "static"
+    t = time.perf_counter()
+    wrapper = TorchExportableModuleForDecoderOnlyLM(m, batch_size=1, max_cache_len=PROMPT + NEW_TOKENS)
+    with torch.no_grad():
+        program = wrapper.export(input_ids=torch.tensor([[1]]), cache_position=torch.tensor([0]), strict=True)
+    package = torch._inductor.aoti_compile_and_package(program)
+    build_s = time.perf_counter() - t
+    runner = torch._inductor.aoti_load_package(package)
+
+    def logits(tok: int, pos: int) -> torch.Tensor:
+        out = runner(input_ids=torch.tensor([[tok]]), cache_position=torch.tensor([pos]))
+        return (out[0] if isinstance(out, (tuple, list)) else out)[0, -1]
+
+    with torch.inference_mode():
+        for pos, tok in enumerate(ids):
+            last = logits(tok, pos)
+        out = [int(last.argmax())]
+        t = time.perf_counter()
+        for i in range(NEW_TOKENS - 1):
+            out.append(int(logits(out[-1], PROMPT + i).argmax()))
+        step = (time.perf_counter() - t) / (NEW_TOKENS - 1)
+    return [{"part": f"AOTInductor package of the step (built in {build_s:.0f} s), decode, unprofiled",
+             "ms_per_token": 1e3 * step, "tok_s": 1 / step, "greedy_equals_eager": out[:8] == ref}]
+
+
 def gemv_rows(cfg) -> list[dict]:
     """Every int8 weight of one decode step at its real shape (fused q/k/v and gate/up as the model runs them)."""
     hidden, ffn, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
@@ -117,6 +163,8 @@ def main() -> None:
 
     torch.set_num_threads(2)
     rows = decode_rows()
+    if "--aoti" in sys.argv:
+        rows += aoti_rows()
     rows += gemv_rows(AutoConfig.from_pretrained(ensure_embedded("smollm2-135m", progress=False)))
     step, floor = rows[0]["ms_per_token"], rows[-1]["ms_per_token"]
     notes = (__doc__ or "") + (
@@ -128,6 +176,12 @@ def main() -> None:
         f"instead of 213 _int_mm calls per step: no wall-time change), inductor's cpp_wrapper (~1.8 ms less per "
         f"token, 240 s compile), skipping dynamo's guards after warm-up (`skip_guard_eval_unsafe`: transformers' "
         f"generate recompiles under it).")
+    aot = next((r for r in rows if r["part"].startswith("AOTInductor")), None)
+    if aot is not None:
+        notes += (f" Ahead-of-time compiled, the step takes {aot['ms_per_token']:.1f} ms ({step / aot['ms_per_token']:.2f}x "
+                  f"faster than the compiled generate step in this run; greedy tokens equal eager: "
+                  f"{aot['greedy_equals_eager']}): no guards, no Python wrapper. Not wired into `haqmoe generate` "
+                  f"yet (it needs a prefill program and a cache reset between prompts).")
     out = ROOT / "bench" / "results" / "int8_breakdown.json"
     write_results(out, rows, run_meta(), "Compiled int8 decode step of SmolLM2-135M: where the time goes", notes)
     print(out.with_suffix(".md").read_text())
