@@ -60,7 +60,7 @@ GPU_POLICIES = {
     # the same engine without CUDA graphs (what the graphs buy; no prediction: the fit is per mode)
     "all-resident-eager": GpuPolicy("all", "lru", "always-transfer", graphs=False),
     "always-transfer-eager": GpuPolicy("budget", "lru", "always-transfer", graphs=False),
-    # compiled decode: what removing the per-layer launch cost buys (predicted: the launch-ahead simulator)
+    # compiled decode: what removing the per-layer launch cost buys (host costs fitted on its own rows)
     "all-resident-compiled": GpuPolicy("all", "lru", "always-transfer", compiled=True),
     "always-transfer-compiled": GpuPolicy("budget", "lru", "always-transfer", compiled=True),
     "always-cpu-compiled": GpuPolicy("budget", "lru", "always-cpu", compiled=True),
@@ -165,8 +165,8 @@ def predict(name: str, cost, profile, inp: Inputs, shape, per_layer: int) -> tup
     pol = GPU_POLICIES[name]
     slots = (shape.experts if pol.slots == "all" else per_layer) * L
     spec = cost_spec(shape)
-    cache = build_cache(CacheSpec(SIM_CACHE.get(name.removesuffix("-compiled"), pol.cache), slots), L, shape.experts, shape.top_k,
-                        spec.expert_bytes("w8a8"), inp.plan)
+    sim_cache = SIM_CACHE.get(name.removesuffix("-compiled"), pol.cache)
+    cache = build_cache(CacheSpec(sim_cache, slots), L, shape.experts, shape.top_k, spec.expert_bytes("w8a8"), inp.plan)
     res = Replay(inp.sim_trace(shape.experts), cache, cost, profile, spec,
                  options=ReplayOptions(pol.decision, pol.admit, prefill_tokens=inp.prefill, decode_only=True)).run()
     return float(1e3 / res.token_ms.mean()), float(res.prefill_ms)
@@ -192,7 +192,8 @@ def add_predictions(rows: list[dict], costs: dict, profile, inp: Inputs, shape, 
         fit = replace(profile, cpu_gpu_overlap=0.0)
         if res in measured:
             raw, _ = predict(res, costs[res], fit, inp, shape, per_layer)
-            fit = replace(fit, layer_overhead_ms=max(1e3 / measured[res]["decode_tok_s"] - 1e3 / raw, 0.0) / shape.layers)
+            per_layer_ms = max(1e3 / measured[res]["decode_tok_s"] - 1e3 / raw, 0.0) / shape.layers
+            fit = replace(fit, layer_overhead_ms=per_layer_ms)
             measured[res]["fit"] = "layer_overhead_ms"
         if cpu in measured:
             fit = replace(fit, host_sync_ms=_fit_host_sync(measured[cpu]["decode_tok_s"], costs[cpu], fit, inp, shape,
@@ -215,7 +216,7 @@ def save_fitted(out: Path, fitted: dict) -> None:
 
 def _fit_host_sync(decode_tok_s: float, cost, profile, inp: Inputs, shape, per_layer: int,
                    policy: str = "always-cpu") -> float:
-    """The host_sync_ms at which the simulator's always-cpu decode matches the measured one (bisection:
+    """The host_sync_ms at which the simulator's decode of ``policy`` matches the measured one (bisection:
     the prediction falls as the sync grows); 0 when even no sync predicts slower."""
     def tok_s(sync: float) -> float:
         return predict(policy, cost, replace(profile, host_sync_ms=sync), inp, shape, per_layer)[0]

@@ -148,7 +148,8 @@ def gemv_rows(cfg) -> list[dict]:
                 for w in weights:
                     torch._int_mm(xs[w.shape[1]], w.t())
             best = min(best, (time.perf_counter() - t) / 10)
-        rows.append({"part": f"int8 GEMV floor: {len(weights)} one-token _int_mm calls, {mb:.0f} MB, {threads} thread(s)",
+        part = f"int8 GEMV floor: {len(weights)} one-token _int_mm calls, {mb:.0f} MB, {threads} thread(s)"
+        rows.append({"part": part,
                      "ms_per_token": 1e3 * best, "tok_s": 1 / best, "gb_s": mb / 1e3 / best})
     torch.set_num_threads(2)
     return rows
@@ -178,7 +179,8 @@ def main() -> None:
         f"generate recompiles under it).")
     aot = next((r for r in rows if r["part"].startswith("AOTInductor")), None)
     if aot is not None:
-        notes += (f" Ahead-of-time compiled, the step takes {aot['ms_per_token']:.1f} ms ({step / aot['ms_per_token']:.2f}x "
+        aot_ms = aot["ms_per_token"]
+        notes += (f" Ahead-of-time compiled, the step takes {aot_ms:.1f} ms ({step / aot_ms:.2f}x "
                   f"faster than the compiled generate step in this run; greedy tokens equal eager: "
                   f"{aot['greedy_equals_eager']}): no guards, no Python wrapper. Not wired into `haqmoe generate` "
                   f"yet (it needs a prefill program and a cache reset between prompts).")

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx2 as httpx
 import pytest
+
+from haqmoe.quant.compiled import compiler_available
 
 openai = pytest.importorskip("openai")
 
@@ -193,7 +194,7 @@ def test_haqmoe_run_admit_copies_cpu_served_experts_and_keeps_text(ckpt, capsys)
     assert admitted["background_copies"] > 0 and admitted["gpu_expert_calls"] > 0
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.skipif(not compiler_available(), reason="torch.compile on the CPU needs a C++ compiler")
 def test_haqmoe_run_compile_keeps_text(ckpt, capsys):
     args = ("--prompt", "Hello there", "--max-tokens", "10", "--policy", "split")
     plain, compiled = _haqmoe_run(capsys, ckpt, *args), _haqmoe_run(capsys, ckpt, *args, "--compile")
