@@ -37,6 +37,12 @@ def compiler_available() -> bool:
     return shutil.which("g++") is not None or shutil.which("c++") is not None
 
 
+def require_compiler(device_type: str) -> None:
+    """Fail before compiling, with the reason, where inductor could not build its CPU kernels."""
+    if device_type == "cpu" and not compiler_available():
+        raise HaqmoeError("compiled decode on the CPU needs a C++ compiler (g++) for torch.compile's kernels")
+
+
 def compiled_decode_kwargs(model: nn.Module, max_cache_len: int) -> dict:
     """Keyword arguments for ``model.generate`` that run its decode steps compiled.
 
@@ -44,8 +50,7 @@ def compiled_decode_kwargs(model: nn.Module, max_cache_len: int) -> dict:
     """
     from transformers import CompileConfig, StaticCache
 
-    if model.device.type == "cpu" and not compiler_available():
-        raise HaqmoeError("compiled decode on the CPU needs a C++ compiler (g++) for torch.compile's kernels")
+    require_compiler(model.device.type)
     if any(isinstance(m, (GroupedExperts, QuantExperts)) for m in model.modules()):
         warnings.warn("compiled decode of a MoE model: expert dispatch breaks the graph once per layer and "
                       "decode gets slower than eager (use it for dense models)", stacklevel=2)

@@ -155,10 +155,9 @@ class CollaborativeEngine:
         breaks (where torch has them) resume tracing inside the decoder layer instead of splitting every
         enclosing frame (fewer guarded frames: a tiny 2-layer Mixtral's emulated-GPU step on this CPU went
         from 2.9 to 1.7-2.5 ms)."""
-        from ..quant.compiled import compiler_available
+        from ..quant.compiled import require_compiler
 
-        if self.device.type == "cpu" and not compiler_available():
-            raise HaqmoeError("--compile on the CPU needs a C++ compiler (g++) for torch.compile's kernels")
+        require_compiler(self.device.type)
         dynamo = torch._dynamo.config
         dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * num_layers + 8)
         if hasattr(dynamo, "nested_graph_breaks"):  # resume inside the layer at a break: fewer, larger graphs
