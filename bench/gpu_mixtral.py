@@ -351,11 +351,8 @@ def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, d
                                                           exec_mode="real", admit=pol.admit,
                                                           cuda_graphs=pol.graphs, compile=pol.compiled))
             if pol.compiled:  # compile and record the decode graphs (same cache length), then start over
-                for n, _ in enumerate(engine.stream(ids, SamplingConfig(max_new_tokens=tokens))):
-                    if n == 8:
-                        break
+                engine.warm_up(ids, SamplingConfig(max_new_tokens=tokens))
                 feed.pos = 0
-                engine.reset_telemetry()
             build_s = time.perf_counter() - tb
             gen = engine.generate(ids, SamplingConfig(max_new_tokens=tokens))
             s = engine.summary()

@@ -81,6 +81,14 @@ def test_compiled_decode_gives_the_eager_tokens():
     engine.cache.check_invariants()
 
 
+def test_warm_up_counts_from_zero_and_keeps_tokens():
+    engine, ref = make(emulate_gpu=True, slots_per_layer=3, decision="split")
+    engine.warm_up(PROMPT, SamplingConfig(max_new_tokens=12), tokens=3)
+    s = engine.summary()
+    assert s["cpu_expert_calls"] == s["gpu_expert_calls"] == s["split_expert_calls"] == s["misses"] == 0
+    assert engine.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref
+
+
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "olmoe"])
 def test_other_moe_families_exact(family):
     engine, ref = make(family, emulate_gpu=True, slots_per_layer=3, decision="predictor", n_critical=1)

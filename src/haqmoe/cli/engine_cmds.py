@@ -102,12 +102,9 @@ def bench_runtime(model: str = typer.Argument("smollm2-moe", help="MoE model sou
         engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode,
                               prefetch, guess_trace, admit, compile_decode)
         ids = tokenize(engine.tokenizer, load_text("pydoc"))[:, :prompt_tokens]
-        # warm-up; compiled decode: the timed run's cache length, and enough steps to compile and record
-        warm = (ids, SamplingConfig(max_new_tokens=max_tokens)) if compile_decode else (ids[:, :8], SamplingConfig(2))
-        for n, _ in enumerate(engine.stream(*warm)):
-            if n == 8:
-                break
-        engine.reset_telemetry()
+        # compiled decode warms up on the timed run's cache length, with enough steps to compile and record
+        engine.warm_up(*((ids, SamplingConfig(max_new_tokens=max_tokens)) if compile_decode
+                         else (ids[:, :8], SamplingConfig(max_new_tokens=2))))
         gen = engine.generate(ids, SamplingConfig(max_new_tokens=max_tokens))
         lat = latency_stats(gen.token_ms)
         s = engine.summary()

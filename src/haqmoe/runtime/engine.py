@@ -344,6 +344,14 @@ class CollaborativeEngine:
         return self._decode(input_ids=ids, past_key_values=past, use_cache=True,
                             cache_position=torch.tensor([position], device=self.device))
 
+    def warm_up(self, prompt, sampling: SamplingConfig, tokens: int = 8) -> None:
+        """Generate up to ``tokens`` tokens untimed, then count from zero. With compiled decode, pass the
+        timed run's prompt and ``max_new_tokens`` (same cache length): the steps compile and record graphs."""
+        for n, _ in enumerate(self.stream(prompt, sampling)):
+            if n == tokens:
+                break
+        self.reset_telemetry()
+
     def generate(self, prompt, sampling: SamplingConfig = SamplingConfig()) -> Generation:
         gen = Generation(0)
         for _, gen in self.stream(prompt, sampling):
