@@ -13,9 +13,9 @@ Two measurements in one process, 2 threads:
    their real shapes, all distinct tensors (135 MB, so they stream from DRAM as in decode), on 1 and on 2
    threads.
 
-``--aoti`` adds the same step ahead-of-time compiled (torch.export + AOTInductor: no dynamo, no Python
-wrapper at run time; ~2.5 min to build here), timed on a greedy decode whose first 8 tokens are checked
-against eager ``generate``.
+``--aoti`` adds the same model generating ahead-of-time compiled (``haqmoe.quant.aot``, what ``haqmoe
+generate --aot`` runs: torch.export + AOTInductor, no dynamo, no Python wrapper at run time; ~3.5 min to
+build here), timed on a greedy decode whose first 8 tokens are checked against eager ``generate``.
 
 The profiler adds its own per-op cost, so the split is a guide to shares; the tokens/s rows are unprofiled.
 llama.cpp Q8_0 on the same model and machine decodes at 123-138 tok/s (int8_compiled.md, int8.md).
@@ -85,43 +85,35 @@ def decode_rows() -> list[dict]:
 
 
 def aoti_rows() -> list[dict]:
-    """The same decode step ahead-of-time compiled: transformers' exportable static-cache wrapper, strict
-    torch.export of a one-token step, AOTInductor package (C++ wrapper, no dynamo at run time). The prompt
-    goes through it token by token; greedy tokens are checked against eager ``generate``."""
+    """The same model generating through ``haqmoe.quant.aot`` (what ``haqmoe generate --aot`` runs): one
+    exported forward (dynamic token count) over a static cache, AOTInductor package built afresh here;
+    greedy tokens are checked against eager ``generate``."""
+    import tempfile
+
     import int8 as bench_int8
-    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 
     from haqmoe.models.loading import load_model
+    from haqmoe.quant.aot import AotGenerator
     from haqmoe.quant.precision import convert
 
     lm = load_model(str(bench_int8.ensure_quantized("smollm2-135m", int8_lm_head=True)), progress=False)
     convert(lm.model, "int8")
     m = lm.model
-    ids = bench_int8.prompt_ids(lm.tokenizer, PROMPT)
+    ids = torch.tensor([bench_int8.prompt_ids(lm.tokenizer, PROMPT)])
     with torch.inference_mode():
-        ref = m.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+        ref = m.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False,
                          pad_token_id=lm.tokenizer.eos_token_id)[0, PROMPT:].tolist()
-    m.generation_config.cache_implementation = "static"
-    t = time.perf_counter()
-    wrapper = TorchExportableModuleForDecoderOnlyLM(m, batch_size=1, max_cache_len=PROMPT + NEW_TOKENS)
-    with torch.no_grad():
-        program = wrapper.export(input_ids=torch.tensor([[1]]), cache_position=torch.tensor([0]), strict=True)
-    package = torch._inductor.aoti_compile_and_package(program)
-    build_s = time.perf_counter() - t
-    runner = torch._inductor.aoti_load_package(package)
-
-    def logits(tok: int, pos: int) -> torch.Tensor:
-        out = runner(input_ids=torch.tensor([[tok]]), cache_position=torch.tensor([pos]))
-        return (out[0] if isinstance(out, (tuple, list)) else out)[0, -1]
-
-    with torch.inference_mode():
-        for pos, tok in enumerate(ids):
-            last = logits(tok, pos)
-        out = [int(last.argmax())]
+    with tempfile.TemporaryDirectory() as root:
         t = time.perf_counter()
-        for i in range(NEW_TOKENS - 1):
-            out.append(int(logits(out[-1], PROMPT + i).argmax()))
-        step = (time.perf_counter() - t) / (NEW_TOKENS - 1)
+        gen = AotGenerator.for_model(m, PROMPT + NEW_TOKENS, root=Path(root))
+        build_s = time.perf_counter() - t
+        gen.generate(ids, 2)  # warm-up
+        t = time.perf_counter()
+        gen.generate(ids, 1)
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        out = gen.generate(ids, NEW_TOKENS)[0, PROMPT:].tolist()
+        step = (time.perf_counter() - t - first) / (NEW_TOKENS - 1)
     return [{"part": f"AOTInductor package of the step (built in {build_s:.0f} s), decode, unprofiled",
              "ms_per_token": 1e3 * step, "tok_s": 1 / step, "greedy_equals_eager": out[:8] == ref}]
 
@@ -182,8 +174,7 @@ def main() -> None:
         aot_ms = aot["ms_per_token"]
         notes += (f" Ahead-of-time compiled, the step takes {aot_ms:.1f} ms ({step / aot_ms:.2f}x "
                   f"faster than the compiled generate step in this run; greedy tokens equal eager: "
-                  f"{aot['greedy_equals_eager']}): no guards, no Python wrapper. Not wired into `haqmoe generate` "
-                  f"yet (it needs a prefill program and a cache reset between prompts).")
+                  f"{aot['greedy_equals_eager']}): no guards, no Python wrapper (`haqmoe generate --aot`).")
     out = ROOT / "bench" / "results" / "int8_breakdown.json"
     write_results(out, rows, run_meta(), "Compiled int8 decode step of SmolLM2-135M: where the time goes", notes)
     print(out.with_suffix(".md").read_text())

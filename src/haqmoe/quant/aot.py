@@ -1,0 +1,180 @@
+"""Ahead-of-time compiled generation: one forward over a static KV cache, exported (``torch.export``) and
+compiled to a C++ package (AOTInductor), run from a small Python loop.
+
+Why: ``torch.compile`` decode still pays dynamo's guard evaluation, the graph's Python wrapper and
+``generate``'s loop on every token; for SmolLM2 int8 that is ~5 of its ~18 ms (bench/results/
+int8_breakdown.md). The package calls its kernels and ``_int_mm`` straight from C++.
+
+One program serves prefill and decode: the token dimension is dynamic (1 ... cache length), and
+only the last position's logits are computed. The KV cache is state inside the package; a new prompt
+overwrites it from position 0 and the causal mask over cache positions hides whatever an earlier,
+longer generation left beyond the current position, so nothing is reset between prompts.
+
+A package holds its own copy of the weights and is built once per (weights, cache length, versions):
+~3.5 min for SmolLM2-135M on 2 cores, cached under ``<cache>/aot``. Cache lengths come in buckets of
+256 tokens (attention reads the whole static cache every step, so a longer one costs decode time).
+Dense models only: MoE expert dispatch is data-dependent and does not export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import HaqmoeError
+from ..paths import cache_dir
+from .compiled import require_compiler
+
+CACHE_BUCKET = 256
+
+
+def cache_len(tokens: int) -> int:
+    """The static cache length (a multiple of ``CACHE_BUCKET``) that holds ``tokens``."""
+    return max(1, -(-tokens // CACHE_BUCKET)) * CACHE_BUCKET
+
+
+def package_key(model: nn.Module, max_len: int) -> str:
+    """Digest of everything the package bakes in: weights and buffers, module types, config, cache
+    length and the compiler stack's versions."""
+    import transformers
+
+    from .. import __version__
+
+    h = hashlib.blake2b(digest_size=16)
+    meta = {"max_len": max_len, "torch": torch.__version__, "transformers": transformers.__version__,
+            "haqmoe": __version__, "config": model.config.to_json_string(use_diff=False),
+            "modules": [type(m).__name__ for m in model.modules()]}
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    for name, t in chain(model.named_parameters(), model.named_buffers()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_exportable(model: nn.Module) -> None:
+    from ..models.adapters import adapter_for
+
+    if model.device.type != "cpu":
+        raise HaqmoeError("ahead-of-time compiled generation runs on the CPU (load the model there)")
+    spec = adapter_for(model)
+    if any(spec.is_moe_block(b) for b in spec.blocks(model)):
+        raise HaqmoeError("ahead-of-time compiled generation is for dense models: MoE expert dispatch is "
+                          "data-dependent and does not export (use `haqmoe run` for MoE models)")
+    require_compiler("cpu")
+
+
+def export_step(model: nn.Module, max_len: int) -> torch.export.ExportedProgram:
+    """The exported forward: (input_ids [1, T], cache_position [T]) -> last logits [1, 1, V], T dynamic."""
+    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+    class Step(TorchExportableModuleWithStaticCache):  # transformers' static-cache wrapper, last logits only
+        def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+            for layer in self.static_cache.layers:
+                layer.cumulative_length.copy_(cache_position[0])
+            return self.model(input_ids=input_ids, attention_mask=None, past_key_values=self.static_cache,
+                              use_cache=True, logits_to_keep=1).logits
+
+    gen = model.generation_config
+    saved = gen.cache_implementation, gen.use_cache
+    gen.cache_implementation, gen.use_cache = "static", True  # the wrapper's precondition; restored below
+    try:
+        step = Step(model, batch_size=1, max_cache_len=max_len)
+        tokens = torch.export.Dim("tokens", min=1, max=max_len)
+        sample = min(8, max_len)
+        with torch.no_grad(), warnings.catch_warnings():
+            # transformers' output-capturing hook is a global dynamo reports as a side effect; it is unused here
+            warnings.filterwarnings("ignore", message="While compiling, we found certain side effects")
+            return torch.export.export(step, (), {"input_ids": torch.zeros(1, sample, dtype=torch.long),
+                                                  "cache_position": torch.arange(sample)},
+                                       dynamic_shapes={"input_ids": {1: tokens}, "cache_position": {0: tokens}},
+                                       strict=True)
+    finally:
+        gen.cache_implementation, gen.use_cache = saved
+
+
+def build_package(model: nn.Module, max_len: int, path: Path) -> Path:
+    """Export and compile the step into ``path`` (written whole or not at all)."""
+    _check_exportable(model)
+    program = export_step(model, max_len)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.pt2")
+    try:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+@dataclass
+class AotGenerator:
+    """A loaded package and the loop around it (greedy or temperature/top-p sampling, streaming)."""
+
+    runner: Callable
+    max_len: int
+    path: Path
+
+    @classmethod
+    def for_model(cls, model: nn.Module, tokens: int, log: Callable[[str], None] = lambda s: None,
+                  root: Path | None = None) -> "AotGenerator":
+        """The package for ``model`` with room for ``tokens`` (prompt + new), built on first use."""
+        _check_exportable(model)
+        max_len = cache_len(tokens)
+        path = (root or cache_dir() / "aot") / f"{package_key(model, max_len)}.pt2"
+        if not path.exists():
+            log(f"building the ahead-of-time package (one-off; minutes): {path}")
+            build_package(model, max_len, path)
+        try:
+            runner = torch._inductor.aoti_load_package(str(path))
+        except Exception as exc:  # a truncated or foreign file: say which, rebuilding would hide a real fault
+            raise HaqmoeError(f"could not load the ahead-of-time package {path} ({exc}); delete it to rebuild")
+        return cls(runner, max_len, path)
+
+    def logits(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits [V] after feeding ``ids`` [1, T] at cache positions ``start`` ... ``start + T - 1``."""
+        n = ids.shape[1]
+        if start + n > self.max_len:
+            raise HaqmoeError(f"{start + n} tokens do not fit the package's cache of {self.max_len}")
+        out = self.runner(input_ids=ids, cache_position=torch.arange(start, start + n))
+        return (out[0] if isinstance(out, (tuple, list)) else out)[0, -1]
+
+    @torch.inference_mode()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
+                 eos_token_id: int | list[int] | None = None, streamer=None) -> torch.Tensor:
+        """Prompt and new tokens [1, T + new], as ``model.generate`` returns them (stops after an EOS)."""
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+        n = ids.shape[1]
+        if n + max_new_tokens > self.max_len:
+            raise HaqmoeError(f"prompt ({n}) + new tokens ({max_new_tokens}) exceed the package's cache "
+                              f"of {self.max_len}")
+        warp = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]
+                                   if temperature > 0 else [])
+        stop = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
+        if streamer is not None:
+            streamer.put(ids)
+        out, last = [], self.logits(ids, 0)
+        for i in range(max_new_tokens):
+            if warp:
+                probs = warp(ids, last[None]).softmax(-1)
+                tok = int(torch.multinomial(probs, 1))
+            else:
+                tok = int(last.argmax())
+            out.append(tok)
+            if streamer is not None:
+                streamer.put(torch.tensor([tok]))
+            if tok in stop or i + 1 == max_new_tokens:
+                break
+            last = self.logits(torch.tensor([[tok]]), n + i)
+        if streamer is not None:
+            streamer.end()
+        return torch.cat([ids, torch.tensor([out], dtype=ids.dtype)], dim=1)

@@ -1,0 +1,103 @@
+"""Ahead-of-time compiled generation computes what transformers' ``generate`` computes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from haqmoe.errors import HaqmoeError
+from haqmoe.models.adapters import adapter_for
+from haqmoe.models.tiny import tiny_model
+from haqmoe.quant.aot import AotGenerator, cache_len, package_key
+from haqmoe.quant.compiled import compiler_available
+from haqmoe.quant.config import QuantConfig
+from haqmoe.quant.precision import convert
+from haqmoe.quant.rtn import quantize_rtn
+
+needs_compiler = pytest.mark.skipif(not compiler_available(), reason="AOTInductor needs a C++ compiler")
+
+
+def _reference(model, ids: torch.Tensor, new: int) -> tuple[list[int], torch.Tensor]:
+    out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                         return_dict_in_generate=True, output_logits=True)
+    return out.sequences[0, ids.shape[1]:].tolist(), torch.cat(out.logits)
+
+
+def _aot_logits(gen: AotGenerator, ids: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """Teacher-forced: the logits after the prompt, then after each of ``tokens`` but the last."""
+    rows = [gen.logits(ids, 0)]
+    rows += [gen.logits(torch.tensor([[t]]), ids.shape[1] + i) for i, t in enumerate(tokens[:-1])]
+    return torch.stack(rows)
+
+
+@needs_compiler
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "real-int8"])
+def test_aot_generation_matches_transformers(tmp_path, int8: bool):
+    model = tiny_model("llama", layers=2)
+    if int8:
+        quantize_rtn(model, adapter_for(model), QuantConfig.w8a8("rtn"), progress=False)
+        convert(model, "int8", int8_lm_head=True)
+    gen = AotGenerator.for_model(model, 40, root=tmp_path)
+    rng = torch.Generator().manual_seed(5)
+    # a long prompt first, then a shorter one: the second runs over the first one's stale cache entries
+    for length in (23, 6):
+        ids = torch.randint(0, 128, (1, length), generator=rng)
+        with torch.inference_mode():
+            ref_tokens, ref_logits = _reference(model, ids, 10)
+            tokens = gen.generate(ids, 10)[0, length:].tolist()
+            logits = _aot_logits(gen, ids, ref_tokens)
+        assert tokens == ref_tokens
+        # int8: the same integers, float ops possibly fused in another order (see test_compiled.py)
+        assert float((logits - ref_logits).norm() / ref_logits.norm()) < (2e-3 if int8 else 1e-5)
+
+
+@needs_compiler
+def test_aot_package_is_reused_and_keyed_by_weights(tmp_path):
+    model = tiny_model("llama", layers=1)
+    first = AotGenerator.for_model(model, 10, root=tmp_path)
+    stamp = first.path.stat().st_mtime_ns
+    assert AotGenerator.for_model(model, 200, root=tmp_path).path == first.path  # same 256-token bucket
+    assert first.path.stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    assert package_key(model, 512) != package_key(model, 256)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1
+    assert package_key(model, 256) != first.path.stem
+
+
+def test_cache_length_buckets():
+    assert [cache_len(n) for n in (1, 256, 257, 600)] == [256, 256, 512, 768]
+
+
+def test_aot_refuses_moe_models_and_overlong_generations(tmp_path):
+    with pytest.raises(HaqmoeError, match="dense models"):
+        AotGenerator.for_model(tiny_model("mixtral", layers=1), 10, root=tmp_path)
+    gen = AotGenerator(runner=lambda **kw: None, max_len=256, path=tmp_path / "x.pt2")
+    with pytest.raises(HaqmoeError, match="exceed"):
+        gen.generate(torch.zeros(1, 250, dtype=torch.long), 10)
+
+
+@needs_compiler
+def test_haqmoe_generate_aot_keeps_the_text(tmp_path, monkeypatch, capsys):
+    """`generate --aot` (int8, greedy) prints what plain `generate` prints; the package lands in the cache."""
+    from haqmoe.models.loading import load_model
+    from haqmoe.quant.checkpoint import save_quantized
+    from haqmoe.serve.fixtures import tiny_chat_model
+    from tests.test_cli import run
+
+    monkeypatch.setenv("HAQMOE_CACHE", str(tmp_path / "cache"))
+    lm = load_model(str(tiny_chat_model(tmp_path / "m", "llama")), progress=False)
+    cfg = QuantConfig.w8a8("rtn")
+    quantize_rtn(lm.model, lm.adapter, cfg, progress=False)
+    save_quantized(lm.model, lm.tokenizer, tmp_path / "q", cfg, {"source": "tiny"})
+    args = ["generate", str(tmp_path / "q"), "-p", "Hello there", "--max-tokens", "12", "--exec", "real", "--json"]
+    rows = []
+    for extra in ([], ["--aot"], ["--aot"]):  # the second --aot run loads the package built by the first
+        code, out, err = run(args + extra, capsys)
+        assert code == 0, err
+        rows.append(json.loads(out))
+    assert rows[1]["text"] == rows[2]["text"] == rows[0]["text"] and rows[1]["tokens"] == 12
+    assert len(list((tmp_path / "cache" / "aot").glob("*.pt2"))) == 1
+    code, _, err = run(args + ["--aot", "--compile"], capsys)
+    assert code == 2 and "pick one" in err
