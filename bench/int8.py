@@ -440,17 +440,25 @@ a dynamic token count over a static KV cache (256-token buckets), exported with 
 compiled by AOTInductor into a C++ package (built once per weights and bucket, 4-5 min here, then
 cached); prompt and decode run through it from a small Python loop, so no dynamo guards, graph wrapper
 or `generate` loop per token. int8_aot.md (`bench/int8.py --models smollm2-135m --modes
-fp32,real-int8-lm-head,real-int8-lm-head-compiled,real-int8-lm-head-aot,llama.cpp-q8_0 --rounds 2
---no-ppl --out bench/results/int8_aot`; the machine was slower than for int8_compiled.md: fp32 15.9 vs
-17.2 tok/s): 79.2 tok/s vs 57.9 compiled (1.37x) and 34.7 eager, 5.0x fp32, 0.64x llama.cpp Q8_0
-(124.5 in the same run). Peak RSS 2.5 GB in the round that built the package, 1.5 GB when loading it
-(the package holds its own copy of the weights beside the eager model's, in `haqmoe generate --aot`
-too). Its prefill_tok_s is the eager forward's, as for the -compiled rows. Greedy
-tokens part from eager at token 9 of 128 (the -compiled rows keep all 128): inductor orders the float
-ops of this dynamic-shape program differently, and the W8A8 model turns that into a 3 % (relative
-norm) logit difference after the prompt, half of what a 1e-6 relative change of the input embeddings
-gives (6.5 %); token 9 is where eager's top-2 margin is 0.06. The exported program run eagerly gives
-eager's logits exactly, and on a tiny model the package's greedy tokens equal transformers' (tests/test_aot.py).
+fp32,real-int8-lm-head,real-int8-lm-head-compiled,real-int8-lm-head-aot,llama.cpp-q8_0 --rounds 3
+--no-ppl --out bench/results/int8_aot`): 68.1 tok/s vs 55.4 compiled (1.23x) and 32.4 eager, 4.1x fp32,
+0.54x llama.cpp Q8_0 (126.7). The host was noisy: an earlier 2-round run of the same command (commit
+372cb0a) gave 79.2 vs 57.9 compiled (1.37x) and 0.64x llama.cpp (124.5), and each mode's best round
+moves by 10-25 % between runs. The steadier figure is bench/results/int8_interleaved.md
+(`bench/int8_interleaved.py --pairs 12`: the package and llama.cpp in two processes, alternating
+64-token bursts, ratio per pair): median 0.61x (pairs 0.55-0.74), 69.0 vs 110.1 tok/s. Peak RSS 2.5 GB
+in the round that built the package, 1.4 GB when loading it (the package holds its own copy of the
+weights beside the eager model's, in `haqmoe generate --aot` too). Its prefill_tok_s is the eager
+forward's, as for the -compiled rows. Where the package's step goes (inductor kernel profile, one run):
+`_int_mm` 75 %, attention with its fused rotary/cache-write kernel 15 %, the rest 10 %; the int8 GEMV is
+the floor left, and it alone takes about llama.cpp's whole step. Greedy tokens part from eager at token 9 of 128 (the -compiled rows keep all 128):
+inductor orders the float ops of this dynamic-shape program differently, and the W8A8 model turns that
+into a 3 % (relative norm) logit difference after the prompt, half of what a 1e-6 relative change of the
+input embeddings gives (6.5 %); token 9 is where eager's top-2 margin is 0.06. The exported program run
+eagerly gives eager's logits exactly, and on a tiny model the package's greedy tokens equal
+transformers' (tests/test_aot.py). Tried, no gain: sdpa reading grouped K/V heads directly (no
+repeat_kv copy; 12.1 vs 12.8 ms per token side by side, within noise), one GEMM per q/k/v and gate/up
+group (121 instead of 211 one-token `_int_mm` calls over the same bytes: 8.2-9.7 vs 8.9-9.4 ms).
 GPU rows (random-weight models with the same configs, NVIDIA H200): bench/results/int8_cuda.md and int8_gpu.md.
 """
 

@@ -110,7 +110,7 @@ def generate(model: str = typer.Argument("smollm2-135m", help="Model source (see
                                                  "static KV cache; dense models, ~1.9x with --exec real; a warm-up "
                                                  "generation compiles first, needs a C++ compiler)."),
              aot: bool = typer.Option(False, "--aot", help="Generate through an ahead-of-time compiled package "
-                                      "(torch.export + AOTInductor; dense models, ~1.4x --compile's decode with "
+                                      "(torch.export + AOTInductor; dense models, 1.2-1.4x --compile's decode with "
                                       "--exec real). Built once per model and 256-token cache bucket (minutes), "
                                       "then cached; needs a C++ compiler."),
              as_json: bool = typer.Option(False, "--json", help="Machine-readable output (no streaming).")) -> None:

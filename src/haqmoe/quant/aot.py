@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from itertools import chain
@@ -35,6 +36,7 @@ from ..paths import cache_dir
 from .compiled import require_compiler
 
 CACHE_BUCKET = 256
+EXPORT_VERSION = 1  # bump when export_step changes what a package computes or how: old packages are then rebuilt
 
 
 def cache_len(tokens: int) -> int:
@@ -50,8 +52,9 @@ def package_key(model: nn.Module, max_len: int) -> str:
     from .. import __version__
 
     h = hashlib.blake2b(digest_size=16)
-    meta = {"max_len": max_len, "torch": torch.__version__, "transformers": transformers.__version__,
-            "haqmoe": __version__, "config": model.config.to_json_string(use_diff=False),
+    meta = {"export": EXPORT_VERSION, "max_len": max_len, "torch": torch.__version__,
+            "transformers": transformers.__version__, "haqmoe": __version__,
+            "config": model.config.to_json_string(use_diff=False),
             "modules": [type(m).__name__ for m in model.modules()]}
     h.update(json.dumps(meta, sort_keys=True).encode())
     for name, t in chain(model.named_parameters(), model.named_buffers()):
@@ -106,12 +109,10 @@ def build_package(model: nn.Module, max_len: int, path: Path) -> Path:
     _check_exportable(model)
     program = export_step(model, max_len)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.pt2")
-    try:
-        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as tmp:  # same name: the archive's root
+        built = Path(tmp) / path.name
+        torch._inductor.aoti_compile_and_package(program, package_path=str(built))
+        os.replace(built, path)
     return path
 
 
