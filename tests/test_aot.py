@@ -51,6 +51,13 @@ def test_aot_generation_matches_transformers(tmp_path, int8: bool):
         assert tokens == ref_tokens
         # int8: the same integers, float ops possibly fused in another order (see test_compiled.py)
         assert float((logits - ref_logits).norm() / ref_logits.norm()) < (2e-3 if int8 else 1e-5)
+    # sampling: the same warpers in the same order and the same random draws as transformers
+    sampling = dict(temperature=0.7, top_k=20, top_p=0.9)
+    torch.manual_seed(11)
+    with torch.inference_mode():
+        ref = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=True, pad_token_id=0, **sampling)
+    torch.manual_seed(11)
+    assert gen.generate(ids, 12, **sampling).tolist() == ref.tolist()
 
 
 @needs_compiler

@@ -161,8 +161,9 @@ def generate(model: str = typer.Argument("smollm2-135m", help="Model source (see
     streamer = Streamer(lm.tokenizer, skip_prompt=True, skip_special_tokens=True)
     with torch.inference_mode():
         if aot_gen is not None:
-            out = aot_gen.generate(ids, max_tokens, temperature=temperature, top_p=top_p,
-                                   eos_token_id=lm.model.generation_config.eos_token_id, streamer=streamer)
+            gen_cfg = lm.model.generation_config
+            out = aot_gen.generate(ids, max_tokens, temperature=temperature, top_k=gen_cfg.top_k, top_p=top_p,
+                                   eos_token_id=gen_cfg.eos_token_id, streamer=streamer)
         else:
             out = lm.model.generate(ids, streamer=streamer, **options, **extra())
     tokens = out[0, ids.shape[1]:].tolist()

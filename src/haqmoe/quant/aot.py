@@ -11,7 +11,7 @@ overwrites it from position 0 and the causal mask over cache positions hides wha
 longer generation left beyond the current position, so nothing is reset between prompts.
 
 A package holds its own copy of the weights and is built once per (weights, cache length, versions):
-~3.5 min for SmolLM2-135M on 2 cores, cached under ``<cache>/aot``. Cache lengths come in buckets of
+3.5-5 min for SmolLM2-135M on 2 cores, cached under ``<cache>/aot``. Cache lengths come in buckets of
 256 tokens (attention reads the whole static cache every step, so a longer one costs decode time).
 Dense models only: MoE expert dispatch is data-dependent and does not export.
 """
@@ -149,23 +149,27 @@ class AotGenerator:
         return (out[0] if isinstance(out, (tuple, list)) else out)[0, -1]
 
     @torch.inference_mode()
-    def generate(self, ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
-                 eos_token_id: int | list[int] | None = None, streamer=None) -> torch.Tensor:
-        """Prompt and new tokens [1, T + new], as ``model.generate`` returns them (stops after an EOS)."""
-        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float = 1.0, eos_token_id: int | list[int] | None = None, streamer=None) -> torch.Tensor:
+        """Prompt and new tokens [1, T + new], as ``model.generate`` returns them (stops after an EOS);
+        ``temperature`` > 0 samples, warped in transformers' order (temperature, top-k, top-p)."""
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
         n = ids.shape[1]
         if n + max_new_tokens > self.max_len:
             raise HaqmoeError(f"prompt ({n}) + new tokens ({max_new_tokens}) exceed the package's cache "
                               f"of {self.max_len}")
-        warp = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]
-                                   if temperature > 0 else [])
+        warp = LogitsProcessorList()
+        if temperature > 0:
+            warp.append(TemperatureLogitsWarper(temperature))
+            warp += [TopKLogitsWarper(top_k)] if top_k else []
+            warp += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
         stop = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
         if streamer is not None:
             streamer.put(ids)
         out, last = [], self.logits(ids, 0)
         for i in range(max_new_tokens):
-            if warp:
+            if temperature > 0:
                 probs = warp(ids, last[None]).softmax(-1)
                 tok = int(torch.multinomial(probs, 1))
             else:
