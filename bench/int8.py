@@ -451,8 +451,8 @@ in the round that built the package, 1.4 GB when loading it (the package holds i
 weights beside the eager model's, in `haqmoe generate --aot` too). Its prefill_tok_s is the eager
 forward's, as for the -compiled rows. Where the package's step goes (inductor kernel profile, one run):
 `_int_mm` 75 %, attention with its fused rotary/cache-write kernel 15 %, the rest 10 %; the int8 GEMV is
-the floor left, and it alone takes about llama.cpp's whole step. Greedy tokens part from eager at token 9 of 128 (the -compiled rows keep all 128):
-inductor orders the float ops of this dynamic-shape program differently, and the W8A8 model turns that
+the floor left, and it alone takes about llama.cpp's whole step. Greedy tokens part from eager at token 9
+of 128 (the -compiled rows keep all 128): inductor orders the float ops of this dynamic-shape program differently, and the W8A8 model turns that
 into a 3 % (relative norm) logit difference after the prompt, half of what a 1e-6 relative change of the
 input embeddings gives (6.5 %); token 9 is where eager's top-2 margin is 0.06. The exported program run
 eagerly gives eager's logits exactly, and on a tiny model the package's greedy tokens equal
