@@ -14,7 +14,7 @@ Two measurements in one process, 2 threads:
    threads.
 
 ``--aoti`` adds the same model generating ahead-of-time compiled (``haqmoe.quant.aot``, what ``haqmoe
-generate --aot`` runs: torch.export + AOTInductor, no dynamo, no Python wrapper at run time; ~3.5 min to
+generate --aot`` runs: torch.export + AOTInductor, no dynamo, no Python wrapper at run time; 3.5-5 min to
 build here), timed on a greedy decode whose first 8 tokens are checked against eager ``generate``.
 
 The profiler adds its own per-op cost, so the split is a guide to shares; the tokens/s rows are unprofiled.
