@@ -10,8 +10,8 @@ import torch
 from haqmoe.errors import HaqmoeError
 from haqmoe.models.adapters import adapter_for
 from haqmoe.models.tiny import tiny_model
-from haqmoe.quant.aot import AotGenerator, cache_len, package_key
-from haqmoe.quant.compiled import compiler_available
+from haqmoe.quant.aot import AotGenerator, package_key
+from haqmoe.quant.compiled import cache_len, compiler_available
 from haqmoe.quant.config import QuantConfig
 from haqmoe.quant.precision import convert
 from haqmoe.quant.rtn import quantize_rtn

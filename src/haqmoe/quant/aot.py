@@ -11,8 +11,8 @@ overwrites it from position 0 and the causal mask over cache positions hides wha
 longer generation left beyond the current position, so nothing is reset between prompts.
 
 A package holds its own copy of the weights and is built once per (weights, cache length, versions):
-3.5-5 min for SmolLM2-135M on 2 cores, cached under ``<cache>/aot``. Cache lengths come in buckets of
-256 tokens (attention reads the whole static cache every step, so a longer one costs decode time).
+3.5-5 min for SmolLM2-135M on 2 cores, cached under ``<cache>/aot``. Cache lengths come in 256-token
+buckets (``compiled.cache_len``, shared with the engine's compiled decode).
 Dense models only: MoE expert dispatch is data-dependent and does not export.
 """
 
@@ -33,15 +33,9 @@ from torch import nn
 
 from ..errors import HaqmoeError
 from ..paths import cache_dir
-from .compiled import require_compiler
+from .compiled import cache_len, require_compiler
 
-CACHE_BUCKET = 256
 EXPORT_VERSION = 1  # bump when export_step changes what a package computes or how: old packages are then rebuilt
-
-
-def cache_len(tokens: int) -> int:
-    """The static cache length (a multiple of ``CACHE_BUCKET``) that holds ``tokens``."""
-    return max(1, -(-tokens // CACHE_BUCKET)) * CACHE_BUCKET
 
 
 def package_key(model: nn.Module, max_len: int) -> str:

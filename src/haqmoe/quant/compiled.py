@@ -37,6 +37,16 @@ def compiler_available() -> bool:
     return shutil.which("g++") is not None or shutil.which("c++") is not None
 
 
+CACHE_BUCKET = 256
+
+
+def cache_len(tokens: int) -> int:
+    """The static KV cache length (a multiple of ``CACHE_BUCKET``) that holds ``tokens``: compiled code
+    depends on the cache's length, so nearby generation lengths share it (attention reads the whole
+    static cache every step, so a longer bucket would cost decode time)."""
+    return max(1, -(-tokens // CACHE_BUCKET)) * CACHE_BUCKET
+
+
 def require_compiler(device_type: str) -> None:
     """Fail before compiling, with the reason, where inductor could not build its CPU kernels."""
     if device_type == "cpu" and not compiler_available():

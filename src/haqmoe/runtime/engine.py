@@ -166,13 +166,15 @@ class CollaborativeEngine:
         return torch.compile(self.model.forward, mode=mode, dynamic=False)
 
     def _static_cache(self, tokens: int):
-        """A static KV cache for ``tokens`` positions, rounded up to a multiple of 256: the compiled graphs
-        depend on its length, so nearby generation lengths reuse them. The same cache is reset and reused
+        """A static KV cache for ``tokens`` positions, rounded up to its bucket (``cache_len``): the compiled
+        graphs depend on its length, so nearby generation lengths reuse them. The same cache is reset and reused
         while the length holds: CUDA graphs are recorded on its buffers' addresses, and a new cache would
         re-record every graph (measured on the H100: a 100-180 ms first decode token)."""
         from transformers import StaticCache
 
-        length = -(-tokens // 256) * 256
+        from ..quant.compiled import cache_len
+
+        length = cache_len(tokens)
         if self._kv is not None and self._kv[0] == length:
             self._kv[1].reset()
         else:
