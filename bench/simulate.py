@@ -49,6 +49,11 @@ streams the whole 176 MB expert).
 These profiles assume CPU and GPU experts of a layer overlap (`cpu_gpu_overlap` 1), i.e. a runtime that launches GPU work ahead of the CPU tier. Our eager engine does not: on a real H200 its offloading rows matched the simulator only with `cpu_gpu_overlap` 0 and a fitted per-layer host overhead (runtime_gpu.md), so these rows are what the policies give once GPU work is launched ahead (CUDA graphs or a launch thread), not what today's eager engine measures."""
 
 
+def miss_floor_ms(cost) -> float:
+    """What a one-token miss costs at least: its expert's bytes read once, over DDR (CPU) and PCIe at once."""
+    return 1 / (1 / cost.t_cpu(1) + 1 / cost.transfer_ms)
+
+
 def ceiling_note(pair, cost, spec, slots: int, ours: dict, peer: float) -> str:
     """What 2x would take: the best row's time per token split into misses x split cost and the rest
     (resident experts, attention, host), then the same rest with the fewest misses any static placement
@@ -57,7 +62,7 @@ def ceiling_note(pair, cost, spec, slots: int, ours: dict, peer: float) -> str:
     token_ms = 1e3 / ours["decode_tok_s"]
     split_ms = cost.best_split(1)[1]
     rest = token_ms - calls * (1 - ours["hit_rate"]) * split_ms
-    floor = 1 / (1 / cost.t_cpu(1) + 1 / cost.transfer_ms)
+    floor = miss_floor_ms(cost)
     h_all, h_req = static_oracle_hit(pair.eval, slots, False), static_oracle_hit(pair.eval, slots, True)
     bound = 1e3 / (rest + calls * (1 - h_req) * floor)
     bound_split = 1e3 / (rest + calls * (1 - h_req) * split_ms)
@@ -113,7 +118,7 @@ def main() -> None:
                      f"trace and slots reaches {belady['hit_rate']:.2f} (every miss copied in); our online "
                      f"policies stay at 0.68-0.72. A miss has to read its expert's bytes once, over DDR (CPU) or "
                      f"PCIe: with both at once it costs at least 1/(1/CPU + 1/copy) = "
-                     f"{1 / (1 / cost.t_cpu(1) + 1 / cost.transfer_ms):.2f} ms, so split is near its floor, and "
+                     f"{miss_floor_ms(cost):.2f} ms, so split is near its floor, and "
                      f"copying split misses into the cache behind them (tried: 19.4 tok/s, hit 0.71) loses: a "
                      f"whole-expert copy cannot be preempted and the next split waits behind it.")
     notes += ceiling_note(pair, cost, spec, slots, ours, peer)
