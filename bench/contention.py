@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,16 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "src"))
 PROMPT, NEW = 32, 32
-
-
-def tok_s(generate) -> float:
-    """Decode tok/s: a generation of NEW + 1 tokens minus one of 1 token (the prompt's share)."""
-    t = time.perf_counter()
-    generate(1)
-    first = time.perf_counter() - t
-    t = time.perf_counter()
-    generate(NEW + 1)
-    return NEW / (time.perf_counter() - t - first)
 
 
 def main() -> None:
@@ -57,7 +46,7 @@ def main() -> None:
                 row = {"load": load, "threads": threads}
                 for name, generate in runs.items():
                     generate(2)  # warm-up at this thread count
-                    row[f"{name}_decode_tok_s"] = tok_s(generate)
+                    row[f"{name}_decode_tok_s"] = bench_int8.decode_rate(generate, NEW + 1)[0]
                 rows.append(row)
                 print(row, flush=True)
         finally:

@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("fp32", "fake-quant", "dequant-once", "real-int8", "auto", "real-int8-lm-head",
@@ -149,18 +150,25 @@ def time_model(m, ids, cfg: BenchConfig, pad_id: int, variant: str = "") -> dict
         sync()
         row["prefill_tok_s"] = ids.shape[1] / (time.perf_counter() - t)
         prompt = ids[:, : cfg.prompt_tokens]
-        t, c = time.perf_counter(), time.process_time()
-        generate(prompt, 1)
-        sync()
-        first, first_cpu = time.perf_counter() - t, time.process_time() - c
-        t, c = time.perf_counter(), time.process_time()
-        out = generate(prompt, cfg.new_tokens)
-        sync()
-        total, total_cpu = time.perf_counter() - t, time.process_time() - c
-        row["decode_tok_s"] = (cfg.new_tokens - 1) / max(total - first, 1e-9)
-        row["decode_cpu_tok_s"] = (cfg.new_tokens - 1) / max(total_cpu - first_cpu, 1e-9)
+        row["decode_tok_s"], row["decode_cpu_tok_s"], out = decode_rate(lambda n: generate(prompt, n),
+                                                                        cfg.new_tokens, sync)
         row["generated"] = out[0, cfg.prompt_tokens:].tolist()
     return row
+
+
+def decode_rate(generate: Callable[[int], Any], new_tokens: int, sync: Callable[[], None] = lambda: None
+                ) -> tuple[float, float, Any]:
+    """Decode (wall, CPU-time) tok/s of a ``new_tokens`` generation beyond its first token: its time minus
+    a one-token generation's (the prompt's share); and its output. ``generate(n)`` generates n tokens."""
+    t, c = time.perf_counter(), time.process_time()
+    generate(1)
+    sync()
+    first, first_cpu = time.perf_counter() - t, time.process_time() - c
+    t, c = time.perf_counter(), time.process_time()
+    out = generate(new_tokens)
+    sync()
+    total, total_cpu = time.perf_counter() - t, time.process_time() - c
+    return ((new_tokens - 1) / max(total - first, 1e-9), (new_tokens - 1) / max(total_cpu - first_cpu, 1e-9), out)
 
 
 CUDA_MODES = ("fp16", "fp32", "fake-quant", "dequant-once", "real-int8")
