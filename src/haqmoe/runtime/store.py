@@ -209,8 +209,9 @@ class ExpertStore:
     def capture_decode_graphs(self, hidden: int, dtype: torch.dtype) -> None:
         """CUDA only: record each slot's one-token expert as a CUDA graph (same kernels, so the same
         numbers), and each split slot's GPU part at every split point. Slots are fixed buffers, so a graph
-        stays valid whatever expert a copy puts in its slot. The graphs share one memory pool: replays are serialized on the compute stream and each
-        graph's output stays allocated, so only intermediates are shared."""
+        stays valid whatever expert a copy puts in its slot. The graphs share one memory pool: replays are
+        serialized on the compute stream and each graph's output stays allocated, so only intermediates are
+        shared."""
         if self.device.type != "cuda" or self.cfg.num_slots == 0:
             return
         x = torch.zeros(1, hidden, device=self.device, dtype=dtype)
