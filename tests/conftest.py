@@ -34,3 +34,17 @@ def smollm2():
     from haqmoe.models.loading import load_model
 
     return load_model("smollm2-135m", progress=False)
+
+
+@pytest.fixture(params=["kernel", "int_mm"])
+def int8_path(request, monkeypatch):
+    """Run a test on both CPU int8 paths: our fused kernel (skipped where it cannot run: no AVX512-VNNI
+    or no compiler) and quantize_tokens + torch._int_mm (the kernel switched off)."""
+    from haqmoe.quant import int8
+    from haqmoe.quant.kernels import w8a8_op
+
+    if request.param == "int_mm":
+        monkeypatch.setattr(int8, "w8a8_op", lambda: None)
+    elif w8a8_op() is None:
+        pytest.skip("the fused int8 CPU kernel cannot run here")
+    return request.param

@@ -8,6 +8,7 @@ import torch
 
 from haqmoe.models.adapters import adapter_for
 from haqmoe.models.tiny import tiny_model
+from haqmoe.quant import int8
 from haqmoe.quant.config import QuantConfig
 from haqmoe.quant.int8 import (ACT_CACHE, DequantExperts, DequantLinear, Int8Experts, Int8Linear, QuantAct, int8_matmul,
                                pack_weight, quantize_tokens)
@@ -37,7 +38,7 @@ def _one_step(ql: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("a_sym", [True, False], ids=["a-sym", "a-asym"])
 @pytest.mark.parametrize("outliers", [False, True], ids=["random", "outliers"])
 @pytest.mark.parametrize("m", TOKENS)
-def test_int8_linear_matches_fake_quant(w_sym: bool, a_sym: bool, outliers: bool, m: int):
+def test_int8_linear_matches_fake_quant(w_sym: bool, a_sym: bool, outliers: bool, m: int, int8_path):
     k, n = 96, 40
     g = torch.Generator().manual_seed(m)
     w, b = torch.randn(n, k, generator=g) * 0.1 + 0.02, torch.randn(n, generator=g)
@@ -103,7 +104,7 @@ def test_int8_linear_exact_on_extreme_long_k():
     torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=0)
 
 
-def test_padding_for_unaligned_shapes_is_exact():
+def test_padding_for_unaligned_shapes_is_exact(int8_path):
     """K and N that are not multiples of 8 are zero-padded at pack time (CUDA needs it)."""
     ql = QuantLinear.from_weight(torch.randn(5, 13), torch.randn(5), QuantSpec(8, False, "channel"),
                                  QuantSpec(8, False, "token"))
@@ -113,7 +114,7 @@ def test_padding_for_unaligned_shapes_is_exact():
     torch.testing.assert_close(il(x), ql(x), rtol=1e-5, atol=1e-5)
 
 
-def test_static_per_tensor_activations():
+def test_static_per_tensor_activations(int8_path):
     ql = QuantLinear.from_weight(torch.randn(24, 32), None, QuantSpec(8, False, "channel"),
                                  QuantSpec(8, False, "tensor", dynamic=False))
     ql.a_scale.fill_(0.02)
@@ -123,7 +124,9 @@ def test_static_per_tensor_activations():
     torch.testing.assert_close(DequantLinear.from_quant_linear(ql)(x), ql(x), rtol=1e-5, atol=1e-5)
 
 
-def test_activation_cache_is_shared_and_invalidated():
+def test_activation_cache_is_shared_and_invalidated(monkeypatch):
+    """The _int_mm path's identity cache (the fused kernel quantizes inside and does not use it)."""
+    monkeypatch.setattr(int8, "w8a8_op", lambda: None)
     specs = QuantSpec(8, False, "channel"), QuantSpec(8, False, "token")
     a = Int8Linear.from_quant_linear(QuantLinear.from_weight(torch.randn(8, 16), None, *specs))
     b = Int8Linear.from_quant_linear(QuantLinear.from_weight(torch.randn(8, 16), None, *specs))
@@ -142,7 +145,7 @@ def test_activation_cache_is_shared_and_invalidated():
 
 @pytest.mark.parametrize("w_sym", [True, False])
 @pytest.mark.parametrize("t", [1, 7, 17])
-def test_experts_match_quant_experts(w_sym: bool, t: int):
+def test_experts_match_quant_experts(w_sym: bool, t: int, int8_path):
     model = tiny_model("mixtral")
     adapter = adapter_for(model)
     quantize_rtn(model, adapter, QuantConfig.w8a8("rtn", w_sym=w_sym), progress=False)
@@ -176,7 +179,7 @@ def test_one_token_fast_path_is_bit_identical(w_sym: bool, a_sym: bool):
 
 @pytest.mark.parametrize("w_sym", [True, False])
 @pytest.mark.parametrize("m", [1, 7])
-def test_fused_sibling_group_is_bit_identical_to_its_linears(w_sym: bool, m: int):
+def test_fused_sibling_group_is_bit_identical_to_its_linears(w_sym: bool, m: int, int8_path):
     """q/k/v (gate/up) as one int8 GEMM: each member's slice equals that linear's own output exactly."""
     from haqmoe.quant.int8 import Int8LinearGroup, Int8Sibling
 

@@ -34,8 +34,9 @@ from torch import nn
 from ..errors import HaqmoeError
 from ..paths import cache_dir
 from .compiled import cache_len, require_compiler
+from .kernels import w8a8_op
 
-EXPORT_VERSION = 1  # bump when export_step changes what a package computes or how: old packages are then rebuilt
+EXPORT_VERSION = 2  # bump when export_step changes what a package computes or how: old packages are then rebuilt
 
 
 def package_key(model: nn.Module, max_len: int) -> str:
@@ -47,6 +48,7 @@ def package_key(model: nn.Module, max_len: int) -> str:
 
     h = hashlib.blake2b(digest_size=16)
     meta = {"export": EXPORT_VERSION, "max_len": max_len, "torch": torch.__version__,
+            "kernel": w8a8_op() is not None,  # the package calls our op, or _int_mm where it is missing
             "transformers": transformers.__version__, "haqmoe": __version__,
             "config": model.config.to_json_string(use_diff=False),
             "modules": [type(m).__name__ for m in model.modules()]}
@@ -67,6 +69,7 @@ def _check_exportable(model: nn.Module) -> None:
         raise HaqmoeError("ahead-of-time compiled generation is for dense models: MoE expert dispatch is "
                           "data-dependent and does not export (use `haqmoe run` for MoE models)")
     require_compiler("cpu")
+    w8a8_op()  # resolved (built, loaded) before tracing, which only reads it, and before loading a package
 
 
 def export_step(model: nn.Module, max_len: int) -> torch.export.ExportedProgram:

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..errors import HaqmoeError
 from .int8 import GroupedExperts
+from .kernels import w8a8_op
 from .modules import QuantExperts
 
 
@@ -61,6 +62,7 @@ def compiled_decode_kwargs(model: nn.Module, max_cache_len: int) -> dict:
     from transformers import CompileConfig, StaticCache
 
     require_compiler(model.device.type)
+    w8a8_op()  # resolved before tracing: a trace only reads it
     if any(isinstance(m, (GroupedExperts, QuantExperts)) for m in model.modules()):
         warnings.warn("compiled decode of a MoE model: expert dispatch breaks the graph once per layer and "
                       "decode gets slower than eager (use it for dense models)", stacklevel=2)

@@ -30,12 +30,14 @@ import torch
 from torch import nn
 
 from ..errors import HaqmoeError
+from .kernels import w8a8_op
 from .modules import QuantVocab
 from .quantizer import QuantSpec
 
 _CUDA_MIN_ROWS = 17
 _ALIGN = 8
 _INT32_SAFE_K = 16384  # beyond this the zero-point corrections are done in int64
+RESIDUAL_SPEC = QuantSpec(8, True, "token")  # second level of ResidualInt8Linear (the kernel hard-codes it)
 
 
 @dataclass
@@ -229,6 +231,37 @@ def _int8_matmul_one_token(act: QuantAct, wt: torch.Tensor, w_scale: torch.Tenso
     return y
 
 
+def cpu_kernel(x: torch.Tensor, k: int):
+    """Our fused W8A8 CPU kernel (``kernels.w8a8_op``) where it applies to input ``x`` with ``k`` features,
+    else None. It is bit-identical to ``quantize_tokens`` + ``int8_matmul`` and 3-10x faster for the
+    few-token products of decode (oneDNN's GEMM handles many tokens, inside the same op)."""
+    if x.device.type != "cpu" or k > _INT32_SAFE_K:
+        return None
+    return w8a8_op()
+
+
+def w8a8_linear(x: torch.Tensor, wt: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
+                colsum: torch.Tensor, k: int, spec: QuantSpec, bias: torch.Tensor | None = None,
+                act: QuantAct | None = None, residual: bool = False) -> torch.Tensor:
+    """Float32 [M, N] W8A8 product of float rows ``x`` [M, K] (dynamic per-token activations) and the int8
+    weight as ``int8_matmul`` takes it (``wt``: [N_pad, K_pad] transposed): the fused kernel on CPUs that
+    have it, else ``quantize_tokens`` (or the caller's ``act``) and ``int8_matmul``. ``residual``:
+    two-level activations (``ResidualInt8Linear``)."""
+    op = cpu_kernel(x, k) if act is None else None
+    if op is not None:
+        return op(as_dtype(x, torch.float32), wt, w_scale, w_zero, colsum, bias, k, spec.qmin, spec.qmax,
+                  spec.symmetric, residual)
+    if residual:
+        hi = quantize_tokens(x, spec, need_rowsum=False)
+        lo = quantize_tokens(x - dequant_act(hi), RESIDUAL_SPEC, need_rowsum=False)
+        zero = None if hi.zero is None else torch.cat([hi.zero, torch.zeros_like(hi.zero)])
+        act = QuantAct(torch.cat([hi.q, lo.q]), torch.cat([hi.scale, lo.scale]), zero, None)
+        y = int8_matmul(act, wt, w_scale, None, colsum, k)
+        return y[: x.shape[0]].add_(y[x.shape[0]:])
+    act = act if act is not None else quantize_tokens(x, spec, need_rowsum=w_zero is not None)
+    return int8_matmul(act, wt, w_scale, w_zero, colsum, k, bias)
+
+
 def transposed(w: torch.Tensor) -> torch.Tensor:
     """The view ``int8_matmul`` takes; modules rebuild it in ``_apply`` (after ``.to()``, ``.cuda()``)."""
     return w.t()
@@ -307,8 +340,11 @@ class Int8Linear(nn.Module):
         return hit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = self.quant_act(x, x.reshape(-1, x.shape[-1]))
-        y = int8_matmul(act, self.wt, self.w_scale, self.w_zero, self.colsum, self.in_features, self.bias)
+        x2 = x.reshape(-1, x.shape[-1])
+        # the fused kernel quantizes inside (cheaper than the identity cache's lookup)
+        act = None if self.a_scale is None and cpu_kernel(x2, self.in_features) else self.quant_act(x, x2)
+        y = w8a8_linear(x2, self.wt, self.w_scale, self.w_zero, self.colsum, self.in_features, self.a_spec,
+                        self.bias, act)
         return as_dtype(y.view(*x.shape[:-1], self.out_features), x.dtype)
 
     def extra_repr(self) -> str:
@@ -354,9 +390,8 @@ class Int8LinearGroup(nn.Module):
             return self._member_rows(index, x)
         kept = self._kept.get(x, ())
         if kept is None or index not in kept[1]:
-            x2 = x.reshape(-1, x.shape[-1])
-            act = quantize_tokens(x2, self.a_spec, need_rowsum=self.w_zero is not None)
-            y = int8_matmul(act, self.wt, self.w_scale, self.w_zero, self.colsum, self.in_features, self.bias)
+            y = w8a8_linear(x.reshape(-1, x.shape[-1]), self.wt, self.w_scale, self.w_zero, self.colsum,
+                            self.in_features, self.a_spec, self.bias)
             y = as_dtype(y.view(*x.shape[:-1], y.shape[-1]), x.dtype)
             kept = (y.split(self.sizes, dim=-1), set(range(len(self.sizes))))
             self._kept.put(x, (), kept)
@@ -373,9 +408,8 @@ class Int8LinearGroup(nn.Module):
         lo = sum(self.sizes[:index])
         rows = slice(lo, lo + self.sizes[index])
         part = lambda t: None if t is None else t[rows]  # noqa: E731
-        act = quantize_tokens(x.reshape(-1, x.shape[-1]), self.a_spec, need_rowsum=self.w_zero is not None)
-        y = int8_matmul(act, self.wt[:, rows], self.w_scale[rows], part(self.w_zero), self.colsum[rows],
-                        self.in_features, part(self.bias))
+        y = w8a8_linear(x.reshape(-1, x.shape[-1]), self.wt[:, rows], self.w_scale[rows], part(self.w_zero),
+                        self.colsum[rows], self.in_features, self.a_spec, part(self.bias))
         return as_dtype(y.view(*x.shape[:-1], y.shape[-1]), x.dtype)
 
     def extra_repr(self) -> str:
@@ -419,14 +453,18 @@ class GroupedExperts(nn.Module):
     def needs_rowsum(self) -> bool:
         return False
 
-    def expert_forward(self, e: int, act: QuantAct) -> torch.Tensor:
+    def prepare(self, hidden_states: torch.Tensor) -> QuantAct | torch.Tensor:
+        """What ``expert_forward`` reads: the hidden states quantized once for all experts."""
+        return quantize_tokens(hidden_states, self.a_spec, self.needs_rowsum())
+
+    def expert_forward(self, e: int, inp: QuantAct | torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        act = quantize_tokens(hidden_states, self.a_spec, self.needs_rowsum())
+        inp = self.prepare(hidden_states)
         if hidden_states.shape[0] == 1:
-            return as_dtype(self._one_token(act, top_k_index, top_k_weights), hidden_states.dtype)
+            return as_dtype(self._one_token(inp, top_k_index, top_k_weights), hidden_states.dtype)
         out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
         k = top_k_index.shape[-1]
         flat = top_k_index.reshape(-1)
@@ -439,21 +477,22 @@ class GroupedExperts(nn.Module):
             if cnt == 0:
                 continue
             tok = order[start: start + cnt] // k
-            y = self.expert_forward(e, act.rows(tok))
+            y = self.expert_forward(e, inp.rows(tok) if isinstance(inp, QuantAct) else inp.index_select(0, tok))
             out.index_add_(0, tok, y.mul_(weights[start: start + cnt, None]))
             start += cnt
         return out.to(hidden_states.dtype)
 
 
-    def _one_token(self, act: QuantAct, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def _one_token(self, inp: QuantAct | torch.Tensor, top_k_index: torch.Tensor,
+                   top_k_weights: torch.Tensor) -> torch.Tensor:
         """Decode: one token, k experts; no sorting or row gathers (a third of the dispatches)."""
         out = None
         for e, w in zip(top_k_index.reshape(-1).tolist(), top_k_weights.reshape(-1).tolist()):  # floats
             if not 0 <= e < self.num_experts:
                 continue
-            y = self.expert_forward(e, act).mul_(w)
+            y = self.expert_forward(e, inp).mul_(w)
             out = y if out is None else out.add_(y)
-        return out if out is not None else torch.zeros(1, self.hidden_dim, device=act.q.device)
+        return out if out is not None else torch.zeros(1, self.hidden_dim, device=top_k_index.device)
 
 
 def _experts_spec(qe: nn.Module) -> QuantSpec:
@@ -502,14 +541,22 @@ class Int8Experts(GroupedExperts):
     def needs_rowsum(self) -> bool:
         return any(getattr(self, names[2]) is not None for names in self.gate_up)
 
-    def expert_forward(self, e: int, act: QuantAct) -> torch.Tensor:
+    def prepare(self, hidden_states: torch.Tensor) -> QuantAct | torch.Tensor:
+        """Float rows where the fused kernel runs (it quantizes inside, per expert, for ~1 us)."""
+        if cpu_kernel(hidden_states, self.hidden_dim) is not None:
+            return as_dtype(hidden_states, torch.float32)
+        return super().prepare(hidden_states)
+
+    def expert_forward(self, e: int, inp: QuantAct | torch.Tensor) -> torch.Tensor:
         _, sw, zw, cs = self._packed("gate_up", e)
-        gate_up = int8_matmul(act, self.wt["gate_up"][e], sw, zw, cs, self.hidden_dim)
+        if isinstance(inp, QuantAct):
+            gate_up = int8_matmul(inp, self.wt["gate_up"][e], sw, zw, cs, self.hidden_dim)
+        else:
+            gate_up = w8a8_linear(inp, self.wt["gate_up"][e], sw, zw, cs, self.hidden_dim, self.a_spec)
         gate, up = gate_up.split(self.intermediate_dim, dim=-1)
         h = self.act_fn(gate).mul_(up)
         _, sw, zw, cs = self._packed("down", e)
-        return int8_matmul(quantize_tokens(h, self.a_spec, zw is not None), self.wt["down"][e], sw, zw, cs,
-                           self.intermediate_dim)
+        return w8a8_linear(h, self.wt["down"][e], sw, zw, cs, self.intermediate_dim, self.a_spec)
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, hidden={self.hidden_dim}, inter={self.intermediate_dim}, int8 GEMM"
@@ -579,23 +626,17 @@ class DequantExperts(GroupedExperts):
 class ResidualInt8Linear(Int8Linear):
     """W8 x two-level A8: activations as an int8 quantization plus an int8 quantization of its residual.
 
-    Both levels go through ONE ``_int_mm`` call as 2M rows, so the weight streams from memory once
+    Both levels go through ONE GEMM (``w8a8_linear``) as 2M rows, so the weight streams from memory once
     (decode: one token, two rows). The activation error shrinks ~250x, which matters where a single
     int8 level costs accuracy that the decoder linears do not (lm_head over a 49k vocabulary: +0.9 %
     PPL on SmolLM2 with one level), at ~1.3x the one-level GEMM time instead of 4x for fp32 weights.
     """
 
-    RESIDUAL = QuantSpec(8, True, "token")
     ROWS = 256  # tokens per GEMM: a 2048-token window's int32 + float logits would be ~2 GB at once
 
     def _rows(self, x2: torch.Tensor) -> torch.Tensor:
-        hi = quantize_tokens(x2, self.a_spec, need_rowsum=False)
-        lo = quantize_tokens(x2 - dequant_act(hi), self.RESIDUAL, need_rowsum=False)
-        zero = None if hi.zero is None else torch.cat([hi.zero, torch.zeros_like(hi.zero)])
-        both = QuantAct(torch.cat([hi.q, lo.q]), torch.cat([hi.scale, lo.scale]), zero, None)
-        y = int8_matmul(both, self.wt, self.w_scale, None, self.colsum, self.in_features)
-        m = x2.shape[0]
-        return y[:m].add_(y[m:])
+        return w8a8_linear(x2, self.wt, self.w_scale, None, self.colsum, self.in_features, self.a_spec,
+                           residual=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).float()

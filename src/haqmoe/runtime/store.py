@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..models.adapters import FusedExperts
-from ..quant.int8 import QuantAct, int8_matmul, quantize_tokens, weight_terms
+from ..quant.int8 import QuantAct, cpu_kernel, quantize_tokens, w8a8_linear, weight_terms
 from ..quant.modules import QuantExperts
 from ..quant.quantizer import dequantize, fake_quant
 from .predictor import SPLIT_STEPS
@@ -148,15 +148,17 @@ class ExpertStore:
         (int8 GEMM only), so gate and up quantize their input once."""
         if int8:  # W8A8 on the int8 GEMM, float32 out
             q, s, zi, c = (get(f"{part}.{t}") for t in ("q", "s", "zi", "c"))
-            act = act if act is not None else quantize_tokens(x, self.a_spec, need_rowsum=not self.w_spec.symmetric)
-            return int8_matmul(act, q.t(), s.reshape(-1), None if self.w_spec.symmetric else zi, c, q.shape[1])
+            return w8a8_linear(x, q.t(), s.reshape(-1), None if self.w_spec.symmetric else zi, c, q.shape[1],
+                               self.a_spec, act=act)
         w = self._weight(get, part, x.dtype)
         if self.a_spec is not None:
             x = fake_quant(x, self.a_spec)
         return nn.functional.linear(x.to(w.dtype), w)
 
     def _gate_up(self, x: torch.Tensor, get, int8: bool) -> torch.Tensor:
-        act = quantize_tokens(x, self.a_spec, need_rowsum=not self.w_spec.symmetric) if int8 else None
+        act = None  # the fused CPU kernel quantizes inside; else gate and up share one quantization
+        if int8 and cpu_kernel(x, x.shape[-1]) is None:
+            act = quantize_tokens(x, self.a_spec, need_rowsum=not self.w_spec.symmetric)
         return self.act_fn(self._lin(x, get, "gate", int8, act)) * self._lin(x, get, "up", int8, act)
 
     def _slot(self, slot: int):

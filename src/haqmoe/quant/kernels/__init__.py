@@ -1,0 +1,78 @@
+"""Our own CPU kernel for the decode GEMV (``w8a8_cpu.cpp``): ``torch.ops.haqmoe.w8a8_linear``.
+
+Built on first use with torch's C++ extension loader (g++ and ninja; ~1 min once, then loaded from
+``<cache>/kernels``) and only on CPUs with AVX512-VNNI. Anything missing (no compiler, another CPU,
+``HAQMOE_KERNELS=0``) leaves ``w8a8_op()`` returning None and the int8 modules on ``torch._int_mm``:
+the kernel's outputs are bit-identical to that path, so it is a speed choice, never a numerics one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ...paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("w8a8_cpu.cpp")
+MAX_TOKENS = 8  # above this oneDNN's GEMM (``_int_mm``) is faster: it blocks over tokens too
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-ffp-contract=off",
+          "-fopenmp"]
+
+
+def _wanted() -> bool:
+    if os.environ.get("HAQMOE_KERNELS", "1").lower() in ("0", "false", "no", "off"):
+        return False
+    try:  # torch exposes no VNNI query; the kernel is built for Linux x86 anyway
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return all(f" {flag}" in flags for flag in ("avx512bw", "avx512vl", "avx512dq", "avx512_vnni"))
+
+
+_OP: list = []  # [op or None] once resolved; a plain global, so traced code reads it as a constant
+
+
+def w8a8_op():
+    """The kernel's op, or None where it cannot run here (then callers use ``_int_mm``). Resolve it
+    before tracing (``torch.compile``/``export``): a trace only reads what is resolved already."""
+    if not _OP:
+        if torch.compiler.is_compiling():
+            return None
+        _OP.append(_resolve())
+    return _OP[0]
+
+
+def _resolve():
+    if not _wanted():
+        return None
+    if not hasattr(torch.ops.haqmoe, "w8a8_linear"):
+        try:
+            _build_and_load()
+        except Exception as exc:  # no compiler / ninja / headers: the _int_mm path still works
+            log.warning("haqmoe's int8 CPU kernel could not be built (%s); using torch._int_mm", exc)
+            return None
+        _register_fake()
+    return torch.ops.haqmoe.w8a8_linear
+
+
+def _build_and_load() -> None:
+    from torch.utils import cpp_extension
+
+    build = cache_dir() / "kernels" / f"torch-{torch.__version__}"
+    build.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(name="haqmoe_w8a8_cpu", sources=[str(SOURCE)], extra_cflags=_FLAGS,
+                       extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False,
+                       verbose=False)
+
+
+def _register_fake() -> None:
+    """Shape function for tracing (torch.compile, torch.export): defined with the op's schema."""
+
+    @torch.library.register_fake("haqmoe::w8a8_linear")
+    def _(x, wt, w_scale, w_zero, colsum, bias, k, qmin, qmax, symmetric, residual=False):
+        return x.new_empty(x.shape[0], w_scale.shape[0])
