@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow clean peers peers-moe
+.PHONY: demo test test-slow clean peers peers-moe peer-llamacpp
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -54,3 +54,10 @@ $(PEER_MOE_OUT)/peer_meta.json: $(PEER_VENV)/.installed $(STAMP) bench/peers/llm
 
 peers: $(PEER_OUT)/peer_meta.json
 peers-moe: $(PEER_MOE_OUT)/peer_meta.json
+
+# llama.cpp, the decode peer of bench/int8.py (llama-cpp-python, built from source into our venv, ~6 min):
+# AVX512 + VNNI kernels; its AMX build crashed in the first decode on this machine's VM, so AMX is off.
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+	-DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_INT8=OFF
+peer-llamacpp: $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip install --no-cache-dir llama-cpp-python==0.3.36

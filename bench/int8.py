@@ -26,13 +26,16 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("fp32", "fake-quant", "dequant-once", "real-int8", "auto", "real-int8-lm-head",
-         "fp32-compiled", "real-int8-compiled", "real-int8-lm-head-compiled", "real-int8-lm-head-aot")
+         "fp32-compiled", "real-int8-compiled", "real-int8-lm-head-compiled", "real-int8-lm-head-aot",
+         "real-int8-intmm", "real-int8-lm-head-intmm", "real-int8-lm-head-aot-intmm")
 EXEC = {"fake-quant": "fake", "dequant-once": "dequant", "real-int8": "int8", "auto": "auto",
         "real-int8-lm-head": "int8"}
 COMPILED = "-compiled"  # suffix: the same mode with its decode steps compiled (haqmoe.quant.compiled)
 AOT = "-aot"  # suffix: the same mode generated through an ahead-of-time compiled package (haqmoe.quant.aot)
 VARIANTS = (COMPILED, AOT)
+NO_KERNEL = "-intmm"  # outer suffix: the same mode with our fused CPU kernel off (HAQMOE_KERNELS=0: _int_mm)
 GGUF_MODES = ("llama.cpp-q8_0", "llama.cpp-q4_1")
+DEFAULT_MODES = ("fp32", "fake-quant", "dequant-once", "real-int8", "auto", "real-int8-lm-head", "real-int8-intmm")
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,8 @@ def torch_worker(model: str, mode: str, cfg: BenchConfig, ppl: bool) -> dict:
     from haqmoe.quant.precision import convert, weight_bytes
 
     torch.set_num_threads(cfg.threads)
+    off = NO_KERNEL if mode.endswith(NO_KERNEL) else ""  # spawn() switched the kernel off
+    mode = mode.removesuffix(off)
     variant = next((v for v in VARIANTS if mode.endswith(v)), "")
     mode = mode.removesuffix(variant)
     src = ensure_embedded(model, progress=False) if mode == "fp32" else \
@@ -232,12 +237,15 @@ def torch_worker(model: str, mode: str, cfg: BenchConfig, ppl: bool) -> dict:
     if mode in EXEC:
         report = convert(m, EXEC[mode])  # a checkpoint with int8 lm_head rows runs them on the int8 GEMM
     ids = torch.tensor([prompt_ids(lm.tokenizer, cfg.prefill_tokens)])
-    row: dict = {"model": model, "mode": mode + variant, "device": "cpu",
+    row: dict = {"model": model, "mode": mode + variant + off, "device": "cpu",
                  "threads": cfg.threads, "disk_gb": file_gb(src)}
     row.update(time_model(m, ids, cfg, lm.tokenizer.eos_token_id, variant))
     row["weights_gb"] = weight_bytes(m) / 1e9
     if report is not None:
+        from haqmoe.quant.kernels import w8a8_op
+
         row["exec"] = report.summary()
+        row["fused_kernel"] = w8a8_op() is not None  # our CPU kernel ran the int8 products (else _int_mm)
         if report.choices:
             row["auto_choices"] = [asdict(c) for c in report.choices]
     if ppl:
@@ -285,6 +293,14 @@ def llama_worker(mode: str, cfg: BenchConfig) -> dict:
             "disk_gb": file_gb(path), "weights_gb": file_gb(path), "generated": out, "peak_rss_gb": peak_rss_gb()}
 
 
+def llama_cpp_version() -> str | None:
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    return llama_cpp.__version__
+
+
 def run_worker(job: dict) -> None:
     cfg = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["cfg"].items()})
     if job["mode"].startswith("llama.cpp"):
@@ -297,6 +313,8 @@ def run_worker(job: dict) -> None:
 
 def spawn(job: dict) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(job["cfg"]["threads"])}
+    if job["mode"].endswith(NO_KERNEL):
+        env["HAQMOE_KERNELS"] = "0"
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
                           text=True, env=env, cwd=ROOT)
     for line in proc.stdout.splitlines():
@@ -322,7 +340,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--models", default="smollm2-135m,smollm2-moe")
-    ap.add_argument("--modes", default=",".join(MODES + GGUF_MODES), help="subset of modes to run")
+    ap.add_argument("--modes", default=",".join(DEFAULT_MODES + GGUF_MODES),
+                    help=f"modes to run, of {', '.join(MODES + GGUF_MODES)}")
     ap.add_argument("--no-ppl", action="store_true")
     ap.add_argument("--ppl-windows", type=int, default=BenchConfig.ppl_windows)
     ap.add_argument("--seqlen", type=int, default=BenchConfig.seqlen)
@@ -361,7 +380,9 @@ def main() -> None:
     for kind in GGUF_MODES:
         ensure_gguf(kind)
     wanted = set(args.modes.split(","))
-    jobs = [(model, mode) for model in cfg.models for mode in MODES if mode in wanted]
+    # ahead-of-time packages are for dense models (MoE dispatch does not export)
+    jobs = [(model, mode) for model in cfg.models for mode in MODES
+            if mode in wanted and not (AOT in mode and model == "smollm2-moe")]
     if "smollm2-135m" in cfg.models:
         jobs += [("smollm2-135m", mode) for mode in GGUF_MODES if mode in wanted]
     results: dict[tuple[str, str], list[dict]] = {j: [] for j in jobs}
@@ -524,7 +545,7 @@ def compute_checks(by: dict) -> dict:
                                       "weights_{}_vs_fp32": "weights_vs_fp32"},
     }
     for (model, prefix), columns in wanted.items():
-        for mode in ("real-int8", "auto", "real-int8-lm-head", *(m for m in MODES if m.endswith(VARIANTS))):
+        for mode in ("real-int8", "auto", "real-int8-lm-head", *(m for m in MODES if m.endswith((*VARIANTS, NO_KERNEL)))):
             row = by.get((model, mode))
             for name, col in (columns.items() if row else ()):
                 checks[f"{prefix}_{name.format(mode)}"] = row.get(col)
@@ -552,7 +573,8 @@ def write(rows: list[dict], cfg: BenchConfig, load_start: tuple, seconds: float)
     generated = {f"{r['model']}/{r['mode']}": r.pop("generated") for r in rows}
     for r in rows:
         r.pop("auto_choices", None) if r["mode"] != "auto" else None
-    meta = run_meta(config=asdict(cfg), loadavg_start=load_start, loadavg_end=os.getloadavg(),
+    meta = run_meta(config=asdict(cfg), llama_cpp=llama_cpp_version(), loadavg_start=load_start,
+                    loadavg_end=os.getloadavg(),
                     seconds=seconds, checks=checks, generated_tokens=generated)
     write_results(cfg.out, rows, meta, TITLE, _notes(meta), _columns(rows))
 

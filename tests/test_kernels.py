@@ -21,7 +21,7 @@ def _layer(n: int, k: int, w_sym: bool, seed: int):
     scale = torch.rand(n, 1, generator=g) * 0.01 + 1e-3
     zero = torch.zeros(n, 1) if w_sym else torch.randint(-6, 6, (n, 1), generator=g).float()
     w, ws, wz, cs = pack_weight(qw, scale, zero, w_sym)
-    return w.t(), ws, wz, cs, torch.randn(n, generator=g)
+    return w, ws, wz, cs, torch.randn(n, generator=g)
 
 
 def _x(m: int, k: int, seed: int) -> torch.Tensor:
@@ -45,30 +45,30 @@ def _reference(monkeypatch, *args, **kwargs) -> torch.Tensor:
 @pytest.mark.parametrize("m", [1, 7, 16, 17, 512])  # 17+: the op's oneDNN branch
 @pytest.mark.parametrize("n,k", [(40, 96), (129, 37), (96, 200)])  # K tails of the 64-byte loop
 def test_kernel_is_bit_identical_to_the_int_mm_path(monkeypatch, a_sym, w_sym, m, n, k):
-    wt, ws, wz, cs, bias = _layer(n, k, w_sym, seed=n + k)
+    w, ws, wz, cs, bias = _layer(n, k, w_sym, seed=n + k)
     spec = QuantSpec(8, a_sym, "token")
     x = _x(m, k, seed=m)
-    ref = _reference(monkeypatch, x, wt, ws, wz, cs, k, spec, bias)
-    got = w8a8_linear(x, wt, ws, wz, cs, k, spec, bias)
+    ref = _reference(monkeypatch, x, w, ws, wz, cs, k, spec, bias)
+    got = w8a8_linear(x, w, ws, wz, cs, k, spec, bias)
     assert torch.equal(got, ref)
 
 
 @pytest.mark.parametrize("a_sym", [True, False])
 @pytest.mark.parametrize("m", [1, 5, 40])
 def test_residual_two_level_activations_are_bit_identical(monkeypatch, a_sym, m):
-    wt, ws, _, cs, _ = _layer(300, 64, True, seed=1)
+    w, ws, _, cs, _ = _layer(300, 64, True, seed=1)
     spec = QuantSpec(8, a_sym, "token")
     x = _x(m, 64, seed=m)
-    ref = _reference(monkeypatch, x, wt, ws, None, cs, 64, spec, residual=True)
-    assert torch.equal(w8a8_linear(x, wt, ws, None, cs, 64, spec, residual=True), ref)
+    ref = _reference(monkeypatch, x, w, ws, None, cs, 64, spec, residual=True)
+    assert torch.equal(w8a8_linear(x, w, ws, None, cs, 64, spec, residual=True), ref)
 
 
 def test_weight_row_slices_are_read_in_place(monkeypatch):
     """A fused group's traced members pass a row slice of the stacked weight (storage offset)."""
-    wt, ws, wz, cs, bias = _layer(64, 96, False, seed=2)
+    w, ws, wz, cs, bias = _layer(64, 96, False, seed=2)
     rows = slice(24, 50)
     x, spec = _x(1, 96, seed=3), QuantSpec(8, False, "token")
-    args = (x, wt[:, rows], ws[rows], wz[rows], cs[rows], 96, spec, bias[rows])
+    args = (x, w[rows], ws[rows], wz[rows], cs[rows], 96, spec, bias[rows])
     assert torch.equal(w8a8_linear(*args), _reference(monkeypatch, *args))
 
 
@@ -89,22 +89,24 @@ def test_int32_sums_exact_on_extreme_operands(m):
     exact = (act.q.long() @ qw.long().T).double() * act.scale.double()
     internal = (act.q.long() + 128) @ qw.long().T  # the kernel's u8 x s8 sums
     assert internal.abs().max() > 2**28  # within 8x of int32's range: a saturated or wrapped sum would show
-    got = w8a8_linear(x, w.t(), ws, None, cs, k, spec)
+    got = w8a8_linear(x, w, ws, None, cs, k, spec)
     torch.testing.assert_close(got.double(), exact, rtol=1e-6, atol=0)
 
 
 def test_op_schema_and_fake_implementation():
     """What torch.compile / torch.export rely on: schema, fake (meta) shapes, no aliasing."""
-    wt, ws, wz, cs, bias = _layer(40, 96, False, seed=4)
-    torch.library.opcheck(w8a8_op(), (_x(3, 96, 5), wt, ws, wz, cs, bias, 96, -128, 127, False, False))
+    w, ws, wz, cs, bias = _layer(40, 96, False, seed=4)
+    torch.library.opcheck(w8a8_op(), (_x(3, 96, 5), w, ws, wz, cs, bias, 96, -128, 127, False, False))
 
 
 def test_bad_input_is_a_clear_error():
-    wt, ws, wz, cs, bias = _layer(40, 96, True, seed=6)
+    w, ws, wz, cs, bias = _layer(40, 96, True, seed=6)
     op = w8a8_op()
-    with pytest.raises(RuntimeError, match="x must be float32"):
-        op(_x(1, 96, 0).double(), wt, ws, wz, cs, bias, 96, -127, 127, True)
+    with pytest.raises(RuntimeError, match="x must be contiguous float32"):
+        op(_x(1, 96, 0).double(), w, ws, wz, cs, bias, 96, -127, 127, True)
     with pytest.raises(RuntimeError, match="features, expected"):
-        op(_x(1, 95, 0), wt, ws, wz, cs, bias, 95 + 1, -127, 127, True)
+        op(_x(1, 95, 0), w, ws, wz, cs, bias, 95 + 1, -127, 127, True)
     with pytest.raises(RuntimeError, match="contiguous rows"):
-        op(_x(1, 96, 0), wt.contiguous(), ws, wz, cs, bias, 96, -127, 127, True)
+        op(_x(1, 96, 0), w.t(), ws, wz, cs, bias, 96, -127, 127, True)
+    with pytest.raises(RuntimeError, match="colsum must be"):
+        op(_x(1, 96, 0), w, ws, wz, cs.long(), bias, 96, -127, 127, True)

@@ -34,6 +34,7 @@ from torch import nn
 from ..errors import HaqmoeError
 from ..paths import cache_dir
 from .compiled import cache_len, require_compiler
+from . import kernels
 from .kernels import w8a8_op
 
 EXPORT_VERSION = 2  # bump when export_step changes what a package computes or how: old packages are then rebuilt
@@ -48,7 +49,7 @@ def package_key(model: nn.Module, max_len: int) -> str:
 
     h = hashlib.blake2b(digest_size=16)
     meta = {"export": EXPORT_VERSION, "max_len": max_len, "torch": torch.__version__,
-            "kernel": w8a8_op() is not None,  # the package calls our op, or _int_mm where it is missing
+            "kernel": w8a8_op() is not None and kernels.VERSION,  # the package calls our op (else _int_mm)
             "transformers": transformers.__version__, "haqmoe": __version__,
             "config": model.config.to_json_string(use_diff=False),
             "modules": [type(m).__name__ for m in model.modules()]}

@@ -240,17 +240,19 @@ def cpu_kernel(x: torch.Tensor, k: int):
     return w8a8_op()
 
 
-def w8a8_linear(x: torch.Tensor, wt: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
+def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
                 colsum: torch.Tensor, k: int, spec: QuantSpec, bias: torch.Tensor | None = None,
-                act: QuantAct | None = None, residual: bool = False) -> torch.Tensor:
+                act: QuantAct | None = None, residual: bool = False, wt: torch.Tensor | None = None) -> torch.Tensor:
     """Float32 [M, N] W8A8 product of float rows ``x`` [M, K] (dynamic per-token activations) and the int8
-    weight as ``int8_matmul`` takes it (``wt``: [N_pad, K_pad] transposed): the fused kernel on CPUs that
-    have it, else ``quantize_tokens`` (or the caller's ``act``) and ``int8_matmul``. ``residual``:
-    two-level activations (``ResidualInt8Linear``)."""
+    weight ``w`` [N_pad, K_pad] (``pack_weight``'s): the fused kernel on CPUs that have it, else
+    ``quantize_tokens`` (or the caller's ``act``) and ``int8_matmul`` on ``wt`` (``w``'s transposed view,
+    which modules keep). ``residual``: two-level activations (``ResidualInt8Linear``)."""
     op = cpu_kernel(x, k) if act is None else None
     if op is not None:
-        return op(as_dtype(x, torch.float32), wt, w_scale, w_zero, colsum, bias, k, spec.qmin, spec.qmax,
-                  spec.symmetric, residual)
+        x = as_dtype(x, torch.float32)
+        return op(x if x.is_contiguous() else x.contiguous(), w, w_scale, w_zero, colsum, bias, k, spec.qmin,
+                  spec.qmax, spec.symmetric, residual)
+    wt = transposed(w) if wt is None else wt
     if residual:
         hi = quantize_tokens(x, spec, need_rowsum=False)
         lo = quantize_tokens(x - dequant_act(hi), RESIDUAL_SPEC, need_rowsum=False)
@@ -343,8 +345,8 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         # the fused kernel quantizes inside (cheaper than the identity cache's lookup)
         act = None if self.a_scale is None and cpu_kernel(x2, self.in_features) else self.quant_act(x, x2)
-        y = w8a8_linear(x2, self.wt, self.w_scale, self.w_zero, self.colsum, self.in_features, self.a_spec,
-                        self.bias, act)
+        y = w8a8_linear(x2, self.w, self.w_scale, self.w_zero, self.colsum, self.in_features, self.a_spec,
+                        self.bias, act, wt=self.wt)
         return as_dtype(y.view(*x.shape[:-1], self.out_features), x.dtype)
 
     def extra_repr(self) -> str:
@@ -390,8 +392,8 @@ class Int8LinearGroup(nn.Module):
             return self._member_rows(index, x)
         kept = self._kept.get(x, ())
         if kept is None or index not in kept[1]:
-            y = w8a8_linear(x.reshape(-1, x.shape[-1]), self.wt, self.w_scale, self.w_zero, self.colsum,
-                            self.in_features, self.a_spec, self.bias)
+            y = w8a8_linear(x.reshape(-1, x.shape[-1]), self.w, self.w_scale, self.w_zero, self.colsum,
+                            self.in_features, self.a_spec, self.bias, wt=self.wt)
             y = as_dtype(y.view(*x.shape[:-1], y.shape[-1]), x.dtype)
             kept = (y.split(self.sizes, dim=-1), set(range(len(self.sizes))))
             self._kept.put(x, (), kept)
@@ -408,7 +410,7 @@ class Int8LinearGroup(nn.Module):
         lo = sum(self.sizes[:index])
         rows = slice(lo, lo + self.sizes[index])
         part = lambda t: None if t is None else t[rows]  # noqa: E731
-        y = w8a8_linear(x.reshape(-1, x.shape[-1]), self.wt[:, rows], self.w_scale[rows], part(self.w_zero),
+        y = w8a8_linear(x.reshape(-1, x.shape[-1]), self.w[rows], self.w_scale[rows], part(self.w_zero),
                         self.colsum[rows], self.in_features, self.a_spec, part(self.bias))
         return as_dtype(y.view(*x.shape[:-1], y.shape[-1]), x.dtype)
 
@@ -548,15 +550,15 @@ class Int8Experts(GroupedExperts):
         return super().prepare(hidden_states)
 
     def expert_forward(self, e: int, inp: QuantAct | torch.Tensor) -> torch.Tensor:
-        _, sw, zw, cs = self._packed("gate_up", e)
+        w, sw, zw, cs = self._packed("gate_up", e)
         if isinstance(inp, QuantAct):
             gate_up = int8_matmul(inp, self.wt["gate_up"][e], sw, zw, cs, self.hidden_dim)
         else:
-            gate_up = w8a8_linear(inp, self.wt["gate_up"][e], sw, zw, cs, self.hidden_dim, self.a_spec)
+            gate_up = w8a8_linear(inp, w, sw, zw, cs, self.hidden_dim, self.a_spec)
         gate, up = gate_up.split(self.intermediate_dim, dim=-1)
         h = self.act_fn(gate).mul_(up)
-        _, sw, zw, cs = self._packed("down", e)
-        return w8a8_linear(h, self.wt["down"][e], sw, zw, cs, self.intermediate_dim, self.a_spec)
+        w, sw, zw, cs = self._packed("down", e)
+        return w8a8_linear(h, w, sw, zw, cs, self.intermediate_dim, self.a_spec, wt=self.wt["down"][e])
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, hidden={self.hidden_dim}, inter={self.intermediate_dim}, int8 GEMM"
@@ -635,8 +637,8 @@ class ResidualInt8Linear(Int8Linear):
     ROWS = 256  # tokens per GEMM: a 2048-token window's int32 + float logits would be ~2 GB at once
 
     def _rows(self, x2: torch.Tensor) -> torch.Tensor:
-        return w8a8_linear(x2, self.wt, self.w_scale, None, self.colsum, self.in_features, self.a_spec,
-                           residual=True)
+        return w8a8_linear(x2, self.w, self.w_scale, None, self.colsum, self.in_features, self.a_spec,
+                           residual=True, wt=self.wt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).float()

@@ -148,7 +148,7 @@ class ExpertStore:
         (int8 GEMM only), so gate and up quantize their input once."""
         if int8:  # W8A8 on the int8 GEMM, float32 out
             q, s, zi, c = (get(f"{part}.{t}") for t in ("q", "s", "zi", "c"))
-            return w8a8_linear(x, q.t(), s.reshape(-1), None if self.w_spec.symmetric else zi, c, q.shape[1],
+            return w8a8_linear(x, q, s.reshape(-1), None if self.w_spec.symmetric else zi, c, q.shape[1],
                                self.a_spec, act=act)
         w = self._weight(get, part, x.dtype)
         if self.a_spec is not None:

@@ -19,7 +19,7 @@ from ...paths import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("w8a8_cpu.cpp")
-MAX_TOKENS = 8  # above this oneDNN's GEMM (``_int_mm``) is faster: it blocks over tokens too
+VERSION = 2  # of the op's schema and arithmetic: AOT packages that call it are keyed by it
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-ffp-contract=off",
           "-fopenmp"]
 
