@@ -35,7 +35,8 @@ AOT = "-aot"  # suffix: the same mode generated through an ahead-of-time compile
 VARIANTS = (COMPILED, AOT)
 NO_KERNEL = "-intmm"  # outer suffix: the same mode with our fused CPU kernel off (HAQMOE_KERNELS=0: _int_mm)
 GGUF_MODES = ("llama.cpp-q8_0", "llama.cpp-q4_1")
-DEFAULT_MODES = ("fp32", "fake-quant", "dequant-once", "real-int8", "auto", "real-int8-lm-head", "real-int8-intmm")
+DEFAULT_MODES = ("fp32", "fake-quant", "dequant-once", "real-int8", "auto", "real-int8-lm-head", "real-int8-intmm",
+                 "real-int8-lm-head-aot")
 
 
 @dataclass(frozen=True)

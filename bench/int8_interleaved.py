@@ -3,14 +3,15 @@
     .venv/bin/python bench/int8_interleaved.py [--pairs 10]  # -> bench/results/int8_interleaved.{json,md}
 
 This machine shares its host: in bench/int8.py, where every mode runs in its own process, a mode's best
-round moves by 10-25 % between runs, and the ratio to llama.cpp with it (0.54x-0.64x over three runs).
+round moves by 10-25 % between runs, and the ratio to llama.cpp with it.
 Here each decoder lives in its own long-lived process (two OpenMP/thread-pool runtimes in one process
 slowed the package by ~15 %) and the two alternate in short bursts on command (64 greedy tokens after the
 same 32-token prompt, 2 threads each, a short pause between bursts, the first side alternating), and the
 ratio is taken per adjacent pair, so a slow spell of the host falls on both sides. Decode tok/s of a
 burst: tokens after the first over the time from the first to the last. The package is `haqmoe generate
---aot`'s (real int8, int8 lm_head checkpoint); llama.cpp runs the same weights requantized to Q8_0
-(bench/int8.py's file).
+--aot`'s (real int8, int8 lm_head checkpoint; its int8 products on our fused kernel where the CPU has
+AVX512-VNNI, see meta.fused_kernel); llama.cpp runs the same weights requantized to Q8_0 (bench/int8.py's
+file; meta.llama_cpp is its version, built as `make peer-llamacpp` does).
 """
 
 from __future__ import annotations
@@ -142,7 +143,13 @@ def main() -> None:
         f"{summary['llamacpp_q8_0_tok_s']:.1f} tok/s, ratio {summary['ratio']:.2f} (pairs {min(ratios):.2f}-"
         f"{max(ratios):.2f}). Package loaded (or built) in {load_s:.0f} s.")
     out = ROOT / "bench" / "results" / "int8_interleaved.json"
-    write_results(out, rows, run_meta(pairs=args.pairs, prompt_tokens=PROMPT, new_tokens=NEW, threads=THREADS),
+    import int8 as bench_int8
+
+    from haqmoe.quant.kernels import w8a8_op
+
+    meta = run_meta(pairs=args.pairs, prompt_tokens=PROMPT, new_tokens=NEW, threads=THREADS,
+                    llama_cpp=bench_int8.llama_cpp_version(), fused_kernel=w8a8_op() is not None)
+    write_results(out, rows, meta,
                   "SmolLM2 int8 decode: ahead-of-time package vs llama.cpp Q8_0, interleaved", notes)
     print(out.with_suffix(".md").read_text())
 

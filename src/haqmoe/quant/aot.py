@@ -3,7 +3,8 @@ compiled to a C++ package (AOTInductor), run from a small Python loop.
 
 Why: ``torch.compile`` decode still pays dynamo's guard evaluation, the graph's Python wrapper and
 ``generate``'s loop on every token; for SmolLM2 int8 that is ~5 of its ~18 ms (bench/results/
-int8_breakdown.md). The package calls its kernels and ``_int_mm`` straight from C++.
+int8_breakdown.md). The package calls its kernels straight from C++: inductor's, and for the int8
+products our fused op (``kernels``, through AOTInductor's proxy executor, ~2 us a call) or ``_int_mm``.
 
 One program serves prefill and decode: the token dimension is dynamic (1 ... cache length), and
 only the last position's logits are computed. The KV cache is state inside the package; a new prompt
