@@ -408,10 +408,31 @@ def main() -> None:
 
 
 NOTES = """
+Fused kernel (since commit d4277e4; rows before it, in the older int8_*.md files, ran on `_int_mm`):
+where the CPU has AVX512-VNNI (this one does), every real-int8 product of up to 16 token rows runs in
+our own op `haqmoe::w8a8_linear` (src/haqmoe/quant/kernels/w8a8_cpu.cpp): per-token activation
+quantization, vpdpbusd dot products streaming the int8 weight rows (prefetched 16 rows ahead), the
+integer zero-point terms and the float epilogue in one call, bit-identical to the `quantize_tokens` +
+`_int_mm` path (tests/test_kernels.py); more rows (prefill, PPL windows) go to oneDNN's GEMM inside the
+same op. `-intmm` rows are the same mode with the kernel off (`HAQMOE_KERNELS=0`), side by side in the
+same run. Why it is faster: `_int_mm` with one token streamed SmolLM2's int8 weights at ~12.5 GB/s on 2
+threads and paid ~6 dispatches of quantization and epilogue per linear; the op streams them at 20-25
+GB/s (all 211 one-token GEMVs of a SmolLM2 step: 5.6-6.7 ms) and is one call. llama.cpp here is
+llama-cpp-python 0.3.36 built with AVX512 + VNNI (`make peer-llamacpp`; its native build with AMX
+crashed in the first decode on this VM), the version in meta.llama_cpp.
+
+MoE decode with the kernel (int8.md; real-int8, where one token's 32.5 ms went, timed by hooks on the
+modules in a separate run): experts 13.1 ms (their GEMVs stream ~20 GB/s, the floor here), attention 8.4
+(transformers' eager code, ~280 us a layer, mostly dispatch), the fp32 lm_head 4.3, norms 2.0, router
+1.2, generate's loop ~1.5. So real-int8 with the checkpoint's fp32 lm_head gives 1.88x fp32 and the
+`--int8-lm-head` checkpoint 2.07x; the rest is eager framework time, which the dense model sheds with the
+ahead-of-time package and the MoE cannot (expert dispatch does not export).
+
 How to read it. All quantized modes compute the same RTN W8A8 function (asymmetric weights per
 channel, asymmetric activations per token); `fp32` is the unquantized model; llama.cpp runs the same
 SmolLM2 weights (our fp32 is the dequantized Q4_1 file; Q8_0 is a requantization of it).
-`real-int8` runs every decoder linear and expert on `torch._int_mm` with int8 weights only;
+`real-int8` runs every decoder linear and expert on the int8 GEMM (the fused kernel above, or
+`torch._int_mm`) with int8 weights only;
 `dequant-once` holds fp32 weights; `fake-quant` holds both. lm_head and the tied embedding stay fp32
 in those modes (as in fake-quant, so PPL is comparable). `real-int8-lm-head` (`--int8-lm-head`) also
 runs lm_head on the int8 GEMM, with two-level activations (value + residual, one GEMM call) and the
