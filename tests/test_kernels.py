@@ -110,3 +110,18 @@ def test_bad_input_is_a_clear_error():
         op(_x(1, 96, 0), w.t(), ws, wz, cs, bias, 96, -127, 127, True)
     with pytest.raises(RuntimeError, match="colsum must be"):
         op(_x(1, 96, 0), w, ws, wz, cs.long(), bias, 96, -127, 127, True)
+
+
+def test_conversion_report_names_the_int8_path(monkeypatch):
+    """Users see which CPU path ran their int8 products (the kernel, or _int_mm where it cannot run)."""
+    from haqmoe.models.adapters import adapter_for
+    from haqmoe.models.tiny import tiny_model
+    from haqmoe.quant import precision
+    from haqmoe.quant.config import QuantConfig
+    from haqmoe.quant.rtn import quantize_rtn
+
+    model = tiny_model("mixtral")
+    quantize_rtn(model, adapter_for(model), QuantConfig.w8a8("rtn"), progress=False)
+    assert "fused VNNI kernel" in precision.convert(model, "int8").summary()
+    monkeypatch.setattr(precision, "w8a8_op", lambda: None)
+    assert "torch._int_mm" in precision.ConversionReport("int8", "cpu", {"int8": 3}).summary()
