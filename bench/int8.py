@@ -246,7 +246,8 @@ def torch_worker(model: str, mode: str, cfg: BenchConfig, ppl: bool) -> dict:
         from haqmoe.quant.kernels import w8a8_op
 
         row["exec"] = report.summary()
-        row["fused_kernel"] = w8a8_op() is not None  # our CPU kernel ran the int8 products (else _int_mm)
+        if report.counts.get("int8"):
+            row["fused_kernel"] = w8a8_op() is not None  # our CPU kernel ran the int8 products (else _int_mm)
         if report.choices:
             row["auto_choices"] = [asdict(c) for c in report.choices]
     if ppl:
