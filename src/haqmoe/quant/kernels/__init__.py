@@ -1,6 +1,6 @@
 """Our own CPU kernel for the decode GEMV (``w8a8_cpu.cpp``): ``torch.ops.haqmoe.w8a8_linear``.
 
-Built on first use with torch's C++ extension loader (g++ and ninja; ~1 min once, then loaded from
+Built on first use with torch's C++ extension loader (g++ and ninja; ~10 s once, then loaded from
 ``<cache>/kernels``) and only on CPUs with AVX512-VNNI. Anything missing (no compiler, another CPU,
 ``HAQMOE_KERNELS=0``) leaves ``w8a8_op()`` returning None and the int8 modules on ``torch._int_mm``:
 the kernel's outputs are bit-identical to that path, so it is a speed choice, never a numerics one.
@@ -74,5 +74,5 @@ def _register_fake() -> None:
     """Shape function for tracing (torch.compile, torch.export): defined with the op's schema."""
 
     @torch.library.register_fake("haqmoe::w8a8_linear")
-    def _(x, wt, w_scale, w_zero, colsum, bias, k, qmin, qmax, symmetric, residual=False):
+    def _(x, w, w_scale, w_zero, colsum, bias, k, qmin, qmax, symmetric, residual=False):
         return x.new_empty(x.shape[0], w_scale.shape[0])

@@ -1,6 +1,6 @@
-// W8A8 linear for few tokens (decode) on x86 CPUs with AVX512-VNNI: dynamic per-token activation
+// W8A8 linear on x86 CPUs with AVX512-VNNI, written for decode's few tokens: dynamic per-token activation
 // quantization, int8 dot products with vpdpbusd, zero-point corrections and the float epilogue, in one
-// call. Why a kernel of our own: oneDNN's int8 GEMM behind torch._int_mm streams a one-token GEMV at
+// call (more than 16 token rows go to oneDNN's GEMM, at::_int_mm, inside the same op). Why a kernel of our own: oneDNN's int8 GEMM behind torch._int_mm streams a one-token GEMV at
 // ~12.5 GB/s on 2 cores here, llama.cpp's VNNI loops at ~18 GB/s; decode time is that GEMV.
 //
 // Every integer and float step is the one haqmoe/quant/int8.py takes (quantize_tokens and
