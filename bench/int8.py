@@ -568,7 +568,8 @@ def compute_checks(by: dict) -> dict:
                                       "weights_{}_vs_fp32": "weights_vs_fp32"},
     }
     for (model, prefix), columns in wanted.items():
-        for mode in ("real-int8", "auto", "real-int8-lm-head", *(m for m in MODES if m.endswith((*VARIANTS, NO_KERNEL)))):
+        variants = (m for m in MODES if m.endswith((*VARIANTS, NO_KERNEL)))
+        for mode in ("real-int8", "auto", "real-int8-lm-head", *variants):
             row = by.get((model, mode))
             for name, col in (columns.items() if row else ()):
                 checks[f"{prefix}_{name.format(mode)}"] = row.get(col)

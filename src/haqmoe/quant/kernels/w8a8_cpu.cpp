@@ -1,7 +1,8 @@
 // W8A8 linear on x86 CPUs with AVX512-VNNI, written for decode's few tokens: dynamic per-token activation
 // quantization, int8 dot products with vpdpbusd, zero-point corrections and the float epilogue, in one
-// call (more than 16 token rows go to oneDNN's GEMM, at::_int_mm, inside the same op). Why a kernel of our own: oneDNN's int8 GEMM behind torch._int_mm streams a one-token GEMV at
-// ~12.5 GB/s on 2 cores here, llama.cpp's VNNI loops at ~18 GB/s; decode time is that GEMV.
+// call (more than 16 token rows go to oneDNN's GEMM, at::_int_mm, inside the same op). Why a kernel of
+// our own: oneDNN's int8 GEMM behind torch._int_mm streams a one-token GEMV at ~12.5 GB/s on 2 cores
+// here, llama.cpp's VNNI loops at ~18 GB/s; decode time is that GEMV.
 //
 // Every integer and float step is the one haqmoe/quant/int8.py takes (quantize_tokens and
 // int8_matmul), so outputs are bit-identical to the _int_mm path: same IEEE divisions and
