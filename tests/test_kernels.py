@@ -123,5 +123,5 @@ def test_conversion_report_names_the_int8_path(monkeypatch):
     model = tiny_model("mixtral")
     quantize_rtn(model, adapter_for(model), QuantConfig.w8a8("rtn"), progress=False)
     assert "fused VNNI kernel" in precision.convert(model, "int8").summary()
-    monkeypatch.setattr(precision, "w8a8_op", lambda: None)
+    monkeypatch.setattr(int8, "w8a8_op", lambda: None)
     assert "torch._int_mm" in precision.ConversionReport("int8", "cpu", {"int8": 3}).summary()

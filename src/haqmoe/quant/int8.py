@@ -244,6 +244,12 @@ def cpu_kernel(x: torch.Tensor, k: int):
     return w8a8_op()
 
 
+def cpu_int8_path() -> str:
+    """Which executor runs int8 products on this CPU: what reports show and what cost calibrations
+    are keyed by (the two differ ~1.6-1.8x in decode speed)."""
+    return "fused VNNI kernel" if w8a8_op() is not None else "torch._int_mm"
+
+
 def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
                 colsum: torch.Tensor, k: int, spec: QuantSpec, bias: torch.Tensor | None = None,
                 act: QuantAct | None = None, residual: bool = False, wt: torch.Tensor | None = None) -> torch.Tensor:

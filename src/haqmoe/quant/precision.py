@@ -29,8 +29,7 @@ from torch import nn
 
 from ..errors import HaqmoeError
 from .int8 import (ACT_CACHE, DequantExperts, DequantLinear, Int8Experts, Int8Linear, Int8LinearGroup, Int8Sibling,
-                   int8_head)
-from .kernels import w8a8_op
+                   cpu_int8_path, int8_head)
 from .modules import QuantExperts, QuantLinear, QuantVocab, quantize_vocabulary, vocab_names
 
 ExecMode = Literal["fake", "dequant", "int8", "auto"]
@@ -80,7 +79,7 @@ class ConversionReport:
         if self.fallbacks:
             text += f"; {len(self.fallbacks)} module(s) fell back to dequant (per-group or weight-only)"
         if self.counts.get("int8") and self.device == "cpu":
-            text += "; int8 products on " + ("haqmoe's fused VNNI kernel" if w8a8_op() else "torch._int_mm")
+            text += f"; int8 products on {cpu_int8_path()}"
         return text
 
 

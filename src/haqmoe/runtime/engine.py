@@ -227,6 +227,7 @@ class CollaborativeEngine:
     def _calibrate_tiers(self) -> CostModel:
         """CUDA only. Slot 0 is free at this point (nothing admitted yet; the plan overwrites it after):
         it holds expert (0, 0) for both the precision choice and the tier timings."""
+        from ..quant.int8 import Int8Experts, cpu_int8_path
         from .calibrate import cached_cost_model, calibrate_split, calibrate_tiers, machine_key
 
         cpu_tier, store = self.hybrids[0].original, self.store
@@ -239,7 +240,9 @@ class CollaborativeEngine:
             self._choose_gpu_precision(dtype, hidden)
             if self.cfg.cuda_graphs:
                 store.capture_decode_graphs(hidden, dtype)
-        tiers = f"cpu-{type(cpu_tier).__name__}-gpu-{'int8' if store.int8_gemm else str(dtype).split('.')[-1]}" \
+        cpu = type(cpu_tier).__name__  # an int8 tier's speed also depends on its executor (kernel or _int_mm)
+        cpu += f"-{cpu_int8_path().replace(' ', '-')}" if isinstance(cpu_tier, Int8Experts) else ""
+        tiers = f"cpu-{cpu}-gpu-{'int8' if store.int8_gemm else str(dtype).split('.')[-1]}" \
                 f"{'-graphs' if self.cfg.cuda_graphs else ''}{'-split' if store.cfg.split_slots else ''}"
 
         def cpu_fn(x: torch.Tensor) -> torch.Tensor:
