@@ -12,7 +12,7 @@ from haqmoe.errors import HaqmoeError
 from haqmoe.models.adapters import adapter_for
 from haqmoe.models.tiny import tiny_model
 from haqmoe.routing.profile import trace_windows
-from haqmoe.routing.trace import RoutingTrace
+from haqmoe.routing.trace import RoutingTrace, concat_traces
 from haqmoe.routing.trace_io import TraceWriter, header_of, load_trace, save_trace
 
 
@@ -33,6 +33,15 @@ def test_round_trip(tmp_path):
     for name in ("experts", "weights", "decode", "guesses"):
         np.testing.assert_array_equal(getattr(back, name), getattr(tr, name))
     assert back.meta["model"] == "hand" and back.num_experts == 6
+
+
+def test_concat_keeps_every_request():
+    a, b = random_trace(requests=(5, 3)), random_trace(requests=(7,), seed=1)
+    both = concat_traces([a, b])
+    assert both.offsets.tolist() == [0, 5, 8, 15]
+    np.testing.assert_array_equal(both.request(2).experts, b.experts)
+    want = np.concatenate([a.request(1).experts, b.experts])
+    np.testing.assert_array_equal(both.select_requests([1, 2]).experts, want)
 
 
 def test_streaming_writer_resumes(tmp_path):
@@ -117,6 +126,28 @@ def test_profile_equals_routers_own_topk(family):
     for h in hooks:
         h.remove()
     assert (tr.guesses[:, -1] == -1).all()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_generation_trace_is_the_full_sequence_routing(family):
+    """Prompt + greedy decode on the KV cache: each step's routing equals a plain forward (no cache) over
+    the whole sequence at that position, the sequence grown by brute-force greedy argmax without a cache."""
+    model = tiny_model(family)
+    ad = adapter_for(model)
+    prompts = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
+    tr = trace_windows(model, ad, prompts, guess_width=2, new_tokens=5)
+    assert tr.experts.shape == (30, 2, 2) and tr.num_requests == 2
+    assert tr.decode.tolist() == ([False] * 10 + [True] * 5) * 2
+    for r in range(2):
+        seq = prompts[r:r + 1]
+        with torch.no_grad():
+            for _ in range(5):
+                nxt = model(seq, use_cache=False).logits[:, -1:].argmax(-1)
+                seq = torch.cat([seq, nxt], dim=1)
+        ref = trace_windows(model, ad, seq[:, :15], guess_width=2)
+        np.testing.assert_array_equal(tr.request(r).experts, ref.experts)
+        np.testing.assert_array_equal(tr.request(r).guesses, ref.guesses)
+        np.testing.assert_allclose(tr.request(r).weights, ref.weights, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -18,6 +18,8 @@ def profile(model: str = typer.Argument("smollm2-moe", help="MoE model source (s
             requests: Optional[int] = typer.Option(16, min=1, help="Number of requests (windows); all if omitted."),
             guess_width: int = typer.Option(4, min=0, help="Next-layer router ranking kept for prefetch (0: none)."),
             chunk: int = typer.Option(4, min=1, help="Requests per chunk file (resume granularity)."),
+            generate: int = typer.Option(0, min=0, help="Greedy tokens generated after each window, their routing "
+                                         "flagged decode (what caches and prefetch see when serving; 0: none)."),
             resume: bool = typer.Option(False, help="Continue an interrupted trace in --out."),
             overwrite: bool = typer.Option(False, help="Replace an existing trace."),
             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
@@ -30,13 +32,16 @@ def profile(model: str = typer.Argument("smollm2-moe", help="MoE model source (s
 
     start = time.perf_counter()
     lm = load_model(model, progress=state["progress"])
-    cfg = ProfileConfig(data, seqlen, requests, guess_width, chunk)
+    cfg = ProfileConfig(data, seqlen, requests, guess_width, chunk, generate)
     path = profile_to_disk(lm, cfg, out, resume=resume, overwrite=overwrite, progress=state["progress"])
     tr = load_trace(path)
-    payload = {"model": model, "out": str(path), "tokens": tr.num_tokens, "requests": tr.num_requests,
+    decode = int(tr.decode.sum()) if tr.decode is not None else 0
+    payload = {"model": model, "out": str(path), "tokens": tr.num_tokens, "decode_tokens": decode,
+               "requests": tr.num_requests,
                "layers": tr.num_layers, "experts": tr.num_experts, "top_k": tr.top_k,
                "seconds": round(time.perf_counter() - start, 1)}
-    emit(payload, as_json, f"wrote trace {path}: {tr.num_requests} requests, {tr.num_tokens} tokens, "
+    emit(payload, as_json, f"wrote trace {path}: {tr.num_requests} requests, {tr.num_tokens} tokens "
+                           f"({decode} generated), "
                            f"{tr.num_layers} MoE layers x {tr.num_experts} experts (top-{tr.top_k}), "
                            f"{payload['seconds']} s")
 

@@ -28,6 +28,7 @@ class ProfileConfig:
     max_requests: int | None = 16
     guess_width: int = 4  # how many next-layer experts to keep in the prefetch ranking (0: none)
     chunk_requests: int = 4  # requests per chunk file (the resume granularity)
+    new_tokens: int = 0  # greedy decode steps recorded after each window (0: the windows' routing only)
 
 
 class RouterRecorder:
@@ -82,21 +83,33 @@ class RouterRecorder:
 
 @torch.no_grad()
 def trace_windows(model: torch.nn.Module, adapter, windows: torch.Tensor, guess_width: int = 0,
-                  progress: bool = False) -> RoutingTrace:
-    """In-memory trace of ``windows`` [R, n] (one request per window), one forward each."""
+                  progress: bool = False, new_tokens: int = 0) -> RoutingTrace:
+    """In-memory trace of ``windows`` [R, n] (one request per window), one forward each; with
+    ``new_tokens`` > 0 each window is a prompt followed by that many greedy decode steps on the KV
+    cache, flagged ``decode``: the routing a serving engine sees, which caches and prefetch live on
+    (a window's own routing says little about what its continuation uses)."""
     rec = RouterRecorder(model, adapter, guess_width)
     parts_e, parts_w, parts_g = [], [], []
+
+    def take() -> None:
+        e, wt, g = rec.take()
+        parts_e.append(e), parts_w.append(wt), parts_g.append(g)
+
     try:
         for w in tqdm(windows, desc="profile", disable=not progress):
-            model(w.unsqueeze(0), use_cache=False)
-            e, wt, g = rec.take()
-            parts_e.append(e), parts_w.append(wt), parts_g.append(g)
+            out = model(w.unsqueeze(0), use_cache=new_tokens > 0)
+            take()
+            for _ in range(new_tokens):
+                token = out.logits[:, -1:].argmax(dim=-1)
+                out = model(token, past_key_values=out.past_key_values, use_cache=True)
+                take()
     finally:
         rec.close()
-    lengths = [windows.shape[1]] * windows.shape[0]
+    n, R = windows.shape[1], windows.shape[0]
+    lengths = [n + new_tokens] * R
+    decode = np.tile(np.arange(n + new_tokens) >= n, R)
     return RoutingTrace(np.concatenate(parts_e), rec.num_experts, np.concatenate([[0], np.cumsum(lengths)]),
-                        np.concatenate(parts_w), np.zeros(sum(lengths), bool),
-                        np.concatenate(parts_g) if guess_width else None)
+                        np.concatenate(parts_w), decode, np.concatenate(parts_g) if guess_width else None)
 
 
 @torch.no_grad()
@@ -116,7 +129,7 @@ def profile_to_disk(lm, cfg: ProfileConfig, out: str | Path, resume: bool = Fals
     bar = tqdm(total=windows.shape[0], initial=writer.done_requests, desc="profile", disable=not progress)
     for c0 in range(0, len(todo), cfg.chunk_requests):
         ids = todo[c0: c0 + cfg.chunk_requests]
-        part = trace_windows(lm.model, lm.adapter, windows[ids], cfg.guess_width)
+        part = trace_windows(lm.model, lm.adapter, windows[ids], cfg.guess_width, new_tokens=cfg.new_tokens)
         writer.append_trace(part)
         bar.update(len(ids))
     bar.close()

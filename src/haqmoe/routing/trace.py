@@ -58,9 +58,10 @@ class RoutingTrace:
 
 
 def concat_traces(parts: list[RoutingTrace]) -> RoutingTrace:
+    """One trace of the parts' requests, in order (each part keeps its request boundaries)."""
     first = parts[0]
-    lengths = [p.num_tokens for p in parts]
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    starts = np.cumsum([0] + [p.num_tokens for p in parts[:-1]])
+    offsets = np.concatenate([[0]] + [p.offsets[1:] + s for p, s in zip(parts, starts)]).astype(np.int64)
 
     def cat(name):
         arrs = [getattr(p, name) for p in parts]
