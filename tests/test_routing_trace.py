@@ -170,3 +170,20 @@ def test_cli_profile_smollm2_moe_resumes(tmp_path):
     other = [a if a != "32" else "16" for a in args]  # another window length
     r = CliRunner().invoke(app, other + ["--requests", "4", "--resume"])
     assert r.exit_code != 0  # other settings: refused instead of mixing traces
+    r = CliRunner().invoke(app, args + ["--requests", "4", "--resume", "--generate", "3"])
+    assert r.exit_code != 0  # generating is another setting too
+    gen = tmp_path / "gen"
+    gen_args = [a if a != str(out) else str(gen) for a in args]
+    r = CliRunner().invoke(app, gen_args + ["--requests", "2", "--generate", "3"])
+    assert r.exit_code == 0, r.output
+    g = load_trace(gen)
+    assert g.experts.shape == (70, 30, 2) and g.decode.tolist() == ([False] * 32 + [True] * 3) * 2
+    np.testing.assert_array_equal(g.request(0).experts[:32], first.request(0).experts)  # same prompt routing
+
+
+def test_profile_identity_names_generation_only_when_used():
+    """Traces profiled before --generate existed carry no new_tokens: resuming them must still match."""
+    from haqmoe.routing.profile import ProfileConfig, _identity
+
+    assert "new_tokens" not in _identity(ProfileConfig())
+    assert _identity(ProfileConfig(new_tokens=3))["new_tokens"] == 3

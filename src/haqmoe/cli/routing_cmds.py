@@ -19,7 +19,8 @@ def profile(model: str = typer.Argument("smollm2-moe", help="MoE model source (s
             guess_width: int = typer.Option(4, min=0, help="Next-layer router ranking kept for prefetch (0: none)."),
             chunk: int = typer.Option(4, min=1, help="Requests per chunk file (resume granularity)."),
             generate: int = typer.Option(0, min=0, help="Greedy tokens generated after each window, their routing "
-                                         "flagged decode (what caches and prefetch see when serving; 0: none)."),
+                                         "flagged decode (what caches and prefetch see when serving; no stop at end of "
+                                         "sequence; 0: none)."),
             resume: bool = typer.Option(False, help="Continue an interrupted trace in --out."),
             overwrite: bool = typer.Option(False, help="Replace an existing trace."),
             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:

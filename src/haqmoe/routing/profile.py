@@ -87,7 +87,8 @@ def trace_windows(model: torch.nn.Module, adapter, windows: torch.Tensor, guess_
     """In-memory trace of ``windows`` [R, n] (one request per window), one forward each; with
     ``new_tokens`` > 0 each window is a prompt followed by that many greedy decode steps on the KV
     cache, flagged ``decode``: the routing a serving engine sees, which caches and prefetch live on
-    (a window's own routing says little about what its continuation uses)."""
+    (a window's own routing says little about what its continuation uses). Generation does not stop at
+    an end-of-sequence token: every request gets ``new_tokens``."""
     rec = RouterRecorder(model, adapter, guess_width)
     parts_e, parts_w, parts_g = [], [], []
 
@@ -112,6 +113,12 @@ def trace_windows(model: torch.nn.Module, adapter, windows: torch.Tensor, guess_
                         np.concatenate(parts_w), decode, np.concatenate(parts_g) if guess_width else None)
 
 
+def _identity(cfg: ProfileConfig) -> dict:
+    """The settings a resume must match; ``new_tokens`` only when used, so traces profiled before
+    generation was recorded stay resumable."""
+    return {k: v for k, v in asdict(cfg).items() if k != "new_tokens" or v}
+
+
 @torch.no_grad()
 def profile_to_disk(lm, cfg: ProfileConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
                     progress: bool = True) -> Path:
@@ -123,7 +130,7 @@ def profile_to_disk(lm, cfg: ProfileConfig, out: str | Path, resume: bool = Fals
     top_k = int(getattr(rec.routers[0], "top_k", 0) or lm.model.config.num_experts_per_tok)
     rec.close()
     header = TraceHeader(len(rec.routers), rec.num_experts, top_k, rec.guess_width, True, True,
-                         {"model": lm.name, "config": asdict(cfg), "model_type": lm.model.config.model_type})
+                         {"model": lm.name, "config": _identity(cfg), "model_type": lm.model.config.model_type})
     writer = TraceWriter(out, header, resume=resume, overwrite=overwrite)
     todo = list(range(writer.done_requests, windows.shape[0]))
     bar = tqdm(total=windows.shape[0], initial=writer.done_requests, desc="profile", disable=not progress)
