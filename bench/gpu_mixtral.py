@@ -168,7 +168,7 @@ def predict(name: str, cost, profile, inp: Inputs, shape, per_layer: int) -> tup
     sim_cache = SIM_CACHE.get(name.removesuffix("-compiled"), pol.cache)
     cache = build_cache(CacheSpec(sim_cache, slots), L, shape.experts, shape.top_k, spec.expert_bytes("w8a8"), inp.plan)
     res = Replay(inp.sim_trace(shape.experts), cache, cost, profile, spec,
-                 options=ReplayOptions(pol.decision, pol.admit, prefill_tokens=inp.prefill, decode_only=True)).run()
+                 options=ReplayOptions(pol.decision, pol.admit, served=True)).run()
     return float(1e3 / res.token_ms.mean()), float(res.prefill_ms)
 
 

@@ -44,6 +44,22 @@ def test_always_transfer_by_hand():
     assert res.summary()["hit_rate"] == pytest.approx(1 / 3) and res.summary()["bytes_moved_gb"] == 2e-8
 
 
+def test_served_replay_prefills_each_prompt_and_counts_decode_tokens_by_hand():
+    # request A: prompt 0,0,0 (n = 3 > n_critical: copied in, 3 + 3 x 0.5 = 4.5 ms), decode 0 (hit, 0.5) then 1
+    # (CPU, 2); request B: prompt 2,2 (n = 2: CPU, 4 ms), decode 2 (CPU, 2). One slot, predictor.
+    ex = np.array([0, 0, 0, 0, 1, 2, 2, 2], np.int16)[:, None, None]
+    flags = np.array([0, 0, 0, 1, 1, 0, 0, 1], bool)
+    tr = RoutingTrace(ex, 3, np.array([0, 5, 8]), decode=flags)
+    res = run(tr, 1, "predictor", served=True)
+    assert res.token_ms.tolist() == pytest.approx([0.5, 2.0, 2.0]) and res.prefill_ms == pytest.approx(4.25)
+    s = res.summary()
+    assert s["hit_rate"] == pytest.approx(1 / 3) and s["bytes_moved_gb"] == 0  # the prefill's copy not counted
+    assert res.decisions == {"gpu": 1, "cpu": 2}
+    assert len(run(tr, 1, "predictor").token_ms) == 8  # not served: every token decoded one by one
+    with pytest.raises(HaqmoeError, match="decode flags"):
+        run(RoutingTrace(ex, 3, np.array([0, 8])), 1, "predictor", served=True)
+
+
 def test_predictor_and_overlap_by_hand():
     assert run(trace([[0], [1]]), 2, "predictor").token_ms.tolist() == pytest.approx([2.0, 2.0])
     # top-2 token with expert 0 pinned: GPU 0.5 ms overlaps CPU 2 ms -> 2 ms, not 2.5
@@ -159,12 +175,39 @@ def test_tiny_model_trace_pair_records_real_routing_and_guesses():
     pair = tiny_pair("mixtral", requests=2, tokens_per_request=12, layers=3)
     assert (pair.plan.num_tokens, pair.eval.num_tokens, pair.eval.num_layers) == (12, 12, 3)
     assert pair.eval.guesses is not None and pair.eval.guesses.shape[:2] == (12, 3)
-    ids = tokenize(load_model("smollm2-135m", progress=False).tokenizer, load_text("wikitext2:valid")).reshape(-1)[:24] % 128
+    tok = load_model("smollm2-135m", progress=False).tokenizer
+    ids = tokenize(tok, load_text("wikitext2:valid")).reshape(-1)[:24] % 128
     model = tiny_model("mixtral", layers=3)
     ref = trace_windows(model, adapter_for(model), ids.view(2, 12), 0)
     np.testing.assert_array_equal(pair.plan.experts, ref.experts[:12])
     np.testing.assert_array_equal(pair.eval.experts, ref.experts[12:])
     assert len(np.unique(ref.experts)) > 2  # real routing spreads over the experts
+
+
+def test_generation_trace_replays_as_served(tmp_path):
+    """A `profile --generate` trace: prompts prefilled, hit rates over the generated tokens only (checked
+    against counting a static plan's hits on them)."""
+    import torch
+
+    from haqmoe.models.adapters import adapter_for
+    from haqmoe.models.tiny import tiny_model
+    from haqmoe.routing.profile import trace_windows
+    from haqmoe.routing.trace_io import save_trace
+    from haqmoe.runtime.experiments import IDEAL, load_pair, replay_once
+    from haqmoe.runtime.profiles import model_spec
+    from haqmoe.runtime.simulator import frequency_plan, spec_for_trace
+
+    model = tiny_model("mixtral", layers=3)
+    prompts = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(5))
+    path = save_trace(trace_windows(model, adapter_for(model), prompts, guess_width=2, new_tokens=6), tmp_path / "g")
+    pair = load_pair(str(path))
+    assert pair.kind.startswith("real generations") and pair.eval.num_requests == 2
+    spec = spec_for_trace(pair.eval, model_spec("smollm2-moe"))
+    hit = replay_once(pair, "static", 9, "always-transfer", False, IDEAL, ZERO, spec)["hit_rate"]
+    plan = frequency_plan(pair.plan, [3, 3, 3])
+    gen = pair.eval.experts[pair.eval.decode]
+    want = np.mean([e in plan[l] for t in gen for l in range(3) for e in t[l]])
+    assert hit == pytest.approx(want) and 0 < want < 1
 
 
 def test_balanced_splits_a_layers_misses_between_cpu_and_pcie_by_hand():

@@ -151,7 +151,14 @@ def load_pair(source: str, held_out: float = 0.5, shape: str | None = None) -> T
     plan, ev = split_trace(tr, held_out)
     name = str(tr.meta.get("model", p.name))
     guess_shape = shape or ("mixtral-8x7b" if "mixtral" in name.lower() else "smollm2-moe")
-    return with_learned_guesses(TracePair(name, plan, ev, "real trace", guess_shape))
+    kind = "real generations (prompts prefilled; decode tokens measured)" if is_generation(tr) else "real trace"
+    return with_learned_guesses(TracePair(name, plan, ev, kind, guess_shape))
+
+
+def is_generation(trace: RoutingTrace) -> bool:
+    """Prompts and generated tokens (``haqmoe profile --generate``): replayed as served, each prompt one
+    batched prefill, metrics over the generated tokens."""
+    return trace.decode is not None and bool(trace.decode.any()) and not bool(trace.decode.all())
 
 
 def slots_for(frac: float, trace: RoutingTrace) -> int:
@@ -167,7 +174,8 @@ def replay_once(pair: TracePair, policy: str, slots: int, decision: str, prefetc
     cache = build_cache(CacheSpec(policy, slots, scope, pin_frac, plan, lfu_half_life), tr.num_layers,
                         tr.num_experts, tr.top_k, spec.expert_bytes("w8a8"), pair.plan, tr.experts, tr.offsets)
     pf = PrefetchConfig(prefetch, exact=exact, guess_recall=guess_recall)
-    res = Replay(tr, cache, cost, profile, spec, options=ReplayOptions(decision, async_admit, prefetch=pf)).run()
+    opt = ReplayOptions(decision, async_admit, prefetch=pf, served=is_generation(tr))
+    res = Replay(tr, cache, cost, profile, spec, options=opt).run()
     return res.summary()
 
 

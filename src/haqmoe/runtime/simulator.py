@@ -118,8 +118,9 @@ class ReplayOptions:
     async_admit: bool = False  # copy CPU-served misses into the cache in the background
     async_backlog: float = 1.0  # ... only while the copy queue is shorter than this many copies
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
-    prefill_tokens: int = 0  # >0: also replay a batched prefill of this many tokens first
-    decode_only: bool = False  # replay only tokens flagged decode (if the trace has flags)
+    # as served: per request, its prompt tokens (decode flag False) as one batched prefill, then its decode
+    # tokens one by one; counters and latencies are the decode tokens' (needs a trace with decode flags)
+    served: bool = False
 
 
 @dataclass
@@ -271,8 +272,9 @@ class Replay:
             self.copies.copy(r)
             self.decisions["prefetch_copy"] += 1
 
-    def prefill(self, tokens: np.ndarray) -> float:
-        """Batched prefill of ``tokens`` ([P, L, k]): per layer, n tokens per expert."""
+    def prefill(self, tokens: np.ndarray, at: int = 0) -> float:
+        """Batched prefill of ``tokens`` ([P, L, k]): per layer, n tokens per expert, on the policy clock of
+        trace token ``at`` (a served prompt: its last token, so what follows is the decode's future)."""
         P, L = tokens.shape[0], tokens.shape[1]
         start = self.clock
         t = start
@@ -280,7 +282,7 @@ class Replay:
             ids, counts = np.unique(tokens[:, l].ravel(), return_counts=True)
             needed = {int(e): int(c) for e, c in zip(ids, counts) if e >= 0}
             ne = nonexpert_layer_ms(self.profile, self.spec, self.precision, P, P)
-            t = self._layer(l, needed, self.clock_now(0, l), t, ne, False, None)
+            t = self._layer(l, needed, self.clock_now(at, l), t, ne, False, None)
         t += head_ms(self.profile, self.spec, 1)
         self.clock = t
         return t - start
@@ -304,23 +306,37 @@ class Replay:
             out[i] = clk - start
         return out
 
+    def _counters(self) -> tuple[dict[str, np.ndarray], Counter, int]:
+        return ({k: v.copy() for k, v in self.cache.stats.__dict__.items()}, Counter(self.decisions),
+                self.streamed)
+
     def run(self) -> ReplayResult:
         tr = self.trace
-        prefill_ms = 0.0
-        if self.opt.prefill_tokens > 0:
-            P = min(self.opt.prefill_tokens, tr.num_tokens)
-            if P < self.opt.prefill_tokens:
-                raise HaqmoeError(f"prefill of {self.opt.prefill_tokens} tokens asked, the trace has {tr.num_tokens}")
-            prefill_ms = self.prefill(tr.experts[:P])
-        ids, pos = [], []
+        if not self.opt.served:
+            pos = np.concatenate([np.arange(b - a) for a, b in zip(tr.offsets[:-1], tr.offsets[1:])])
+            return self._result(self.decode(range(tr.num_tokens), pos), 0.0)
+        if tr.decode is None:
+            raise HaqmoeError("a served replay needs a trace with decode flags (haqmoe profile --generate)")
+        token_ms, prefill_ms = [], []
+        pre = ({k: np.zeros_like(v) for k, v in self._counters()[0].items()}, Counter(), 0)  # what prefills added
         for r in range(tr.num_requests):
             a, b = int(tr.offsets[r]), int(tr.offsets[r + 1])
-            for t in range(a, b):
-                if self.opt.decode_only and tr.decode is not None and not tr.decode[t]:
-                    continue
-                ids.append(t)
-                pos.append(t - a)
-        token_ms = self.decode(ids, pos)
+            prompt = a + np.flatnonzero(~tr.decode[a:b])
+            gen = a + np.flatnonzero(tr.decode[a:b])
+            if len(prompt):
+                before = self._counters()
+                prefill_ms.append(self.prefill(tr.experts[prompt], at=int(prompt[-1])))
+                after = self._counters()
+                pre = ({k: pre[0][k] + after[0][k] - before[0][k] for k in pre[0]},
+                       pre[1] + (after[1] - before[1]), pre[2] + after[2] - before[2])
+            token_ms.append(self.decode(gen, gen - a))
+        for k, v in pre[0].items():
+            getattr(self.cache.stats, k)[:] -= v
+        self.decisions = self.decisions - pre[1]
+        self.streamed -= pre[2]
+        return self._result(np.concatenate(token_ms), float(np.mean(prefill_ms)) if prefill_ms else 0.0)
+
+    def _result(self, token_ms: np.ndarray, prefill_ms: float) -> ReplayResult:
         p_all = self.all_res / np.maximum(self.steps, 1)
         return ReplayResult(token_ms, prefill_ms, self.cache.stats.as_dict(), p_all, dict(self.decisions),
                             self.streamed, self.cache.config.expert_bytes, self.cost.n_critical)
