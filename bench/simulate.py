@@ -34,7 +34,7 @@ Policies: `always-transfer` = LRU cache over all slots, every miss copied in (mi
 predictor (n > n_critical -> transfer, else CPU; the paper); `full` = predictor + plan pinned in half
 of the slots + LRU over the rest, CPU-served misses copied in the background while the copy engine
 is idle; `full+prefetch` adds next-layer prefetch (synthetic guesses with the top-k recall given in
-the command: 0.91 = mean measured on the upcycled MoE's held-out trace with learned guesses,
+the command: 0.91 = mean measured on the upcycled MoE's held-out generations with learned guesses,
 bench/results/cache.md), copies issued within the layer's time budget, a miss whose copy is in flight
 waits only if the predictor says waiting beats the CPU; `balanced+prefetch` replaces the paper's
 per-expert threshold by a per-layer makespan rule: each miss goes to whichever of the CPU queue and the

@@ -193,7 +193,7 @@ def test_generation_trace_replays_as_served(tmp_path):
     from haqmoe.models.tiny import tiny_model
     from haqmoe.routing.profile import trace_windows
     from haqmoe.routing.trace_io import save_trace
-    from haqmoe.runtime.experiments import IDEAL, load_pair, replay_once
+    from haqmoe.runtime.experiments import IDEAL, guess_rows, load_pair, replay_once
     from haqmoe.runtime.profiles import model_spec
     from haqmoe.runtime.simulator import frequency_plan, spec_for_trace
 
@@ -208,6 +208,11 @@ def test_generation_trace_replays_as_served(tmp_path):
     gen = pair.eval.experts[pair.eval.decode]
     want = np.mean([e in plan[l] for t in gen for l in range(3) for e in t[l]])
     assert hit == pytest.approx(want) and 0 < want < 1
+    ev = pair.eval  # guess recall, as the replay, over the generated tokens: brute force beside guess_rows
+    rows = guess_rows(pair)
+    for l in range(2):
+        found = [e in ev.guesses[t, l, :2] for t in np.flatnonzero(ev.decode) for e in ev.experts[t, l + 1]]
+        assert rows[l]["recall"] == pytest.approx(np.mean(found))
 
 
 def test_balanced_splits_a_layers_misses_between_cpu_and_pcie_by_hand():

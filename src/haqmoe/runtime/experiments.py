@@ -208,13 +208,18 @@ def cache_rows(pair: TracePair, profile: HardwareProfile, fracs: Iterable[float]
 
 
 def guess_rows(pair: TracePair) -> list[dict]:
-    """Per-layer guess recall / precision on the held-out trace: the learned per-layer choice, and
-    ``router_only_recall`` of the next router alone (what the trace recorded)."""
+    """Per-layer guess recall / precision on the held-out trace (its generated tokens, for a generation
+    trace): the learned per-layer choice, and ``router_only_recall`` of the next router alone (what the
+    trace recorded)."""
     if pair.eval.guesses is None:
         return []
-    q = guess_quality(pair.eval)
-    router = guess_quality(pair.eval, guesses=pair.router_guesses)["recall"] if pair.router_guesses is not None \
-        else q["recall"]
+    ev, router_guesses = pair.eval, pair.router_guesses
+    if is_generation(ev):  # as the replay: the generated tokens (a prompt's experts are fetched by its prefill)
+        keep = ev.decode
+        ev = RoutingTrace(ev.experts[keep], ev.num_experts, np.array([0, int(keep.sum())]), guesses=ev.guesses[keep])
+        router_guesses = None if router_guesses is None else router_guesses[keep]
+    q = guess_quality(ev)
+    router = guess_quality(ev, guesses=router_guesses)["recall"] if router_guesses is not None else q["recall"]
     return [{"source": pair.source, "layer": l, "recall": r, "precision": p, "router_only_recall": ro,
              "kind": pair.kind} for l, (r, p, ro) in enumerate(zip(q["recall"], q["precision"], router))]
 
