@@ -26,6 +26,7 @@ import torch
 from haqmoe.data.text import load_text, tokenize
 from haqmoe.models.loading import load_model
 from haqmoe.results import run_meta, write_results
+from haqmoe.routing.placement import layer_top_mask
 from haqmoe.routing.profile import trace_windows
 from haqmoe.routing.stats import layer_counts
 from haqmoe.routing.trace import RoutingTrace, concat_traces
@@ -37,14 +38,6 @@ def spread_windows(ids: torch.Tensor, n: int, length: int) -> torch.Tensor:
     """``n`` windows of ``length`` tokens spread evenly over the text (different articles / topics)."""
     starts = np.linspace(0, ids.numel() - length, n).astype(int)
     return torch.stack([ids[s:s + length] for s in starts])
-
-
-def top_mask(score: np.ndarray, per_layer: int) -> np.ndarray:
-    """[L, E] resident mask: the ``per_layer`` best-scored experts of every layer (stable ties)."""
-    order = np.argsort(-score, axis=1, kind="stable")[:, :per_layer]
-    mask = np.zeros(score.shape, dtype=bool)
-    np.put_along_axis(mask, order, True, axis=1)
-    return mask
 
 
 def normalised(counts: np.ndarray) -> np.ndarray:
@@ -62,7 +55,7 @@ def decode_hits(trace: RoutingTrace, per_layer: int) -> dict[str, np.ndarray]:
         scores = {"global": glob, "prompt": normalised(prompt[r]) + 1e-6 * glob,
                   "blend": 0.5 * normalised(prompt[r]) + 0.5 * glob, "oracle": decode[r] + 1e-6 * glob}
         for name, s in scores.items():
-            out[name].append(float((decode[r] * top_mask(s, per_layer)).sum() / decode[r].sum()))
+            out[name].append(float((decode[r] * layer_top_mask(s, per_layer)).sum() / decode[r].sum()))
     return {k: np.array(v) for k, v in out.items()}
 
 

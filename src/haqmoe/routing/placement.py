@@ -172,6 +172,13 @@ def _top_pairs(score: np.ndarray, n: int, mask: np.ndarray | None = None) -> np.
     return mask
 
 
+def layer_top_mask(score: np.ndarray, per_layer: int) -> np.ndarray:
+    """[L, E] mask of the ``per_layer`` best-scored experts of every layer; ties by expert id."""
+    mask = np.zeros(score.shape, bool)
+    np.put_along_axis(mask, np.argsort(-score, axis=1, kind="stable")[:, :per_layer], True, axis=1)
+    return mask
+
+
 def _per_layer_count(stats: RoutingStats, budget: Budget) -> tuple[int, int]:
     return budget.experts // stats.num_layers, budget.experts % stats.num_layers
 
@@ -213,9 +220,7 @@ class LayerFrequency:
     def place(self, stats: RoutingStats, budget: Budget) -> Plan:
         per, rest = _per_layer_count(stats, budget)
         freq = stats.frequency
-        mask = np.zeros(freq.shape, bool)
-        for layer in range(stats.num_layers):
-            mask[layer, np.argsort(-freq[layer], kind="stable")[:per]] = True
+        mask = layer_top_mask(freq, per)
         return _plan(stats, _top_pairs(freq, rest, mask), self.name, {"per_layer": per, "remainder": rest})
 
 
@@ -301,9 +306,7 @@ class LatencyOptimal:
         # tie-break equal savings by frequency so saturated cases stay sensible
         score = (s + 1e-9 * stats.frequency).ravel()
         floor = min(self.min_per_layer, budget.experts // stats.num_layers)
-        mask = np.zeros(s.shape, bool)
-        for layer in range(stats.num_layers):
-            mask[layer, np.argsort(-score.reshape(s.shape)[layer], kind="stable")[:floor]] = True
+        mask = layer_top_mask(score.reshape(s.shape), floor)
         cap = stats.num_experts if self.max_per_layer is None else max(self.max_per_layer, floor)
         left = budget.experts - int(mask.sum())
         for idx in np.argsort(-score, kind="stable"):

@@ -306,9 +306,11 @@ class Replay:
             out[i] = clk - start
         return out
 
-    def _counters(self) -> tuple[dict[str, np.ndarray], Counter, int]:
-        return ({k: v.copy() for k, v in self.cache.stats.__dict__.items()}, Counter(self.decisions),
-                self.streamed)
+    def _counters(self) -> dict:
+        """What a replay counts, as one dict (cache stats per layer, decisions, streamed bytes), so the
+        served replay can take the prefills' share back out."""
+        return {**{k: v.copy() for k, v in self.cache.stats.__dict__.items()},
+                "decisions": Counter(self.decisions), "streamed": self.streamed}
 
     def run(self) -> ReplayResult:
         tr = self.trace
@@ -318,7 +320,7 @@ class Replay:
         if tr.decode is None:
             raise HaqmoeError("a served replay needs a trace with decode flags (haqmoe profile --generate)")
         token_ms, prefill_ms = [], []
-        pre = ({k: np.zeros_like(v) for k, v in self._counters()[0].items()}, Counter(), 0)  # what prefills added
+        by_prefill: dict | None = None  # what the prompts' prefills added to the counters
         for r in range(tr.num_requests):
             a, b = int(tr.offsets[r]), int(tr.offsets[r + 1])
             prompt = a + np.flatnonzero(~tr.decode[a:b])
@@ -326,14 +328,14 @@ class Replay:
             if len(prompt):
                 before = self._counters()
                 prefill_ms.append(self.prefill(tr.experts[prompt], at=int(prompt[-1])))
-                after = self._counters()
-                pre = ({k: pre[0][k] + after[0][k] - before[0][k] for k in pre[0]},
-                       pre[1] + (after[1] - before[1]), pre[2] + after[2] - before[2])
+                added = {k: v - before[k] for k, v in self._counters().items()}
+                by_prefill = added if by_prefill is None else {k: by_prefill[k] + v for k, v in added.items()}
             token_ms.append(self.decode(gen, gen - a))
-        for k, v in pre[0].items():
-            getattr(self.cache.stats, k)[:] -= v
-        self.decisions = self.decisions - pre[1]
-        self.streamed -= pre[2]
+        if by_prefill is not None:
+            self.decisions -= by_prefill.pop("decisions")
+            self.streamed -= by_prefill.pop("streamed")
+            for k, v in by_prefill.items():
+                getattr(self.cache.stats, k)[:] -= v
         return self._result(np.concatenate(token_ms), float(np.mean(prefill_ms)) if prefill_ms else 0.0)
 
     def _result(self, token_ms: np.ndarray, prefill_ms: float) -> ReplayResult:
