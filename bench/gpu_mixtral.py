@@ -374,6 +374,7 @@ def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, d
                 "engine_build_s": build_s, "budget_gb": budget_gb if pol.slots == "budget" else None,
                 "fp16_model_gb": fp16_gb, "gpu_precision": s.get("gpu_precision"), "cuda_graphs": pol.graphs,
                 "background_copies": s.get("background_copies", 0),
+                **{k: v for k, v in s.items() if k.startswith("host_")},  # per decode token (HOST_PHASES)
             })
             token_ms[name] = gen.token_ms
             print(f"[{time.perf_counter() - t0:.0f}s] {name}: {rows[-1]['decode_tok_s']:.1f} tok/s, prefill "

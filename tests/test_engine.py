@@ -81,6 +81,29 @@ def test_compiled_decode_gives_the_eager_tokens():
     engine.cache.check_invariants()
 
 
+def test_decode_host_times_count_the_decode_tokens_cpu_work():
+    """The per-token host breakdown covers decode forwards only: the cost model's estimate of the CPU
+    tier equals its one-token time times the decode's CPU expert calls (prefill's counted apart), and
+    the measured phases fit inside the hybrid forward's wall time."""
+    engine, _ = make(emulate_gpu=True, slots_per_layer=3, decision="always-cpu")
+    engine.generate(PROMPT, SamplingConfig(max_new_tokens=1))  # the prefill alone (static cache: same calls)
+    prefill_calls = engine.summary()["cpu_expert_calls"]
+    engine.reset_telemetry()
+    tokens = 12
+    engine.generate(PROMPT, SamplingConfig(max_new_tokens=tokens))
+    s = engine.summary()
+    decode_calls = s["cpu_expert_calls"] - prefill_calls
+    assert decode_calls > 0
+    steps = tokens - 1  # the first token comes from the prefill
+    assert s["host_cpu_tier_est_ms"] * steps == pytest.approx(decode_calls * engine.cost.t_cpu(1))
+    phases = ("route_wait", "decide", "to_host", "cpu_tier")
+    assert all(s[f"host_{k}_ms"] >= 0 for k in phases) and s["host_cpu_tier_ms"] > 0
+    assert sum(s[f"host_{k}_ms"] for k in phases) <= s["host_layer_ms"]
+    resident, _ = make(emulate_gpu=True, slots_per_layer=8, decision="always-transfer")
+    resident.generate(PROMPT, SamplingConfig(max_new_tokens=tokens))
+    assert resident.summary()["host_cpu_tier_ms"] == resident.summary()["host_cpu_tier_est_ms"] == 0
+
+
 def test_warm_up_counts_from_zero_and_keeps_tokens():
     engine, ref = make(emulate_gpu=True, slots_per_layer=3, decision="split")
     engine.warm_up(PROMPT, SamplingConfig(max_new_tokens=12), tokens=3)

@@ -386,7 +386,7 @@ class CollaborativeEngine:
             gpu_precision = "int8-gemm" if self.store.int8_gemm else ("dequant" if self.store.quantized else "float")
         out = {"device": str(self.device), "gpu_tier": self.cache is not None, "gpu_precision": gpu_precision,
                "cpu_expert_calls": int(tel.cpu_experts.sum()), "gpu_expert_calls": int(tel.gpu_experts.sum()),
-               "split_expert_calls": int(tel.split_experts.sum())}
+               "split_expert_calls": int(tel.split_experts.sum()), **tel.host_ms_per_token()}
         if self.cache is not None:
             st = self.cache.stats
             served = st.hits + st.prefetch_hits + st.inflight

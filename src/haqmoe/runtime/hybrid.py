@@ -41,10 +41,30 @@ class Telemetry:
     prefetch_copies: int = 0
     background_copies: int = 0  # CPU-served misses copied into the cache afterwards (admit)
     split_bytes: int = 0  # bytes the GPU parts of split misses copied (not cached)
+    # Host wall time of one-token (decode) forwards, by phase (HOST_PHASES): where a real GPU's
+    # decode goes beyond the cost model's expert times, e.g. the host waiting for the router's result.
+    decode_host_ms: dict = field(init=False)
+    decode_forwards: int = 0  # one-token hybrid forwards timed there (layers x decode tokens)
 
     def __post_init__(self) -> None:
         for name in ("cpu_experts", "gpu_experts", "split_experts", "cpu_tokens", "gpu_tokens"):
             setattr(self, name, np.zeros(self.num_layers, dtype=np.int64))
+        self.decode_host_ms = dict.fromkeys(HOST_PHASES, 0.0)
+
+    def host_ms_per_token(self) -> dict[str, float]:
+        """``host_<phase>_ms``: the phases' host time per decode token (all MoE layers together)."""
+        tokens = max(self.decode_forwards / self.num_layers, 1.0)
+        return {f"host_{k}_ms": v / tokens for k, v in self.decode_host_ms.items()}
+
+
+HOST_PHASES = {
+    "route_wait": "reading the routed experts off the device (waits for attention and router)",
+    "decide": "the per-expert decisions (cache lookups, cost model, copies issued)",
+    "to_host": "the CPU tier's inputs copied off the device",
+    "cpu_tier": "CPU expert work (whole experts and split rows), measured in place",
+    "cpu_tier_est": "the same work as the calibrated cost model predicts it",
+    "layer": "the whole hybrid forward",
+}
 
 
 @dataclass
@@ -138,7 +158,9 @@ class HybridExperts(nn.Module):
         if self.cache is None:  # every expert on the CPU tier: the plain module, zero overhead
             return self.original(hidden_states, top_k_index, top_k_weights)
         tel = self.telemetry
+        clock = [time.perf_counter()]
         used = torch.unique(top_k_index).tolist()
+        clock.append(time.perf_counter())
         self.cache.begin_step(tel.step, protect=[(self.layer, e) for e in used])
         out = torch.zeros_like(hidden_states)
         jobs: dict[str, list] = {"gpu": [], "cpu": [], "split": []}
@@ -150,9 +172,12 @@ class HybridExperts(nn.Module):
             call = self._decide(e, len(token_idx), cpu_ms, copy_ms, free)
             cpu_ms, copy_ms = cpu_ms + call.cpu_ms, copy_ms + call.copy_ms
             jobs[call.tier].append((e, token_idx, top_k_weights[token_idx, k_pos, None], call))
+        clock.append(time.perf_counter())
         # The CPU tier's inputs leave the GPU before any GPU job waits on a copy (same stream: a
         # device-to-host copy queued after the wait would hold the CPU tier until the copy lands).
         cpu_inputs = {e: hidden_states[token_idx].cpu() for e, token_idx, _, _ in jobs["cpu"] + jobs["split"]}
+        clock.append(time.perf_counter())
+        cpu_tier = 0.0
         for e, token_idx, w, call in jobs["gpu"]:  # asynchronous on CUDA
             self._wait(call)
             y = self.store.gpu_forward(call.slot, hidden_states[token_idx].to(self.store.device))
@@ -162,7 +187,9 @@ class HybridExperts(nn.Module):
         if self.prefetch:
             self._prefetch_next(hidden_states, top_k_index)
         for e, token_idx, w, call in jobs["split"]:  # CPU rows while the copy runs, then the GPU's part
+            t = time.perf_counter()
             h_cpu = self.store.cpu_rows(self.layer, e, cpu_inputs[e], call.rows)
+            cpu_tier += time.perf_counter() - t
             self._wait(call)
             y = self.store.split_forward(call.slot, hidden_states[token_idx].to(self.store.device), h_cpu, call.rows)
             out.index_add_(0, token_idx, (y.to(out.device) * w).to(out.dtype))
@@ -170,13 +197,27 @@ class HybridExperts(nn.Module):
             tel.split_bytes += self.store.copied_bytes(call.rows)
         for e, token_idx, w, _ in jobs["cpu"]:  # overlaps the GPU work above
             x = cpu_inputs[e]
+            t = time.perf_counter()
             y = self.original(x, torch.full((len(x), 1), e), torch.ones(len(x), 1, dtype=x.dtype))
+            cpu_tier += time.perf_counter() - t
             out.index_add_(0, token_idx, (y.to(out.device) * w).to(out.dtype))
             tel.cpu_experts[self.layer] += 1
             tel.cpu_tokens[self.layer] += len(token_idx)
         if self.admit:
             self._admit_in_background([e for e, *_ in jobs["cpu"]])
+        if hidden_states.shape[0] == 1:
+            self._add_host_times(clock, cpu_tier, cpu_ms)
         return out
+
+    def _add_host_times(self, clock: list[float], cpu_tier_s: float, cpu_est_ms: float) -> None:
+        host = self.telemetry.decode_host_ms
+        host["route_wait"] += 1e3 * (clock[1] - clock[0])
+        host["decide"] += 1e3 * (clock[2] - clock[1])
+        host["to_host"] += 1e3 * (clock[3] - clock[2])
+        host["cpu_tier"] += 1e3 * cpu_tier_s
+        host["cpu_tier_est"] += cpu_est_ms
+        host["layer"] += 1e3 * (time.perf_counter() - clock[0])
+        self.telemetry.decode_forwards += 1
 
     @staticmethod
     def _wait(call: _Call) -> None:
