@@ -15,10 +15,10 @@ export PYTHONPATH=src
   python3 -c "from haqmoe.quant.kernels import w8a8_op; print('fused kernel:', w8a8_op())"
 } > "$work/machine.txt" 2>&1
 policies=all-resident,always-transfer,always-cpu,split,all-resident-compiled,always-transfer-compiled,always-cpu-compiled,split-compiled
-timeout 330 python3 bench/gpu_mixtral.py run .gpu_inputs --out "$work/engine" --policies "$policies" \
+timeout 300 python3 bench/gpu_mixtral.py run .gpu_inputs --out "$work/engine" --policies "$policies" \
   > "$work/engine.log" 2>&1
-HAQMOE_KERNELS=0 timeout 120 python3 bench/gpu_mixtral.py run .gpu_inputs --out "$work/int_mm" \
+HAQMOE_KERNELS=0 timeout 100 python3 bench/gpu_mixtral.py run .gpu_inputs --out "$work/int_mm" \
   --policies always-cpu,split > "$work/int_mm.log" 2>&1
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_kernels.py > "$work/tests.log" 2>&1
+timeout 140 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_kernels.py > "$work/tests.log" 2>&1
 tail -3 "$work/tests.log"
 tar czf "$out/gpu_check.tgz" -C "$work" .
