@@ -143,10 +143,9 @@ void dot_rows(const uint8_t* u, int64_t m, int64_t u_stride, const int8_t* w, in
   }
 }
 
-const void* optional_data(const c10::optional<at::Tensor>& t, at::ScalarType dtype, int64_t n, const char* name) {
+const void* optional_data(const c10::optional<at::Tensor>& t, at::ScalarType dtype, int64_t n, const char* message) {
   if (!t.has_value()) return nullptr;
-  TORCH_CHECK(t->scalar_type() == dtype && t->dim() == 1 && t->size(0) == n && t->is_contiguous(),
-              "w8a8_linear: ", name, " must be a contiguous ", dtype, " vector of ", n);
+  TORCH_CHECK(t->scalar_type() == dtype && t->dim() == 1 && t->size(0) == n && t->is_contiguous(), message);
   return t->data_ptr();
 }
 
@@ -160,20 +159,22 @@ at::Tensor w8a8_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
               "w8a8_linear: x must be contiguous float32 [M, K]");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.stride(1) == 1 && w.stride(0) == w.size(1),
               "w8a8_linear: w must be an int8 weight [N_pad, K_pad] with contiguous rows");
-  TORCH_CHECK(x.size(1) == k && k <= w.size(1), "w8a8_linear: x has ", x.size(1), " features, expected ", k);
-  TORCH_CHECK(k <= kMaxK, "w8a8_linear: K > ", kMaxK, " could overflow int32 zero-point terms");
+  TORCH_CHECK(x.size(1) == k && k <= w.size(1), "w8a8_linear: x has the wrong number of features, expected k");
+  TORCH_CHECK(k <= kMaxK, "w8a8_linear: K > 16384 could overflow int32 zero-point terms");
   TORCH_CHECK(qmin >= -128 && qmax <= 127, "w8a8_linear: activation codes must fit int8");
   const int64_t m = x.size(0), n = w_scale.size(0), kp = w.size(1);
-  TORCH_CHECK(n <= w.size(0), "w8a8_linear: ", n, " scales for a weight of ", w.size(0), " rows");
+  TORCH_CHECK(n <= w.size(0), "w8a8_linear: more scales than weight rows");
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.dim() == 1 && w_scale.is_contiguous(),
               "w8a8_linear: w_scale must be a contiguous float32 vector");
   TORCH_CHECK(colsum.scalar_type() == at::kInt && colsum.dim() == 1 && colsum.size(0) == n && colsum.is_contiguous(),
-              "w8a8_linear: colsum must be a contiguous int32 vector of ", n);
+              "w8a8_linear: colsum must be a contiguous int32 vector, one per output");
   TORCH_CHECK(!residual || !w_zero.has_value(), "w8a8_linear: residual activations need symmetric weights");
   const float* wsp = w_scale.data_ptr<float>();
   const int32_t* csp = colsum.data_ptr<int32_t>();
-  const auto* wzp = static_cast<const int32_t*>(optional_data(w_zero, at::kInt, n, "w_zero"));
-  const auto* bp = static_cast<const float*>(optional_data(bias, at::kFloat, n, "bias"));
+  const auto* wzp = static_cast<const int32_t*>(
+      optional_data(w_zero, at::kInt, n, "w8a8_linear: w_zero must be a contiguous int32 vector, one per output"));
+  const auto* bp = static_cast<const float*>(
+      optional_data(bias, at::kFloat, n, "w8a8_linear: bias must be a contiguous float32 vector, one per output"));
 
   // rows [0, m): the tokens' codes; with `residual`, rows [m, 2m): their residuals' codes
   const int64_t levels = residual ? 2 : 1, rows = levels * m;
