@@ -89,12 +89,12 @@ def test_tier_calibration_measures_the_given_executors_and_is_cached(tmp_path, m
 
     monkeypatch.setenv("HAQMOE_CACHE", str(tmp_path))
     w = torch.randn(64, 32)
-    slow_cpu = lambda x: [x @ w.t() for _ in range(50)][-1]  # noqa: E731 - 50x the GPU tier's work
+    slow_cpu = lambda x, i: [x @ w.t() for _ in range(50)][-1]  # noqa: E731 - 50x the GPU tier's work
     calls = []
 
     def measure():
         calls.append(1)
-        return calibrate.calibrate_tiers(slow_cpu, lambda x: x @ w.t(), lambda: w.clone(), 32, torch.float32,
+        return calibrate.calibrate_tiers(slow_cpu, lambda x: x @ w.t(), lambda i: w.clone(), 32, torch.float32,
                                          "cpu", ns=(1, 4, 16), repeats=3)
 
     key = calibrate.machine_key("tiny:mixtral", 32, 64, "test")
@@ -104,6 +104,29 @@ def test_tier_calibration_measures_the_given_executors_and_is_cached(tmp_path, m
     m2 = calibrate.cached_cost_model(key, measure)
     assert calls == [1] and m2.t_cpu(4) == pytest.approx(m.t_cpu(4))
     assert len(list((tmp_path / "calibration").glob("*tiny-mixtral*.json"))) == 1
+
+
+def test_tier_calibration_times_cold_weights():
+    """The engine's CPU tier meets each expert's weights cold (the next call is another expert): a
+    calibration that ran one expert again and again timed it from the cache. Fake executors here are
+    slow (2 ms) unless called for the same expert as the call before; every timed call must be cold."""
+    import time
+
+    from haqmoe.runtime import calibrate
+
+    last: list[int] = []
+
+    def expert(i: int) -> None:
+        if not last or last[-1] != i:
+            time.sleep(0.002)
+        last.append(i)
+
+    m = calibrate.calibrate_tiers(lambda x, i: expert(i), lambda x: x, lambda i: expert(i), 8, torch.float32,
+                                  "cpu", ns=(1, 4), repeats=3)
+    assert m.t_cpu(1) >= 1.8 and m.t_cpu(4) >= 1.8 and m.transfer_ms >= 1.8
+    split = calibrate.calibrate_split(lambda x, rows, i: expert(i), lambda x, h, rows: x, lambda k: k, 8,
+                                      torch.float32, "cpu", repeats=3)
+    assert min(cpu_ms for cpu_ms, _ in split) >= 1.8
 
 
 def test_balanced_sends_a_miss_to_the_channel_that_finishes_first():

@@ -230,7 +230,7 @@ class CollaborativeEngine:
         from ..quant.int8 import Int8Experts, cpu_int8_path
         from .calibrate import cached_cost_model, calibrate_split, calibrate_tiers, machine_key
 
-        cpu_tier, store = self.hybrids[0].original, self.store
+        cpu_tier, store = self.hybrids[0].original, self.store  # every layer's CPU tier is of one kind
         dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
         cfg = self.model.config
         hidden = int(cfg.hidden_size)
@@ -245,17 +245,25 @@ class CollaborativeEngine:
         tiers = f"cpu-{cpu}-gpu-{'int8' if store.int8_gemm else str(dtype).split('.')[-1]}" \
                 f"{'-graphs' if self.cfg.cuda_graphs else ''}{'-split' if store.cfg.split_slots else ''}"
 
-        def cpu_fn(x: torch.Tensor) -> torch.Tensor:
+        # the i-th call of a calibration runs or copies the i-th of every (layer, expert): cold weights
+        rotation = [(l, e) for l, h in enumerate(self.hybrids) for e in range(h.num_experts)]
+
+        def turn(i: int) -> tuple[int, int]:
+            return rotation[i % len(rotation)]
+
+        def cpu_fn(x: torch.Tensor, i: int) -> torch.Tensor:
+            layer, e = turn(i)
             n = x.shape[0]
-            return cpu_tier(x.to(dtype), torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=dtype))
+            return self.hybrids[layer].original(x.to(dtype), torch.full((n, 1), e), torch.ones(n, 1, dtype=dtype))
 
         def measure() -> CostModel:
-            cost = calibrate_tiers(cpu_fn, lambda x: store.gpu_forward(0, x), lambda: store.load_slot(0, 0, 0),
+            cost = calibrate_tiers(cpu_fn, lambda x: store.gpu_forward(0, x),
+                                   lambda i: store.load_slot(0, *turn(i)),
                                    hidden, dtype, str(store.device))
             if store.cfg.split_slots:  # the split's parts as the engine runs them (a whole split slot)
                 slot = store.split_slot(0)
                 torch.cuda.current_stream().wait_event(store.load_slot(slot, 0, 0))
-                cost.split_ms = calibrate_split(lambda x, rows: store.cpu_rows(0, 0, x, rows),
+                cost.split_ms = calibrate_split(lambda x, rows, i: store.cpu_rows(*turn(i), x, rows),
                                                 lambda x, h, rows: store.split_forward(slot, x, h, rows),
                                                 store.split_rows, hidden, dtype, str(store.device))
             return cost

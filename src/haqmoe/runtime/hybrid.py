@@ -112,8 +112,8 @@ def _select(top_k_weights: torch.Tensor, token_idx: torch.Tensor, k_pos: torch.T
 
 def _accumulate(out: torch.Tensor, job: _Job, y: torch.Tensor) -> None:
     contrib = (y.to(out.device) * job.w).to(out.dtype)
-    if isinstance(job.rows, slice):
-        out[job.rows] += contrib
+    if isinstance(job.rows, slice):  # every row (one token): no index; ``out[rows] +=`` would copy back
+        out.add_(contrib)
     else:
         out.index_add_(0, job.rows, contrib)
 
