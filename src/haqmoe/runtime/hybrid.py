@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -79,43 +78,6 @@ class _Call:
     rows: int = 0
     cpu_ms: float = 0.0
     copy_ms: float = 0.0
-
-
-class _Job(NamedTuple):
-    """One routed expert's work: ``n`` tokens at ``rows`` of the layer's input (a slice or a device index),
-    their router weights ``w`` [n, 1], and where it runs."""
-
-    e: int
-    n: int
-    rows: slice | torch.Tensor
-    w: torch.Tensor
-    call: _Call
-
-
-def _expert_tokens(top_k_index: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Each routed expert's (token rows, top-k positions), from one copy of the routing off the device:
-    selecting per expert on the device waits for it once per expert (nonzero), ~0.3 ms a layer on an H200."""
-    idx = top_k_index.cpu()
-    return {int(e): torch.where(idx == e) for e in torch.unique(idx)}
-
-
-def _select(top_k_weights: torch.Tensor, token_idx: torch.Tensor, k_pos: torch.Tensor):
-    """(rows, router weights) of one expert's tokens on the device. A one-token call takes views: no
-    index copies or gather kernels at decode."""
-    if top_k_weights.shape[0] == 1:
-        k = int(k_pos[0])
-        return slice(None), top_k_weights[:, k:k + 1]
-    dev = top_k_weights.device
-    rows = token_idx.to(dev)
-    return rows, top_k_weights[rows, k_pos.to(dev), None]
-
-
-def _accumulate(out: torch.Tensor, job: _Job, y: torch.Tensor) -> None:
-    contrib = (y.to(out.device) * job.w).to(out.dtype)
-    if isinstance(job.rows, slice):  # every row (one token): no index; ``out[rows] +=`` would copy back
-        out.add_(contrib)
-    else:
-        out.index_add_(0, job.rows, contrib)
 
 
 class HybridExperts(nn.Module):
@@ -197,52 +159,52 @@ class HybridExperts(nn.Module):
             return self.original(hidden_states, top_k_index, top_k_weights)
         tel = self.telemetry
         clock = [time.perf_counter()]
-        routes = _expert_tokens(top_k_index)
+        used = torch.unique(top_k_index).tolist()
         clock.append(time.perf_counter())
-        self.cache.begin_step(tel.step, protect=[(self.layer, e) for e in routes])
+        self.cache.begin_step(tel.step, protect=[(self.layer, e) for e in used])
         out = torch.zeros_like(hidden_states)
-        jobs: dict[str, list[_Job]] = {"gpu": [], "cpu": [], "split": []}
+        jobs: dict[str, list] = {"gpu": [], "cpu": [], "split": []}
         cpu_ms = copy_ms = 0.0  # this layer's queues, as the cost model sees them
         splits = self.store.cfg.split_slots
-        for e, (token_idx, k_pos) in routes.items():
+        for e in used:
+            token_idx, k_pos = torch.where(top_k_index == e)
             free = self.store.split_slot(len(jobs["split"])) if len(jobs["split"]) < splits else None
             call = self._decide(e, len(token_idx), cpu_ms, copy_ms, free)
             cpu_ms, copy_ms = cpu_ms + call.cpu_ms, copy_ms + call.copy_ms
-            jobs[call.tier].append(_Job(e, len(token_idx), *_select(top_k_weights, token_idx, k_pos), call))
+            jobs[call.tier].append((e, token_idx, top_k_weights[token_idx, k_pos, None], call))
         clock.append(time.perf_counter())
         # The CPU tier's inputs leave the GPU before any GPU job waits on a copy (same stream: a
         # device-to-host copy queued after the wait would hold the CPU tier until the copy lands).
-        cpu_inputs = {job.e: hidden_states[job.rows].cpu() for job in jobs["cpu"] + jobs["split"]}
+        cpu_inputs = {e: hidden_states[token_idx].cpu() for e, token_idx, _, _ in jobs["cpu"] + jobs["split"]}
         clock.append(time.perf_counter())
         cpu_tier = 0.0
-        for job in jobs["gpu"]:  # asynchronous on CUDA
-            self._wait(job.call)
-            y = self.store.gpu_forward(job.call.slot, hidden_states[job.rows].to(self.store.device))
-            _accumulate(out, job, y)
+        for e, token_idx, w, call in jobs["gpu"]:  # asynchronous on CUDA
+            self._wait(call)
+            y = self.store.gpu_forward(call.slot, hidden_states[token_idx].to(self.store.device))
+            out.index_add_(0, token_idx, (y.to(out.device) * w).to(out.dtype))
             tel.gpu_experts[self.layer] += 1
-            tel.gpu_tokens[self.layer] += job.n
+            tel.gpu_tokens[self.layer] += len(token_idx)
         if self.prefetch:
             self._prefetch_next(hidden_states, top_k_index)
-        for job in jobs["split"]:  # CPU rows while the copy runs, then the GPU's part
+        for e, token_idx, w, call in jobs["split"]:  # CPU rows while the copy runs, then the GPU's part
             t = time.perf_counter()
-            h_cpu = self.store.cpu_rows(self.layer, job.e, cpu_inputs[job.e], job.call.rows)
+            h_cpu = self.store.cpu_rows(self.layer, e, cpu_inputs[e], call.rows)
             cpu_tier += time.perf_counter() - t
-            self._wait(job.call)
-            y = self.store.split_forward(job.call.slot, hidden_states[job.rows].to(self.store.device), h_cpu,
-                                         job.call.rows)
-            _accumulate(out, job, y)
+            self._wait(call)
+            y = self.store.split_forward(call.slot, hidden_states[token_idx].to(self.store.device), h_cpu, call.rows)
+            out.index_add_(0, token_idx, (y.to(out.device) * w).to(out.dtype))
             tel.split_experts[self.layer] += 1
-            tel.split_bytes += self.store.copied_bytes(job.call.rows)
-        for job in jobs["cpu"]:  # overlaps the GPU work above
-            x = cpu_inputs[job.e]
+            tel.split_bytes += self.store.copied_bytes(call.rows)
+        for e, token_idx, w, _ in jobs["cpu"]:  # overlaps the GPU work above
+            x = cpu_inputs[e]
             t = time.perf_counter()
-            y = self.original(x, torch.full((len(x), 1), job.e), torch.ones(len(x), 1, dtype=x.dtype))
+            y = self.original(x, torch.full((len(x), 1), e), torch.ones(len(x), 1, dtype=x.dtype))
             cpu_tier += time.perf_counter() - t
-            _accumulate(out, job, y)
+            out.index_add_(0, token_idx, (y.to(out.device) * w).to(out.dtype))
             tel.cpu_experts[self.layer] += 1
-            tel.cpu_tokens[self.layer] += job.n
+            tel.cpu_tokens[self.layer] += len(token_idx)
         if self.admit:
-            self._admit_in_background([job.e for job in jobs["cpu"]])
+            self._admit_in_background([e for e, *_ in jobs["cpu"]])
         if hidden_states.shape[0] == 1:
             self._add_host_times(clock, cpu_tier, cpu_ms)
         return out
