@@ -411,7 +411,8 @@ def combine(out: Path, runs: list[Path], notes_file: Path | None) -> None:
 
 COMBINED_COLUMNS = ("run", "policy", "decode_tok_s", "predicted_decode_tok_s", "prediction_error", "fit",
                     "prefill_ms_512", "latency_p50_ms", "latency_p99_ms", "latency_std_ms", "hit_rate", "gpu_mem_gb",
-                    "bytes_moved_gb", "cpu_expert_calls", "gpu_expert_calls", "n_critical")
+                    "bytes_moved_gb", "cpu_expert_calls", "gpu_expert_calls", "n_critical", "host_route_wait_ms",
+                    "host_decide_ms", "host_cpu_tier_ms", "host_cpu_tier_est_ms", "host_layer_ms")
 
 
 def main() -> None:
