@@ -104,6 +104,27 @@ def test_decode_host_times_count_the_decode_tokens_cpu_work():
     assert resident.summary()["host_cpu_tier_ms"] == resident.summary()["host_cpu_tier_est_ms"] == 0
 
 
+def test_calibration_rotates_over_every_expert():
+    """The start-up calibration's i-th call runs (and copies) the i-th (layer, expert) in turn, each the
+    engine's own executor: brute force against the hybrid layers' CPU tier, the host copies and cpu_rows."""
+    engine, _ = make(quant=True, emulate_gpu=True, slots_per_layer=3, decision="split")
+    cpu_fn, copy_fn, rows_fn = engine._calibration_executors(torch.float32)
+    pairs = [(l, e) for l, h in enumerate(engine.hybrids) for e in range(h.num_experts)]
+    x = torch.randn(2, engine.model.config.hidden_size)
+    rows = engine.store.split_rows(3)
+    with torch.no_grad():
+        outputs = []
+        for i, (l, e) in enumerate(pairs + pairs[:1]):  # wraps around after every expert
+            want = engine.hybrids[l].original(x, torch.full((2, 1), e), torch.ones(2, 1))
+            outputs.append(cpu_fn(x, i))
+            torch.testing.assert_close(outputs[-1], want, rtol=0, atol=0)
+            torch.testing.assert_close(rows_fn(x, rows, i), engine.store.cpu_rows(l, e, x, rows), rtol=0, atol=0)
+            copy_fn(i)
+            for key, buf in engine.store.slots.items():
+                assert torch.equal(buf[0], engine.store.host[l][e][key])
+    assert not torch.equal(outputs[0], outputs[1])  # distinct experts: a fixed one would repeat
+
+
 def test_warm_up_counts_from_zero_and_keeps_tokens():
     engine, ref = make(emulate_gpu=True, slots_per_layer=3, decision="split")
     engine.warm_up(PROMPT, SamplingConfig(max_new_tokens=12), tokens=3)

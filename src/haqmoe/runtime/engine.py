@@ -224,9 +224,26 @@ class CollaborativeEngine:
                               for x in (torch.randn(n, hidden, device=self.device, dtype=dtype) for n in (1, 32)))
         store.int8_gemm = times[True] <= times[False]
 
+    def _calibration_executors(self, dtype: torch.dtype):
+        """(cpu_fn(x, i), copy_fn(i), cpu_rows_fn(x, rows, i)) for ``calibrate_tiers`` / ``calibrate_split``:
+        the i-th call runs or copies the i-th of every (layer, expert) in turn, so each meets its weights
+        cold, as the engine's CPU tier does. Copies go to slot 0 (free before the plan is loaded)."""
+        rotation = [(l, e) for l, h in enumerate(self.hybrids) for e in range(h.num_experts)]
+
+        def turn(i: int) -> tuple[int, int]:
+            return rotation[i % len(rotation)]
+
+        def cpu_fn(x: torch.Tensor, i: int) -> torch.Tensor:
+            layer, e = turn(i)
+            n = x.shape[0]
+            return self.hybrids[layer].original(x.to(dtype), torch.full((n, 1), e), torch.ones(n, 1, dtype=dtype))
+
+        return (cpu_fn, lambda i: self.store.load_slot(0, *turn(i)),
+                lambda x, rows, i: self.store.cpu_rows(*turn(i), x, rows))
+
     def _calibrate_tiers(self) -> CostModel:
         """CUDA only. Slot 0 is free at this point (nothing admitted yet; the plan overwrites it after):
-        it holds expert (0, 0) for both the precision choice and the tier timings."""
+        it holds expert (0, 0) for the precision choice, then each expert the copy timing rotates through."""
         from ..quant.int8 import Int8Experts, cpu_int8_path
         from .calibrate import cached_cost_model, calibrate_split, calibrate_tiers, machine_key
 
@@ -245,25 +262,15 @@ class CollaborativeEngine:
         tiers = f"cpu-{cpu}-gpu-{'int8' if store.int8_gemm else str(dtype).split('.')[-1]}" \
                 f"{'-graphs' if self.cfg.cuda_graphs else ''}{'-split' if store.cfg.split_slots else ''}"
 
-        # the i-th call of a calibration runs or copies the i-th of every (layer, expert): cold weights
-        rotation = [(l, e) for l, h in enumerate(self.hybrids) for e in range(h.num_experts)]
-
-        def turn(i: int) -> tuple[int, int]:
-            return rotation[i % len(rotation)]
-
-        def cpu_fn(x: torch.Tensor, i: int) -> torch.Tensor:
-            layer, e = turn(i)
-            n = x.shape[0]
-            return self.hybrids[layer].original(x.to(dtype), torch.full((n, 1), e), torch.ones(n, 1, dtype=dtype))
+        cpu_fn, copy_fn, cpu_rows_fn = self._calibration_executors(dtype)
 
         def measure() -> CostModel:
-            cost = calibrate_tiers(cpu_fn, lambda x: store.gpu_forward(0, x),
-                                   lambda i: store.load_slot(0, *turn(i)),
-                                   hidden, dtype, str(store.device))
+            cost = calibrate_tiers(cpu_fn, lambda x: store.gpu_forward(0, x), copy_fn, hidden, dtype,
+                                   str(store.device))
             if store.cfg.split_slots:  # the split's parts as the engine runs them (a whole split slot)
                 slot = store.split_slot(0)
                 torch.cuda.current_stream().wait_event(store.load_slot(slot, 0, 0))
-                cost.split_ms = calibrate_split(lambda x, rows, i: store.cpu_rows(*turn(i), x, rows),
+                cost.split_ms = calibrate_split(cpu_rows_fn,
                                                 lambda x, h, rows: store.split_forward(slot, x, h, rows),
                                                 store.split_rows, hidden, dtype, str(store.device))
             return cost
