@@ -25,6 +25,17 @@ from .cache import ExpertCache
 from .predictor import CostModel
 from .store import ExpertStore
 
+# Host wall time of one-token (decode) hybrid forwards, by phase (Telemetry.decode_host_ms): where a real
+# GPU's decode goes beyond the cost model's expert times, e.g. the host waiting for the router's result.
+HOST_PHASES = {
+    "route_wait": "reading the routed experts off the device (waits for attention and router)",
+    "decide": "the per-expert decisions (cache lookups, cost model, copies issued)",
+    "to_host": "the CPU tier's inputs copied off the device",
+    "cpu_tier": "CPU expert work (whole experts and split rows), measured in place",
+    "cpu_tier_est": "the same work as the calibrated cost model predicts it",
+    "layer": "the whole hybrid forward",
+}
+
 
 @dataclass
 class Telemetry:
@@ -41,9 +52,7 @@ class Telemetry:
     prefetch_copies: int = 0
     background_copies: int = 0  # CPU-served misses copied into the cache afterwards (admit)
     split_bytes: int = 0  # bytes the GPU parts of split misses copied (not cached)
-    # Host wall time of one-token (decode) forwards, by phase (HOST_PHASES): where a real GPU's
-    # decode goes beyond the cost model's expert times, e.g. the host waiting for the router's result.
-    decode_host_ms: dict = field(init=False)
+    decode_host_ms: dict[str, float] = field(init=False)  # HOST_PHASES -> ms, summed over decode forwards
     decode_forwards: int = 0  # one-token hybrid forwards timed there (layers x decode tokens)
 
     def __post_init__(self) -> None:
@@ -56,15 +65,6 @@ class Telemetry:
         tokens = max(self.decode_forwards / self.num_layers, 1.0)
         return {f"host_{k}_ms": v / tokens for k, v in self.decode_host_ms.items()}
 
-
-HOST_PHASES = {
-    "route_wait": "reading the routed experts off the device (waits for attention and router)",
-    "decide": "the per-expert decisions (cache lookups, cost model, copies issued)",
-    "to_host": "the CPU tier's inputs copied off the device",
-    "cpu_tier": "CPU expert work (whole experts and split rows), measured in place",
-    "cpu_tier_est": "the same work as the calibrated cost model predicts it",
-    "layer": "the whole hybrid forward",
-}
 
 
 @dataclass
