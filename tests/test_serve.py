@@ -199,3 +199,20 @@ def test_haqmoe_run_compile_keeps_text(ckpt, capsys):
     args = ("--prompt", "Hello there", "--max-tokens", "10", "--policy", "split")
     plain, compiled = _haqmoe_run(capsys, ckpt, *args), _haqmoe_run(capsys, ckpt, *args, "--compile")
     assert compiled["text"] == plain["text"] and compiled["split_expert_calls"] == plain["split_expert_calls"] > 0
+
+
+def test_bench_runtime_reports_each_policy_with_its_host_times(ckpt, tmp_path, capsys):
+    """`haqmoe bench-runtime`: one row per policy, and what each policy did shows in its counters and in
+    the decode's host-time breakdown (always-cpu computes misses on the CPU, always-transfer copies them in)."""
+    from haqmoe.cli.main import main
+
+    out = tmp_path / "bench.json"
+    main(["--quiet", "bench-runtime", str(ckpt), "--policies", "always-cpu,always-transfer", "--prompt-tokens", "16",
+          "--max-tokens", "4", *ENGINE_ARGS, "--out", str(out)])
+    rows = {r["policy"]: r for r in json.loads(out.read_text())["rows"]}
+    cpu, transfer = rows["always-cpu"], rows["always-transfer"]
+    assert cpu["cpu_expert_calls"] > 0 and cpu["bytes_moved_gb"] == 0 and cpu["host_cpu_tier_est_ms"] > 0
+    assert transfer["bytes_moved_gb"] > 0 and transfer["gpu_expert_calls"] > 0
+    # no CPU work at decode (the prefill may run an expert on the CPU when every slot serves that batch)
+    assert transfer["host_cpu_tier_ms"] == transfer["host_cpu_tier_est_ms"] == 0
+    assert (tmp_path / "bench.md").is_file()

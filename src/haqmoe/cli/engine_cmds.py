@@ -114,7 +114,8 @@ def bench_runtime(model: str = typer.Argument("smollm2-moe", help="MoE model sou
                      "latency_p99_ms": lat["p99_ms"], "latency_std_ms": lat["std_ms"],
                      "hit_rate": s.get("hit_rate"), "bytes_moved_gb": s.get("bytes_moved", 0) / 1e9,
                      "cpu_expert_calls": s["cpu_expert_calls"], "gpu_expert_calls": s["gpu_expert_calls"],
-                     "split_expert_calls": s["split_expert_calls"]})
+                     "split_expert_calls": s["split_expert_calls"],
+                     **{k: v for k, v in s.items() if k.startswith("host_")}})  # per decode token, by phase
     if out is not None:
         from ..results import run_meta, write_results
 
