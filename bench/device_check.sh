@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One device-tool session's GPU checks (issue 7), run from the repo root on the lent machine:
 #   bash bench/device_check.sh OUT_DIR [BASELINE_SRC]
-# (inputs: `.venv/bin/python bench/gpu_mixtral.py prepare .gpu_inputs` here; BASELINE_SRC: an earlier
-# commit's src/ tree, e.g. `git archive REV src | tar -x -C .bench_old`, measured in the same run).
-# The eager and compiled engine on the Mixtral-shaped model with the host-time breakdown, four of the
-# baseline's rows beside them (all-resident and split compiled, split and always-cpu eager), a bad call of the fused CPU kernel, then the kernel and CUDA
-# tests. Everything lands in one archive, OUT_DIR/gpu_check.tgz (the device tool brings back few files).
+# Inputs: `.venv/bin/python bench/gpu_mixtral.py prepare .gpu_inputs` here (git-ignored: name it in the
+# device tool's `carry`). BASELINE_SRC: an earlier commit's src/ tree (e.g. `git archive REV src | tar -x
+# -C .bench_old`, carried likewise), measured in the same lease. The eager and compiled engine on the
+# Mixtral-shaped model with the host-time breakdown, four of the baseline's rows beside them (all-resident
+# and split compiled, split and always-cpu eager), a bad call of the fused CPU kernel, then the kernel and
+# CUDA tests. Everything lands in one archive, OUT_DIR/gpu_check.tgz (the device tool brings back few files).
 set -u
 out=$1
 base=${2:-}
