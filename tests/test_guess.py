@@ -27,6 +27,10 @@ def test_rebased_router_equals_next_router_on_next_norm():
         assert not torch.equal(plain.topk(3).indices, router(nxt(x)).topk(3).indices)
         batch = guess_for_batch(here(x), w, router, 2)
         assert batch == torch.softmax(router(nxt(x)), -1).sum(0).topk(2).indices.tolist()
+        for t in range(len(x)):  # one decode token: the engine guesses what the profiler records
+            one = guess_for_batch(here(x[t:t + 1]), w, router, 3)
+            assert one == guess_topk(here(x[t:t + 1]), w, router, 3)[0].tolist()
+            assert one == torch.softmax(router(nxt(x[t:t + 1])), -1)[0].topk(3).indices.tolist()
 
 
 def test_layernorm_with_bias_falls_back_to_the_plain_router():

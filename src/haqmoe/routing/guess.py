@@ -52,8 +52,11 @@ def guess_topk(hidden: torch.Tensor, weight: torch.Tensor, next_router: nn.Modul
 
 
 def guess_for_batch(hidden: torch.Tensor, weight: torch.Tensor, next_router: nn.Module, width: int) -> list[int]:
-    """The ``width`` experts of layer l+1 most used by a batch of tokens (probabilities summed)."""
+    """The ``width`` experts of layer l+1 most used by a batch of tokens (probabilities summed; one
+    token, the decode case, ranks its raw scores: the same order, a third of the time)."""
     scores = guess_scores(hidden, weight, next_router)
+    if scores.shape[0] == 1:
+        return scores[0].topk(width).indices.tolist()
     if getattr(next_router, "e_score_correction_bias", None) is None:
         scores = torch.softmax(scores, dim=-1)
     return scores.sum(dim=0).topk(width).indices.tolist()
