@@ -93,6 +93,17 @@ def test_async_copy_waits_only_when_worth_it():
     assert res.token_ms.tolist() == pytest.approx([2.0, 1.5])
 
 
+def test_background_admission_without_a_slot_leaves_the_copy_engine_free():
+    # one slot, CPU misses 0, 1, 2 at 0, 2, 4 ms: 0's copy (0-3 ms) holds the slot when 1 is served, so
+    # 1 gets no copy; 2's starts at 4 ms. The copy engine ends at 7 ms, not 9 (a copy for no slot).
+    tr = trace([[0], [1], [2]])
+    cache = ExpertCache(CacheConfig(1, 3, 1, expert_bytes=10), LRUPolicy())
+    rep = Replay(tr, cache, COST, ZERO, SPEC, options=ReplayOptions("always-cpu", async_admit=True))
+    res = rep.run()
+    assert res.token_ms.tolist() == pytest.approx([2.0, 2.0, 2.0])
+    assert res.decisions["background_copy"] == 2 and rep.copies.free_at == pytest.approx(7.0)
+
+
 def test_prefetch_rules():
     tr = trace([[[0], [1]], [[2], [2]]])  # 2 tokens, 2 layers
     opts = ReplayOptions("always-transfer", prefetch=PrefetchConfig(True, exact=True))

@@ -252,7 +252,9 @@ class Replay:
             self._prefetch(l + 1, guesses, r, end)
         for e in background:
             if self.copies.backlog(r) <= opt.async_backlog * cost.transfer_ms and cache.dynamic_slots(l) > 0:
-                if cache.admit(l, e, ready_at=self.copies.copy(r)) is not None:
+                done = max(self.copies.free_at, r) + cost.transfer_ms
+                if cache.admit(l, e, ready_at=done) is not None:  # no slot: no copy, the engine stays free
+                    self.copies.copy(r)
                     self.decisions["background_copy"] += 1
         return end
 
