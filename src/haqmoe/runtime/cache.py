@@ -164,8 +164,9 @@ class ExpertCache:
             self.time = float(time)
         self._protect = set(protect)
 
-    def lookup(self, layer: int, expert: int) -> str:
-        """Count one use of (layer, expert): 'hit', 'prefetch_hit', 'inflight' or 'miss'."""
+    def lookup(self, layer: int, expert: int, landing: bool = False) -> str:
+        """Count one use of (layer, expert): 'hit', 'prefetch_hit', 'inflight' or 'miss'. ``landing``: the
+        engine's word that the entry's copy is still running (the simulator compares ``ready_at`` instead)."""
         key = (layer, expert)
         entry = self._entries.get(key)
         if entry is None:
@@ -173,7 +174,7 @@ class ExpertCache:
             return "miss"
         if not entry.pinned:
             self.policy.on_hit(key, self.pool_of(layer), self.now)
-        if entry.ready_at > self.time:
+        if landing or entry.ready_at > self.time:
             self.stats.inflight[layer] += 1
             entry.prefetched = False
             return "inflight"

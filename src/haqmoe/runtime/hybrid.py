@@ -112,9 +112,9 @@ class HybridExperts(nn.Module):
         A copy's event is returned, not waited on: the caller first moves the CPU jobs' inputs off the
         GPU, which must not queue behind the copy."""
         cache = self.cache
-        outcome = cache.lookup(self.layer, e)
-        if outcome != "miss":  # a prefetched entry may still be copying: hand its event on once
-            entry = cache.get(self.layer, e)
+        entry = cache.get(self.layer, e)
+        landing = entry is not None and entry.handle is not None and not entry.handle.query()
+        if cache.lookup(self.layer, e, landing) != "miss":  # a copy may still be landing: hand its event on once
             event, entry.handle = entry.handle, None
             return _Call("gpu", entry.slot, event=event)
         if self.cost is None:
