@@ -279,7 +279,7 @@ def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, d
     from haqmoe.results import run_meta, write_results
     from haqmoe.routing.placement import Plan
     from haqmoe.runtime.calibrate import measure_profile
-    from haqmoe.runtime.engine import CollaborativeEngine, EngineConfig, SamplingConfig, latency_stats
+    from haqmoe.runtime.engine import CollaborativeEngine, EngineConfig, SamplingConfig, decode_tok_s, latency_stats
     from haqmoe.runtime.profiles import PROFILES
     from haqmoe.runtime.shaped import MoEShape, restore_experts, shaped_mixtral
     from haqmoe.runtime.simulator import frequency_plan
@@ -365,7 +365,7 @@ def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, d
                 del engine
                 continue
             rows.append({
-                "case": "gpu-mixtral-shape", "policy": name, "decode_tok_s": 1e3 / lat["mean_ms"],
+                "case": "gpu-mixtral-shape", "policy": name, "decode_tok_s": decode_tok_s(gen.token_ms),
                 "prefill_ms_512": gen.prefill_ms, "latency_p50_ms": lat["p50_ms"], "latency_p99_ms": lat["p99_ms"],
                 "latency_std_ms": lat["std_ms"], "hit_rate": s["hit_rate"], "gpu_mem_gb": peak,
                 "bytes_moved_gb": s["bytes_moved"] / 1e9, "predicted_decode_tok_s": None,

@@ -22,7 +22,7 @@ from haqmoe.models.loading import load_model
 from haqmoe.quant.config import QuantConfig
 from haqmoe.quant.rtn import quantize_rtn
 from haqmoe.results import run_meta, write_results
-from haqmoe.runtime.engine import CollaborativeEngine, EngineConfig, SamplingConfig, latency_stats
+from haqmoe.runtime.engine import CollaborativeEngine, EngineConfig, SamplingConfig, decode_tok_s, latency_stats
 
 
 def hf_decode(model, ids: torch.Tensor, tokens: int) -> dict:
@@ -40,7 +40,7 @@ def hf_decode(model, ids: torch.Tensor, tokens: int) -> dict:
 def engine_decode(engine: CollaborativeEngine, ids: torch.Tensor, tokens: int) -> dict:
     gen = engine.generate(ids, SamplingConfig(max_new_tokens=tokens))
     lat = latency_stats(gen.token_ms)
-    return {"prefill_ms": gen.prefill_ms, "decode_tok_s": 1e3 / lat["mean_ms"], **{
+    return {"prefill_ms": gen.prefill_ms, "decode_tok_s": decode_tok_s(gen.token_ms), **{
         f"latency_{k}": v for k, v in lat.items() if k != "mean_ms"}, **{
         k: v for k, v in engine.summary().items() if k in ("hit_rate", "bytes_moved")}}
 
@@ -54,7 +54,7 @@ def prefetch_run(engine: CollaborativeEngine, width: int, ids: torch.Tensor, tok
     lat = latency_stats(gen.token_ms)
     total_ms = gen.prefill_ms + sum(gen.token_ms)
     lookups = (after["misses"] - before["misses"]) + (after["prefetch_hits"] - before["prefetch_hits"])
-    return {"prefill_ms": gen.prefill_ms, "decode_tok_s": 1e3 / lat["mean_ms"],
+    return {"prefill_ms": gen.prefill_ms, "decode_tok_s": decode_tok_s(gen.token_ms),
             **{f"latency_{k}": v for k, v in lat.items() if k != "mean_ms"},
             "guess_share": (after["guess_ms"] - before["guess_ms"]) / total_ms,
             "misses_per_token": (after["misses"] - before["misses"]) / len(gen.tokens),

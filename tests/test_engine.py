@@ -157,6 +157,55 @@ def test_bad_engine_configs_are_clear():
     model = tiny_model("llama")
     with pytest.raises(HaqmoeError, match="no MoE layers"):
         CollaborativeEngine(LoadedModel(model, None, "llama", adapter_for(model)))
+    with pytest.raises(HaqmoeError, match="leave out --device cuda"):
+        make(emulate_gpu=True, device="cuda")
+    with pytest.raises(HaqmoeError, match="unknown device"):
+        make(device="tpu")
+    with pytest.raises(HaqmoeError, match="unknown cache policy"):
+        make(emulate_gpu=True, cache_policy="lru+alloc")  # per-layer allocation: simulator only
+    with pytest.raises(HaqmoeError, match="pass --plan"):
+        make(emulate_gpu=True, cache_policy="pinned+lru")
+    with pytest.raises(HaqmoeError, match="only 8 experts"):
+        make(emulate_gpu=True, prefetch=9)
+    for bad in (dict(top_p=0.0), dict(temperature=-1.0), dict(max_new_tokens=0)):
+        with pytest.raises(HaqmoeError, match="0 < top_p"):
+            SamplingConfig(**bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_asked_without_cuda_is_clear():
+    with pytest.raises(HaqmoeError, match="sees no CUDA device"):
+        make(device="cuda")
+
+
+def _plan_file(tmp_path, layers: int, experts: int, resident: list[list[int]]):
+    from haqmoe.routing.placement import Plan
+
+    return str(Plan(layers, experts, resident, "test").save(tmp_path / f"plan{layers}.json"))
+
+
+def test_plans_are_checked_with_or_without_a_gpu_tier(tmp_path):
+    other = _plan_file(tmp_path, 32, 8, [[0]] * 32)  # a plan made for another model (32 layers)
+    for tier in (dict(), dict(emulate_gpu=True)):
+        with pytest.raises(HaqmoeError, match="layers"):
+            make(plan=other, **tier)
+    one = _plan_file(tmp_path, 2, 8, [[0], [1]])  # fewer resident experts than top-k: slots default to top-k
+    engine, ref = make(emulate_gpu=True, plan=one, cache_policy="pinned+lfu", decision="always-cpu")
+    assert engine.cache.config.slots == 2 and engine.cache.get(1, 1).pinned
+    assert engine.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref
+
+
+def test_profile_costs_use_the_bytes_the_store_copies():
+    """Without a GPU the predictor's copy time comes from the profile: for the experts this store holds
+    (fp32 here, int8 once quantized), not always int8's."""
+    from haqmoe.runtime.profiles import GB, load_profile
+
+    h2d = load_profile("rtx5090d").h2d_gb_s * GB
+    for quant in (False, True):
+        engine, _ = make(quant=quant, emulate_gpu=True, slots_per_layer=3)
+        # the roofline counts weights, scales and zero points; the store also holds int8's column sums
+        # (10 % of an expert this small, under 0.1 % of Mixtral's): 4x apart from the other precision
+        assert engine.cost.transfer_ms == pytest.approx(1e3 * engine.store.expert_bytes / h2d, rel=0.02 + 0.1 * quant)
 
 
 def test_prefetch_never_changes_tokens_and_hits():

@@ -35,12 +35,18 @@ class Order(str, Enum):
     rank2 = "rank2"
 
 
+def _above_zero(value: float) -> float:
+    if value <= 0:  # typer's ranges have no open bound; top-p 0 would keep no token at all
+        raise typer.BadParameter(f"{value} is not above 0.")
+    return value
+
+
 GEN_OPTS = dict(  # the prompt and sampling options of every generating command (run, generate)
     prompt=typer.Option("The capital of France is", "--prompt", "-p", help="Prompt text."),
     chat=typer.Option(False, help="Wrap the prompt in the model's chat template."),
     max_tokens=typer.Option(64, min=1, help="Tokens to generate."),
     temperature=typer.Option(0.0, min=0.0, help="0 = greedy."),
-    top_p=typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling mass."),
+    top_p=typer.Option(1.0, max=1.0, callback=_above_zero, help="Nucleus sampling mass (0 < p <= 1)."),
     seed=typer.Option(0, help="Sampling seed."),
 )
 

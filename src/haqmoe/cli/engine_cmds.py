@@ -13,7 +13,8 @@ from .common import GEN_OPTS, app, echo_summary, emit, state
 
 _ENGINE_OPTS = dict(
     policy=typer.Option("predictor", help="Non-resident experts: predictor | always-transfer | always-cpu | balanced (CPU and copies side by side) | split (also one miss on both: CPU rows + copied rest)."),
-    cache_policy=typer.Option("lru", help="GPU cache eviction: lru | lfu | pinned+lru (pins the plan)."),
+    cache_policy=typer.Option("lru", help="GPU cache eviction: lru | lfu | pinned+lru | pinned+lfu "
+                              "(pinned: the --plan's experts stay)."),
     slots=typer.Option(None, min=0, help="GPU expert slots per layer (default: plan size, else half)."),
     plan=typer.Option(None, help="Placement plan JSON from `haqmoe plan`."),
     device=typer.Option("auto", help="auto | cpu | cuda."),
@@ -57,7 +58,7 @@ def run(model: str = typer.Argument("smollm2-moe", help="MoE model source (embed
         admit: bool = _ENGINE_OPTS["admit"], compile_decode: bool = _ENGINE_OPTS["compile_decode"],
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output (no streaming).")) -> None:
     """Generate from a prompt through the collaborative runtime, streaming text, then telemetry."""
-    from ..runtime.engine import SamplingConfig, latency_stats
+    from ..runtime.engine import SamplingConfig, decode_tok_s, latency_stats
 
     engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode,
                           prefetch, guess_trace, admit, compile_decode)
@@ -70,7 +71,7 @@ def run(model: str = typer.Argument("smollm2-moe", help="MoE model source (embed
             sys.stdout.flush()
     lat = latency_stats(gen.token_ms)
     payload = {"text": gen.text, "tokens": len(gen.tokens), "prompt_tokens": gen.prompt_tokens,
-               "prefill_ms": gen.prefill_ms, "decode_tok_s": 1e3 / lat["mean_ms"] if lat["mean_ms"] else None,
+               "prefill_ms": gen.prefill_ms, "decode_tok_s": decode_tok_s(gen.token_ms),
                **{f"latency_{k}": v for k, v in lat.items()}, **engine.summary()}
     if as_json:
         emit(payload, True, "")
@@ -95,7 +96,7 @@ def bench_runtime(model: str = typer.Argument("smollm2-moe", help="MoE model sou
                   as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Prefill and decode latency, tokens/s, p50/p95/p99, hit rate and bytes moved, per policy."""
     from ..data.text import load_text, tokenize
-    from ..runtime.engine import SamplingConfig, latency_stats
+    from ..runtime.engine import SamplingConfig, decode_tok_s, latency_stats
 
     rows = []
     for policy in [p.strip() for p in policies.split(",") if p.strip()]:
@@ -109,7 +110,7 @@ def bench_runtime(model: str = typer.Argument("smollm2-moe", help="MoE model sou
         lat = latency_stats(gen.token_ms)
         s = engine.summary()
         rows.append({"policy": policy, "device": s["device"], "compiled": compile_decode, "prefill_ms": gen.prefill_ms,
-                     "prompt_tokens": gen.prompt_tokens, "decode_tok_s": 1e3 / lat["mean_ms"],
+                     "prompt_tokens": gen.prompt_tokens, "decode_tok_s": decode_tok_s(gen.token_ms),
                      "latency_p50_ms": lat["p50_ms"], "latency_p95_ms": lat["p95_ms"],
                      "latency_p99_ms": lat["p99_ms"], "latency_std_ms": lat["std_ms"],
                      "hit_rate": s.get("hit_rate"), "bytes_moved_gb": s.get("bytes_moved", 0) / 1e9,

@@ -23,9 +23,12 @@ from ..models.loading import LoadedModel, encode_prompt
 from ..routing.guess import GuessPlan, guess_weight
 from .cache import CacheConfig, ExpertCache
 from .hybrid import HybridExperts, Telemetry
-from .policies import make_policy
+from .policies import make_policy, policy_uses_pins
 from .predictor import DECISION_POLICIES, CostModel
 from .store import ExpertStore, StoreConfig
+
+
+ENGINE_CACHE_POLICIES = ("lru", "lfu", "pinned+lru", "pinned+lfu")  # per-layer slot allocation: simulator only
 
 
 @dataclass
@@ -33,7 +36,7 @@ class EngineConfig:
     device: str = "auto"  # "auto" = cuda when available, else cpu
     emulate_gpu: bool = False  # run the GPU tier on the CPU (no GPU needed; exercises every path)
     slots_per_layer: int | None = None  # GPU expert slots per layer (default: plan size, else half)
-    cache_policy: str = "lru"  # lru | lfu | pinned+lru (pins the plan's experts)
+    cache_policy: str = "lru"  # ENGINE_CACHE_POLICIES; pinned+* pin the plan's experts (needs plan)
     decision: str = "predictor"  # predictor | always-transfer | always-cpu | balanced | split
     plan: str | None = None  # placement plan JSON (haqmoe plan)
     profile: str = "rtx5090d"  # hardware profile for the cost model when no GPU is measured
@@ -53,6 +56,11 @@ class SamplingConfig:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise HaqmoeError(f"sampling needs max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1 "
+                              f"(got {self.max_new_tokens}, {self.temperature}, {self.top_p})")
 
 
 @dataclass
@@ -76,37 +84,59 @@ def _spec_from_config(cfg, num_experts: int, top_k: int):
                      cfg.vocab_size, attn, kv)
 
 
+def _resolve_device(cfg: EngineConfig) -> torch.device:
+    """``auto``: CUDA when torch sees it. ``emulate_gpu`` runs on the CPU, its GPU tier included."""
+    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
+        raise HaqmoeError(f"unknown device '{cfg.device}' (auto | cpu | cuda)")
+    if cfg.emulate_gpu:
+        if cfg.device.startswith("cuda"):
+            raise HaqmoeError("--emulate-gpu runs the GPU tier on the CPU: leave out --device cuda or --emulate-gpu")
+        return torch.device("cpu")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise HaqmoeError(f"--device {cfg.device}, but torch {torch.__version__} sees no CUDA device")
+    try:
+        return torch.device(cfg.device)
+    except RuntimeError as exc:
+        raise HaqmoeError(f"bad device '{cfg.device}': {exc}") from exc
+
+
 class CollaborativeEngine:
     def __init__(self, lm: LoadedModel, cfg: EngineConfig = EngineConfig()):
         if cfg.decision not in DECISION_POLICIES:
             raise HaqmoeError(f"unknown policy '{cfg.decision}' (choose from {', '.join(DECISION_POLICIES)})")
+        if cfg.cache_policy not in ENGINE_CACHE_POLICIES:
+            raise HaqmoeError(f"unknown cache policy '{cfg.cache_policy}' for the engine "
+                              f"(choose from {', '.join(ENGINE_CACHE_POLICIES)})")
+        if policy_uses_pins(cfg.cache_policy) and cfg.plan is None:
+            raise HaqmoeError(f"--cache-policy {cfg.cache_policy} pins a placement plan's experts: pass --plan")
         self.lm, self.cfg = lm, cfg
         self.model, self.tokenizer, adapter = lm.model, lm.tokenizer, lm.adapter
-        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = torch.device(device)
+        self.device = _resolve_device(cfg)
         blocks = [b for b in adapter.blocks(self.model) if adapter.is_moe_block(b)]
         if not blocks:
             raise HaqmoeError(f"{lm.name} has no MoE layers: the collaborative engine needs a MoE model")
         experts = [adapter.experts(b) for b in blocks]
         num_experts = int(experts[0].num_experts)
+        if cfg.prefetch > num_experts:
+            raise HaqmoeError(f"--prefetch {cfg.prefetch}: a layer of {lm.name} has only {num_experts} experts")
         self.top_k = int(getattr(self.model.config, "num_experts_per_tok", 2))
         self.telemetry = Telemetry(len(blocks))
-        gpu_tier = self.device.type == "cuda" or cfg.emulate_gpu
+        plan = self._load_plan(len(blocks), num_experts)  # checked even where every expert stays on the CPU
         self.cache: ExpertCache | None = None
         self.cost: CostModel | None = None
         self.store: ExpertStore | None = None
-        plan = None
-        if gpu_tier:
-            plan = self._load_plan(len(blocks), num_experts)
-            slots = cfg.slots_per_layer if cfg.slots_per_layer is not None else (
-                max(len(r) for r in plan.resident) if plan else max(self.top_k, num_experts // 2))
+        if self.device.type == "cuda" or cfg.emulate_gpu:  # a GPU tier
+            slots = cfg.slots_per_layer if cfg.slots_per_layer is not None else max(
+                self.top_k, max(len(r) for r in plan.resident) if plan else num_experts // 2)
             if slots <= 0:
                 raise HaqmoeError("the GPU cache needs at least one slot per layer "
                                   "(use --policy always-cpu to keep every expert on the CPU)")
             store_device = "cpu" if cfg.emulate_gpu else str(self.device)
             splits = self.top_k if cfg.decision == "split" else 0  # scratch slots: a layer's misses at decode
             self.store = ExpertStore(experts, StoreConfig(store_device, slots * len(blocks), split_slots=splits))
-            pinned = {i: r for i, r in enumerate(plan.resident)} if plan and cfg.cache_policy == "pinned+lru" else {}
+            pinned = {i: r for i, r in enumerate(plan.resident)} if policy_uses_pins(cfg.cache_policy) else {}
             self.cache = ExpertCache(CacheConfig(len(blocks), num_experts, slots, "layer", self.store.expert_bytes,
                                                  pinned), make_policy(cfg.cache_policy.replace("pinned+", "")),
                                      top_k=self.top_k)
@@ -203,10 +233,19 @@ class CollaborativeEngine:
         if self.device.type == "cuda":
             cost = self._calibrate_tiers()
         else:
-            cost = cost_model_for(load_profile(self.cfg.profile), _spec_from_config(self.model.config, num_experts,
-                                                                                    self.top_k))
+            spec = _spec_from_config(self.model.config, num_experts, self.top_k)
+            cost = cost_model_for(load_profile(self.cfg.profile), spec, *self._tier_precisions())
         cost.n_critical_override = self.cfg.n_critical
         return cost
+
+    def _tier_precisions(self) -> tuple[str, str]:
+        """(GPU slots, CPU tier) in the profile's precision names: the bytes each tier reads per expert."""
+        from ..quant.int8 import Int8Experts
+
+        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+        floating = "fp32" if dtype == torch.float32 else "fp16"
+        cpu_int8 = isinstance(self.hybrids[0].original, Int8Experts)
+        return ("w8a8" if self.store.quantized else floating), ("w8a8" if cpu_int8 else floating)
 
     def _choose_gpu_precision(self, dtype: torch.dtype, hidden: int) -> None:
         """Quantized slots: keep the int8 GEMM or dequantize per call, whichever runs one expert faster
@@ -404,12 +443,13 @@ class CollaborativeEngine:
                "split_expert_calls": int(tel.split_experts.sum()), **tel.host_ms_per_token()}
         if self.cache is not None:
             st = self.cache.stats
-            served = st.hits + st.prefetch_hits + st.inflight
-            lookups = served + st.misses
+            resident = st.hits + st.prefetch_hits  # DESIGN's hit rate, the simulator's resident_when_needed
+            lookups = st.lookups
             out.update({
-                "hit_rate": float(served.sum() / max(lookups.sum(), 1)),
-                "hit_rate_per_layer": [float(h / max(n, 1)) for h, n in zip(served, lookups)],
-                "misses": int(st.misses.sum()), "evictions": int(st.evictions.sum()),
+                "hit_rate": float(resident.sum() / max(lookups.sum(), 1)),
+                "hit_rate_per_layer": [float(h / max(n, 1)) for h, n in zip(resident, lookups)],
+                "misses": int(st.misses.sum()), "inflight": int(st.inflight.sum()),  # waited on a landing copy
+                "evictions": int(st.evictions.sum()),
                 "bytes_moved": int(st.bytes_moved.sum()) + tel.split_bytes,  # + the copied parts of splits
                 "n_critical": float(self.cost.n_critical) if self.cost is not None else None,
                 "prefetch_hits": int(st.prefetch_hits.sum()), "prefetch_copies": tel.prefetch_copies,
@@ -425,6 +465,11 @@ def latency_stats(ms: list[float]) -> dict:
     a = np.asarray(ms)
     return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
             "p99_ms": float(np.percentile(a, 99)), "std_ms": float(a.std()), "mean_ms": float(a.mean())}
+
+
+def decode_tok_s(ms: list[float]) -> float | None:
+    """Tokens per second over per-token latencies (None when no token was decoded, e.g. EOS first)."""
+    return 1e3 / float(np.mean(ms)) if ms else None
 
 
 def plan_path(path: str | None) -> str | None:
