@@ -140,3 +140,10 @@ def test_generate_runs_a_quantized_checkpoint_in_int8(capsys, tmp_path):
 def test_generate_refuses_int8_execution_of_a_float_model(capsys):
     code, _, err = run(["generate", "smollm2-135m", "--exec", "real"], capsys)
     assert_clean_error(code, err, "needs a quantized model")
+
+
+@pytest.mark.parametrize("command", ["run", "generate"])
+def test_top_p_zero_is_refused_before_loading(capsys, command):
+    code, _, err = run([command, "no-such-model", "--top-p", "0", "--temperature", "1"], capsys)
+    assert code == 2 and "Traceback" not in err  # a usage error, as for every option out of range
+    assert "Invalid value for '--top-p': 0.0 is not above 0" in err
