@@ -167,6 +167,10 @@ def test_bad_engine_configs_are_clear():
         make(emulate_gpu=True, cache_policy="pinned+lru")
     with pytest.raises(HaqmoeError, match="only 8 experts"):
         make(emulate_gpu=True, prefetch=9)
+    engine, _ = make()
+    context = engine.model.config.max_position_embeddings
+    with pytest.raises(HaqmoeError, match="exceeds the model's context"):
+        engine.generate(PROMPT, SamplingConfig(max_new_tokens=context - PROMPT.shape[1] + 1))
     for bad in (dict(top_p=0.0), dict(temperature=-1.0), dict(max_new_tokens=0)):
         with pytest.raises(HaqmoeError, match="0 < top_p"):
             SamplingConfig(**bad)
@@ -299,3 +303,15 @@ def test_split_expert_equals_the_whole_expert(quant):
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
         full = sum(t.numel() * t.element_size() for t in store.host[1][5].values())
         assert store.copied_bytes(0) == full > store.copied_bytes(rows) > full / 3
+
+
+def test_streamed_text_never_takes_back_and_stops_at_the_earliest_stop():
+    from haqmoe.runtime.engine import first_stop, shown_text
+
+    text = ""
+    for decoded, final, want in [("ab", False, "ab"), ("ab\ufffd", False, "ab"), ("abé", False, "abé"),
+                                 ("abé\ufffd", True, "abé\ufffd")]:  # the last token: show what there is
+        text = shown_text(text, decoded, final)
+        assert text == want
+    assert first_stop("one. two\nthree", ("\n", ".")) == 3  # the earliest, whatever the list order
+    assert first_stop("one two", ("\n", "", ".")) is None

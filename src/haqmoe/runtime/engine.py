@@ -352,6 +352,10 @@ class CollaborativeEngine:
                should_stop: Callable[[], bool] | None = None) -> Iterator[tuple[str, Generation]]:
         """Yield (new text, generation so far) per token; the final Generation has the timings."""
         ids = prompt if isinstance(prompt, torch.Tensor) else self.encode(prompt)
+        context = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        if context and ids.shape[1] + sampling.max_new_tokens > context:
+            raise HaqmoeError(f"prompt ({ids.shape[1]} tokens) + max tokens ({sampling.max_new_tokens}) exceeds "
+                              f"the model's context of {context} tokens")
         gen = Generation(prompt_tokens=int(ids.shape[1]))
         rng = torch.Generator().manual_seed(sampling.seed)
         eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
@@ -374,11 +378,12 @@ class CollaborativeEngine:
             if eos is not None and tok == eos:
                 gen.finish_reason = "stop"
                 break
-            new_text = self.tokenizer.decode(gen.tokens, skip_special_tokens=True) if self.tokenizer else ""
+            decoded = self.tokenizer.decode(gen.tokens, skip_special_tokens=True) if self.tokenizer else ""
+            new_text = shown_text(text, decoded, final=i == sampling.max_new_tokens - 1)
             delta, text = new_text[len(text):], new_text
-            hit = next((s for s in sampling.stop if s and s in text), None)
-            if hit is not None:
-                gen.text = text[: text.index(hit)]
+            cut = first_stop(text, sampling.stop)
+            if cut is not None:
+                gen.text = text[:cut]
                 gen.finish_reason = "stop"
                 yield delta[: max(0, len(delta) - (len(text) - len(gen.text)))], gen
                 return
@@ -465,6 +470,19 @@ def latency_stats(ms: list[float]) -> dict:
     a = np.asarray(ms)
     return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
             "p99_ms": float(np.percentile(a, 99)), "std_ms": float(a.std()), "mean_ms": float(a.mean())}
+
+
+def shown_text(text: str, decoded: str, final: bool) -> str:
+    """The generated text to stream: ``decoded``, except while it ends inside a character (U+FFFD from a
+    multi-byte character split across tokens) and later tokens may complete it; streamed text is never
+    taken back, so the replacement character must not go out."""
+    return text if decoded.endswith("\ufffd") and not final else decoded
+
+
+def first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the earliest stop string starts in ``text`` (None: no stop string in it)."""
+    found = [text.find(s) for s in stops if s and s in text]
+    return min(found) if found else None
 
 
 def decode_tok_s(ms: list[float]) -> float | None:
