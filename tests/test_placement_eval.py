@@ -148,3 +148,29 @@ def test_cli_plan_and_eval(tmp_path):
     save_trace(skewed_trace(L=5), other)
     r = runner.invoke(app, ["placement-eval", plans[0], "--on", str(other)])
     assert r.exit_code != 0 and "4 MoE layers x 8 experts" in str(r.exception)
+    # requests shorter than the asked length (100 tokens each here): an error for plan, left out by eval
+    r = runner.invoke(app, ["plan", str(build), "--out", str(tmp_path / "y.json"), "--budget", "16",
+                            "--request-len", "101"])
+    assert r.exit_code != 0 and "no request of 101 tokens" in str(r.exception)
+    r = runner.invoke(app, ["-q", "placement-eval", plans[0], "--on", str(held), "--request-len", "20",
+                            "--request-len", "500", "--json"])
+    assert r.exit_code == 0 and "no request of [500] tokens" in r.stderr
+    assert {row["request_len"] for row in json.loads(r.stdout)["rows"]} == {"full", 20}
+    # evaluated on its own build data: flagged in-sample (held-out rows above are not)
+    assert not any(row["in_sample"] for row in rows)
+    r = runner.invoke(app, ["-q", "placement-eval", plans[0], "--on", str(build), "--request-len", "20"])
+    assert r.exit_code == 0 and r.stdout.count("IN-SAMPLE") == 2
+    r = runner.invoke(app, ["routing-stats", str(build), "--held-out", str(other)])
+    assert r.exit_code != 0 and "5 MoE layers x 8 experts" in str(r.exception)
+
+
+@needs_data
+def test_two_stage_without_paths_and_in_sample_mixtral_sources():
+    from haqmoe.routing.sources import load_source, shares_data
+
+    stats = load_source("fiddler:original").stats(2)
+    with pytest.raises(HaqmoeError, match="Stage I needs path statistics"):
+        build_plan(make_strategy("two-stage"), stats, Budget(128))
+    assert shares_data("mixtral:all", "mixtral:heldout") and shares_data("mixtral:build", "mixtral:build")
+    assert not shares_data("mixtral:build", "mixtral:heldout")
+    assert shares_data("fiddler:original", "mixtral:machine_learning+anatomy")

@@ -66,6 +66,25 @@ def test_resume_with_other_settings_refused(tmp_path):
     other = header_of(random_trace(E=8))
     with pytest.raises(HaqmoeError, match="cannot resume"):
         TraceWriter(tmp_path / "t", other, resume=True)
+    same_shape = header_of(tr)
+    same_shape.meta["model"] = "another-model"  # same shape and settings, another model's routing
+    with pytest.raises(HaqmoeError, match="cannot resume"):
+        TraceWriter(tmp_path / "t", same_shape, resume=True)
+    with pytest.raises(HaqmoeError, match="is a file"):
+        (tmp_path / "f").write_text("x")
+        TraceWriter(tmp_path / "f", header_of(tr))
+
+
+def test_resuming_a_finished_trace_marks_it_incomplete_until_finished(tmp_path):
+    tr = random_trace(requests=(2, 2, 2, 2))
+    w = TraceWriter(tmp_path / "t", header_of(tr))
+    w.append_trace(tr.select_requests([0, 1]))
+    w.finish()
+    w2 = TraceWriter(tmp_path / "t", header_of(tr), resume=True)
+    w2.append_trace(tr.select_requests([2, 3]))  # a reader now: incomplete, not "damaged"
+    with pytest.raises(HaqmoeError, match="incomplete"):
+        load_trace(tmp_path / "t")
+    np.testing.assert_array_equal(load_trace(w2.finish()).experts, tr.experts)
 
 
 def test_truncated_chunk_is_a_clear_error(tmp_path):

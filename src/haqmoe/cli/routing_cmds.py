@@ -31,6 +31,10 @@ def profile(model: str = typer.Argument("smollm2-moe", help="MoE model source (s
     from ..routing.profile import ProfileConfig, profile_to_disk
     from ..routing.trace_io import load_trace
 
+    if out.exists() and not out.is_dir():  # before the model loads
+        from ..errors import HaqmoeError
+
+        raise HaqmoeError(f"--out {out} is a file: a trace is a directory")
     start = time.perf_counter()
     lm = load_model(model, progress=state["progress"])
     cfg = ProfileConfig(data, seqlen, requests, guess_width, chunk, generate)
@@ -47,6 +51,8 @@ def profile(model: str = typer.Argument("smollm2-moe", help="MoE model source (s
                            f"{payload['seconds']} s")
 
 
+_PROFILE_HELP = ("Planning profile (expert bytes, costs): mixtral-int8-pcie4, smollm2moe-int8-pcie4, or auto "
+                 "(the routing data's model; Mixtral's otherwise).")
 _SOURCE_HELP = ("Routing data: a trace directory (haqmoe profile), mixtral:build|heldout|all|SUBJ+SUBJ "
                 "(real Mixtral-8x7B MMLU fractions, split by subject), or fiddler:original|instruct.")
 
@@ -58,8 +64,7 @@ def plan(source: str = typer.Argument(..., help=_SOURCE_HELP),
                                                                "layer-frequency, latency, latency-balanced."),
          budget: Optional[int] = typer.Option(None, help="GPU slots in experts (over all layers)."),
          budget_gb: Optional[float] = typer.Option(None, help="GPU memory for experts in GB (instead of --budget)."),
-         profile: str = typer.Option("mixtral-int8-pcie4", help="Hardware profile (expert bytes, costs): "
-                                                                "mixtral-int8-pcie4 or smollm2moe-int8-pcie4."),
+         profile: str = typer.Option("auto", help=_PROFILE_HELP),
          expert_dtype: str = typer.Option("int8", help="Expert storage for byte budgets: int8 or fp16."),
          window: int = typer.Option(2, min=1, help="Path window in layers (path-frequency, two-stage)."),
          top_k_per_layer: Optional[int] = typer.Option(None, help="two-stage Stage I count per layer."),
@@ -72,7 +77,7 @@ def plan(source: str = typer.Argument(..., help=_SOURCE_HELP),
          as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Build a GPU expert placement plan (per layer: resident experts, bytes, expected hit rate)."""
     from ..errors import HaqmoeError
-    from ..routing.cost import get_profile
+    from ..routing.cost import profile_for
     from ..routing.placement import Budget, build_plan, make_strategy
     from ..routing.sources import load_source
 
@@ -80,8 +85,8 @@ def plan(source: str = typer.Argument(..., help=_SOURCE_HELP),
         raise HaqmoeError(f"plan {out} exists (use --overwrite)")
     if expert_dtype not in ("int8", "fp16"):
         raise HaqmoeError(f"--expert-dtype must be int8 or fp16, got '{expert_dtype}'")
-    prof = get_profile(profile)
     src = load_source(source)
+    prof = profile_for(profile, src.model)
     stats = src.stats(window)
     ebytes = prof.expert_bytes * (2.0 if expert_dtype == "fp16" else 1.0)
     b = Budget.of(stats, budget, None if budget_gb is None else budget_gb * 1e9, ebytes)
@@ -94,17 +99,19 @@ def plan(source: str = typer.Argument(..., help=_SOURCE_HELP),
     p.save(out)
     d = p.to_json()
     payload = {"out": str(out), "strategy": strategy, "experts": p.size, "bytes": d["bytes"],
-               "expected_hit_mean": d["expected_hit_mean"], "layers": p.num_layers, "num_experts": p.num_experts}
+               "expected_hit_mean": d["expected_hit_mean"], "layers": p.num_layers, "num_experts": p.num_experts,
+               "profile": prof.name}
     emit(payload, as_json, f"wrote {strategy} plan {out}: {p.size} of {p.num_layers * p.num_experts} experts "
-                           f"({d['bytes'] / 1e9:.2f} GB), build-set hit {100 * d['expected_hit_mean']:.1f}%")
+                           f"({d['bytes'] / 1e9:.2f} GB at {prof.name}'s expert size), "
+                           f"build-set hit {100 * d['expected_hit_mean']:.1f}%")
 
 
 @app.command("placement-eval")
 def placement_eval(plans: list[Path] = typer.Argument(..., help="Plan JSON files (haqmoe plan)."),
                    on: str = typer.Option(..., "--on", help="Held-out routing data. " + _SOURCE_HELP),
-                   request_len: list[int] = typer.Option([25, 50, 100], help="Request lengths for per-request "
-                                                                             "hit and latency (repeatable)."),
-                   profile: str = typer.Option("mixtral-int8-pcie4", help="Hardware profile for latency."),
+                   request_len: list[int] = typer.Option([25, 50, 100], min=1, help="Request lengths for per-request "
+                                                                                    "hit and latency (repeatable)."),
+                   profile: str = typer.Option("auto", help=_PROFILE_HELP),
                    decode_tokens: int = typer.Option(32, min=0, help="Generated tokens per request in the "
                                                                      "latency estimate."),
                    out: Optional[Path] = typer.Option(None, help="Write results JSON + markdown here."),
@@ -113,27 +120,31 @@ def placement_eval(plans: list[Path] = typer.Argument(..., help="Plan JSON files
     """Hit rates of plans on routing NOT used to build them: per layer, mean/std/gap, per request, latency."""
     from tqdm import tqdm
 
-    from ..routing.cost import get_profile
+    from ..routing.cost import profile_for
     from ..routing.evaluate import HitSummary, expected_latency_ms, layer_hit, per_request_hit
     from ..routing.placement import Plan
-    from ..routing.sources import load_source
+    from ..routing.sources import load_source, shares_data
 
-    prof = get_profile(profile)
     src = load_source(on)
+    prof = profile_for(profile, src.model)
     L, E = src.shape
     loaded = [Plan.load(p, L, E) for p in plans]
+    lengths = [n for n in request_len if src.requests_fn is not None and src.has_requests(n)]
+    if src.requests_fn is not None and lengths != list(request_len):
+        typer.echo(f"note: {on} has no request of {sorted(set(request_len) - set(lengths))} tokens; "
+                   "those lengths are left out", err=True)
     rows, per_layer = [], {}
     for path, p in tqdm(list(zip(plans, loaded)), desc="evaluate", disable=not state["progress"]):
-        for n in [None, *request_len]:
+        in_sample = shares_data(p.params.get("source", ""), on)
+        for n in [None, *lengths]:
             if n is None:
                 hit = HitSummary.of(layer_hit(p.mask(), src.counts))
                 per_layer[f"{path.stem} ({p.strategy})"] = hit.per_layer
-            elif src.requests_fn is None:
-                continue
             else:
                 hit = per_request_hit(p.mask(), src.requests(n, seed=2))
-            lat = expected_latency_ms(p, src.requests(n, seed=2), prof, decode_tokens) if src.requests_fn else None
-            rows.append({"plan": str(path), "strategy": p.strategy, "budget": p.size,
+            lat = expected_latency_ms(p, src.requests(n, seed=2), prof, decode_tokens) \
+                if src.requests_fn is not None and src.has_requests(n) else None
+            rows.append({"plan": str(path), "strategy": p.strategy, "budget": p.size, "in_sample": in_sample,
                          "request_len": "full" if n is None else n, "mean_hit": round(hit.mean, 2),
                          "std_hit": round(hit.std, 2), "gap_hit": round(hit.gap, 2),
                          "expected_latency_ms": None if lat is None else round(lat, 2),
@@ -149,8 +160,9 @@ def placement_eval(plans: list[Path] = typer.Argument(..., help="Plan JSON files
     human = "\n".join(f"{r['strategy']:>18} {r['budget']:>4} n={r['request_len']!s:>4}: mean {r['mean_hit']:.2f}% "
                       f"std {r['std_hit']:.2f} gap {r['gap_hit']:.2f}"
                       + ("" if r["expected_latency_ms"] is None else f"  latency {r['expected_latency_ms']:.1f} ms")
+                      + ("  (IN-SAMPLE: the plan was built on this data)" if r["in_sample"] else "")
                       for r in rows)
-    emit({"on": on, "profile": profile, "rows": rows}, as_json, human)
+    emit({"on": on, "profile": prof.name, "rows": rows}, as_json, human)
 
 
 def _plot_layers(per_layer: dict, path: Path, title: str) -> None:
@@ -198,6 +210,9 @@ def routing_stats(source: str = typer.Argument(..., help=_SOURCE_HELP),
             from ..errors import HaqmoeError
 
             raise HaqmoeError("--held-out needs a trace directory (per-token paths)")
+        from ..routing.trace_io import check_model
+
+        check_model(*other.shape, *src.shape, f"--held-out {held_out}")
         ws = sorted({1, window, 4, st.num_layers} & set(range(1, st.num_layers + 1)))
         payload["held_out_path_coverage"] = {w: round(path_coverage(src.stats(w), other.trace), 4) for w in ws}
     if plot is not None:

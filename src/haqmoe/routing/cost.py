@@ -86,6 +86,13 @@ PROFILES = {
 }
 
 
+def profile_for(name: str, model: str = "") -> PlanningCosts:
+    """``auto``: the profile of the routing data's model (Mixtral's for anything else, as before)."""
+    if name == "auto":
+        name = "smollm2moe-int8-pcie4" if "smollm2" in model.lower() else "mixtral-int8-pcie4"
+    return get_profile(name)
+
+
 def get_profile(name: str) -> PlanningCosts:
     if name not in PROFILES:
         raise HaqmoeError(f"unknown hardware profile '{name}' (known: {', '.join(PROFILES)})")

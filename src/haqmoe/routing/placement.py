@@ -252,6 +252,9 @@ class TwoStage:
 
     def place(self, stats: RoutingStats, budget: Budget) -> Plan:
         top, sup, rest = self.counts(stats, budget)
+        if top > 0 and not stats.paths:  # Stage I would silently become Stage II (layer-frequency)
+            raise HaqmoeError("two-stage's Stage I needs path statistics (per-token routing), none in these "
+                              "stats: use layer-frequency, or --top-k-per-layer 0")
         freq = stats.frequency
         mask = np.zeros(freq.shape, bool)
         for layer in range(stats.num_layers):

@@ -43,12 +43,23 @@ class RoutingSource:
             self._cache[key] = self.stats_fn(window)
         return self._cache[key]
 
+    def has_requests(self, request_len: int | None) -> bool:
+        try:
+            self.requests(request_len, seed=2)
+        except HaqmoeError:
+            return False
+        return True
+
     def requests(self, request_len: int | None, seed: int = 0) -> np.ndarray:
         if self.requests_fn is None:
             raise HaqmoeError(f"{self.spec} has no per-request data (frequency only)")
         key = ("req", request_len, seed)
         if key not in self._cache:
-            self._cache[key] = self.requests_fn(request_len, seed)
+            rc = self.requests_fn(request_len, seed)
+            if rc.shape[0] == 0:
+                raise HaqmoeError(f"{self.spec} has no request of {request_len} tokens (its requests are shorter): "
+                                  "choose a shorter --request-len")
+            self._cache[key] = rc
         return self._cache[key]
 
 
@@ -70,6 +81,26 @@ def from_prompts(pc: mx.PromptCounts, spec: str, synthetic_tokens_per_prompt: in
         return pc.counts if n is None else mx.synthetic_requests(pc, n, 1, seed)
     return RoutingSource(spec, "mixtral-8x7b", pc.total(),
                          lambda w: mx.stats_from_prompts(pc, w, synthetic_tokens_per_prompt), req, False)
+
+
+def _data_of(spec: str) -> set[str]:
+    """What a spec is made of, without loading it: MMLU subjects, or a trace directory's path."""
+    kind, _, arg = spec.partition(":")
+    if kind == "mixtral" and arg:
+        subjects = mx.list_subjects()
+        build, held = mx.split_subjects(subjects)
+        return set({"build": build, "heldout": held, "all": subjects}.get(arg) or arg.split("+"))
+    if kind == "fiddler" and arg:
+        return set(mx.load_fiddler(arg))  # popularity measured on these MMLU subjects' prompts
+    return {str(Path(spec).expanduser().resolve())} if spec else set()
+
+
+def shares_data(built_on: str, evaluated_on: str) -> bool:
+    """True when a plan built on ``built_on`` would be evaluated on some of the same data (in-sample)."""
+    try:
+        return bool(_data_of(built_on) & _data_of(evaluated_on))
+    except HaqmoeError:  # the build data is gone or unreadable: nothing to compare
+        return False
 
 
 def load_source(spec: str, synthetic_tokens_per_prompt: int = 16) -> RoutingSource:

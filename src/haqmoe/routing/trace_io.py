@@ -106,6 +106,8 @@ class TraceWriter:
         self.done_requests = 0
         self.tokens = 0
         self.chunks = 0
+        if self.path.exists() and not self.path.is_dir():
+            raise HaqmoeError(f"trace path {self.path} is a file: a trace is a directory")
         if self.path.exists() and any(self.path.iterdir()):
             if resume:
                 self._resume()
@@ -122,9 +124,14 @@ class TraceWriter:
         def settings(h: TraceHeader) -> dict:  # the request count may grow on resume; nothing else
             return {k: v for k, v in dict(h.meta.get("config") or {}).items() if k != "max_requests"}
 
-        if not old.same_identity(self.header) or settings(old) != settings(self.header):
+        def model(h: TraceHeader) -> tuple:
+            return h.meta.get("model"), h.meta.get("model_type")
+
+        if not old.same_identity(self.header) or settings(old) != settings(self.header) or \
+                model(old) != model(self.header):
             raise HaqmoeError(f"cannot resume {self.path}: it was profiled with another model or settings "
-                              f"({old.meta.get('config')} vs {self.header.meta.get('config')})")
+                              f"({model(old)} {old.meta.get('config')} vs {model(self.header)} "
+                              f"{self.header.meta.get('config')})")
         for f in _chunk_files(self.path):
             data = _load_chunk(f, old)
             self.done_requests += len(data["lengths"])
@@ -132,6 +139,8 @@ class TraceWriter:
             self.chunks += 1
         old.meta["config"] = self.header.meta.get("config")
         self.header = old
+        # a finished trace grows again: incomplete until finish(), so a reader never takes it as whole
+        atomic_write_text(self.path / HEADER, json.dumps(old.to_json(), indent=1) + "\n")
 
     def append(self, experts: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None = None,
                decode: np.ndarray | None = None, guesses: np.ndarray | None = None) -> None:
