@@ -36,10 +36,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse (early, before hours of work) to replace a non-empty output without --overwrite."""
+def check_output_dir(out: Path, overwrite: bool, source: str | Path | None = None) -> None:
+    """Refuse (early, before hours of work) to replace a non-empty output without --overwrite, and an
+    output that is, holds or lies inside ``source`` (a local input): --overwrite would delete the input."""
     from .errors import HaqmoeError
 
+    if source is not None and Path(source).expanduser().exists():
+        o, s = Path(out).expanduser().resolve(), Path(source).expanduser().resolve()
+        if o == s or s.is_relative_to(o) or o.is_relative_to(s):
+            raise HaqmoeError(f"output {out} is, holds or lies inside the input {source}: choose another --out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise HaqmoeError(f"output {out} exists and is not empty (use --overwrite)")
 

@@ -193,7 +193,7 @@ def upcycle(model: str = typer.Argument("smollm2-135m", help="Dense Llama-family
     """Build a Mixtral-layout MoE from a dense model (sparse upcycling, k-means routers)."""
     from ..models.upcycle import UpcycleConfig, upcycle_to_dir
 
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, model)
     upcycle_to_dir(model, out, UpcycleConfig(experts, top_k, calib, samples, seqlen, seed),
                    state["progress"], overwrite)
     emit({"model": model, "out": str(out), "experts": experts, "top_k": top_k}, as_json,

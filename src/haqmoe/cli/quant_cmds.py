@@ -100,7 +100,7 @@ def quantize(model: str = typer.Argument(..., help="Model source to quantize."),
         raise HaqmoeError(f"--stat must be absmax, absmean or auto, got '{stat}'")
     cfg = _quant_config(method.value, w_bits, a_bits, w_sym, a_sym, static_acts, group_size)
     opts = MethodOptions(alpha=alpha, order=order.value, stat=stat, grid=grid, damp=damp, seed=seed)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, model)
     _check_partial(out, resume, overwrite)
     start = time.perf_counter()
     lm = load_model(model, progress=state["progress"])

@@ -58,7 +58,7 @@ def export(quant_dir: str = typer.Argument(..., help="haqmoe quantized checkpoin
 
     if format != "compressed-tensors":
         raise HaqmoeError(f"unknown export format '{format}' (supported: compressed-tensors)")
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, quant_dir)
     rep = export_compressed_tensors(quant_dir, out, ExportConfig(requantize=requantize, dtype=dtype), overwrite)
     payload = asdict(rep)
     human = (f"wrote {out}: {rep.quantized_linears} int8 linears, {rep.tensors} tensors in {rep.shards} file(s), "
