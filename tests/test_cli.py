@@ -147,3 +147,21 @@ def test_top_p_zero_is_refused_before_loading(capsys, command):
     code, _, err = run([command, "no-such-model", "--top-p", "0", "--temperature", "1"], capsys)
     assert code == 2 and "Traceback" not in err  # a usage error, as for every option out of range
     assert "Invalid value for '--top-p': 0.0 is not above 0" in err
+
+
+def test_output_that_would_delete_its_input_is_refused(capsys, tmp_path):
+    src = tmp_path / "parent" / "q"
+    src.mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    for out in (src, tmp_path / "parent", src / "inner"):  # the input itself, its parent, inside it
+        code, _, err = run(["export", str(src), "--out", str(out), "--overwrite"], capsys)
+        assert_clean_error(code, err, "is, holds or lies inside the input")
+    assert (src / "config.json").read_text() == "{}"
+
+
+def test_job_is_late_only_when_the_deadline_stopped_it():
+    from haqmoe.serve.app import Job
+
+    job = Job(None, None, deadline=0.0)  # long past
+    assert not job.timed_out()  # a generation that ended by itself, however late, was not cut
+    assert job.should_stop() and job.timed_out()

@@ -305,13 +305,24 @@ def test_split_expert_equals_the_whole_expert(quant):
         assert store.copied_bytes(0) == full > store.copied_bytes(rows) > full / 3
 
 
-def test_streamed_text_never_takes_back_and_stops_at_the_earliest_stop():
-    from haqmoe.runtime.engine import first_stop, shown_text
+def test_streamed_text_is_never_taken_back_and_stops_at_the_earliest_stop():
+    from haqmoe.runtime.engine import TextStream
 
-    text = ""
-    for decoded, final, want in [("ab", False, "ab"), ("ab\ufffd", False, "ab"), ("abé", False, "abé"),
-                                 ("abé\ufffd", True, "abé\ufffd")]:  # the last token: show what there is
-        text = shown_text(text, decoded, final)
-        assert text == want
-    assert first_stop("one. two\nthree", ("\n", ".")) == 3  # the earliest, whatever the list order
-    assert first_stop("one two", ("\n", "", ".")) is None
+    def stream(steps, stops=()):
+        ts, out = TextStream(stops), ""
+        for i, decoded in enumerate(steps):
+            delta, stopped = ts.push(decoded, final=i == len(steps) - 1)
+            out += delta
+            if stopped:
+                break
+        return out, ts.text
+
+    # a character split across tokens (U+FFFD) is held until complete; the last token shows what there is
+    assert stream(["ab", "ab\ufffd", "abé", "abé\ufffd\ufffd"]) == ("abé\ufffd\ufffd",) * 2
+    ts = TextStream()
+    assert [ts.push(d)[0] for d in ("Hi", "Hi \ufffd", "Hi 😀")] == ["Hi", " ", "😀"]
+    # a stop string across tokens: what could start it is held, so the stream equals the answer
+    assert stream([" Temp", " Templ", " Templ v", " Templ vx"], ("l v",)) == (" Temp", " Temp")
+    assert stream([" Temp", " Templ", " Templa"], ("l v",)) == (" Templa", " Templa")  # released
+    assert stream(["one. two", "one. two\nthree"], ("\n", ".")) == ("one", "one")  # the earliest stop
+    assert stream(["a", "ab"], ("", "zz")) == ("ab", "ab")

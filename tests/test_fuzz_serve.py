@@ -4,6 +4,7 @@ parsing against a live loopback server: every answer is a JSON 2xx/4xx/5xx-free 
 from __future__ import annotations
 
 import json
+import re
 
 import httpx2 as httpx
 import pytest
@@ -100,3 +101,72 @@ def test_fuzz_request_parsing_never_500(live, body, chat, raw):
         payload = r.json()
         assert ("error" in payload) == (r.status_code >= 400), payload
     assert srv.alive()
+
+
+def _events(client, path: str, body: dict) -> list:
+    with client.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        return [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+
+
+def _text(events: list) -> str:
+    return "".join(json.loads(e)["choices"][0]["text"] for e in events if e != "[DONE]" and json.loads(e)["choices"])
+
+
+def test_values_the_engine_cannot_take_are_400(live):
+    _, client, _ = live
+    r = client.post("/v1/completions", json={"prompt": "a", "seed": 2**64})
+    assert r.status_code == 400 and "seed" in r.json()["error"]["message"]
+    for path, body in (("/v1/completions", {"prompt": "a\ud800b"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800b"}]})):
+        r = _post(client, path, json.dumps({**body, "max_tokens": 1}).encode())  # JSON's "\\ud800" escape
+        assert r.status_code == 400, (path, r.text)
+
+
+def test_metrics_labels_only_known_endpoints(live):
+    _, client, _ = live
+    assert client.get('/x%22y').status_code == 404
+    text = client.get("/metrics").text
+    assert 'endpoint="other",status="404"' in text and '"/x' not in text
+
+
+def test_first_token_eos_ends_cleanly(live, monkeypatch):
+    """An empty answer (EOS sampled first): 200 with "" and finish_reason stop, and a stream that ends
+    with its finish chunk and [DONE] (it used to be a 500, and a stream without an end)."""
+    _, client, engine = live
+    monkeypatch.setattr(engine, "_sample", lambda *a: engine.tokenizer.eos_token_id)
+    r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["choices"][0] == {"index": 0, "text": "", "finish_reason": "stop",
+                                                               "logprobs": None}
+    ev = _events(client, "/v1/completions", {"prompt": "Hello", "max_tokens": 4})
+    assert ev[-1] == "[DONE]" and json.loads(ev[-2])["choices"][0]["finish_reason"] == "stop"
+
+
+def test_stream_with_a_stop_string_sends_what_the_answer_keeps(live):
+    _, client, _ = live
+    body = {"prompt": "The", "max_tokens": 4, "temperature": 0}
+    full = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    if len(full) < 4:
+        pytest.skip(f"greedy text too short to cut: {full!r}")
+    stop = full[len(full) // 2 - 1: len(full) // 2 + 1]  # two characters, likely across a token boundary
+    kept = client.post("/v1/completions", json={**body, "stop": stop}).json()["choices"][0]["text"]
+    assert kept == full[: full.index(stop)]
+    assert _text(_events(client, "/v1/completions", {**body, "stop": stop})) == kept
+
+
+def test_stream_errors_count_as_failed_not_cancelled(live, monkeypatch):
+    _, client, engine = live
+
+    def counter(name: str) -> float:
+        return float(re.search(rf"^{name} (\S+)$", client.get("/metrics").text, re.M).group(1))
+
+    def broken(*a, **k):
+        raise RuntimeError("engine failure")
+        yield
+
+    monkeypatch.setattr(engine, "stream", broken)
+    before = counter("haqmoe_requests_failed_total"), counter("haqmoe_requests_cancelled_total")
+    ev = _events(client, "/v1/completions", {"prompt": "Hello", "max_tokens": 2})
+    assert "engine failure" in ev[-1]
+    assert (counter("haqmoe_requests_failed_total"), counter("haqmoe_requests_cancelled_total")) == \
+        (before[0] + 1, before[1])

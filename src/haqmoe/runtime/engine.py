@@ -371,25 +371,21 @@ class CollaborativeEngine:
         past, logits = out.past_key_values, out.logits[0, -1]
         self._sync()
         gen.prefill_ms = 1e3 * (time.perf_counter() - t0)
-        text = ""
+        shown = TextStream(sampling.stop)
         for i in range(sampling.max_new_tokens):
             tok = self._sample(logits, sampling, rng)
             gen.tokens.append(tok)
-            if eos is not None and tok == eos:
-                gen.finish_reason = "stop"
-                break
+            ended = eos is not None and tok == eos
+            last = ended or i == sampling.max_new_tokens - 1
             decoded = self.tokenizer.decode(gen.tokens, skip_special_tokens=True) if self.tokenizer else ""
-            new_text = shown_text(text, decoded, final=i == sampling.max_new_tokens - 1)
-            delta, text = new_text[len(text):], new_text
-            cut = first_stop(text, sampling.stop)
-            if cut is not None:
-                gen.text = text[:cut]
+            delta, stopped = shown.push(decoded, final=last)
+            gen.text = shown.text
+            if ended or stopped:  # every generation ends with a yield, even at a first-token EOS
                 gen.finish_reason = "stop"
-                yield delta[: max(0, len(delta) - (len(text) - len(gen.text)))], gen
+                yield delta, gen
                 return
-            gen.text = text
             yield delta, gen
-            if i == sampling.max_new_tokens - 1 or (should_stop is not None and should_stop()):
+            if last or (should_stop is not None and should_stop()):
                 break
             t = time.perf_counter()
             self.telemetry.step += 1
@@ -472,17 +468,29 @@ def latency_stats(ms: list[float]) -> dict:
             "p99_ms": float(np.percentile(a, 99)), "std_ms": float(a.std()), "mean_ms": float(a.mean())}
 
 
-def shown_text(text: str, decoded: str, final: bool) -> str:
-    """The generated text to stream: ``decoded``, except while it ends inside a character (U+FFFD from a
-    multi-byte character split across tokens) and later tokens may complete it; streamed text is never
-    taken back, so the replacement character must not go out."""
-    return text if decoded.endswith("\ufffd") and not final else decoded
+class TextStream:
+    """Decoded text in, deltas out that are never taken back: the tail is held while it ends inside a
+    character (U+FFFD: a multi-byte character split across tokens) or could be the start of a stop
+    string, until a later token settles it or the generation ends. ``text``: the answer so far (cut
+    before the earliest stop string once one appears)."""
 
+    def __init__(self, stops: tuple[str, ...] = ()):
+        self.stops = tuple(s for s in stops if s)
+        self.text = ""
+        self.sent = 0  # characters of ``text`` already streamed
 
-def first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    """Where the earliest stop string starts in ``text`` (None: no stop string in it)."""
-    found = [text.find(s) for s in stops if s and s in text]
-    return min(found) if found else None
+    def push(self, decoded: str, final: bool = False) -> tuple[str, bool]:
+        """(delta to stream, whether a stop string appeared) for the text decoded so far."""
+        found = [decoded.find(s) for s in self.stops if s in decoded]
+        self.text = decoded[:min(found)] if found else decoded
+        upto = len(self.text) if found or final else len(decoded) - self._unsettled(decoded)
+        delta, self.sent = self.text[self.sent:max(upto, self.sent)], max(upto, self.sent)
+        return delta, bool(found)
+
+    def _unsettled(self, text: str) -> int:
+        partial = len(text) - len(text.rstrip("\ufffd"))
+        stop_start = max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        return max(partial, stop_start)
 
 
 def decode_tok_s(ms: list[float]) -> float | None:

@@ -63,12 +63,14 @@ class Job:
     sampling: SamplingConfig
     cancel: threading.Event = field(default_factory=threading.Event)
     deadline: float = float("inf")  # time.monotonic() after which the engine stops
+    expired: bool = False  # the deadline stopped the generation (one that ended by itself is not late)
 
     def should_stop(self) -> bool:
-        return self.cancel.is_set() or time.monotonic() > self.deadline
+        self.expired = self.expired or time.monotonic() > self.deadline
+        return self.cancel.is_set() or self.expired
 
     def timed_out(self) -> bool:
-        return time.monotonic() > self.deadline
+        return self.expired
 
 
 class BodyLimit:
@@ -179,7 +181,7 @@ class Encoder:
     def __call__(self, prompt: str | list[dict]):
         try:
             return CollaborativeEngine.encode(self.proxy, prompt)
-        except HaqmoeError as exc:
+        except (HaqmoeError, UnicodeError, ValueError, TypeError) as exc:  # e.g. a lone surrogate in the text
             raise ApiError(400, str(exc), "messages" if isinstance(prompt, list) else "prompt") from exc
 
 
@@ -313,7 +315,7 @@ def create_app(engine: CollaborativeEngine, cfg: ServeConfig = ServeConfig()) ->
                     "choices": [choice]}
 
         async def events():
-            gen, ttft, done, dropped = None, None, False, False
+            gen, ttft, done, dropped, failed = None, None, False, False, False
             try:
                 if chat:
                     yield _sse(chunk(None, None, first=True))
@@ -335,9 +337,12 @@ def create_app(engine: CollaborativeEngine, cfg: ServeConfig = ServeConfig()) ->
                                     "choices": [], "usage": usage(gen)})
                     yield _sse("[DONE]")
             except Exception as exc:  # headers are sent: report in-band, as OpenAI does
+                failed = True
                 yield _sse({"error": {"message": f"{type(exc).__name__}: {exc}", "type": "server_error"}})
             finally:
-                if not done:
+                if failed:
+                    metrics.failed += 1
+                elif not done:  # the client went away (seen here, or the stream was closed under us)
                     metrics.cancelled += 1
                 account(gen, ttft)
 

@@ -11,6 +11,7 @@ import bisect
 import threading
 from dataclasses import dataclass, field
 
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")  # else "other"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -47,6 +48,7 @@ class ServerMetrics:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     cancelled: int = 0
+    failed: int = 0
     waiting: int = 0
     running: int = 0
     request_latency: Histogram = field(default_factory=Histogram)
@@ -56,6 +58,9 @@ class ServerMetrics:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def count_request(self, endpoint: str, status: int) -> None:
+        """Any path outside ``ENDPOINTS`` counts as "other": a client's 404s neither grow the label set nor
+        put their characters into the exposition."""
+        endpoint = endpoint if endpoint in ENDPOINTS else "other"
         with self.lock:
             self.requests[(endpoint, status)] = self.requests.get((endpoint, status), 0) + 1
 
@@ -79,8 +84,10 @@ class ServerMetrics:
             for name, kind, help_, val in (
                     ("haqmoe_prompt_tokens_total", "counter", "Prompt tokens processed.", self.prompt_tokens),
                     ("haqmoe_generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens),
-                    ("haqmoe_requests_cancelled_total", "counter", "Generations stopped by a client disconnect.",
+                    ("haqmoe_requests_cancelled_total", "counter", "Streams ended by a client disconnect.",
                      self.cancelled),
+                    ("haqmoe_requests_failed_total", "counter", "Streams ended by an error or a timeout (reported "
+                     "in-band).", self.failed),
                     ("haqmoe_requests_waiting", "gauge", "Requests queued for the engine.", self.waiting),
                     ("haqmoe_requests_running", "gauge", "Requests generating now (0 or 1).", self.running)):
                 lines += _block(name, kind, help_, [f"{name} {val}"])
