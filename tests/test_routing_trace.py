@@ -206,3 +206,23 @@ def test_profile_identity_names_generation_only_when_used():
 
     assert "new_tokens" not in _identity(ProfileConfig())
     assert _identity(ProfileConfig(new_tokens=3))["new_tokens"] == 3
+
+
+def test_chunk_gap_and_chunks_unlike_their_header_are_clear_errors(tmp_path):
+    tr = random_trace(requests=(2, 2, 2, 2))
+    w = TraceWriter(tmp_path / "t", header_of(tr))
+    for r in range(3):
+        w.append_trace(tr.select_requests([r]))
+    (tmp_path / "t" / "chunk-000001.npz").unlink()  # lost: a resume must not write over chunk 2
+    for action in (lambda: TraceWriter(tmp_path / "t", header_of(tr), resume=True),
+                   lambda: load_trace(tmp_path / "t", allow_incomplete=True)):
+        with pytest.raises(HaqmoeError, match="chunk-000001.npz is missing"):
+            action()
+    bare = RoutingTrace(tr.experts, tr.num_experts, tr.offsets)  # no weights, where the header has them
+    path = save_trace(bare, tmp_path / "u")
+    chunk = next(path.glob("chunk-*.npz"))
+    with_weights = header_of(tr)
+    (path / "header.json").write_text(json.dumps({**json.loads((path / "header.json").read_text()),
+                                                  "has_weights": with_weights.has_weights}))
+    with pytest.raises(HaqmoeError, match=f"{chunk.name} does not match its header \\(weights"):
+        load_trace(path)

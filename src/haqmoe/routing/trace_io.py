@@ -94,7 +94,12 @@ def _read_header(path: Path) -> dict:
 
 
 def _chunk_files(path: Path) -> list[Path]:
-    return sorted(path.glob("chunk-*.npz"))
+    """The chunks in order; a gap in their numbering is damage (a resume would write over a chunk)."""
+    files = sorted(path.glob("chunk-*.npz"))
+    for i, f in enumerate(files):
+        if f.name != f"chunk-{i:06d}.npz":
+            raise HaqmoeError(f"trace {path} is damaged: chunk-{i:06d}.npz is missing (found {f.name})")
+    return files
 
 
 class TraceWriter:
@@ -197,6 +202,11 @@ def _load_chunk(f: Path, h: TraceHeader) -> dict[str, np.ndarray]:
         raise HaqmoeError(f"trace chunk {f} is corrupt (request lengths do not sum to its tokens)")
     if e.size and (e.min() < 0 or e.max() >= h.num_experts):
         raise HaqmoeError(f"trace chunk {f} has expert ids outside 0..{h.num_experts - 1}")
+    for name, want, shape in (("weights", h.has_weights, e.shape), ("decode", h.has_decode, e.shape[:1]),
+                              ("guesses", h.guess_width > 0, (e.shape[0], h.num_layers, h.guess_width))):
+        if (name in data) != want or (want and data[name].shape != shape):
+            raise HaqmoeError(f"trace chunk {f} does not match its header ({name}: "
+                              f"{'expected ' + str(shape) if want else 'not expected'})")
     return data
 
 
