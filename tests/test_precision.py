@@ -61,8 +61,24 @@ def test_per_group_weights_fall_back_to_dequant():
     model = _quantized("llama", QuantConfig.w8a8("rtn", group_size=32))
     report = convert(model, "int8")
     assert report.fallbacks and report.counts == {"dequant": len(report.fallbacks)}
-    assert "fell back" in report.summary()
+    assert "kept a slower exact path" in report.summary()
     assert all(not isinstance(m, Int8Linear) for m in model.modules())
+
+
+@pytest.mark.parametrize("acts", [dict(a_dynamic=False), dict(a_bits=6)], ids=["static", "a6"])
+@pytest.mark.parametrize("mode", ["dequant", "int8", "auto"])
+def test_experts_the_executors_cannot_take_stay_fake_quant(acts: dict, mode: str):
+    """Static or sub-8-bit activations: the converted experts quantize per token in 8 bits, a different
+    function, so such experts keep their fake-quant module (conversion used to raise for the whole model)."""
+    model = _quantized("mixtral", QuantConfig.w8a8("rtn", **acts))
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        report = convert(model, mode, FAST_AUTO)
+        out = model(ids).logits
+    experts = [n for n, m in model.named_modules() if isinstance(m, QuantExperts)]
+    assert experts and set(experts) <= set(report.fallbacks) and report.counts["fake"] == len(experts)
+    assert float((out - ref).norm() / ref.norm()) < 2e-3
 
 
 def test_auto_records_its_measurements():

@@ -31,6 +31,7 @@ from ..errors import HaqmoeError
 from .int8 import (ACT_CACHE, DequantExperts, DequantLinear, Int8Experts, Int8Linear, Int8LinearGroup, Int8Sibling,
                    cpu_int8_path, int8_head)
 from .modules import QuantExperts, QuantLinear, QuantVocab, quantize_vocabulary, vocab_names
+from .quantizer import QuantSpec
 
 ExecMode = Literal["fake", "dequant", "int8", "auto"]
 EXEC_MODES: tuple[str, ...] = ("fake", "dequant", "int8", "auto")
@@ -77,7 +78,8 @@ class ConversionReport:
         parts = [f"{k}: {v}" for k, v in sorted(self.counts.items())]
         text = f"exec {self.mode} on {self.device} ({', '.join(parts) or 'nothing quantized'})"
         if self.fallbacks:
-            text += f"; {len(self.fallbacks)} module(s) fell back to dequant (per-group or weight-only)"
+            text += (f"; {len(self.fallbacks)} module(s) kept a slower exact path (dequant, or fake-quant for "
+                     "experts with static or sub-8-bit activations; per-group or weight-only weights)")
         if self.counts.get("int8") and self.device == "cpu":
             text += f"; int8 products on {cpu_int8_path()}"
         return text
@@ -87,12 +89,24 @@ def _device(m: nn.Module) -> torch.device:
     return (m.gate[0] if isinstance(m, QuantExperts) else m).qweight.device
 
 
+def _per_token(a: QuantSpec) -> bool:
+    """Dynamic activations quantized per row, as the int8 GEMM and the converted experts do."""
+    return a.dynamic and a.granularity in ("token", "channel")
+
+
 def _int8_capable(m: nn.Module) -> bool:
     lin = m.gate[0] if isinstance(m, QuantExperts) else m
     a = lin.a_spec
     if a is None or a.bits != 8 or lin.w_spec.bits != 8 or lin.w_spec.granularity == "group":
         return False
-    return not isinstance(m, QuantExperts) or a.dynamic
+    return _per_token(a) if isinstance(m, QuantExperts) or a.dynamic else True
+
+
+def _dequant_capable(m: nn.Module) -> bool:
+    """A linear always converts; experts only with dynamic per-token 8-bit activations (the converted
+    experts' own quantizer), the others keep their fake-quant module: the same function, slower."""
+    a = m.gate[0].a_spec if isinstance(m, QuantExperts) else None
+    return not isinstance(m, QuantExperts) or (a is not None and a.bits == 8 and _per_token(a))
 
 
 def _median_us(fn, x: torch.Tensor, cfg: AutoConfig) -> float:
@@ -211,8 +225,8 @@ def convert(model: nn.Module, mode: str = "auto", auto: AutoConfig | None = None
     decided: dict[tuple, str] = {}
     for name, m in targets:
         if not _int8_capable(m):
-            chosen = "dequant"
-            if mode != "dequant":
+            chosen = "dequant" if _dequant_capable(m) else "fake"
+            if mode != chosen:
                 report.fallbacks.append(name)
         elif mode != "auto":
             chosen = mode
@@ -224,7 +238,8 @@ def convert(model: nn.Module, mode: str = "auto", auto: AutoConfig | None = None
                 report.choices.append(ch)
                 decided[key] = ch.mode
             chosen = decided[key]
-        _set(model, name, _convert_one(m, chosen).to(device))
+        if chosen != "fake":
+            _set(model, name, _convert_one(m, chosen).to(device))
         report.counts[chosen] = report.counts.get(chosen, 0) + 1
     if mode != "dequant":
         _fuse_siblings(model, report)
