@@ -326,3 +326,29 @@ def test_streamed_text_is_never_taken_back_and_stops_at_the_earliest_stop():
     assert stream([" Temp", " Templ", " Templa"], ("l v",)) == (" Templa", " Templa")  # released
     assert stream(["one. two", "one. two\nthree"], ("\n", ".")) == ("one", "one")  # the earliest stop
     assert stream(["a", "ab"], ("", "zz")) == ("ab", "ab")
+
+
+def test_checkpoint_keeps_generation_config_and_engine_stops_at_its_eos(tmp_path):
+    """A chat model's end-of-turn token lives in generation_config.json (a list of EOS ids): the quantized
+    checkpoint keeps it, and the engine stops there as transformers' generate does."""
+    from haqmoe.models.loading import load_model
+    from haqmoe.quant.checkpoint import save_quantized
+    from haqmoe.serve.fixtures import tiny_chat_moe
+
+    lm = load_model(str(tiny_chat_moe(tmp_path / "m")), progress=False)
+    cfg = QuantConfig.w8a8("rtn")
+    quantize_rtn(lm.model, lm.adapter, cfg, progress=False)
+
+    def engine(name: str) -> CollaborativeEngine:
+        return CollaborativeEngine(load_model(str(save_quantized(lm.model, lm.tokenizer, tmp_path / name, cfg)),
+                                              progress=False), EngineConfig())
+
+    free = engine("q0").generate("Hello", SamplingConfig(max_new_tokens=6)).tokens
+    assert len(free) == 6
+    lm.model.generation_config.eos_token_id = [lm.tokenizer.eos_token_id, free[2]]  # "end of turn" = 3rd token
+    lm.model.generation_config.top_k = 7  # without do_sample: transformers' own save_pretrained refuses it
+    stopping = engine("q1")
+    assert stopping.model.generation_config.top_k == 7
+    gen = stopping.generate("Hello", SamplingConfig(max_new_tokens=6))
+    stop_at = free.index(free[2]) + 1  # the first time that token comes
+    assert gen.tokens == free[:stop_at] and gen.finish_reason == "stop"

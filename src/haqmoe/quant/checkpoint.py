@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from ..errors import HaqmoeError
 from ..io import atomic_directory
@@ -43,6 +43,9 @@ def save_quantized(model, tokenizer, out: str | Path, cfg: QuantConfig, extra: d
             **(extra or {})}
     with atomic_directory(out, overwrite=overwrite) as tmp:
         model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:  # e.g. several EOS ids of chat models
+            # as the source shipped it: save_pretrained's validation refuses common hub configs
+            model.generation_config.to_json_file(tmp / "generation_config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         st_save_model(model, str(tmp / WEIGHTS))
@@ -68,6 +71,11 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32):
     config = _load_config(str(path))  # unreadable or unsupported config: one clear HaqmoeError
     adapter = adapter_for(config.model_type)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    if (path / "generation_config.json").is_file():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise HaqmoeError(f"cannot read {path / 'generation_config.json'}: {exc}") from exc
     try:  # module names come from the JSON: a damaged name must not become a traceback
         for name in meta["linears"]:
             lin = get_module(model, name)

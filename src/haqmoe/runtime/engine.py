@@ -343,6 +343,17 @@ class CollaborativeEngine:
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
+    def eos_ids(self) -> set[int]:
+        """Tokens that end a generation: the tokenizer's EOS and the generation config's (chat models list
+        their end-of-turn token there too). None without a tokenizer (random-weight test and benchmark
+        models): they generate the count asked for."""
+        if self.tokenizer is None:
+            return set()
+        ids = {self.tokenizer.eos_token_id}
+        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids |= set(configured) if isinstance(configured, (list, tuple)) else {configured}
+        return {int(i) for i in ids if i is not None}
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -358,7 +369,7 @@ class CollaborativeEngine:
                               f"the model's context of {context} tokens")
         gen = Generation(prompt_tokens=int(ids.shape[1]))
         rng = torch.Generator().manual_seed(sampling.seed)
-        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        eos = self.eos_ids()
         t0 = time.perf_counter()
         self.telemetry.step += 1
         ids = ids.to(self.device)
@@ -375,7 +386,7 @@ class CollaborativeEngine:
         for i in range(sampling.max_new_tokens):
             tok = self._sample(logits, sampling, rng)
             gen.tokens.append(tok)
-            ended = eos is not None and tok == eos
+            ended = tok in eos
             last = ended or i == sampling.max_new_tokens - 1
             decoded = self.tokenizer.decode(gen.tokens, skip_special_tokens=True) if self.tokenizer else ""
             delta, stopped = shown.push(decoded, final=last)
