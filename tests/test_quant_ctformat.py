@@ -98,3 +98,36 @@ def test_not_a_compressed_tensors_checkpoint(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "fp")
     with pytest.raises(HaqmoeError, match="not a compressed-tensors checkpoint"):
         load_compressed_tensors(tmp_path / "fp")
+
+
+def test_per_tensor_weight_scales_read_as_equal_per_channel_scales(tmp_path):
+    """A peer checkpoint with one weight scale per tensor (strategy "tensor") is the same function as
+    per-channel scales that are all equal: both layouts, written from the same integers, give one model."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    _, ct = _ct_checkpoint(tmp_path)
+    tensors = load_file(str(ct / "model.safetensors"))
+    for name in [k for k in tensors if k.endswith(".weight_scale")]:
+        base = name.removesuffix("_scale")
+        w = tensors[base].float() * tensors[name].float()  # symmetric: zero point 0
+        s = w.abs().max() / 127
+        tensors[base] = torch.round(w / s).clamp(-127, 127).to(torch.int8)
+        tensors[name] = s.reshape(1)
+    layouts = {}
+    for layout in ("tensor", "channel"):
+        out = tmp_path / layout
+        out.mkdir()
+        for f in ct.iterdir():
+            if f.name != "model.safetensors":
+                (out / f.name).write_bytes(f.read_bytes())
+        cfg = json.loads((ct / "config.json").read_text())
+        for group in cfg["quantization_config"]["config_groups"].values():
+            group["weights"]["strategy"] = layout
+        (out / "config.json").write_text(json.dumps(cfg))
+        rows = {k: (v.expand(tensors[k.removesuffix("_scale")].shape[0], 1).contiguous()
+                    if layout == "channel" and k.endswith(".weight_scale") else v) for k, v in tensors.items()}
+        save_file(rows, str(out / "model.safetensors"), metadata={"format": "pt"})
+        layouts[layout] = load_compressed_tensors(out).model
+    _same_logits(layouts["tensor"], layouts["channel"])

@@ -38,6 +38,8 @@ def _spec(d: dict | None, weights: bool) -> QuantSpec | None:
     if gran is None or d.get("type", "int") != "int":
         raise HaqmoeError(f"compressed-tensors strategy '{strategy}'/{d.get('type')} is not supported")
     dynamic = bool(d.get("dynamic", not weights))
+    if weights and gran == "tensor":  # one scale for all rows = per-channel scales all equal (_fill repeats it)
+        gran = "channel"
     return QuantSpec(int(d.get("num_bits", 8)), bool(d.get("symmetric", True)), gran, d.get("group_size"),
                      dynamic=dynamic)
 
@@ -50,6 +52,8 @@ def _fill(q: QuantLinear, tensors: dict[str, torch.Tensor], name: str) -> None:
     """Move ``name``'s quantized tensors out of ``tensors`` into ``q``."""
     scale = tensors.pop(f"{name}.weight_scale").float()
     zero = tensors.pop(f"{name}.weight_zero_point", torch.zeros_like(scale)).float()
+    if scale.numel() == 1 and q.out_features > 1:  # a per-tensor weight scale, on per-channel buffers
+        scale, zero = (t.reshape(1, 1).expand(q.out_features, 1).contiguous() for t in (scale, zero))
     q.set_quantized(tensors.pop(f"{name}.weight").to(torch.int8), scale, zero, tensors.pop(f"{name}.bias", None))
     if q.a_spec is not None and not q.a_spec.dynamic:
         q.a_scale.copy_(tensors.pop(f"{name}.input_scale").float().reshape(1, 1))
