@@ -100,3 +100,21 @@ def test_nan_weights_name_the_layer():
 def test_unsupported_bit_width():
     with pytest.raises(HaqmoeError, match="bit width"):
         QuantSpec(12)
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_smoothing_folds_through_relu_only(act):
+    """OPT's fc1 -> act -> fc2: 1/s folded into fc1 commutes with ReLU, not with GELU (the float
+    function would change), so fc2 is smoothed under ReLU and skipped otherwise."""
+    model = tiny_model("opt")
+    model.config.activation_function = act
+    for block in adapter_for(model).blocks(model):
+        from transformers.activations import ACT2FN
+
+        block.activation_fn = ACT2FN[act]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = quantize_with(model, adapter_for(model), "smooth", QuantConfig.w8a8("smooth"), CALIB, OPTS,
+                               progress=False)
+    fc2 = [g for g in report.groups if g["group"] == "fc2"]
+    assert fc2 and all(("skipped" in g) == (act != "relu") for g in fc2)

@@ -13,7 +13,7 @@ MoE blocks in transformers 5.x keep all experts fused in one module with 3-D par
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -25,13 +25,16 @@ EXPERTS = "@experts"  # marker in LinearGroup.layers: every routed expert's gate
 
 @dataclass(frozen=True)
 class LinearGroup:
-    """Linears sharing one input. ``routers`` read it too but stay unquantized (scaled only)."""
+    """Linears sharing one input. ``routers`` read it too but stay unquantized (scaled only).
+    ``act``: the config attribute naming an activation between ``prev_op`` and the group; smoothing
+    folds through it only when it is ReLU (relu(x/s) = relu(x)/s for s > 0)."""
 
     name: str
     prev_op: str
     layers: tuple[str, ...]
     inspect: str
     routers: tuple[str, ...] = ()
+    act: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,7 @@ class ArchSpec:
         for g in groups:
             layers = tuple(p for p in g.layers if p == EXPERTS or has_module(block, p))
             if layers and has_module(block, g.prev_op):
-                out.append(LinearGroup(g.name, g.prev_op, layers, g.inspect,
-                                       tuple(r for r in g.routers if has_module(block, r))))
+                out.append(replace(g, layers=layers, routers=tuple(r for r in g.routers if has_module(block, r))))
         return out
 
     def moe_groups(self) -> list[LinearGroup]:
@@ -191,7 +193,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         ),
         (
             LinearGroup("fc1", "final_layer_norm", ("fc1",), "fc1"),
-            LinearGroup("fc2", "fc1", ("fc2",), "fc2"),
+            LinearGroup("fc2", "fc1", ("fc2",), "fc2", act="activation_function"),
         ),
         norm="layernorm",
     ),

@@ -231,6 +231,9 @@ def smooth_block(block: nn.Module, groups: list[LinearGroup], adapter: ArchSpec,
             terms += [(experts.gate_up_proj[e].float(), col.experts.gate_up[e].sample())
                       for e in range(FusedExperts.count(experts))]
         try:
+            if g.act is not None and getattr(config, g.act, None) != "relu":
+                raise SmoothSkip(f"{getattr(config, g.act, None)} between {g.prev_op} and {g.name} does not "
+                                 "commute with the scales (only ReLU does)")
             tie = group_tie(prev, st.dim, config)
             problem = SmoothProblem(terms, st.stat_dict(), tie)
             res = search_scales(problem, cfg.smooth, w_spec, a_spec)
