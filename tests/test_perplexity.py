@@ -52,3 +52,56 @@ def test_wikitext_rows_match_hf_layout():
     raw = " \n = Title = \n \n Body text .\n"
     assert wikitext_rows(raw) == ["", " = Title = \n", "", " Body text .\n"]
     assert wikitext_rows(raw.replace("\n", "\r\n")) == wikitext_rows(raw)
+
+
+def test_calibration_refuses_the_evaluation_text_under_any_of_its_names(tmp_path):
+    from haqmoe.data.text import WIKITEXT_FILES, source_key
+    from haqmoe.paths import shared_data_dir
+
+    test_names = ["wikitext2", "wikitext2:test", "WikiText2:TEST", "wikitext2-tokens:test"]
+    root = shared_data_dir()
+    if root is not None:
+        test_names += [str(root / WIKITEXT_FILES["test"]), str(root / "wikitext-2-raw" / "wiki.test.raw")]
+    copy = tmp_path / "wikitext-2-raw" / "wiki.test.raw"  # a user's own copy of the file
+    copy.parent.mkdir()
+    copy.write_text("x")
+    test_names.append(str(copy))
+    assert {source_key(n) for n in test_names} == {"wikitext2:test"}
+    assert source_key("wikitext2:valid") == source_key("wikitext2-tokens:valid") != source_key("wikitext2")
+    other = tmp_path / "notes.txt"
+    other.write_text("x")
+    assert source_key(str(other)) == str(other.resolve()) and source_key("pydoc") == "pydoc"
+
+
+def test_no_tokenizer_and_windows_beyond_the_context_are_clear_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from haqmoe.cli.main import app
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "m")  # weights only: no tokenizer files
+    runner = CliRunner()
+    for args in (["eval", str(tmp_path / "m"), "--data", "pydoc", "--seqlen", "64"], ["generate", str(tmp_path / "m")]):
+        r = runner.invoke(app, args)
+        assert r.exit_code != 0 and "has no tokenizer" in str(r.exception), r.output
+    r = runner.invoke(app, ["info", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    context = model.config.max_position_embeddings
+    r = runner.invoke(app, ["eval", str(tmp_path / "m"), "--seqlen", str(context + 1)])
+    assert r.exit_code != 0 and f"context of {context}" in str(r.exception)
+
+
+def test_quantizing_a_quantized_model_is_refused(tmp_path):
+    from typer.testing import CliRunner
+
+    from haqmoe.cli.main import app
+    from haqmoe.models.adapters import adapter_for
+    from haqmoe.quant.checkpoint import save_quantized
+    from haqmoe.quant.config import QuantConfig
+    from haqmoe.quant.rtn import quantize_rtn
+
+    model = tiny_model("llama")
+    quantize_rtn(model, adapter_for(model), QuantConfig.w8a8("rtn"), progress=False)
+    save_quantized(model, None, tmp_path / "q", QuantConfig.w8a8("rtn"))
+    r = CliRunner().invoke(app, ["eval", str(tmp_path / "q"), "--quantize", "rtn", "--seqlen", "64"])
+    assert r.exit_code != 0 and "already quantized (rtn)" in str(r.exception)

@@ -81,6 +81,12 @@ def eval_cmd(model: str = typer.Argument("smollm2-135m", help="Model source (see
     from ..models.loading import load_model
 
     lm = load_model(model, progress=state["progress"])
+    context = getattr(lm.model.config, "max_position_embeddings", None)
+    if context and seqlen > context:
+        raise HaqmoeError(f"--seqlen {seqlen} exceeds {model}'s context of {context} tokens")
+    if quantize is not None and lm.quant is not None:
+        raise HaqmoeError(f"{model} is already quantized ({lm.quant['quant']['method']}): --quantize needs a "
+                          "float model")
     wins = eval_windows(tokenize(lm.tokenizer, load_text(data)), seqlen, windows)
     method = "fp32" if lm.quant is None else lm.quant["quant"]["method"]
     if quantize is not None:

@@ -11,7 +11,9 @@ Source specs (one string, so the CLI and configs stay simple):
 
 Perplexity protocol (GPTQ/LLMC): ``"\\n\\n".join(rows)``, tokenize once, ``numel // seqlen``
 non-overlapping windows. WikiText rows are rebuilt as the HF dataset has them (blank lines as
-empty rows, text lines with their trailing newline), so numbers match the usual tables.
+empty rows, text lines with their trailing newline), so numbers match the usual tables. Tokenized
+without special tokens: SmolLM2's tokenizer adds none anyway; Llama/Mixtral tokenizers would put one
+BOS before the first window in the GPTQ scripts, shifting every window by a token (not done here).
 """
 
 from __future__ import annotations
@@ -59,10 +61,27 @@ def _hf_rows(name: str, config: str | None, split: str, column: str = "text", li
     return rows[:limit] if limit else rows
 
 
+_SPLIT_NAMES = {"wiki.test.raw": "test", "wiki.valid.raw": "valid", "wiki.train.raw": "train",
+                "test.txt": "test", "valid.txt": "valid"}
+
+
 def source_key(spec: str) -> str:
-    """A normalised identity of a text source, to refuse calibrating on evaluation text."""
+    """A normalised identity of a text source, to refuse calibrating on evaluation text: a WikiText-2
+    split is one source whatever names it (``wikitext2`` = its test split, the ``-tokens`` variant, a
+    local copy of its file)."""
+    name, _, split = spec.strip().lower().partition(":")
+    if name in ("wikitext2", "wikitext2-tokens"):
+        return f"wikitext2:{split or 'test'}"
     path = Path(spec).expanduser()
-    return str(path.resolve()) if path.exists() else spec.strip().lower()
+    if not path.exists():
+        return spec.strip().lower()
+    known = {_local(f).resolve(): s for files in (WIKITEXT_FILES, TOKEN_FILES) for s, f in files.items() if _local(f)}
+    resolved = path.resolve()
+    if resolved in known:
+        return f"wikitext2:{known[resolved]}"
+    if path.name in _SPLIT_NAMES and "wikitext" in str(resolved).lower():
+        return f"wikitext2:{_SPLIT_NAMES[path.name]}"
+    return str(resolved)
 
 
 def load_text(spec: str) -> str:
@@ -103,6 +122,9 @@ def load_text(spec: str) -> str:
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """Token ids [1, N] of the whole text, tokenized once."""
+    from ..models.loading import require_tokenizer
+
+    require_tokenizer(tokenizer)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     if ids.numel() == 0:
         raise HaqmoeError("the text produced no tokens")

@@ -31,9 +31,29 @@ class LoadedModel:
         return any(self.adapter.is_moe_block(b) for b in self.adapter.blocks(self.model))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def require_tokenizer(tokenizer) -> None:
+    if tokenizer is None:
+        raise HaqmoeError("this model has no tokenizer (its folder has no tokenizer files): it cannot read text")
+
+
+def load_tokenizer(target: str | Path):
+    """The checkpoint's tokenizer; None for a local folder without one (random-weight test models)."""
+    path = Path(target)
+    if path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(target)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+        raise HaqmoeError(f"cannot read the tokenizer of {target}: {_first_line(exc)}") from exc
+
+
 def encode_prompt(tokenizer, config, prompt: str | list[dict]) -> torch.Tensor:
     """Token ids [1, T] of a prompt (a string, or chat messages rendered with the model's template),
     refused when empty or as long as the model's context."""
+    require_tokenizer(tokenizer)
     if isinstance(prompt, list):
         ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
                                             return_dict=False)
@@ -107,10 +127,9 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, progress: bool =
     adapter = adapter_for(config.model_type)
     try:
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError, ImportError) as exc:
         raise HaqmoeError(f"cannot load checkpoint {target} ({type(exc).__name__}): {_first_line(exc)}") from exc
-    tok = AutoTokenizer.from_pretrained(target)
-    return LoadedModel(model.eval(), tok, source, adapter)
+    return LoadedModel(model.eval(), load_tokenizer(target), source, adapter)
 
 
 def _is_compressed_tensors(path: Path) -> bool:

@@ -85,7 +85,8 @@ def mixtral_config_from_dense(cfg, num_experts: int, top_k: int) -> MixtralConfi
         hidden_act=cfg.hidden_act, max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.rms_norm_eps, rope_parameters=dict(cfg.rope_parameters),
         tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=cfg.bos_token_id,
-        eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, sliding_window=None,
+        eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+        sliding_window=getattr(cfg, "sliding_window", None),  # Mistral's window stays (Llama: none)
         num_local_experts=num_experts, num_experts_per_tok=top_k, router_jitter_noise=0.0,
     )
 
@@ -121,6 +122,7 @@ def upcycle_to_dir(dense_source: str, target: Path, cfg: UpcycleConfig = Upcycle
     from .loading import load_model
 
     lm = load_model(dense_source, progress=progress)
+    mixtral_config_from_dense(lm.model.config, cfg.num_experts, cfg.top_k)  # refuse before tokenizing
     calib = calibration_ids(lm.tokenizer, cfg.calib_source, cfg.calib_samples, cfg.calib_len, cfg.seed)
     moe = upcycle(lm.model, calib, cfg, progress)
     with atomic_directory(target, overwrite=overwrite) as tmp:

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from ..errors import HaqmoeError
 from ..io import atomic_directory
@@ -54,7 +54,7 @@ def save_quantized(model, tokenizer, out: str | Path, cfg: QuantConfig, extra: d
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32):
-    from ..models.loading import LoadedModel
+    from ..models.loading import LoadedModel, load_tokenizer
 
     path = Path(path)
     verify_manifest(path)  # names a truncated or bit-flipped file before any parser sees it
@@ -100,9 +100,4 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32):
         raise HaqmoeError(f"cannot read {weights}: {str(exc).splitlines()[0]}") from exc
     if missing or unexpected:
         raise HaqmoeError(f"{weights} does not match its config: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-    has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    try:
-        tok = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise HaqmoeError(f"cannot read the tokenizer in {path}: {str(exc).splitlines()[0][:200]}") from exc
-    return LoadedModel(model, tok, str(path), adapter, quant=meta)
+    return LoadedModel(model, load_tokenizer(path), str(path), adapter, quant=meta)
