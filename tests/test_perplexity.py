@@ -105,3 +105,15 @@ def test_quantizing_a_quantized_model_is_refused(tmp_path):
     save_quantized(model, None, tmp_path / "q", QuantConfig.w8a8("rtn"))
     r = CliRunner().invoke(app, ["eval", str(tmp_path / "q"), "--quantize", "rtn", "--seqlen", "64"])
     assert r.exit_code != 0 and "already quantized (rtn)" in str(r.exception)
+
+
+def test_a_local_checkpoint_wins_over_the_embedded_name(tmp_path, monkeypatch):
+    from haqmoe.models.loading import resolve_source
+
+    assert resolve_source("smollm2-moe") == ("embedded", None)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2-moe").mkdir()  # an unrelated folder of that name: still the embedded model
+    assert resolve_source("smollm2-moe") == ("embedded", None)
+    tiny_model("llama").save_pretrained(tmp_path / "smollm2-moe")
+    kind, path = resolve_source("smollm2-moe")
+    assert kind == "dir" and path.resolve() == (tmp_path / "smollm2-moe").resolve()

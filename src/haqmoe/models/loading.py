@@ -77,10 +77,11 @@ def _quiet_transformers() -> None:
 
 
 def resolve_source(source: str) -> tuple[str, Path | None]:
-    """Classify ``source`` as ('embedded'|'dir'|'gguf'|'hub', path)."""
-    if source in EMBEDDED:
-        return "embedded", None
+    """Classify ``source`` as ('embedded'|'dir'|'gguf'|'hub', path). A checkpoint folder in the working
+    directory wins over the embedded model of the same name (the user's own files are meant)."""
     path = Path(source).expanduser()
+    if source in EMBEDDED and not (path / "config.json").is_file():
+        return "embedded", None
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise HaqmoeError(f"{path} is not a model checkpoint directory (no config.json)")
