@@ -60,7 +60,7 @@ def test_streaming_writer_resumes(tmp_path):
     np.testing.assert_array_equal(back.offsets, tr.offsets)
 
 
-def test_resume_with_other_settings_refused(tmp_path):
+def test_resume_with_other_settings_refused(tmp_path, monkeypatch):
     tr = random_trace()
     TraceWriter(tmp_path / "t", header_of(tr)).append_trace(tr)
     other = header_of(random_trace(E=8))
@@ -70,6 +70,13 @@ def test_resume_with_other_settings_refused(tmp_path):
     same_shape.meta["model"] = "another-model"  # same shape and settings, another model's routing
     with pytest.raises(HaqmoeError, match="cannot resume"):
         TraceWriter(tmp_path / "t", same_shape, resume=True)
+    (tmp_path / "m").mkdir()  # a local model, named once by its relative path, once by its absolute one
+    a, b = random_trace(), random_trace()
+    a.meta.update(model="m")
+    b.meta.update(model=str(tmp_path / "m"))
+    monkeypatch.chdir(tmp_path)
+    TraceWriter(tmp_path / "r", header_of(a)).append_trace(a)
+    assert TraceWriter(tmp_path / "r", header_of(b), resume=True).done_requests == a.num_requests
     with pytest.raises(HaqmoeError, match="is a file"):
         (tmp_path / "f").write_text("x")
         TraceWriter(tmp_path / "f", header_of(tr))

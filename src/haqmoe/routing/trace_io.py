@@ -129,8 +129,10 @@ class TraceWriter:
         def settings(h: TraceHeader) -> dict:  # the request count may grow on resume; nothing else
             return {k: v for k, v in dict(h.meta.get("config") or {}).items() if k != "max_requests"}
 
-        def model(h: TraceHeader) -> tuple:
-            return h.meta.get("model"), h.meta.get("model_type")
+        def model(h: TraceHeader) -> tuple:  # a local model path counts however it was spelt
+            name = str(h.meta.get("model") or "")
+            path = Path(name).expanduser()
+            return (str(path.resolve()) if name and path.exists() else name), h.meta.get("model_type")
 
         if not old.same_identity(self.header) or settings(old) != settings(self.header) or \
                 model(old) != model(self.header):
