@@ -165,9 +165,13 @@ class _Timeline:
         self.transfer_ms = transfer_ms
         self.free_at = 0.0
 
+    def lands(self, at: float, ms: float | None = None) -> float:
+        """When a copy of ``ms`` (default: one whole expert) queued at ``at`` would land."""
+        return max(self.free_at, at) + (self.transfer_ms if ms is None else ms)
+
     def copy(self, at: float, ms: float | None = None) -> float:
-        """Queue a copy of ``ms`` (default: one whole expert); returns when it lands."""
-        self.free_at = max(self.free_at, at) + (self.transfer_ms if ms is None else ms)
+        """Queue that copy; returns when it lands."""
+        self.free_at = self.lands(at, ms)
         return self.free_at
 
     def backlog(self, at: float) -> float:
@@ -214,7 +218,7 @@ class Replay:
                 self.decisions["gpu"] += 1
                 continue
             all_resident = False
-            queue = dict(cpu_queue_ms=cpu_ms, copy_wait_ms=max(self.copies.free_at - r, 0.0))
+            queue = dict(cpu_queue_ms=cpu_ms, copy_wait_ms=self.copies.backlog(r))
             if out == "inflight":
                 ready = cache.get(l, e).ready_at
                 d = cost.decide(False, n, opt.decision, inflight_ms=ready - r, **queue)
@@ -252,11 +256,17 @@ class Replay:
             self._prefetch(l + 1, guesses, r, end)
         for e in background:
             if self.copies.backlog(r) <= opt.async_backlog * cost.transfer_ms and cache.dynamic_slots(l) > 0:
-                done = max(self.copies.free_at, r) + cost.transfer_ms
-                if cache.admit(l, e, ready_at=done) is not None:  # no slot: no copy, the engine stays free
-                    self.copies.copy(r)
+                if self._copy_in(l, e, r):
                     self.decisions["background_copy"] += 1
         return end
+
+    def _copy_in(self, layer: int, expert: int, at: float, prefetch: bool = False) -> bool:
+        """Admit (layer, expert) for a whole-expert copy queued at ``at``; the copy engine is booked only
+        when the cache gave it a slot (no slot: no copy)."""
+        if self.cache.admit(layer, expert, ready_at=self.copies.lands(at), prefetch=prefetch) is None:
+            return False
+        self.copies.copy(at)
+        return True
 
     def _prefetch(self, nxt: int, ranking: np.ndarray, r: float, end: float) -> None:
         """Copy the top guesses for layer ``nxt`` within the budget: a copy may start while the
@@ -268,10 +278,8 @@ class Replay:
                 continue
             if self.cost.transfer_ms > 0 and max(self.copies.free_at, r) >= limit:
                 break  # (ideal copies, transfer_ms == 0: only the guess count limits prefetch)
-            done = max(self.copies.free_at, r) + self.cost.transfer_ms
-            if self.cache.admit(nxt, g, ready_at=done, prefetch=True) is None:
+            if not self._copy_in(nxt, g, r, prefetch=True):
                 break
-            self.copies.copy(r)
             self.decisions["prefetch_copy"] += 1
 
     def prefill(self, tokens: np.ndarray, at: int = 0) -> float:
