@@ -61,8 +61,7 @@ def _hf_rows(name: str, config: str | None, split: str, column: str = "text", li
     return rows[:limit] if limit else rows
 
 
-_SPLIT_NAMES = {"wiki.test.raw": "test", "wiki.valid.raw": "valid", "wiki.train.raw": "train",
-                "test.txt": "test", "valid.txt": "valid"}
+_SPLIT_NAMES = {Path(f).name: split for files in (WIKITEXT_FILES, TOKEN_FILES) for split, f in files.items()}
 
 
 def source_key(spec: str) -> str:
@@ -75,12 +74,9 @@ def source_key(spec: str) -> str:
     path = Path(spec).expanduser()
     if not path.exists():
         return spec.strip().lower()
-    known = {_local(f).resolve(): s for files in (WIKITEXT_FILES, TOKEN_FILES) for s, f in files.items() if _local(f)}
-    resolved = path.resolve()
-    if resolved in known:
-        return f"wikitext2:{known[resolved]}"
-    if path.name in _SPLIT_NAMES and "wikitext" in str(resolved).lower():
-        return f"wikitext2:{_SPLIT_NAMES[path.name]}"
+    resolved = path.resolve()  # the data folder's own files are named like this too
+    if resolved.name in _SPLIT_NAMES and "wikitext" in str(resolved).lower():
+        return f"wikitext2:{_SPLIT_NAMES[resolved.name]}"
     return str(resolved)
 
 

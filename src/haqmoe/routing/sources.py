@@ -83,13 +83,18 @@ def from_prompts(pc: mx.PromptCounts, spec: str, synthetic_tokens_per_prompt: in
                          lambda w: mx.stats_from_prompts(pc, w, synthetic_tokens_per_prompt), req, False)
 
 
+def _mixtral_subjects(arg: str) -> list[str]:
+    """The MMLU subjects of ``mixtral:ARG``: build, heldout, all, or SUBJ+SUBJ."""
+    subjects = mx.list_subjects()
+    build, held = mx.split_subjects(subjects)
+    return {"build": build, "heldout": held, "all": subjects}.get(arg) or arg.split("+")
+
+
 def _data_of(spec: str) -> set[str]:
     """What a spec is made of, without loading it: MMLU subjects, or a trace directory's path."""
     kind, _, arg = spec.partition(":")
     if kind == "mixtral" and arg:
-        subjects = mx.list_subjects()
-        build, held = mx.split_subjects(subjects)
-        return set({"build": build, "heldout": held, "all": subjects}.get(arg) or arg.split("+"))
+        return set(_mixtral_subjects(arg))
     if kind == "fiddler" and arg:
         return set(mx.load_fiddler(arg))  # popularity measured on these MMLU subjects' prompts
     return {str(Path(spec).expanduser().resolve())} if spec else set()
@@ -106,12 +111,7 @@ def shares_data(built_on: str, evaluated_on: str) -> bool:
 def load_source(spec: str, synthetic_tokens_per_prompt: int = 16) -> RoutingSource:
     kind, _, arg = spec.partition(":")
     if kind == "mixtral" and arg:
-        subjects = mx.list_subjects()
-        build, held = mx.split_subjects(subjects)
-        chosen = {"build": build, "heldout": held, "all": subjects}.get(arg)
-        if chosen is None:
-            chosen = arg.split("+")
-        return from_prompts(mx.load_frac_vecs(chosen), spec, synthetic_tokens_per_prompt)
+        return from_prompts(mx.load_frac_vecs(_mixtral_subjects(arg)), spec, synthetic_tokens_per_prompt)
     if kind == "fiddler" and arg:
         total = sum(mx.load_fiddler(arg).values())
         return RoutingSource(spec, "mixtral-8x7b", total, lambda w: mx.stats_from_counts(total), None, False)
