@@ -78,10 +78,10 @@ def eval_cmd(model: str = typer.Argument("smollm2-135m", help="Model source (see
     """Perplexity by the standard protocol (non-overlapping windows of the tokenized text)."""
     from ..data.text import eval_windows, load_text, tokenize
     from ..eval.perplexity import perplexity
-    from ..models.loading import load_model
+    from ..models.loading import context_of, load_model
 
     lm = load_model(model, progress=state["progress"])
-    context = getattr(lm.model.config, "max_position_embeddings", None)
+    context = context_of(lm.model.config)
     if context and seqlen > context:
         raise HaqmoeError(f"--seqlen {seqlen} exceeds {model}'s context of {context} tokens")
     if quantize is not None and lm.quant is not None:

@@ -34,6 +34,11 @@ class LoadedModel:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
+def context_of(config) -> int:
+    """The model's context in tokens (0: the config does not say)."""
+    return int(getattr(config, "max_position_embeddings", 0) or 0)
+
+
 def require_tokenizer(tokenizer) -> None:
     if tokenizer is None:
         raise HaqmoeError("this model has no tokenizer (its folder has no tokenizer files): it cannot read text")
@@ -62,7 +67,7 @@ def encode_prompt(tokenizer, config, prompt: str | list[dict]) -> torch.Tensor:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
     if ids.numel() == 0:
         raise HaqmoeError("empty prompt")
-    limit = getattr(config, "max_position_embeddings", None)
+    limit = context_of(config)
     if limit and ids.shape[1] >= limit:
         raise HaqmoeError(f"prompt has {ids.shape[1]} tokens; the model's context is {limit}")
     return ids

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import HaqmoeError
 from ..models.adapters import set_module
-from ..models.loading import LoadedModel, encode_prompt
+from ..models.loading import LoadedModel, context_of, encode_prompt
 from ..routing.guess import GuessPlan, guess_weight
 from .cache import CacheConfig, ExpertCache
 from .hybrid import HybridExperts, Telemetry
@@ -238,11 +238,15 @@ class CollaborativeEngine:
         cost.n_critical_override = self.cfg.n_critical
         return cost
 
+    def _float_dtype(self) -> torch.dtype:
+        """The model's floating-point dtype (its first float parameter's)."""
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+
     def _tier_precisions(self) -> tuple[str, str]:
         """(GPU slots, CPU tier) in the profile's precision names: the bytes each tier reads per expert."""
         from ..quant.int8 import Int8Experts
 
-        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+        dtype = self._float_dtype()
         floating = "fp32" if dtype == torch.float32 else "fp16"
         cpu_int8 = isinstance(self.hybrids[0].original, Int8Experts)
         return ("w8a8" if self.store.quantized else floating), ("w8a8" if cpu_int8 else floating)
@@ -287,7 +291,7 @@ class CollaborativeEngine:
         from .calibrate import cached_cost_model, calibrate_split, calibrate_tiers, machine_key
 
         cpu_tier, store = self.hybrids[0].original, self.store  # every layer's CPU tier is of one kind
-        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+        dtype = self._float_dtype()
         cfg = self.model.config
         hidden = int(cfg.hidden_size)
         ffn = int(getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size)
@@ -363,7 +367,7 @@ class CollaborativeEngine:
                should_stop: Callable[[], bool] | None = None) -> Iterator[tuple[str, Generation]]:
         """Yield (new text, generation so far) per token; the final Generation has the timings."""
         ids = prompt if isinstance(prompt, torch.Tensor) else self.encode(prompt)
-        context = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        context = context_of(self.model.config)
         if context and ids.shape[1] + sampling.max_new_tokens > context:
             raise HaqmoeError(f"prompt ({ids.shape[1]} tokens) + max tokens ({sampling.max_new_tokens}) exceeds "
                               f"the model's context of {context} tokens")

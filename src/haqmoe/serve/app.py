@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import HaqmoeError
+from ..models.loading import context_of
 from ..runtime.engine import CollaborativeEngine, Generation, SamplingConfig
 from .metrics import ServerMetrics
 from .schemas import ChatRequest, CompletionRequest
@@ -176,7 +177,7 @@ class Encoder:
 
     def __init__(self, engine: CollaborativeEngine):
         self.proxy = SimpleNamespace(tokenizer=copy.deepcopy(engine.tokenizer), model=engine.model)
-        self.context = int(getattr(engine.model.config, "max_position_embeddings", 0) or 0)
+        self.context = context_of(engine.model.config)
 
     def __call__(self, prompt: str | list[dict]):
         try:
