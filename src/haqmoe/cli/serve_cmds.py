@@ -7,14 +7,31 @@ from typing import Optional
 
 import typer
 
+from ..errors import HaqmoeError
+from ..serve.auth import ENV_KEY, check_keys, is_loopback, read_key_file
 from .common import app, check_output_dir, emit
 from .engine_cmds import _ENGINE_OPTS, build_engine
 
 
 @app.command()
-def serve(model: str = typer.Argument("smollm2-moe", help="MoE model source (embedded name, directory, ...)."),
-          host: str = typer.Option("127.0.0.1", help="Bind address (loopback by default; the server has no auth)."),
+def serve(ctx: typer.Context,
+          model: str = typer.Argument("smollm2-moe", help="MoE model source (embedded name, directory, ...)."),
+          host: str = typer.Option("127.0.0.1", help="Bind address. Loopback by default; any other address needs an "
+                                                     "API key or --allow-unauthenticated."),
           port: int = typer.Option(8000, min=0, max=65535, help="TCP port (0 = any free port)."),
+          api_key: Optional[list[str]] = typer.Option(None, "--api-key", envvar=ENV_KEY, show_default=False,
+                                                      help="Require 'Authorization: Bearer KEY' on /v1/*, /metrics "
+                                                           "and the docs (repeatable; $HAQMOE_API_KEY: keys separated "
+                                                           "by spaces; a command line is visible to other users, a "
+                                                           "key file or the variable is not)."),
+          api_key_file: Optional[Path] = typer.Option(None, help="File of API keys, one per line (blank lines and "
+                                                                 "# comments ignored); adds to --api-key."),
+          allow_unauthenticated: bool = typer.Option(False, help="Accept serving a non-loopback --host without an "
+                                                                 "API key (anyone who reaches the port can use it)."),
+          metrics_open: bool = typer.Option(False, help="Serve /metrics without an API key (for a scraper)."),
+          cors_origin: Optional[list[str]] = typer.Option(None, "--cors-origin", show_default=False,
+                                                          help="Browser origin allowed cross-origin access, e.g. "
+                                                               "https://app.example.com (repeatable; default none)."),
           served_name: Optional[str] = typer.Option(None, help="Model id reported by /v1/models "
                                                                "(default: the model argument)."),
           max_tokens_limit: int = typer.Option(2048, min=1, help="Largest max_tokens a request may ask for."),
@@ -27,17 +44,42 @@ def serve(model: str = typer.Argument("smollm2-moe", help="MoE model source (emb
           device: str = _ENGINE_OPTS["device"], emulate_gpu: bool = _ENGINE_OPTS["emulate_gpu"],
           profile: str = _ENGINE_OPTS["profile"], exec_mode: str = _ENGINE_OPTS["exec_mode"],
           log_level: str = typer.Option("info", help="uvicorn log level.")) -> None:
-    """Serve the model over the collaborative runtime with an OpenAI-compatible API (+ /health, /metrics)."""
+    """Serve the model over the collaborative runtime with an OpenAI-compatible API (+ /health, /metrics).
+
+    Loopback by default; to expose it, set API keys (clients send 'Authorization: Bearer KEY')."""
     import uvicorn
 
     from ..serve.app import ServeConfig, create_app
 
-    engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode)
     cfg = ServeConfig(model_name=served_name or model, max_tokens_limit=max_tokens_limit, max_waiting=max_waiting,
-                      max_body_bytes=max_body_bytes, request_timeout_s=request_timeout)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        typer.echo(f"haqmoe: warning: binding {host}: the API has no authentication", err=True)
+                      max_body_bytes=max_body_bytes, request_timeout_s=request_timeout,
+                      api_keys=serve_keys(ctx, api_key, api_key_file), metrics_open=metrics_open,
+                      cors_origins=tuple(cors_origin or ()))
+    check_exposure(host, bool(cfg.api_keys), allow_unauthenticated)  # before the (slow) model load
+    engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode)
     uvicorn.run(create_app(engine, cfg), host=host, port=port, log_level=log_level)
+
+
+def serve_keys(ctx: typer.Context, keys: Optional[list[str]], key_file: Optional[Path]) -> tuple[str, ...]:
+    """The keys of --api-key / $HAQMOE_API_KEY and --api-key-file together.
+
+    A config file may name a key file but not hold a key: config files get shared and committed, a
+    secret in one leaks with it."""
+    if "api_key" in (ctx.default_map or {}):
+        raise HaqmoeError(f"a config file cannot hold api_key (config files get shared): set api_key_file = "
+                          f"\"PATH\" there, or ${ENV_KEY}")
+    return check_keys(keys or ()) + (read_key_file(key_file) if key_file is not None else ())
+
+
+def check_exposure(host: str, has_keys: bool, allow_unauthenticated: bool) -> None:
+    """Refuse a non-loopback bind without a key (an open port is an open model), unless the user accepts it."""
+    if has_keys or is_loopback(host):
+        return
+    if not allow_unauthenticated:
+        raise HaqmoeError(f"refusing to serve {host} (not loopback) without an API key: pass --api-key KEY, "
+                          f"--api-key-file FILE or ${ENV_KEY}, or --allow-unauthenticated to accept the risk")
+    typer.echo(f"haqmoe: warning: serving {host} without an API key (--allow-unauthenticated): anyone who can "
+               f"reach this port can generate and read /metrics", err=True)
 
 
 @app.command()

@@ -7,6 +7,10 @@ loop with a private copy of the tokenizer (HF fast tokenizers are not safe to sh
 threads), exactly as ``CollaborativeEngine.encode`` does, so ``haqmoe run`` and the server see the
 same ids. A streaming client that disconnects sets the job's stop flag, which the engine checks
 after every token.
+
+Access: with ``api_keys`` set, every path but ``/health`` (and ``/metrics`` with ``metrics_open``)
+needs ``Authorization: Bearer <key>``; POST bodies must be JSON; cross-origin browser access only
+for ``cors_origins`` (see ``auth.Guard``).
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import HaqmoeError
 from ..models.loading import context_of
 from ..runtime.engine import CollaborativeEngine, Generation, SamplingConfig
+from .auth import Guard, check_keys, check_origins, send_error
 from .metrics import ServerMetrics
 from .schemas import ChatRequest, CompletionRequest
 
@@ -44,6 +50,12 @@ class ServeConfig:
     max_waiting: int = 64  # queued requests beyond this get 503
     max_body_bytes: int = 1 << 20  # larger request bodies get 413 before they are parsed
     request_timeout_s: float = 600.0  # queueing + generation; beyond it 504 (or an in-band error when streaming)
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # Bearer keys; none = no auth (loopback use)
+    metrics_open: bool = False  # /metrics without a key (a Prometheus scraper that sends none)
+    cors_origins: tuple[str, ...] = ()  # browser origins given CORS headers; none = same-origin only
+
+    def __post_init__(self) -> None:
+        self.api_keys, self.cors_origins = check_keys(self.api_keys), check_origins(self.cors_origins)
 
 
 class ApiError(Exception):
@@ -112,11 +124,7 @@ class BodyLimit:
         await self.app(scope, counted, guarded)
 
     async def _reject(self, send) -> None:
-        body = json.dumps({"error": {"message": f"request body exceeds {self.limit} bytes", "type":
-                                     "invalid_request_error", "param": None, "code": None}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 413, f"request body exceeds {self.limit} bytes")
 
 
 class EngineWorker:
@@ -224,7 +232,13 @@ def create_app(engine: CollaborativeEngine, cfg: ServeConfig = ServeConfig()) ->
             state["worker"].close()
 
     app = FastAPI(title="haqmoe", version="1", lifespan=lifespan)
+    # The last added runs first: CORS answers preflights (browsers send them without credentials) and
+    # labels every answer, 401s included; then the key, before any body is read; then the size limit.
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
+    app.add_middleware(Guard, cfg=cfg, metrics=metrics)
+    if cfg.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
 
     def worker() -> EngineWorker:  # created lazily inside the server's event loop
         if "worker" not in state:

@@ -49,6 +49,7 @@ class ServerMetrics:
     generation_tokens: int = 0
     cancelled: int = 0
     failed: int = 0
+    unauthorized: int = 0  # 401s: a missing or wrong API key
     waiting: int = 0
     running: int = 0
     request_latency: Histogram = field(default_factory=Histogram)
@@ -63,6 +64,13 @@ class ServerMetrics:
         endpoint = endpoint if endpoint in ENDPOINTS else "other"
         with self.lock:
             self.requests[(endpoint, status)] = self.requests.get((endpoint, status), 0) + 1
+
+    def unauthorized_request(self, endpoint: str) -> None:
+        """A request refused for its API key: counted apart (an alert on it spots key guessing or a client
+        with a stale key) and in ``haqmoe_requests_total`` as a 401."""
+        self.count_request(endpoint, 401)
+        with self.lock:
+            self.unauthorized += 1
 
     def finished(self, prompt_tokens: int, completion_tokens: int, latency_s: float, ttft_s: float | None,
                  token_s: list[float]) -> None:
@@ -88,6 +96,8 @@ class ServerMetrics:
                      self.cancelled),
                     ("haqmoe_requests_failed_total", "counter", "Streams ended by an error or a timeout (reported "
                      "in-band).", self.failed),
+                    ("haqmoe_requests_unauthorized_total", "counter", "Requests refused (401) for a missing or wrong "
+                     "API key.", self.unauthorized),
                     ("haqmoe_requests_waiting", "gauge", "Requests queued for the engine.", self.waiting),
                     ("haqmoe_requests_running", "gauge", "Requests generating now (0 or 1).", self.running)):
                 lines += _block(name, kind, help_, [f"{name} {val}"])
