@@ -1,8 +1,11 @@
 """Reliability bench: every bad input tried and the message the user sees, kill-then-resume
-(quantize, profile), damaged checkpoint files, the fuzz suites, graceful shutdown and a bounded
-loopback soak. Writes bench/results/reliability.json + .md (rows: case, ok, message, lost).
+(quantize, profile), damaged checkpoint files, the fuzz suites, graceful shutdown, a bounded
+loopback soak, and the server's access control (API keys, the non-loopback refusal, CORS, a fuzz
+of the Authorization header). Writes bench/results/reliability.json + .md (rows: case, ok, message,
+lost).
 
     .venv/bin/python bench/reliability.py [--soak-seconds 120] [--skip-fuzz]
+    .venv/bin/python bench/reliability.py --only auth   # just the "auth:" rows (seconds), merged into the results
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ROWS: list[dict] = []
+TITLE = "Reliability: bad inputs, interrupted work, damaged files, fuzz, soak, access control"
 
 
 def row(case: str, ok: bool, message: str, lost: bool = False, **extra) -> None:
@@ -141,8 +145,8 @@ def bad_inputs(f: dict[str, Path], tmp: Path) -> None:
     from haqmoe.reliability.guard import estimate_quant_memory
 
     m = tiny_model("llama")
-    est = estimate_quant_memory(m, adapter_for(m), torch.zeros(4, 48, dtype=torch.long), 8)
-    limit = str(est.block + 2 * est.per_sample)  # room for 2 of the 4 calibration windows
+    est = estimate_quant_memory(m, adapter_for(m), torch.zeros(4, 48, dtype=torch.long), 8, streaming=True)
+    limit = str(est.model + est.block + 2 * est.per_sample)  # room for 2 of the 4 calibration windows
     bad_input("quantization memory estimate exceeds available", ["quantize", str(f["llama"]), "-o", str(tmp / "o5"),
                                                                  *calib, *Q], "--calib-samples 2",
               env={"HAQMOE_MEMORY_LIMIT": limit}, check_absent=tmp / "o5")
@@ -420,17 +424,163 @@ def soak(engine, seconds: float) -> None:
         f"MiB (max {max(rss):.0f})", lost=False, rss_mib=[round(x, 1) for x in rss], **counts)
 
 
+# ------------------------------------------------------------------ server: access control
+AUTH_KEYS = ("bench-key-1", "bench-key-2")
+
+
+def _raw_status(url: str, request: bytes) -> int:
+    """Status of a raw HTTP request (headers no client library would send); -1 when the server hung up."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+        s.sendall(request)
+        data = b""
+        while b"\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else -1
+
+
+def _auth_values(rng: random.Random) -> list[bytes]:
+    """Authorization header values: random bytes, near misses of the real keys, other schemes, huge ones."""
+    k = rng.choice(AUTH_KEYS).encode()
+    i = rng.randrange(len(k))
+    near = [k[:i], k + bytes([rng.randrange(33, 127)]), k[:i] + bytes([k[i] ^ 0x01]) + k[i + 1:], k.upper(),
+            k[::-1], k * 2, b"%s %s" % (AUTH_KEYS[0].encode(), AUTH_KEYS[1].encode()), k + b"\x00", b"\xff" + k]
+    schemes = [b"Bearer ", b"bearer ", b"Bearer  ", b"Basic ", b"", b"Bearer\t", b"Token ", b"Bearer Bearer "]
+    token = rng.choice([rng.choice(near), bytes(rng.randrange(256) for _ in range(rng.randrange(0, 64))),
+                        bytes(rng.randrange(33, 127) for _ in range(rng.choice([1, 16, 4000, 12000])))])
+    value = (rng.choice(schemes) + token).replace(b"\r", b"").replace(b"\n", b"")
+    return [value, b"Bearer " + k] if rng.random() < 0.05 else [value]  # a right key beside a wrong one: ambiguous
+
+
+def auth(engine, tmp: Path, fuzz_n: int = 2000) -> None:
+    """`haqmoe serve` beyond loopback: the refusal and key-file errors (CLI, before any model load), the
+    key on every endpoint, /metrics, CORS, cross-site simple POSTs, and a raw fuzz of the Authorization header."""
+    import httpx2 as httpx
+    import openai
+
+    from haqmoe.reliability.live import ThreadedServer
+    from haqmoe.serve.app import ServeConfig, create_app
+
+    nomodel = str(tmp / "no-such-model")  # were it loaded, the error would be "not found"
+    bad_input("auth: serve --host 0.0.0.0 without an API key (refused before loading)",
+              ["serve", nomodel, "--host", "0.0.0.0"], "--allow-unauthenticated")
+    (tmp / "empty-keys").write_text("# no keys yet\n\n")
+    bad_input("auth: --api-key-file with no keys", ["serve", nomodel, "--api-key-file", str(tmp / "empty-keys")],
+              "holds no keys")
+    bad_input("auth: --api-key-file unreadable", ["serve", nomodel, "--api-key-file", str(tmp / "missing-keys")],
+              "cannot read API key file")
+    (tmp / "key.toml").write_text('[serve]\napi_key = ["in-a-config-file"]\n')
+    bad_input("auth: api_key in a config file", ["--config", str(tmp / "key.toml"), "serve", nomodel], "api_key_file")
+
+    def cfg(**kw) -> ServeConfig:
+        return ServeConfig(model_name="tiny", max_tokens_limit=4, **kw)
+
+    body = {"prompt": "Hello", "max_tokens": 2, "temperature": 0}
+    with ThreadedServer(create_app(engine, cfg(api_keys=AUTH_KEYS))) as srv:
+        u = srv.url
+        bearer = lambda key: {"Authorization": f"Bearer {key}"}  # noqa: E731
+        no_key = {p: (httpx.post(u + p, json=body) if "compl" in p else httpx.get(u + p)).status_code
+                  for p in ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics", "/docs", "/")}
+        wrong = {k: httpx.get(u + "/v1/models", headers=bearer(k)).status_code for k in ("wrong", AUTH_KEYS[0][:-1])}
+        right = {}
+        for k in AUTH_KEYS:
+            c = openai.OpenAI(base_url=u + "/v1", api_key=k, max_retries=0, timeout=60)
+            right[k[-1]] = c.completions.create(model="tiny", prompt="Hello", max_tokens=2).usage.completion_tokens
+        try:
+            openai.OpenAI(base_url=u + "/v1", api_key="wrong", max_retries=0).models.list()
+            client_wrong = "accepted"
+        except openai.AuthenticationError as exc:
+            client_wrong = f"{exc.status_code} {exc.response.json()['error']['code']}"
+        health = httpx.get(u + "/health").status_code
+        row("auth: API keys on every endpoint (openai client + raw requests)",
+            set(no_key.values()) == {401} and set(wrong.values()) == {401} and all(right.values())
+            and client_wrong == "401 invalid_api_key" and health == 200,
+            f"no key: {no_key}; wrong key: {set(wrong.values())}; openai client with a wrong key: {client_wrong}; "
+            f"each right key (tokens generated): {right}; /health without a key: {health}")
+
+        rng = random.Random(0)
+        seen: dict[int, int] = {}
+        errors = 0
+        t0 = time.perf_counter()
+        for _ in range(fuzz_n):
+            path = rng.choice([b"/v1/models", b"/metrics", b"/v1/completions", b"/v1/chat/completions"])
+            lines = b"".join(b"Authorization: " + v + b"\r\n" for v in _auth_values(rng))
+            req = b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n" + lines + b"Connection: close\r\n\r\n"
+            try:
+                st = _raw_status(u, req)
+            except OSError:
+                errors += 1
+                continue
+            seen[st] = seen.get(st, 0) + 1
+        secs = time.perf_counter() - t0
+        metrics = httpx.get(u + "/metrics", headers=bearer(AUTH_KEYS[0])).text
+        unauth = float(next(l.split()[-1] for l in metrics.splitlines()
+                            if l.startswith("haqmoe_requests_unauthorized_total ")))
+        accepted = sum(n for st, n in seen.items() if 200 <= st < 300)
+        crashes = sum(n for st, n in seen.items() if st >= 500 or st < 0)
+        row(f"auth: Authorization header fuzz ({fuzz_n} random/malformed/near-miss headers, raw HTTP)",
+            accepted == 0 and crashes == 0 and errors == 0 and srv.alive() and set(seen) <= {400, 401, 431},
+            f"statuses {dict(sorted(seen.items()))} (400/431: refused by the HTTP parser); {accepted} accepted, "
+            f"{crashes} 5xx or hang-ups, {errors} transport errors in {secs:.1f} s; server alive: {srv.alive()}",
+            fuzz_requests=fuzz_n, fuzz_accepted=accepted, fuzz_5xx=crashes, fuzz_transport_errors=errors)
+        leaked = [k for k in AUTH_KEYS if k in metrics]
+        row("auth: unauthorized requests counted, keys absent from /metrics", unauth >= seen.get(401, 0) > 0
+            and not leaked, f"haqmoe_requests_unauthorized_total {unauth:.0f} (fuzz 401s: {seen.get(401, 0)}); "
+                            f"keys in the exposition: {leaked or 'none'}")
+
+    with ThreadedServer(create_app(engine, cfg(api_keys=AUTH_KEYS, metrics_open=True))) as srv:
+        m, v = httpx.get(srv.url + "/metrics").status_code, httpx.get(srv.url + "/v1/models").status_code
+        row("auth: --metrics-open", m == 200 and v == 401, f"/metrics without a key: {m}; /v1/models: {v}")
+
+    pre = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization,content-type"}
+    with ThreadedServer(create_app(engine, cfg())) as srv:
+        r = httpx.options(srv.url + "/v1/chat/completions", headers=pre)
+        acao = r.headers.get("access-control-allow-origin")
+        tokens = lambda: next(l.split()[-1] for l in httpx.get(srv.url + "/metrics").text.splitlines()  # noqa: E731
+                              if l.startswith("haqmoe_generation_tokens_total "))
+        before = tokens()
+        simple = {ct or "none": httpx.post(srv.url + "/v1/completions", content=json.dumps(body).encode(),
+                                           headers={"Content-Type": ct} if ct else {}).status_code
+                  for ct in ("text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                             "multipart/form-data; boundary=x", None)}
+        after = tokens()
+        control = httpx.post(srv.url + "/v1/completions", json=body).status_code  # the same body as JSON
+        row("auth: no CORS by default (foreign preflight, keyless server)", acao is None and r.status_code >= 400,
+            f"preflight from https://evil.example: {r.status_code}, Access-Control-Allow-Origin: {acao}")
+        row("auth: cross-site simple POSTs refused (keyless server)",
+            set(simple.values()) == {415} and before == after and control == 200,
+            f"by Content-Type: {simple}; tokens generated by them: {before} -> {after}; the same body as "
+            f"application/json: {control}")
+    with ThreadedServer(create_app(engine, cfg(api_keys=AUTH_KEYS, cors_origins=("https://app.example",)))) as srv:
+        ok_r = httpx.options(srv.url + "/v1/chat/completions", headers={**pre, "Origin": "https://app.example"})
+        bad_r = httpx.options(srv.url + "/v1/chat/completions", headers=pre)
+        a, b = ok_r.headers.get("access-control-allow-origin"), bad_r.headers.get("access-control-allow-origin")
+        row("auth: --cors-origin https://app.example", a == "https://app.example" and b is None,
+            f"preflight from https://app.example: {ok_r.status_code}, allowed origin {a}; from https://evil.example: "
+            f"{bad_r.status_code}, allowed origin {b}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--soak-seconds", type=float, default=120)
     ap.add_argument("--skip-fuzz", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "reliability.json"))
+    ap.add_argument("--only", choices=["auth"], help="Run one part; its rows replace that part's rows in --out.")
     a = ap.parse_args()
     torch.set_num_threads(1)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
+    if a.only:
+        return main_part(a.only, a.out, t0)
     with tempfile.TemporaryDirectory(prefix="haqmoe-rel-") as d:
         tmp = Path(d)
         f = make_fixtures(tmp / "fx")
@@ -443,15 +593,40 @@ def main() -> None:
         engine = _engine(tmp)
         graceful_shutdown(engine)
         soak(engine, a.soak_seconds)
+        auth(engine, tmp)
     from haqmoe.results import run_meta, write_results
 
     n_ok = sum(r["ok"] for r in ROWS)
-    write_results(a.out, ROWS, run_meta(), "Reliability: bad inputs, interrupted work, damaged files, fuzz, soak",
+    write_results(a.out, ROWS, run_meta(), TITLE,
                   f"{n_ok}/{len(ROWS)} cases ok, {sum(r['lost'] for r in ROWS)} lost anything; "
                   f"{time.perf_counter() - t0:.0f} s on a shared 2-core CPU. `message` is what the user saw "
                   f"(stderr of the CLI, or the error line a library call raises).",
                   columns=["case", "ok", "message", "lost"])
     print(f"{n_ok}/{len(ROWS)} ok -> {a.out}")
+
+
+
+def main_part(part: str, out: str, t0: float) -> None:
+    """Rerun one part alone and merge: its rows (case "PART: ...") replace the old ones, the other rows and
+    the meta of the full run stay, and the notes say which rows came from which run."""
+    from haqmoe.results import run_meta, write_results
+
+    with tempfile.TemporaryDirectory(prefix="haqmoe-rel-") as d:
+        auth(_engine(Path(d)), Path(d))
+    old = json.loads(Path(out).read_text()) if Path(out).is_file() else {"meta": {}, "rows": []}
+    new_rows = list(ROWS)
+    prefix = f"{part}: "
+    rows = [r for r in old["rows"] if not r["case"].startswith(prefix)] + new_rows
+    part_meta = run_meta()
+    meta = {**(old["meta"] or part_meta), f"{part}_rerun": {k: part_meta[k] for k in ("command", "date", "machine")}}
+    n_ok = sum(r["ok"] for r in rows)
+    write_results(out, rows, meta, TITLE,
+                  f"{n_ok}/{len(rows)} cases ok, {sum(r['lost'] for r in rows)} lost anything. The \"{prefix}\" rows "
+                  f"were rerun alone (`{part_meta['command']}`, {part_meta['date']}, "
+                  f"{time.perf_counter() - t0:.0f} s); "
+                  f"the others are from the full run below. `message` is what the user saw (stderr of the CLI, or "
+                  f"the error line a library call raises).", columns=["case", "ok", "message", "lost"])
+    print(f"{sum(r['ok'] for r in new_rows)}/{len(new_rows)} {part} cases ok; {n_ok}/{len(rows)} in all -> {out}")
 
 
 if __name__ == "__main__":
