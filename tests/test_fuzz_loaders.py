@@ -72,7 +72,8 @@ def _expect_clean(fn) -> None:
 
 
 @FUZZ
-@given(name=st.sampled_from(["model.safetensors", "haqmoe_quant.json", "config.json", "manifest.json"]),
+@given(name=st.sampled_from(["block-0000.safetensors", "rest.safetensors", "model.safetensors.index.json",
+                             "haqmoe_quant.json", "config.json", "manifest.json"]),
        mutation=MUTATION, keep_manifest=st.booleans())
 def test_fuzz_quantized_checkpoint(originals, tmp_path_factory, name, mutation, keep_manifest):
     from haqmoe.models.loading import load_model

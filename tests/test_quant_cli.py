@@ -1,26 +1,15 @@
 """`haqmoe quantize` / `compare` end to end on a tiny checkpoint: clear errors, nothing half-written."""
 
 import json
-import string
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from haqmoe.cli.main import main
-from haqmoe.models.tiny import tiny_model
+from haqmoe.models.tiny import char_tokenizer, tiny_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _char_tokenizer() -> PreTrainedTokenizerFast:
-    chars = sorted(set(string.printable))
-    vocab = {"[UNK]": 0, **{c: i + 1 for i, c in enumerate(chars[:120])}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +17,7 @@ def tiny_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     model = tiny_model("llama")
     model.save_pretrained(root / "llama")
-    _char_tokenizer().save_pretrained(root / "llama")
+    char_tokenizer().save_pretrained(root / "llama")
     (root / "calib.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
     (root / "short.txt").write_text("too short")
     return root
@@ -46,7 +35,7 @@ def test_quantize_writes_checkpoint(tiny_dir, tmp_path, capsys):
           "--calib", str(tiny_dir / "calib.txt"), "--calib-samples", "4", "--calib-len", "64", "--json"])
     meta = json.loads((out / "haqmoe_quant.json").read_text())
     assert meta["quant"]["method"] == "haq" and meta["options"]["order"] == "rank1"
-    assert meta["linears"] and (out / "model.safetensors").is_file()
+    assert meta["linears"] and (out / "block-0000.safetensors").is_file() and (out / "rest.safetensors").is_file()
 
 
 def test_int8_lm_head_checkpoint_evaluates_alike_in_fake_and_real(tiny_dir, tmp_path, capsys):
@@ -59,7 +48,7 @@ def test_int8_lm_head_checkpoint_evaluates_alike_in_fake_and_real(tiny_dir, tmp_
     meta = json.loads((out / "haqmoe_quant.json").read_text())
     assert meta["vocab"] == {"head": "lm_head", "embedding": None}  # the tiny llama is untied
     v, h = 128, 64
-    saved = (base / "model.safetensors").stat().st_size - (out / "model.safetensors").stat().st_size
+    saved = (base / "rest.safetensors").stat().st_size - (out / "rest.safetensors").stat().st_size
     assert abs(saved - (4 * v * h - v * h - 4 * v)) < 4096
     capsys.readouterr()
     ppl = {}
@@ -84,7 +73,7 @@ def test_nan_weights_are_refused_by_name(tiny_dir, tmp_path, capsys):
     with torch.no_grad():
         model.model.layers[0].self_attn.k_proj.weight[1, 2] = float("nan")
     model.save_pretrained(bad)
-    _char_tokenizer().save_pretrained(bad)
+    char_tokenizer().save_pretrained(bad)
     out = tmp_path / "q"
     code, cap = _run(["-q", "quantize", str(bad), "-o", str(out), "--calib", str(tiny_dir / "calib.txt"),
                       "--calib-samples", "4", "--calib-len", "64"], capsys)

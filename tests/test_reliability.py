@@ -39,7 +39,7 @@ class _Crash(Exception):
 
 def _quantize(model, out, resume: bool, crash_after: int | None = None, monkeypatch=None):
     cfg = QuantConfig.w8a8("haq")
-    ckpt = BlockCheckpoint.open(out, run_fingerprint(model, CALIB, cfg), cfg, resume)
+    ckpt = BlockCheckpoint.open(out, run_fingerprint(model, CALIB, cfg), cfg, resume, adapter_for(model).layers)
     if crash_after is not None:
         real = BlockCheckpoint.save
 
@@ -78,7 +78,8 @@ def test_resume_refuses_another_run(tmp_path, monkeypatch):
     monkeypatch.undo()
     other = _model("llama", layers=2)
     cfg = QuantConfig.w8a8("haq")
-    ckpt = BlockCheckpoint.open(tmp_path / "q", run_fingerprint(other, CALIB[:4], cfg), cfg, resume=True)
+    ckpt = BlockCheckpoint.open(tmp_path / "q", run_fingerprint(other, CALIB[:4], cfg), cfg, resume=True,
+                                layers=adapter_for(other).layers)
     with pytest.raises(HaqmoeError, match="different run"):
         quantize_with(other, adapter_for(other), "haq", cfg, CALIB[:4], OPTS, progress=False, checkpoint=ckpt)
 
@@ -93,18 +94,20 @@ def _saved(tmp_path):
 def test_manifest_names_truncated_and_flipped_files(tmp_path):
     out = _saved(tmp_path)
     files = json.loads((out / MANIFEST).read_text())["files"]
-    assert {"model.safetensors", "config.json", "haqmoe_quant.json"} <= set(files)
+    assert {"block-0000.safetensors", "rest.safetensors", "config.json", "haqmoe_quant.json"} <= set(files)
     assert verify_manifest(out) == len(files)
     load_quantized(out)
-    w = out / "model.safetensors"
-    data = bytearray(w.read_bytes())
+    w = out / "block-0000.safetensors"
+    original = w.read_bytes()
+    data = bytearray(original)
     data[len(data) // 2] ^= 0x01
     w.write_bytes(bytes(data))
-    with pytest.raises(HaqmoeError, match=r"model\.safetensors is corrupt: sha256"):
+    with pytest.raises(HaqmoeError, match=r"block-0000\.safetensors is corrupt: sha256"):
         load_quantized(out)
     w.write_bytes(bytes(data[:-100]))
-    with pytest.raises(HaqmoeError, match=r"model\.safetensors is truncated"):
+    with pytest.raises(HaqmoeError, match=r"block-0000\.safetensors is truncated"):
         load_quantized(out)
+    w.write_bytes(original)
     (out / "config.json").unlink()
     with pytest.raises(HaqmoeError, match=r"config\.json is missing"):
         load_quantized(out)
@@ -128,7 +131,7 @@ def test_memory_guard_suggests_fewer_samples():
     calib = torch.zeros(64, 128, dtype=torch.long)
     est = check_quant_memory(model, adapter_for(model), calib, 8, available=2**34)
     with pytest.raises(HaqmoeError, match=r"--calib-samples \d+"):
-        check_quant_memory(model, adapter_for(model), calib, 8, available=est.block + 3 * est.per_sample)
+        check_quant_memory(model, adapter_for(model), calib, 8, available=est.model + est.block + 3 * est.per_sample)
 
 
 def test_token_ids_out_of_vocabulary_are_refused():
@@ -147,7 +150,7 @@ def test_ctrl_c_exits_130_with_a_message(monkeypatch, capsys):
     def interrupted(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("haqmoe.models.loading.load_model", interrupted)
+    monkeypatch.setattr("haqmoe.models.footprint.inspect_source", interrupted)
     with pytest.raises(SystemExit) as exc:
         main(["-q", "info", "anything"])
     assert exc.value.code == 130 and "interrupted" in capsys.readouterr().err

@@ -49,6 +49,34 @@ def check_output_dir(out: Path, overwrite: bool, source: str | Path | None = Non
         raise HaqmoeError(f"output {out} exists and is not empty (use --overwrite)")
 
 
+def publish_directory(tmp: Path, target: Path, overwrite: bool, manifest: bool = True,
+                      known: dict | None = None) -> None:
+    """Make the finished directory ``tmp`` appear as ``target`` in one rename (replacing an old
+    ``target`` only with ``overwrite``). ``manifest``: write ``manifest.json`` first (size + sha256
+    of every file; ``known`` digests, taken when big shards were written, are not computed again)."""
+    from .errors import HaqmoeError
+
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise HaqmoeError(f"output {target} exists and is not empty (use --overwrite)")
+    if manifest:
+        from .reliability.manifest import write_manifest
+
+        write_manifest(tmp, known)
+    for p in tmp.rglob("*"):
+        if p.is_file() and (known is None or p.name not in known):  # known shards were synced when written
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    _fsync_dir(target.parent)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | Path, overwrite: bool = False, manifest: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``target`` in one rename.
@@ -62,23 +90,7 @@ def atomic_directory(target: str | Path, overwrite: bool = False, manifest: bool
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
         yield tmp
-        if manifest:
-            from .reliability.manifest import write_manifest
-
-            write_manifest(tmp)
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        publish_directory(tmp, target, overwrite=True, manifest=manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -19,29 +19,53 @@ from .common import GEN_OPTS, Method, app, check_output_dir, echo_summary, emit,
 @app.command()
 def info(model: str = typer.Argument("smollm2-135m", help="Embedded name, checkpoint dir, .gguf file or hub id."),
          as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """Describe a model: architecture, sizes, experts, and the per-block linear groups."""
-    from ..models.loading import load_model
+    """Describe a model: architecture, parameters, experts, sizes (fp32 / bf16 / W8A8), the memory
+    `quantize` and the W8A8 model will need, and the per-block linear groups.
 
-    lm = load_model(model, progress=state["progress"])
-    cfg, adapter = lm.model.config, lm.adapter
-    blocks = adapter.blocks(lm.model)
+    A checkpoint folder is described from its config and safetensors headers alone: no weight is
+    read, so this takes seconds and almost no memory even for Mixtral-8x7B.
+    """
+    import torch
+
+    from ..models.footprint import footprint, inspect_source
+    from ..reliability.guard import available_bytes, estimate_quant_memory
+
+    seen = inspect_source(model, progress=state["progress"])
+    skel, adapter = seen.model, seen.adapter
+    cfg = skel.config
+    blocks = adapter.blocks(skel)
     moe_blocks = [i for i, b in enumerate(blocks) if adapter.is_moe_block(b)]
     first = blocks[moe_blocks[0]] if moe_blocks else blocks[0]
     experts = adapter.experts(first)
+    size = footprint(skel, adapter)
+    calib = torch.zeros(128, 512, dtype=torch.long)  # quantize's default calibration
+    need = {
+        "quantize_rtn": estimate_quant_memory(skel, adapter, None, 8, streaming=True).total,
+        "quantize_haq": estimate_quant_memory(skel, adapter, calib, 8, streaming=True).total,
+        "w8a8_model": size.w8a8_bytes,  # eval/generate/run/serve: the int8 weights, mapped from the shards
+    }
     payload = {
         "model": model, "model_type": cfg.model_type, "adapter": adapter.name,
-        "parameters": sum(p.numel() for p in lm.model.parameters()),
+        "parameters": size.parameters, "expert_parameters": size.expert_parameters,
         "layers": len(blocks), "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
         "moe_layers": len(moe_blocks),
         "experts_per_layer": int(experts.num_experts) if experts is not None else 0,
         "top_k": int(getattr(cfg, "num_experts_per_tok", 0) or 0),
-        "quantized": lm.quant["quant"] if lm.quant else None,
+        "quantized": seen.quant["quant"] if seen.quant else None,
+        "sizes_gb": {"fp32": _gb(size.fp32_bytes), "bf16": _gb(size.bf16_bytes), "w8a8": _gb(size.w8a8_bytes),
+                     "on_disk": None if seen.disk_bytes is None else _gb(seen.disk_bytes)},
+        "memory_needed_gb": {k: _gb(v) for k, v in need.items()},
+        "memory_available_gb": _gb(available_bytes()),
         "groups": [{"name": g.name, "prev_op": g.prev_op, "layers": list(g.layers), "routers": list(g.routers)}
                    for g in adapter.groups(first)],
     }
     human = "\n".join([f"{k}: {v}" for k, v in payload.items() if k != "groups"] + ["groups (one block):"] +
                       [f"  {g['name']}: {g['prev_op']} -> {', '.join(g['layers'])}" for g in payload["groups"]])
     emit(payload, as_json, human)
+
+
+def _gb(n: int) -> float:
+    return round(n / 1e9, 3)
 
 
 # ------------------------------------------------------------------------- eval

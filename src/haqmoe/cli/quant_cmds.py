@@ -87,14 +87,14 @@ def quantize(model: str = typer.Argument(..., help="Model source to quantize."),
              resume: bool = typer.Option(False, help="Continue an interrupted run from OUT.partial/ (same "
                                          "options): the result is identical to an uninterrupted run."),
              as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """Quantize a model to W8A8 and write a checkpoint (int8 weights, scales, zero points, folded smoothing).
+    """Quantize a model to W8A8 and write a sharded checkpoint (int8 weights, scales, zero points,
+    folded smoothing), one decoder block at a time: a safetensors source is read block by block
+    from its shards, so memory holds one block plus the embedding and lm_head, never the model.
 
-    Every finished block is saved under OUT.partial/; after a crash or kill, rerun with --resume.
+    Every finished block is a shard under OUT.partial/; after a crash or kill, rerun with --resume.
     """
-    from ..data.text import calibration_ids
-    from ..models.loading import load_model
-    from ..quant.checkpoint import save_quantized
-    from ..quant.methods import MethodOptions, needs_calibration, quantize_with
+    from ..quant.methods import MethodOptions
+    from ..quant.stream import CalibSpec, quantize_checkpoint
 
     if stat not in ("absmax", "absmean", "auto"):
         raise HaqmoeError(f"--stat must be absmax, absmean or auto, got '{stat}'")
@@ -103,35 +103,8 @@ def quantize(model: str = typer.Argument(..., help="Model source to quantize."),
     check_output_dir(out, overwrite, model)
     _check_partial(out, resume, overwrite)
     start = time.perf_counter()
-    lm = load_model(model, progress=state["progress"])
-    if lm.quant is not None:
-        raise HaqmoeError(f"{model} is already quantized")
-    if int8_lm_head:  # first, so calibration sees the embedding that inference will read
-        from ..quant.modules import quantize_vocabulary
-        from ..quant.pipeline import check_finite
-
-        check_finite(lm.model)  # the vocabulary leaves the parameters here: check it while it is one
-        quantize_vocabulary(lm.model)
-    ids = None
-    if needs_calibration(method.value, cfg):
-        if lm.tokenizer is None:
-            raise HaqmoeError(f"{model} has no tokenizer: cannot tokenize the calibration text")
-        ids = calibration_ids(lm.tokenizer, calib, calib_samples, calib_len, seed, eval_spec="wikitext2:test")
-    ckpt = None
-    if ids is not None:
-        from ..reliability.guard import check_quant_memory
-        from ..reliability.resume import BlockCheckpoint, run_fingerprint
-
-        check_quant_memory(lm.model, lm.adapter, ids, opts.batch_size)
-        fingerprint = run_fingerprint(lm.model, ids, (method.value, cfg, opts, int8_lm_head))
-        ckpt = BlockCheckpoint.open(out, fingerprint, cfg, resume)
-    report = quantize_with(lm.model, lm.adapter, method.value, cfg, ids, opts, state["progress"], ckpt)
-    extra = {"source": model, "options": opts.__dict__, "calib": None if ids is None else
-             {"source": calib, "samples": calib_samples, "length": calib_len, "seed": seed},
-             "report": report.as_dict()}
-    save_quantized(lm.model, lm.tokenizer, out, cfg, extra, overwrite=overwrite)
-    if ckpt is not None:
-        ckpt.discard()  # the checkpoint is complete and verified-by-manifest now
+    report = quantize_checkpoint(model, out, method.value, cfg, opts, CalibSpec(calib, calib_samples, calib_len, seed),
+                                 int8_lm_head, state["progress"], resume, overwrite)
     payload = {"model": model, "out": str(out), "method": method.value, "quant_seconds": round(report.seconds, 1),
                "seconds": round(time.perf_counter() - start, 1), "fallbacks": len(report.fallbacks)}
     emit(payload, as_json, f"wrote {method.value} checkpoint to {out} (quantized in {report.seconds:.1f} s, "

@@ -121,7 +121,7 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, progress: bool =
         from ..quant.checkpoint import load_quantized
 
         return load_quantized(path, dtype)  # verifies its manifest
-    if path is not None and _is_compressed_tensors(path):
+    if path is not None and is_compressed_tensors(path):
         from ..quant.ctformat import load_compressed_tensors
 
         return load_compressed_tensors(path, dtype)  # our fake-quant execution, not the library's
@@ -129,7 +129,7 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, progress: bool =
         from ..reliability.manifest import verify_manifest
 
         verify_manifest(path)  # haqmoe-written dirs: name a truncated or bit-flipped file up front
-    config = _load_config(target)
+    config = load_config(target)
     adapter = adapter_for(config.model_type)
     try:
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
@@ -138,7 +138,7 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, progress: bool =
     return LoadedModel(model.eval(), load_tokenizer(target), source, adapter)
 
 
-def _is_compressed_tensors(path: Path) -> bool:
+def is_compressed_tensors(path: Path) -> bool:
     """A peer's (e.g. llm-compressor's) checkpoint: evaluated with the same quantized execution as ours."""
     try:
         qcfg = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
@@ -147,13 +147,16 @@ def _is_compressed_tensors(path: Path) -> bool:
     return qcfg.get("quant_method") == "compressed-tensors"
 
 
-def _load_config(target: str):
+def load_config(target: str):
     local = Path(target) / "config.json"
     if local.is_file():  # name our own supported list before transformers' generic message
         try:
-            model_type = json.loads(local.read_text()).get("model_type")
+            doc = json.loads(local.read_text())
         except ValueError as exc:
             raise HaqmoeError(f"{local} is not valid JSON: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise HaqmoeError(f"{local} is not a model config (a JSON object)")
+        model_type = doc.get("model_type")
         adapter_for(str(model_type))
     try:
         return AutoConfig.from_pretrained(target)

@@ -6,8 +6,11 @@ hides bugs in expert indexing. Sizes are small enough that a forward pass takes 
 
 from __future__ import annotations
 
+import string
+
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 _COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                max_position_embeddings=256, tie_word_embeddings=False)
@@ -35,8 +38,10 @@ TINY_CONFIGS: dict[str, dict] = {
 }
 
 
-def tiny_config(family: str):
+def tiny_config(family: str, layers: int | None = None):
     kw = dict(TINY_CONFIGS[family])
+    if layers is not None:  # before the config derives per-layer lists (layer_types) from it
+        kw["num_hidden_layers"] = layers
     model_type = kw.pop("model_type")
     return AutoConfig.for_model(model_type, **kw)
 
@@ -44,9 +49,7 @@ def tiny_config(family: str):
 def tiny_model(family: str, seed: int = 0, layers: int | None = None) -> PreTrainedModel:
     """A tiny random model in eval mode, fp32, with distinct experts and non-trivial norms."""
     torch.manual_seed(seed)
-    cfg = tiny_config(family)
-    if layers is not None:
-        cfg.num_hidden_layers = layers
+    cfg = tiny_config(family, layers)
     cfg._attn_implementation = "eager"
     return randomize_(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval())
 
@@ -62,3 +65,13 @@ def randomize_(model: PreTrainedModel) -> PreTrainedModel:
         else:
             p.normal_(0, 0.02)
     return model
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer whose ids fit the tiny vocabulary (128): tiny checkpoints that
+    read text (calibration, eval) without any download."""
+    chars = sorted(set(string.printable))
+    vocab = {"[UNK]": 0, **{c: i + 1 for i, c in enumerate(chars[:120])}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")

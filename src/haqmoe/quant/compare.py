@@ -149,7 +149,7 @@ def run_row(spec: RowSpec, setup: CompareSetup, wins: torch.Tensor, calib: torch
             if spec.method != "fp32":
                 quant = replace(setup.quant, method=spec.method)
                 rep = quantize_with(model, lm.adapter, spec.method, quant, calib, spec.opts, progress,
-                                    _block_checkpoint(work, model, calib, spec, quant))
+                                    _block_checkpoint(work, model, lm.adapter.layers, calib, spec, quant))
                 seconds = rep.seconds
         quant_peak = mem.peak_gb
     if quant_file is not None:  # a resumed row reports the larger peak of its runs
@@ -164,12 +164,14 @@ def run_row(spec: RowSpec, setup: CompareSetup, wins: torch.Tensor, calib: torch
             "eval_seconds": round(res.seconds, 1)}
 
 
-def _block_checkpoint(work: Path | None, model, calib: torch.Tensor | None, spec: RowSpec, quant: QuantConfig):
+def _block_checkpoint(work: Path | None, model, layers: str, calib: torch.Tensor | None, spec: RowSpec,
+                      quant: QuantConfig):
     if work is None or calib is None:
         return None
     from ..reliability.resume import BlockCheckpoint, run_fingerprint
 
-    return BlockCheckpoint.open(work / "quant", run_fingerprint(model, calib, (spec, quant)), quant, resume=True)
+    return BlockCheckpoint.open(work / "quant", run_fingerprint(model, calib, (spec, quant)), quant, resume=True,
+                                layers=layers)
 
 
 def add_deltas(rows: list[dict]) -> None:

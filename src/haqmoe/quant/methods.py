@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from ..errors import HaqmoeError
 from ..models.adapters import ArchSpec
 from .config import QuantConfig
 from .gptq import ORDERS, GPTQConfig
-from .pipeline import PipelineConfig, QuantReport, quantize_model
+from .pipeline import PipelineConfig, QuantReport, check_finite, quantize_model
 from .rtn import quantize_rtn
 from .smooth import SmoothConfig
 
@@ -64,21 +65,19 @@ def needs_calibration(method: str, quant: QuantConfig) -> bool:
 
 def quantize_with(model: torch.nn.Module, adapter: ArchSpec, method: str, quant: QuantConfig,
                   calib: torch.Tensor | None, opts: MethodOptions = MethodOptions(),
-                  progress: bool = True, checkpoint=None) -> QuantReport:
+                  progress: bool = True, checkpoint=None, loader=None) -> QuantReport:
     """Quantize ``model`` in place by ``method``; RTN with dynamic activations needs no calibration.
 
-    ``checkpoint``: a ``reliability.resume.BlockCheckpoint`` for calibrated methods (resumable runs).
+    ``checkpoint``: a ``reliability.resume.BlockCheckpoint`` (resumable runs; the streaming
+    pipeline's shards). ``loader``: blocks loaded one at a time (``quant.stream``).
     """
     cfg = pipeline_config(method, quant, opts)
     if not needs_calibration(method, quant):
-        import time
-
-        from .pipeline import check_finite
-
         start = time.perf_counter()
-        check_finite(model)
-        quantize_rtn(model, adapter, quant, progress)
+        if loader is None:
+            check_finite(model)
+        quantize_rtn(model, adapter, quant, progress, checkpoint, loader)
         return QuantReport(seconds=time.perf_counter() - start)
     if calib is None:
         raise HaqmoeError(f"method '{method}' needs calibration data")
-    return quantize_model(model, adapter, calib, cfg, progress, checkpoint)
+    return quantize_model(model, adapter, calib, cfg, progress, checkpoint, loader)

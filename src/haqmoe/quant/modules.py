@@ -13,30 +13,22 @@ from torch import nn
 from .quantizer import QuantSpec, compute_qparams, dequantize, fake_quant, fake_quant_static, quantize
 
 
-class _DequantizedOnce:
-    """Mixin for an int8-stored module whose float ``weight`` is dequantized once, on first use (what
-    fake-quant and weight-only execution compute with), and dropped when the module moves."""
-
-    _weight: torch.Tensor | None = None
-
-    def _storage(self) -> torch.Tensor:  # the int8 tensor the cached weight follows across devices
-        raise NotImplementedError
+class _DequantizedPerCall:
+    """Mixin for an int8-stored module whose float ``weight`` (what fake-quant and weight-only
+    execution compute with) is dequantized on every use and never kept: a model's only host copy of
+    a quantized weight is its int8 tensor (a kept fp32 copy would be 4x the checkpoint; for a real
+    MoE that is what does not fit). Dequantizing costs one pass over the weight, small beside the
+    GEMM it feeds; the speed paths (``--exec int8|dequant|auto``) convert the modules instead."""
 
     def _dequantized(self) -> torch.Tensor:
         raise NotImplementedError
 
     @property
     def weight(self) -> torch.Tensor:
-        if self._weight is None or self._weight.device != self._storage().device:
-            self._weight = self._dequantized()
-        return self._weight
-
-    def _apply(self, fn, recurse=True):
-        self._weight = None  # device/dtype moves invalidate the cache
-        return super()._apply(fn, recurse)
+        return self._dequantized()
 
 
-class QuantLinear(_DequantizedOnce, nn.Module):
+class QuantLinear(_DequantizedPerCall, nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, w_spec: QuantSpec,
                  a_spec: QuantSpec | None, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -73,13 +65,9 @@ class QuantLinear(_DequantizedOnce, nn.Module):
         self.w_zero.copy_(zero.reshape(self.w_zero.shape))
         if bias is not None:
             self.bias.copy_(bias)
-        self._weight = None
 
     def weight_float(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.qweight, self.w_scale, self.w_zero, self.w_spec, dtype)
-
-    def _storage(self) -> torch.Tensor:
-        return self.qweight
 
     def _dequantized(self) -> torch.Tensor:
         return self.weight_float(self.bias.dtype if self.bias is not None else torch.float32)
@@ -185,10 +173,10 @@ class Int8Embedding(_Int8Rows):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
 
 
-class QuantVocab(_DequantizedOnce, _Int8Rows):
+class QuantVocab(_DequantizedPerCall, _Int8Rows):
     """lm_head stored as int8 rows (``haqmoe quantize --int8-lm-head``), shared with a tied embedding.
 
-    Weight-only in fake-quant and dequant modes (the fp32 weight is rebuilt once, on first use); the
+    Weight-only in fake-quant and dequant modes (the fp32 weight is rebuilt on each use); the
     int8 execution modes run it on the int8 GEMM with two-level activations (``int8.int8_head``),
     which is exact to ~1/250 of one activation step, so both modes compute the same function.
     """
@@ -208,9 +196,6 @@ class QuantVocab(_DequantizedOnce, _Int8Rows):
     def embedding(self, padding_idx: int | None = None) -> Int8Embedding:
         """The input embedding of a tied model: the same int8 rows, not a copy."""
         return Int8Embedding(self.q, self.scale, padding_idx)
-
-    def _storage(self) -> torch.Tensor:
-        return self.q
 
     def _dequantized(self) -> torch.Tensor:
         return self.weight_float()

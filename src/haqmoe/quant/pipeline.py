@@ -5,17 +5,24 @@
 2. For each block, in order: run the (still FP) block on its inputs with hooks that accumulate the
    statistics of every linear group's input (``adapter.groups``: one hook per group, since the
    layers of a group share the input) and, for MoE blocks, per-expert statistics of the tokens the
-   router sends to each expert; smooth every group (folding 1/s into its producer); quantize every
+   router sends to each expert (their Hessians come later, see below); smooth every group (folding 1/s into its producer); quantize every
    linear (GPTQ with the smoothed Hessian, or RTN); swap in ``QuantLinear``/``QuantExperts``; run the
    QUANTIZED block to produce the next block's inputs, so later blocks calibrate on what they will
    really see.
 
-Only the block being worked on and the calibration activations are touched at a time. Seeded and
-deterministic (token samples for the grid search come from a seeded generator).
+Only the block being worked on and the calibration activations are touched at a time. With a
+``BlockLoader`` (``quant.stream``) that is also all that is in memory: each block is loaded from the
+checkpoint's shards before its step and released after its shard is written; the result is
+bit-identical to the in-memory run. Seeded and deterministic (token samples for the grid search
+come from a seeded generator).
 
 MoE: the router(s) and all experts' gate/up share one smoothing vector (routers are scaled by s,
 so routing is unchanged); each expert's down projection gets its own vector, folded into that
-expert's up rows. Each expert's Hessian comes from the tokens routed to it. An expert that saw
+expert's up rows. Each expert's Hessians (gate/up input, down input) come from the tokens routed to
+it and are built AFTER smoothing, a few experts at a time: one pass of the smoothed block over the
+calibration inputs (stopped at the experts) accumulates XᵀX for as many experts as fit
+``hessian_budget`` bytes, those experts are quantized, and their Hessians freed. Mixtral's down
+projection alone has a 14336² fp64 Hessian (1.6 GB): eight at once would not fit. An expert that saw
 fewer than ``min_expert_tokens`` calibration tokens is quantized by RTN (warning, reported): a
 Hessian from a handful of tokens is mostly damping, and zeros would silently break the model.
 """
@@ -26,6 +33,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -42,6 +50,9 @@ from .smooth import (SmoothConfig, SmoothProblem, SmoothSkip, fold_prev, group_t
 from .stats import InputStats
 
 
+HESSIAN_BUDGET = 2**30  # bytes of expert Hessians alive at once (a pass holds at least one expert's)
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     quant: QuantConfig
@@ -51,6 +62,7 @@ class PipelineConfig:
     search_tokens: int = 1024  # sampled tokens the smoothing loss is evaluated on
     min_expert_tokens: int = 32
     seed: int = 0
+    hessian_budget: int = HESSIAN_BUDGET
 
 
 @dataclass
@@ -69,12 +81,21 @@ class _Stop(Exception):
     pass
 
 
+class BlockLoader(Protocol):
+    """Where blocks come from when the model is not all in memory (``quant.stream.LazyBlocks``)."""
+
+    def load(self, i: int, block: nn.Module) -> None: ...
+
+    def release(self, i: int, block: nn.Module) -> None: ...
+
+
 # ------------------------------------------------------------------ checks and capture
-def check_finite(model: nn.Module) -> None:
-    """Refuse NaN/Inf weights up front, naming the first bad tensor."""
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise HaqmoeError(f"weight '{name}' contains NaN/Inf values: the model is corrupt")
+def check_finite(module: nn.Module, prefix: str = "") -> None:
+    """Refuse NaN/Inf weights up front, naming the first bad tensor (``prefix``: the module's path
+    in the model, for the message). Tensors still on ``meta`` (not loaded) are skipped."""
+    for name, p in module.named_parameters():
+        if p.device.type != "meta" and not torch.isfinite(p).all():
+            raise HaqmoeError(f"weight '{prefix}{name}' contains NaN/Inf values: the model is corrupt")
 
 
 def check_token_ids(ids: torch.Tensor, model: nn.Module) -> None:
@@ -146,8 +167,8 @@ class BlockCollector:
         ex = adapter.experts(block)
         if ex is not None:
             n, (inter, hidden) = FusedExperts.count(ex), FusedExperts.get(ex, 0).gate.shape
-            self.experts = ExpertStats([InputStats(hidden, hessian) for _ in range(n)],
-                                       [InputStats(inter, hessian) for _ in range(n)])
+            self.experts = ExpertStats([InputStats(hidden, False) for _ in range(n)],  # Hessians: later
+                                       [InputStats(inter, False) for _ in range(n)])
             self._handles.append(ex.register_forward_pre_hook(self._expert_hook, with_kwargs=True))
 
     def _group_hook(self, name: str):
@@ -289,10 +310,12 @@ def _static_range(lin: QuantLinear, lo: torch.Tensor, hi: torch.Tensor) -> None:
 
 
 def _quantize_weight(lin: QuantLinear, weight: torch.Tensor, bias: torch.Tensor | None,
-                     st: InputStats | None, cfg: PipelineConfig) -> None:
+                     st: InputStats | None, cfg: PipelineConfig, xtx: torch.Tensor | None = None) -> None:
+    """GPTQ with the input's Hessian (``xtx``, else the statistics' own) where there is one, else RTN."""
     spec = cfg.quant.weights
-    if cfg.gptq is not None and st is not None and st.xtx is not None and st.count > 0:
-        res = gptq_quantize(weight, st.xtx, spec, cfg.gptq, st.absmax)
+    xtx = xtx if xtx is not None else (st.xtx if st is not None else None)
+    if cfg.gptq is not None and st is not None and xtx is not None and st.count > 0:
+        res = gptq_quantize(weight, xtx, spec, cfg.gptq, st.absmax)
         lin.set_quantized(res.qweight, res.scale, res.zero, bias)
     else:
         ref = QuantLinear.from_weight(weight.detach(), bias, spec, None)
@@ -308,43 +331,101 @@ def make_quant_linear(linear: nn.Linear, st: InputStats | None, cfg: PipelineCon
     return q
 
 
-def quantize_experts(experts: nn.Module, stats: ExpertStats | None, router_stats: InputStats | None,
-                     cfg: PipelineConfig, block_idx: int, report: QuantReport) -> QuantExperts:
+def expert_batches(experts: nn.Module, budget: int) -> list[list[int]]:
+    """Experts grouped so that each group's fp64 Hessians (gate/up input H², down input I²) fit
+    ``budget`` bytes (a group holds at least one expert)."""
+    first = FusedExperts.get(experts, 0)
+    inter, hidden = first.gate.shape
+    one = (hidden ** 2 + inter ** 2) * 8
+    per = max(1, budget // one)
+    n = FusedExperts.count(experts)
+    return [list(range(i, min(i + per, n))) for i in range(0, n, per)]
+
+
+@torch.no_grad()
+def expert_hessians(block: nn.Module, adapter: ArchSpec, inputs, wanted: list[int]) -> dict[int, tuple]:
+    """XᵀX of the gate/up inputs and of the down inputs of the ``wanted`` experts, over the tokens
+    routed to each: one pass of the block over the calibration inputs, stopped at the experts module
+    (the experts themselves do not run)."""
+    experts = adapter.experts(block)
+    first = FusedExperts.get(experts, 0)
+    inter, hidden = first.gate.shape
+    acc = {e: (torch.zeros(hidden, hidden, dtype=torch.float64), torch.zeros(inter, inter, dtype=torch.float64))
+           for e in wanted}
+
+    def hook(mod, args, kwargs):
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        vals = list(args) + [kwargs[k] for k in names[len(args):] if k in kwargs]
+        hs, idx = vals[0].reshape(-1, vals[0].shape[-1]).float(), vals[1]
+        for e in wanted:
+            tok = torch.where((idx == e).any(dim=-1))[0]
+            if tok.numel() == 0:
+                continue
+            x = hs[tok]
+            w = FusedExperts.get(mod, e)
+            z = mod.act_fn(x @ w.gate.float().T) * (x @ w.up.float().T)
+            acc[e][0].add_((x.T @ x).double())
+            acc[e][1].add_((z.T @ z).double())
+        raise _Stop
+
+    handle = experts.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for hs, args, kwargs in inputs:
+            try:
+                block(hs, *args, **kwargs)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return acc
+
+
+def quantize_experts(block: nn.Module, adapter: ArchSpec, inputs, stats: ExpertStats | None,
+                     router_stats: InputStats | None, cfg: PipelineConfig, block_idx: int,
+                     report: QuantReport) -> QuantExperts:
+    experts = adapter.experts(block)
     n = FusedExperts.count(experts)
     first = FusedExperts.get(experts, 0)
     q = QuantExperts(n, first.gate.shape[1], first.gate.shape[0], experts.act_fn, cfg.quant.weights,
                      cfg.quant.acts)
     down_lo = min((float(s.lo.min()) for s in stats.down if s.count), default=0.0) if stats else 0.0
     down_hi = max((float(s.hi.max()) for s in stats.down if s.count), default=0.0) if stats else 0.0
-    for e in range(n):
-        w = FusedExperts.get(experts, e)
-        gu, dn = (stats.gate_up[e], stats.down[e]) if stats else (None, None)
-        enough = gu is not None and gu.count >= cfg.min_expert_tokens
-        if not enough and stats is not None:
-            msg = (f"block {block_idx} expert {e}: {gu.count if gu else 0} calibration tokens "
-                   f"(< {cfg.min_expert_tokens}); quantized by RTN")
-            warnings.warn(msg, stacklevel=2)
-            report.fallbacks.append(msg)
-        for lin, weight, st in ((q.gate[e], w.gate, gu), (q.up[e], w.up, gu), (q.down[e], w.down, dn)):
-            _quantize_weight(lin, weight, None, st if enough else None, cfg)
-            if not enough:  # static ranges: all-token ranges of the block instead
-                if st is gu and router_stats is not None:
-                    _static_range(lin, router_stats.lo, router_stats.hi)
-                elif st is dn:
-                    _static_range(lin, torch.tensor(down_lo), torch.tensor(down_hi))
+    for batch in expert_batches(experts, cfg.hessian_budget):
+        hess = expert_hessians(block, adapter, inputs, batch) if cfg.gptq is not None and stats else {}
+        for e in batch:
+            w = FusedExperts.get(experts, e)
+            gu, dn = (stats.gate_up[e], stats.down[e]) if stats else (None, None)
+            h_gu, h_dn = hess.pop(e, (None, None))
+            enough = gu is not None and gu.count >= cfg.min_expert_tokens
+            if not enough and stats is not None:
+                msg = (f"block {block_idx} expert {e}: {gu.count if gu else 0} calibration tokens "
+                       f"(< {cfg.min_expert_tokens}); quantized by RTN")
+                warnings.warn(msg, stacklevel=2)
+                report.fallbacks.append(msg)
+            for lin, weight, st, h in ((q.gate[e], w.gate, gu, h_gu), (q.up[e], w.up, gu, h_gu),
+                                       (q.down[e], w.down, dn, h_dn)):
+                _quantize_weight(lin, weight, None, st if enough else None, cfg, h)
+                if not enough:  # static ranges: all-token ranges of the block instead
+                    if st is gu and router_stats is not None:
+                        _static_range(lin, router_stats.lo, router_stats.hi)
+                    elif st is dn:
+                        _static_range(lin, torch.tensor(down_lo), torch.tensor(down_hi))
+            del h_gu, h_dn
     return q
 
 
 @torch.no_grad()
 def quantize_block(block: nn.Module, groups: list[LinearGroup], adapter: ArchSpec, col: BlockCollector,
-                   cfg: PipelineConfig, block_idx: int, report: QuantReport) -> None:
-    for g in groups:
+                   cfg: PipelineConfig, block_idx: int, report: QuantReport, inputs) -> None:
+    """Replace the block's linears by quantized ones. The experts go first: their Hessians come from
+    passes of the block over ``inputs``, which must see the float (smoothed) attention, as the
+    other linears' statistics did."""
+    for g in sorted(groups, key=lambda g: EXPERTS not in g.layers):
         st = col.stats[g.name]
         for p in g.layers:
             if p == EXPERTS:
-                experts = adapter.experts(block)
                 set_module(block, adapter.moe.experts,
-                           quantize_experts(experts, col.experts, st, cfg, block_idx, report))
+                           quantize_experts(block, adapter, inputs, col.experts, st, cfg, block_idx, report))
             else:
                 lin = get_module(block, p)
                 if isinstance(lin, nn.Linear):
@@ -357,14 +438,17 @@ def quantize_block(block: nn.Module, groups: list[LinearGroup], adapter: ArchSpe
 
 # ------------------------------------------------------------------ the whole model
 def quantize_model(model: nn.Module, adapter: ArchSpec, calib: torch.Tensor, cfg: PipelineConfig,
-                   progress: bool = True, checkpoint=None) -> QuantReport:
+                   progress: bool = True, checkpoint=None, loader: BlockLoader | None = None) -> QuantReport:
     """Quantize ``model`` in place with calibration windows ``calib`` [n, length].
 
     ``checkpoint`` (a ``reliability.resume.BlockCheckpoint``): persist every finished block and
     continue after the last one a previous, interrupted run finished (bit-identical result).
+    ``loader``: the blocks are on ``meta`` and loaded one at a time (streaming; needs ``checkpoint``,
+    where each finished block goes before it is released).
     """
     start = time.perf_counter()
-    check_finite(model)
+    if loader is None:
+        check_finite(model)
     check_token_ids(calib, model)
     report = QuantReport(calib_tokens=int(calib.numel()))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -373,18 +457,21 @@ def quantize_model(model: nn.Module, adapter: ArchSpec, calib: torch.Tensor, cfg
         blocks = adapter.blocks(model)
         first = 0
         if checkpoint is not None:
-            first, inputs = checkpoint.restore(blocks, inputs, gen, report)
+            first, inputs = checkpoint.restore(blocks, inputs, gen, report, load_blocks=loader is None)
         before = report.seconds  # restored: the time the interrupted run(s) had spent
-        bar = tqdm(blocks, desc=f"{cfg.quant.method}", unit="block", disable=not progress, leave=False)
-        for i, block in enumerate(bar):
+        bar = tqdm(range(len(blocks)), desc=f"{cfg.quant.method}", unit="block", disable=not progress, leave=False)
+        for i in bar:
             if i < first:  # restored from the checkpoint
                 continue
+            block = blocks[i]
+            if loader is not None:
+                loader.load(i, block)
             groups = adapter.groups(block)
             col = BlockCollector(block, groups, adapter, hessian=cfg.gptq is not None)
             col.collect(block, inputs, cfg.search_tokens, gen)
             if cfg.smooth is not None:
                 smooth_block(block, groups, adapter, col, cfg, model.config, i, report)
-            quantize_block(block, groups, adapter, col, cfg, i, report)
+            quantize_block(block, groups, adapter, col, cfg, i, report, inputs)
             del col
             outs = run_block(block, inputs)
             if not all(torch.isfinite(o).all() for o in outs):
@@ -393,5 +480,7 @@ def quantize_model(model: nn.Module, adapter: ArchSpec, calib: torch.Tensor, cfg
             if checkpoint is not None:
                 report.seconds = before + time.perf_counter() - start
                 checkpoint.save(i, block, inputs, gen, report)
+            if loader is not None:
+                loader.release(i, block)
     report.seconds = before + time.perf_counter() - start
     return report

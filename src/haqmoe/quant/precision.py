@@ -2,8 +2,9 @@
 
 Modes (all compute the same W8A8 function; they differ in speed and memory):
 
-- ``fake``    — the ``QuantLinear``/``QuantExperts`` as stored: fp32 weight cached beside the int8 one,
-                activations quantize-dequantized. The accuracy reference.
+- ``fake``    — the ``QuantLinear``/``QuantExperts`` as stored: int8 weights only, dequantized on
+                each call, activations quantize-dequantized. The accuracy reference, and the
+                default: it keeps no float copy, so a model that fits as int8 stays so.
 - ``dequant`` — CPU tier "dequantize once at load": fp32 weights only (int8 released).
 - ``int8``    — real int8 GEMM (``torch._int_mm``), int8 weights only. ``real`` is an alias.
 - ``auto``    — per weight shape, a micro-benchmark at load picks the faster of int8 and dequant
@@ -292,8 +293,7 @@ def _int8_vocab(model: nn.Module, targets: list[tuple[str, nn.Module]], report: 
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and buffers, each storage counted once (tied embeddings, views),
-    excluding the fake-quant modules' lazily cached fp32 copies (counted by ``cached_bytes``)."""
+    """Bytes of all parameters and buffers, each storage counted once (tied embeddings, views)."""
     seen: set[int] = set()
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
@@ -302,14 +302,7 @@ def weight_bytes(model: nn.Module) -> int:
             continue
         seen.add(ptr)
         total += t.untyped_storage().nbytes()
-    return total + cached_bytes(model)
-
-
-def cached_bytes(model: nn.Module) -> int:
-    """fp32 weights that fake-quant ``QuantLinear``s (and a ``QuantVocab``) hold beside their int8
-    copy after first use."""
-    return sum(m._weight.numel() * m._weight.element_size() for m in model.modules()
-               if isinstance(m, (QuantLinear, QuantVocab)) and m._weight is not None)
+    return total
 
 
 __all__ = ["AutoConfig", "ConversionReport", "ExecMode", "EXEC_MODES", "convert", "normalize_mode",

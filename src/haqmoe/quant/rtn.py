@@ -25,7 +25,28 @@ def quantize_block_rtn(block: nn.Module, adapter: ArchSpec, cfg: QuantConfig) ->
         router.weight.data.copy_(q.weight_float(router.weight.dtype))
 
 
-def quantize_rtn(model: nn.Module, adapter: ArchSpec, cfg: QuantConfig, progress: bool = True) -> nn.Module:
-    for block in tqdm(adapter.blocks(model), desc="rtn", unit="block", disable=not progress, leave=False):
-        quantize_block_rtn(block, adapter, cfg)
+def quantize_rtn(model: nn.Module, adapter: ArchSpec, cfg: QuantConfig, progress: bool = True,
+                 checkpoint=None, loader=None) -> nn.Module:
+    """RTN every block; ``checkpoint``/``loader`` as in ``pipeline.quantize_model`` (streaming, resume)."""
+    blocks = adapter.blocks(model)
+    first = 0
+    if checkpoint is not None:
+        first, _ = checkpoint.restore(blocks, None, None, _NoReport(), load_blocks=loader is None)
+    for i in tqdm(range(len(blocks)), desc="rtn", unit="block", disable=not progress, leave=False):
+        if i < first:
+            continue
+        if loader is not None:
+            loader.load(i, blocks[i])
+        quantize_block_rtn(blocks[i], adapter, cfg)
+        if checkpoint is not None:
+            checkpoint.save(i, blocks[i], None, None, _NoReport())
+        if loader is not None:
+            loader.release(i, blocks[i])
     return model
+
+
+class _NoReport:
+    """RTN has no per-group report; the checkpoint's state keeps an empty one."""
+
+    def __init__(self):
+        self.groups, self.fallbacks, self.seconds = [], [], 0.0

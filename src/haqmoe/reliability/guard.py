@@ -1,11 +1,13 @@
-"""Resource guard: refuse a quantization that cannot fit in memory before hours are spent on it.
+"""Resource guard: refuse a quantization that cannot fit in memory before any weight is loaded.
 
-The pipeline keeps the whole model resident, plus the calibration activations of the current
-block (inputs and outputs: two copies, plus one while a block checkpoint is serialized), the
-attention masks the model passes each block, and one block's working set (fp64 Hessians of every
-linear input and the expert Hessians, a copy of the block's weights, one batch's attention scores).
-The estimate is deliberately simple and a little pessimistic; ``HAQMOE_MEMORY_LIMIT`` (e.g. "8G")
-overrides what psutil reports as available.
+Computed from the model's shapes alone (the skeleton on ``meta`` has them), so it runs before
+loading. Resident through the run: the model's weights (all of them in memory; streaming, only
+those outside the decoder blocks: embedding, final norm, lm_head), the calibration activations of
+the current block (inputs and outputs: two copies, plus one while a block checkpoint is
+serialized), the attention masks the model passes each block, and one block's working set (the
+block's weights twice, fp64 Hessians of every linear input and the expert Hessians, one batch's
+attention scores and FFN activations). Deliberately simple and a little pessimistic;
+``HAQMOE_MEMORY_LIMIT`` (e.g. "8G") overrides what psutil reports as available.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import HaqmoeError
+from ..quant.pipeline import HESSIAN_BUDGET
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -41,6 +44,7 @@ def available_bytes() -> int:
 
 @dataclass(frozen=True)
 class QuantMemoryEstimate:
+    model: int  # weights resident through the run
     activations: int  # calibration hidden states alive at once (all copies)
     masks: int  # attention masks kept per batch
     block: int  # one block's working set
@@ -48,28 +52,38 @@ class QuantMemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.activations + self.masks + self.block
+        return self.model + self.activations + self.masks + self.block
 
 
-def estimate_quant_memory(model: nn.Module, adapter, calib: torch.Tensor, batch_size: int) -> QuantMemoryEstimate:
-    """Extra bytes the pipeline needs on top of the already-loaded model."""
-    n, length = int(calib.shape[0]), int(calib.shape[1])
+def _nbytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict(keep_vars=True).values())
+
+
+def estimate_quant_memory(model: nn.Module, adapter, calib: torch.Tensor | None, batch_size: int,
+                          streaming: bool = False, hessian_budget: int = HESSIAN_BUDGET) -> QuantMemoryEstimate:
+    """Bytes the pipeline needs (``calib`` None: RTN, no calibration). Works on a ``meta`` skeleton."""
     cfg = model.config
+    blocks = adapter.blocks(model)
+    block = max(blocks, key=_nbytes)
+    weights = _nbytes(block)
+    resident = _nbytes(model) - (sum(_nbytes(b) for b in blocks) if streaming else 0)
+    if calib is None:
+        return QuantMemoryEstimate(resident, 0, 0, 2 * weights, 0)
+    n, length = int(calib.shape[0]), int(calib.shape[1])
     hidden = int(cfg.hidden_size)
     heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
     act_one = length * hidden * 4
     mask_one = length * length * 4
-    block = max(adapter.blocks(model), key=lambda b: sum(p.numel() for p in b.parameters()))
-    weights = sum(p.numel() * p.element_size() for p in block.parameters())
     hessians = sum(m.in_features ** 2 * 8 for m in block.modules() if isinstance(m, nn.Linear))
     experts = adapter.experts(block)
-    if experts is not None:
+    if experts is not None:  # built a pass at a time (quant.pipeline.expert_batches): one batch alive
         e, (inter, hid) = int(experts.num_experts), experts.gate_up_proj[0].chunk(2, dim=0)[0].shape
-        hessians += e * (hid ** 2 + inter ** 2) * 8
+        one = (hid ** 2 + inter ** 2) * 8
+        hessians += one * min(e, max(1, hessian_budget // one))
     scores = min(batch_size, n) * heads * length * length * 4 * 2
     inter_size = int(getattr(cfg, "intermediate_size", 4 * hidden) or 4 * hidden)
     ffn = min(batch_size, n) * length * inter_size * 4 * 3
-    return QuantMemoryEstimate(3 * n * act_one, n * mask_one, 2 * weights + hessians + scores + ffn,
+    return QuantMemoryEstimate(resident, 3 * n * act_one, n * mask_one, 2 * weights + hessians + scores + ffn,
                                3 * act_one + mask_one)
 
 
@@ -77,18 +91,22 @@ def _gb(b: int) -> str:
     return f"{b / 2**30:.2f} GiB" if b >= 2**28 else f"{b / 2**20:.1f} MiB"
 
 
-def check_quant_memory(model: nn.Module, adapter, calib: torch.Tensor, batch_size: int,
-                       available: int | None = None) -> QuantMemoryEstimate:
+def check_quant_memory(model: nn.Module, adapter, calib: torch.Tensor | None, batch_size: int,
+                       available: int | None = None, streaming: bool = False) -> QuantMemoryEstimate:
     """Raise with a suggestion (fewer or shorter calibration windows) when the estimate does not fit."""
-    est = estimate_quant_memory(model, adapter, calib, batch_size)
+    est = estimate_quant_memory(model, adapter, calib, batch_size, streaming)
     avail = available_bytes() if available is None else available
     if est.total <= avail:
         return est
+    parts = f"weights resident {_gb(est.model)}, one block's working set {_gb(est.block)}"
+    if calib is None:
+        raise HaqmoeError(f"quantization needs about {_gb(est.total)} ({parts}) but only {_gb(avail)} is "
+                          "available: use a machine with more memory")
     n, length = int(calib.shape[0]), int(calib.shape[1])
-    room = avail - est.block
+    room = avail - est.block - est.model
     fit = room // est.per_sample if room > 0 else 0
     hint = (f"use --calib-samples {int(fit)} (or shorter --calib-len)" if fit >= 1 else
             "even one calibration window does not fit: use a shorter --calib-len or a machine with more memory")
-    raise HaqmoeError(f"quantization needs about {_gb(est.total)} beyond the loaded model ({n} x {length} "
-                      f"calibration activations {_gb(est.activations)}, masks {_gb(est.masks)}, one block "
-                      f"{_gb(est.block)}) but only {_gb(avail)} is available: {hint}")
+    raise HaqmoeError(f"quantization needs about {_gb(est.total)} ({parts}, {n} x {length} calibration "
+                      f"activations {_gb(est.activations)}, masks {_gb(est.masks)}) but only {_gb(avail)} is "
+                      f"available: {hint}")

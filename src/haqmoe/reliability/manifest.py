@@ -41,10 +41,19 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(root: str | Path) -> Path:
-    """Record every file under ``root`` (call last, inside the atomic directory, before the rename)."""
+def write_manifest(root: str | Path, known: dict[str, FileEntry] | None = None) -> Path:
+    """Record every file under ``root`` (call last, inside the atomic directory, before the rename).
+    ``known``: digests of files taken when they were written (shards of many GB), keyed by relative
+    path; used when the size still matches, so those files are not read again."""
     root = Path(root)
-    files = {p.relative_to(root).as_posix(): file_digest(p).__dict__ for p in _files(root)}
+    known = known or {}
+    files = {}
+    for p in _files(root):
+        rel = p.relative_to(root).as_posix()
+        entry = known.get(rel)
+        if entry is None or entry.size != p.stat().st_size:
+            entry = file_digest(p)
+        files[rel] = entry.__dict__
     path = root / MANIFEST
     path.write_text(json.dumps({"format": FORMAT, "version": VERSION, "files": files}, indent=1) + "\n")
     return path

@@ -4,14 +4,17 @@ After block ``i`` is quantized the pipeline hands us (a) the block's state dict 
 its quantized modules, (b) the block's outputs, which are the next block's calibration inputs, and
 (c) the sampling generator's state and the report so far. These three are all the pipeline carries
 from one block to the next, so restoring them continues the run exactly where it stopped: the
-result is bit-identical to an uninterrupted run (tests/test_reliability_resume.py).
+result is bit-identical to an uninterrupted run (tests/test_reliability.py).
 
 Layout::
 
     OUT.partial/
-      state.json              fingerprint, blocks done, report so far (written last, atomically)
-      block-0000.safetensors  quantized block 0 (state dict)
-      acts-0000.safetensors   outputs of the last finished block + generator state
+      state.json              fingerprint, blocks done, shard digests, report so far (written last)
+      block-0000.safetensors  quantized block 0, keys as in the model (a shard of the final checkpoint)
+      acts-0000.safetensors   outputs of the last finished block + generator state (calibrated methods)
+
+The block files are the quantized checkpoint's own shards (``quant.checkpoint``): when the
+streaming pipeline finishes, the directory gets its rest shard and metadata and is renamed to OUT.
 
 Every file is written to a temporary name and renamed, so a kill leaves either the previous
 consistent state or the new one. The fingerprint (model config, calibration ids, pipeline
@@ -35,13 +38,19 @@ from torch import nn
 
 from ..errors import HaqmoeError
 from ..io import atomic_write_text
+from .manifest import FileEntry, file_digest
 
 STATE = "state.json"
-VERSION = 1
+VERSION = 2  # 2: shards keyed by full names, with digests
 
 
 def _acts_name(i: int) -> str:
     return f"acts-{i:04d}.safetensors"
+
+
+def block_file(i: int) -> str:
+    """The shard of decoder block ``i`` (in OUT.partial/ while running, in OUT when done)."""
+    return f"block-{i:04d}.safetensors"
 
 
 def partial_dir(out: str | Path) -> Path:
@@ -49,16 +58,26 @@ def partial_dir(out: str | Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def run_fingerprint(model: nn.Module, calib: torch.Tensor, cfg) -> str:
-    """What must match for a resume to be exact: architecture, calibration ids, pipeline settings."""
+def run_fingerprint(model: nn.Module, calib: torch.Tensor | None, cfg, reader=None) -> str:
+    """What must match for a resume to be exact: architecture, weights (a sample of every tensor,
+    from the model or, streaming, from the checkpoint ``reader`` without loading it), calibration
+    ids, pipeline settings."""
     h = hashlib.sha256()
     h.update(model.config.to_json_string(use_diff=False).encode())
-    for name, p in model.named_parameters():  # a sample of every tensor: another checkpoint differs
-        h.update(f"{name}{tuple(p.shape)}".encode())
-        h.update(p.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
+    if reader is not None:
+        folder = reader.folder
+        for name in sorted(folder.entries):
+            e = folder.entries[name]
+            h.update(f"{name}{e.shape}{e.dtype}".encode())
+            h.update(folder.read(name).reshape(-1)[:4096].float().numpy().tobytes())
+    else:
+        for name, p in model.named_parameters():  # a sample of every tensor: another checkpoint differs
+            h.update(f"{name}{tuple(p.shape)}".encode())
+            h.update(p.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
     h.update(repr(cfg).encode())
-    h.update(str((tuple(calib.shape), str(calib.dtype))).encode())
-    h.update(calib.contiguous().cpu().numpy().tobytes())
+    if calib is not None:
+        h.update(str((tuple(calib.shape), str(calib.dtype))).encode())
+        h.update(calib.contiguous().cpu().numpy().tobytes())
     return h.hexdigest()[:32]
 
 
@@ -74,6 +93,12 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> FileEntry:
+    """Write one checkpoint shard atomically (synced) and return its size + sha256 for the manifest."""
+    _save_atomic(tensors, path)
+    return file_digest(path)
 
 
 def quant_layout(block: nn.Module) -> dict[str, list]:
@@ -102,20 +127,22 @@ def rebuild_quant_modules(block: nn.Module, layout: dict[str, dict], quant_cfg) 
 
 @dataclass
 class BlockCheckpoint:
-    """Saves each finished block and restores all finished blocks of an interrupted run."""
+    """Saves each finished block as a shard and restores the state of an interrupted run."""
 
     root: Path
     fingerprint: str
     quant_cfg: object  # QuantConfig: the specs of rebuilt modules
+    layers: str  # the decoder blocks' path in the model ("model.layers"): shard keys are full names
     layouts: list[dict] = field(default_factory=list)
+    shards: dict[str, FileEntry] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, out: str | Path, fingerprint: str, quant_cfg, resume: bool) -> "BlockCheckpoint":
+    def open(cls, out: str | Path, fingerprint: str, quant_cfg, resume: bool, layers: str) -> "BlockCheckpoint":
         root = partial_dir(out)
         if root.exists() and not resume:
             shutil.rmtree(root)
         root.mkdir(parents=True, exist_ok=True)
-        return cls(root, fingerprint, quant_cfg)
+        return cls(root, fingerprint, quant_cfg, layers)
 
     def _state(self) -> dict | None:
         path = self.root / STATE
@@ -125,51 +152,79 @@ class BlockCheckpoint:
             state = json.loads(path.read_text())
         except ValueError as exc:
             raise HaqmoeError(f"{path} is corrupt ({exc}): delete {self.root} to start over") from exc
-        if state.get("fingerprint") != self.fingerprint:
-            raise HaqmoeError(f"{self.root} belongs to a different run (other model, calibration or options): "
-                              f"rerun with the same options, or without --resume to start over")
+        if state.get("fingerprint") != self.fingerprint or state.get("version") != VERSION:
+            raise HaqmoeError(f"{self.root} belongs to a different run (other model, calibration, options or "
+                              f"haqmoe version): rerun with the same options, or without --resume to start over")
         return state
 
-    def restore(self, blocks: nn.ModuleList, inputs: list, gen: torch.Generator, report) -> tuple[int, list]:
-        """Load the finished blocks; returns (first block to do, its inputs)."""
+    def restore(self, blocks: nn.ModuleList, inputs: list | None, gen: torch.Generator | None, report,
+                load_blocks: bool = True) -> tuple[int, list | None]:
+        """The state of the interrupted run: (first block to do, its inputs). ``load_blocks``: also
+        load the finished blocks into ``blocks`` (an in-memory model; streaming leaves them on disk)."""
         state = self._state()
         if state is None or state["done"] == 0:
             return 0, inputs
         done = int(state["done"])
         try:
             for i in range(done):
-                rebuild_quant_modules(blocks[i], state["layouts"][i], self.quant_cfg)
-                sd = load_file(str(self.root / f"block-{i:04d}.safetensors"))
-                blocks[i].load_state_dict(sd, strict=True)
-            acts = load_file(str(self.root / _acts_name(done - 1)))
-        except (OSError, RuntimeError, KeyError) as exc:
+                name = block_file(i)
+                want = FileEntry(**state["shards"][name])
+                if (self.root / name).stat().st_size != want.size:
+                    raise OSError(f"{name} is truncated")
+                if load_blocks:
+                    rebuild_quant_modules(blocks[i], state["layouts"][i], self.quant_cfg)
+                    prefix = f"{self.layers}.{i}."
+                    sd = {k.removeprefix(prefix): v for k, v in load_file(str(self.root / name)).items()}
+                    blocks[i].load_state_dict(sd, strict=True)
+            acts = load_file(str(self.root / _acts_name(done - 1))) if inputs is not None else None
+        except (OSError, RuntimeError, KeyError, TypeError) as exc:
             raise HaqmoeError(f"cannot resume from {self.root}: {str(exc).splitlines()[0][:200]} "
                               f"(delete it to start over)") from exc
-        if len(inputs) != int(state["batches"]):
-            raise HaqmoeError(f"{self.root}: calibration batches differ from the interrupted run")
-        gen.set_state(acts.pop("__generator__"))
-        inputs = [(acts[f"hs.{j}"], a, k) for j, (_, a, k) in enumerate(inputs)]
+        if acts is not None:
+            if len(inputs) != int(state["batches"]):
+                raise HaqmoeError(f"{self.root}: calibration batches differ from the interrupted run")
+            gen.set_state(acts.pop("__generator__"))
+            inputs = [(acts[f"hs.{j}"], a, k) for j, (_, a, k) in enumerate(inputs)]
         rep = state["report"]
         report.groups[:] = rep["groups"]
         report.fallbacks[:] = rep["fallbacks"]
         report.seconds = float(rep.get("seconds", 0.0))
         self.layouts = list(state["layouts"])
+        self.shards = {k: FileEntry(**v) for k, v in state["shards"].items()}
         return done, inputs
 
-    def save(self, i: int, block: nn.Module, inputs: list, gen: torch.Generator, report) -> None:
-        """Block ``i`` is finished and ``inputs`` are block ``i+1``'s: persist, then advance state.json."""
-        _save_atomic(dict(block.state_dict()), self.root / f"block-{i:04d}.safetensors")
-        acts = {f"hs.{j}": hs for j, (hs, _, _) in enumerate(inputs)}
-        acts["__generator__"] = gen.get_state()
-        _save_atomic(acts, self.root / _acts_name(i))
+    def save(self, i: int, block: nn.Module, inputs: list | None, gen: torch.Generator | None, report) -> None:
+        """Block ``i`` is finished and ``inputs`` are block ``i+1``'s (None: a method without
+        calibration): persist, then advance state.json."""
+        prefix = f"{self.layers}.{i}."
+        self.shards[block_file(i)] = write_shard({prefix + k: v for k, v in block.state_dict().items()},
+                                                 self.root / block_file(i))
+        if inputs is not None:
+            acts = {f"hs.{j}": hs for j, (hs, _, _) in enumerate(inputs)}
+            acts["__generator__"] = gen.get_state()
+            _save_atomic(acts, self.root / _acts_name(i))
         self.layouts = self.layouts[:i] + [quant_layout(block)]
         atomic_write_text(self.root / STATE, json.dumps({
-            "version": VERSION, "fingerprint": self.fingerprint, "done": i + 1, "batches": len(inputs),
-            "layouts": self.layouts, "report": {"groups": report.groups, "fallbacks": report.fallbacks,
-                                                "seconds": report.seconds}}))
+            "version": VERSION, "fingerprint": self.fingerprint, "done": i + 1,
+            "batches": 0 if inputs is None else len(inputs), "layouts": self.layouts,
+            "shards": {k: v.__dict__ for k, v in self.shards.items()},
+            "report": {"groups": report.groups, "fallbacks": report.fallbacks, "seconds": report.seconds}}))
         if i > 0:  # only now is the previous block's activation file no longer needed
             (self.root / _acts_name(i - 1)).unlink(missing_ok=True)
         _fault_point(i)
+
+    def modules(self) -> dict:
+        """``haqmoe_quant.json``'s module lists (full names) from the finished blocks' layouts."""
+        linears, experts = [], []
+        for i, layout in enumerate(self.layouts):
+            linears += [f"{self.layers}.{i}.{n}" for n in layout["linears"]]
+            experts += [f"{self.layers}.{i}.{n}" for n in layout["experts"]]
+        return {"linears": linears, "experts": experts}
+
+    def clear_run_state(self) -> None:
+        """Before publishing: only the shards stay (activations and state.json are the run's, not the model's)."""
+        for p in list(self.root.glob("acts-*.safetensors")) + [self.root / STATE]:
+            p.unlink(missing_ok=True)
 
     def discard(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

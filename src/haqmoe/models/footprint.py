@@ -1,0 +1,113 @@
+"""What a checkpoint holds and what each command will need, from its config and file headers only.
+
+``haqmoe info`` on Mixtral-8x7B must answer in seconds with no weight read: the skeleton on
+``meta`` has every shape, the safetensors headers say how the checkpoint stores them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from .adapters import EXPERTS, ArchSpec, get_module
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Parameter counts and sizes in bytes of one model."""
+
+    parameters: int
+    expert_parameters: int  # routed experts (the collaborative runtime's offloadable part)
+    fp32_bytes: int
+    bf16_bytes: int
+    w8a8_bytes: int  # haqmoe's W8A8 checkpoint: int8 linears + fp32 scale/zero per row, the rest fp32
+    largest_block_fp32_bytes: int  # what streaming quantization holds at once, besides the rest
+    rest_fp32_bytes: int  # embedding, final norm, lm_head
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _quantized_weights(block: nn.Module, adapter: ArchSpec) -> tuple[int, int]:
+    """(int8 elements, output rows) of the linears W8A8 replaces in one block (experts included)."""
+    elements = rows = 0
+    for g in adapter.groups(block):
+        for path in g.layers:
+            if path == EXPERTS:
+                ex = adapter.experts(block)
+                for t in (ex.gate_up_proj, ex.down_proj):
+                    elements += t.numel()
+                    rows += t.shape[0] * t.shape[1]
+            else:
+                w = get_module(block, path).weight
+                elements += w.numel()
+                rows += w.shape[0]
+    return elements, rows
+
+
+def footprint(model: nn.Module, adapter: ArchSpec) -> Footprint:
+    """Sizes of ``model`` (a ``meta`` skeleton is enough), each shared tensor counted once."""
+    from .lazy import tied_keys
+
+    tied = tied_keys(model)  # on a skeleton, tied parameters are still two tensors
+    seen: set[int] = set()
+    params = 0
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in seen and name not in tied:
+            seen.add(id(p))
+            params += p.numel()
+    blocks = adapter.blocks(model)
+    block_params = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    experts = sum(adapter.experts(b).gate_up_proj.numel() + adapter.experts(b).down_proj.numel()
+                  for b in blocks if adapter.is_moe_block(b))
+    q_elems = q_rows = 0
+    for b in blocks:
+        e, r = _quantized_weights(b, adapter)
+        q_elems, q_rows = q_elems + e, q_rows + r
+    return Footprint(
+        parameters=params, expert_parameters=experts, fp32_bytes=4 * params, bf16_bytes=2 * params,
+        w8a8_bytes=q_elems + 8 * q_rows + 4 * (params - q_elems),
+        largest_block_fp32_bytes=4 * max(block_params, default=0),
+        rest_fp32_bytes=4 * (params - sum(block_params)))
+
+
+@dataclass
+class Inspected:
+    """A model source as ``info`` sees it: the skeleton (or, for GGUF files and hub ids, the loaded
+    model), its adapter, the quantization metadata and the bytes its tensors take on disk."""
+
+    model: nn.Module
+    adapter: ArchSpec
+    quant: dict | None
+    disk_bytes: int | None
+
+
+def inspect_source(source: str, progress: bool = True) -> Inspected:
+    """Read a model source's config and headers only (checkpoint folders and embedded models)."""
+    import json
+
+    from ..errors import HaqmoeError
+    from .embedded import ensure_embedded
+    from .lazy import SafetensorsFolder, skeleton
+    from .loading import QUANT_CONFIG, is_compressed_tensors, load_config, load_model, resolve_source
+
+    kind, path = resolve_source(source)
+    if kind == "embedded":
+        path = ensure_embedded(source, progress=progress)
+    if path is not None and kind in ("embedded", "dir") and SafetensorsFolder.present(path):
+        config = load_config(str(path))  # an unsupported architecture is named before any file is read
+        folder = SafetensorsFolder.open(path)
+        quant = None
+        if (path / QUANT_CONFIG).is_file():
+            try:
+                quant = json.loads((path / QUANT_CONFIG).read_text())
+            except (OSError, ValueError) as exc:
+                raise HaqmoeError(f"{path / QUANT_CONFIG} is unreadable: {exc}") from exc
+        elif is_compressed_tensors(path):
+            quant = {"quant": {"method": "compressed-tensors"}}
+        from .adapters import adapter_for
+
+        return Inspected(skeleton(config), adapter_for(config.model_type), quant, folder.nbytes())
+    lm = load_model(source, progress=progress)  # GGUF, hub ids, folders of .bin weights
+    return Inspected(lm.model, lm.adapter, lm.quant, None)
