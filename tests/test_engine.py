@@ -352,3 +352,25 @@ def test_checkpoint_keeps_generation_config_and_engine_stops_at_its_eos(tmp_path
     gen = stopping.generate("Hello", SamplingConfig(max_new_tokens=6))
     stop_at = free.index(free[2]) + 1  # the first time that token comes
     assert gen.tokens == free[:stop_at] and gen.finish_reason == "stop"
+
+
+def test_gpu_memory_budget_sizes_the_slots():
+    """--gpu-memory: slots = what the budget holds after the non-expert weights, KV cache and reserve;
+    a budget that holds no slot, or --slots beyond it, is refused with the setting that fits."""
+    from haqmoe.runtime.engine import GPU_RESERVE, gpu_slots
+    from haqmoe.runtime.store import expert_transfer_bytes
+
+    probe, _ = make(quant=True, emulate_gpu=True, slots_per_layer=2)
+    experts = [h.original for h in probe.hybrids]
+    resident, one = probe._resident_gpu_bytes(experts), expert_transfer_bytes(experts[0])
+    assert resident > GPU_RESERVE and one == probe.store.expert_bytes
+    layers = len(probe.hybrids)
+    for want in (2, 3, 8):
+        engine, ref = make(quant=True, emulate_gpu=True, gpu_memory=resident + want * one * layers + one)
+        assert engine.cache.config.slots == want
+        assert engine.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref
+    assert gpu_slots(resident + 100 * one * layers, resident, one, layers, 8, 2) == 8  # at most every expert
+    with pytest.raises(HaqmoeError, match=r"--gpu-memory \d"):  # one token's 2 experts per layer do not fit
+        make(quant=True, emulate_gpu=True, gpu_memory=resident + one * layers)
+    with pytest.raises(HaqmoeError, match="at most --slots 2"):
+        make(quant=True, emulate_gpu=True, gpu_memory=resident + 2 * one * layers, slots_per_layer=4)

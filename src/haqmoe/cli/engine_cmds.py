@@ -9,13 +9,17 @@ from typing import Optional
 
 import typer
 
+from ..errors import HaqmoeError
 from .common import GEN_OPTS, app, echo_summary, emit, state
 
 _ENGINE_OPTS = dict(
     policy=typer.Option("predictor", help="Non-resident experts: predictor | always-transfer | always-cpu | balanced (CPU and copies side by side) | split (also one miss on both: CPU rows + copied rest)."),
     cache_policy=typer.Option("lru", help="GPU cache eviction: lru | lfu | pinned+lru | pinned+lfu "
                               "(pinned: the --plan's experts stay)."),
-    slots=typer.Option(None, min=0, help="GPU expert slots per layer (default: plan size, else half)."),
+    slots=typer.Option(None, min=0, help="GPU expert slots per layer (default: as many as GPU memory holds "
+                       "beside the other weights, a 4096-token KV cache and 1 GiB; emulated: plan size, else half)."),
+    gpu_memory=typer.Option(None, help="GPU memory the engine may use, e.g. 24GB (default: all that is free); "
+                            "the expert slots are sized to it."),
     plan=typer.Option(None, help="Placement plan JSON from `haqmoe plan`."),
     device=typer.Option("auto", help="auto | cpu | cuda."),
     emulate_gpu=typer.Option(False, help="Run the GPU-tier path (cache, copies, predictor) on the CPU."),
@@ -35,12 +39,18 @@ _ENGINE_OPTS = dict(
 
 def build_engine(model: str, policy: str, cache_policy: str, slots: Optional[int], plan: Optional[str],
                  device: str, emulate_gpu: bool, profile: str, exec_mode: str, prefetch: int = 0,
-                 guess_trace: Optional[str] = None, admit: bool = False, compile_decode: bool = False):
+                 guess_trace: Optional[str] = None, admit: bool = False, compile_decode: bool = False,
+                 gpu_memory: Optional[str] = None):
     from ..models.loading import load_model
+    from ..reliability.guard import parse_bytes
     from ..runtime.engine import CollaborativeEngine, EngineConfig, plan_path
 
+    budget = parse_bytes(gpu_memory) if gpu_memory is not None else None  # bad sizes fail before the load
+    if budget is not None and budget <= 0:
+        raise HaqmoeError(f"--gpu-memory must be positive, got '{gpu_memory}'")
     lm = load_model(model, progress=state["progress"])
-    cfg = EngineConfig(device=device, emulate_gpu=emulate_gpu, slots_per_layer=slots, cache_policy=cache_policy,
+    cfg = EngineConfig(device=device, emulate_gpu=emulate_gpu, slots_per_layer=slots, gpu_memory=budget,
+                       cache_policy=cache_policy,
                        decision=policy, plan=plan_path(plan), profile=profile, exec_mode=exec_mode,
                        prefetch=prefetch, guess_trace=guess_trace, admit=admit, compile=compile_decode)
     return CollaborativeEngine(lm, cfg)
@@ -51,7 +61,8 @@ def run(model: str = typer.Argument("smollm2-moe", help="MoE model source (embed
         prompt: str = GEN_OPTS["prompt"], chat: bool = GEN_OPTS["chat"], max_tokens: int = GEN_OPTS["max_tokens"],
         temperature: float = GEN_OPTS["temperature"], top_p: float = GEN_OPTS["top_p"], seed: int = GEN_OPTS["seed"],
         policy: str = _ENGINE_OPTS["policy"], cache_policy: str = _ENGINE_OPTS["cache_policy"],
-        slots: Optional[int] = _ENGINE_OPTS["slots"], plan: Optional[str] = _ENGINE_OPTS["plan"],
+        slots: Optional[int] = _ENGINE_OPTS["slots"], gpu_memory: Optional[str] = _ENGINE_OPTS["gpu_memory"],
+        plan: Optional[str] = _ENGINE_OPTS["plan"],
         device: str = _ENGINE_OPTS["device"], emulate_gpu: bool = _ENGINE_OPTS["emulate_gpu"],
         profile: str = _ENGINE_OPTS["profile"], exec_mode: str = _ENGINE_OPTS["exec_mode"],
         prefetch: int = _ENGINE_OPTS["prefetch"], guess_trace: Optional[str] = _ENGINE_OPTS["guess_trace"],
@@ -61,7 +72,7 @@ def run(model: str = typer.Argument("smollm2-moe", help="MoE model source (embed
     from ..runtime.engine import SamplingConfig, decode_tok_s, latency_stats
 
     engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode,
-                          prefetch, guess_trace, admit, compile_decode)
+                          prefetch, guess_trace, admit, compile_decode, gpu_memory)
     sampling = SamplingConfig(max_tokens, temperature, top_p, seed)
     msgs = [{"role": "user", "content": prompt}] if chat else prompt
     gen = None
@@ -87,6 +98,7 @@ def bench_runtime(model: str = typer.Argument("smollm2-moe", help="MoE model sou
                   prompt_tokens: int = typer.Option(128, min=1, help="Prompt length (tokens of WikiText/pydoc)."),
                   max_tokens: int = typer.Option(32, min=2, help="Decode tokens per run."),
                   cache_policy: str = _ENGINE_OPTS["cache_policy"], slots: Optional[int] = _ENGINE_OPTS["slots"],
+                  gpu_memory: Optional[str] = _ENGINE_OPTS["gpu_memory"],
                   plan: Optional[str] = _ENGINE_OPTS["plan"], device: str = _ENGINE_OPTS["device"],
                   emulate_gpu: bool = _ENGINE_OPTS["emulate_gpu"], profile: str = _ENGINE_OPTS["profile"],
                   exec_mode: str = _ENGINE_OPTS["exec_mode"], prefetch: int = _ENGINE_OPTS["prefetch"],
@@ -101,7 +113,7 @@ def bench_runtime(model: str = typer.Argument("smollm2-moe", help="MoE model sou
     rows = []
     for policy in [p.strip() for p in policies.split(",") if p.strip()]:
         engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode,
-                              prefetch, guess_trace, admit, compile_decode)
+                              prefetch, guess_trace, admit, compile_decode, gpu_memory)
         ids = tokenize(engine.tokenizer, load_text("pydoc"))[:, :prompt_tokens]
         # compiled decode warms up on the timed run's cache length, with enough steps to compile and record
         engine.warm_up(*((ids, SamplingConfig(max_new_tokens=max_tokens)) if compile_decode

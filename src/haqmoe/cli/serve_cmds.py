@@ -40,7 +40,8 @@ def serve(ctx: typer.Context,
           request_timeout: float = typer.Option(600.0, min=0.001, help="Seconds a request may queue + generate "
                                                 "before 504 (in-band error when streaming)."),
           policy: str = _ENGINE_OPTS["policy"], cache_policy: str = _ENGINE_OPTS["cache_policy"],
-          slots: Optional[int] = _ENGINE_OPTS["slots"], plan: Optional[str] = _ENGINE_OPTS["plan"],
+          slots: Optional[int] = _ENGINE_OPTS["slots"], gpu_memory: Optional[str] = _ENGINE_OPTS["gpu_memory"],
+          plan: Optional[str] = _ENGINE_OPTS["plan"],
           device: str = _ENGINE_OPTS["device"], emulate_gpu: bool = _ENGINE_OPTS["emulate_gpu"],
           profile: str = _ENGINE_OPTS["profile"], exec_mode: str = _ENGINE_OPTS["exec_mode"],
           log_level: str = typer.Option("info", help="uvicorn log level.")) -> None:
@@ -56,7 +57,8 @@ def serve(ctx: typer.Context,
                       api_keys=serve_keys(ctx, api_key, api_key_file), metrics_open=metrics_open,
                       cors_origins=tuple(cors_origin or ()))
     check_exposure(host, bool(cfg.api_keys), allow_unauthenticated)  # before the (slow) model load
-    engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode)
+    engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode,
+                          gpu_memory=gpu_memory)
     uvicorn.run(create_app(engine, cfg), host=host, port=port, log_level=log_level)
 
 

@@ -207,10 +207,9 @@ class ModelReader:
         srcs = self.sources.get(key)
         if not srcs:
             raise HaqmoeError(f"the checkpoint in {self.folder.folder} has no tensor for '{key}'")
-        if srcs[0].converter is None:
-            t = self.folder.read(srcs[0].key)
-        else:
-            t = _convert(srcs, self.folder)
+        if srcs[0].converter is not None:
+            return _convert(srcs, self.folder, dtype)
+        t = self.folder.read(srcs[0].key)
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
         return t
@@ -219,23 +218,34 @@ class ModelReader:
         return sum(self.folder.entries[s.key].numel for s in self.sources.get(key, []))
 
 
-def _convert(srcs: list[_Source], folder: SafetensorsFolder) -> torch.Tensor:
-    """Apply a converter's merge/concatenate operations to the per-expert tensors of one target."""
+def _convert(srcs: list[_Source], folder: SafetensorsFolder, dtype: torch.dtype | None) -> torch.Tensor:
+    """Apply a converter's merge/concatenate operations to the per-expert tensors of one target.
+
+    The target is allocated once in ``dtype`` and filled expert by expert, so assembling Mixtral's
+    fused [8, 28672, 4096] gate/up from bf16 shards costs its fp32 size, not that plus a stacked
+    bf16 copy."""
     conv = srcs[0].converter
     assert conv is not None
-    by_pattern = [sorted((s for s in srcs if s.pattern == p), key=lambda s: s.index) for p in conv.source_patterns]
-    parts: list = [[folder.read(s.key) for s in group] for group in by_pattern if group]
-    for op in conv.operations:
-        if isinstance(op, MergeModulelist):
-            parts = [torch.stack(group, dim=op.dim) for group in parts]
-        elif isinstance(op, Concatenate):
-            parts = [torch.cat(parts, dim=op.dim)]
-        else:
-            raise HaqmoeError(f"checkpoint layout needs the conversion {type(op).__name__}, which haqmoe's "
-                              "lazy reader does not apply")
-    if len(parts) != 1:
+    groups = [sorted((s for s in srcs if s.pattern == p), key=lambda s: s.index) for p in conv.source_patterns]
+    groups = [g for g in groups if g]
+    kinds = [type(op) for op in conv.operations]
+    merge = conv.operations[0] if kinds and kinds[0] is MergeModulelist else None
+    concat = conv.operations[1] if kinds[1:] == [Concatenate] else None
+    if merge is None or merge.dim != 0 or len(kinds) > 2 or (len(kinds) == 2 and (concat is None or concat.dim != 1)):
+        raise HaqmoeError(f"checkpoint layout needs the conversion {', '.join(k.__name__ for k in kinds)}, "
+                          "which haqmoe's lazy reader does not apply")
+    if len(groups) != len(conv.source_patterns) or len({len(g) for g in groups}) != 1:
         raise HaqmoeError(f"cannot assemble {srcs[0].key}: incomplete expert tensors")
-    return parts[0]
+    first = [folder.entries[g[0].key] for g in groups]
+    rows = [e.shape[0] for e in first]
+    n, cols = len(groups[0]), first[0].shape[1:]
+    out = torch.empty((n, sum(rows), *cols), dtype=dtype or DTYPES[first[0].dtype])
+    offset = 0
+    for g, r in zip(groups, rows):
+        for i, src in enumerate(g):
+            out[i, offset:offset + r].copy_(folder.read(src.key))
+        offset += r
+    return out
 
 
 # ------------------------------------------------------------------ skeleton, load, release

@@ -25,17 +25,35 @@ from .cache import CacheConfig, ExpertCache
 from .hybrid import HybridExperts, Telemetry
 from .policies import make_policy, policy_uses_pins
 from .predictor import DECISION_POLICIES, CostModel
-from .store import ExpertStore, StoreConfig
+from .store import ExpertStore, StoreConfig, expert_transfer_bytes
 
 
 ENGINE_CACHE_POLICIES = ("lru", "lfu", "pinned+lru", "pinned+lfu")  # per-layer slot allocation: simulator only
+KV_TOKENS = 4096  # the KV cache the GPU budget keeps room for
+GPU_RESERVE = 1 << 30  # activations, CUDA context and allocator slack
+
+
+def gpu_slots(budget: int, resident: int, expert_bytes: int, moe_layers: int, num_experts: int, top_k: int) -> int:
+    """Expert slots per layer that fit ``budget`` bytes of GPU memory after ``resident`` bytes
+    (non-expert weights, KV cache, reserve). A layer needs at least ``top_k`` slots (one token's
+    experts); a budget below that is refused, naming the budget that would do."""
+    per_slot = expert_bytes * moe_layers  # one slot in every MoE layer
+    fit = min(num_experts, max(0, budget - resident) // per_slot)
+    if fit < top_k:
+        need = resident + top_k * per_slot
+        raise HaqmoeError(f"the GPU memory budget of {budget / 2**30:.2f} GiB does not hold the non-expert weights, "
+                          f"KV cache and reserve ({resident / 2**30:.2f} GiB) plus {top_k} experts per layer "
+                          f"({top_k * per_slot / 2**30:.2f} GiB): give at least --gpu-memory {need / 1e9:.1f}GB, or "
+                          "run every expert on the CPU (--device cpu)")
+    return int(fit)
 
 
 @dataclass
 class EngineConfig:
     device: str = "auto"  # "auto" = cuda when available, else cpu
     emulate_gpu: bool = False  # run the GPU tier on the CPU (no GPU needed; exercises every path)
-    slots_per_layer: int | None = None  # GPU expert slots per layer (default: plan size, else half)
+    slots_per_layer: int | None = None  # GPU expert slots per layer (default: what GPU memory holds, see gpu_slots)
+    gpu_memory: int | None = None  # bytes of GPU memory the engine may use (default: all that is free)
     cache_policy: str = "lru"  # ENGINE_CACHE_POLICIES; pinned+* pin the plan's experts (needs plan)
     decision: str = "predictor"  # predictor | always-transfer | always-cpu | balanced | split
     plan: str | None = None  # placement plan JSON (haqmoe plan)
@@ -128,8 +146,17 @@ class CollaborativeEngine:
         self.cost: CostModel | None = None
         self.store: ExpertStore | None = None
         if self.device.type == "cuda" or cfg.emulate_gpu:  # a GPU tier
-            slots = cfg.slots_per_layer if cfg.slots_per_layer is not None else max(
-                self.top_k, max(len(r) for r in plan.resident) if plan else num_experts // 2)
+            slots = cfg.slots_per_layer
+            budget = self._gpu_budget()
+            if budget is not None:  # slots follow GPU memory: all that fits beside the rest
+                fit = gpu_slots(budget, self._resident_gpu_bytes(experts), expert_transfer_bytes(experts[0]),
+                                len(blocks), num_experts, self.top_k)
+                if slots is not None and slots > fit:
+                    raise HaqmoeError(f"--slots {slots} does not fit the GPU memory budget of "
+                                      f"{budget / 2**30:.2f} GiB: at most --slots {fit}")
+                slots = fit if slots is None else slots
+            elif slots is None:  # an emulated GPU tier without a budget: the plan's size, else half
+                slots = max(self.top_k, max(len(r) for r in plan.resident) if plan else num_experts // 2)
             if slots <= 0:
                 raise HaqmoeError("the GPU cache needs at least one slot per layer "
                                   "(use --policy always-cpu to keep every expert on the CPU)")
@@ -319,6 +346,29 @@ class CollaborativeEngine:
             return cost
 
         return cached_cost_model(machine_key(self.lm.name, hidden, ffn, tiers), measure)
+
+    def _gpu_budget(self) -> int | None:
+        """GPU memory the engine may fill: ``gpu_memory`` capped by what CUDA reports free (None: no
+        limit known, i.e. an emulated GPU tier without ``gpu_memory``)."""
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        caps = [b for b in (self.cfg.gpu_memory, free) if b is not None]
+        return min(caps) if caps else None
+
+    def _resident_gpu_bytes(self, experts: list) -> int:
+        """What the GPU holds besides expert slots: every non-expert weight, a KV cache of the
+        model's context (at most KV_TOKENS tokens), and a reserve for activations and CUDA itself."""
+        skip = {id(t) for m in experts for t in m.state_dict(keep_vars=True).values()}
+        seen, weights = set(), 0
+        for t in self.model.state_dict(keep_vars=True).values():
+            if id(t) not in skip and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                weights += t.numel() * t.element_size()
+        c = self.model.config
+        kv_heads = int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
+        head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+        tokens = min(context_of(c) or KV_TOKENS, KV_TOKENS)
+        kv = 2 * c.num_hidden_layers * kv_heads * head_dim * tokens * self._float_dtype().itemsize
+        return weights + kv + GPU_RESERVE
 
     def _place_non_experts(self) -> None:
         """Move everything except the routed experts (held by the store / CPU tier) to the device."""

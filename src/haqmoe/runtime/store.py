@@ -50,6 +50,11 @@ def _host_tensors(experts: nn.Module, e: int, int8_terms: bool) -> dict[str, tor
     return {"gate": w.gate.detach(), "up": w.up.detach(), "down": w.down.detach()}
 
 
+def expert_transfer_bytes(experts: nn.Module) -> int:
+    """Bytes one expert takes in a GPU slot (its transfer format, int8 GEMM terms included)."""
+    return sum(t.numel() * t.element_size() for t in _host_tensors(experts, 0, _is_quant(experts)).values())
+
+
 def _rows_from(key: str, rows: int) -> slice:
     """What a split copies and the GPU computes of one tensor: gate/up rows from ``rows`` on, all of down."""
     return slice(None) if key.startswith("down") else slice(rows, None)

@@ -31,8 +31,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from safetensors.torch import save_file
+
 from ..errors import HaqmoeError
 from ..io import atomic_directory
+from ..models.lazy import INDEX_FILE, SafetensorsFolder
 from ..quant.modules import Int8Embedding, QuantExperts, QuantLinear, QuantVocab
 from ..quant.quantizer import QuantSpec, compute_qparams, quantize
 
@@ -46,7 +49,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 class ExportConfig:
     requantize: bool = False  # asymmetric weights: re-quantize symmetric instead of refusing
     dtype: str = "bfloat16"  # dtype of unquantized tensors (vLLM's int8 kernels run bf16/fp16 activations)
-    max_shard_bytes: int = 5 * 2**30
 
 
 @dataclass
@@ -87,15 +89,25 @@ def _symmetric(lin: QuantLinear, cfg: ExportConfig, report: ExportReport) -> tup
     return q, scale.reshape(-1, 1).float()
 
 
-def collect_tensors(lm, cfg: ExportConfig, report: ExportReport) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Every tensor of the exported checkpoint (vLLM names) and the ignore list."""
+def collect_tensors(lm, cfg: ExportConfig, report: ExportReport, prefix: str | None = None
+                    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The exported tensors (vLLM names) and ignore entries of the modules under ``prefix`` (one
+    decoder block, "model.layers.3"), or of everything outside the blocks (``prefix`` None): export
+    and verification go block by block, so only one block's tensors exist at a time."""
     model, family = lm.model, lm.adapter.name
+    layers = lm.adapter.layers + "."
     gate, up, down = EXPERT_NAMES.get(family, DEFAULT_EXPERT_NAMES)
     dtype = DTYPES[cfg.dtype]
+
+    def mine(name: str) -> bool:
+        return name.startswith(prefix + ".") if prefix is not None else not name.startswith(layers)
+
     tensors: dict[str, torch.Tensor] = {}
     owned: set[str] = set()  # module prefixes whose state the loop below already wrote
     ignore: list[str] = []
     for name, mod in model.named_modules():
+        if not mine(name):
+            continue
         if isinstance(mod, QuantExperts):
             for e in range(mod.num_experts):
                 for kind, lins in ((gate, mod.gate), (up, mod.up), (down, mod.down)):
@@ -116,22 +128,30 @@ def collect_tensors(lm, cfg: ExportConfig, report: ExportReport) -> tuple[dict[s
             owned.add(name)
         elif isinstance(mod, (QuantVocab, Int8Embedding)):  # int8 rows (--int8-lm-head): float for vLLM
             base = vllm_name(name, family)
-            tensors[f"{base}.weight"] = mod.weight_float().to(dtype)
+            if not (model.config.tie_word_embeddings and base == "lm_head"):
+                tensors[f"{base}.weight"] = mod.weight_float().to(dtype)
             ignore.append(base)
             owned.add(name)
         elif isinstance(mod, nn.Linear) or _is_router(lm, name) or isinstance(mod, nn.Embedding):
             ignore.append(vllm_name(name, family))  # float linears / routers / embeddings: not quantized
-    if report.quantized_linears == 0:
-        raise HaqmoeError(f"{lm.name} has no quantized layers: quantize it first (haqmoe quantize)")
     for key, t in model.state_dict().items():
-        if any(key.startswith(o + ".") for o in owned):
+        if not mine(key) or any(key.startswith(o + ".") for o in owned):
             continue
         if "experts." in key and t.dim() == 3:
             raise HaqmoeError(f"{key}: routed experts are not quantized in this checkpoint")
         tensors[vllm_name(key, family)] = t.to(dtype) if t.is_floating_point() else t
     if model.config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
-    return {k: v.contiguous() for k, v in tensors.items()}, sorted(set(ignore))
+    return {k: v.contiguous() for k, v in tensors.items()}, ignore
+
+
+def export_parts(lm) -> list[str | None]:
+    """What export writes one shard each for: every decoder block, then the rest (None)."""
+    return [f"{lm.adapter.layers}.{i}" for i in range(len(lm.adapter.blocks(lm.model)))] + [None]
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
 def _is_router(lm, name: str) -> bool:
@@ -149,33 +169,6 @@ def quantization_config(ignore: list[str]):
     scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
     return QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore, format="int-quantized",
                               quantization_status="compressed")
-
-
-def _write_shards(tensors: dict[str, torch.Tensor], out: Path, max_bytes: int) -> int:
-    from safetensors.torch import save_file
-
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = t
-        size += nbytes
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata=meta)
-        return 1
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata=meta)
-        weight_map.update(dict.fromkeys(shard, fname))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-    return len(shards)
 
 
 def export_compressed_tensors(source: str, out: str | Path, cfg: ExportConfig = ExportConfig(),
@@ -196,20 +189,34 @@ def export_compressed_tensors(source: str, out: str | Path, cfg: ExportConfig = 
         raise HaqmoeError(f"{source}: unsupported MoE layout for export")
     out = Path(out)
     report = ExportReport(str(out))
-    tensors, ignore = collect_tensors(lm, cfg, report)
-    report.ignored, report.tensors = ignore, len(tensors)
+    parts = export_parts(lm)
+    ignore: list[str] = []
+    weight_map: dict[str, str] = {}
+    total = 0
     with atomic_directory(out, overwrite=overwrite) as tmp:
+        for i, prefix in enumerate(parts):  # one block's tensors in memory at a time
+            tensors, ign = collect_tensors(lm, cfg, report, prefix)
+            ignore += ign
+            name = shard_name(i, len(parts))
+            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, name))
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            del tensors
+        if report.quantized_linears == 0:
+            raise HaqmoeError(f"{lm.name} has no quantized layers: quantize it first (haqmoe quantize)")
+        report.ignored, report.tensors, report.shards = sorted(set(ignore)), len(weight_map), len(parts)
+        (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2) + "\n")
         config = lm.model.config.to_dict()
         config.pop("quantization_config", None)
         config["torch_dtype"] = config["dtype"] = cfg.dtype
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        ModelCompressor(quantization_config=quantization_config(ignore)).update_config(str(tmp))
+        ModelCompressor(quantization_config=quantization_config(report.ignored)).update_config(str(tmp))
         if lm.tokenizer is not None:
             lm.tokenizer.save_pretrained(tmp)
         src_dir = Path(source)
         if (src_dir / "generation_config.json").is_file():
             shutil.copy(src_dir / "generation_config.json", tmp / "generation_config.json")
-        report.shards = _write_shards(tensors, tmp, cfg.max_shard_bytes)
         (tmp / "haqmoe_export.json").write_text(json.dumps(
             {"source": str(source), "source_quant": lm.quant["quant"], "requantized": report.requantized,
              "max_requant_error": report.max_requant_error}, indent=2) + "\n")
@@ -225,16 +232,6 @@ class VerifyReport:
     layers_run: list[str] = field(default_factory=list)
     max_weight_output_rel_diff: float = 0.0  # library decompressed linear vs ours, activations unquantized
     max_output_rel_diff: float = 0.0  # library W8A8 QDQ forward vs haqmoe QuantLinear forward (see below)
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    tensors = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            tensors.update({k: st.get_tensor(k) for k in st.keys()})
-    return tensors
 
 
 def _library_linears(names: list[str], tensors: dict[str, torch.Tensor], qconfig) -> nn.Module:
@@ -286,8 +283,9 @@ def verify_export(out: str | Path, source: str, layers: int = 2, seed: int = 0) 
     from ..models.loading import load_model
 
     out = Path(out)
-    raw = _read_tensors(out)
+    folder = SafetensorsFolder.open(out)
     qconfig = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+    requantized = json.loads((out / "haqmoe_export.json").read_text()).get("requantized")
     lm = load_model(source, progress=False)
     family = lm.adapter.name
     ours_q: dict[str, QuantLinear] = {}
@@ -299,48 +297,28 @@ def verify_export(out: str | Path, source: str, layers: int = 2, seed: int = 0) 
                     ours_q[vllm_name(f"{name}.{e}.{kind}", family)] = lins[e]
         elif isinstance(mod, QuantLinear) and ".experts." not in name:
             ours_q[vllm_name(name, family)] = mod
-    deq = CompressedTensorsDequantizer(out, dtype=torch.float32).validate(dict(raw))
+    ours_float = {vllm_name(k, family): v for k, v in lm.model.state_dict().items()}  # views: no copies
+    vocab = {f"{vllm_name(n, family)}.weight": m for n, m in lm.model.named_modules()
+             if isinstance(m, (QuantVocab, Int8Embedding))}
+    dequantizer = CompressedTensorsDequantizer(out, dtype=torch.float32)
     rep = VerifyReport()
-    ours_float = {vllm_name(k, family): v for k, v in lm.model.state_dict().items()}
-    ours_float.update({f"{vllm_name(n, family)}.weight": m.weight_float() for n, m in lm.model.named_modules()
-                       if isinstance(m, (QuantVocab, Int8Embedding))})
-    for key, t in deq.items():
-        module = key.rsplit(".", 1)[0]
-        if f"{module}.weight_scale" in raw and key.endswith(".weight"):
-            lin = ours_q.get(module)
-            if lin is None:
-                raise HaqmoeError(f"{key}: quantized in the export but not in {source}")
-            diff = float((t - lin.weight_float()).abs().max())
-            if not torch.equal(raw[key], lin.qweight) and not json.loads(
-                    (out / "haqmoe_export.json").read_text()).get("requantized"):
-                raise HaqmoeError(f"{key}: int8 weights differ from the checkpoint's")
-            rep.max_weight_diff = max(rep.max_weight_diff, diff)
-            rep.quantized_compared += 1
-        elif key.endswith(".bias") and module in ours_q:
-            if not torch.equal(t, ours_q[module].bias.to(t.dtype)):
-                raise HaqmoeError(f"{key}: bias differs from the checkpoint's")
-        elif module in ours_q:  # a quantized linear exported in float (router, lm_head)
-            diff = float((t.float() - ours_q[module].weight_float()).abs().max())
-            if diff > 1e-2 * float(t.abs().max()):
-                raise HaqmoeError(f"{key}: float export differs from the dequantized checkpoint")
-        else:
-            ref = ours_float.get(key)
-            if ref is None or not torch.equal(t, ref.to(t.dtype)):
-                raise HaqmoeError(f"{key}: missing from or different in the export")
-        rep.tensors_compared += 1
-    exported = {k.rsplit(".", 1)[0] for k in raw if k.endswith(".weight_scale")}
+    for shard in sorted({e.file for e in folder.entries.values()}):  # one shard's tensors at a time
+        raw = {k: folder.read(k) for k, e in folder.entries.items() if e.file == shard}
+        for key, t in dequantizer.validate(dict(raw)).items():
+            _verify_tensor(key, t, raw, ours_q, ours_float, vocab, requantized, source, rep)
+    exported = {k.rsplit(".", 1)[0] for k in folder.entries if k.endswith(".weight_scale")}
     lost = [n for n in ours_q if n not in exported and n not in qconfig.ignore]
     if lost:
         raise HaqmoeError(f"the export lacks quantized linears of the checkpoint: {lost[:3]}")
     prefixes = tuple(f"model.layers.{i}." for i in range(layers))
-    names = [n for n in ours_q if n.startswith(prefixes) and f"{n}.weight_scale" in raw]
-    root = _library_linears(names, raw, qconfig)
+    names = [n for n in ours_q if n.startswith(prefixes) and f"{n}.weight_scale" in folder]
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name in names:
+        for name in names:  # one decompressed linear at a time (a Mixtral expert's is 235 MB in fp32)
             lin = ours_q[name]
             x = torch.randn(5, lin.in_features, generator=gen)
-            mod = root.get_submodule(name)
+            own = {k: folder.read(k) for k in folder.entries if k.rsplit(".", 1)[0] == name}
+            mod = _library_linears([name], own, qconfig).get_submodule(name)
             theirs, ours = mod(x), lin(x)
             rep.max_output_rel_diff = max(rep.max_output_rel_diff, _rel(theirs, ours))
             mod.quantization_enabled = False  # the decompressed weight alone
@@ -349,3 +327,30 @@ def verify_export(out: str | Path, source: str, layers: int = 2, seed: int = 0) 
             mod.quantization_enabled = True
     rep.layers_run = names
     return rep
+
+
+def _verify_tensor(key: str, t: torch.Tensor, raw: dict, ours_q: dict, ours_float: dict, vocab: dict,
+                   requantized: bool, source: str, rep: VerifyReport) -> None:
+    """One dequantized export tensor against the checkpoint's own (see ``verify_export``)."""
+    module = key.rsplit(".", 1)[0]
+    if f"{module}.weight_scale" in raw and key.endswith(".weight"):
+        lin = ours_q.get(module)
+        if lin is None:
+            raise HaqmoeError(f"{key}: quantized in the export but not in {source}")
+        diff = float((t - lin.weight_float()).abs().max())
+        if not torch.equal(raw[key], lin.qweight) and not requantized:
+            raise HaqmoeError(f"{key}: int8 weights differ from the checkpoint's")
+        rep.max_weight_diff = max(rep.max_weight_diff, diff)
+        rep.quantized_compared += 1
+    elif key.endswith(".bias") and module in ours_q:
+        if not torch.equal(t, ours_q[module].bias.to(t.dtype)):
+            raise HaqmoeError(f"{key}: bias differs from the checkpoint's")
+    elif module in ours_q:  # a quantized linear exported in float (router, lm_head)
+        diff = float((t.float() - ours_q[module].weight_float()).abs().max())
+        if diff > 1e-2 * float(t.abs().max()):
+            raise HaqmoeError(f"{key}: float export differs from the dequantized checkpoint")
+    else:
+        ref = vocab[key].weight_float() if key in vocab else ours_float.get(key)
+        if ref is None or not torch.equal(t, ref.to(t.dtype)):
+            raise HaqmoeError(f"{key}: missing from or different in the export")
+    rep.tensors_compared += 1
