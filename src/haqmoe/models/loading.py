@@ -14,6 +14,7 @@ from ..errors import HaqmoeError
 from ..io import atomic_directory
 from .adapters import ArchSpec, adapter_for
 from .embedded import EMBEDDED, ensure_embedded
+from .lazy import SafetensorsFolder
 
 QUANT_CONFIG = "haqmoe_quant.json"
 
@@ -102,6 +103,17 @@ def resolve_source(source: str) -> tuple[str, Path | None]:
         raise HaqmoeError(f"model '{source}' not found: not an embedded name ({', '.join(EMBEDDED)}), "
                           "a directory, a .gguf file or a hub id (owner/name)")
     return "hub", None
+
+
+def lazy_folder(source: str, progress: bool = True) -> Path | None:
+    """The safetensors folder behind ``source`` (a checkpoint folder, or an embedded model's
+    cache), which can be read lazily; None for a GGUF file, a hub id or a folder of .bin weights."""
+    kind, path = resolve_source(source)
+    if kind == "embedded":
+        path = ensure_embedded(source, progress=progress)
+    if path is not None and kind in ("embedded", "dir") and SafetensorsFolder.present(path):
+        return path
+    return None
 
 
 def load_model(source: str, dtype: torch.dtype = torch.float32, progress: bool = True) -> LoadedModel:

@@ -25,10 +25,9 @@ from torch import nn
 
 from ..errors import HaqmoeError
 from ..models.adapters import ArchSpec, adapter_for
-from ..models.embedded import ensure_embedded
 from ..models.lazy import ModelReader, SafetensorsFolder, materialize, release, skeleton
-from ..models.loading import (QUANT_CONFIG, is_compressed_tensors, load_config, load_model, load_tokenizer,
-                              resolve_source)
+from ..models.loading import (QUANT_CONFIG, is_compressed_tensors, lazy_folder, load_config, load_model,
+                              load_tokenizer)
 from ..reliability.guard import check_quant_memory
 from ..reliability.resume import BlockCheckpoint, run_fingerprint
 from .checkpoint import finish_streamed
@@ -73,18 +72,15 @@ class Source:
 
 def open_source(source: str, progress: bool) -> Source:
     """The model behind ``source``, streamed where it is a safetensors folder."""
-    kind, path = resolve_source(source)
-    if kind == "embedded":
-        path = ensure_embedded(source, progress=progress)
-    if path is not None and kind in ("embedded", "dir"):
+    path = lazy_folder(source, progress)
+    if path is not None:
         if (path / QUANT_CONFIG).is_file() or is_compressed_tensors(path):
             raise HaqmoeError(f"{source} is already quantized")
-        if SafetensorsFolder.present(path):  # else (e.g. pytorch_model.bin only) loaded whole below
-            config = load_config(str(path))
-            model = skeleton(config, torch.float32)
-            folder = SafetensorsFolder.open(path)
-            return Source(model, load_tokenizer(path), adapter_for(config.model_type), ModelReader(folder, model))
-    lm = load_model(source, progress=progress)
+        config = load_config(str(path))
+        model = skeleton(config, torch.float32)
+        reader = ModelReader(SafetensorsFolder.open(path), model)
+        return Source(model, load_tokenizer(path), adapter_for(config.model_type), reader)
+    lm = load_model(source, progress=progress)  # GGUF, hub ids, folders of .bin weights: loaded whole
     if lm.quant is not None:
         raise HaqmoeError(f"{source} is already quantized")
     return Source(lm.model, lm.tokenizer, lm.adapter, None)
