@@ -428,23 +428,6 @@ def soak(engine, seconds: float) -> None:
 AUTH_KEYS = ("bench-key-1", "bench-key-2")
 
 
-def _raw_status(url: str, request: bytes) -> int:
-    """Status of a raw HTTP request (headers no client library would send); -1 when the server hung up."""
-    import socket
-    from urllib.parse import urlparse
-
-    u = urlparse(url)
-    with socket.create_connection((u.hostname, u.port), timeout=30) as s:
-        s.sendall(request)
-        data = b""
-        while b"\r\n" not in data:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else -1
-
-
 def _auth_values(rng: random.Random) -> list[bytes]:
     """Authorization header values: random bytes, near misses of the real keys, other schemes, huge ones."""
     k = rng.choice(AUTH_KEYS).encode()
@@ -464,7 +447,7 @@ def auth(engine, tmp: Path, fuzz_n: int = 2000) -> None:
     import httpx2 as httpx
     import openai
 
-    from haqmoe.reliability.live import ThreadedServer
+    from haqmoe.reliability.live import ThreadedServer, raw_status
     from haqmoe.serve.app import ServeConfig, create_app
 
     nomodel = str(tmp / "no-such-model")  # were it loaded, the error would be "not found"
@@ -513,7 +496,7 @@ def auth(engine, tmp: Path, fuzz_n: int = 2000) -> None:
             lines = b"".join(b"Authorization: " + v + b"\r\n" for v in _auth_values(rng))
             req = b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n" + lines + b"Connection: close\r\n\r\n"
             try:
-                st = _raw_status(u, req)
+                st = raw_status(u, req)
             except OSError:
                 errors += 1
                 continue

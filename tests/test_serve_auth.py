@@ -7,17 +7,15 @@ from __future__ import annotations
 import json
 import logging
 import re
-import socket
 import threading
 import time
-from urllib.parse import urlparse
 
 import httpx2 as httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from haqmoe.reliability.live import ThreadedServer
+from haqmoe.reliability.live import ThreadedServer, raw_status
 
 openai = pytest.importorskip("openai")
 
@@ -357,20 +355,6 @@ def test_unsendable_keys_are_refused_without_echo():
 
 
 # ------------------------------------------------------------------ fuzz the Authorization header
-def raw_status(url: str, request: bytes) -> int:
-    """Send raw bytes (headers no HTTP client would build) and return the status code."""
-    u = urlparse(url)
-    with socket.create_connection((u.hostname, u.port), timeout=30) as s:
-        s.sendall(request)
-        data = b""
-        while b"\r\n" not in data:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    return int(data.split(b" ", 2)[1])
-
-
 _token = st.one_of(st.binary(max_size=80), st.sampled_from([KEY.encode(), KEY2.encode()]).flatmap(
     lambda k: st.sampled_from([k[:-1], k + b"\x00", k.upper(), b" " + k[1:], k[:1] + b"\xff" + k[2:], k * 2])))
 _scheme = st.sampled_from([b"Bearer ", b"bearer ", b"BEARER  ", b"Basic ", b"", b"Bearer\t", b"Token "])

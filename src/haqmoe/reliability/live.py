@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+
+def raw_status(url: str, request: bytes) -> int:
+    """Status of a raw HTTP request (headers no client library would send: the fuzzers' own bytes);
+    -1 when the server hung up without answering."""
+    u = urlparse(url)
+    with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+        s.sendall(request)
+        data = b""
+        while b"\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else -1
 
 
 @dataclass
