@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from haqmoe.errors import HaqmoeError
-from haqmoe.models.adapters import EXPERTS, FusedExperts, adapter_for, get_module
+from haqmoe.models.adapters import (EXPERTS, ClampedSwiGLU, ExpertLayout, FusedExperts, adapter_for, expert_glu,
+                                    get_module)
+from haqmoe.models.tiny import tiny_model
 
 from .conftest import MOE_FAMILIES
 
@@ -42,7 +44,7 @@ def test_prev_op_feeds_group(tiny):
             width = prev.out_features if isinstance(prev, nn.Linear) else _norm_width(prev)
             for path in g.layers:
                 if path == EXPERTS:
-                    in_dim = adapter.experts(block).hidden_dim
+                    in_dim = FusedExperts.dims(adapter.experts(block))[1]
                 else:
                     in_dim = get_module(block, path).in_features
                 if isinstance(prev, nn.Linear) and width != in_dim:
@@ -52,23 +54,58 @@ def test_prev_op_feeds_group(tiny):
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_fused_expert_access_matches_module(family):
-    from haqmoe.models.tiny import tiny_model
-
+    """One expert read in nn.Linear layout (whatever the storage: transposed, interleaved, biased) and
+    run through ``expert_glu`` is the module's own expert."""
     model = tiny_model(family)
     adapter = adapter_for(model)
     block = next(b for b in adapter.blocks(model) if adapter.is_moe_block(b))
     experts = adapter.experts(block)
-    x = torch.randn(5, experts.hidden_dim)
-    for e in (0, 3, FusedExperts.count(experts) - 1):
+    n, hidden, inter = FusedExperts.dims(experts)
+    x = torch.randn(5, hidden)
+    for e in (0, 3, n - 1):
         w = FusedExperts.get(experts, e)
-        ref = nn.functional.linear(experts.act_fn(x @ w.gate.T) * (x @ w.up.T), w.down)
+        assert w.gate.shape == w.up.shape == (inter, hidden) and w.down.shape == (hidden, inter)
+        ref = nn.functional.linear(w.intermediate(x, expert_glu(experts)), w.down, w.down_bias)
         idx = torch.full((5, 1), e)
         out = experts(x, idx, torch.ones(5, 1))
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    # set() then get() round-trips
+    # set() then get() round-trips, biases included
     w0 = FusedExperts.get(experts, 0)
     FusedExperts.set(experts, 1, w0)
-    torch.testing.assert_close(FusedExperts.get(experts, 1).down, w0.down)
+    w1 = FusedExperts.get(experts, 1)
+    for name in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias"):
+        a, b = getattr(w0, name), getattr(w1, name)
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+    assert (w0.gate_bias is not None) == (family == "gpt_oss")
+
+
+def test_gpt_oss_layout_and_clamped_swiglu():
+    """gpt-oss stores experts transposed with gate/up interleaved and biased; its expert function is
+    transformers' ``_apply_gate``, and the fixture's limit is low enough that both clamps bite."""
+    model = tiny_model("gpt_oss")
+    adapter = adapter_for(model)
+    experts = adapter.experts(adapter.blocks(model)[0])
+    assert ExpertLayout.of(experts) == ExpertLayout(transposed=True, interleaved=True, bias=True)
+    glu = expert_glu(experts)
+    assert isinstance(glu, ClampedSwiGLU) and not glu.linear_in_up
+    x = torch.randn(64, 64)
+    gate_up = x @ experts.gate_up_proj[2] + experts.gate_up_proj_bias[2]
+    torch.testing.assert_close(glu(gate_up[:, ::2], gate_up[:, 1::2]), experts._apply_gate(gate_up), rtol=0, atol=0)
+    assert (gate_up[:, ::2] > glu.limit).any() and (gate_up[:, 1::2].abs() > glu.limit).any()
+    w = FusedExperts.get(experts, 2)
+    torch.testing.assert_close(x @ w.gate.T + w.gate_bias, gate_up[:, ::2])
+    assert expert_glu(adapter_for(tiny_model("mixtral")).experts(tiny_model("mixtral").model.layers[0])).linear_in_up
+
+
+def test_unknown_expert_function_is_refused():
+    class Odd(nn.Module):
+        num_experts, act_fn = 2, nn.SiLU()
+
+        def _apply_gate(self, gate_up):
+            return gate_up
+
+    with pytest.raises(HaqmoeError, match="unknown expert activation"):
+        expert_glu(Odd())
 
 
 def test_unknown_architecture_is_clear():

@@ -133,10 +133,24 @@ def test_warm_up_counts_from_zero_and_keeps_tokens():
     assert engine.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "olmoe"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "olmoe", "deepseek_v2", "gpt_oss"])
 def test_other_moe_families_exact(family):
     engine, ref = make(family, emulate_gpu=True, slots_per_layer=3, decision="predictor", n_critical=1)
     assert engine.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref
+
+
+@pytest.mark.parametrize("quant", [False, True], ids=["fp32", "rtn"])
+@pytest.mark.parametrize("case", ["all-resident", "split", "admit"])
+@pytest.mark.parametrize("family", ["deepseek_v2", "gpt_oss"])
+def test_new_families_every_tier_exact(family, case, quant):
+    """The GPU tier's slots (host copies in nn.Linear layout, gpt-oss's biases and clamped SwiGLU),
+    split misses (the CPU's gate/up rows, biases sliced alike) and the CPU tier: transformers' tokens."""
+    engine, ref = make(family, quant=quant, **CASES[case])
+    assert engine.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref
+    s = engine.summary()
+    assert s["gpu_expert_calls"] > 0
+    if case == "split" and not quant:  # (quantized, the cost model sends these misses to the CPU instead)
+        assert s["split_expert_calls"] > 0
 
 
 def test_sampling_is_seeded():
@@ -281,11 +295,13 @@ def test_prefetch_with_learned_guesses_keeps_tokens(tmp_path):
 
 
 @pytest.mark.parametrize("quant", [False, True], ids=["fp32", "rtn"])
-def test_split_expert_equals_the_whole_expert(quant):
-    """CPU rows [0, r) + copied rows [r, I) and down: the same expert output, and only that much copied."""
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_split_expert_equals_the_whole_expert(family, quant):
+    """CPU rows [0, r) + copied rows [r, I) and down: the same expert output, and only that much copied.
+    gpt-oss: the biases travel with their rows; the slot (and the int8 GEMM's) equal the module's expert."""
     from haqmoe.runtime.store import ExpertStore, StoreConfig
 
-    model = tiny_model("mixtral", seed=3)
+    model = tiny_model(family, seed=3)
     adapter = adapter_for(model)
     if quant:
         quantize_rtn(model, adapter, QuantConfig.w8a8("rtn"), progress=False)
@@ -294,6 +310,13 @@ def test_split_expert_equals_the_whole_expert(quant):
     x = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     store.load_slot(0, 1, 5)
     ref = store.gpu_forward(0, x)
+    with torch.no_grad():
+        own = experts[1](x, torch.full((3, 1), 5), torch.ones(3, 1))
+    torch.testing.assert_close(ref, own, rtol=1e-5, atol=1e-5)
+    if quant:  # the int8 GEMM's slots: equal up to activation-rounding flips
+        real = ExpertStore(experts, StoreConfig("cpu", num_slots=1, int8_gemm=True))
+        real.load_slot(0, 1, 5)
+        assert real.int8_gemm and float((real.gpu_forward(0, x) - ref).abs().max() / ref.abs().max()) < 2e-2
     split = store.split_slot(0)
     for rows in (8, store.intermediate // 2, store.intermediate - 8):
         for buf in store.slots.values():

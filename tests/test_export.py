@@ -118,3 +118,27 @@ def test_int8_vocab_is_exported_in_float(tmp_path):
     assert torch.equal(emb, vocab.q.float() * vocab.scale)
     assert "lm_head" in json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
     assert verify_export(out, str(src)).max_weight_diff == 0.0
+
+
+def test_deepseek_v2_export_roundtrip(tmp_path):
+    """DeepSeek-V2: per-expert mlp.experts.E.gate_proj/up_proj/down_proj (vLLM's DeepSeek loader names),
+    shared experts and the dense first block as plain linears, the router float."""
+    src, model = _quantized(tmp_path, "deepseek_v2", w_sym=True)
+    out = tmp_path / "ct"
+    rep = export_compressed_tensors(str(src), out, ExportConfig(dtype="float32"))
+    # per block 4 attention linears (q, kv_a, kv_b, o); block 0 a dense MLP, blocks 1-2 shared MLP + 8 experts
+    assert rep.quantized_linears == 3 * 4 + 3 + 2 * (3 + 8 * 3)
+    st = _Export(out)
+    gate = st.get_tensor("model.layers.2.mlp.experts.5.gate_proj.weight")
+    assert torch.equal(gate, model.model.layers[2].mlp.experts.gate[5].qweight)
+    assert st.get_tensor("model.layers.1.mlp.gate.weight").dtype == torch.float32
+    v = verify_export(out, str(src))
+    assert v.max_weight_diff == 0.0 and v.max_weight_output_rel_diff < 1e-5
+
+
+def test_gpt_oss_export_is_refused(tmp_path):
+    """vLLM reads gpt-oss's experts fused (MXFP4 or bf16): no per-expert int8 layout to write them in."""
+    src, _ = _quantized(tmp_path, "gpt_oss", w_sym=True)
+    with pytest.raises(HaqmoeError, match="ClampedSwiGLU, biased.*export is not supported"):
+        export_compressed_tensors(str(src), tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()

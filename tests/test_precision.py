@@ -25,7 +25,7 @@ def _quantized(family: str, cfg: QuantConfig | None = None):
     return model
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["llama", "mixtral", "qwen2_moe", "deepseek_v2", "gpt_oss"])
 @pytest.mark.parametrize("mode", ["dequant", "int8", "auto"])
 def test_modes_match_fake_quant(family: str, mode: str):
     model = _quantized(family)

@@ -131,3 +131,14 @@ def test_per_tensor_weight_scales_read_as_equal_per_channel_scales(tmp_path):
         save_file(rows, str(out / "model.safetensors"), metadata={"format": "pt"})
         layouts[layout] = load_compressed_tensors(out).model
     _same_logits(layouts["tensor"], layouts["channel"])
+
+
+def test_deepseek_v2_export_loads_back_as_ours(tmp_path):
+    """Our DeepSeek-V2 export (per-expert gate_proj/up_proj/down_proj) read back: one QuantExperts per MoE
+    layer, the same logits."""
+    from haqmoe.quant.modules import QuantExperts
+
+    model, ct = _ct_checkpoint(tmp_path, "deepseek_v2")
+    peer = load_compressed_tensors(ct).model
+    assert sum(isinstance(m, QuantExperts) for m in peer.modules()) == 2
+    _same_logits(peer, model)

@@ -124,7 +124,7 @@ def test_trace_from_another_model_refused(tmp_path):
         load_trace(path, num_layers=30, num_experts=8)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "gpt_oss"])
 def test_profile_equals_routers_own_topk(family):
     """The trace must be the model's routing: recompute top-k from router logits of a plain forward."""
     model = tiny_model(family)
@@ -146,7 +146,9 @@ def test_profile_equals_routers_own_topk(family):
                 np.testing.assert_array_equal(got, want)
                 if layer + 1 < len(routers):  # guess = next router's ranking of this input under the next norm
                     ratio = norms[layer + 1].weight / norms[layer].weight
-                    g = ((h.reshape(-1, h.shape[-1]) * ratio) @ routers[layer + 1].weight.t()).topk(3, -1).indices
+                    bias = getattr(routers[layer + 1], "bias", None)  # gpt-oss's router: x·Wᵀ + b
+                    g = (h.reshape(-1, h.shape[-1]) * ratio) @ routers[layer + 1].weight.t()
+                    g = (g if bias is None else g + bias).topk(3, -1).indices
                     g = g.numpy()
                     np.testing.assert_array_equal(tr.guesses[r * 12:(r + 1) * 12, layer], g)
     for h in hooks:

@@ -101,7 +101,7 @@ def test_quant_experts_with_activation_quant_matches_manual():
     for t in range(6):
         for k in range(2):
             e = int(idx[t, k])
-            h = q.act_fn(q.gate[e](x[t:t + 1])) * q.up[e](x[t:t + 1])
+            h = q.glu(q.gate[e](x[t:t + 1]), q.up[e](x[t:t + 1]))
             h = nn.functional.linear(fake_quant(h, a), q.down[e].weight)
             ref[t] += wts[t, k] * h[0]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

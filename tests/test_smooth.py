@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from haqmoe.models.adapters import EXPERTS, FusedExperts, adapter_for, get_module
+from haqmoe.models.adapters import EXPERTS, FusedExperts, adapter_for, expert_glu, get_module
 from haqmoe.models.tiny import TINY_CONFIGS, tiny_model
 from haqmoe.quant.pipeline import apply_expert_down_smoothing, apply_group_smoothing
 from haqmoe.quant.quantizer import QuantSpec
@@ -38,7 +38,7 @@ def _smooth_everything(model, gen):
                 continue
             folded += 1
         experts = adapter.experts(block)
-        if experts is not None:
+        if experts is not None and expert_glu(experts).linear_in_up:  # else refused: see below
             for e in range(FusedExperts.count(experts)):
                 inter = FusedExperts.get(experts, e).gate.shape[0]
                 apply_expert_down_smoothing(experts, e, torch.rand(inter, generator=gen) * 3 + 0.25)
@@ -118,3 +118,15 @@ def test_moe_routing_identical_after_smoothing():
         h.remove()
     after = [p.sort(-1).values for p in picks]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_expert_down_smoothing_refused_where_not_linear_in_up():
+    """gpt-oss's (clamp(up) + 1) · glu(gate): 1/s on the up rows would change the function, so the fold
+    is refused and the model left as it was; moe_in smoothing (the experts' input columns, the biased
+    router's) stays exact, as test_folded_smoothing_keeps_fp_outputs checks."""
+    model = tiny_model("gpt_oss")
+    experts = adapter_for(model).experts(model.model.layers[0])
+    before = experts.gate_up_proj.clone()
+    with pytest.raises(SmoothSkip, match="not linear in up"):
+        apply_expert_down_smoothing(experts, 0, torch.full((48,), 2.0))
+    assert torch.equal(experts.gate_up_proj, before)

@@ -40,7 +40,7 @@ def _save(family: str, root, dtype=torch.float32, shard: str | None = None, laye
     return out
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "llama"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "llama", "deepseek_v2", "gpt_oss"])
 def test_lazy_reader_equals_transformers(family, tmp_path):
     path = _save(family, tmp_path, torch.bfloat16, shard="40KB")
     assert (path / "model.safetensors.index.json").is_file()
@@ -88,7 +88,7 @@ def _in_memory(src, out, method: str) -> None:
 
 
 @pytest.mark.parametrize("family,method", [("mixtral", "haq"), ("mixtral", "rtn"), ("llama", "haq"),
-                                           ("qwen2_moe", "smoothquant")])
+                                           ("qwen2_moe", "smoothquant"), ("deepseek_v2", "haq"), ("gpt_oss", "haq")])
 def test_streaming_quantization_is_bit_identical_to_in_memory(family, method, tmp_path):
     src = _save(family, tmp_path, torch.bfloat16, shard="40KB")
     (src / "calib.txt").write_text(TEXT)

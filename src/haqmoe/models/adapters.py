@@ -6,9 +6,13 @@ these descriptions instead of branching on ``model_type``. A decoder block is a 
 (``prev_op``: a norm, or a linear whose output rows feed the group, where smoothing folds 1/s),
 and the module whose output the group feeds (``inspect``, for block-level losses).
 
-MoE blocks in transformers 5.x keep all experts fused in one module with 3-D parameters
-``gate_up_proj [E, 2I, H]`` (gate rows first, then up) and ``down_proj [E, H, I]``;
-``FusedExperts`` reads and writes one expert's weights in that layout.
+MoE blocks in transformers 5.x keep all experts fused in one module with 3-D parameters, mostly
+``gate_up_proj [E, 2I, H]`` (gate rows first, then up) and ``down_proj [E, H, I]``. gpt-oss stores
+them transposed (``[E, H, 2I]``, ``[E, I, H]``: ``x @ W``), with gate and up interleaved and with
+biases; transformers declares that on the module itself (``is_transposed``, ``is_concatenated``,
+``has_bias``), so ``ExpertLayout.of`` reads it from there and ``FusedExperts`` reads and writes one
+expert in nn.Linear layout whatever the storage. ``expert_glu`` names the function an expert applies
+between its gate/up and down projections (``GLU`` or gpt-oss's ``ClampedSwiGLU``).
 """
 
 from __future__ import annotations
@@ -133,34 +137,146 @@ def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(get_module(root, parent) if parent else root, name, new)
 
 
+# ---------------------------------------------------------------------- routed experts
+class GLU(nn.Module):
+    """``act(gate) * up``: the expert function of every family but gpt-oss. Linear in ``up``, so a
+    per-channel scale on the down projection's input folds exactly into the up rows."""
+
+    linear_in_up = True
+
+    def __init__(self, act_fn: nn.Module):
+        super().__init__()
+        self.act_fn = act_fn
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.act_fn(gate) * up
+
+
+class ClampedSwiGLU(nn.Module):
+    """gpt-oss's expert function (transformers' ``GptOssExperts._apply_gate``): gate clamped above at
+    ``limit``, up clamped to ±``limit``, ``(up + 1) · gate · sigmoid(alpha · gate)``. The ``+ 1`` and the
+    clamp make it non-linear in ``up``: no scale folds through it into the down projection."""
+
+    linear_in_up = False
+
+    def __init__(self, alpha: float, limit: float):
+        super().__init__()
+        self.alpha, self.limit = float(alpha), float(limit)
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(min=None, max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, limit={self.limit}"
+
+
+def expert_glu(experts: nn.Module) -> nn.Module:
+    """The gate/up -> down function of a fused experts module (or the one a quantized module holds).
+    An expert function we do not know is refused: running it as ``act(gate) * up`` would silently
+    compute another model."""
+    if hasattr(experts, "glu"):  # QuantExperts and its converted forms
+        return experts.glu
+    if ExpertLayout.of(experts).interleaved and hasattr(experts, "alpha") and hasattr(experts, "limit"):
+        return ClampedSwiGLU(experts.alpha, experts.limit)
+    gate = getattr(type(experts), "_apply_gate", None)
+    if gate is not None and gate.__name__ != "_default_apply_gate":
+        raise HaqmoeError(f"{type(experts).__name__}: unknown expert activation ({gate.__qualname__})")
+    return GLU(experts.act_fn)
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How a fused experts module stores its weights, as transformers declares it on the module
+    (``use_experts_implementation(is_transposed=, is_concatenated=, has_bias=)``)."""
+
+    transposed: bool = False  # gate_up_proj [E, H, 2I], down_proj [E, I, H] (x @ W), not [out, in]
+    interleaved: bool = False  # gate/up output channels alternate (g0, u0, g1, u1, ...), not [gate; up]
+    bias: bool = False  # gate_up_proj_bias [E, 2I] (same channel order), down_proj_bias [E, H]
+
+    @classmethod
+    def of(cls, experts: nn.Module) -> "ExpertLayout":
+        return cls(bool(getattr(experts, "is_transposed", False)), not getattr(experts, "is_concatenated", True),
+                   bool(getattr(experts, "has_bias", False)))
+
+
 @dataclass
 class ExpertWeights:
-    """One routed expert as three plain matrices in nn.Linear layout ([out, in])."""
+    """One routed expert as three plain matrices in nn.Linear layout ([out, in]), and its biases
+    (None: the expert has none, or, for ``FusedExperts.set``, leave them as they are)."""
 
     gate: torch.Tensor  # [I, H]
     up: torch.Tensor  # [I, H]
     down: torch.Tensor  # [H, I]
+    gate_bias: torch.Tensor | None = None  # [I]
+    up_bias: torch.Tensor | None = None  # [I]
+    down_bias: torch.Tensor | None = None  # [H]
+
+    def intermediate(self, x: torch.Tensor, glu: nn.Module) -> torch.Tensor:
+        """The down projection's input for tokens ``x`` [n, H] (in fp32)."""
+        gate = x @ self.gate.float().T
+        up = x @ self.up.float().T
+        if self.gate_bias is not None:
+            gate, up = gate + self.gate_bias.float(), up + self.up_bias.float()
+        return glu(gate, up)
 
 
 class FusedExperts:
-    """Reads/writes single experts of transformers' fused 3-D expert parameters."""
+    """Reads/writes single experts of transformers' fused 3-D expert parameters (``ExpertLayout``)."""
 
     @staticmethod
     def count(experts: nn.Module) -> int:
         return int(experts.num_experts)
 
     @staticmethod
+    def dims(experts: nn.Module) -> tuple[int, int, int]:
+        """(experts, hidden, intermediate), from the parameters' shapes (works on ``meta``)."""
+        n, a, b = experts.down_proj.shape
+        return (n, b, a) if ExpertLayout.of(experts).transposed else (n, a, b)
+
+    @staticmethod
+    def _split(t: torch.Tensor, layout: ExpertLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate and up parts of a gate/up tensor whose output channels are on dim 0 (views)."""
+        return (t[0::2], t[1::2]) if layout.interleaved else t.chunk(2, dim=0)
+
+    @staticmethod
     def get(experts: nn.Module, e: int) -> ExpertWeights:
-        gate, up = experts.gate_up_proj[e].chunk(2, dim=0)
-        return ExpertWeights(gate, up, experts.down_proj[e])
+        """Expert ``e`` in nn.Linear layout (views of the fused parameters: no copy)."""
+        lay = ExpertLayout.of(experts)
+        gate_up, down = experts.gate_up_proj[e], experts.down_proj[e]
+        if lay.transposed:
+            gate_up, down = gate_up.T, down.T
+        gate, up = FusedExperts._split(gate_up, lay)
+        w = ExpertWeights(gate, up, down)
+        if lay.bias:
+            w.gate_bias, w.up_bias = FusedExperts._split(experts.gate_up_proj_bias[e], lay)
+            w.down_bias = experts.down_proj_bias[e]
+        return w
 
     @staticmethod
     @torch.no_grad()
     def set(experts: nn.Module, e: int, w: ExpertWeights) -> None:
-        inter = w.gate.shape[0]
-        experts.gate_up_proj[e, :inter].copy_(w.gate)
-        experts.gate_up_proj[e, inter:].copy_(w.up)
-        experts.down_proj[e].copy_(w.down)
+        """Write expert ``e`` (through the views ``get`` returns; a None bias is left unchanged)."""
+        dst = FusedExperts.get(experts, e)
+        for name in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias"):
+            src = getattr(w, name)
+            if src is not None:
+                getattr(dst, name).copy_(src)
+
+    @staticmethod
+    def gate_up(experts: nn.Module, e: int) -> torch.Tensor:
+        """Expert ``e``'s gate and up rows stacked [2I, H] (nn.Linear layout; a copy where not contiguous)."""
+        w = FusedExperts.get(experts, e)
+        return torch.cat([w.gate, w.up])
+
+    @staticmethod
+    @torch.no_grad()
+    def scale_inputs(experts: nn.Module, s: torch.Tensor) -> None:
+        """Multiply every expert's gate/up input columns (the hidden dim) by ``s`` [H]."""
+        w = experts.gate_up_proj
+        s = s.to(w.dtype)
+        w.mul_(s[:, None] if ExpertLayout.of(experts).transposed else s)
 
 
 # ------------------------------------------------------------------ architectures
@@ -202,8 +318,17 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
              MoESpec(shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate")),
     ArchSpec("qwen3_moe", ("qwen3_moe",), "model.layers", _LLAMA_ATTN, _LLAMA_MLP, MoESpec()),
     ArchSpec("olmoe", ("olmoe",), "model.layers", _LLAMA_ATTN, _LLAMA_MLP, MoESpec()),
+    # DeepSeek-V2 has V3's block layout: MLA (V2-Lite: q_proj, no q_lora; absent linears drop out),
+    # dense first blocks (first_k_dense_replace), routed experts plus one shared MLP (n_shared_experts
+    # wide); only the router differs (softmax, greedy / group-limited top-k), which is not described here.
+    ArchSpec("deepseek_v2", ("deepseek_v2",), "model.layers", _MLA_ATTN, _LLAMA_MLP,
+             MoESpec(shared="mlp.shared_experts")),
     ArchSpec("deepseek_v3", ("deepseek_v3",), "model.layers", _MLA_ATTN, _LLAMA_MLP,
              MoESpec(shared="mlp.shared_experts")),
+    # gpt-oss: biased q/k/v/o (attention sinks are a per-head parameter, not a linear: they stay
+    # float), every block MoE with a biased router; the experts' layout and clamped SwiGLU are read
+    # from the module (ExpertLayout, expert_glu).
+    ArchSpec("gpt_oss", ("gpt_oss",), "model.layers", _LLAMA_ATTN, (), MoESpec(router="mlp.router")),
 )
 
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .adapters import EXPERTS, ArchSpec, get_module
+from .adapters import EXPERTS, ArchSpec, FusedExperts, get_module
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,9 @@ def _quantized_weights(block: nn.Module, adapter: ArchSpec) -> tuple[int, int]:
         for path in g.layers:
             if path == EXPERTS:
                 ex = adapter.experts(block)
-                for t in (ex.gate_up_proj, ex.down_proj):
-                    elements += t.numel()
-                    rows += t.shape[0] * t.shape[1]
+                n, hidden, inter = FusedExperts.dims(ex)  # output rows whatever the storage layout
+                elements += ex.gate_up_proj.numel() + ex.down_proj.numel()
+                rows += n * (2 * inter + hidden)
             else:
                 w = get_module(block, path).weight
                 elements += w.numel()

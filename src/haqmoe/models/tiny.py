@@ -35,6 +35,20 @@ TINY_CONFIGS: dict[str, dict] = {
                         first_k_dense_replace=1, n_group=2, topk_group=1, q_lora_rank=32,
                         kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
                         norm_topk_prob=True, routed_scaling_factor=1.0),
+    # DeepSeek-V2-Lite's shape: no q_lora (q_proj), dense first block, two shared experts; three
+    # layers so that two are MoE.
+    "deepseek_v2": dict(model_type="deepseek_v2", **{**_COMMON, "num_hidden_layers": 3},
+                        **{**_ATTN, "num_key_value_heads": 4}, n_routed_experts=8, num_experts_per_tok=2,
+                        moe_intermediate_size=48, n_shared_experts=2, first_k_dense_replace=1,
+                        q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                        v_head_dim=16, topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0),
+    # gpt-oss: biased attention with sinks, alternating sliding/full attention (a window shorter than
+    # the test prompts), biased router and experts; swiglu_limit low enough that the clamps bite.
+    "gpt_oss": dict(model_type="gpt_oss", **_COMMON, num_key_value_heads=2, head_dim=16, intermediate_size=48,
+                    rms_norm_eps=1e-6, num_local_experts=8, num_experts_per_tok=2, sliding_window=8,
+                    swiglu_limit=1.5,
+                    rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0,
+                                         beta_slow=1.0, truncate=False, original_max_position_embeddings=64)),
 }
 
 

@@ -145,9 +145,7 @@ def quant_skeleton(config, meta: dict, cfg: QuantConfig, dtype: torch.dtype) -> 
                 set_module(model, name, QuantLinear(lin.in_features, lin.out_features, lin.bias is not None,
                                                     cfg.weights, cfg.acts, dtype))
             for name in meta["experts"]:
-                ex = get_module(model, name)
-                set_module(model, name, QuantExperts(ex.num_experts, ex.hidden_dim, ex.intermediate_dim,
-                                                     ex.act_fn, cfg.weights, cfg.acts))
+                set_module(model, name, QuantExperts.like(get_module(model, name), cfg.weights, cfg.acts))
             if "vocab" in meta:
                 head = get_module(model, meta["vocab"]["head"])
                 tie_vocabulary(model, meta["vocab"], head.out_features, head.in_features)

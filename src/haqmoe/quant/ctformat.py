@@ -64,12 +64,12 @@ def _load_experts(model, path: str, names: dict[tuple[int, str], str], tensors: 
                   w_spec: QuantSpec, a_spec: QuantSpec | None) -> None:
     """Per-expert quantized Linears -> one ``QuantExperts`` in the place of the fused experts at ``path``."""
     fused = get_module(model, path)
-    n, first = FusedExperts.count(fused), FusedExperts.get(fused, 0)
+    n = FusedExperts.count(fused)
     lacking = [(e, k) for e in range(n) for k in ("gate", "up", "down") if (e, k) not in names]
     if lacking:
         raise HaqmoeError(f"{path}: experts {sorted({e for e, _ in lacking})[:5]} are not quantized in this "
                           f"checkpoint (a partly quantized MoE layer is not supported)")
-    qe = QuantExperts(n, first.gate.shape[1], first.gate.shape[0], fused.act_fn, w_spec, a_spec)
+    qe = QuantExperts.like(fused, w_spec, a_spec)
     for (e, kind), name in names.items():
         _fill(getattr(qe, kind)[e], tensors, name)
     set_module(model, path, qe)

@@ -457,10 +457,31 @@ class GroupedExperts(nn.Module):
     tokens (or float rows for the fused kernel, ``prepare``), tokens grouped per expert with one sort
     (no per-expert masks); subclasses say how one expert computes on its rows."""
 
-    def __init__(self, num_experts: int, hidden: int, inter: int, act_fn: nn.Module, a_spec: QuantSpec):
+    def __init__(self, num_experts: int, hidden: int, inter: int, glu: nn.Module, a_spec: QuantSpec):
         super().__init__()
         self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden, inter
-        self.act_fn, self.a_spec = act_fn, a_spec
+        self.glu, self.a_spec = glu, a_spec
+        self.register_buffer("gate_up_bias", None)  # [E, 2I] (gate, then up), float: biased experts
+        self.register_buffer("down_bias", None)  # [E, H]
+
+    def _copy_biases(self, qe: nn.Module) -> None:
+        """A biased ``QuantExperts``' float biases (gpt-oss), stacked as ``gate_up_bias`` / ``down_bias``."""
+        if qe.gate[0].bias is None:
+            return
+        n = qe.num_experts
+        self.register_buffer("gate_up_bias", torch.stack([torch.cat([qe.gate[e].bias, qe.up[e].bias])
+                                                          for e in range(n)]).float())
+        self.register_buffer("down_bias", torch.stack([qe.down[e].bias for e in range(n)]).float())
+
+    def _gate_up(self, e: int, gate_up: torch.Tensor) -> torch.Tensor:
+        """The expert function on one expert's gate/up output [n, 2I] (bias added first)."""
+        if self.gate_up_bias is not None:
+            gate_up = gate_up + self.gate_up_bias[e]
+        gate, up = gate_up.split(self.intermediate_dim, dim=-1)
+        return self.glu(gate, up)
+
+    def _down(self, e: int, y: torch.Tensor) -> torch.Tensor:
+        return y if self.down_bias is None else y.add_(self.down_bias[e])
 
     def needs_rowsum(self) -> bool:
         return False
@@ -517,15 +538,16 @@ def _experts_spec(qe: nn.Module) -> QuantSpec:
 class Int8Experts(GroupedExperts):
     """Drop-in for ``QuantExperts`` on the int8 GEMM; gate and up fused into one GEMM per expert."""
 
-    def __init__(self, num_experts: int, hidden: int, inter: int, act_fn: nn.Module, a_spec: QuantSpec):
-        super().__init__(num_experts, hidden, inter, act_fn, a_spec)
+    def __init__(self, num_experts: int, hidden: int, inter: int, glu: nn.Module, a_spec: QuantSpec):
+        super().__init__(num_experts, hidden, inter, glu, a_spec)
         self.gate_up: list[tuple[str, ...]] = []
         self.down: list[tuple[str, ...]] = []
         self.wt: dict[str, list[torch.Tensor]] = {"gate_up": [], "down": []}
 
     @classmethod
     def from_quant_experts(cls, qe: nn.Module) -> "Int8Experts":
-        m = cls(qe.num_experts, qe.hidden_dim, qe.intermediate_dim, qe.act_fn, _experts_spec(qe))
+        m = cls(qe.num_experts, qe.hidden_dim, qe.intermediate_dim, qe.glu, _experts_spec(qe))
+        m._copy_biases(qe)
         for e in range(qe.num_experts):
             g, u, d = qe.gate[e], qe.up[e], qe.down[e]
             gu = pack_weight(torch.cat([g.qweight, u.qweight]), torch.cat([g.w_scale, u.w_scale]),
@@ -565,10 +587,9 @@ class Int8Experts(GroupedExperts):
             gate_up = int8_matmul(inp, self.wt["gate_up"][e], sw, zw, cs, self.hidden_dim)
         else:
             gate_up = w8a8_linear(inp, w, sw, zw, cs, self.hidden_dim, self.a_spec)
-        gate, up = gate_up.split(self.intermediate_dim, dim=-1)
-        h = self.act_fn(gate).mul_(up)
+        h = self._gate_up(e, gate_up)
         w, sw, zw, cs = self._packed("down", e)
-        return w8a8_linear(h, w, sw, zw, cs, self.intermediate_dim, self.a_spec, wt=self.wt["down"][e])
+        return self._down(e, w8a8_linear(h, w, sw, zw, cs, self.intermediate_dim, self.a_spec, wt=self.wt["down"][e]))
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, hidden={self.hidden_dim}, inter={self.intermediate_dim}, int8 GEMM"
@@ -619,16 +640,17 @@ class DequantExperts(GroupedExperts):
 
     @classmethod
     def from_quant_experts(cls, qe: nn.Module) -> "DequantExperts":
-        m = cls(qe.num_experts, qe.hidden_dim, qe.intermediate_dim, qe.act_fn, _experts_spec(qe))
+        m = cls(qe.num_experts, qe.hidden_dim, qe.intermediate_dim, qe.glu, _experts_spec(qe))
+        m._copy_biases(qe)
         gu = [torch.cat([qe.gate[e].weight_float(), qe.up[e].weight_float()]) for e in range(qe.num_experts)]
         m.register_buffer("gate_up_proj", torch.stack(gu))
         m.register_buffer("down_proj", torch.stack([qe.down[e].weight_float() for e in range(qe.num_experts)]))
         return m
 
     def expert_forward(self, e: int, act: QuantAct) -> torch.Tensor:
-        gate, up = nn.functional.linear(dequant_act(act), self.gate_up_proj[e]).split(self.intermediate_dim, -1)
-        h = self.act_fn(gate).mul_(up)
-        return nn.functional.linear(dequant_act(quantize_tokens(h, self.a_spec, False)), self.down_proj[e])
+        h = self._gate_up(e, nn.functional.linear(dequant_act(act), self.gate_up_proj[e]))
+        h = dequant_act(quantize_tokens(h, self.a_spec, False))
+        return self._down(e, nn.functional.linear(h, self.down_proj[e]))
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, hidden={self.hidden_dim}, inter={self.intermediate_dim}, dequantized fp32"

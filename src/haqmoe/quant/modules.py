@@ -90,35 +90,49 @@ class QuantLinear(_DequantizedPerCall, nn.Module):
 
 
 class QuantExperts(nn.Module):
-    """Routed experts as per-expert ``QuantLinear``s, with transformers' fused-experts call signature."""
+    """Routed experts as per-expert ``QuantLinear``s, with transformers' fused-experts call signature.
 
-    def __init__(self, num_experts: int, hidden: int, inter: int, act_fn: nn.Module,
-                 w_spec: QuantSpec, a_spec: QuantSpec | None):
+    ``glu`` is the expert's gate/up -> down function (``models.adapters.GLU`` or gpt-oss's
+    ``ClampedSwiGLU``); ``bias``: every projection has a float bias (gpt-oss)."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int, glu: nn.Module,
+                 w_spec: QuantSpec, a_spec: QuantSpec | None, bias: bool = False):
         super().__init__()
         self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden, inter
-        self.act_fn = act_fn
+        self.glu = glu
 
         def make(i: int, o: int) -> nn.ModuleList:
-            return nn.ModuleList(QuantLinear(i, o, False, w_spec, a_spec) for _ in range(num_experts))
+            return nn.ModuleList(QuantLinear(i, o, bias, w_spec, a_spec) for _ in range(num_experts))
 
         self.gate, self.up, self.down = make(hidden, inter), make(hidden, inter), make(inter, hidden)
+
+    @property
+    def has_bias(self) -> bool:
+        return self.gate[0].bias is not None
+
+    @classmethod
+    def like(cls, experts: nn.Module, w_spec: QuantSpec, a_spec: QuantSpec | None) -> "QuantExperts":
+        """Empty quantized experts shaped like the fused ``experts`` (placeholders a checkpoint fills)."""
+        from ..models.adapters import ExpertLayout, FusedExperts, expert_glu
+
+        n, hidden, inter = FusedExperts.dims(experts)
+        return cls(n, hidden, inter, expert_glu(experts), w_spec, a_spec, ExpertLayout.of(experts).bias)
 
     @classmethod
     def from_fused(cls, experts: nn.Module, w_spec: QuantSpec, a_spec: QuantSpec | None) -> "QuantExperts":
         from ..models.adapters import FusedExperts
 
-        n = FusedExperts.count(experts)
-        first = FusedExperts.get(experts, 0)
-        m = cls(n, first.gate.shape[1], first.gate.shape[0], experts.act_fn, w_spec, a_spec)
-        for e in range(n):
+        m = cls.like(experts, w_spec, a_spec)
+        for e in range(m.num_experts):
             w = FusedExperts.get(experts, e)
-            for lin, weight in ((m.gate[e], w.gate), (m.up[e], w.up), (m.down[e], w.down)):
+            for lin, weight, bias in ((m.gate[e], w.gate, w.gate_bias), (m.up[e], w.up, w.up_bias),
+                                      (m.down[e], w.down, w.down_bias)):
                 scale, zero = compute_qparams(weight.detach(), w_spec)
-                lin.set_quantized(quantize(weight.detach(), scale, zero, w_spec), scale, zero)
+                lin.set_quantized(quantize(weight.detach(), scale, zero, w_spec), scale, zero, bias)
         return m
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return self.down[e](self.act_fn(self.gate[e](x)) * self.up[e](x))
+        return self.down[e](self.glu(self.gate[e](x), self.up[e](x)))
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:

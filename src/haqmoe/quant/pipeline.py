@@ -1,7 +1,8 @@
 """The sequential block-by-block quantization pipeline every calibrated method runs through.
 
 1. Run the calibration windows up to decoder block 0 and keep its inputs (and the kwargs the model
-   passes it: position embeddings, masks), batch by batch.
+   passes each block: position embeddings, masks, which differ per block where attention types
+   alternate), batch by batch.
 2. For each block, in order: run the (still FP) block on its inputs with hooks that accumulate the
    statistics of every linear group's input (``adapter.groups``: one hook per group, since the
    layers of a group share the input) and, for MoE blocks, per-expert statistics of the tokens the
@@ -18,7 +19,8 @@ come from a seeded generator).
 
 MoE: the router(s) and all experts' gate/up share one smoothing vector (routers are scaled by s,
 so routing is unchanged); each expert's down projection gets its own vector, folded into that
-expert's up rows. Each expert's Hessians (gate/up input, down input) come from the tokens routed to
+expert's up rows (skipped, reported, where the expert function is not linear in up: gpt-oss's
+clamped SwiGLU). Each expert's Hessians (gate/up input, down input) come from the tokens routed to
 it and are built AFTER smoothing, a few experts at a time: one pass of the smoothed block over the
 calibration inputs (stopped at the experts) accumulates XᵀX for as many experts as fit
 ``hessian_budget`` bytes, those experts are quantized, and their Hessians freed. Mixtral's down
@@ -40,7 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import HaqmoeError
-from ..models.adapters import EXPERTS, ArchSpec, FusedExperts, LinearGroup, get_module, set_module
+from ..models.adapters import EXPERTS, ArchSpec, FusedExperts, LinearGroup, expert_glu, get_module, set_module
 from .config import QuantConfig
 from .gptq import GPTQConfig, gptq_quantize
 from .modules import QuantExperts, QuantLinear
@@ -114,20 +116,36 @@ def check_token_ids(ids: torch.Tensor, model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, adapter: ArchSpec, calib: torch.Tensor,
-                         batch_size: int) -> list[tuple[torch.Tensor, tuple, dict]]:
-    """Inputs (hidden states, extra args, kwargs) of decoder block 0 for each calibration batch."""
+def capture_block_inputs(model: nn.Module, adapter: ArchSpec, calib: torch.Tensor, batch_size: int
+                         ) -> tuple[list[tuple[torch.Tensor, tuple, dict]], list[list[tuple[tuple, dict]]]]:
+    """Inputs (hidden states, extra args, kwargs) of decoder block 0 for each calibration batch, and
+    the (extra args, kwargs) the model passes each block, ``[block][batch]``.
+
+    The kwargs differ between blocks where layers differ in attention type: gpt-oss alternates
+    sliding-window and full attention, each with its own mask; block 0's mask on every block would
+    calibrate the full-attention blocks on the wrong function. So the model's forward runs once per
+    batch with every block's forward replaced by a recorder that passes the hidden states on (no
+    block computes, none needs its weights); the last one stops the forward."""
+    blocks = adapter.blocks(model)
     cache: list[tuple[torch.Tensor, tuple, dict]] = []
+    per_block: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]
 
-    def hook(_mod, args, kwargs):
-        kwargs = dict(kwargs)
-        hs = args[0] if args else kwargs.pop("hidden_states")
-        for k in ("past_key_values", "past_key_value"):
-            kwargs.pop(k, None)
-        cache.append((hs.detach(), tuple(args[1:]), kwargs))
-        raise _Stop
+    def recorder(i: int):
+        def forward(*args, **kwargs):
+            kwargs = dict(kwargs)
+            hs = args[0] if args else kwargs.pop("hidden_states")
+            for k in ("past_key_values", "past_key_value"):
+                kwargs.pop(k, None)
+            per_block[i].append((tuple(args[1:]), kwargs))
+            if i == 0:
+                cache.append((hs.detach(), tuple(args[1:]), kwargs))
+            if i == len(blocks) - 1:
+                raise _Stop
+            return hs
+        return forward
 
-    handle = adapter.blocks(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    for i, block in enumerate(blocks):
+        block.forward = recorder(i)  # an instance attribute: shadows the class's forward
     try:
         for i in range(0, calib.shape[0], batch_size):
             try:
@@ -135,8 +153,9 @@ def capture_block_inputs(model: nn.Module, adapter: ArchSpec, calib: torch.Tenso
             except _Stop:
                 pass
     finally:
-        handle.remove()
-    return cache
+        for block in blocks:
+            del block.forward
+    return cache, per_block
 
 
 @torch.no_grad()
@@ -172,8 +191,9 @@ class BlockCollector:
             self.stats[g.name] = InputStats(width, hessian)
             self._handles.append(mod.register_forward_pre_hook(self._group_hook(g.name)))
         ex = adapter.experts(block)
+        self._glu = expert_glu(ex) if ex is not None else None
         if ex is not None:
-            n, (inter, hidden) = FusedExperts.count(ex), FusedExperts.get(ex, 0).gate.shape
+            n, hidden, inter = FusedExperts.dims(ex)
             self.experts = ExpertStats([InputStats(hidden, False) for _ in range(n)],  # Hessians: later
                                        [InputStats(inter, False) for _ in range(n)])
             self._handles.append(ex.register_forward_pre_hook(self._expert_hook, with_kwargs=True))
@@ -198,9 +218,7 @@ class BlockCollector:
             x = hs[tok]
             rows = torch.where(in_sample[tok])[0]
             self.experts.gate_up[e].add(x, rows)
-            w = FusedExperts.get(mod, e)
-            z = mod.act_fn(x @ w.gate.float().T) * (x @ w.up.float().T)
-            self.experts.down[e].add(z, rows)
+            self.experts.down[e].add(FusedExperts.get(mod, e).intermediate(x, self._glu), rows)
 
     @torch.no_grad()
     def collect(self, block: nn.Module, inputs, search_tokens: int, gen: torch.Generator) -> None:
@@ -229,17 +247,24 @@ def apply_group_smoothing(block: nn.Module, group: LinearGroup, adapter: ArchSpe
     for w in _group_weights(block, group):
         scale_columns(w, s_full)
     if EXPERTS in group.layers:
-        scale_columns(adapter.experts(block).gate_up_proj, s_full)
+        FusedExperts.scale_inputs(adapter.experts(block), s_full)
     for r in group.routers:
         scale_columns(get_module(block, r).weight, s_full)
 
 
 @torch.no_grad()
 def apply_expert_down_smoothing(experts: nn.Module, e: int, s: torch.Tensor) -> None:
-    """One expert's down input: 1/s into its up rows (exact through act(gate)·up), s into down."""
-    inter = FusedExperts.get(experts, e).gate.shape[0]
-    experts.gate_up_proj[e, inter:].div_(s[:, None].to(experts.gate_up_proj.dtype))
-    scale_columns(experts.down_proj[e], s)
+    """One expert's down input: 1/s into its up rows and up bias (exact through act(gate)·up, which
+    is linear in up), s into down's columns. Refused (``SmoothSkip``) for an expert function that
+    is not linear in up: the fold would change the model."""
+    glu = expert_glu(experts)
+    if not glu.linear_in_up:
+        raise SmoothSkip(f"{type(glu).__name__} is not linear in up: no scale folds into the up rows")
+    w = FusedExperts.get(experts, e)  # views: written in place
+    w.up.div_(s[:, None].to(w.up.dtype))
+    if w.up_bias is not None:
+        w.up_bias.div_(s.to(w.up_bias.dtype))
+    w.down.mul_(s.to(w.down.dtype))
 
 
 @torch.no_grad()
@@ -256,7 +281,7 @@ def smooth_block(block: nn.Module, groups: list[LinearGroup], adapter: ArchSpec,
         terms = [(torch.cat(dense).float(), st.sample())] if dense else []
         if EXPERTS in g.layers:
             assert col.experts is not None and experts is not None
-            terms += [(experts.gate_up_proj[e].float(), col.experts.gate_up[e].sample())
+            terms += [(FusedExperts.gate_up(experts, e).float(), col.experts.gate_up[e].sample())
                       for e in range(FusedExperts.count(experts))]
         try:
             if g.act is not None and getattr(config, g.act, None) != "relu":
@@ -289,11 +314,16 @@ def smooth_block(block: nn.Module, groups: list[LinearGroup], adapter: ArchSpec,
 def _smooth_expert_down(experts: nn.Module, stats: ExpertStats, cfg: PipelineConfig, w_spec: QuantSpec,
                         a_spec: QuantSpec | None, block_idx: int, report: QuantReport) -> None:
     """Each expert's down projection: its own vector, folded into that expert's up rows."""
+    glu = expert_glu(experts)
+    if not glu.linear_in_up:
+        report.groups.append({"block": block_idx, "group": "experts_down", "skipped":
+                              f"{type(glu).__name__} is not linear in up: no scale folds into the up rows"})
+        return
     exps = []
     for e, st in enumerate(stats.down):
         if st.count == 0:
             continue
-        problem = SmoothProblem([(experts.down_proj[e].float(), st.sample())], st.stat_dict())
+        problem = SmoothProblem([(FusedExperts.get(experts, e).down.float(), st.sample())], st.stat_dict())
         res = search_scales(problem, cfg.smooth, w_spec, a_spec)
         s = res.s_free
         if torch.equal(s, torch.ones_like(s)):
@@ -341,11 +371,9 @@ def make_quant_linear(linear: nn.Linear, st: InputStats | None, cfg: PipelineCon
 def expert_batches(experts: nn.Module, budget: int) -> list[list[int]]:
     """Experts grouped so that each group's fp64 Hessians (gate/up input H², down input I²) fit
     ``budget`` bytes (a group holds at least one expert)."""
-    first = FusedExperts.get(experts, 0)
-    inter, hidden = first.gate.shape
+    n, hidden, inter = FusedExperts.dims(experts)
     one = (hidden ** 2 + inter ** 2) * 8
     per = max(1, budget // one)
-    n = FusedExperts.count(experts)
     return [list(range(i, min(i + per, n))) for i in range(0, n, per)]
 
 
@@ -355,8 +383,8 @@ def expert_hessians(block: nn.Module, adapter: ArchSpec, inputs, wanted: list[in
     routed to each: one pass of the block over the calibration inputs, stopped at the experts module
     (the experts themselves do not run)."""
     experts = adapter.experts(block)
-    first = FusedExperts.get(experts, 0)
-    inter, hidden = first.gate.shape
+    _, hidden, inter = FusedExperts.dims(experts)
+    glu = expert_glu(experts)
     acc = {e: (torch.zeros(hidden, hidden, dtype=torch.float64), torch.zeros(inter, inter, dtype=torch.float64))
            for e in wanted}
 
@@ -369,8 +397,7 @@ def expert_hessians(block: nn.Module, adapter: ArchSpec, inputs, wanted: list[in
             if tok.numel() == 0:
                 continue
             x = hs[tok]
-            w = FusedExperts.get(mod, e)
-            z = mod.act_fn(x @ w.gate.float().T) * (x @ w.up.float().T)
+            z = FusedExperts.get(mod, e).intermediate(x, glu)
             acc[e][0].add_((x.T @ x).double())
             acc[e][1].add_((z.T @ z).double())
         raise _Stop
@@ -391,10 +418,7 @@ def quantize_experts(block: nn.Module, adapter: ArchSpec, inputs, stats: ExpertS
                      router_stats: InputStats | None, cfg: PipelineConfig, block_idx: int,
                      report: QuantReport) -> QuantExperts:
     experts = adapter.experts(block)
-    n = FusedExperts.count(experts)
-    first = FusedExperts.get(experts, 0)
-    q = QuantExperts(n, first.gate.shape[1], first.gate.shape[0], experts.act_fn, cfg.quant.weights,
-                     cfg.quant.acts)
+    q = QuantExperts.like(experts, cfg.quant.weights, cfg.quant.acts)
     down_lo = min((float(s.lo.min()) for s in stats.down if s.count), default=0.0) if stats else 0.0
     down_hi = max((float(s.hi.max()) for s in stats.down if s.count), default=0.0) if stats else 0.0
     for batch in expert_batches(experts, cfg.hessian_budget):
@@ -409,9 +433,10 @@ def quantize_experts(block: nn.Module, adapter: ArchSpec, inputs, stats: ExpertS
                        f"(< {cfg.min_expert_tokens}); quantized by RTN")
                 warnings.warn(msg, stacklevel=2)
                 report.fallbacks.append(msg)
-            for lin, weight, st, h in ((q.gate[e], w.gate, gu, h_gu), (q.up[e], w.up, gu, h_gu),
-                                       (q.down[e], w.down, dn, h_dn)):
-                _quantize_weight(lin, weight, None, st if enough else None, cfg, h)
+            for lin, weight, bias, st, h in ((q.gate[e], w.gate, w.gate_bias, gu, h_gu),
+                                             (q.up[e], w.up, w.up_bias, gu, h_gu),
+                                             (q.down[e], w.down, w.down_bias, dn, h_dn)):
+                _quantize_weight(lin, weight, bias, st if enough else None, cfg, h)
                 if not enough:  # static ranges: all-token ranges of the block instead
                     if st is gu and router_stats is not None:
                         _static_range(lin, router_stats.lo, router_stats.hi)
@@ -460,7 +485,7 @@ def quantize_model(model: nn.Module, adapter: ArchSpec, calib: torch.Tensor, cfg
     report = QuantReport(calib_tokens=int(calib.numel()))
     gen = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
-        inputs = capture_block_inputs(model, adapter, calib, cfg.batch_size)
+        inputs, block_kwargs = capture_block_inputs(model, adapter, calib, cfg.batch_size)
         blocks = adapter.blocks(model)
         first = 0
         if checkpoint is not None:
@@ -474,13 +499,14 @@ def quantize_model(model: nn.Module, adapter: ArchSpec, calib: torch.Tensor, cfg
             if loader is not None:
                 loader.load(i, block)
             groups = adapter.groups(block)
+            block_in = [(hs, *block_kwargs[i][j]) for j, (hs, _, _) in enumerate(inputs)]  # block i's mask
             col = BlockCollector(block, groups, adapter, hessian=cfg.gptq is not None)
-            col.collect(block, inputs, cfg.search_tokens, gen)
+            col.collect(block, block_in, cfg.search_tokens, gen)
             if cfg.smooth is not None:
                 smooth_block(block, groups, adapter, col, cfg, model.config, i, report)
-            quantize_block(block, groups, adapter, col, cfg, i, report, inputs)
+            quantize_block(block, groups, adapter, col, cfg, i, report, block_in)
             del col
-            outs = run_block(block, inputs)
+            outs = run_block(block, block_in)
             if not all(torch.isfinite(o).all() for o in outs):
                 raise HaqmoeError(f"block {i} produced NaN/Inf after quantization")
             inputs = [(o, a, k) for o, (_, a, k) in zip(outs, inputs)]

@@ -157,7 +157,7 @@ def _bench_experts(qe: QuantExperts, cfg: AutoConfig) -> ShapeChoice:
 def _first_expert(qe: QuantExperts) -> nn.Module:
     """A one-expert view of ``qe`` (shares its modules), for benchmarking one expert."""
     view = nn.Module()
-    view.num_experts, view.hidden_dim, view.intermediate_dim, view.act_fn = 1, qe.hidden_dim, qe.intermediate_dim, qe.act_fn
+    view.num_experts, view.hidden_dim, view.intermediate_dim, view.glu = 1, qe.hidden_dim, qe.intermediate_dim, qe.glu
     view.gate, view.up, view.down = qe.gate[:1], qe.up[:1], qe.down[:1]
     return view
 

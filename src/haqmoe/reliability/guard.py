@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import HaqmoeError
+from ..models.adapters import FusedExperts
 from ..quant.pipeline import HESSIAN_BUDGET
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -77,7 +78,7 @@ def estimate_quant_memory(model: nn.Module, adapter, calib: torch.Tensor | None,
     hessians = sum(m.in_features ** 2 * 8 for m in block.modules() if isinstance(m, nn.Linear))
     experts = adapter.experts(block)
     if experts is not None:  # built a pass at a time (quant.pipeline.expert_batches): one batch alive
-        e, (inter, hid) = int(experts.num_experts), experts.gate_up_proj[0].chunk(2, dim=0)[0].shape
+        e, hid, inter = FusedExperts.dims(experts)
         one = (hid ** 2 + inter ** 2) * 8
         hessians += one * min(e, max(1, hessian_budget // one))
     scores = min(batch_size, n) * heads * length * length * 4 * 2

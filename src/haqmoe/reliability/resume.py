@@ -120,9 +120,8 @@ def rebuild_quant_modules(block: nn.Module, layout: dict[str, dict], quant_cfg) 
 
     for name, (i, o, bias) in layout["linears"].items():
         set_module(block, name, QuantLinear(i, o, bias, quant_cfg.weights, quant_cfg.acts))
-    for name, (n, hidden, inter) in layout["experts"].items():
-        act = get_module(block, name).act_fn
-        set_module(block, name, QuantExperts(n, hidden, inter, act, quant_cfg.weights, quant_cfg.acts))
+    for name in layout["experts"]:  # shaped like the fused module still there (biases, expert function)
+        set_module(block, name, QuantExperts.like(get_module(block, name), quant_cfg.weights, quant_cfg.acts))
 
 
 @dataclass

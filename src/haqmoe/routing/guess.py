@@ -42,6 +42,9 @@ def guess_weight(next_router: nn.Module, norm_here: nn.Module | None, norm_next:
 def guess_scores(hidden: torch.Tensor, weight: torch.Tensor, next_router: nn.Module) -> torch.Tensor:
     """Per-token scores [T, E] whose order is layer l+1's routing order (sigmoid + bias routers too)."""
     scores = hidden.reshape(-1, weight.shape[1]).float() @ weight.to(hidden.device).t()  # no-op on one device
+    logit_bias = getattr(next_router, "bias", None)  # gpt-oss: logits = x·Wᵀ + b
+    if isinstance(logit_bias, torch.Tensor):
+        scores = scores + logit_bias.detach().float().to(scores.device)
     bias = getattr(next_router, "e_score_correction_bias", None)
     return scores.sigmoid() + bias.float().to(scores.device) if bias is not None else scores
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import HaqmoeError
-from ..models.adapters import adapter_for
+from ..models.adapters import adapter_for, expert_glu
 from ..models.loading import LoadedModel
 from ..quant.config import QuantConfig
 from ..quant.modules import QuantExperts
@@ -68,11 +68,11 @@ class TraceRouter(nn.Module):
         return logits, weights, ids
 
 
-def random_int8_experts(shape: MoEShape, qcfg: QuantConfig, act_fn: nn.Module, seed: int) -> QuantExperts:
+def random_int8_experts(shape: MoEShape, qcfg: QuantConfig, glu: nn.Module, seed: int) -> QuantExperts:
     """W8A8 experts with random integers (slices of one random pool, so building is a memcpy), per-channel
     scales that keep activations O(1), and small non-zero zero points when weights are asymmetric."""
     g = torch.Generator().manual_seed(seed)
-    qe = QuantExperts(shape.experts, shape.hidden, shape.ffn, act_fn, qcfg.weights, qcfg.acts)
+    qe = QuantExperts(shape.experts, shape.hidden, shape.ffn, glu, qcfg.weights, qcfg.acts)
     size = shape.hidden * shape.ffn
     pool = torch.randint(-127, 128, (size + 4096,), dtype=torch.int8, generator=g)
     for part in (qe.gate, qe.up, qe.down):
@@ -110,7 +110,7 @@ def shaped_mixtral(shape: MoEShape, routes: np.ndarray, dtype: torch.dtype = tor
     feed = RouteFeed(np.ascontiguousarray(routes[:, : shape.layers]))
     experts = []
     for layer, block in enumerate(model.model.layers):
-        qe = random_int8_experts(shape, qcfg, block.mlp.experts.act_fn, seed * 1000 + layer)
+        qe = random_int8_experts(shape, qcfg, expert_glu(block.mlp.experts), seed * 1000 + layer)
         block.mlp.experts = qe
         block.mlp.gate = TraceRouter(layer, feed, shape, last=layer == shape.layers - 1).to(device)
         experts.append(qe)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models.adapters import FusedExperts
+from ..models.adapters import FusedExperts, expert_glu
 from ..quant.int8 import QuantAct, cpu_kernel, quantize_tokens, w8a8_linear, weight_terms
 from ..quant.modules import QuantExperts
 from ..quant.quantizer import dequantize, fake_quant
@@ -37,7 +37,9 @@ def _is_quant(experts: nn.Module) -> bool:
 
 def _host_tensors(experts: nn.Module, e: int, int8_terms: bool) -> dict[str, torch.Tensor]:
     """One expert's weights in transfer format (what a slot holds). For the int8 GEMM also the
-    weight's column sums and integer zero points, derived once here instead of on every call."""
+    weight's column sums and integer zero points, derived once here instead of on every call.
+    Biased experts (gpt-oss) add ``gate.b``, ``up.b`` and ``down.b`` (float). Float experts are in
+    nn.Linear layout: a transposed fused layout (gpt-oss) gets its own host copy here."""
     if _is_quant(experts):
         out = {}
         for part in _PARTS:
@@ -45,9 +47,14 @@ def _host_tensors(experts: nn.Module, e: int, int8_terms: bool) -> dict[str, tor
             out[f"{part}.q"], out[f"{part}.s"], out[f"{part}.z"] = lin.qweight, lin.w_scale, lin.w_zero
             if int8_terms:
                 out[f"{part}.c"], out[f"{part}.zi"] = weight_terms(lin.qweight, lin.w_zero)
+            if lin.bias is not None:
+                out[f"{part}.b"] = lin.bias
         return out
     w = FusedExperts.get(experts, e)
-    return {"gate": w.gate.detach(), "up": w.up.detach(), "down": w.down.detach()}
+    out = {"gate": w.gate.detach(), "up": w.up.detach(), "down": w.down.detach()}
+    if w.gate_bias is not None:
+        out.update({"gate.b": w.gate_bias.detach(), "up.b": w.up_bias.detach(), "down.b": w.down_bias.detach()})
+    return out
 
 
 def expert_transfer_bytes(experts: nn.Module) -> int:
@@ -76,7 +83,7 @@ class ExpertStore:
         self.device = torch.device(cfg.device)
         first = experts_by_layer[0]
         self.quantized = _is_quant(first)
-        self.act_fn = first.act_fn
+        self.glu = expert_glu(first)
         self.a_spec = first.gate[0].a_spec if self.quantized else None
         self.w_spec = first.gate[0].w_spec if self.quantized else None
         gemm = cfg.int8_gemm if cfg.int8_gemm is not None else self.device.type == "cuda"
@@ -90,6 +97,7 @@ class ExpertStore:
                        for k, v in _host_tensors(m, e, self.int8_capable).items()}
                       for e in range(FusedExperts.count(m))] for m in experts_by_layer]
         template = self.host[0][0]
+        self.bias = "gate.b" in template
         self.intermediate = int(template["gate.q" if self.quantized else "gate"].shape[0])
         self.slots = {k: torch.empty((cfg.num_slots + cfg.split_slots, *v.shape), dtype=v.dtype, device=self.device)
                       for k, v in template.items()}
@@ -151,20 +159,22 @@ class ExpertStore:
     def _lin(self, x: torch.Tensor, get, part: str, int8: bool, act: QuantAct | None = None) -> torch.Tensor:
         """``get(key)``: the tensors to use (a slot's, or host rows). ``act``: ``x`` already quantized
         (int8 GEMM only), so gate and up quantize their input once."""
+        b = get(f"{part}.b") if self.bias else None
         if int8:  # W8A8 on the int8 GEMM, float32 out
             q, s, zi, c = (get(f"{part}.{t}") for t in ("q", "s", "zi", "c"))
-            return w8a8_linear(x, q, s.reshape(-1), None if self.w_spec.symmetric else zi, c, q.shape[1],
-                               self.a_spec, act=act)
+            y = w8a8_linear(x, q, s.reshape(-1), None if self.w_spec.symmetric else zi, c, q.shape[1],
+                            self.a_spec, act=act)
+            return y if b is None else y + b.float()
         w = self._weight(get, part, x.dtype)
         if self.a_spec is not None:
             x = fake_quant(x, self.a_spec)
-        return nn.functional.linear(x.to(w.dtype), w)
+        return nn.functional.linear(x.to(w.dtype), w, None if b is None else b.to(w.dtype))
 
     def _gate_up(self, x: torch.Tensor, get, int8: bool) -> torch.Tensor:
         act = None  # the fused CPU kernel quantizes inside; else gate and up share one quantization
         if int8 and cpu_kernel(x, x.shape[-1]) is None:
             act = quantize_tokens(x, self.a_spec, need_rowsum=not self.w_spec.symmetric)
-        return self.act_fn(self._lin(x, get, "gate", int8, act)) * self._lin(x, get, "up", int8, act)
+        return self.glu(self._lin(x, get, "gate", int8, act), self._lin(x, get, "up", int8, act))
 
     def _slot(self, slot: int):
         return lambda key: self.slots[key][slot]

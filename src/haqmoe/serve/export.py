@@ -13,6 +13,9 @@ What vLLM's int8 paths need, and why this layout:
   ``w3`` (up), ``w2`` (down) and ``block_sparse_moe.gate`` (router); Qwen/OLMoE/DeepSeek style
   ``mlp.experts.E.gate_proj/up_proj/down_proj``. transformers' own conversion mapping reads the
   same names back into its fused experts.
+* experts that are not plain ``down(act(gate) · up)`` without biases (gpt-oss: biased projections,
+  clamped SwiGLU) are refused: vLLM reads gpt-oss's experts fused (MXFP4 or bf16), and has no
+  per-expert int8 layout for them to load.
 * routers, lm_head, embeddings (and any linear we left in float) stay unquantized and are listed
   in ``ignore``; routers decide expert choice and vLLM keeps them in float. An lm_head stored as
   int8 rows (``--int8-lm-head``) is written dequantized, in float, like the others.
@@ -35,6 +38,7 @@ from safetensors.torch import save_file
 
 from ..errors import HaqmoeError
 from ..io import atomic_directory
+from ..models.adapters import GLU
 from ..models.lazy import INDEX_FILE, SafetensorsFolder
 from ..quant.modules import Int8Embedding, QuantExperts, QuantLinear, QuantVocab
 from ..quant.quantizer import QuantSpec, compute_qparams, quantize
@@ -187,6 +191,12 @@ def export_compressed_tensors(source: str, out: str | Path, cfg: ExportConfig = 
         raise HaqmoeError(f"{source} is not a haqmoe quantized checkpoint (run haqmoe quantize first)")
     if lm.adapter.moe is None and lm.is_moe:
         raise HaqmoeError(f"{source}: unsupported MoE layout for export")
+    for name, mod in lm.model.named_modules():
+        if isinstance(mod, QuantExperts) and (mod.has_bias or not isinstance(mod.glu, GLU)):
+            raise HaqmoeError(f"{source}: the experts at {name} ({type(mod.glu).__name__}"
+                              f"{', biased' if mod.has_bias else ''}) have no compressed-tensors int8 layout that "
+                              f"vLLM loads ({lm.adapter.name} experts are read fused): export is not supported "
+                              "for this architecture")
     out = Path(out)
     report = ExportReport(str(out))
     parts = export_parts(lm)
