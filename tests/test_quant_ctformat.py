@@ -22,7 +22,22 @@ def _ct_checkpoint(tmp_path, family: str = "llama"):
     quantize_with(model, adapter_for(model), "rtn", cfg, None, progress=False)
     save_quantized(model, None, tmp_path / "ours", cfg)
     export_compressed_tensors(str(tmp_path / "ours"), tmp_path / "ct", ExportConfig(dtype="float32"))
+    _single_file(tmp_path / "ct")
     return model, tmp_path / "ct"
+
+
+def _single_file(ct) -> None:
+    """Merge the export's shards (one per block) into one model.safetensors, the layout the tests edit
+    (a peer's small checkpoint has one file too)."""
+    from safetensors.torch import load_file, save_file
+
+    shards = sorted(ct.glob("model-*.safetensors"))
+    tensors = {k: v for f in shards for k, v in load_file(str(f)).items()}
+    save_file(tensors, str(ct / "model.safetensors"), metadata={"format": "pt"})
+    for f in shards:
+        f.unlink()
+    (ct / "model.safetensors.index.json").unlink()
+    (ct / "manifest.json").unlink(missing_ok=True)
 
 
 def _rename_tensors(ct, rename) -> None:

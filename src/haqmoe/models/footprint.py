@@ -6,11 +6,15 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .adapters import EXPERTS, ArchSpec, FusedExperts, get_module
+from ..errors import HaqmoeError
+from .adapters import EXPERTS, ArchSpec, FusedExperts, adapter_for, get_module
+from .lazy import SafetensorsFolder, skeleton, tied_keys
+from .loading import QUANT_CONFIG, is_compressed_tensors, lazy_folder, load_config, load_model
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,6 @@ def _quantized_weights(block: nn.Module, adapter: ArchSpec) -> tuple[int, int]:
 
 def footprint(model: nn.Module, adapter: ArchSpec) -> Footprint:
     """Sizes of ``model`` (a ``meta`` skeleton is enough), each shared tensor counted once."""
-    from .lazy import tied_keys
-
     tied = tied_keys(model)  # on a skeleton, tied parameters are still two tensors
     seen: set[int] = set()
     params = 0
@@ -85,29 +87,18 @@ class Inspected:
 
 def inspect_source(source: str, progress: bool = True) -> Inspected:
     """Read a model source's config and headers only (checkpoint folders and embedded models)."""
-    import json
-
-    from ..errors import HaqmoeError
-    from .embedded import ensure_embedded
-    from .lazy import SafetensorsFolder, skeleton
-    from .loading import QUANT_CONFIG, is_compressed_tensors, load_config, load_model, resolve_source
-
-    kind, path = resolve_source(source)
-    if kind == "embedded":
-        path = ensure_embedded(source, progress=progress)
-    if path is not None and kind in ("embedded", "dir") and SafetensorsFolder.present(path):
-        config = load_config(str(path))  # an unsupported architecture is named before any file is read
-        folder = SafetensorsFolder.open(path)
-        quant = None
-        if (path / QUANT_CONFIG).is_file():
-            try:
-                quant = json.loads((path / QUANT_CONFIG).read_text())
-            except (OSError, ValueError) as exc:
-                raise HaqmoeError(f"{path / QUANT_CONFIG} is unreadable: {exc}") from exc
-        elif is_compressed_tensors(path):
-            quant = {"quant": {"method": "compressed-tensors"}}
-        from .adapters import adapter_for
-
-        return Inspected(skeleton(config), adapter_for(config.model_type), quant, folder.nbytes())
-    lm = load_model(source, progress=progress)  # GGUF, hub ids, folders of .bin weights
-    return Inspected(lm.model, lm.adapter, lm.quant, None)
+    path = lazy_folder(source, progress)
+    if path is None:
+        lm = load_model(source, progress=progress)  # GGUF, hub ids, folders of .bin weights
+        return Inspected(lm.model, lm.adapter, lm.quant, None)
+    config = load_config(str(path))  # an unsupported architecture is named before any file is read
+    folder = SafetensorsFolder.open(path)
+    quant = None
+    if (path / QUANT_CONFIG).is_file():
+        try:
+            quant = json.loads((path / QUANT_CONFIG).read_text())
+        except (OSError, ValueError) as exc:
+            raise HaqmoeError(f"{path / QUANT_CONFIG} is unreadable: {exc}") from exc
+    elif is_compressed_tensors(path):
+        quant = {"quant": {"method": "compressed-tensors"}}
+    return Inspected(skeleton(config), adapter_for(config.model_type), quant, folder.nbytes())

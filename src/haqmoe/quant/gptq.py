@@ -60,17 +60,21 @@ def column_order(order: str, hdiag: torch.Tensor, absmax: torch.Tensor | None) -
 
 
 def inverse_hessian_factor(h: torch.Tensor, damp: float, max_retries: int) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + λ·mean(diag H)·I)^-1, raising λ tenfold until H is PD."""
-    n = h.shape[0]
+    """Upper Cholesky factor of (H + λ·mean(diag H)·I)^-1, raising λ tenfold until H is PD.
+
+    ``h`` is damped in place (and restored on a retry): with Mixtral's 14336² down-projection
+    Hessian every fp64 copy is 1.6 GB, so at most two more than ``h`` are alive at once."""
     mean_diag = float(h.diagonal().abs().mean()) or 1.0
-    eye = torch.eye(n, dtype=h.dtype)
-    lam = damp
+    lam, added = damp, 0.0
     for attempt in range(max_retries + 1):
-        hd = h + (lam * mean_diag) * eye
-        chol, info = torch.linalg.cholesky_ex(hd)
+        h.diagonal().add_(lam * mean_diag - added)
+        added = lam * mean_diag
+        chol, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             hinv = torch.cholesky_inverse(chol)
+            del chol
             u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if int(info) == 0 and torch.isfinite(u).all():
                 if attempt:
                     warnings.warn(f"GPTQ: Hessian not positive definite, recovered with damping {lam:g}",
@@ -78,15 +82,18 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, max_retries: int) -> tu
                 return u, lam
         lam = max(lam * 10, 1e-4)
     warnings.warn("GPTQ: Hessian unusable even with heavy damping; using the identity (RTN)", stacklevel=3)
-    return eye, float("inf")
+    return torch.eye(h.shape[0], dtype=h.dtype), float("inf")
 
 
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, cfg: GPTQConfig = GPTQConfig(),
-                  absmax: torch.Tensor | None = None) -> GPTQResult:
-    """Quantize ``weight`` [out, in] given ``hessian`` ∝ XᵀX [in, in] of its calibration inputs."""
+                  absmax: torch.Tensor | None = None, consume: bool = False) -> GPTQResult:
+    """Quantize ``weight`` [out, in] given ``hessian`` ∝ XᵀX [in, in] of its calibration inputs.
+    ``consume``: the caller no longer needs ``hessian`` (fp64), which is then worked on in place
+    instead of copied (an expert's Hessian is built for this one call)."""
     w = weight.detach().to(torch.float32).clone()
-    h = hessian.detach().to(torch.float64).clone()
+    h = hessian.detach()
+    h = h if consume and h.dtype == torch.float64 else h.to(torch.float64).clone()
     if h.shape != (w.shape[1], w.shape[1]):
         raise HaqmoeError(f"Hessian shape {tuple(h.shape)} does not match weight {tuple(w.shape)}")
     dead = h.diagonal() == 0
@@ -97,6 +104,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
     u, lam = inverse_hessian_factor(h, cfg.damp, cfg.max_retries)
+    del h, hessian  # with ``consume``, the Hessian's memory goes back before the column loop
     u = u.to(torch.float32)
 
     cols = w.shape[1]

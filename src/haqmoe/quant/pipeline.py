@@ -347,12 +347,14 @@ def _static_range(lin: QuantLinear, lo: torch.Tensor, hi: torch.Tensor) -> None:
 
 
 def _quantize_weight(lin: QuantLinear, weight: torch.Tensor, bias: torch.Tensor | None,
-                     st: InputStats | None, cfg: PipelineConfig, xtx: torch.Tensor | None = None) -> None:
-    """GPTQ with the input's Hessian (``xtx``, else the statistics' own) where there is one, else RTN."""
+                     st: InputStats | None, cfg: PipelineConfig, xtx: torch.Tensor | None = None,
+                     consume: bool = False) -> None:
+    """GPTQ with the input's Hessian (``xtx``, else the statistics' own) where there is one, else RTN.
+    ``consume``: ``xtx`` is used for this weight only and may be overwritten."""
     spec = cfg.quant.weights
     xtx = xtx if xtx is not None else (st.xtx if st is not None else None)
     if cfg.gptq is not None and st is not None and xtx is not None and st.count > 0:
-        res = gptq_quantize(weight, xtx, spec, cfg.gptq, st.absmax)
+        res = gptq_quantize(weight, xtx, spec, cfg.gptq, st.absmax, consume=consume)
         lin.set_quantized(res.qweight, res.scale, res.zero, bias)
     else:
         ref = QuantLinear.from_weight(weight.detach(), bias, spec, None)
@@ -436,7 +438,7 @@ def quantize_experts(block: nn.Module, adapter: ArchSpec, inputs, stats: ExpertS
             for lin, weight, bias, st, h in ((q.gate[e], w.gate, w.gate_bias, gu, h_gu),
                                              (q.up[e], w.up, w.up_bias, gu, h_gu),
                                              (q.down[e], w.down, w.down_bias, dn, h_dn)):
-                _quantize_weight(lin, weight, bias, st if enough else None, cfg, h)
+                _quantize_weight(lin, weight, bias, st if enough else None, cfg, h, consume=st is dn)
                 if not enough:  # static ranges: all-token ranges of the block instead
                     if st is gu and router_stats is not None:
                         _static_range(lin, router_stats.lo, router_stats.hi)

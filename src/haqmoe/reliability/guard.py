@@ -76,11 +76,14 @@ def estimate_quant_memory(model: nn.Module, adapter, calib: torch.Tensor | None,
     act_one = length * hidden * 4
     mask_one = length * length * 4
     hessians = sum(m.in_features ** 2 * 8 for m in block.modules() if isinstance(m, nn.Linear))
+    widest = max([m.in_features for m in block.modules() if isinstance(m, nn.Linear)], default=0)
     experts = adapter.experts(block)
     if experts is not None:  # built a pass at a time (quant.pipeline.expert_batches): one batch alive
         e, hid, inter = FusedExperts.dims(experts)
         one = (hid ** 2 + inter ** 2) * 8
         hessians += one * min(e, max(1, hessian_budget // one))
+        widest = max(widest, inter)
+    hessians += 2 * widest ** 2 * 8  # GPTQ's Cholesky factor and inverse beside the widest Hessian
     scores = min(batch_size, n) * heads * length * length * 4 * 2
     inter_size = int(getattr(cfg, "intermediate_size", 4 * hidden) or 4 * hidden)
     ffn = min(batch_size, n) * length * inter_size * 4 * 3

@@ -7,8 +7,11 @@ CPU part of a split miss, a range of gate/up rows, computed here from the host c
 
 GPU tier: preallocated slot buffers (no allocation per transfer) hold experts in their transfer
 format — int8 weights + scales/zero points (+ int32 column sums) for quantized models (4x fewer
-bytes than fp32 over PCIe), float weights otherwise. Host copies are pinned when CUDA is present
-so the host-to-device copies run asynchronously on a side stream. Quantized slots run either on the
+bytes than fp32 over PCIe), float weights otherwise. The host side is the model's own tensors, not
+a copy: one host copy of every expert, which the CPU tier computes from too. When CUDA is present
+that memory is page-locked in place (``cudaHostRegister``, exactly its size: ``pin_memory()`` would
+copy it into the caching host allocator, which rounds each block up to a power of two) so the
+host-to-device copies run asynchronously on a side stream. Quantized slots run either on the
 int8 GEMM (quant/int8.py) or dequantized per call (fake-quant arithmetic, what the CPU emulation
 uses by default); on CUDA the engine measures both at start-up and keeps the faster (eager int8 is
 launch-bound: it wins at Mixtral's shape, loses on small models). Decode (one token) on CUDA then
@@ -57,6 +60,19 @@ def _host_tensors(experts: nn.Module, e: int, int8_terms: bool) -> dict[str, tor
     return out
 
 
+def pin_in_place(t: torch.Tensor) -> torch.Tensor:
+    """``t`` page-locked where it lies (its storage registered with CUDA, exactly its size), so the
+    store and the CPU tier share it; a copy into pinned memory only where registering fails."""
+    t = t.contiguous()
+    if t.is_pinned():
+        return t
+    storage = t.untyped_storage()
+    err = torch.cuda.cudart().cudaHostRegister(storage.data_ptr(), storage.nbytes(), 0)
+    if int(getattr(err, "value", err)) != 0:
+        return t.pin_memory()
+    return t
+
+
 def expert_transfer_bytes(experts: nn.Module) -> int:
     """Bytes one expert takes in a GPU slot (its transfer format, int8 GEMM terms included)."""
     return sum(t.numel() * t.element_size() for t in _host_tensors(experts, 0, _is_quant(experts)).values())
@@ -93,7 +109,7 @@ class ExpertStore:
                                  and self.a_spec.bits == 8 and self.w_spec.granularity == "channel")
         self.int8_gemm = bool(gemm and self.int8_capable)
         pin = cfg.pin_memory and self.device.type == "cuda"
-        self.host = [[{k: (v.contiguous().pin_memory() if pin else v.contiguous())
+        self.host = [[{k: (pin_in_place(v) if pin else v.contiguous())
                        for k, v in _host_tensors(m, e, self.int8_capable).items()}
                       for e in range(FusedExperts.count(m))] for m in experts_by_layer]
         template = self.host[0][0]
