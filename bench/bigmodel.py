@@ -45,6 +45,7 @@ MIXTRAL = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32
                num_local_experts=8, num_experts_per_tok=2, head_dim=128, rms_norm_eps=1e-5,
                rope_theta=1e6, max_position_embeddings=32768, sliding_window=None)
 GB = 1e9
+GOAL_GIB = 12.0  # every step's peak RssAnon (one Mixtral block is 5.8 GB in fp32)
 
 
 def write_checkpoint(out: Path, layers: int) -> dict:
@@ -230,7 +231,12 @@ def main() -> None:
     meta = run_meta(layers=args.layers, limit_gib=args.limit_gb, checkpoint=size,
                     ram_gib=round(psutil.virtual_memory().total / 2**30, 1),
                     evidence="measured on this CPU (no GPU): wall time and peak RssAnon per command")
-    notes = (f"Checkpoint: Mixtral-8x7B widths, {args.layers} layers, {size['parameters'] / 1e9:.2f} B parameters: "
+    peaks = [r for r in rows if r["peak_rss_anon_gib"] is not None]
+    worst = max(peaks, key=lambda r: r["peak_rss_anon_gib"]) if peaks else None
+    goal = "" if worst is None else (
+        f"Largest peak: {worst['peak_rss_anon_gib']} GiB ({worst['step']}); goal at most {GOAL_GIB} GiB: "
+        f"{'met' if worst['peak_rss_anon_gib'] <= GOAL_GIB else 'NOT met'}. ")
+    notes = goal + (f"Checkpoint: Mixtral-8x7B widths, {args.layers} layer(s), {size['parameters'] / 1e9:.2f} B parameters: "
              f"{size['fp32_gb']} GB in fp32, {size['bf16_gb']} GB in bf16 (on disk); this machine has "
              f"{meta['ram_gib']} GiB of RAM. Peak RssAnon = private memory of the command's process tree "
              f"(mapped checkpoint pages are page cache and do not count). Evidence: {meta['evidence']}.")
