@@ -215,3 +215,29 @@ def test_quantized_loading_keeps_no_float_copy(tmp_path):
     floats = sum(t.numel() for n, t in lm.model.state_dict().items() if t.is_floating_point() and t.dim() == 2)
     ints = sum(t.numel() for t in lm.model.state_dict().values() if t.dtype == torch.int8)
     assert ints > floats  # the expert/attention weights are int8 only
+
+
+def test_hub_ids_are_downloaded_then_streamed(tmp_path, monkeypatch, capsys):
+    """A hub id is fetched into the Hugging Face cache (config, tokenizer, safetensors only) and then
+    read like a local folder; no network: the hub client is replaced by a local checkpoint."""
+    import huggingface_hub
+
+    src = _save("mixtral", tmp_path, torch.bfloat16, shard="40KB")
+    asked = {}
+
+    def snapshot(repo_id, allow_patterns):
+        asked["patterns"] = allow_patterns
+        return str(src)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id: ["config.json", "model-1.safetensors"])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    main(["-q", "info", "someone/tiny-mixtral", "--json"])
+    assert json.loads(capsys.readouterr().out)["sizes_gb"]["on_disk"] is not None  # read from headers
+    main(["-q", "quantize", "someone/tiny-mixtral", "-o", str(tmp_path / "q"), "--method", "rtn"])
+    assert (tmp_path / "q" / "block-0002.safetensors").is_file() and "*.safetensors" in asked["patterns"]
+
+    def offline(repo_id):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    with pytest.raises(SystemExit) as exc:
+        main(["-q", "info", "someone/tiny-mixtral"])
+    assert exc.value.code == 2 and "cannot download someone/tiny-mixtral" in capsys.readouterr().err

@@ -76,8 +76,8 @@ def footprint(model: nn.Module, adapter: ArchSpec) -> Footprint:
 
 @dataclass
 class Inspected:
-    """A model source as ``info`` sees it: the skeleton (or, for GGUF files and hub ids, the loaded
-    model), its adapter, the quantization metadata and the bytes its tensors take on disk."""
+    """A model source as ``info`` sees it: the skeleton (or, for GGUF files and .bin folders, the
+    loaded model), its adapter, the quantization metadata and the bytes its tensors take on disk."""
 
     model: nn.Module
     adapter: ArchSpec
@@ -89,7 +89,7 @@ def inspect_source(source: str, progress: bool = True) -> Inspected:
     """Read a model source's config and headers only (checkpoint folders and embedded models)."""
     path = lazy_folder(source, progress)
     if path is None:
-        lm = load_model(source, progress=progress)  # GGUF, hub ids, folders of .bin weights
+        lm = load_model(source, progress=progress)  # GGUF, folders of .bin weights
         return Inspected(lm.model, lm.adapter, lm.quant, None)
     config = load_config(str(path))  # an unsupported architecture is named before any file is read
     folder = SafetensorsFolder.open(path)

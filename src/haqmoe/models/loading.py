@@ -106,14 +106,31 @@ def resolve_source(source: str) -> tuple[str, Path | None]:
 
 
 def lazy_folder(source: str, progress: bool = True) -> Path | None:
-    """The safetensors folder behind ``source`` (a checkpoint folder, or an embedded model's
-    cache), which can be read lazily; None for a GGUF file, a hub id or a folder of .bin weights."""
+    """The safetensors folder behind ``source`` (a checkpoint folder, an embedded model's cache, or
+    a hub id's files downloaded into the Hugging Face cache), which can be read lazily; None for a
+    GGUF file or a folder of .bin weights."""
     kind, path = resolve_source(source)
     if kind == "embedded":
         path = ensure_embedded(source, progress=progress)
-    if path is not None and kind in ("embedded", "dir") and SafetensorsFolder.present(path):
+    if kind == "hub":
+        path = hub_snapshot(source)
+    if path is not None and SafetensorsFolder.present(path):
         return path
     return None
+
+
+def hub_snapshot(repo_id: str) -> Path | None:
+    """Download (or find in the Hugging Face cache) a hub model's config, tokenizer and safetensors
+    shards; None when it has no safetensors weights. Needs network the first time."""
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    try:
+        if not any(f.endswith(".safetensors") for f in list_repo_files(repo_id)):
+            return None
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                               "*.jinja", "*.tiktoken"]))
+    except Exception as exc:  # the hub client raises its own, httpx's and OS errors alike
+        raise HaqmoeError(f"cannot download {repo_id} from the hub: {_first_line(exc)}") from exc
 
 
 def load_model(source: str, dtype: torch.dtype = torch.float32, progress: bool = True) -> LoadedModel:

@@ -11,8 +11,9 @@ The pipeline (llm-compressor's sequential on-loading, GPTQModel's layer-by-layer
 5. the rest shard, index and metadata; ``OUT.partial/`` renamed to ``OUT``.
 
 So at most one block plus the non-block weights are in memory at once, and the shards written in
-step 4 are what ``--resume`` continues from. Sources that are not safetensors folders (a GGUF file,
-a hub id) are loaded whole and then take the same steps.
+step 4 are what ``--resume`` continues from. A hub id is downloaded first and streamed the same way;
+sources without safetensors weights (a GGUF file, a folder of .bin files) are loaded whole and then
+take the same steps.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def open_source(source: str, progress: bool) -> Source:
         model = skeleton(config, torch.float32)
         reader = ModelReader(SafetensorsFolder.open(path), model)
         return Source(model, load_tokenizer(path), adapter_for(config.model_type), reader)
-    lm = load_model(source, progress=progress)  # GGUF, hub ids, folders of .bin weights: loaded whole
+    lm = load_model(source, progress=progress)  # GGUF, folders of .bin weights: loaded whole
     if lm.quant is not None:
         raise HaqmoeError(f"{source} is already quantized")
     return Source(lm.model, lm.tokenizer, lm.adapter, None)
