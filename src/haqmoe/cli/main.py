@@ -53,7 +53,9 @@ def info(model: str = typer.Argument("smollm2-135m", help="Embedded name, checkp
         "top_k": int(getattr(cfg, "num_experts_per_tok", 0) or 0),
         "quantized": seen.quant["quant"] if seen.quant else None,
         "sizes_gb": {"fp32": _gb(size.fp32_bytes), "bf16": _gb(size.bf16_bytes), "w8a8": _gb(size.w8a8_bytes),
-                     "on_disk": None if seen.disk_bytes is None else _gb(seen.disk_bytes)},
+                     "on_disk": None if seen.disk_bytes is None else _gb(seen.disk_bytes),
+                     "largest_block_fp32": _gb(size.largest_block_fp32_bytes),  # what streaming holds at once
+                     "outside_blocks_fp32": _gb(size.rest_fp32_bytes)},
         "memory_needed_gb": {k: _gb(v) for k, v in need.items()},
         "memory_available_gb": _gb(available_bytes()),
         "groups": [{"name": g.name, "prev_op": g.prev_op, "layers": list(g.layers), "routers": list(g.routers)}

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -28,9 +28,6 @@ class Footprint:
     w8a8_bytes: int  # haqmoe's W8A8 checkpoint: int8 linears + fp32 scale/zero per row, the rest fp32
     largest_block_fp32_bytes: int  # what streaming quantization holds at once, besides the rest
     rest_fp32_bytes: int  # embedding, final norm, lm_head
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _quantized_weights(block: nn.Module, adapter: ArchSpec) -> tuple[int, int]:

@@ -91,8 +91,8 @@ def read_header(path: Path) -> dict:
 class SafetensorsFolder:
     """Every tensor of a checkpoint folder, from headers; one tensor read at a time on demand."""
 
-    def __init__(self, folder: Path, entries: dict[str, TensorEntry], metadata: dict):
-        self.folder, self.entries, self.metadata = folder, entries, metadata
+    def __init__(self, folder: Path, entries: dict[str, TensorEntry]):
+        self.folder, self.entries = folder, entries
         self._maps: dict[str, mmap.mmap] = {}
 
     @staticmethod
@@ -117,15 +117,13 @@ class SafetensorsFolder:
         else:
             raise HaqmoeError(f"{folder} has no {SINGLE_FILE} nor {INDEX_FILE}")
         entries: dict[str, TensorEntry] = {}
-        metadata: dict = {}
         for name in files:
             path = folder / name
             if not path.is_file():
                 raise HaqmoeError(f"{path} is missing (listed in {INDEX_FILE})")
             header = read_header(path)
             base = header.pop("__data_start__")
-            meta = header.pop("__metadata__", None) or {}
-            metadata.update(meta if isinstance(meta, dict) else {})
+            header.pop("__metadata__", None)
             size = path.stat().st_size
             for key, e in header.items():
                 try:
@@ -140,7 +138,7 @@ class SafetensorsFolder:
                 if hi > size:
                     raise HaqmoeError(f"{path} is truncated: {key} ends at byte {hi}, the file has {size}")
                 entries[key] = entry
-        return cls(folder, entries, metadata)
+        return cls(folder, entries)
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries
@@ -214,8 +212,6 @@ class ModelReader:
             t = t.to(dtype)
         return t
 
-    def numel(self, key: str) -> int:
-        return sum(self.folder.entries[s.key].numel for s in self.sources.get(key, []))
 
 
 def _convert(srcs: list[_Source], folder: SafetensorsFolder, dtype: torch.dtype | None) -> torch.Tensor:
