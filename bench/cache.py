@@ -1,4 +1,4 @@
-"""Issue 11: cache policies (+ next-layer prefetch) on held-out traces, Belady bound beside.
+"""Cache policies (+ next-layer prefetch) on held-out traces, Belady bound beside.
 
     .venv/bin/python bench/cache.py                      # mixtral stats + synthetic (+ smollm2-moe trace if given)
     .venv/bin/haqmoe profile smollm2-moe -o /tmp/traces/smollm2-moe-gen --requests 16 --seqlen 256 --generate 64
@@ -88,7 +88,7 @@ def main() -> None:
 
         notes += "\n\nPrefetch guess quality (top-k guesses of layer l+1 made at layer l, held-out split):\n\n"
         notes += markdown_table(guesses)
-    write_results(args.out, rows, run_meta(), "Expert cache policies and prefetch (issue 11)", notes)
+    write_results(args.out, rows, run_meta(), "Expert cache policies and prefetch", notes)
     print(Path(args.out).with_suffix(".md").read_text())
 
 

@@ -1,4 +1,4 @@
-"""Does a request's prompt tell which experts its generation will use? (issue 7, placement per request)
+"""Does a request's prompt tell which experts its generation will use? (placement per request)
 
     .venv/bin/python bench/decode_routing.py
 
@@ -102,7 +102,7 @@ def main() -> None:
              f"request; `global` is leave-one-out over all {everything.num_requests} requests. Share of the "
              f"global-to-oracle gap a placement read off the prompt closes: "
              + "; ".join(f"{g}: {closed(g)}" for g in ["all", *sources]) + ".")
-    write_results(args.out, rows, run_meta(), "Prompt vs decode routing (issue 7)", notes)
+    write_results(args.out, rows, run_meta(), "Prompt vs decode routing", notes)
     print(Path(args.out).with_suffix(".md").read_text())
 
 

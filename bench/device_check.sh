@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device-tool session's GPU checks (issue 7), run from the repo root on the lent machine:
+# One device-tool session's GPU checks, run from the repo root on the lent machine:
 #   bash bench/device_check.sh OUT_DIR [BASELINE_SRC]
 # Inputs: `.venv/bin/python bench/gpu_mixtral.py prepare .gpu_inputs` here (git-ignored: name it in the
 # device tool's `carry`). BASELINE_SRC: an earlier commit's src/ tree (e.g. `git archive REV src | tar -x

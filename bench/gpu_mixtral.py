@@ -1,4 +1,4 @@
-"""Issue 7/5 GPU rows: the real engine on a Mixtral-8x7B-shaped model, measured vs the simulator.
+"""GPU rows: the real engine on a Mixtral-8x7B-shaped model, measured vs the simulator.
 
 Two steps, because the GPU machine has no ../shared (`.gpu_inputs` is git-ignored: the device tool
 takes it along when `carry` names it):
@@ -252,7 +252,7 @@ def repredict(inputs: Path, results: Path) -> None:
     write_results(results / "runtime_gpu.json", rows, d["meta"], TITLE, notes(fitted, L, per_layer, rows))
 
 
-TITLE = "Real engine on the GPU: Mixtral-shaped W8A8 model (issue 7)"
+TITLE = "Real engine on the GPU: Mixtral-shaped W8A8 model"
 
 
 def notes(fitted: dict, L: int, per_layer: int, rows: list[dict]) -> str:
@@ -300,7 +300,7 @@ def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, d
           f"GB/s, cpu {profile.cpu_mem_bw_gb_s:.1f} GB/s, cpu int8 {profile.cpu_int8_tops:.2f} TOPS", flush=True)
     try:
         gemm = gemm_rows() if not dry_run else gemm_rows("cpu", GEMM_SHAPES[2:3], (1,))
-        write_results(out / "int8_gpu.json", gemm, run_meta(), "int8 vs fp16 GEMM on the GPU (issue 5)",
+        write_results(out / "int8_gpu.json", gemm, run_meta(), "int8 vs fp16 GEMM on the GPU",
                       GEMM_NOTES)
     except Exception:  # noqa: BLE001 - the engine rows matter more; report and go on
         traceback.print_exc()

@@ -1,4 +1,4 @@
-"""HAQ results: every W8A8 method of DESIGN §1 on one model, one calibration set, one evaluator.
+"""HAQ results: every W8A8 method of docs/design.md (Quantization) on one model, one calibration set, one evaluator.
 
     .venv/bin/python bench/haq.py --model smollm2-135m --windows all --resume  # the full table
     .venv/bin/python bench/haq.py --model smollm2-moe --windows 8 --out bench/results/haq_moe.json

@@ -364,7 +364,7 @@ def main() -> None:
                           prefill_tokens=64 if args.quick else 512)
         rows = cuda_rows(args.cuda_configs, cfg, device)
         write_results(Path(args.out).with_name(Path(args.out).name + "_cuda.json"), rows, run_meta(),
-                      "int8 execution on the GPU (issue 5)", CUDA_NOTES)
+                      "int8 execution on the GPU", CUDA_NOTES)
         return
     if args.render:
         render(args.render)

@@ -1,4 +1,4 @@
-"""Where a compiled int8 decode step of SmolLM2-135M spends its time, beside the int8 GEMV alone (issue 5).
+"""Where a compiled int8 decode step of SmolLM2-135M spends its time, beside the int8 GEMV alone.
 
     .venv/bin/python bench/int8_breakdown.py [--aoti]  # -> bench/results/int8_breakdown.{json,md}
 

@@ -1,4 +1,4 @@
-"""SmolLM2-135M int8 decode through the ahead-of-time package vs llama.cpp Q8_0, interleaved (issue 5).
+"""SmolLM2-135M int8 decode through the ahead-of-time package vs llama.cpp Q8_0, interleaved.
 
     .venv/bin/python bench/int8_interleaved.py [--pairs 10]  # -> bench/results/int8_interleaved.{json,md}
 

@@ -1,4 +1,4 @@
-"""Issue 7 measured CPU rows: the collaborative engine's overhead vs plain transformers, and the
+"""Measured CPU rows: the collaborative engine's overhead vs plain transformers, and the
 real-int8 speed-up, on the upcycled MoE (every expert on the CPU tier: this machine has no GPU).
 
     .venv/bin/python bench/runtime.py [--tokens 32] [--rounds 3]
@@ -115,7 +115,7 @@ def main() -> None:
               f"miss copied): computing the next-layer guesses took {100 * share:.2f} % of generation time "
               f"(goal: at most 2 %); greedy tokens identical with prefetch on and off: {same}. Their tok/s "
               "include the emulated copies and say nothing about a real GPU.")
-    write_results(args.out, rows, run_meta(loadavg=os.getloadavg()), "Collaborative engine on the CPU (issue 7)", notes)
+    write_results(args.out, rows, run_meta(loadavg=os.getloadavg()), "Collaborative engine on the CPU", notes)
     print(notes)
 
 

@@ -1,4 +1,4 @@
-"""Issue 7 simulator rows: Mixtral-8x7B W8A8 on the RTX 5090D profile (the paper's setup).
+"""Simulator rows: Mixtral-8x7B W8A8 on the RTX 5090D profile (the paper's setup).
 
     .venv/bin/python bench/simulate.py
 
@@ -150,7 +150,7 @@ def main() -> None:
                      f"1/16-expert chunks only while the copy engine would otherwise idle (tried) lowers the hit "
                      f"rate (0.678 -> 0.662, 24.3 tok/s): recent misses evict the frequency-warmed slots.")
     notes += ceiling_note(pair, cost, spec, slots, ours, peer)
-    write_results(args.out, rows, run_meta(), "Simulated Mixtral-8x7B W8A8 (issue 7)", notes)
+    write_results(args.out, rows, run_meta(), "Simulated Mixtral-8x7B W8A8", notes)
     print(Path(args.out).with_suffix(".md").read_text())
 
 

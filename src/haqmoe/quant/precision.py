@@ -1,4 +1,4 @@
-"""Device-aware precision (DESIGN §1): how a W8A8 model's quantized modules execute.
+"""Device-aware precision (docs/design.md, Precision): how a W8A8 model's quantized modules execute.
 
 Modes (all compute the same W8A8 function; they differ in speed and memory):
 

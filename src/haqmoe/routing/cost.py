@@ -1,6 +1,6 @@
 """A small expert-cost model for planning: what one MoE layer's experts cost for a request.
 
-It follows DESIGN §3's cost predictor. For an expert that ``n > 0`` tokens of a request select:
+It follows the cost predictor of docs/design.md. For an expert that ``n > 0`` tokens of a request select:
 
 - resident on the GPU:      gpu_fixed_ms + n * gpu_ms_per_token
 - not resident:             min(n * cpu_ms_per_token,                        (run on CPU)

@@ -1,6 +1,6 @@
 """Hit rates and expected latency of a placement on held-out routing.
 
-Hit rate (DESIGN §2) = share of (token, layer, selected expert) activations served by a resident
+Hit rate (docs/design.md, Routing and placement) = share of (token, layer, selected expert) activations served by a resident
 expert. A static plan's hit rate depends only on per-layer selection counts, so it is exact from
 count matrices alone (that is why the Mixtral per-prompt fractions suffice to evaluate plans).
 Per-request numbers cut requests into non-overlapping chunks of ``request_len`` tokens.

@@ -1,4 +1,4 @@
-"""Calibrate the cost predictor on the machine at hand (DESIGN §3), cached per machine and model.
+"""Calibrate the cost predictor on the machine at hand (docs/design.md, Cost predictor), cached per machine and model.
 
 ``calibrate_tiers`` times the engine's own executors — one expert on the CPU tier and on the GPU
 tier for a few token counts, and one expert's host-to-device copy — so the measured table keeps

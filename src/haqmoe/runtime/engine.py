@@ -509,7 +509,7 @@ class CollaborativeEngine:
                "split_expert_calls": int(tel.split_experts.sum()), **tel.host_ms_per_token()}
         if self.cache is not None:
             st = self.cache.stats
-            resident = st.hits + st.prefetch_hits  # DESIGN's hit rate, the simulator's resident_when_needed
+            resident = st.hits + st.prefetch_hits  # the hit rate of docs/design.md, the simulator's resident_when_needed
             lookups = st.lookups
             out.update({
                 "hit_rate": float(resident.sum() / max(lookups.sum(), 1)),

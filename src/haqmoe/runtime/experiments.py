@@ -35,7 +35,7 @@ from .simulator import CacheSpec, Replay, ReplayOptions, build_cache, spec_for_t
 from .synthetic import SyntheticConfig, synthetic_trace, trace_from_fractions
 
 MIXTRAL_LOCALITY = 0.2  # calibrated: held-out LRU ~61 % / Belady ~75 % at 128 of 256 experts, vs
-# 59 % / 74 % measured on real Mixtral-8x7B decode traces (DESIGN §3)
+# 59 % / 74 % measured on real Mixtral-8x7B decode traces (docs/design.md, Cost predictor)
 IDEAL = CostModel(CostCurve(per_token_ms=1.0), CostCurve(), 0.0)
 
 

@@ -1,4 +1,4 @@
-"""Cost predictor (DESIGN §3): compute a non-resident expert on the CPU, or ship it to the GPU?
+"""Cost predictor (docs/design.md, Cost predictor): compute a non-resident expert on the CPU, or ship it to the GPU?
 
 T_cpu(n) and T_gpu(n) are cost curves in milliseconds for n tokens through one expert. The
 linear form of the paper (``n * lat``) is wrong at small n: one decode token still streams the

@@ -102,7 +102,7 @@ MODELS: dict[str, ModelSpec] = {
     # hidden 4096, ffn 14336, vocab 32000, 32 heads / 8 KV heads of 128.
     "mixtral-8x7b": ModelSpec("mixtral-8x7b", 32, 8, 2, 4096, 14336, 32000,
                               2 * 4096 * 4096 + 2 * 4096 * 1024 + 4096 * 8 + 2 * 4096, 1024),
-    # The embedded upcycled MoE (SmolLM2-135M, DESIGN §4): 30 layers, hidden 576, ffn 1536,
+    # The embedded upcycled MoE (SmolLM2-135M, docs/design.md, Models and data): 30 layers, hidden 576, ffn 1536,
     # 9 heads / 3 KV heads of 64, 8 experts top-2.
     "smollm2-moe": ModelSpec("smollm2-moe", 30, 8, 2, 576, 1536, 49152,
                              2 * 576 * 576 + 2 * 576 * 192 + 576 * 8 + 2 * 576, 192),
