@@ -35,7 +35,7 @@ from ..io import atomic_directory, publish_directory
 from ..models.adapters import ArchSpec, adapter_for, get_module, set_module
 from ..models.lazy import INDEX_FILE, materialize, open_reader, read_header, skeleton
 from ..reliability.manifest import FileEntry, verify_manifest
-from ..reliability.resume import block_file, write_shard
+from ..reliability.resume import block_file, block_tensors, write_shard
 from .config import QuantConfig
 from .modules import QuantExperts, QuantLinear, tie_vocabulary, vocab_names
 
@@ -65,10 +65,6 @@ def rest_tensors(model: nn.Module, adapter: ArchSpec) -> dict[str, torch.Tensor]
         seen.add(ptr)
         out[key] = t
     return out
-
-
-def block_tensors(block: nn.Module, adapter: ArchSpec, i: int) -> dict[str, torch.Tensor]:
-    return {f"{adapter.layers}.{i}.{k}": v for k, v in block.state_dict().items()}
 
 
 def write_metadata(root: Path, model: nn.Module, tokenizer, meta: dict, shards: list[str]) -> None:
@@ -102,7 +98,7 @@ def save_quantized(model, tokenizer, out: str | Path, cfg: QuantConfig, extra: d
     with atomic_directory(out, overwrite=overwrite) as tmp:
         shards = []
         for i, block in enumerate(adapter.blocks(model)):
-            write_shard(block_tensors(block, adapter, i), tmp / block_file(i))
+            write_shard(block_tensors(block, adapter.layers, i), tmp / block_file(i))
             shards.append(block_file(i))
         write_shard(rest_tensors(model, adapter), tmp / REST_FILE)
         write_metadata(tmp, model, tokenizer, quant_meta(cfg, quantized_modules(model), extra), shards + [REST_FILE])

@@ -8,6 +8,7 @@ from tqdm import tqdm
 from ..models.adapters import ArchSpec, get_module, set_module
 from .config import QuantConfig
 from .modules import QuantExperts, QuantLinear
+from .pipeline import QuantReport
 
 
 def quantize_block_rtn(block: nn.Module, adapter: ArchSpec, cfg: QuantConfig) -> None:
@@ -31,7 +32,7 @@ def quantize_rtn(model: nn.Module, adapter: ArchSpec, cfg: QuantConfig, progress
     blocks = adapter.blocks(model)
     first = 0
     if checkpoint is not None:
-        first, _ = checkpoint.restore(blocks, None, None, _NoReport(), load_blocks=loader is None)
+        first, _ = checkpoint.restore(blocks, None, None, QuantReport(), load_blocks=loader is None)
     for i in tqdm(range(len(blocks)), desc="rtn", unit="block", disable=not progress, leave=False):
         if i < first:
             continue
@@ -39,14 +40,7 @@ def quantize_rtn(model: nn.Module, adapter: ArchSpec, cfg: QuantConfig, progress
             loader.load(i, blocks[i])
         quantize_block_rtn(blocks[i], adapter, cfg)
         if checkpoint is not None:
-            checkpoint.save(i, blocks[i], None, None, _NoReport())
+            checkpoint.save(i, blocks[i], None, None, QuantReport())
         if loader is not None:
             loader.release(i, blocks[i])
     return model
-
-
-class _NoReport:
-    """RTN has no per-group report; the checkpoint's state keeps an empty one."""
-
-    def __init__(self):
-        self.groups, self.fallbacks, self.seconds = [], [], 0.0

@@ -53,6 +53,12 @@ def block_file(i: int) -> str:
     return f"block-{i:04d}.safetensors"
 
 
+def block_tensors(block: nn.Module, layers: str, i: int) -> dict[str, torch.Tensor]:
+    """Block ``i``'s tensors keyed as in the whole model (``layers``: the blocks' path), the keys of
+    its shard."""
+    return {f"{layers}.{i}.{k}": v for k, v in block.state_dict().items()}
+
+
 def partial_dir(out: str | Path) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".partial")
@@ -195,9 +201,7 @@ class BlockCheckpoint:
     def save(self, i: int, block: nn.Module, inputs: list | None, gen: torch.Generator | None, report) -> None:
         """Block ``i`` is finished and ``inputs`` are block ``i+1``'s (None: a method without
         calibration): persist, then advance state.json."""
-        prefix = f"{self.layers}.{i}."
-        self.shards[block_file(i)] = write_shard({prefix + k: v for k, v in block.state_dict().items()},
-                                                 self.root / block_file(i))
+        self.shards[block_file(i)] = write_shard(block_tensors(block, self.layers, i), self.root / block_file(i))
         if inputs is not None:
             acts = {f"hs.{j}": hs for j, (hs, _, _) in enumerate(inputs)}
             acts["__generator__"] = gen.get_state()

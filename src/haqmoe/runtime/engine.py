@@ -20,6 +20,7 @@ import torch
 from ..errors import HaqmoeError
 from ..models.adapters import set_module
 from ..models.loading import LoadedModel, context_of, encode_prompt
+from ..quant.precision import convert, normalize_mode, weight_bytes
 from ..routing.guess import GuessPlan, guess_weight
 from .cache import CacheConfig, ExpertCache
 from .hybrid import HybridExperts, Telemetry
@@ -178,8 +179,6 @@ class CollaborativeEngine:
             set_module(block, adapter.moe.experts, hybrid)
             self.hybrids.append(hybrid)
         if cfg.exec_mode != "fake":  # after the store copied the int8 experts; quantized in memory counts too
-            from ..quant.precision import convert, normalize_mode
-
             convert(self.model, normalize_mode(cfg.exec_mode))
         if self.cache is not None:
             self.cost = self._cost_model(num_experts)  # after conversion: it times the CPU tier as it will run
@@ -357,12 +356,7 @@ class CollaborativeEngine:
     def _resident_gpu_bytes(self, experts: list) -> int:
         """What the GPU holds besides expert slots: every non-expert weight, a KV cache of the
         model's context (at most KV_TOKENS tokens), and a reserve for activations and CUDA itself."""
-        skip = {id(t) for m in experts for t in m.state_dict(keep_vars=True).values()}
-        seen, weights = set(), 0
-        for t in self.model.state_dict(keep_vars=True).values():
-            if id(t) not in skip and t.untyped_storage().data_ptr() not in seen:
-                seen.add(t.untyped_storage().data_ptr())
-                weights += t.numel() * t.element_size()
+        weights = weight_bytes(self.model) - sum(weight_bytes(m) for m in experts)
         c = self.model.config
         kv_heads = int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
         head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
