@@ -244,7 +244,7 @@ def demo(windows: int = typer.Option(2, min=1, help="WikiText-2 test windows (20
 
 
 # Command modules of the later pipeline stages register themselves on the shared app.
-from . import engine_cmds, quant_cmds, routing_cmds, runtime_cmds, serve_cmds  # noqa: E402,F401
+from . import engine_cmds, model_cmds, quant_cmds, routing_cmds, runtime_cmds, serve_cmds  # noqa: E402,F401
 
 
 def _disk_full(exc: BaseException) -> bool:
