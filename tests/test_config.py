@@ -72,3 +72,37 @@ def test_bad_config_files_are_clean_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--config", str(tmp_path / "missing.toml"), "serve"])
     assert exc.value.code == 2 and "cannot read config file" in capsys.readouterr().err
+
+
+def test_config_keys_are_the_names_help_shows():
+    group = typer.main.get_command(app)
+    m = default_map({"eval": {"exec": "real", "json": True, "int8-lm-head": True, "batch_size": 2}}, group)
+    assert m == {"eval": {"exec_mode": "real", "as_json": True, "int8_lm_head": True, "batch_size": 2}}
+    m = default_map({"quantize": {"w-sym": True}, "export": {"quant_dir": "x"}}, group)
+    assert m == {"quantize": {"w_sym": True}, "export": {"quant_dir": "x"}}
+    assert default_map({"eval": {"as_json": True}}, group) == {"eval": {"as_json": True}}  # older files still load
+    with pytest.raises(HaqmoeError) as exc:
+        default_map({"eval": {"exec_modee": "real"}}, group)
+    known = str(exc.value).split("known: ")[1]
+    assert "exec," in known and "json" in known and "int8-lm-head" in known
+    assert "exec_mode" not in known and "as_json" not in known and "int8_lm_head" not in known
+    with pytest.raises(HaqmoeError, match="unknown option 'version'"):  # command-line only
+        default_map({"version": True}, group)
+
+
+def _exit_code(args: list[str]) -> int:
+    try:
+        main(args)
+    except SystemExit as exc:
+        return exc.code or 0
+    return 0
+
+
+def test_config_and_version_are_in_the_root_help(capsys):
+    from haqmoe import __version__
+
+    assert _exit_code(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--config" in out and "--version" in out
+    assert _exit_code(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"haqmoe {__version__}"

@@ -58,18 +58,48 @@ def load_toml(path: str | Path) -> dict:
         raise HaqmoeError(f"config file {path} is not valid TOML: {exc}") from exc
 
 
-def _params(cmd: click.Command) -> dict[str, click.Parameter]:
-    return {p.name: p for p in cmd.params if p.name}
+def config_keys(param: click.Parameter) -> list[str]:
+    """The keys a config file may use for ``param``: the long option names ``--help`` shows (``exec``
+    for ``--exec``, ``w-sym`` for ``--w-sym/--w-asym``) or an argument's name (``quant-dir``), each
+    with dashes or underscores. The README promises these names; the Python parameter names behind
+    them (``exec_mode``, ``as_json``) are an implementation detail.
+    """
+    if param.param_type_name == "option":  # duck-typed: typer's options are its vendored click's
+        names = [o[2:] for o in param.opts if o.startswith("--")]
+    else:
+        names = [param.name.replace("_", "-")] if param.name else []
+    return names
+
+
+def _lookup(cmd: click.Command) -> tuple[dict[str, str], list[str]]:
+    """(config key normalized to underscores -> parameter name, the shown names for error messages).
+
+    The Python parameter name stays accepted so files written against it keep working, but it is never
+    listed: an error shows only the names ``--help`` shows.
+    """
+    table: dict[str, str] = {}
+    shown: list[str] = []
+    for param in cmd.params:
+        if not param.name or param.name == "help" or not param.expose_value or getattr(param, "hidden", False):
+            continue  # --config and --version: command-line only
+        names = config_keys(param)
+        shown.extend(names)
+        for key in names:
+            table[key.replace("-", "_")] = param.name
+    for param in cmd.params:  # legacy spelling: the Python name, unless it is another option's CLI name
+        if param.name and param.name != "help" and param.expose_value:
+            table.setdefault(param.name, param.name)
+    return table, sorted(shown)
 
 
 def _section(values: dict, cmd: click.Command, where: str) -> dict:
     """Validate one table against a command's parameters; keys normalized to parameter names."""
-    params, out = _params(cmd), {}
+    table, shown = _lookup(cmd)
+    out = {}
     for key, value in values.items():
-        name = key.replace("-", "_")
-        if name not in params:
-            known = ", ".join(sorted(n for n in params if n != "help"))
-            raise HaqmoeError(f"config {where}: unknown option '{key}' (known: {known})")
+        name = table.get(key.replace("-", "_"))
+        if name is None:
+            raise HaqmoeError(f"config {where}: unknown option '{key}' (known: {', '.join(shown)})")
         out[name] = value  # typed and validated by the option itself, like a command-line value
     return out
 

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from .. import __version__
 from ..io import check_output_dir  # noqa: F401  (re-exported for command modules)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -51,12 +52,25 @@ GEN_OPTS = dict(  # the prompt and sampling options of every generating command 
 )
 
 
+def _print_version(value: bool) -> None:
+    """``haqmoe --version``: eager, so it answers before a command is required."""
+    if value:
+        typer.echo(f"haqmoe {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
           threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: all cores)."),
           cache_dir: Optional[Path] = typer.Option(None, envvar="HAQMOE_CACHE",
-                                                   help="Where converted models are cached.")) -> None:
+                                                   help="Where converted models are cached."),
+          _config: Optional[Path] = typer.Option(None, "--config", metavar="FILE.toml", expose_value=False,
+                                                 help="Read options from a TOML file (default: $HAQMOE_CONFIG): "
+                                                      "global options at the top, then one table per command, keys "
+                                                      "named as in --help; the command line overrides it."),
+          _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                        expose_value=False, help="Print the version and exit.")) -> None:
     state["debug"], state["progress"] = debug, not quiet
     if cache_dir is not None:
         os.environ["HAQMOE_CACHE"] = str(cache_dir)
