@@ -66,3 +66,15 @@ def test_dead_channels_get_zero_weight():
     wq = dequantize(res.qweight, res.scale, res.zero, SPEC)
     assert torch.all(wq[:, 10] == 0)
     assert torch.isfinite(wq).all()
+
+
+def test_consumed_hessian_is_freed_and_gives_the_same_result():
+    """``consume`` works on the caller's Hessian in place and empties it (its 1.6 GB for Mixtral's
+    down projection go back before the column loop) without changing a single value."""
+    w, x = _layer(4)
+    h = (x.T @ x).double()
+    kept = gptq_quantize(w, h, SPEC, GPTQConfig(order="act"))
+    given = h.clone()
+    used = gptq_quantize(w, given, SPEC, GPTQConfig(order="act"), consume=True)
+    assert given.numel() == 0 and h.numel() > 0
+    assert torch.equal(kept.qweight, used.qweight) and torch.equal(kept.scale, used.scale)

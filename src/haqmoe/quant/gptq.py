@@ -62,8 +62,14 @@ def column_order(order: str, hdiag: torch.Tensor, absmax: torch.Tensor | None) -
 def inverse_hessian_factor(h: torch.Tensor, damp: float, max_retries: int) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + λ·mean(diag H)·I)^-1, raising λ tenfold until H is PD.
 
-    ``h`` is damped in place (and restored on a retry): with Mixtral's 14336² down-projection
-    Hessian every fp64 copy is 1.6 GB, so at most two more than ``h`` are alive at once."""
+    ``h`` (fp64, owned by the caller's GPTQ call) is damped in place and then OVERWRITTEN with the
+    factor, which is returned: a trial factorization needs one matrix beside ``h`` (kept apart so
+    that a failed trial can retry from ``h``), the inversion and the second factorization run in
+    place (torch's ``out=`` keeps one working copy). So at most two matrices of h's size are alive,
+    3.3 GB for Mixtral's 14336² down projection, where separate results needed three. If the
+    inverse cannot be factored after H was (an ill-conditioning no damping worth using reaches:
+    with λ = 0.01 the condition number is below 100·n), ``h`` is spent and the layer falls back
+    to RTN with a warning, as when no damping helps."""
     mean_diag = float(h.diagonal().abs().mean()) or 1.0
     lam, added = damp, 0.0
     for attempt in range(max_retries + 1):
@@ -71,18 +77,26 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, max_retries: int) -> tu
         added = lam * mean_diag
         chol, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(chol)
+            h.copy_(chol)
             del chol
-            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            del hinv
-            if int(info) == 0 and torch.isfinite(u).all():
+            torch.cholesky_inverse(h, out=h)
+            torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
+            if int(info) == 0 and torch.isfinite(h).all():
                 if attempt:
                     warnings.warn(f"GPTQ: Hessian not positive definite, recovered with damping {lam:g}",
                                   stacklevel=3)
-                return u, lam
+                return h, lam
+            break
         lam = max(lam * 10, 1e-4)
     warnings.warn("GPTQ: Hessian unusable even with heavy damping; using the identity (RTN)", stacklevel=3)
     return torch.eye(h.shape[0], dtype=h.dtype), float("inf")
+
+
+def _permute_symmetric(h: torch.Tensor, perm: torch.Tensor) -> None:
+    """``h[perm][:, perm]`` written into ``h``, one temporary at a time (indexing both at once
+    holds two)."""
+    h.copy_(h.index_select(0, perm))
+    h.copy_(h.index_select(1, perm))
 
 
 @torch.no_grad()
@@ -90,10 +104,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
                   absmax: torch.Tensor | None = None, consume: bool = False) -> GPTQResult:
     """Quantize ``weight`` [out, in] given ``hessian`` ∝ XᵀX [in, in] of its calibration inputs.
     ``consume``: the caller no longer needs ``hessian`` (fp64), which is then worked on in place
-    instead of copied (an expert's Hessian is built for this one call)."""
+    instead of copied and left EMPTY (``set_()``: its storage is freed although the caller still
+    holds the tensor) — an expert's Hessian is built for this one call."""
     w = weight.detach().to(torch.float32).clone()
-    h = hessian.detach()
-    h = h if consume and h.dtype == torch.float64 else h.to(torch.float64).clone()
+    consume = consume and hessian.dtype == torch.float64
+    h = hessian.detach() if consume else hessian.detach().to(torch.float64).clone()
     if h.shape != (w.shape[1], w.shape[1]):
         raise HaqmoeError(f"Hessian shape {tuple(h.shape)} does not match weight {tuple(w.shape)}")
     dead = h.diagonal() == 0
@@ -102,10 +117,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     scale, zero = compute_qparams(w, spec)
     perm = column_order(cfg.order, h.diagonal(), absmax)
     if perm is not None:
-        w, h = w[:, perm], h[perm][:, perm]
-    u, lam = inverse_hessian_factor(h, cfg.damp, cfg.max_retries)
-    del h, hessian  # with ``consume``, the Hessian's memory goes back before the column loop
-    u = u.to(torch.float32)
+        w = w[:, perm]
+        _permute_symmetric(h, perm)
+    u64, lam = inverse_hessian_factor(h, cfg.damp, cfg.max_retries)
+    u = u64.to(torch.float32)
+    del u64, h
+    if consume:  # the caller's tensor now holds the factor: its storage goes back before the column loop
+        hessian.set_()
 
     cols = w.shape[1]
     col_group = torch.arange(cols) if perm is None else perm  # original index of each position
