@@ -86,6 +86,10 @@ class _Stop(Exception):
 class BlockLoader(Protocol):
     """Where blocks come from when the model is not all in memory (``quant.stream.LazyBlocks``)."""
 
+    def inputs_captured(self) -> None:
+        """Block 0's calibration inputs exist (or none are needed): the weights outside the blocks
+        are not read again until every block is done and may leave memory meanwhile."""
+
     def load(self, i: int, block: nn.Module) -> None: ...
 
     def release(self, i: int, block: nn.Module) -> None: ...
@@ -488,6 +492,8 @@ def quantize_model(model: nn.Module, adapter: ArchSpec, calib: torch.Tensor, cfg
     gen = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
         inputs, block_kwargs = capture_block_inputs(model, adapter, calib, cfg.batch_size)
+        if loader is not None:
+            loader.inputs_captured()
         blocks = adapter.blocks(model)
         first = 0
         if checkpoint is not None:

@@ -30,6 +30,8 @@ def quantize_rtn(model: nn.Module, adapter: ArchSpec, cfg: QuantConfig, progress
                  checkpoint=None, loader=None) -> nn.Module:
     """RTN every block; ``checkpoint``/``loader`` as in ``pipeline.quantize_model`` (streaming, resume)."""
     blocks = adapter.blocks(model)
+    if loader is not None:
+        loader.inputs_captured()  # RTN reads no calibration inputs
     first = 0
     if checkpoint is not None:
         first, _ = checkpoint.restore(blocks, None, None, QuantReport(), load_blocks=loader is None)

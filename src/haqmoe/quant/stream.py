@@ -4,11 +4,12 @@ The pipeline (llm-compressor's sequential on-loading, GPTQModel's layer-by-layer
 
 1. config + tokenizer, calibration ids; the model skeleton on ``meta`` (no weights);
 2. the memory guard, from the skeleton's shapes, BEFORE anything is loaded;
-3. the weights outside the blocks (embedding, final norm, lm_head) loaded;
+3. the weights outside the blocks (embedding, final norm, lm_head) loaded, the calibration inputs
+   of block 0 captured, and the float embedding and lm_head released again until step 5;
 4. per block: load it from the source's shards (upcast to fp32 only now), collect statistics,
    smooth, quantize, run the quantized block for the next block's inputs, write its shard into
    ``OUT.partial/``, release it;
-5. the rest shard, index and metadata; ``OUT.partial/`` renamed to ``OUT``.
+5. the embedding and lm_head reloaded; the rest shard, index and metadata; ``OUT.partial/`` renamed to ``OUT``.
 
 So at most one block plus the non-block weights are in memory at once, and the shards written in
 step 4 are what ``--resume`` continues from. A hub id is downloaded first and streamed the same way;
@@ -51,6 +52,18 @@ class LazyBlocks:
 
     def __init__(self, model: nn.Module, reader: ModelReader, adapter: ArchSpec):
         self.model, self.reader, self.prefix = model, reader, adapter.layers
+
+    def inputs_captured(self) -> None:
+        """Release the float embedding and lm_head until the blocks are done (``restore_rest``):
+        with a 49k vocabulary at Mixtral's width they are 1.6 GB in fp32, a quarter of a block.
+        An int8 vocabulary (``--int8-lm-head``) was made in memory and stays."""
+        for module in (self.model.get_input_embeddings(), self.model.get_output_embeddings()):
+            if isinstance(module, (nn.Embedding, nn.Linear)):
+                release(module)
+
+    def restore_rest(self) -> None:
+        """Reload whatever ``inputs_captured`` released (tied weights stay one tensor)."""
+        materialize(self.model, "", self.reader, skip=(self.prefix,))
 
     def load(self, i: int, block: nn.Module) -> None:
         materialize(self.model, f"{self.prefix}.{i}", self.reader)
@@ -111,6 +124,8 @@ def quantize_checkpoint(source: str, out: Path, method: str, cfg: QuantConfig, o
     ckpt = BlockCheckpoint.open(out, fingerprint, cfg, resume, adapter.layers)
     loader = LazyBlocks(model, src.reader, adapter) if streaming else None
     report = quantize_with(model, adapter, method, cfg, ids, opts, progress, ckpt, loader)
+    if loader is not None:
+        loader.restore_rest()
     extra = {"source": source, "options": opts.__dict__, "calib": None if ids is None else asdict(calib),
              "report": report.as_dict()}
     modules = ckpt.modules()

@@ -2,7 +2,8 @@
 
 Computed from the model's shapes alone (the skeleton on ``meta`` has them), so it runs before
 loading. Resident through the run: the model's weights (all of them in memory; streaming, only
-those outside the decoder blocks: embedding, final norm, lm_head), the calibration activations of
+those outside the decoder blocks, and of those the embedding and lm_head only until block 0's
+inputs are captured), the calibration activations of
 the current block (inputs and outputs: two copies, plus one while a block checkpoint is
 serialized), the attention masks the model passes each block, and one block's working set (the
 block's weights twice, fp64 Hessians of every linear input and the expert Hessians, one batch's
@@ -50,10 +51,11 @@ class QuantMemoryEstimate:
     masks: int  # attention masks kept per batch
     block: int  # one block's working set
     per_sample: int  # activations + masks per calibration window (for the suggestion)
+    vocab: int = 0  # streaming: embedding and lm_head, resident only until block 0's inputs exist
 
     @property
     def total(self) -> int:
-        return self.model + self.activations + self.masks + self.block
+        return self.model + self.activations + self.masks + max(self.block, self.vocab)
 
 
 def _nbytes(module: nn.Module) -> int:
@@ -68,8 +70,9 @@ def estimate_quant_memory(model: nn.Module, adapter, calib: torch.Tensor | None,
     block = max(blocks, key=_nbytes)
     weights = _nbytes(block)
     resident = _nbytes(model) - (sum(_nbytes(b) for b in blocks) if streaming else 0)
+    vocab = _vocab_bytes(model) if streaming else 0  # released during the block loop
     if calib is None:
-        return QuantMemoryEstimate(resident, 0, 0, 2 * weights, 0)
+        return QuantMemoryEstimate(resident - vocab, 0, 0, 2 * weights, 0, vocab)
     n, length = int(calib.shape[0]), int(calib.shape[1])
     hidden = int(cfg.hidden_size)
     heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
@@ -83,12 +86,21 @@ def estimate_quant_memory(model: nn.Module, adapter, calib: torch.Tensor | None,
         one = (hid ** 2 + inter ** 2) * 8
         hessians += one * min(e, max(1, hessian_budget // one))
         widest = max(widest, inter)
-    hessians += 2 * widest ** 2 * 8  # GPTQ's Cholesky factor and inverse beside the widest Hessian
+    hessians += widest ** 2 * 8  # GPTQ's one working matrix beside the widest Hessian
     scores = min(batch_size, n) * heads * length * length * 4 * 2
     inter_size = int(getattr(cfg, "intermediate_size", 4 * hidden) or 4 * hidden)
     ffn = min(batch_size, n) * length * inter_size * 4 * 3
-    return QuantMemoryEstimate(resident, 3 * n * act_one, n * mask_one, 2 * weights + hessians + scores + ffn,
-                               3 * act_one + mask_one)
+    return QuantMemoryEstimate(resident - vocab, 3 * n * act_one, n * mask_one,
+                               2 * weights + hessians + scores + ffn, 3 * act_one + mask_one, vocab)
+
+
+def _vocab_bytes(model: nn.Module) -> int:
+    """The float embedding and lm_head (one tensor when tied), as ``quant.stream`` releases them."""
+    seen: dict[int, int] = {}
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if isinstance(module, (nn.Embedding, nn.Linear)):
+            seen[id(module.weight)] = module.weight.numel() * module.weight.element_size()
+    return sum(seen.values())
 
 
 def _gb(b: int) -> str:
@@ -107,7 +119,7 @@ def check_quant_memory(model: nn.Module, adapter, calib: torch.Tensor | None, ba
         raise HaqmoeError(f"quantization needs about {_gb(est.total)} ({parts}) but only {_gb(avail)} is "
                           "available: use a machine with more memory")
     n, length = int(calib.shape[0]), int(calib.shape[1])
-    room = avail - est.block - est.model
+    room = avail - max(est.block, est.vocab) - est.model
     fit = room // est.per_sample if room > 0 else 0
     hint = (f"use --calib-samples {int(fit)} (or shorter --calib-len)" if fit >= 1 else
             "even one calibration window does not fit: use a shorter --calib-len or a machine with more memory")
