@@ -397,3 +397,28 @@ def test_gpu_memory_budget_sizes_the_slots():
         make(quant=True, emulate_gpu=True, gpu_memory=resident + one * layers)
     with pytest.raises(HaqmoeError, match="at most --slots 2"):
         make(quant=True, emulate_gpu=True, gpu_memory=resident + 2 * one * layers, slots_per_layer=4)
+
+
+@pytest.mark.parametrize("mode", ["real", "dequant"])
+def test_one_host_copy_of_the_experts_beside_a_gpu_tier(mode):
+    """With a GPU tier and ``--exec real`` (or dequant, which then dequantizes only the rest of the
+    model) the CPU tier runs int8 experts and the store's host tensors are VIEWS of them: every
+    int8 expert weight exists once in host memory. Same values as the fake-quant store, same tokens."""
+    from haqmoe.quant.int8 import Int8Experts
+    from haqmoe.runtime.store import _host_tensors
+
+    fake, ref = make(quant=True, emulate_gpu=True, slots_per_layer=3, decision="split")
+    real, _ = make(quant=True, emulate_gpu=True, slots_per_layer=3, decision="split", exec_mode=mode)
+    tiers = [h.original for h in real.hybrids]
+    assert all(isinstance(t, Int8Experts) for t in tiers)
+    cpu_storages = {b.untyped_storage().data_ptr() for t in tiers for b in t.buffers()}
+    for layer, experts in enumerate(real.store.host):
+        for e, tensors in enumerate(experts):
+            for key in ("gate.q", "up.q", "down.q"):
+                assert tensors[key].untyped_storage().data_ptr() in cpu_storages, (layer, e, key)
+            want = _host_tensors(fake.hybrids[layer].original, e, True)
+            assert tensors.keys() == want.keys()
+            for key, t in tensors.items():
+                assert torch.equal(t, want[key]), (layer, e, key)
+    assert real.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref
+    assert real.summary()["split_expert_calls"] > 0

@@ -538,15 +538,17 @@ def _experts_spec(qe: nn.Module) -> QuantSpec:
 class Int8Experts(GroupedExperts):
     """Drop-in for ``QuantExperts`` on the int8 GEMM; gate and up fused into one GEMM per expert."""
 
-    def __init__(self, num_experts: int, hidden: int, inter: int, glu: nn.Module, a_spec: QuantSpec):
+    def __init__(self, num_experts: int, hidden: int, inter: int, glu: nn.Module, a_spec: QuantSpec,
+                 w_spec: QuantSpec):
         super().__init__(num_experts, hidden, inter, glu, a_spec)
+        self.w_spec = w_spec  # the weights' quantization (the runtime's expert store reads it)
         self.gate_up: list[tuple[str, ...]] = []
         self.down: list[tuple[str, ...]] = []
         self.wt: dict[str, list[torch.Tensor]] = {"gate_up": [], "down": []}
 
     @classmethod
     def from_quant_experts(cls, qe: nn.Module) -> "Int8Experts":
-        m = cls(qe.num_experts, qe.hidden_dim, qe.intermediate_dim, qe.glu, _experts_spec(qe))
+        m = cls(qe.num_experts, qe.hidden_dim, qe.intermediate_dim, qe.glu, _experts_spec(qe), qe.gate[0].w_spec)
         m._copy_biases(qe)
         for e in range(qe.num_experts):
             g, u, d = qe.gate[e], qe.up[e], qe.down[e]
@@ -569,7 +571,8 @@ class Int8Experts(GroupedExperts):
                    for kind in self.wt}
         return self
 
-    def _packed(self, kind: str, e: int) -> tuple:
+    def packed(self, kind: str, e: int) -> tuple:
+        """Expert ``e``'s ``pack_weight`` tensors of ``kind`` ("gate_up": gate rows, then up rows; "down")."""
         return tuple(getattr(self, n) for n in getattr(self, kind)[e])
 
     def needs_rowsum(self) -> bool:
@@ -582,13 +585,13 @@ class Int8Experts(GroupedExperts):
         return super().prepare(hidden_states)
 
     def expert_forward(self, e: int, inp: QuantAct | torch.Tensor) -> torch.Tensor:
-        w, sw, zw, cs = self._packed("gate_up", e)
+        w, sw, zw, cs = self.packed("gate_up", e)
         if isinstance(inp, QuantAct):
             gate_up = int8_matmul(inp, self.wt["gate_up"][e], sw, zw, cs, self.hidden_dim)
         else:
             gate_up = w8a8_linear(inp, w, sw, zw, cs, self.hidden_dim, self.a_spec)
         h = self._gate_up(e, gate_up)
-        w, sw, zw, cs = self._packed("down", e)
+        w, sw, zw, cs = self.packed("down", e)
         return self._down(e, w8a8_linear(h, w, sw, zw, cs, self.intermediate_dim, self.a_spec, wt=self.wt["down"][e]))
 
     def extra_repr(self) -> str:

@@ -205,6 +205,15 @@ def _clear_cache_hook(module: nn.Module, args) -> None:
         ACT_CACHE.clear()  # drop the previous forward's activation (and its strong reference)
 
 
+def int8_experts(experts: nn.Module) -> nn.Module:
+    """``experts`` on the int8 GEMM where its recipe allows, else unchanged (fake-quant). What the
+    collaborative engine's CPU tier runs whatever the mode: its GPU tier reads the same int8 host
+    copy (``runtime.store``), where a dequantized fp32 tier would be a second, 4x larger copy."""
+    if isinstance(experts, QuantExperts) and _int8_capable(experts):
+        return Int8Experts.from_quant_experts(experts)
+    return experts
+
+
 def convert(model: nn.Module, mode: str = "auto", auto: AutoConfig | None = None,
             int8_lm_head: bool = False) -> ConversionReport:
     """Replace the model's quantized modules in place by the executors of ``mode``.
@@ -305,5 +314,5 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-__all__ = ["AutoConfig", "ConversionReport", "ExecMode", "EXEC_MODES", "convert", "normalize_mode",
+__all__ = ["AutoConfig", "ConversionReport", "ExecMode", "EXEC_MODES", "convert", "int8_experts", "normalize_mode",
            "weight_bytes"]

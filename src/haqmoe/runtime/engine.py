@@ -20,7 +20,7 @@ import torch
 from ..errors import HaqmoeError
 from ..models.adapters import set_module
 from ..models.loading import LoadedModel, context_of, encode_prompt
-from ..quant.precision import convert, normalize_mode, weight_bytes
+from ..quant.precision import convert, int8_experts, normalize_mode, weight_bytes
 from ..routing.guess import GuessPlan, guess_weight
 from .cache import CacheConfig, ExpertCache
 from .hybrid import HybridExperts, Telemetry
@@ -161,6 +161,8 @@ class CollaborativeEngine:
             if slots <= 0:
                 raise HaqmoeError("the GPU cache needs at least one slot per layer "
                                   "(use --policy always-cpu to keep every expert on the CPU)")
+            if cfg.exec_mode != "fake":  # converted before the store reads them: one host copy for both tiers
+                experts = [self._int8_cpu_tier(adapter, b, ex) for b, ex in zip(blocks, experts)]
             store_device = "cpu" if cfg.emulate_gpu else str(self.device)
             splits = self.top_k if cfg.decision == "split" else 0  # scratch slots: a layer's misses at decode
             self.store = ExpertStore(experts, StoreConfig(store_device, slots * len(blocks), split_slots=splits))
@@ -178,8 +180,8 @@ class CollaborativeEngine:
                                    nxt, cfg.prefetch, gw, guess_plan, admit=cfg.admit)
             set_module(block, adapter.moe.experts, hybrid)
             self.hybrids.append(hybrid)
-        if cfg.exec_mode != "fake":  # after the store copied the int8 experts; quantized in memory counts too
-            convert(self.model, normalize_mode(cfg.exec_mode))
+        if cfg.exec_mode != "fake":  # the rest of the model (and, without a GPU tier, the experts); quantized
+            convert(self.model, normalize_mode(cfg.exec_mode))  # in memory counts too
         if self.cache is not None:
             self.cost = self._cost_model(num_experts)  # after conversion: it times the CPU tier as it will run
             for h in self.hybrids:
@@ -263,6 +265,17 @@ class CollaborativeEngine:
             cost = cost_model_for(load_profile(self.cfg.profile), spec, *self._tier_precisions())
         cost.n_critical_override = self.cfg.n_critical
         return cost
+
+    @staticmethod
+    def _int8_cpu_tier(adapter, block: torch.nn.Module, experts: torch.nn.Module) -> torch.nn.Module:
+        """The CPU tier of a model run beside a GPU tier, with ``--exec`` other than fake: int8 experts
+        (``precision.int8_experts``) in place of the fake-quant ones, whose int8 tensors are freed with
+        them. ``dequant`` and ``auto`` apply to the rest of the model only: a dequantized tier would
+        be an fp32 second copy of every expert beside the int8 one the transfers read."""
+        converted = int8_experts(experts)
+        if converted is not experts:
+            set_module(block, adapter.moe.experts, converted)
+        return converted
 
     def _float_dtype(self) -> torch.dtype:
         """The model's floating-point dtype (its first float parameter's)."""

@@ -8,7 +8,8 @@ CPU part of a split miss, a range of gate/up rows, computed here from the host c
 GPU tier: preallocated slot buffers (no allocation per transfer) hold experts in their transfer
 format — int8 weights + scales/zero points (+ int32 column sums) for quantized models (4x fewer
 bytes than fp32 over PCIe), float weights otherwise. The host side is the model's own tensors, not
-a copy: one host copy of every expert, which the CPU tier computes from too. When CUDA is present
+a copy: one host copy of every expert, which the CPU tier computes from too (a CPU tier converted
+to the int8 GEMM is read through views of its packed weights). When CUDA is present
 that memory is page-locked in place (``cudaHostRegister``, exactly its size: ``pin_memory()`` would
 copy it into the caching host allocator, which rounds each block up to a power of two) so the
 host-to-device copies run asynchronously on a side stream. Quantized slots run either on the
@@ -26,16 +27,48 @@ import torch
 from torch import nn
 
 from ..models.adapters import FusedExperts, expert_glu
-from ..quant.int8 import QuantAct, cpu_kernel, quantize_tokens, w8a8_linear, weight_terms
+from ..quant.int8 import Int8Experts, QuantAct, cpu_kernel, quantize_tokens, w8a8_linear, weight_terms
 from ..quant.modules import QuantExperts
-from ..quant.quantizer import dequantize, fake_quant
+from ..quant.quantizer import QuantSpec, dequantize, fake_quant
 from .predictor import SPLIT_STEPS
 
 _PARTS = ("gate", "up", "down")
 
 
 def _is_quant(experts: nn.Module) -> bool:
-    return isinstance(experts, QuantExperts)
+    return isinstance(experts, (QuantExperts, Int8Experts))
+
+
+def _specs(experts: nn.Module) -> tuple[QuantSpec | None, QuantSpec | None]:
+    """(weight spec, activation spec) of quantized experts; (None, None) for float ones."""
+    if isinstance(experts, Int8Experts):
+        return experts.w_spec, experts.a_spec
+    if isinstance(experts, QuantExperts):
+        return experts.gate[0].w_spec, experts.gate[0].a_spec
+    return None, None
+
+
+def _int8_host(experts: Int8Experts, e: int, int8_terms: bool) -> dict[str, torch.Tensor]:
+    """``_host_tensors`` of a CPU tier converted to the int8 GEMM: VIEWS of its packed weights (gate
+    and up are the two row halves of the fused gate/up weight), so the CPU tier and the GPU tier's
+    transfers read one host copy. Only the per-channel float zero points are small new tensors.
+    Widths that ``pack_weight`` had to pad make the views strided, and the store then copies them."""
+    hid, inter = experts.hidden_dim, experts.intermediate_dim
+    gate_up, down = experts.packed("gate_up", e), experts.packed("down", e)
+    out = {}
+    for part, (w, scale, zero, colsum), rows, k in (("gate", gate_up, slice(0, inter), hid),
+                                                    ("up", gate_up, slice(inter, 2 * inter), hid),
+                                                    ("down", down, slice(0, hid), inter)):
+        n = rows.stop - rows.start
+        zi = zero[rows] if zero is not None else torch.zeros(n, dtype=torch.int32, device=w.device)
+        out[f"{part}.q"], out[f"{part}.s"] = w[rows, :k], scale[rows].reshape(-1, 1)
+        out[f"{part}.z"] = zi.reshape(-1, 1).to(torch.float32)
+        if int8_terms:
+            out[f"{part}.c"], out[f"{part}.zi"] = colsum[rows], zi
+    if experts.gate_up_bias is not None:
+        out["gate.b"], out["up.b"] = experts.gate_up_bias[e].split(inter)
+        out["down.b"] = experts.down_bias[e]
+    return out
 
 
 def _host_tensors(experts: nn.Module, e: int, int8_terms: bool) -> dict[str, torch.Tensor]:
@@ -43,7 +76,9 @@ def _host_tensors(experts: nn.Module, e: int, int8_terms: bool) -> dict[str, tor
     weight's column sums and integer zero points, derived once here instead of on every call.
     Biased experts (gpt-oss) add ``gate.b``, ``up.b`` and ``down.b`` (float). Float experts are in
     nn.Linear layout: a transposed fused layout (gpt-oss) gets its own host copy here."""
-    if _is_quant(experts):
+    if isinstance(experts, Int8Experts):
+        return _int8_host(experts, e, int8_terms)
+    if isinstance(experts, QuantExperts):
         out = {}
         for part in _PARTS:
             lin = getattr(experts, part)[e]
@@ -60,15 +95,20 @@ def _host_tensors(experts: nn.Module, e: int, int8_terms: bool) -> dict[str, tor
     return out
 
 
+_ALREADY_REGISTERED = 712  # cudaErrorHostMemoryAlreadyRegistered: another view of the storage pinned it
+
+
 def pin_in_place(t: torch.Tensor) -> torch.Tensor:
     """``t`` page-locked where it lies (its storage registered with CUDA, exactly its size), so the
-    store and the CPU tier share it; a copy into pinned memory only where registering fails."""
+    store and the CPU tier share it; a copy into pinned memory only where registering fails. Views
+    of one storage (an int8 CPU tier's gate and up rows) register it once."""
     t = t.contiguous()
     if t.is_pinned():
         return t
     storage = t.untyped_storage()
-    err = torch.cuda.cudart().cudaHostRegister(storage.data_ptr(), storage.nbytes(), 0)
-    if int(getattr(err, "value", err)) != 0:
+    err = int(getattr(err := torch.cuda.cudart().cudaHostRegister(storage.data_ptr(), storage.nbytes(), 0),
+                      "value", err))
+    if err not in (0, _ALREADY_REGISTERED):
         return t.pin_memory()
     return t
 
@@ -100,8 +140,7 @@ class ExpertStore:
         first = experts_by_layer[0]
         self.quantized = _is_quant(first)
         self.glu = expert_glu(first)
-        self.a_spec = first.gate[0].a_spec if self.quantized else None
-        self.w_spec = first.gate[0].w_spec if self.quantized else None
+        self.w_spec, self.a_spec = _specs(first)
         gemm = cfg.int8_gemm if cfg.int8_gemm is not None else self.device.type == "cuda"
         # W8A8 per channel with dynamic 8-bit activations runs on the int8 GEMM: always for the CPU part
         # of a split (dequantizing rows per call would cost the CPU 4x the bytes), by choice on the slots
