@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from haqmoe.quant.gptq import GPTQConfig, column_order, gptq_quantize
+from haqmoe.errors import HaqmoeError
+from haqmoe.quant.gptq import GPTQConfig, column_order, gptq_quantize, quant_device
 from haqmoe.quant.quantizer import QuantSpec, dequantize, fake_quant
 
 
@@ -78,3 +79,28 @@ def test_consumed_hessian_is_freed_and_gives_the_same_result():
     used = gptq_quantize(w, given, SPEC, GPTQConfig(order="act"), consume=True)
     assert given.numel() == 0 and h.numel() > 0
     assert torch.equal(kept.qweight, used.qweight) and torch.equal(kept.scale, used.scale)
+
+
+def test_quant_device_resolution():
+    assert quant_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert quant_device("cpu") == "cpu"
+    with pytest.raises(HaqmoeError, match="unknown device"):
+        quant_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(HaqmoeError, match="sees no CUDA device"):
+            quant_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("order", ["natural", "act"])
+def test_gptq_on_cuda_matches_the_cpu(order):
+    """Other kernels, so not bit-identical: nearly every code equal, none more than one step off,
+    results back on the CPU, and the consumed Hessian freed on the host."""
+    w, x = _layer(5)
+    h = (x.T @ x).double()
+    cpu = gptq_quantize(w, h, SPEC, GPTQConfig(order=order))
+    given = h.clone()
+    gpu = gptq_quantize(w, given, SPEC, GPTQConfig(order=order, device="cuda"), consume=True)
+    assert gpu.qweight.device.type == "cpu" and given.numel() == 0
+    diff = (gpu.qweight.int() - cpu.qweight.int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.02

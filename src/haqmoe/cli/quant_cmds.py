@@ -67,6 +67,8 @@ def quantize(model: str = typer.Argument(..., help="Model source to quantize."),
              stat: str = typer.Option("absmax", help="Smoothing statistic: absmax, absmean or auto (search both)."),
              grid: int = typer.Option(20, min=1, help="Smoothing exponents searched in [0, 1]."),
              damp: float = typer.Option(0.01, min=0.0, help="GPTQ dampening (fraction of mean diag H)."),
+             device: str = typer.Option("auto", help="Where GPTQ runs: auto (CUDA when present), cpu or cuda. "
+                                        "On the CPU the result is bit-identical run to run."),
              w_bits: int = typer.Option(8, **_BITS, help="Weight bits (4-8)."),
              a_bits: int = typer.Option(8, **_BITS, help="Activation bits (4-8)."),
              w_sym: bool = typer.Option(False, "--w-sym/--w-asym", help="Symmetric weights (default asym)."),
@@ -89,7 +91,8 @@ def quantize(model: str = typer.Argument(..., help="Model source to quantize."),
              as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Quantize a model to W8A8 and write a sharded checkpoint (int8 weights, scales, zero points,
     folded smoothing), one decoder block at a time: a safetensors source is read block by block
-    from its shards, so memory holds one block plus the embedding and lm_head, never the model.
+    from its shards, so memory holds one block (the embedding and lm_head only while calibration
+    inputs are captured), never the model. GPTQ runs on CUDA where present (--device).
 
     Every finished block is a shard under OUT.partial/; after a crash or kill, rerun with --resume.
     """
@@ -99,7 +102,7 @@ def quantize(model: str = typer.Argument(..., help="Model source to quantize."),
     if stat not in ("absmax", "absmean", "auto"):
         raise HaqmoeError(f"--stat must be absmax, absmean or auto, got '{stat}'")
     cfg = _quant_config(method.value, w_bits, a_bits, w_sym, a_sym, static_acts, group_size)
-    opts = MethodOptions(alpha=alpha, order=order.value, stat=stat, grid=grid, damp=damp, seed=seed)
+    opts = MethodOptions(alpha=alpha, order=order.value, stat=stat, grid=grid, damp=damp, seed=seed, device=device)
     check_output_dir(out, overwrite, model)
     _check_partial(out, resume, overwrite)
     start = time.perf_counter()

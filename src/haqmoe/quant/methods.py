@@ -20,7 +20,7 @@ import torch
 from ..errors import HaqmoeError
 from ..models.adapters import ArchSpec
 from .config import QuantConfig
-from .gptq import ORDERS, GPTQConfig
+from .gptq import ORDERS, GPTQConfig, quant_device
 from .pipeline import PipelineConfig, QuantReport, check_finite, quantize_model
 from .rtn import quantize_rtn
 from .smooth import SmoothConfig
@@ -39,6 +39,7 @@ class MethodOptions:
     min_expert_tokens: int = 32
     batch_size: int = 8
     seed: int = 0
+    device: str = "auto"  # where GPTQ runs (gptq.quant_device: CUDA when present)
 
 
 def pipeline_config(method: str, quant: QuantConfig, opts: MethodOptions = MethodOptions()) -> PipelineConfig:
@@ -54,7 +55,8 @@ def pipeline_config(method: str, quant: QuantConfig, opts: MethodOptions = Metho
         "smooth": SmoothConfig("adaptive", grid=opts.grid, stat=opts.stat),
         "haq": SmoothConfig("adaptive", grid=opts.grid, stat=opts.stat),
     }.get(method)
-    gptq = GPTQConfig(order=opts.order, damp=opts.damp) if method in ("gptq", "haq") else None
+    gptq = GPTQConfig(order=opts.order, damp=opts.damp, device=quant_device(opts.device)) \
+        if method in ("gptq", "haq") else None
     return PipelineConfig(quant, smooth, gptq, opts.batch_size, opts.search_tokens, opts.min_expert_tokens,
                           opts.seed)
 
