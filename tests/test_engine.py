@@ -422,3 +422,30 @@ def test_one_host_copy_of_the_experts_beside_a_gpu_tier(mode):
                 assert torch.equal(t, want[key]), (layer, e, key)
     assert real.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref
     assert real.summary()["split_expert_calls"] > 0
+
+
+def test_default_admission_fills_the_cache_at_decode():
+    """Without a plan or prefetch the predictor serves one-token misses on the CPU, so the slots
+    stayed empty (hit rate 0) unless misses are admitted in the background — now the default for
+    the engine's own policies, never for the peer policies."""
+    opts = dict(emulate_gpu=True, slots_per_layer=3, n_critical=4)  # decode misses go to the CPU
+    default, ref = make(**opts)
+    off, _ = make(**opts, admit=False)
+    peer, _ = make(**opts, decision="always-cpu")
+    for engine in (default, off, peer):
+        assert engine.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref
+    on, without = default.summary(), off.summary()
+    assert on["background_copies"] > 0 and on["hit_rate"] > without["hit_rate"]
+    assert without["background_copies"] == 0 and peer.summary()["background_copies"] == 0
+
+
+def test_cpu_only_engine_counts_the_experts_it_ran():
+    """No GPU tier: the counters still say what ran — the same CPU expert calls as a GPU tier that
+    never serves an expert."""
+    cpu, ref = make()
+    tier, _ = make(emulate_gpu=True, slots_per_layer=2, decision="always-cpu")
+    for engine in (cpu, tier):
+        assert engine.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref
+    a, b = cpu.summary(), tier.summary()
+    assert not a["gpu_tier"] and a["cpu_expert_calls"] == b["cpu_expert_calls"] > 0
+    assert (cpu.telemetry.cpu_tokens == tier.telemetry.cpu_tokens).all()

@@ -28,8 +28,10 @@ _ENGINE_OPTS = dict(
     prefetch=typer.Option(0, min=0, help="Next-layer experts to prefetch per layer (GPU tier; 0 = off)."),
     guess_trace=typer.Option(None, help="Trace from `haqmoe profile` of this model: prefetch learns, per layer, "
                              "whether expert co-occurrence guesses better than the next router."),
-    admit=typer.Option(False, help="Also copy experts served on the CPU into the GPU cache for their next use "
-                       "(background admission, while the copy engine is idle)."),
+    admit=typer.Option(None, "--admit/--no-admit", help="Also copy experts served on the CPU into the GPU cache "
+                       "for their next use (background admission, while the copy engine is idle). Default: on "
+                       "for predictor, balanced and split without --plan (else one-token misses never fill the "
+                       "cache), off for the peer policies and with a plan."),
     compile_decode=typer.Option(False, "--compile", help="Compile the decode step (torch.compile over a static "
                                 "KV cache, replayed as CUDA graphs around the eager experts). For CUDA: on the "
                                 "CPU a MoE step breaks into small graphs and gets slower. The first decode steps "
@@ -39,7 +41,7 @@ _ENGINE_OPTS = dict(
 
 def build_engine(model: str, policy: str, cache_policy: str, slots: Optional[int], plan: Optional[str],
                  device: str, emulate_gpu: bool, profile: str, exec_mode: str, prefetch: int = 0,
-                 guess_trace: Optional[str] = None, admit: bool = False, compile_decode: bool = False,
+                 guess_trace: Optional[str] = None, admit: Optional[bool] = None, compile_decode: bool = False,
                  gpu_memory: Optional[str] = None):
     from ..models.loading import load_model
     from ..reliability.guard import parse_bytes
@@ -56,6 +58,17 @@ def build_engine(model: str, policy: str, cache_policy: str, slots: Optional[int
     return CollaborativeEngine(lm, cfg)
 
 
+NO_GPU_TIER = ("no GPU tier (torch sees no CUDA device; --emulate-gpu runs the GPU-tier path on the CPU): "
+               "every expert runs on the CPU")
+
+
+def warn_without_gpu_tier(engine, policies: int = 1) -> None:
+    """Say plainly that the collaborative part is off, rather than print a hit rate of nothing."""
+    if engine.cache is None:
+        extra = f"; the {policies} policies cannot differ" if policies > 1 else ""
+        typer.echo(f"haqmoe: note: {NO_GPU_TIER}{extra}", err=True)
+
+
 @app.command()
 def run(model: str = typer.Argument("smollm2-moe", help="MoE model source (embedded name, directory, ...)."),
         prompt: str = GEN_OPTS["prompt"], chat: bool = GEN_OPTS["chat"], max_tokens: int = GEN_OPTS["max_tokens"],
@@ -66,13 +79,14 @@ def run(model: str = typer.Argument("smollm2-moe", help="MoE model source (embed
         device: str = _ENGINE_OPTS["device"], emulate_gpu: bool = _ENGINE_OPTS["emulate_gpu"],
         profile: str = _ENGINE_OPTS["profile"], exec_mode: str = _ENGINE_OPTS["exec_mode"],
         prefetch: int = _ENGINE_OPTS["prefetch"], guess_trace: Optional[str] = _ENGINE_OPTS["guess_trace"],
-        admit: bool = _ENGINE_OPTS["admit"], compile_decode: bool = _ENGINE_OPTS["compile_decode"],
+        admit: Optional[bool] = _ENGINE_OPTS["admit"], compile_decode: bool = _ENGINE_OPTS["compile_decode"],
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output (no streaming).")) -> None:
     """Generate from a prompt through the collaborative runtime, streaming text, then telemetry."""
     from ..runtime.engine import SamplingConfig, decode_tok_s, latency_stats
 
     engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode,
                           prefetch, guess_trace, admit, compile_decode, gpu_memory)
+    warn_without_gpu_tier(engine)
     sampling = SamplingConfig(max_tokens, temperature, top_p, seed)
     msgs = [{"role": "user", "content": prompt}] if chat else prompt
     gen = None
@@ -103,7 +117,7 @@ def bench_runtime(model: str = typer.Argument("smollm2-moe", help="MoE model sou
                   emulate_gpu: bool = _ENGINE_OPTS["emulate_gpu"], profile: str = _ENGINE_OPTS["profile"],
                   exec_mode: str = _ENGINE_OPTS["exec_mode"], prefetch: int = _ENGINE_OPTS["prefetch"],
                   guess_trace: Optional[str] = _ENGINE_OPTS["guess_trace"],
-                  admit: bool = _ENGINE_OPTS["admit"], compile_decode: bool = _ENGINE_OPTS["compile_decode"],
+                  admit: Optional[bool] = _ENGINE_OPTS["admit"], compile_decode: bool = _ENGINE_OPTS["compile_decode"],
                   out: Optional[Path] = typer.Option(None, help="Write results JSON + markdown here."),
                   as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Prefill and decode latency, tokens/s, p50/p95/p99, hit rate and bytes moved, per policy."""
@@ -111,9 +125,12 @@ def bench_runtime(model: str = typer.Argument("smollm2-moe", help="MoE model sou
     from ..runtime.engine import SamplingConfig, decode_tok_s, latency_stats
 
     rows = []
-    for policy in [p.strip() for p in policies.split(",") if p.strip()]:
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    for policy in names:
         engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode,
                               prefetch, guess_trace, admit, compile_decode, gpu_memory)
+        if not rows:
+            warn_without_gpu_tier(engine, len(names))
         ids = tokenize(engine.tokenizer, load_text("pydoc"))[:, :prompt_tokens]
         # compiled decode warms up on the timed run's cache length, with enough steps to compile and record
         engine.warm_up(*((ids, SamplingConfig(max_new_tokens=max_tokens)) if compile_decode

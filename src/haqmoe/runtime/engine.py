@@ -63,9 +63,21 @@ class EngineConfig:
     prefetch: int = 0  # next-layer experts to prefetch per layer (0 = off; GPU tier only)
     guess_trace: str | None = None  # profiled trace: learn per-layer transition guesses (routing/guess.py)
     exec_mode: str = "fake"  # quantized CPU-tier execution: fake | dequant | real | auto (quant/precision.py)
-    admit: bool = False  # also copy CPU-served misses into the cache, while the copy engine is idle
+    admit: bool | None = None  # also copy CPU-served misses into the cache while the copy engine is idle
+    # (None: ``default_admit``)
     cuda_graphs: bool = True  # CUDA: one-token GPU experts replay one graph per slot (eager is launch-bound)
     compile: bool = False  # decode steps through torch.compile over a static KV cache (see _compile_decode)
+
+
+def default_admit(cfg: EngineConfig) -> bool:
+    """Background admission unless told otherwise, where nothing else would fill the cache: at
+    decode the predictor (and ``balanced``/``split``) serves a one-token miss on the CPU, so without
+    a plan or prefetch the slots stayed empty and every expert ran on the CPU (hit rate 0). Off for
+    the peer policies, which define what they move (``always-cpu`` never copies, ``always-transfer``
+    copies every miss anyway), and with a plan, whose placement is the point."""
+    if cfg.admit is not None:
+        return cfg.admit
+    return cfg.plan is None and cfg.decision not in ("always-cpu", "always-transfer")
 
 
 @dataclass
@@ -177,7 +189,7 @@ class CollaborativeEngine:
             nxt = routers[layer + 1] if layer + 1 < len(blocks) and self.cache is not None else None
             gw = guess_weight(nxt, norms[layer], norms[layer + 1]) if nxt is not None else None
             hybrid = HybridExperts(layer, ex, self.store, self.cache, None, cfg.decision, self.telemetry,
-                                   nxt, cfg.prefetch, gw, guess_plan, admit=cfg.admit)
+                                   nxt, cfg.prefetch, gw, guess_plan, admit=default_admit(cfg))
             set_module(block, adapter.moe.experts, hybrid)
             self.hybrids.append(hybrid)
         if cfg.exec_mode != "fake":  # the rest of the model (and, without a GPU tier, the experts); quantized

@@ -155,7 +155,10 @@ class HybridExperts(nn.Module):
     @torch.compiler.disable  # data-dependent host decisions: stays eager inside a compiled decode step
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        if self.cache is None:  # every expert on the CPU tier: the plain module, zero overhead
+        if self.cache is None:  # every expert on the CPU tier: the plain module, counted
+            tel = self.telemetry
+            tel.cpu_experts[self.layer] += int(torch.unique(top_k_index).numel())
+            tel.cpu_tokens[self.layer] += int(top_k_index.numel())
             return self.original(hidden_states, top_k_index, top_k_weights)
         tel = self.telemetry
         clock = [time.perf_counter()]
