@@ -153,6 +153,8 @@ def steps(ckpt: Path, work: Path) -> dict[str, list[str]]:
         "profile": [HAQMOE, "-q", "profile", str(rtn), "-o", str(work / "trace"), "--data", "pydoc", "--seqlen", "64",
                     "--requests", "2", "--chunk", "2"],
         "run": [HAQMOE, "-q", "run", str(rtn), "--emulate-gpu", "--max-tokens", "4", "--prompt", "The capital of"],
+        "run-real": [HAQMOE, "-q", "run", str(rtn), "--emulate-gpu", "--exec", "real", "--max-tokens", "4",
+                     "--prompt", "The capital of"],
         "export": [HAQMOE, "-q", "export", str(rtn), "-o", str(work / "ct"), "--requantize", "--overwrite"],
     }
 
