@@ -1,19 +1,22 @@
 """Our own CPU kernel for the decode GEMV (``w8a8_cpu.cpp``): ``torch.ops.haqmoe.w8a8_linear``.
 
 Built on first use with torch's C++ extension loader (g++ and ninja; ~10 s once, then loaded from
-``<cache>/kernels``) and only on CPUs with AVX512-VNNI. Anything missing (no compiler, another CPU,
+``<cache>/kernels/torch-VERSION-DIGEST``, one folder per source text and flags) and only on CPUs with
+AVX512-VNNI. Anything missing (no compiler, another CPU,
 ``HAQMOE_KERNELS=0``) leaves ``w8a8_op()`` returning None and the int8 modules on ``torch._int_mm``:
 the kernel's outputs are bit-identical to that path, so it is a speed choice, never a numerics one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
 
 import torch
 
+from ...io import atomic_write_text
 from ...paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -22,6 +25,7 @@ SOURCE = Path(__file__).with_name("w8a8_cpu.cpp")
 VERSION = 2  # of the op's schema and arithmetic: AOT packages that call it are keyed by it
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-ffp-contract=off",
           "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
 
 
 def _wanted() -> bool:
@@ -60,13 +64,36 @@ def _resolve():
     return torch.ops.haqmoe.w8a8_linear
 
 
+def build_dir(source: Path = SOURCE, flags: tuple[str, ...] = (*_FLAGS, *_LDFLAGS)) -> Path:
+    """The kernel's build folder: torch's version and a digest of the source text and compiler flags.
+
+    Why the digest: torch's loader rebuilds whenever the ``build.ninja`` it writes changes. A folder
+    named by the torch version alone was shared by every checkout on a machine, so two checkouts (or
+    two versions of the kernel) rebuilt it in turn, ~10 s each, seen as a slow first prefill.
+    """
+    h = hashlib.blake2b(source.read_bytes(), digest_size=8)
+    h.update("\0".join(flags).encode())
+    return cache_dir() / "kernels" / f"torch-{torch.__version__}-{h.hexdigest()}"
+
+
+def staged_source(build: Path, source: Path = SOURCE) -> Path:
+    """The source copied into its build folder, the file the build compiles: ``build.ninja`` names its
+    source by path, so compiling a checkout's own file would still rebuild when another checkout with
+    the same text builds there. Written only when missing or different (its mtime drives ninja)."""
+    staged = build / source.name
+    text = source.read_text()
+    if not staged.is_file() or staged.read_text() != text:
+        atomic_write_text(staged, text)
+    return staged
+
+
 def _build_and_load() -> None:
     from torch.utils import cpp_extension
 
-    build = cache_dir() / "kernels" / f"torch-{torch.__version__}"
+    build = build_dir()
     build.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(name="haqmoe_w8a8_cpu", sources=[str(SOURCE)], extra_cflags=_FLAGS,
-                       extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False,
+    cpp_extension.load(name="haqmoe_w8a8_cpu", sources=[str(staged_source(build))], extra_cflags=_FLAGS,
+                       extra_ldflags=_LDFLAGS, build_directory=str(build), is_python_module=False,
                        verbose=False)
 
 

@@ -1,0 +1,39 @@
+"""What a new user meets first: build caches, resume messages, output wording, offline hub ids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from haqmoe.quant import kernels
+
+
+def _checkout(root, text: str):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "w8a8_cpu.cpp").write_text(text)
+    return root / "w8a8_cpu.cpp"
+
+
+def test_kernel_build_folder_is_keyed_on_source_and_flags(tmp_path, monkeypatch):
+    monkeypatch.setenv("HAQMOE_CACHE", str(tmp_path / "cache"))
+    a, b = _checkout(tmp_path / "a", "int f();\n"), _checkout(tmp_path / "b", "int f();\n")
+    changed = _checkout(tmp_path / "c", "int f(int);\n")
+    assert kernels.build_dir(a) == kernels.build_dir(b)  # two checkouts of one kernel share one build
+    assert kernels.build_dir(a).name.startswith(f"torch-{torch.__version__}-")
+    assert kernels.build_dir(changed) != kernels.build_dir(a)
+    assert kernels.build_dir(a, ("-O2",)) != kernels.build_dir(a, ("-O3",))
+
+
+def test_kernel_compiles_a_staged_copy_so_checkouts_do_not_rebuild_in_turn(tmp_path, monkeypatch):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("HAQMOE_CACHE", str(tmp_path / "cache"))
+    seen: list[dict] = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: seen.append(kw))
+    kernels._build_and_load()
+    staged = kernels.staged_source(kernels.build_dir())
+    stamp = staged.stat().st_mtime_ns
+    kernels._build_and_load()
+    assert [kw["sources"] for kw in seen] == [[str(staged)]] * 2  # the same path from any checkout
+    assert seen[0]["build_directory"] == str(kernels.build_dir()) == str(staged.parent)
+    assert staged.read_text() == kernels.SOURCE.read_text() and staged.stat().st_mtime_ns == stamp  # untouched
