@@ -37,3 +37,47 @@ def test_kernel_compiles_a_staged_copy_so_checkouts_do_not_rebuild_in_turn(tmp_p
     assert [kw["sources"] for kw in seen] == [[str(staged)]] * 2  # the same path from any checkout
     assert seen[0]["build_directory"] == str(kernels.build_dir()) == str(staged.parent)
     assert staged.read_text() == kernels.SOURCE.read_text() and staged.stat().st_mtime_ns == stamp  # untouched
+
+
+class _Killed(Exception):
+    pass
+
+
+def _cli(args: list[str], capsys) -> tuple[int, str]:
+    from haqmoe.cli.main import main
+
+    capsys.readouterr()
+    try:
+        main(["-q", *args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    return code, capsys.readouterr().err
+
+
+def test_resume_refusals_name_the_way_out_not_each_other(tmp_path, monkeypatch, capsys):
+    """An interrupted quantize, then other options: with --resume the refusal names --overwrite (it
+    used to say "without --resume", whose refusal says "add --resume"), and --overwrite starts over."""
+    from haqmoe.models.tiny import char_tokenizer, tiny_model
+    from haqmoe.reliability.resume import BlockCheckpoint
+
+    src = tmp_path / "llama"
+    tiny_model("llama").save_pretrained(src)
+    char_tokenizer().save_pretrained(src)
+    out = str(tmp_path / "q")
+    real = BlockCheckpoint.save
+
+    def save(self, i, *a):
+        real(self, i, *a)
+        raise _Killed
+    monkeypatch.setattr(BlockCheckpoint, "save", save)
+    code, err = _cli(["quantize", str(src), "--method", "rtn", "-o", out], capsys)
+    assert code == 1 and "_Killed" in err  # an internal error to main: killed after the first block
+    monkeypatch.undo()
+    code, err = _cli(["quantize", str(src), "--method", "rtn", "--w-sym", "-o", out, "--resume"], capsys)
+    assert code == 2 and "different run" in err and "--overwrite" in err and "without --resume" not in err, err
+    code, err = _cli(["quantize", str(src), "--method", "rtn", "--w-sym", "-o", out], capsys)
+    assert code == 2 and "--resume" in err and "--overwrite" in err, err
+    code, err = _cli(["quantize", str(src), "--method", "rtn", "--w-sym", "-o", out, "--overwrite"], capsys)
+    assert code == 0, err
+

@@ -64,7 +64,7 @@ def test_resume_with_other_settings_refused(tmp_path, monkeypatch):
     tr = random_trace()
     TraceWriter(tmp_path / "t", header_of(tr)).append_trace(tr)
     other = header_of(random_trace(E=8))
-    with pytest.raises(HaqmoeError, match="cannot resume"):
+    with pytest.raises(HaqmoeError, match="cannot resume.*--overwrite instead of --resume"):
         TraceWriter(tmp_path / "t", other, resume=True)
     same_shape = header_of(tr)
     same_shape.meta["model"] = "another-model"  # same shape and settings, another model's routing

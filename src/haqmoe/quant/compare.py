@@ -171,7 +171,7 @@ def _block_checkpoint(work: Path | None, model, layers: str, calib: torch.Tensor
     from ..reliability.resume import BlockCheckpoint, run_fingerprint
 
     return BlockCheckpoint.open(work / "quant", run_fingerprint(model, calib, (spec, quant)), quant, resume=True,
-                                layers=layers)
+                                layers=layers, start_over="rerun without --resume to start over")
 
 
 def add_deltas(rows: list[dict]) -> None:

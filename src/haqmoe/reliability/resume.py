@@ -130,6 +130,9 @@ def rebuild_quant_modules(block: nn.Module, layout: dict[str, dict], quant_cfg) 
         set_module(block, name, QuantExperts.like(get_module(block, name), quant_cfg.weights, quant_cfg.acts))
 
 
+QUANTIZE_START_OVER = "pass --overwrite instead of --resume to start over"
+
+
 @dataclass
 class BlockCheckpoint:
     """Saves each finished block as a shard and restores the state of an interrupted run."""
@@ -140,14 +143,18 @@ class BlockCheckpoint:
     layers: str  # the decoder blocks' path in the model ("model.layers"): shard keys are full names
     layouts: list[dict] = field(default_factory=list)
     shards: dict[str, FileEntry] = field(default_factory=dict)
+    start_over: str = QUANTIZE_START_OVER  # how the user's command throws the interrupted run away
 
     @classmethod
-    def open(cls, out: str | Path, fingerprint: str, quant_cfg, resume: bool, layers: str) -> "BlockCheckpoint":
+    def open(cls, out: str | Path, fingerprint: str, quant_cfg, resume: bool, layers: str,
+             start_over: str = QUANTIZE_START_OVER) -> "BlockCheckpoint":
+        """``start_over``: the flag that discards the interrupted run in the calling command, named
+        in the refusal (without it the two refusals, with and without --resume, point at each other)."""
         root = partial_dir(out)
         if root.exists() and not resume:
             shutil.rmtree(root)
         root.mkdir(parents=True, exist_ok=True)
-        return cls(root, fingerprint, quant_cfg, layers)
+        return cls(root, fingerprint, quant_cfg, layers, start_over=start_over)
 
     def _state(self) -> dict | None:
         path = self.root / STATE
@@ -159,7 +166,7 @@ class BlockCheckpoint:
             raise HaqmoeError(f"{path} is corrupt ({exc}): delete {self.root} to start over") from exc
         if state.get("fingerprint") != self.fingerprint or state.get("version") != VERSION:
             raise HaqmoeError(f"{self.root} belongs to a different run (other model, calibration, options or "
-                              f"haqmoe version): rerun with the same options, or without --resume to start over")
+                              f"haqmoe version): rerun with the same options to continue it, or {self.start_over}")
         return state
 
     def restore(self, blocks: nn.ModuleList, inputs: list | None, gen: torch.Generator | None, report,

@@ -138,7 +138,8 @@ class TraceWriter:
                 model(old) != model(self.header):
             raise HaqmoeError(f"cannot resume {self.path}: it was profiled with another model or settings "
                               f"({model(old)} {old.meta.get('config')} vs {model(self.header)} "
-                              f"{self.header.meta.get('config')})")
+                              f"{self.header.meta.get('config')}): rerun with the same options to continue it, "
+                              f"or pass --overwrite instead of --resume to start over")
         for f in _chunk_files(self.path):
             data = _load_chunk(f, old)
             self.done_requests += len(data["lengths"])
