@@ -7,7 +7,8 @@ way training-free FFN-to-MoE carving does it (MoEfication, Zhang et al. 2022; CM
 
 1. **Activation statistics.** For every calibration token t and neuron i the neuron's contribution
    is ``c[t, i] = |act(g_i·x) · (u_i·x)| · ||d_i||`` (``d_i``: its down-projection column), and a
-   neuron counts as *active* on t when it is among the token's top ``active_fraction`` of neurons.
+   neuron counts as *active* on t when it is among the token's top ``active_fraction`` (15 %) of
+   neurons.
 2. **Shared experts** (``shared`` slices): the neurons with the highest activation rate, the ones
    nearly every token needs, always run.
 3. **Routed experts** (``experts`` slices of equal size): the other neurons are clustered by
@@ -63,7 +64,10 @@ class MoefyConfig:
     calib_samples: int = 16
     calib_len: int = 512
     seed: int = 0
-    active_fraction: float | None = None  # None: the active share above
+    # A neuron is "active" on a token when among its top 15 % by contribution: sparse markers tell
+    # neurons apart (marking as many as the MoE keeps, up to 75 %, makes every pattern nearly all
+    # ones); on SmolLM2 15 % gave the lowest per-layer FFN error of 5 / 15 / 30 % / the active share.
+    active_fraction: float | None = 0.15  # None: the active share
     kmeans_iters: int = 25
     ridge: float = 1e-3  # λ relative to mean(diag XᵀX)
 
