@@ -172,3 +172,22 @@ def test_embedded_moefied_smollm2_all_active_equals_dense(smollm2):
     with torch.no_grad():
         ref = smollm2.model(ids).logits
         torch.testing.assert_close(moe(ids).logits, ref, rtol=0, atol=2e-3 * float(ref.abs().max()))
+
+
+def test_embedded_cache_is_rebuilt_when_the_default_shape_changes(tiny_dense, tmp_path, monkeypatch):
+    """The embedded MoEfied model is built once and reused, unless the default shape moved on."""
+    from haqmoe.models import embedded
+
+    dense = embedded.embedded_dir(embedded.DENSE, tmp_path)
+    dense.parent.mkdir(parents=True)
+    dense.symlink_to(tiny_dense / "dense", target_is_directory=True)
+    calib = str(tiny_dense / "calib.txt")
+    stamps = []
+    for shape in [(3, 2), (3, 2), (3, 1)]:
+        cfg = M.MoefyConfig(experts=shape[0], top_k=shape[1], calib_source=calib, calib_samples=2, calib_len=64)
+        monkeypatch.setattr(embedded, "MOEFIED_CONFIG", cfg)
+        target = embedded.ensure_embedded(embedded.MOEFIED, tmp_path, progress=False)
+        assert M.built_with(target, cfg)
+        assert json.loads((target / "config.json").read_text())["num_experts_per_tok"] == shape[1]
+        stamps.append((target / M.META_FILE).stat().st_mtime_ns)
+    assert stamps[0] == stamps[1] != stamps[2]  # reused, then rebuilt

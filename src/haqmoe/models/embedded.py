@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import HaqmoeError
 from ..paths import cache_dir
-from .moefy import MoefyConfig, moefy_to_dir
+from .moefy import MoefyConfig, built_with, moefy_to_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DENSE = "smollm2-135m"
@@ -44,8 +44,8 @@ def ensure_embedded(name: str, root: Path | None = None, progress: bool = True) 
     from .upcycle import upcycle_to_dir
 
     target = embedded_dir(name, root)
-    if (target / "config.json").is_file():
-        return target
+    if (target / "config.json").is_file() and (name != MOEFIED or built_with(target, MOEFIED_CONFIG)):
+        return target  # a MoEfied model of an older default shape is rebuilt
     if name == DENSE:
         convert_gguf(smollm2_gguf(), target)
     elif name == MOE:

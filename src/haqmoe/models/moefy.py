@@ -338,6 +338,17 @@ def moefy(dense: PreTrainedModel, calib: torch.Tensor, cfg: MoefyConfig = MoefyC
     return assemble(dense, carving, cfg), carving
 
 
+def built_with(target: Path, cfg: MoefyConfig) -> bool:
+    """Whether the checkpoint in ``target`` was carved with ``cfg`` (its build record says so)."""
+    try:
+        record = json.loads((target / META_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    want = asdict(cfg)
+    want.pop("calib_source")  # recorded resolved
+    return all(record.get(k) == v for k, v in want.items())
+
+
 def moefy_to_dir(dense_source: str, target: Path, cfg: MoefyConfig = MoefyConfig(), progress: bool = True,
                  overwrite: bool = True) -> dict:
     """Carve a dense model source and save the MoE as a plain transformers checkpoint (atomic, and
