@@ -172,6 +172,54 @@ def test_client_disconnect_cancels_generation(server, client):
     assert out.usage.completion_tokens >= 1
 
 
+def test_malformed_json_is_a_400_without_a_byte_offset_for_param(server):
+    r = httpx.post(server.url + "/v1/completions", content=b'{"prompt": "hi",, "max_tokens": 2}',
+                   headers={"Content-Type": "application/json"})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] is None, err
+    assert err["message"].startswith("request body is not valid JSON: ") and "character 16" in err["message"]
+
+
+def test_non_streaming_client_that_disconnects_stops_its_generation(ckpt):
+    """A client that hangs up before a non-streamed answer: the engine stops within a token or two and
+    the request counts as cancelled (status 499), not as a 200 after generating every token."""
+    import socket
+
+    from haqmoe.serve.app import ServeConfig, create_app
+
+    engine = _engine(ckpt)
+    real, made = engine.stream, []
+
+    def slow_stream(*args, **kwargs):  # ~20 tokens a second: the hang-up lands mid-generation
+        for item in real(*args, **kwargs):
+            made.append(1)
+            time.sleep(0.05)
+            yield item
+    engine.stream = slow_stream
+    live = LiveServer(create_app(engine, ServeConfig(model_name="tiny", max_tokens_limit=64)))
+    try:
+        body = json.dumps({"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0,
+                           "stop": []}).encode()
+        with socket.create_connection(("127.0.0.1", int(live.url.rsplit(":", 1)[1]))) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.time() + 20
+            while not made and time.time() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.2)
+        deadline = time.time() + 20
+        while time.time() < deadline and "haqmoe_requests_cancelled_total 1" not in \
+                httpx.get(live.url + "/metrics").text:
+            time.sleep(0.05)
+        text = httpx.get(live.url + "/metrics").text
+        assert "haqmoe_requests_cancelled_total 1" in text
+        assert 'haqmoe_requests_total{endpoint="/v1/completions",status="499"} 1' in text
+        assert 'endpoint="/v1/completions",status="200"' not in text
+        assert len(made) < 30, len(made)  # stopped, not run to its 64 tokens
+    finally:
+        live.stop()
+
+
 @pytest.mark.parametrize("kind,field,value", [("completion", "echo", True), ("completion", "logprobs", 3),
                                               ("chat", "logprobs", True), ("chat", "tools", [{"type": "function"}])])
 def test_unsupported_openai_options_are_refused_by_name(kind, field, value):

@@ -5,8 +5,8 @@ orders them, a single-thread executor guarantees the engine is never entered twi
 concurrent requests queue and can never interleave tokens. Prompts are tokenized on the event
 loop with a private copy of the tokenizer (HF fast tokenizers are not safe to share across
 threads), exactly as ``CollaborativeEngine.encode`` does, so ``haqmoe run`` and the server see the
-same ids. A streaming client that disconnects sets the job's stop flag, which the engine checks
-after every token.
+same ids. A client that disconnects, streaming or not, sets the job's stop flag, which the engine
+checks after every token.
 
 Access: with ``api_keys`` set, every path but ``/health`` (and ``/metrics`` with ``metrics_open``)
 needs ``Authorization: Bearer <key>``; POST bodies must be JSON; cross-origin browser access only
@@ -56,6 +56,9 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         self.api_keys, self.cors_origins = check_keys(self.api_keys), check_origins(self.cors_origins)
+
+
+CLIENT_CLOSED = 499  # status counted for a request whose client left before a non-streamed answer
 
 
 class ApiError(Exception):
@@ -215,6 +218,22 @@ def _check_budget(cfg: ServeConfig, context: int, prompt_tokens: int, max_tokens
     return max_tokens
 
 
+def validation_error(errors: list[dict]) -> ApiError:
+    """The 400 for a body FastAPI could not parse or validate, named by the field at fault.
+
+    A body that is not JSON at all has no field: pydantic puts the character offset of the syntax
+    error where a field path goes, which would read as a parameter named "40"."""
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        where = [x for x in first.get("loc", ()) if isinstance(x, int)]
+        detail = (first.get("ctx") or {}).get("error") or "JSON decode error"
+        return ApiError(400, f"request body is not valid JSON: {detail}"
+                             + (f" (at character {where[0]})" if where else ""))
+    loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    msg = f"{loc}: {first.get('msg', 'invalid request')}" if loc else first.get("msg", "invalid request")
+    return ApiError(400, msg, loc or None)
+
+
 def _sse(payload: dict | str) -> bytes:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
 
@@ -252,11 +271,8 @@ def create_app(engine: CollaborativeEngine, cfg: ServeConfig = ServeConfig()) ->
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        msg = f"{loc}: {first.get('msg', 'invalid request')}" if loc else first.get("msg", "invalid request")
         metrics.count_request(request.url.path, 400)
-        return ApiError(400, msg, loc or None).response()
+        return validation_error(exc.errors()).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):  # e.g. a body that is not UTF-8
@@ -282,6 +298,13 @@ def create_app(engine: CollaborativeEngine, cfg: ServeConfig = ServeConfig()) ->
             raise ApiError(404, f"model '{name}' is not served here (serving '{cfg.model_name}')", "model",
                            "not_found_error")
 
+    def client_gone(endpoint: str) -> JSONResponse:
+        """A non-streaming client that hung up before its answer: counted cancelled and as status 499
+        (the usual "client closed request"), not 200; the response goes nowhere."""
+        metrics.cancelled += 1
+        metrics.count_request(endpoint, CLIENT_CLOSED)
+        return ApiError(CLIENT_CLOSED, "client closed the connection before the answer").response()
+
     async def respond(request: Request, endpoint: str, req, prompt, max_tokens: int | None, default: int,
                       chat: bool):
         check_model(req.model)
@@ -304,11 +327,16 @@ def create_app(engine: CollaborativeEngine, cfg: ServeConfig = ServeConfig()) ->
                     "total_tokens": gen.prompt_tokens + len(gen.tokens)}
 
         if not req.stream:
-            gen, ttft = None, None
+            gen, ttft, dropped = None, None, False
             async with aclosing(worker().run(job)) as tokens:
                 async for _, gen in tokens:
                     ttft = ttft if ttft is not None else time.perf_counter() - t0
+                    if await request.is_disconnected():  # nobody will read the answer: free the engine now
+                        dropped = True
+                        break
             account(gen, ttft)
+            if dropped:
+                return client_gone(endpoint)
             if job.timed_out():
                 raise ApiError(504, f"request timed out after {cfg.request_timeout_s:g} s", kind="timeout_error")
             metrics.count_request(endpoint, 200)

@@ -92,8 +92,8 @@ class ServerMetrics:
             for name, kind, help_, val in (
                     ("haqmoe_prompt_tokens_total", "counter", "Prompt tokens processed.", self.prompt_tokens),
                     ("haqmoe_generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens),
-                    ("haqmoe_requests_cancelled_total", "counter", "Streams ended by a client disconnect.",
-                     self.cancelled),
+                    ("haqmoe_requests_cancelled_total", "counter", "Generations stopped by a client disconnect "
+                     "(streamed or not; the latter also count as status 499).", self.cancelled),
                     ("haqmoe_requests_failed_total", "counter", "Streams ended by an error or a timeout (reported "
                      "in-band).", self.failed),
                     ("haqmoe_requests_unauthorized_total", "counter", "Requests refused (401) for a missing or wrong "
