@@ -186,8 +186,10 @@ def test_prefetch_counters():
     cache.admit(0, 2, ready_at=0.0, prefetch=True)
     assert cache.lookup(0, 2) == "prefetch_hit"
     assert cache.lookup(0, 2) == "hit"
-    cache.admit(0, 3, prefetch=True)  # the engine's copy, still landing (its event not complete)
-    assert cache.lookup(0, 3, landing=True) == "inflight" and cache.lookup(0, 3) == "hit"
+    cache.admit(0, 3, ready_at=2.0, prefetch=True)  # the engine's copy, modelled to land at 2
+    assert cache.lookup(0, 3) == "inflight"
+    cache.get(0, 3).ready_at = 0.0  # the engine saw its event complete: landed
+    assert cache.lookup(0, 3) == "hit"
     assert cache.stats.inflight[0] == 2 and cache.stats.prefetch_hits[0] == 1 and cache.stats.hits[0] == 2
 
 

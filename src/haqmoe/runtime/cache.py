@@ -6,6 +6,12 @@ One object serves both the real engine and the simulator:
   slot index to copy into (on a side stream) and ``Entry.handle`` can hold the copy's CUDA event;
 - the simulator stores the copy's completion time in ``Entry.ready_at`` instead.
 
+Both book their copies on ``ExpertCache.copies``, one FIFO copy engine modelled in the cost
+model's milliseconds on the caller's clock (simulated time, or the engine's wall clock): an entry's
+``ready_at`` is when its copy lands, and an entry whose copy has not landed at ``time`` is "in
+flight" for lookups and not evictable. The engine overrides the model with what it observes (a copy
+whose CUDA event is done, or a synchronous copy, has landed).
+
 Pools are per layer (``scope="layer"``, slots per layer may differ) or one global pool. Pinned
 experts (a placement plan) occupy slots that are never evicted; the rest are dynamic. Slots a
 pool does not have are never used: the cache is never over-committed. Keys being used by the
@@ -51,13 +57,49 @@ class CacheConfig:
         return slots
 
 
+class CopyQueue:
+    """The host-to-device copy engine: FIFO, one copy after another, in milliseconds.
+
+    Kept as the start of the current busy stretch and the copy time queued since, so that the
+    backlog seen when the copies were queued is their exact sum on any clock (the engine's wall
+    clock and the simulator's timeline then compare it with a copy's time alike)."""
+
+    def __init__(self) -> None:
+        self.start = 0.0
+        self.queued = 0.0
+
+    @property
+    def free_at(self) -> float:
+        return self.start + self.queued
+
+    def lands(self, at: float, ms: float) -> float:
+        """When a copy of ``ms`` queued at ``at`` would land."""
+        return max(self.free_at, at) + ms
+
+    def book(self, at: float, ms: float) -> float:
+        """Queue that copy; returns when it lands."""
+        if at >= self.free_at:
+            self.start, self.queued = at, 0.0
+        self.queued += ms
+        return self.free_at
+
+    def backlog(self, at: float) -> float:
+        """Milliseconds until the copy engine is free, seen at ``at``."""
+        return max(0.0, self.queued - (at - self.start))
+
+    def idle(self, at: float) -> None:
+        """The caller knows no copy is running at ``at`` (the engine: no CUDA event pending)."""
+        if self.free_at > at:
+            self.start, self.queued = at, 0.0
+
+
 @dataclass
 class Entry:
     slot: int  # index into the preallocated slot buffers
     pinned: bool = False
     prefetched: bool = False  # admitted by a prefetch and not used since
-    ready_at: float = 0.0  # simulator: time the copy completes (0 = resident from the start)
-    handle: Any = None  # engine: e.g. the CUDA event of the copy
+    ready_at: float = 0.0  # when the copy lands, on the caller's clock (0 = resident from the start)
+    handle: Any = None  # engine: the CUDA event of a copy nothing has waited on yet
 
 
 @dataclass
@@ -107,6 +149,7 @@ class ExpertCache:
         self._protect: set[Key] = set()
         self.now = 0.0  # policy clock (tokens)
         self.time = 0.0  # wall/simulated time for in-flight checks
+        self.copies = CopyQueue()
         if top_k is not None:
             self.check_fits(top_k)
         for layer, experts in config.pinned.items():
@@ -164,9 +207,9 @@ class ExpertCache:
             self.time = float(time)
         self._protect = set(protect)
 
-    def lookup(self, layer: int, expert: int, landing: bool = False) -> str:
-        """Count one use of (layer, expert): 'hit', 'prefetch_hit', 'inflight' or 'miss'. ``landing``: the
-        engine's word that the entry's copy is still running (the simulator compares ``ready_at`` instead)."""
+    def lookup(self, layer: int, expert: int) -> str:
+        """Count one use of (layer, expert): 'hit', 'prefetch_hit', 'inflight' (its copy lands after
+        ``time``) or 'miss'."""
         key = (layer, expert)
         entry = self._entries.get(key)
         if entry is None:
@@ -174,7 +217,7 @@ class ExpertCache:
             return "miss"
         if not entry.pinned:
             self.policy.on_hit(key, self.pool_of(layer), self.now)
-        if landing or entry.ready_at > self.time:
+        if entry.ready_at > self.time:
             self.stats.inflight[layer] += 1
             entry.prefetched = False
             return "inflight"

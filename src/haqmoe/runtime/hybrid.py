@@ -1,14 +1,18 @@
 """The hybrid experts module swapped into each MoE block (attention, router, shared experts untouched).
 
-Per forward call (a prefill batch or one decode token) and per selected expert with n tokens:
-resident in the GPU cache -> GPU; otherwise the cost predictor decides: n > n_critical ->
-transfer through the cache and run on the GPU, else run on the CPU; the ``split`` policy may also
-serve a miss on both (predictor.py): the CPU computes the first gate/up rows from the host copy
-while the rest of the expert is copied into a scratch slot, then the GPU finishes it. GPU work is
-issued first (asynchronous on CUDA), CPU experts run meanwhile, results are combined with the router
-weights.
-With ``admit`` (the simulator's background admission), an expert served on the CPU is also copied
-into the cache for its next use when the copy engine is idle.
+Per forward call (a prefill batch or one decode token) the layer's expert calls are decided by
+decide.py, the simulator's own rules (docs/design.md, Cost predictor): resident -> GPU; a copy in
+flight -> wait for it or the CPU; a miss -> the cost predictor's CPU, transfer (through the cache,
+or streamed through a scratch slot when no cache slot can be freed) or, with ``split``, both at once:
+the CPU computes the first gate/up rows from the host copy while the rest of the expert is copied
+into a scratch slot, then the GPU finishes it. This module runs them: GPU work is issued first
+(asynchronous on CUDA), CPU experts run meanwhile, results are combined with the router weights.
+With ``admit``, experts served on the CPU are then copied into the cache for their next use while
+the copy engine is nearly idle (decide.admit_misses).
+
+Copies are booked on the cache's copy queue in wall-clock milliseconds, the cost model's copy time
+each: a modelled landing time for copies the host cannot see (an in-flight CUDA copy), replaced by
+what it does see (a finished event, a synchronous copy on an emulated GPU: landed).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import nn
 
 from ..routing.guess import GuessPlan, guess_for_batch
 from .cache import ExpertCache
+from .decide import Decision, LayerRecord, Rules, admit_misses, decide_layer, routed_counts
 from .predictor import CostModel
 from .store import ExpertStore
 
@@ -51,9 +56,10 @@ class Telemetry:
     guess_ms: float = 0.0  # time spent scoring next-layer guesses (prefetch's compute cost)
     prefetch_copies: int = 0
     background_copies: int = 0  # CPU-served misses copied into the cache afterwards (admit)
-    split_bytes: int = 0  # bytes the GPU parts of split misses copied (not cached)
+    split_bytes: int = 0  # bytes copied into scratch slots (split parts, streamed experts): moved, not cached
     decode_host_ms: dict[str, float] = field(init=False)  # HOST_PHASES -> ms, summed over decode forwards
     decode_forwards: int = 0  # one-token hybrid forwards timed there (layers x decode tokens)
+    decision_log: list[LayerRecord] | None = None  # set to [] to record every layer's decisions
 
     def __post_init__(self) -> None:
         for name in ("cpu_experts", "gpu_experts", "split_experts", "cpu_tokens", "gpu_tokens"):
@@ -67,17 +73,7 @@ class Telemetry:
 
 
 
-@dataclass
-class _Call:
-    """One expert call's placement: tier gpu | cpu | split, its slot and copy event, the split point,
-    and what it adds to this layer's CPU and copy queues (the cost model's estimate)."""
-
-    tier: str
-    slot: int | None = None
-    event: object = None
-    rows: int = 0
-    cpu_ms: float = 0.0
-    copy_ms: float = 0.0
+_TIER = {"hit": "gpu", "wait": "gpu", "transfer": "gpu", "stream": "gpu", "split": "split", "cpu": "cpu"}
 
 
 class HybridExperts(nn.Module):
@@ -93,9 +89,9 @@ class HybridExperts(nn.Module):
         self._guess_plan = guess_plan  # per-layer transition tables where they beat the router
         self.layer = layer
         self.original = original  # the CPU tier (kept on the CPU when the model moves to a GPU)
-        self.store, self.cache, self.cost, self.policy = store, cache, cost, policy
+        self.store, self.cache, self.cost = store, cache, cost
         self.telemetry = telemetry
-        self.admit = admit and cache is not None
+        self.rules = Rules(policy, store.cfg.split_slots, admit) if cache is not None else None
         self.num_experts = original.num_experts
         self.prefetch = 0
         self.set_prefetch(prefetch)
@@ -105,35 +101,26 @@ class HybridExperts(nn.Module):
         able = self._next_router[0] is not None and self._guess_w is not None and self.cache is not None
         self.prefetch = width if able else 0
 
-    def _decide(self, e: int, n: int, cpu_queue_ms: float = 0.0, copy_wait_ms: float = 0.0,
-                split_slot: int | None = None) -> _Call:
-        """How one expert call of n tokens runs. The queues (what this layer already gave the CPU and
-        the copy engine) feed ``balanced`` and ``split``; ``split_slot``: a free scratch slot, if any.
-        A copy's event is returned, not waited on: the caller first moves the CPU jobs' inputs off the
-        GPU, which must not queue behind the copy."""
-        cache = self.cache
-        entry = cache.get(self.layer, e)
-        landing = entry is not None and entry.handle is not None and not entry.handle.query()
-        if cache.lookup(self.layer, e, landing) != "miss":  # a copy may still be landing: hand its event on once
-            event, entry.handle = entry.handle, None
-            return _Call("gpu", entry.slot, event=event)
-        if self.cost is None:
-            return _Call("cpu")
-        queues = dict(cpu_queue_ms=cpu_queue_ms, copy_wait_ms=copy_wait_ms)
-        policy = self.policy if self.policy != "split" or split_slot is not None else "balanced"
-        decision = self.cost.decide(False, n, policy, **queues)
-        if decision == "split":
-            k = self.cost.best_split(n, **queues)[0]
-            cpu, copy, _ = self.cost.split_costs(n, k)
-            rows = self.store.split_rows(k)
-            return _Call("split", split_slot, event=self.store.load_slot(split_slot, self.layer, e, rows), rows=rows,
-                         cpu_ms=cpu, copy_ms=copy)
-        if decision == "transfer":
-            slot = cache.admit(self.layer, e)
-            if slot is not None:
-                return _Call("gpu", slot, event=self.store.load_slot(slot, self.layer, e),
-                             copy_ms=self.cost.transfer_ms)
-        return _Call("cpu", cpu_ms=self.cost.t_cpu(n))
+    def _settle(self, now_ms: float) -> None:
+        """What the host sees overrides the copy model: a copy whose event is done (or that had no
+        event: synchronous) has landed; one still running lands no earlier than now. With nothing in
+        flight the copy engine is idle."""
+        for e in self.cache.resident(self.layer):
+            entry = self.cache.get(self.layer, e)
+            if entry.handle is None or entry.handle.query():
+                entry.handle, entry.ready_at = None, 0.0
+            else:
+                entry.ready_at = max(entry.ready_at, now_ms + 1e-3)
+        if self.store.copies_in_flight() == 0:
+            self.cache.copies.idle(now_ms)
+
+    def _load(self, layer: int, e: int, slot: int):
+        """Copy expert ``e`` of ``layer`` into its cache slot; returns the copy's event (None: a
+        synchronous copy, landed already)."""
+        event = self.store.load_slot(slot, layer, e)
+        if event is None:
+            self.cache.get(layer, e).ready_at = 0.0
+        return event
 
     def _prefetch_next(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> None:
         """Copy layer l+1's likeliest experts into the cache; a wrong guess costs a copy and a slot."""
@@ -143,13 +130,14 @@ class HybridExperts(nn.Module):
         if guesses is None:
             guesses = guess_for_batch(hidden_states, self._guess_w, self._next_router[0], self.prefetch)
         self.telemetry.guess_ms += 1e3 * (time.perf_counter() - t)
-        nxt = self.layer + 1
+        nxt, copies, now_ms = self.layer + 1, self.cache.copies, 1e3 * time.perf_counter()
         for e in guesses:
             if self.cache.contains(nxt, e):
                 continue
-            slot = self.cache.admit(nxt, e, prefetch=True)
+            slot = self.cache.admit(nxt, e, ready_at=copies.lands(now_ms, self.cost.transfer_ms), prefetch=True)
             if slot is not None:
-                self.cache.get(nxt, e).handle = self.store.load_slot(slot, nxt, e)  # waited on at first use
+                copies.book(now_ms, self.cost.transfer_ms)
+                self.cache.get(nxt, e).handle = self._load(nxt, e, slot)  # waited on at first use
                 self.telemetry.prefetch_copies += 1
 
     @torch.compiler.disable  # data-dependent host decisions: stays eager inside a compiled decode step
@@ -162,55 +150,76 @@ class HybridExperts(nn.Module):
             return self.original(hidden_states, top_k_index, top_k_weights)
         tel = self.telemetry
         clock = [time.perf_counter()]
-        used = torch.unique(top_k_index).tolist()
+        needed = routed_counts(top_k_index.cpu().numpy())
         clock.append(time.perf_counter())
-        self.cache.begin_step(tel.step, protect=[(self.layer, e) for e in used])
-        out = torch.zeros_like(hidden_states)
+        now_ms = 1e3 * clock[-1]
+        self._settle(now_ms)
+        decisions = decide_layer(self.cache, self.cost, self.rules, self.layer, needed, tel.step, now_ms)
         jobs: dict[str, list] = {"gpu": [], "cpu": [], "split": []}
-        cpu_ms = copy_ms = 0.0  # this layer's queues, as the cost model sees them
-        splits = self.store.cfg.split_slots
-        for e in used:
-            token_idx, k_pos = torch.where(top_k_index == e)
-            free = self.store.split_slot(len(jobs["split"])) if len(jobs["split"]) < splits else None
-            call = self._decide(e, len(token_idx), cpu_ms, copy_ms, free)
-            cpu_ms, copy_ms = cpu_ms + call.cpu_ms, copy_ms + call.copy_ms
-            jobs[call.tier].append((e, token_idx, top_k_weights[token_idx, k_pos, None], call))
+        for d in decisions:
+            token_idx, k_pos = torch.where(top_k_index == d.expert)
+            jobs[_TIER[d.kind]].append((d, token_idx, top_k_weights[token_idx, k_pos, None], self._issue(d)))
         clock.append(time.perf_counter())
         # The CPU tier's inputs leave the GPU before any GPU job waits on a copy (same stream: a
         # device-to-host copy queued after the wait would hold the CPU tier until the copy lands).
-        cpu_inputs = {e: hidden_states[token_idx].cpu() for e, token_idx, _, _ in jobs["cpu"] + jobs["split"]}
+        cpu_inputs = {d.expert: hidden_states[token_idx].cpu() for d, token_idx, _, _ in jobs["cpu"] + jobs["split"]}
         clock.append(time.perf_counter())
+        out = torch.zeros_like(hidden_states)
         cpu_tier = 0.0
-        for e, token_idx, w, call in jobs["gpu"]:  # asynchronous on CUDA
-            self._wait(call)
-            y = self.store.gpu_forward(call.slot, hidden_states[token_idx].to(self.store.device))
+        for d, token_idx, w, (slot, event) in jobs["gpu"]:  # asynchronous on CUDA
+            self._wait(d, event)
+            y = self.store.gpu_forward(slot, hidden_states[token_idx].to(self.store.device))
             out.index_add_(0, token_idx, (y.to(out.device) * w).to(out.dtype))
             tel.gpu_experts[self.layer] += 1
             tel.gpu_tokens[self.layer] += len(token_idx)
+            if d.kind == "stream":
+                tel.split_bytes += self.store.expert_bytes
         if self.prefetch:
             self._prefetch_next(hidden_states, top_k_index)
-        for e, token_idx, w, call in jobs["split"]:  # CPU rows while the copy runs, then the GPU's part
+        for d, token_idx, w, (slot, event) in jobs["split"]:  # CPU rows while the copy runs, then the GPU's part
+            rows = self.store.split_rows(d.k)
             t = time.perf_counter()
-            h_cpu = self.store.cpu_rows(self.layer, e, cpu_inputs[e], call.rows)
+            h_cpu = self.store.cpu_rows(self.layer, d.expert, cpu_inputs[d.expert], rows)
             cpu_tier += time.perf_counter() - t
-            self._wait(call)
-            y = self.store.split_forward(call.slot, hidden_states[token_idx].to(self.store.device), h_cpu, call.rows)
+            self._wait(d, event)
+            y = self.store.split_forward(slot, hidden_states[token_idx].to(self.store.device), h_cpu, rows)
             out.index_add_(0, token_idx, (y.to(out.device) * w).to(out.dtype))
             tel.split_experts[self.layer] += 1
-            tel.split_bytes += self.store.copied_bytes(call.rows)
-        for e, token_idx, w, _ in jobs["cpu"]:  # overlaps the GPU work above
-            x = cpu_inputs[e]
+            tel.split_bytes += self.store.copied_bytes(rows)
+        for d, token_idx, w, _ in jobs["cpu"]:  # overlaps the GPU work above
+            x = cpu_inputs[d.expert]
             t = time.perf_counter()
-            y = self.original(x, torch.full((len(x), 1), e), torch.ones(len(x), 1, dtype=x.dtype))
+            y = self.original(x, torch.full((len(x), 1), d.expert), torch.ones(len(x), 1, dtype=x.dtype))
             cpu_tier += time.perf_counter() - t
             out.index_add_(0, token_idx, (y.to(out.device) * w).to(out.dtype))
             tel.cpu_experts[self.layer] += 1
             tel.cpu_tokens[self.layer] += len(token_idx)
-        if self.admit:
-            self._admit_in_background([e for e, *_ in jobs["cpu"]])
+        admitted = admit_misses(self.cache, self.cost, self.rules, self.layer, decisions, now_ms)
+        for e, slot in admitted:  # waited on at first use
+            self.cache.get(self.layer, e).handle = self._load(self.layer, e, slot)
+        tel.background_copies += len(admitted)
+        if tel.decision_log is not None:
+            tel.decision_log.append(LayerRecord(tel.step, self.layer, decisions, admitted))
         if hidden_states.shape[0] == 1:
+            cpu_ms = max((d.cpu_done for d in decisions), default=0.0)
             self._add_host_times(clock, cpu_tier, cpu_ms)
         return out
+
+    def _issue(self, d: Decision) -> tuple[int | None, object]:
+        """Start what a decision copies: (the slot its GPU part runs on, the event to wait for)."""
+        if d.kind == "hit":
+            return d.slot, None
+        if d.kind == "wait":  # the copy's event, handed to this call once
+            entry = self.cache.get(self.layer, d.expert)
+            event, entry.handle = entry.handle, None
+            return d.slot, event
+        if d.kind == "transfer":
+            return d.slot, self._load(self.layer, d.expert, d.slot)
+        if d.kind in ("stream", "split"):
+            slot = self.store.split_slot(d.slot)
+            rows = self.store.split_rows(d.k) if d.kind == "split" else 0
+            return slot, self.store.load_slot(slot, self.layer, d.expert, rows)
+        return None, None
 
     def _add_host_times(self, clock: list[float], cpu_tier_s: float, cpu_est_ms: float) -> None:
         host = self.telemetry.decode_host_ms
@@ -222,19 +231,9 @@ class HybridExperts(nn.Module):
         host["layer"] += 1e3 * (time.perf_counter() - clock[0])
         self.telemetry.decode_forwards += 1
 
-    @staticmethod
-    def _wait(call: _Call) -> None:
-        if call.event is not None:
-            torch.cuda.current_stream().wait_event(call.event)
-
-    def _admit_in_background(self, experts: list[int]) -> None:
-        """Copy CPU-served misses in for their next use, one copy in flight at most (the simulator's
-        backlog of one transfer) and only into dynamic slots (a pinned plan stays)."""
-        for e in experts:
-            if self.store.copies_in_flight() > 0 or self.cache.dynamic_slots(self.layer) <= 0:
-                return
-            slot = self.cache.admit(self.layer, e)
-            if slot is None:
-                return
-            self.cache.get(self.layer, e).handle = self.store.load_slot(slot, self.layer, e)  # waited at first use
-            self.telemetry.background_copies += 1
+    def _wait(self, d: Decision, event) -> None:
+        """The compute stream waits for a copy; every later use of a cached expert finds it landed."""
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+        if d.kind in ("wait", "transfer"):
+            self.cache.get(self.layer, d.expert).ready_at = 0.0

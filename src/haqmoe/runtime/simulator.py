@@ -4,9 +4,10 @@ The replay drives the same ``ExpertCache`` and ``CostModel`` the real engine use
 timeline of three resources: the GPU stream, the CPU, and one host-to-device copy engine
 (copies run one after another, FIFO: demand copies, then prefetches, then background
 admissions). Per MoE layer: attention on the GPU, then the layer's experts - resident ones on
-the GPU, misses on the CPU or copied in and run on the GPU, as the decision policy says - with
-CPU and GPU experts of the same layer overlapping; the layer ends when both are done. Layers
-are sequential (the next layer needs this layer's output).
+the GPU, misses on the CPU or copied in and run on the GPU, as the decision policy says (decide.py:
+the engine's own decisions, docs/design.md, Cost predictor) - with CPU and GPU experts of the same
+layer overlapping; the layer ends when both are done. Layers are sequential (the next layer needs
+this layer's output).
 
 Decode replays token by token; prefill replays a batch (n tokens per expert) per layer.
 Without prefetch and with ``always-transfer`` the cache sees exactly a demand-paging sequence,
@@ -26,7 +27,8 @@ from ..routing.trace import RoutingTrace
 from .cache import CacheConfig, ExpertCache
 from .policies import (ALL_POLICIES, allocate_slots, equal_slots, make_policy, policy_uses_alloc,
                        policy_uses_pins)
-from .predictor import DECISION_POLICIES, CostModel, copied_share
+from .decide import LayerRecord, Rules, admit_misses, decide_layer, routed_counts, scratch_slots
+from .predictor import CostModel, copied_share
 from .prefetch import PrefetchConfig, guesses_for
 from .profiles import HardwareProfile, ModelSpec, head_ms, nonexpert_layer_ms
 
@@ -114,9 +116,11 @@ def _warm(cache: ExpertCache, plan_trace: RoutingTrace) -> None:
 # ---------------------------------------------------------------------------- the replay
 @dataclass
 class ReplayOptions:
-    decision: str = "always-transfer"  # predictor | always-transfer | always-cpu | balanced
+    decision: str = "always-transfer"  # predictor | always-transfer | always-cpu | balanced | split
     async_admit: bool = False  # copy CPU-served misses into the cache in the background
-    async_backlog: float = 1.0  # ... only while the copy queue is shorter than this many copies
+    async_backlog: float = 1.0  # ... only while at most this many whole copies are queued
+    # buffers outside the cache for split parts and streamed experts (None: the engine's, decide.scratch_slots)
+    scratch_slots: int | None = None
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     # as served: per request, its prompt tokens (decode flag False) as one batched prefill, then its decode
     # tokens one by one; counters and latencies are the decode tokens' (needs a trace with decode flags)
@@ -158,39 +162,21 @@ class ReplayResult:
         }
 
 
-class _Timeline:
-    """The copy engine: FIFO, one expert after another."""
-
-    def __init__(self, transfer_ms: float) -> None:
-        self.transfer_ms = transfer_ms
-        self.free_at = 0.0
-
-    def lands(self, at: float, ms: float | None = None) -> float:
-        """When a copy of ``ms`` (default: one whole expert) queued at ``at`` would land."""
-        return max(self.free_at, at) + (self.transfer_ms if ms is None else ms)
-
-    def copy(self, at: float, ms: float | None = None) -> float:
-        """Queue that copy; returns when it lands."""
-        self.free_at = self.lands(at, ms)
-        return self.free_at
-
-    def backlog(self, at: float) -> float:
-        return max(0.0, self.free_at - at)
-
-
 class Replay:
     """One replay of a trace through a cache and a cost model on a timeline."""
 
     def __init__(self, trace: RoutingTrace, cache: ExpertCache, cost: CostModel, profile: HardwareProfile,
                  spec: ModelSpec, precision: str = "w8a8", options: ReplayOptions | None = None) -> None:
         self.opt = options or ReplayOptions()
-        if self.opt.decision not in DECISION_POLICIES:
-            raise HaqmoeError(f"unknown policy {self.opt.decision!r} (choose from {', '.join(DECISION_POLICIES)})")
         if (cache.config.num_layers, cache.config.num_experts) != (trace.num_layers, trace.num_experts):
             raise HaqmoeError("cache and trace disagree on layers x experts")
         self.trace, self.cache, self.cost = trace, cache, cost
         self.profile, self.spec, self.precision = profile, spec, precision
-        self.copies = _Timeline(cost.transfer_ms)
+        opt = self.opt
+        scratch = scratch_slots(opt.decision, trace.top_k) if opt.scratch_slots is None else opt.scratch_slots
+        self.rules = Rules(opt.decision, scratch, opt.async_admit, opt.async_backlog)
+        self.copies = cache.copies
+        self.log: list[LayerRecord] | None = None  # set to [] to record every layer's decisions
         self.decisions: Counter = Counter()
         self.streamed = 0
         L = trace.num_layers
@@ -201,48 +187,28 @@ class Replay:
         self.guesses = guesses_for(trace, pf)
         self.num_guesses = pf.num_guesses or trace.top_k
 
-    # one MoE layer for a set of (expert, n tokens); returns when the layer ends
-    def _layer(self, l: int, needed: Mapping[int, int], now: float, start: float, ne_ms: float,
-               count_step: bool, guesses: np.ndarray | None) -> float:
-        cache, cost, opt = self.cache, self.cost, self.opt
+    def layer(self, l: int, needed: Mapping[int, int], now: float, start: float, ne_ms: float,
+              count_step: bool = False, guesses: np.ndarray | None = None) -> float:
+        """One MoE layer for ``needed`` (expert -> tokens, in routing order) starting at ``start``, its
+        attention and router taking ``ne_ms``; ``now`` is the eviction policy's clock. The decisions are
+        decide.py's; this adds their times up. Returns when the layer ends."""
+        cache, cost, rules = self.cache, self.cost, self.rules
         r = start + ne_ms  # router output known
-        cache.begin_step(now, r, [(l, e) for e in needed])
-        gpu: list[tuple[float, float]] = []
+        decisions = decide_layer(cache, cost, rules, l, needed, now, r)
+        gpu: list[tuple[float, float]] = []  # (weights on the GPU, GPU ms)
         cpu_ms = 0.0
-        all_resident = True
-        background: list[int] = []
-        for e, n in needed.items():
-            out = cache.lookup(l, e)
-            if out in ("hit", "prefetch_hit"):
-                gpu.append((r, cost.t_gpu(n)))
-                self.decisions["gpu"] += 1
-                continue
-            all_resident = False
-            queue = dict(cpu_queue_ms=cpu_ms, copy_wait_ms=self.copies.backlog(r))
-            if out == "inflight":
-                ready = cache.get(l, e).ready_at
-                d = cost.decide(False, n, opt.decision, inflight_ms=ready - r, **queue)
+        for d in decisions:
+            self.decisions["gpu" if d.kind == "hit" else d.kind] += 1
+            if d.kind == "cpu":
+                cpu_ms = d.cpu_done
+            elif d.kind == "split":  # the GPU part needs the CPU's rows and the copied ones
+                cpu_ms = d.cpu_done
+                self.streamed += int(cache.config.expert_bytes * copied_share(d.k))
+                gpu.append((max(d.ready, r + self.profile.host_sync_ms + d.cpu_done), d.gpu_ms))
             else:
-                d = cost.decide(False, n, opt.decision, **queue)
-            self.decisions[d] += 1
-            if d == "wait":
-                gpu.append((ready, cost.t_gpu(n)))
-            elif d == "transfer":
-                done = self.copies.copy(r)
-                if cache.admit(l, e, ready_at=done) is None:
+                if d.kind == "stream":
                     self.streamed += cache.config.expert_bytes
-                gpu.append((done, cost.t_gpu(n)))
-            elif d == "split":  # CPU rows and copied rows at once; the GPU part needs both
-                k = cost.best_split(n, **queue)[0]
-                cpu_part, copy_ms, gpu_part = cost.split_costs(n, k)
-                cpu_ms += cpu_part
-                done = self.copies.copy(r, copy_ms)
-                self.streamed += int(cache.config.expert_bytes * copied_share(k))
-                gpu.append((max(done, r + self.profile.host_sync_ms + cpu_ms), gpu_part))
-            else:
-                cpu_ms += cost.t_cpu(n)
-                if opt.async_admit and out == "miss":
-                    background.append(e)
+                gpu.append((r if d.kind == "hit" else d.ready, d.gpu_ms))
         gpu_end = r
         for ready, dur in sorted(gpu):
             gpu_end = max(gpu_end, ready) + dur
@@ -251,21 +217,23 @@ class Replay:
         end = max(gpu_end, r + sync + cpu_ms + host_serial)
         if count_step:
             self.steps[l] += 1
-            self.all_res[l] += all_resident
+            self.all_res[l] += all(d.kind == "hit" for d in decisions)
         if guesses is not None and l + 1 < self.trace.num_layers:
             self._prefetch(l + 1, guesses, r, end)
-        for e in background:
-            if self.copies.backlog(r) <= opt.async_backlog * cost.transfer_ms and cache.dynamic_slots(l) > 0:
-                if self._copy_in(l, e, r):
-                    self.decisions["background_copy"] += 1
+        admitted = admit_misses(cache, cost, rules, l, decisions, r)
+        if admitted:
+            self.decisions["background_copy"] += len(admitted)
+        if self.log is not None:
+            self.log.append(LayerRecord(now, l, decisions, admitted))
         return end
 
     def _copy_in(self, layer: int, expert: int, at: float, prefetch: bool = False) -> bool:
         """Admit (layer, expert) for a whole-expert copy queued at ``at``; the copy engine is booked only
         when the cache gave it a slot (no slot: no copy)."""
-        if self.cache.admit(layer, expert, ready_at=self.copies.lands(at), prefetch=prefetch) is None:
+        ms = self.cost.transfer_ms
+        if self.cache.admit(layer, expert, ready_at=self.copies.lands(at, ms), prefetch=prefetch) is None:
             return False
-        self.copies.copy(at)
+        self.copies.book(at, ms)
         return True
 
     def _prefetch(self, nxt: int, ranking: np.ndarray, r: float, end: float) -> None:
@@ -289,10 +257,8 @@ class Replay:
         start = self.clock
         t = start
         for l in range(L):
-            ids, counts = np.unique(tokens[:, l].ravel(), return_counts=True)
-            needed = {int(e): int(c) for e, c in zip(ids, counts) if e >= 0}
             ne = nonexpert_layer_ms(self.profile, self.spec, self.precision, P, P)
-            t = self._layer(l, needed, self.clock_now(at, l), t, ne, False, None)
+            t = self.layer(l, routed_counts(tokens[:, l]), self.clock_now(at, l), t, ne)
         t += head_ms(self.profile, self.spec, 1)
         self.clock = t
         return t - start
@@ -307,10 +273,9 @@ class Replay:
             start = self.clock
             clk = start
             for l in range(L):
-                needed = {int(e): 1 for e in self.trace.experts[t, l] if e >= 0}
                 ne = nonexpert_layer_ms(self.profile, self.spec, self.precision, 1, int(pos) + 1)
                 g = None if self.guesses is None else self.guesses[t, l]
-                clk = self._layer(l, needed, self.clock_now(t, l), clk, ne, True, g)
+                clk = self.layer(l, routed_counts(self.trace.experts[t, l]), self.clock_now(t, l), clk, ne, True, g)
             clk += head_ms(self.profile, self.spec, 1)
             self.clock = clk
             out[i] = clk - start

@@ -1,0 +1,179 @@
+"""One MoE layer's expert decisions, shared by the engine (hybrid.py) and the simulator (simulator.py).
+
+docs/design.md, Cost predictor. Both sides hand this module the layer's routed experts with their
+token counts, their ``ExpertCache`` (slots, eviction policy, in-flight copies, the copy engine's
+queue) and the ``CostModel``; it returns each expert's decision and updates the cache, so the engine
+and the simulator serve the same routing the same way. What stays on each side is execution and
+time: the engine issues real copies and computes, the simulator adds up a timeline.
+
+The rules, for a real GPU (each side follows them):
+
+- **Resident** -> ``hit``: GPU.
+- **In flight** (in the cache, its copy not landed) -> the cost model chooses ``wait`` (for the copy,
+  then GPU) or ``cpu`` (the copy goes on and serves the next use). A landing copy is not free: the
+  CPU may finish the call before it lands.
+- **Miss** -> the cost model's decision behind the layer's queues (CPU work given so far, the copy
+  engine's backlog):
+  - ``transfer``: copied into a cache slot (evicting by policy) and run on the GPU. With no slot to
+    free (every slot pinned, in use by this layer or still being filled) the copy needs another
+    buffer: a free scratch slot (``stream``: copied, run, not cached), else the CPU (``cpu``). A real
+    GPU has no room for a copy without a buffer to land in.
+  - ``split`` (policy ``split``): the CPU computes the first k / 8 gate/up rows while the rest is
+    copied into a scratch slot; with no scratch slot free the layer's remaining misses are decided as
+    ``balanced`` (CPU or transfer, whichever finishes first).
+  - ``cpu``.
+- Scratch slots: a fixed number of buffers outside the cache (the engine's split slots), one per
+  split or streamed call of the layer.
+
+Experts are decided in routing order (first appearance, token by token, rank by rank): the order
+the queues fill in. ``admit_misses`` is the background admission both sides run after the layer's
+work is issued: CPU-served misses are copied into dynamic slots for their next use while the copy
+engine has at most ``admit_backlog`` whole copies queued.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from ..errors import HaqmoeError
+from .cache import ExpertCache
+from .predictor import DECISION_POLICIES, CostModel
+
+@dataclass(frozen=True)
+class Rules:
+    """What a side's configuration adds to the cost model's decision."""
+
+    policy: str = "predictor"  # DECISION_POLICIES
+    scratch_slots: int = 0  # buffers outside the cache: split parts and streamed experts
+    admit: bool = False  # copy CPU-served misses into the cache in the background
+    admit_backlog: float = 1.0  # ... while at most this many whole copies are queued on the copy engine
+
+    def __post_init__(self) -> None:
+        if self.policy not in DECISION_POLICIES:
+            raise HaqmoeError(f"unknown policy {self.policy!r} (choose from {', '.join(DECISION_POLICIES)})")
+
+
+def scratch_slots(policy: str, top_k: int) -> int:
+    """Scratch slots a side gives a policy: one per expert of a decode token with ``split`` (its
+    misses split at once), none otherwise (the engine's store allocates them only for split)."""
+    return top_k if policy == "split" else 0
+
+
+@dataclass
+class Decision:
+    """How one expert call of ``tokens`` tokens runs: ``kind`` hit | wait | transfer | stream | split |
+    cpu. ``slot``: the cache slot (hit, wait, transfer) or the scratch slot's index (stream, split).
+    The cost model's times: ``ready`` when its weights are on the GPU (the caller's clock);
+    ``cpu_done`` when the layer's CPU queue has finished its CPU part (ms after the router's output);
+    ``gpu_ms`` its GPU part."""
+
+    expert: int
+    tokens: int
+    kind: str
+    slot: int | None = None
+    k: int = 0  # split point: k / SPLIT_STEPS of the gate/up rows on the CPU
+    ready: float = 0.0
+    cpu_done: float = 0.0
+    gpu_ms: float = 0.0
+
+    def key(self) -> tuple:
+        """What the engine and the simulator must agree on (times are each side's own)."""
+        return self.expert, self.tokens, self.kind, self.slot, self.k
+
+
+@dataclass
+class LayerRecord:
+    """One layer of one forward as decided: for a decision log (tests compare the two sides)."""
+
+    step: float
+    layer: int
+    decisions: list[Decision]
+    admitted: list[tuple[int, int]] = field(default_factory=list)  # background copies: (expert, slot)
+
+    def key(self) -> tuple:
+        return self.step, self.layer, tuple(d.key() for d in self.decisions), tuple(self.admitted)
+
+
+def routed_counts(top_k_index: np.ndarray) -> dict[int, int]:
+    """Expert -> tokens routed to it, in order of first appearance ([tokens, k] ids; -1 = none)."""
+    flat = np.asarray(top_k_index).reshape(-1)
+    flat = flat[flat >= 0]
+    ids, first, counts = np.unique(flat, return_index=True, return_counts=True)
+    order = np.argsort(first, kind="stable")
+    return {int(ids[i]): int(counts[i]) for i in order}
+
+
+def decide_layer(cache: ExpertCache, cost: CostModel, rules: Rules, layer: int, needed: Mapping[int, int],
+                 now: float, at: float) -> list[Decision]:
+    """Decide every expert call of one layer (``needed``: expert -> tokens, in routing order).
+
+    ``now``: the eviction policy's clock; ``at``: the router's output on the caller's clock (copies
+    queue from there, a copy landing after it is in flight). Starts the cache's step (protecting
+    the layer's experts), counts each lookup, admits transferred experts and books every copy on
+    ``cache.copies``; the caller runs the calls and, where it knows better (a finished copy), says so
+    in the cache entries."""
+    cache.begin_step(now, at, [(layer, e) for e in needed])
+    copies, transfer = cache.copies, cost.transfer_ms
+    cpu_ms = 0.0
+    scratch = 0  # scratch slots used so far
+    out: list[Decision] = []
+    for e, n in needed.items():
+        seen = cache.lookup(layer, e)
+        if seen in ("hit", "prefetch_hit"):
+            out.append(Decision(e, n, "hit", cache.get(layer, e).slot, gpu_ms=cost.t_gpu(n)))
+            continue
+        queues = dict(cpu_queue_ms=cpu_ms, copy_wait_ms=copies.backlog(at))
+        if seen == "inflight":
+            entry = cache.get(layer, e)
+            kind = cost.decide(False, n, rules.policy, inflight_ms=entry.ready_at - at, **queues)
+            if kind == "wait":
+                out.append(Decision(e, n, "wait", entry.slot, ready=entry.ready_at, gpu_ms=cost.t_gpu(n)))
+                continue
+        else:
+            policy = rules.policy if rules.policy != "split" or scratch < rules.scratch_slots else "balanced"
+            kind = cost.decide(False, n, policy, **queues)
+        if kind == "split":
+            k = cost.best_split(n, **queues)[0]
+            cpu_part, copy_ms, gpu_part = cost.split_costs(n, k)
+            cpu_ms += cpu_part
+            out.append(Decision(e, n, "split", scratch, k, copies.book(at, copy_ms), cpu_ms, gpu_part))
+            scratch += 1
+            continue
+        if kind == "transfer":
+            slot = cache.admit(layer, e, ready_at=copies.lands(at, transfer))
+            if slot is not None:
+                out.append(Decision(e, n, "transfer", slot, ready=copies.book(at, transfer), gpu_ms=cost.t_gpu(n)))
+                continue
+            if scratch < rules.scratch_slots:
+                out.append(Decision(e, n, "stream", scratch, ready=copies.book(at, transfer), gpu_ms=cost.t_gpu(n)))
+                scratch += 1
+                continue
+        cpu_ms += cost.t_cpu(n)
+        out.append(Decision(e, n, "cpu", cpu_done=cpu_ms))
+    return out
+
+
+def admit_misses(cache: ExpertCache, cost: CostModel, rules: Rules, layer: int, decisions: list[Decision],
+                 at: float) -> list[tuple[int, int]]:
+    """Background admission: the layer's CPU-served misses, in order, copied into the cache for their
+    next use while the copy engine's backlog is at most ``rules.admit_backlog`` copies and the pool has
+    dynamic slots (a pinned plan stays). Returns (expert, slot) of each copy booked, each landing as
+    its ``ready_at`` says; stops at the first expert that gets no slot (nor would the next)."""
+    if not rules.admit:
+        return []
+    copies, transfer = cache.copies, cost.transfer_ms
+    admitted = []
+    for d in decisions:
+        if d.kind != "cpu" or cache.contains(layer, d.expert):
+            continue
+        if copies.backlog(at) > rules.admit_backlog * transfer or cache.dynamic_slots(layer) <= 0:
+            break
+        slot = cache.admit(layer, d.expert, ready_at=copies.lands(at, transfer))
+        if slot is None:
+            break
+        copies.book(at, transfer)
+        admitted.append((d.expert, slot))
+    return admitted

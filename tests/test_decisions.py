@@ -1,0 +1,146 @@
+"""One decision loop: the engine's recorded routing, replayed through the simulator, gets the engine's
+decisions one for one; the rules decide.py settles (copy in flight, no scratch slot, no cache slot)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from haqmoe.models.adapters import adapter_for
+from haqmoe.models.loading import LoadedModel
+from haqmoe.models.tiny import tiny_model
+from haqmoe.routing.placement import Plan
+from haqmoe.routing.trace import RoutingTrace
+from haqmoe.runtime.cache import CacheConfig, ExpertCache
+from haqmoe.runtime.decide import Rules, admit_misses, decide_layer, routed_counts
+from haqmoe.runtime.engine import CollaborativeEngine, EngineConfig, SamplingConfig
+from haqmoe.runtime.hybrid import HybridExperts
+from haqmoe.runtime.policies import LRUPolicy
+from haqmoe.runtime.predictor import CostCurve, CostModel
+from haqmoe.runtime.profiles import HardwareProfile, ModelSpec
+from haqmoe.runtime.simulator import Replay, ReplayOptions
+
+PROMPT = torch.tensor([[5, 17, 99, 3, 42, 8, 61, 7, 12, 30, 2, 77]])
+ZERO = HardwareProfile("zero", "test", 8, 1e9, 1e9, 1e9, 1.0, 1.0, 1.0, 1.0, gpu_kernel_ms=0.0, cpu_call_ms=0.0)
+# The emulated GPU tier copies synchronously: every copy has landed by the next layer. The replay matches
+# it with attention slower than any backlog of copies (and no copy left in flight at a router's output).
+SLOW_ATTENTION_MS = 1e6
+
+ENGINE_CASES = {
+    "predictor": dict(decision="predictor"),
+    "predictor-n1": dict(decision="predictor", n_critical=1),  # prefill misses transfer, decode misses on the CPU
+    "always-transfer": dict(decision="always-transfer"),
+    "always-cpu": dict(decision="always-cpu"),
+    "balanced": dict(decision="balanced"),
+    "split": dict(decision="split"),
+    "split-2-slots": dict(decision="split", slots_per_layer=2),
+    "pinned-plan": dict(decision="predictor", n_critical=1, cache_policy="pinned+lru"),  # one pinned slot a layer
+}
+
+
+def record_engine(family: str, admit: bool, **cfg) -> tuple[CollaborativeEngine, ExpertCache, list, list]:
+    """Two greedy generations on the emulated GPU tier, recording each hybrid call's routing (in routing
+    order, from the router's own top-k) and the engine's decisions; with the cache as it was before."""
+    model = tiny_model(family, seed=3)
+    cfg = {"emulate_gpu": True, "slots_per_layer": 3, "admit": admit, **cfg}
+    engine = CollaborativeEngine(LoadedModel(model, None, family, adapter_for(model)), EngineConfig(**cfg))
+    start = copy.deepcopy(engine.cache)
+    routing: list[tuple[int, dict[int, int]]] = []
+    for h in engine.model.modules():
+        if isinstance(h, HybridExperts):
+            h.register_forward_pre_hook(lambda m, args: routing.append((m.layer, routed_counts(args[1].numpy()))))
+    engine.telemetry.decision_log = []
+    for seed in (0, 1):
+        engine.generate(PROMPT + seed, SamplingConfig(max_new_tokens=8))
+    log = engine.telemetry.decision_log
+    assert [(r.layer, [(d.expert, d.tokens) for d in r.decisions]) for r in log] == \
+        [(layer, list(needed.items())) for layer, needed in routing]
+    return engine, start, routing, log
+
+
+@pytest.mark.parametrize("admit", [False, True], ids=["no-admit", "admit"])
+@pytest.mark.parametrize("case", list(ENGINE_CASES))
+def test_simulator_replays_the_engines_decisions_one_for_one(case, admit, tmp_path):
+    cfg = dict(ENGINE_CASES[case])
+    if cfg.get("cache_policy") == "pinned+lru":
+        cfg["plan"] = str(Plan(2, 8, [[0], [1]], "test").save(tmp_path / "plan.json"))
+    engine, cache, routing, log = record_engine("mixtral", admit, **cfg)
+    L, E, k = cache.config.num_layers, cache.config.num_experts, engine.top_k
+    shape_only = RoutingTrace(np.zeros((1, L, k), np.int16), E, np.array([0, 1]))  # replayed layer by layer
+    opt = ReplayOptions(engine.cfg.decision, async_admit=admit, scratch_slots=engine.store.cfg.split_slots)
+    replay = Replay(shape_only, cache, engine.cost, ZERO, ModelSpec("tiny", L, E, k, 1, 1, 0, 0, 0), options=opt)
+    replay.log = []
+    clock = 0.0
+    for (layer, needed), rec in zip(routing, log):
+        clock = replay.layer(layer, needed, rec.step, clock, SLOW_ATTENTION_MS)
+    assert [r.key() for r in replay.log] == [r.key() for r in log]
+    assert cache.stats.as_dict() == engine.cache.stats.as_dict()
+    kinds = {d.kind for r in log for d in r.decisions}
+    counts = {kind: sum(d.kind == kind for r in log for d in r.decisions) for kind in kinds}
+    s = engine.summary()
+    assert s["cpu_expert_calls"] == counts.get("cpu", 0) and s["split_expert_calls"] == counts.get("split", 0)
+    assert s["gpu_expert_calls"] == sum(counts.get(kind, 0) for kind in ("hit", "wait", "transfer", "stream"))
+    assert s["background_copies"] == sum(len(r.admitted) for r in log)
+    if admit and case in ("predictor-n1", "always-cpu", "pinned-plan"):  # decode misses on the CPU, then copied in
+        assert s["background_copies"] > 0 and "hit" in kinds
+    if case.startswith("split"):  # a decode token's misses split; a prefill's beyond the scratch slots not
+        assert {"split", "transfer", "cpu"} <= kinds
+
+
+# ------------------------------------------------------------------------- the rules by hand
+COST = CostModel(CostCurve(per_token_ms=2.0), CostCurve(per_token_ms=0.5), 3.0)  # n_critical = 2
+
+
+def cache_of(slots: int, pinned: dict | None = None) -> ExpertCache:
+    return ExpertCache(CacheConfig(1, 6, slots, pinned=pinned or {}), LRUPolicy())
+
+
+def kinds(decisions) -> list[tuple]:
+    return [(d.expert, d.kind, d.slot) for d in decisions]
+
+
+def test_a_copy_in_flight_is_waited_for_only_when_that_finishes_first():
+    for lands, want in ((1.0, "wait"), (5.0, "cpu")):  # wait 1 + GPU 0.5 < CPU 2 < wait 5 + GPU 0.5
+        cache = cache_of(2)
+        cache.begin_step(0, 0.0)
+        slot = cache.admit(0, 4, ready_at=lands)
+        out = decide_layer(cache, COST, Rules("predictor"), 0, {4: 1}, 1.0, 0.0)
+        assert kinds(out) == [(4, want, slot if want == "wait" else None)]
+        assert cache.stats.inflight[0] == 1 and cache.contains(0, 4)  # the copy goes on either way
+    cache = cache_of(2)
+    cache.begin_step(0, 0.0)
+    cache.admit(0, 4, ready_at=5.0)
+    assert decide_layer(cache, COST, Rules("always-transfer"), 0, {4: 1}, 1.0, 0.0)[0].kind == "wait"
+
+
+def test_split_without_a_scratch_slot_decides_as_balanced():
+    # three one-token misses, one scratch slot: the first splits (k = 7), the others go to whichever of
+    # the CPU queue and the copy engine finishes first, behind what the split queued on both
+    out = decide_layer(cache_of(3), COST, Rules("split", scratch_slots=1), 0, {0: 1, 1: 1, 2: 1}, 0.0, 0.0)
+    assert [d.kind for d in out] == ["split", "cpu", "transfer"] and (out[0].slot, out[0].k) == (0, 7)
+    assert out[1].cpu_done == pytest.approx(2 * 7 / 12 + 2)  # CPU 7/6 + 2 < copy 5/4 + 3 + GPU 1/2
+    assert out[2].ready == pytest.approx(3 * 5 / 12 + 3)  # then CPU 19/6 + 2 > 19/4
+
+
+def test_a_transfer_without_a_cache_slot_streams_through_scratch_or_runs_on_the_cpu():
+    # two slots, both pinned: no slot to copy into; always-transfer streams while a scratch slot is free
+    needed = {0: 4, 1: 4}
+    out = decide_layer(cache_of(2, {0: [4, 5]}), COST, Rules("always-transfer", scratch_slots=1), 0, needed, 0, 0.0)
+    assert kinds(out) == [(0, "stream", 0), (1, "cpu", None)]
+    assert out[0].ready == pytest.approx(3.0) and out[1].cpu_done == pytest.approx(8.0)
+
+
+def test_background_admission_stops_behind_a_copy_backlog():
+    cache = cache_of(4)
+    out = decide_layer(cache, COST, Rules("always-cpu", admit=True), 0, {0: 1, 1: 1, 2: 1}, 0.0, 0.0)
+    # backlog 0, then 3 ms = one copy (still admitted), then 6 ms: stop
+    assert admit_misses(cache, COST, Rules("always-cpu", admit=True), 0, out, 0.0) == [(0, 0), (1, 1)]
+    assert cache.copies.backlog(0.0) == 6.0 and cache.get(0, 1).ready_at == 6.0
+
+
+def test_routing_order_is_first_appearance():
+    assert routed_counts(np.array([[3, 1], [1, 0], [-1, 3]])) == {3: 2, 1: 2, 0: 1}
+    assert list(routed_counts(np.array([[3, 1], [1, 0]]))) == [3, 1, 0]
