@@ -81,3 +81,70 @@ def test_resume_refusals_name_the_way_out_not_each_other(tmp_path, monkeypatch, 
     code, err = _cli(["quantize", str(src), "--method", "rtn", "--w-sym", "-o", out, "--overwrite"], capsys)
     assert code == 0, err
 
+
+
+def test_info_on_a_quantized_checkpoint_counts_every_parameter_and_reads_its_quantization(tmp_path, capsys):
+    from haqmoe.models.adapters import adapter_for
+    from haqmoe.models.tiny import tiny_model
+    from haqmoe.quant.checkpoint import save_quantized
+    from haqmoe.quant.config import QuantConfig
+    from haqmoe.quant.rtn import quantize_rtn
+
+    model = tiny_model("mixtral")
+    model.save_pretrained(tmp_path / "fp")
+    cfg = QuantConfig.w8a8("rtn")
+    quantize_rtn(model, adapter_for(model), cfg, progress=False)
+    save_quantized(model, None, tmp_path / "q", cfg)
+    from haqmoe.cli.main import main
+
+    lines = {}
+    for name in ("fp", "q"):
+        main(["-q", "info", str(tmp_path / name)])
+        lines[name] = dict(x.split(": ", 1) for x in capsys.readouterr().out.splitlines() if ": " in x)
+    assert lines["q"]["parameters"] == lines["fp"]["parameters"]  # int8 weights count too
+    assert lines["q"]["quantized"] == ("rtn (weights int8 asymmetric per channel, activations int8 asymmetric "
+                                       "per token dynamic)")
+    assert lines["fp"]["quantized"] == "no (float weights)"
+
+
+def test_generate_reports_exec_as_the_option_names_it():
+    from haqmoe.cli.main import exec_name
+
+    assert [exec_name(m, True) for m in ("fake", "dequant", "int8", "auto")] == ["fake", "dequant", "real", "auto"]
+    assert exec_name("fake", False) == "float"
+
+
+def test_a_hub_id_offline_fails_at_once_and_says_so(tmp_path, monkeypatch, capsys):
+    """No network: one connection attempt (not the hub client's ~30 s of retries), then the cache or a
+    clear error; HF_HUB_OFFLINE skips even that attempt."""
+    import socket
+
+    import huggingface_hub
+
+    calls: list[str] = []
+
+    def refused(*args, **kwargs):
+        calls.append("connect")
+        raise OSError(101, "Network is unreachable")
+
+    def cache_only(repo_id, allow_patterns=None, local_files_only=False):
+        calls.append(f"snapshot local_files_only={local_files_only}")
+        raise FileNotFoundError("not cached")
+    monkeypatch.setattr(socket, "create_connection", refused)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda *a, **k: calls.append("list") or [])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cache_only)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    code, err = _cli(["info", "someone/not-cached"], capsys)
+    assert code == 2 and "out of reach (cannot connect to huggingface.co: Network is unreachable)" in err, err
+    assert "not in the Hugging Face cache" in err and calls == ["connect", "snapshot local_files_only=True"]
+    calls.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, err = _cli(["info", "someone/not-cached"], capsys)
+    assert code == 2 and "HF_HUB_OFFLINE is set" in err and calls == ["snapshot local_files_only=True"]
+    src = tmp_path / "cached"  # in the cache: offline is no obstacle
+    from haqmoe.models.tiny import tiny_model
+
+    tiny_model("llama").save_pretrained(src)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(src))
+    code, err = _cli(["info", "someone/cached"], capsys)
+    assert code == 0, err

@@ -144,6 +144,8 @@ def test_cli_plan_and_eval(tmp_path):
     # budget beyond all experts, and a plan evaluated on another model's trace: clear errors
     r = runner.invoke(app, ["plan", str(build), "--out", str(tmp_path / "x.json"), "--budget", "33"])
     assert r.exit_code != 0 and "between 0 and 32" in str(r.exception)
+    r = runner.invoke(app, ["plan", str(build), "--out", str(tmp_path / "x.json")])  # no budget: name the flags
+    assert r.exit_code != 0 and "--budget N" in str(r.exception) and "--budget-gb GB" in str(r.exception)
     other = tmp_path / "other"
     save_trace(skewed_trace(L=5), other)
     r = runner.invoke(app, ["placement-eval", plans[0], "--on", str(other)])

@@ -257,6 +257,9 @@ def test_bench_runtime_reports_each_policy_with_its_host_times(ckpt, tmp_path, c
     out = tmp_path / "bench.json"
     main(["--quiet", "bench-runtime", str(ckpt), "--policies", "always-cpu,always-transfer", "--prompt-tokens", "16",
           "--max-tokens", "4", *ENGINE_ARGS, "--out", str(out)])
+    printed = capsys.readouterr().out.splitlines()  # without --json: a labelled table, not JSON lines
+    assert "decode tok/s" in printed[0] and "hit rate" in printed[0] and not any(x.startswith("{") for x in printed)
+    assert [x.split()[0] for x in printed[1:]] == ["always-cpu", "always-transfer"]
     rows = {r["policy"]: r for r in json.loads(out.read_text())["rows"]}
     cpu, transfer = rows["always-cpu"], rows["always-transfer"]
     assert cpu["cpu_expert_calls"] > 0 and cpu["bytes_moved_gb"] == 0 and cpu["host_cpu_tier_est_ms"] > 0

@@ -138,6 +138,14 @@ def test_plan_for_another_model_is_an_error():
         build_cache(CacheSpec("static", 16, plan={0: [9]}), 4, 6, 2, 1)
 
 
+def test_cache_eval_columns_are_labelled(capsys):
+    from haqmoe.cli.main import main
+
+    main(["-q", "cache-eval", "mixtral-stats", "--policies", "lru", "--fracs", "0.5", "--prefetch", "off"])
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.startswith("cache 0.5") and " moved " in row and " GB  decode " in row and row.endswith(" tok/s"), row
+
+
 def test_cli_bad_input_is_one_clean_line(capsys):
     from haqmoe.cli.main import main
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -150,4 +149,25 @@ def bench_runtime(model: str = typer.Argument("smollm2-moe", help="MoE model sou
         from ..results import run_meta, write_results
 
         write_results(out, rows, run_meta(), f"Runtime benchmark: {model}")
-    emit({"rows": rows}, as_json, "\n".join(json.dumps(r) for r in rows))
+    emit({"rows": rows}, as_json, runtime_table(rows))
+
+
+_TABLE = (("policy", "policy", "{}"), ("device", "device", "{}"), ("prefill ms", "prefill_ms", "{:.1f}"),
+          ("decode tok/s", "decode_tok_s", "{:.2f}"), ("p50 ms", "latency_p50_ms", "{:.1f}"),
+          ("p95 ms", "latency_p95_ms", "{:.1f}"), ("p99 ms", "latency_p99_ms", "{:.1f}"),
+          ("hit rate", "hit_rate", "{:.3f}"), ("GB moved", "bytes_moved_gb", "{:.3f}"),
+          ("CPU calls", "cpu_expert_calls", "{}"), ("GPU calls", "gpu_expert_calls", "{}"),
+          ("split calls", "split_expert_calls", "{}"))
+
+
+def runtime_table(rows: list[dict]) -> str:
+    """``bench-runtime``'s human output: one aligned row per policy under labelled columns (``--json``
+    gives every field, the host time by phase included); a missing value (no GPU tier: no hit rate)
+    shows as "-"."""
+    def cell(row: dict, key: str, fmt: str) -> str:
+        return "-" if row.get(key) is None else fmt.format(row[key])
+
+    table = [[label for label, _, _ in _TABLE]] + [[cell(r, k, f) for _, k, f in _TABLE] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(_TABLE))]
+    return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                     for line in table)

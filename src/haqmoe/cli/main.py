@@ -61,7 +61,8 @@ def info(model: str = typer.Argument("smollm2-135m", help="Embedded name, checkp
         "groups": [{"name": g.name, "prev_op": g.prev_op, "layers": list(g.layers), "routers": list(g.routers)}
                    for g in adapter.groups(first)],
     }
-    human = "\n".join([f"{k}: {v}" for k, v in payload.items() if k != "groups"] + ["groups (one block):"] +
+    shown = {**payload, "quantized": describe_quant(payload["quantized"])}
+    human = "\n".join([f"{k}: {v}" for k, v in shown.items() if k != "groups"] + ["groups (one block):"] +
                       [f"  {g['name']}: {g['prev_op']} -> {', '.join(g['layers'])}" for g in payload["groups"]])
     emit(payload, as_json, human)
 
@@ -70,23 +71,61 @@ def _gb(n: int) -> float:
     return round(n / 1e9, 3)
 
 
+def _spec_words(spec: dict) -> str:
+    """``{'bits': 8, 'symmetric': False, 'granularity': 'channel', ...}`` -> "int8 asymmetric per channel"."""
+    words = [f"int{spec.get('bits', '?')}", "symmetric" if spec.get("symmetric") else "asymmetric"]
+    gran = spec.get("granularity")
+    if gran == "group" and spec.get("group_size"):
+        words.append(f"per group of {spec['group_size']}")
+    elif gran:
+        words.append(f"per {gran}")
+    if "dynamic" in spec and gran == "token":
+        words.append("dynamic" if spec["dynamic"] else "static")
+    return " ".join(words)
+
+
+def describe_quant(quant: dict | None) -> str:
+    """``info``'s one-line reading of a checkpoint's quantization metadata (``--json`` keeps the dict):
+    the method, then weights and activations in words, not a Python dict."""
+    if not quant:
+        return "no (float weights)"
+    parts = [str(quant.get("method", "?"))]
+    for key, label in (("weights", "weights"), ("acts", "activations")):
+        if isinstance(quant.get(key), dict):
+            parts.append(f"{label} {_spec_words(quant[key])}")
+    if quant.get("quantize_routers"):
+        parts.append("routers quantized")
+    return parts[0] + (f" ({', '.join(parts[1:])})" if len(parts) > 1 else "")
+
+
 # ------------------------------------------------------------------------- eval
 _EXEC_HELP = "Quantized execution: fake, dequant, real (int8 GEMM) or auto (measured per shape)."
-_INT8_HEAD_HELP = ("With --exec int8/auto: lm_head (and a tied embedding) as int8 too; faster decode, not part "
+_INT8_HEAD_HELP = ("With --exec real/auto: lm_head (and a tied embedding) as int8 too; faster decode, not part "
                    "of the W8A8 recipe.")
 
 
+def exec_name(mode: str, quantized: bool) -> str:
+    """The execution reported in output, spelt as ``--exec`` takes it (``real``: precision's ``int8``);
+    ``float`` for a model with no quantized layer, where nothing is fake-quantized."""
+    if not quantized:
+        return "float"
+    return "real" if mode == "int8" else mode
+
+
 def _execute(lm, exec_mode: str, int8_lm_head: bool) -> str:
-    """Convert a loaded model's quantized modules to the requested execution mode (its name returned)."""
+    """Convert a loaded model's quantized modules to the requested execution mode (its reported name,
+    ``exec_name``, returned)."""
+    from ..quant.modules import QuantExperts, QuantLinear
     from ..quant.precision import convert, normalize_mode
 
-    exec_mode = normalize_mode(exec_mode)
-    if int8_lm_head and exec_mode not in ("int8", "auto"):
-        raise HaqmoeError("--int8-lm-head needs --exec int8 or auto")
-    if exec_mode != "fake" and not convert(lm.model, exec_mode, int8_lm_head=int8_lm_head).counts:
+    mode = normalize_mode(exec_mode)
+    if int8_lm_head and mode not in ("int8", "auto"):
+        raise HaqmoeError("--int8-lm-head needs --exec real or auto")
+    if mode != "fake" and not convert(lm.model, mode, int8_lm_head=int8_lm_head).counts:
         raise HaqmoeError(f"--exec {exec_mode} needs a quantized model ({lm.name} has no quantized layers: "
                           "`haqmoe quantize` it first)")
-    return exec_mode
+    quantized = mode != "fake" or any(isinstance(m, (QuantLinear, QuantExperts)) for m in lm.model.modules())
+    return exec_name(mode, quantized)
 
 
 @app.command("eval")

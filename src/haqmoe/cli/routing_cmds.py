@@ -85,6 +85,9 @@ def plan(source: str = typer.Argument(..., help=_SOURCE_HELP),
         raise HaqmoeError(f"plan {out} exists (use --overwrite)")
     if expert_dtype not in ("int8", "fp16"):
         raise HaqmoeError(f"--expert-dtype must be int8 or fp16, got '{expert_dtype}'")
+    if (budget is None) == (budget_gb is None):  # before the routing data loads; Budget.of knows no flag names
+        raise HaqmoeError("plan needs one GPU budget: --budget N (expert slots over all layers) or --budget-gb GB "
+                          f"(memory for experts){'' if budget is None else ', not both'}")
     src = load_source(source)
     prof = profile_for(profile, src.model)
     stats = src.stats(window)

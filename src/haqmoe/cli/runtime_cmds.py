@@ -61,10 +61,10 @@ def cache_eval(source: str = typer.Argument("mixtral-stats", help=_SOURCE_HELP),
 
         write_results(out, rows, run_meta(), f"Cache policies on {pair.source}")
         payload["plot"] = str(plot_cache(rows, Path(out).with_suffix(".png")))
-    human = "\n".join(f"{r['cache_frac']:>5} {r['policy']:<18} prefetch={str(r['prefetch']):<5} "
+    human = "\n".join(f"cache {r['cache_frac']:<5} {r['policy']:<18} prefetch={str(r['prefetch']):<5} "
                       f"hit {r['hit_rate']:.3f}  resident-when-needed {r['resident_when_needed']:.3f}  "
-                      f"P(all) {r['p_all_resident']:.3f}  {r['bytes_moved_gb']:.1f} GB  {r['decode_tok_s']:.1f} tok/s"
-                      for r in rows)
+                      f"P(all) {r['p_all_resident']:.3f}  moved {r['bytes_moved_gb']:.1f} GB  "
+                      f"decode {r['decode_tok_s']:.1f} tok/s" for r in rows)
     emit(payload, as_json, f"{pair.source} ({pair.kind}), held-out {pair.eval.num_tokens} tokens\n{human}")
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from safetensors import SafetensorError
@@ -119,16 +122,54 @@ def lazy_folder(source: str, progress: bool = True) -> Path | None:
     return None
 
 
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+HUB_CONNECT_TIMEOUT_S = 3.0
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be used now (None: it accepts a connection).
+
+    Why ask first: without network the hub client retries for ~30 s before it fails; one connection
+    attempt with a short timeout (or ``HF_HUB_OFFLINE``) tells at once, and the cache is used instead."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=HUB_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        return f"cannot connect to {host}: {exc.strerror or exc or type(exc).__name__}"
+    return None
+
+
+def cached_snapshot(repo_id: str, reason: str, patterns: list[str] | None = None) -> Path:
+    """A hub model's files from the Hugging Face cache alone (the hub being out of reach for ``reason``)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception as exc:  # the hub client's "not cached" errors vary by version
+        raise HaqmoeError(f"{repo_id} looks like a hub id, but the hub is out of reach ({reason}) and it is not "
+                          f"in the Hugging Face cache: download it once with network, or give a local checkpoint "
+                          f"folder") from exc
+
+
 def hub_snapshot(repo_id: str) -> Path | None:
     """Download (or find in the Hugging Face cache) a hub model's config, tokenizer and safetensors
-    shards; None when it has no safetensors weights. Needs network the first time."""
+    shards; None when it has no safetensors weights. Needs network the first time; offline, the
+    cached files or one clear error at once."""
     from huggingface_hub import list_repo_files, snapshot_download
 
+    reason = hub_unreachable()
+    if reason is not None:
+        path = cached_snapshot(repo_id, reason, HUB_PATTERNS)
+        return path if SafetensorsFolder.present(path) else None
     try:
         if not any(f.endswith(".safetensors") for f in list_repo_files(repo_id)):
             return None
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
-                                                               "*.jinja", "*.tiktoken"]))
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except Exception as exc:  # the hub client raises its own, httpx's and OS errors alike
         raise HaqmoeError(f"cannot download {repo_id} from the hub: {_first_line(exc)}") from exc
 
@@ -144,6 +185,8 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, progress: bool =
         model = _load_gguf(path, dtype)
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         return LoadedModel(model, tok, source, adapter_for(model))
+    if kind == "hub" and (reason := hub_unreachable()) is not None:
+        path = cached_snapshot(source, reason)  # every cached file: this path may load .bin weights
     target = str(path) if path is not None else source
     quant_file = path / QUANT_CONFIG if path is not None else None
     if quant_file is not None and quant_file.is_file():
