@@ -148,3 +148,28 @@ def test_a_hub_id_offline_fails_at_once_and_says_so(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(src))
     code, err = _cli(["info", "someone/cached"], capsys)
     assert code == 0, err
+
+
+def test_compile_and_aot_speedups_in_help_and_readme_come_from_the_results_file():
+    """One figure each, read off the results file --help names, and the README quotes the same."""
+    import json
+    from pathlib import Path
+
+    import typer.main
+
+    from haqmoe.cli.common import app
+    from haqmoe.cli.main import SPEEDUPS
+
+    root = Path(__file__).resolve().parents[1]
+    source = root / SPEEDUPS["source"]
+    tok_s = {r["mode"]: r["decode_tok_s"] for r in json.loads(source.with_suffix(".json").read_text())["rows"]}
+    eager = tok_s["real-int8-lm-head"]
+    assert SPEEDUPS["compile"] == f"{tok_s['real-int8-lm-head-compiled'] / eager:.2f}x"
+    assert SPEEDUPS["aot"] == f"{tok_s['real-int8-lm-head-aot'] / eager:.2f}x"
+    generate = typer.main.get_command(app).commands["generate"]
+    helps = {p.opts[0]: p.help for p in generate.params if p.param_type_name == "option"}
+    readme = (root / "README.md").read_text()
+    for flag, key in (("--compile", "compile"), ("--aot", "aot")):
+        assert SPEEDUPS[key] in helps[flag] and SPEEDUPS["source"] in helps[flag]
+        assert f"{SPEEDUPS[key]} with `{flag}`" in readme
+    assert "1.9x" not in helps["--compile"] and "1.2-1.4x" not in helps["--aot"]
