@@ -106,9 +106,8 @@ def pin_in_place(t: torch.Tensor) -> torch.Tensor:
     if t.is_pinned():
         return t
     storage = t.untyped_storage()
-    err = int(getattr(err := torch.cuda.cudart().cudaHostRegister(storage.data_ptr(), storage.nbytes(), 0),
-                      "value", err))
-    if err not in (0, _ALREADY_REGISTERED):
+    status = torch.cuda.cudart().cudaHostRegister(storage.data_ptr(), storage.nbytes(), 0)
+    if int(getattr(status, "value", status)) not in (0, _ALREADY_REGISTERED):
         return t.pin_memory()
     return t
 
