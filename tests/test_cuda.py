@@ -157,3 +157,16 @@ def test_cuda_split_graph_equals_eager_split_and_whole_expert():
             assert torch.equal(y_graph, store._split_tail(slot, x, h_cpu.cuda(), rows))
             y_whole = store._forward(whole, x)  # CPU and CUDA float rescales may flip one activation step of down
             assert (y_graph - y_whole).abs().max() <= 0.02 * y_whole.abs().max()
+
+
+def test_cuda_engine_pins_the_one_host_copy_of_int8_experts():
+    """With --exec real on a GPU the CPU tier's int8 experts are the store's host copy: views of
+    the same storages, page-locked in place (each storage registered once), same tokens as fake."""
+    fake, ref = make(quant=True, device="cuda", slots_per_layer=3, decision="split")
+    real, _ = make(quant=True, device="cuda", slots_per_layer=3, decision="split", exec_mode="real")
+    cpu = {b.untyped_storage().data_ptr() for h in real.hybrids for b in h.original.buffers()}
+    for experts in real.store.host:
+        for tensors in experts:
+            for key in ("gate.q", "up.q", "down.q"):
+                assert tensors[key].untyped_storage().data_ptr() in cpu and tensors[key].is_pinned()
+    assert real.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref
