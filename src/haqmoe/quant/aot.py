@@ -24,10 +24,11 @@ import json
 import os
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -74,6 +75,21 @@ def _check_exportable(model: nn.Module) -> None:
     w8a8_op()  # resolved (built, loaded) before tracing, which only reads it, and before loading a package
 
 
+@contextmanager
+def quiet_toolchain() -> Iterator[None]:
+    """Silence warnings torch's own export and AOTInductor code raises about itself, which a user can
+    neither act on nor tell from haqmoe's (the CLI prints every warning as "haqmoe: warning: ...").
+
+    transformers' output-capturing hook is a global dynamo reports as a side effect (unused here);
+    torch 2.13's pytree still checks ``isinstance(spec, LeafSpec)`` internally and warns that this
+    is deprecated."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="While compiling, we found certain side effects")
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
+        yield
+
+
 def export_step(model: nn.Module, max_len: int) -> torch.export.ExportedProgram:
     """The exported forward: (input_ids [1, T], cache_position [T]) -> last logits [1, 1, V], T dynamic."""
     from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
@@ -92,9 +108,7 @@ def export_step(model: nn.Module, max_len: int) -> torch.export.ExportedProgram:
         step = Step(model, batch_size=1, max_cache_len=max_len)
         tokens = torch.export.Dim("tokens", min=1, max=max_len)
         sample = min(8, max_len)
-        with torch.no_grad(), warnings.catch_warnings():
-            # transformers' output-capturing hook is a global dynamo reports as a side effect; it is unused here
-            warnings.filterwarnings("ignore", message="While compiling, we found certain side effects")
+        with torch.no_grad(), quiet_toolchain():
             return torch.export.export(step, (), {"input_ids": torch.zeros(1, sample, dtype=torch.long),
                                                   "cache_position": torch.arange(sample)},
                                        dynamic_shapes={"input_ids": {1: tokens}, "cache_position": {0: tokens}},
@@ -110,7 +124,8 @@ def build_package(model: nn.Module, max_len: int, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as tmp:  # same name: the archive's root
         built = Path(tmp) / path.name
-        torch._inductor.aoti_compile_and_package(program, package_path=str(built))
+        with quiet_toolchain():
+            torch._inductor.aoti_compile_and_package(program, package_path=str(built))
         os.replace(built, path)
     return path
 
