@@ -79,7 +79,7 @@ def _spec_words(spec: dict) -> str:
         words.append(f"per group of {spec['group_size']}")
     elif gran:
         words.append(f"per {gran}")
-    if "dynamic" in spec and gran == "token":
+    if "dynamic" in spec and gran in ("token", "tensor"):  # activation ranges: per call, or calibrated
         words.append("dynamic" if spec["dynamic"] else "static")
     return " ".join(words)
 
