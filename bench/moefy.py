@@ -33,9 +33,10 @@ from haqmoe.models import moefy as M
 from haqmoe.models.loading import load_model
 from haqmoe.results import run_meta, write_results
 
-SHAPES = "4:3:4,4:2:4,12:8:4,8:6:0,12:4:4,14:6:2,8:4:0,14:2:2,8:2:0"
+SHAPES = "4:3:4,4:2:4,8:6:0,12:4:4,8:4:0,14:2:2,8:2:0"
 MAX_LOSS = 0.15  # the default's perplexity may exceed the dense model's by at most this share
 CLEAR_MARGIN = 1.10  # random routing's perplexity must be at least this multiple of the fitted one's
+SPARSE_PCT = 75  # when no shape is within MAX_LOSS: the best one that still leaves a quarter of the FFN idle
 COLUMNS = ["model", "shape", "router", "ffn_active_pct", "active_params_pct", "ppl", "delta_pct", "windows",
            "tokens", "build_seconds", "eval_seconds"]
 
@@ -111,11 +112,22 @@ def choose_default(rows: list[dict]) -> tuple[dict | None, str]:
                       f"{best['active_params_pct']:.1f} % of the parameters active per token: PPL "
                       f"{best['ppl']:.2f} vs dense {dense['ppl']:.2f} ({best['delta_pct']:+.1f} %), random routing "
                       f"{rand[best['shape']]['ppl']:.2f}, measured on this CPU over {best['windows']} windows.")
-    best = min(fitted, key=lambda r: r["ppl"])
+    closest = min(fitted, key=lambda r: r["ppl"])
+    sparse = [r for r in fitted if r["ffn_active_pct"] <= SPARSE_PCT and r["shape"] in rand
+              and rand[r["shape"]]["ppl"] >= CLEAR_MARGIN * r["ppl"]]
+    best = min(sparse, key=lambda r: r["ppl"]) if sparse else closest
+    oracle = {r["shape"]: r for r in rows if r["router"] == "oracle"}
+    bound = (f" With oracle routing (the most a router fine-tune could reach with these experts) that shape's PPL "
+             f"is {oracle[best['shape']]['ppl']:.2f} ({oracle[best['shape']]['delta_pct']:+.1f} %)."
+             if best["shape"] in oracle else "")
     return best, (f"No shape is within {100 * MAX_LOSS:.0f} % of dense with fitted routing clearly ahead of random. "
-                  f"Closest: {best['shape']} (E:K:S), {best['ffn_active_pct']:.1f} % of the FFN active, PPL "
-                  f"{best['ppl']:.2f} vs dense {dense['ppl']:.2f} ({best['delta_pct']:+.1f} %), measured on this CPU "
-                  f"over {best['windows']} windows.")
+                  f"Closest: {closest['shape']} (E:K:S), {closest['ffn_active_pct']:.1f} % of the FFN active, PPL "
+                  f"{closest['ppl']:.2f} vs dense {dense['ppl']:.2f} ({closest['delta_pct']:+.1f} %). Default (the "
+                  f"lowest PPL with at most {SPARSE_PCT} % of the FFN active and fitted routing at least "
+                  f"{CLEAR_MARGIN:.2f}x better than random): {best['shape']}, {best['ffn_active_pct']:.1f} % of the FFN "
+                  f"and {best['active_params_pct']:.1f} % of the parameters active per token, PPL {best['ppl']:.2f} "
+                  f"({best['delta_pct']:+.1f} %), random routing {rand[best['shape']]['ppl']:.2f}." + bound +
+                  f" Measured on this CPU over {best['windows']} windows.")
 
 
 def main() -> None:
@@ -202,6 +214,7 @@ def main() -> None:
             total, active = param_counts(moe)
             evaluate(moe, spec, router, build_s, total, active, cfg.active_share)
             del moe
+    save()  # the notes and the default from every row, resumed ones included
     best, sentence = choose_default(rows)
     print(sentence)
     if best is not None and math.isfinite(best["ppl"]):

@@ -142,13 +142,15 @@ def test_calibration_never_uses_the_test_split(tiny_dense, tmp_path):
                        M.MoefyConfig(experts=3, top_k=2, calib_source="wikitext2:test"), progress=False)
 
 
-def test_quantize_eval_profile_run_on_a_moefied_checkpoint(tiny_dense, tmp_path, capsys):
+@pytest.mark.parametrize("shared", [0, 2])
+def test_quantize_eval_profile_run_on_a_moefied_checkpoint(tiny_dense, tmp_path, capsys, shared):
     """Every haqmoe path reads the carved model as the stock MoE it is: HAQ quantization (per-expert
-    calibration of experts that now differ), evaluation close to the float model, routing profile."""
+    calibration of experts that now differ), evaluation close to the float model, routing profile,
+    the collaborative runtime with the GPU tier emulated."""
     moe_dir, q = tmp_path / "moe", tmp_path / "q"
     calib = ["--calib", str(tiny_dense / "calib.txt")]
-    main(["-q", "moefy", str(tiny_dense / "dense"), "--experts", "4", "--top-k", "2", "--out", str(moe_dir),
-          *calib, "--samples", "4", "--seqlen", "64"])
+    main(["-q", "moefy", str(tiny_dense / "dense"), "--experts", "4", "--top-k", "2", "--shared", str(shared),
+          "--out", str(moe_dir), *calib, "--samples", "4", "--seqlen", "64"])
     main(["-q", "quantize", str(moe_dir), "-o", str(q), "--method", "haq", *calib, "--calib-samples", "4",
           "--calib-len", "64"])
     assert json.loads((q / "haqmoe_quant.json").read_text())["quant"]["method"] == "haq"
@@ -161,6 +163,9 @@ def test_quantize_eval_profile_run_on_a_moefied_checkpoint(tiny_dense, tmp_path,
     main(["-q", "profile", str(moe_dir), "--out", str(tmp_path / "trace"), "--data", str(tiny_dense / "calib.txt"),
           "--seqlen", "64"])
     assert any((tmp_path / "trace").iterdir())
+    capsys.readouterr()
+    main(["-q", "run", str(q), "-p", "The quick", "--max-tokens", "4", "--emulate-gpu", "--slots", "2", "--json"])
+    assert json.loads(capsys.readouterr().out)["tokens"] == 4
 
 
 @pytest.mark.slow
