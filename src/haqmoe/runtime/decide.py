@@ -98,12 +98,13 @@ class LayerRecord:
 
 
 def routed_counts(top_k_index: np.ndarray) -> dict[int, int]:
-    """Expert -> tokens routed to it, in order of first appearance ([tokens, k] ids; -1 = none)."""
-    flat = np.asarray(top_k_index).reshape(-1)
-    flat = flat[flat >= 0]
-    ids, first, counts = np.unique(flat, return_index=True, return_counts=True)
-    order = np.argsort(first, kind="stable")
-    return {int(ids[i]): int(counts[i]) for i in order}
+    """Expert -> tokens routed to it, in order of first appearance ([tokens, k] ids; -1 = none). A plain
+    loop: a decode token has k ids, where numpy's set routines cost more than the count."""
+    counts: dict[int, int] = {}
+    for e in np.asarray(top_k_index).reshape(-1).tolist():
+        if e >= 0:
+            counts[e] = counts.get(e, 0) + 1
+    return counts
 
 
 def decide_layer(cache: ExpertCache, cost: CostModel, rules: Rules, layer: int, needed: Mapping[int, int],
