@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import platform
 import sys
@@ -154,8 +155,6 @@ def main() -> None:
     meta = run_meta("python " + " ".join(sys.argv), cpu=cpu_model(), setup=setup)
     rows: list[dict] = []
     if args.resume and out.is_file():
-        import json
-
         old = json.loads(out.read_text())
         if old["meta"].get("setup") == setup:
             rows = old["rows"]

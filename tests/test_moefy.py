@@ -176,7 +176,7 @@ def test_embedded_moefied_smollm2_all_active_equals_dense(smollm2):
     ids = torch.randint(0, smollm2.model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = smollm2.model(ids).logits
-        torch.testing.assert_close(moe(ids).logits, ref, rtol=0, atol=2e-3 * float(ref.abs().max()))
+        torch.testing.assert_close(moe(ids).logits, ref, rtol=0, atol=5e-4 * float(ref.abs().max()))
 
 
 def test_embedded_cache_is_rebuilt_when_the_default_shape_changes(tiny_dense, tmp_path, monkeypatch):

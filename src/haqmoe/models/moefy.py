@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 from transformers import MixtralForCausalLM, PreTrainedModel, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
+from ..data.text import calibration_ids
 from ..errors import HaqmoeError
 from ..io import atomic_directory
 from ..paths import shared_data_dir
@@ -353,8 +354,7 @@ def moefy_to_dir(dense_source: str, target: Path, cfg: MoefyConfig = MoefyConfig
                  overwrite: bool = True) -> dict:
     """Carve a dense model source and save the MoE as a plain transformers checkpoint (atomic, and
     byte-identical for the same inputs). Returns the build record written beside it."""
-    from ..data.text import calibration_ids
-    from .loading import load_model
+    from .loading import load_model  # here: loading imports the embedded models, which import this module
 
     lm = load_model(dense_source, progress=progress)
     check_dense(lm.model.config)
