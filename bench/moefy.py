@@ -156,8 +156,9 @@ def main() -> None:
     rows: list[dict] = []
     if args.resume and out.is_file():
         old = json.loads(out.read_text())
-        if old["meta"].get("setup") == setup:
+        if old["meta"].get("setup") == setup:  # the first run's meta stays; later runs are listed
             rows = old["rows"]
+            meta = {**old["meta"], "resumed_by": [*old["meta"].get("resumed_by", []), meta["command"]]}
     done = {(r["shape"], r["router"]) for r in rows}
 
     lm = load_model(args.model, progress=False)
