@@ -237,3 +237,14 @@ def test_fused_group_recomputes_after_an_in_place_edit_of_its_input():
         x.mul_(3.0)  # same object, new values: the kept output must not be served
         ACT_CACHE.clear()
         assert torch.equal(second(x), members[1](x))
+
+
+def test_pack_weight_keeps_an_aligned_weight_in_place():
+    """No padding needed: the int8 GEMM reads the quantized weight itself (a checkpoint's int8
+    stays a view of its file), so ``--exec real`` adds no copy; unaligned widths are padded."""
+    q = torch.randint(-128, 127, (16, 24), dtype=torch.int8)
+    w, *_ = pack_weight(q, torch.ones(16, 1), torch.zeros(16, 1), False)
+    assert w.data_ptr() == q.data_ptr()
+    odd = torch.randint(-128, 127, (10, 20), dtype=torch.int8)
+    w, *_ = pack_weight(odd, torch.ones(10, 1), torch.zeros(10, 1), False)
+    assert w.shape == (16, 24) and torch.equal(w[:10, :20], odd) and not w[10:].any()

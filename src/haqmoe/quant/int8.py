@@ -298,8 +298,11 @@ def pack_weight(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
         raise HaqmoeError("int8 GEMM needs per-channel (or per-tensor) weight scales; per-group weights "
                           "run in dequant mode")
     n, k = qweight.shape
-    w = torch.zeros(_pad_to(n, _ALIGN), _pad_to(k, _ALIGN), dtype=torch.int8, device=qweight.device)
-    w[:n, :k] = qweight
+    if n % _ALIGN == 0 and k % _ALIGN == 0:  # nothing to pad: the weight itself, not a copy (a quantized
+        w = qweight.contiguous()  # checkpoint's int8 stays a view of its file, page cache and not process memory)
+    else:
+        w = torch.zeros(_pad_to(n, _ALIGN), _pad_to(k, _ALIGN), dtype=torch.int8, device=qweight.device)
+        w[:n, :k] = qweight
     colsum, z = weight_terms(qweight, zero)
     w_zero = None if symmetric or not bool(z.any()) else z
     return w, scale.reshape(-1).float().contiguous(), w_zero, colsum
