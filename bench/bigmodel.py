@@ -152,7 +152,7 @@ def steps(ckpt: Path, work: Path) -> dict[str, list[str]]:
         "info-w8a8": [HAQMOE, "info", str(rtn), "--json"],
         "eval": [HAQMOE, "-q", "eval", str(rtn), "--data", "pydoc", "--seqlen", "512", "--windows", "1", "--json"],
         "profile": [HAQMOE, "-q", "profile", str(rtn), "-o", str(work / "trace"), "--data", "pydoc", "--seqlen", "64",
-                    "--requests", "2", "--chunk", "2"],
+                    "--requests", "2", "--chunk", "2", "--overwrite"],
         "run": [HAQMOE, "-q", "run", str(rtn), "--emulate-gpu", "--max-tokens", "4", "--prompt", "The capital of"],
         "run-real": [HAQMOE, "-q", "run", str(rtn), "--emulate-gpu", "--exec", "real", "--max-tokens", "4",
                      "--prompt", "The capital of"],
