@@ -183,7 +183,7 @@ def cache_rows(pair: TracePair, profile: HardwareProfile, fracs: Iterable[float]
                prefetch_modes: Iterable[bool] = (False, True), decision: str = "always-transfer",
                scope: str = "layer", guess_recall: float | None = None, exact: bool = False,
                progress: bool = False) -> list[dict]:
-    """One row per (cache fraction, policy, prefetch) in the issue-11 layout."""
+    """One row per (cache fraction, policy, prefetch): the layout of bench/results/cache.md."""
     from tqdm import tqdm
 
     spec = spec_for_trace(pair.eval, model_spec(pair.shape))
@@ -248,7 +248,8 @@ def prompt_trace(pair: TracePair, tokens: int, seed: int = 7) -> np.ndarray:
 def simulate_rows(pair: TracePair, profile: HardwareProfile, policies: Iterable[str] = tuple(SIM_POLICIES),
                   budget_gb: float | None = None, prefill_tokens: int = 512, guess_recall: float | None = None,
                   case: str | None = None, progress: bool = False) -> list[dict]:
-    """Issue-7 rows: decode tok/s, prefill ms, latency percentiles, GPU memory vs FP16, per policy."""
+    """Rows of bench/results/simulate.md: decode tok/s, prefill ms, latency percentiles, GPU memory vs FP16,
+    per policy."""
     from tqdm import tqdm
 
     spec = spec_for_trace(pair.eval, model_spec(pair.shape))
