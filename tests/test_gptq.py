@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from haqmoe.errors import HaqmoeError
-from haqmoe.quant.gptq import GPTQConfig, column_order, gptq_quantize, quant_device
+from haqmoe.devices import resolve_device
+from haqmoe.quant.gptq import GPTQConfig, column_order, gptq_quantize
+from haqmoe.quant.config import QuantConfig
+from haqmoe.quant.methods import MethodOptions, pipeline_config
 from haqmoe.quant.quantizer import QuantSpec, dequantize, fake_quant
 
 
@@ -82,13 +85,15 @@ def test_consumed_hessian_is_freed_and_gives_the_same_result():
 
 
 def test_quant_device_resolution():
-    assert quant_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert quant_device("cpu") == "cpu"
+    """quantize --device goes through the engine's device check."""
+    assert pipeline_config("haq", QuantConfig.w8a8("haq"), MethodOptions(device="cpu")).gptq.device == "cpu"
+    auto = pipeline_config("haq", QuantConfig.w8a8("haq")).gptq.device
+    assert auto == ("cuda" if torch.cuda.is_available() else "cpu") == resolve_device("auto").type
     with pytest.raises(HaqmoeError, match="unknown device"):
-        quant_device("tpu")
+        pipeline_config("haq", QuantConfig.w8a8("haq"), MethodOptions(device="tpu"))
     if not torch.cuda.is_available():
         with pytest.raises(HaqmoeError, match="sees no CUDA device"):
-            quant_device("cuda")
+            resolve_device("cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

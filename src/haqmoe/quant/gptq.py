@@ -34,20 +34,8 @@ class GPTQConfig:
     damp: float = 0.01  # λ: H += λ·mean(diag H)·I
     block_size: int = 128
     max_retries: int = 6  # each retry multiplies λ by 10
-    device: str = "cpu"  # where the factorization and the column loop run (``quant_device``)
-
-
-def quant_device(requested: str = "auto") -> str:
-    """``auto``: CUDA where torch sees it (the paper quantized on GPUs: Mixtral's 14336-column down
-    projections are ~90 % of a CPU run's time), else the CPU. Results on CUDA are not bit-identical
-    to the CPU's (other kernels), on the CPU they are."""
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise HaqmoeError(f"--device {requested}, but torch {torch.__version__} sees no CUDA device")
-    if requested != "cpu" and not requested.startswith("cuda"):
-        raise HaqmoeError(f"unknown device '{requested}' (auto | cpu | cuda)")
-    return requested
+    device: str = "cpu"  # where the factorization and the column loop run (the paper quantized on GPUs: Mixtral's
+    # 14336-column down projections are ~90 % of a CPU run's time); CUDA results are not bit-identical to the CPU's
 
 
 @dataclass

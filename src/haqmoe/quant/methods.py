@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..devices import resolve_device
 from ..errors import HaqmoeError
 from ..models.adapters import ArchSpec
 from .config import QuantConfig
-from .gptq import ORDERS, GPTQConfig, quant_device
+from .gptq import ORDERS, GPTQConfig
 from .pipeline import PipelineConfig, QuantReport, check_finite, quantize_model
 from .rtn import quantize_rtn
 from .smooth import SmoothConfig
@@ -39,7 +40,7 @@ class MethodOptions:
     min_expert_tokens: int = 32
     batch_size: int = 8
     seed: int = 0
-    device: str = "auto"  # where GPTQ runs (gptq.quant_device: CUDA when present)
+    device: str = "auto"  # where GPTQ runs (devices.resolve_device: auto is CUDA when present)
 
 
 def pipeline_config(method: str, quant: QuantConfig, opts: MethodOptions = MethodOptions()) -> PipelineConfig:
@@ -55,7 +56,7 @@ def pipeline_config(method: str, quant: QuantConfig, opts: MethodOptions = Metho
         "smooth": SmoothConfig("adaptive", grid=opts.grid, stat=opts.stat),
         "haq": SmoothConfig("adaptive", grid=opts.grid, stat=opts.stat),
     }.get(method)
-    gptq = GPTQConfig(order=opts.order, damp=opts.damp, device=quant_device(opts.device)) \
+    gptq = GPTQConfig(order=opts.order, damp=opts.damp, device=str(resolve_device(opts.device))) \
         if method in ("gptq", "haq") else None
     return PipelineConfig(quant, smooth, gptq, opts.batch_size, opts.search_tokens, opts.min_expert_tokens,
                           opts.seed)

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from ..devices import resolve_device
 from ..errors import HaqmoeError
 from ..models.adapters import set_module
 from ..models.loading import LoadedModel, context_of, encode_prompt
@@ -117,20 +118,10 @@ def _spec_from_config(cfg, num_experts: int, top_k: int):
 
 def _resolve_device(cfg: EngineConfig) -> torch.device:
     """``auto``: CUDA when torch sees it. ``emulate_gpu`` runs on the CPU, its GPU tier included."""
-    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
-        raise HaqmoeError(f"unknown device '{cfg.device}' (auto | cpu | cuda)")
-    if cfg.emulate_gpu:
-        if cfg.device.startswith("cuda"):
-            raise HaqmoeError("--emulate-gpu runs the GPU tier on the CPU: leave out --device cuda or --emulate-gpu")
-        return torch.device("cpu")
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise HaqmoeError(f"--device {cfg.device}, but torch {torch.__version__} sees no CUDA device")
-    try:
-        return torch.device(cfg.device)
-    except RuntimeError as exc:
-        raise HaqmoeError(f"bad device '{cfg.device}': {exc}") from exc
+    if cfg.emulate_gpu and cfg.device.startswith("cuda"):
+        raise HaqmoeError("--emulate-gpu runs the GPU tier on the CPU: leave out --device cuda or --emulate-gpu")
+    device = resolve_device(cfg.device)
+    return torch.device("cpu") if cfg.emulate_gpu else device
 
 
 class CollaborativeEngine:
