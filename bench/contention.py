@@ -25,7 +25,7 @@ PROMPT, NEW = 32, 32
 def main() -> None:
     import int8 as bench_int8
 
-    from haqmoe.models.loading import load_model
+    from haqmoe.sources import load_model
     from haqmoe.quant.aot import AotGenerator
     from haqmoe.quant.precision import convert
     from haqmoe.results import run_meta, write_results

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from haqmoe.data.text import load_text, tokenize
-from haqmoe.models.loading import load_model
+from haqmoe.sources import load_model
 from haqmoe.results import run_meta, write_results
 from haqmoe.routing.placement import layer_top_mask
 from haqmoe.routing.profile import trace_windows

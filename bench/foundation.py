@@ -15,7 +15,7 @@ from pathlib import Path
 from haqmoe.data.text import eval_windows, load_text, tokenize
 from haqmoe.eval.perplexity import perplexity
 from haqmoe.models.embedded import DENSE, MOE
-from haqmoe.models.loading import load_model
+from haqmoe.sources import load_model
 from haqmoe.quant.config import QuantConfig
 from haqmoe.quant.rtn import quantize_rtn
 from haqmoe.results import run_meta, write_results

@@ -62,7 +62,7 @@ def quantized_dir(model: str, int8_lm_head: bool = False) -> Path:
 
 
 def ensure_quantized(model: str, int8_lm_head: bool = False) -> Path:
-    from haqmoe.models.loading import load_model
+    from haqmoe.sources import load_model
     from haqmoe.quant.checkpoint import save_quantized
     from haqmoe.quant.config import QuantConfig
     from haqmoe.quant.modules import quantize_vocabulary
@@ -222,7 +222,7 @@ def torch_worker(model: str, mode: str, cfg: BenchConfig, ppl: bool) -> dict:
     import torch
 
     from haqmoe.models.embedded import ensure_embedded
-    from haqmoe.models.loading import load_model
+    from haqmoe.sources import load_model
     from haqmoe.quant.precision import convert, weight_bytes
 
     torch.set_num_threads(cfg.threads)

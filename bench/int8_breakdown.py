@@ -41,7 +41,7 @@ def decode_rows() -> list[dict]:
     import int8 as bench_int8
     from torch.profiler import ProfilerActivity, profile
 
-    from haqmoe.models.loading import load_model
+    from haqmoe.sources import load_model
     from haqmoe.quant.compiled import compiled_decode_kwargs
     from haqmoe.quant.precision import convert
 
@@ -85,7 +85,7 @@ def aoti_rows() -> list[dict]:
 
     import int8 as bench_int8
 
-    from haqmoe.models.loading import load_model
+    from haqmoe.sources import load_model
     from haqmoe.quant.aot import AotGenerator
     from haqmoe.quant.precision import convert
 

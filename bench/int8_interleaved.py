@@ -51,7 +51,7 @@ def aot_decoder():
     """A burst function over `haqmoe generate --aot`'s package, and its load (or build) time."""
     import int8 as bench_int8
 
-    from haqmoe.models.loading import load_model
+    from haqmoe.sources import load_model
     from haqmoe.quant.aot import AotGenerator
     from haqmoe.quant.precision import convert
 

@@ -31,7 +31,7 @@ from torch import nn
 from haqmoe.data.text import calibration_ids, eval_windows, load_text, tokenize
 from haqmoe.eval.perplexity import perplexity
 from haqmoe.models import moefy as M
-from haqmoe.models.loading import load_model
+from haqmoe.sources import load_model
 from haqmoe.results import run_meta, write_results
 
 SHAPES = "4:3:4,4:2:4,8:6:0,12:4:4,8:4:0,14:2:2,8:2:0"

@@ -302,7 +302,7 @@ def fuzz() -> None:
 
 # ------------------------------------------------------------------ server: shutdown + soak
 def _engine(tmp: Path):
-    from haqmoe.models.loading import load_model
+    from haqmoe.sources import load_model
     from haqmoe.runtime.engine import CollaborativeEngine, EngineConfig
     from haqmoe.serve.fixtures import tiny_chat_moe
 

@@ -18,7 +18,7 @@ import torch
 
 from haqmoe.data.text import load_text, tokenize
 from haqmoe.models.embedded import MOE
-from haqmoe.models.loading import load_model
+from haqmoe.sources import load_model
 from haqmoe.quant.config import QuantConfig
 from haqmoe.quant.rtn import quantize_rtn
 from haqmoe.results import run_meta, write_results

@@ -31,7 +31,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from haqmoe.models.loading import load_model
+    from haqmoe.sources import load_model
 
     return load_model("smollm2-135m", progress=False)
 

@@ -98,7 +98,7 @@ def test_aot_on_smollm2_w8a8_parts_from_eager_only_within_its_noise_floor(capsys
     already far apart; the package's logits on eager's tokens must be no further from eager's than that
     noise floor allows, and its greedy tokens must equal eager's up to the first step where eager's
     top-2 margin lies within the floor (for "The capital of France is": step 9, " 2018" vs " 100")."""
-    from haqmoe.models.loading import load_model
+    from haqmoe.sources import load_model
 
     lm = load_model("smollm2-135m", progress=False)
     quantize_rtn(lm.model, lm.adapter, QuantConfig.w8a8("rtn"), progress=False)
@@ -139,7 +139,7 @@ def test_aot_refuses_moe_models_and_overlong_generations(tmp_path):
 @needs_compiler
 def test_haqmoe_generate_aot_keeps_the_text(tmp_path, monkeypatch, capsys):
     """`generate --aot` (int8, greedy) prints what plain `generate` prints; the package lands in the cache."""
-    from haqmoe.models.loading import load_model
+    from haqmoe.sources import load_model
     from haqmoe.quant.checkpoint import save_quantized
     from haqmoe.serve.fixtures import tiny_chat_model
     from tests.test_cli import run

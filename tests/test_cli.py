@@ -66,7 +66,7 @@ def test_eval_json_end_to_end(capsys, tmp_path):
     """`haqmoe eval --json` on a short window equals the library computation."""
     from haqmoe.data.text import eval_windows, load_text, tokenize
     from haqmoe.eval.perplexity import perplexity
-    from haqmoe.models.loading import load_model
+    from haqmoe.sources import load_model
 
     code, out, err = run(["eval", "smollm2-135m", "--data", "pydoc", "--seqlen", "128", "--windows", "2",
                           "--json"], capsys)
@@ -102,7 +102,7 @@ def _greedy(model, tokenizer, prompt: str, new: int) -> list[int]:
 
 
 def test_generate_json_equals_transformers_greedy(capsys):
-    from haqmoe.models.loading import load_model
+    from haqmoe.sources import load_model
 
     code, out, err = run(["generate", "smollm2-135m", "-p", "The capital of France is", "--max-tokens", "6",
                           "--json"], capsys)
@@ -116,7 +116,7 @@ def test_generate_json_equals_transformers_greedy(capsys):
 
 def test_generate_runs_a_quantized_checkpoint_in_int8(capsys, tmp_path):
     """`--exec real` generates what the library's int8 conversion of the same checkpoint generates."""
-    from haqmoe.models.loading import load_model
+    from haqmoe.sources import load_model
     from haqmoe.quant.checkpoint import save_quantized
     from haqmoe.quant.config import QuantConfig
     from haqmoe.quant.precision import convert

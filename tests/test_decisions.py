@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from haqmoe.models.adapters import adapter_for
-from haqmoe.models.loading import LoadedModel
+from haqmoe.models.base import LoadedModel
 from haqmoe.models.tiny import tiny_model
 from haqmoe.routing.placement import Plan
 from haqmoe.routing.trace import RoutingTrace

@@ -7,7 +7,7 @@ import torch
 
 from haqmoe.errors import HaqmoeError
 from haqmoe.models.adapters import adapter_for
-from haqmoe.models.loading import LoadedModel
+from haqmoe.models.base import LoadedModel
 from haqmoe.models.tiny import tiny_model
 from haqmoe.quant.compiled import compiler_available
 from haqmoe.quant.config import QuantConfig
@@ -354,7 +354,7 @@ def test_streamed_text_is_never_taken_back_and_stops_at_the_earliest_stop():
 def test_checkpoint_keeps_generation_config_and_engine_stops_at_its_eos(tmp_path):
     """A chat model's end-of-turn token lives in generation_config.json (a list of EOS ids): the quantized
     checkpoint keeps it, and the engine stops there as transformers' generate does."""
-    from haqmoe.models.loading import load_model
+    from haqmoe.sources import load_model
     from haqmoe.quant.checkpoint import save_quantized
     from haqmoe.serve.fixtures import tiny_chat_moe
 

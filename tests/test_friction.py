@@ -119,7 +119,7 @@ def test_a_hub_id_offline_fails_at_once_and_says_so(tmp_path, monkeypatch, capsy
     clear error; HF_HUB_OFFLINE skips even that attempt."""
     import socket
 
-    import huggingface_hub
+    from haqmoe import sources
 
     calls: list[str] = []
 
@@ -131,8 +131,8 @@ def test_a_hub_id_offline_fails_at_once_and_says_so(tmp_path, monkeypatch, capsy
         calls.append(f"snapshot local_files_only={local_files_only}")
         raise FileNotFoundError("not cached")
     monkeypatch.setattr(socket, "create_connection", refused)
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda *a, **k: calls.append("list") or [])
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", cache_only)
+    monkeypatch.setattr(sources, "list_repo_files", lambda *a, **k: calls.append("list") or [])
+    monkeypatch.setattr(sources, "snapshot_download", cache_only)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     code, err = _cli(["info", "someone/not-cached"], capsys)
     assert code == 2 and "out of reach (cannot connect to huggingface.co: Network is unreachable)" in err, err
@@ -145,7 +145,7 @@ def test_a_hub_id_offline_fails_at_once_and_says_so(tmp_path, monkeypatch, capsy
     from haqmoe.models.tiny import tiny_model
 
     tiny_model("llama").save_pretrained(src)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(src))
+    monkeypatch.setattr(sources, "snapshot_download", lambda repo_id, **kw: str(src))
     code, err = _cli(["info", "someone/cached"], capsys)
     assert code == 0, err
 

@@ -76,7 +76,7 @@ def _expect_clean(fn) -> None:
                              "haqmoe_quant.json", "config.json", "manifest.json"]),
        mutation=MUTATION, keep_manifest=st.booleans())
 def test_fuzz_quantized_checkpoint(originals, tmp_path_factory, name, mutation, keep_manifest):
-    from haqmoe.models.loading import load_model
+    from haqmoe.sources import load_model
 
     d = _copy(originals / "q", tmp_path_factory.getbasetemp() / "fuzz-q")
     if not keep_manifest and name != "manifest.json":
@@ -117,7 +117,7 @@ def test_fuzz_plan_and_config(originals, tmp_path_factory, which, mutation):
 
 
 def test_originals_load(originals):
-    from haqmoe.models.loading import load_model
+    from haqmoe.sources import load_model
     from haqmoe.routing.trace_io import load_trace
 
     assert load_model(str(originals / "q"), progress=False).quant is not None

@@ -16,7 +16,7 @@ from haqmoe.reliability.live import ThreadedServer
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    from haqmoe.models.loading import load_model
+    from haqmoe.sources import load_model
     from haqmoe.runtime.engine import CollaborativeEngine, EngineConfig
     from haqmoe.serve.app import ServeConfig, create_app
     from haqmoe.serve.fixtures import tiny_chat_moe

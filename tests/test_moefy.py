@@ -15,6 +15,7 @@ from haqmoe.errors import HaqmoeError
 from haqmoe.models import moefy as M
 from haqmoe.models.adapters import FusedExperts
 from haqmoe.models.tiny import char_tokenizer, tiny_model
+from haqmoe.sources import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,7 +139,7 @@ def test_cli_checkpoint_loads_in_plain_transformers_and_is_deterministic(tiny_de
 
 def test_calibration_never_uses_the_test_split(tiny_dense, tmp_path):
     with pytest.raises(HaqmoeError, match="evaluation text"):
-        M.moefy_to_dir(str(tiny_dense / "dense"), tmp_path / "x",
+        M.moefy_to_dir(load_model(str(tiny_dense / "dense")), tmp_path / "x",
                        M.MoefyConfig(experts=3, top_k=2, calib_source="wikitext2:test"), progress=False)
 
 

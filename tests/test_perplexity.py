@@ -108,7 +108,7 @@ def test_quantizing_a_quantized_model_is_refused(tmp_path):
 
 
 def test_a_local_checkpoint_wins_over_the_embedded_name(tmp_path, monkeypatch):
-    from haqmoe.models.loading import resolve_source
+    from haqmoe.sources import resolve_source
 
     assert resolve_source("smollm2-moe") == ("embedded", None)
     monkeypatch.chdir(tmp_path)

@@ -30,7 +30,7 @@ def ckpt(tmp_path_factory):
 
 
 def _engine(ckpt):
-    from haqmoe.models.loading import load_model
+    from haqmoe.sources import load_model
     from haqmoe.runtime.engine import CollaborativeEngine, EngineConfig
 
     return CollaborativeEngine(load_model(str(ckpt), progress=False), EngineConfig(emulate_gpu=True,

@@ -33,7 +33,7 @@ BODY = {"prompt": "Hello", "max_tokens": 2, "temperature": 0}
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from haqmoe.models.loading import load_model
+    from haqmoe.sources import load_model
     from haqmoe.runtime.engine import CollaborativeEngine, EngineConfig
     from haqmoe.serve.fixtures import tiny_chat_moe
 

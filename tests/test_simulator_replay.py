@@ -186,7 +186,7 @@ def test_tiny_model_trace_pair_records_real_routing_and_guesses():
 
     from haqmoe.data.text import load_text, tokenize
     from haqmoe.models.adapters import adapter_for
-    from haqmoe.models.loading import load_model
+    from haqmoe.sources import load_model
     from haqmoe.models.tiny import tiny_model
     from haqmoe.routing.profile import trace_windows
     from haqmoe.runtime.experiments import tiny_pair

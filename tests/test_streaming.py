@@ -17,7 +17,7 @@ from haqmoe.cli.main import main
 from haqmoe.errors import HaqmoeError
 from haqmoe.models.adapters import adapter_for
 from haqmoe.models.lazy import SafetensorsFolder, materialize, open_reader, skeleton
-from haqmoe.models.loading import load_model
+from haqmoe.sources import load_model
 from haqmoe.models.tiny import char_tokenizer, tiny_model
 from haqmoe.quant import stream
 from haqmoe.quant.checkpoint import save_quantized
@@ -220,19 +220,17 @@ def test_quantized_loading_keeps_no_float_copy(tmp_path):
 def test_hub_ids_are_downloaded_then_streamed(tmp_path, monkeypatch, capsys):
     """A hub id is fetched into the Hugging Face cache (config, tokenizer, safetensors only) and then
     read like a local folder; no network: the hub client is replaced by a local checkpoint."""
-    import huggingface_hub
+    from haqmoe import sources
 
-    from haqmoe.models import loading
-
-    monkeypatch.setattr(loading, "hub_unreachable", lambda: None)  # the hub "answers"
+    monkeypatch.setattr(sources, "hub_unreachable", lambda: None)  # the hub "answers"
     src = _save("mixtral", tmp_path, torch.bfloat16, shard="40KB")
     asked = {}
 
     def snapshot(repo_id, allow_patterns):
         asked["patterns"] = allow_patterns
         return str(src)
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id: ["config.json", "model-1.safetensors"])
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    monkeypatch.setattr(sources, "list_repo_files", lambda repo_id: ["config.json", "model-1.safetensors"])
+    monkeypatch.setattr(sources, "snapshot_download", snapshot)
     main(["-q", "info", "someone/tiny-mixtral", "--json"])
     assert json.loads(capsys.readouterr().out)["sizes_gb"]["on_disk"] is not None  # read from headers
     main(["-q", "quantize", "someone/tiny-mixtral", "-o", str(tmp_path / "q"), "--method", "rtn"])
@@ -240,7 +238,7 @@ def test_hub_ids_are_downloaded_then_streamed(tmp_path, monkeypatch, capsys):
 
     def offline(repo_id):
         raise OSError("network unreachable")
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    monkeypatch.setattr(sources, "list_repo_files", offline)
     with pytest.raises(SystemExit) as exc:
         main(["-q", "info", "someone/tiny-mixtral"])
     assert exc.value.code == 2 and "cannot download someone/tiny-mixtral" in capsys.readouterr().err

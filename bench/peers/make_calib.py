@@ -11,7 +11,7 @@ import torch
 
 from haqmoe.data.text import calibration_ids
 from haqmoe.models.embedded import ensure_embedded
-from haqmoe.models.loading import load_model
+from haqmoe.sources import load_model
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", default="smollm2-135m")

@@ -25,7 +25,7 @@ from .data.text import calibration_ids, eval_windows, load_text, tokenize  # noq
 from .eval.perplexity import perplexity  # noqa: E402
 from .io import atomic_write_text  # noqa: E402
 from .models.embedded import DENSE, MOE  # noqa: E402
-from .models.loading import load_model  # noqa: E402
+from .sources import load_model  # noqa: E402
 from .paths import shared_data_dir  # noqa: E402
 from .quant.config import QuantConfig  # noqa: E402
 from .quant.methods import MethodOptions, quantize_with  # noqa: E402

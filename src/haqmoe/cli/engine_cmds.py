@@ -42,7 +42,7 @@ def build_engine(model: str, policy: str, cache_policy: str, slots: Optional[int
                  device: str, emulate_gpu: bool, profile: str, exec_mode: str, prefetch: int = 0,
                  guess_trace: Optional[str] = None, admit: Optional[bool] = None, compile_decode: bool = False,
                  gpu_memory: Optional[str] = None):
-    from ..models.loading import load_model
+    from ..sources import load_model
     from ..reliability.guard import parse_bytes
     from ..runtime.engine import CollaborativeEngine, EngineConfig, plan_path
 

@@ -143,7 +143,8 @@ def eval_cmd(model: str = typer.Argument("smollm2-135m", help="Model source (see
     """Perplexity by the standard protocol (non-overlapping windows of the tokenized text)."""
     from ..data.text import eval_windows, load_text, tokenize
     from ..eval.perplexity import perplexity
-    from ..models.loading import context_of, load_model
+    from ..models.base import context_of
+    from ..sources import load_model
 
     lm = load_model(model, progress=state["progress"])
     context = context_of(lm.model.config)
@@ -197,7 +198,8 @@ def generate(model: str = typer.Argument("smollm2-135m", help="Model source (see
     import torch
     from transformers import TextStreamer
 
-    from ..models.loading import encode_prompt, load_model
+    from ..models.base import encode_prompt
+    from ..sources import load_model
 
     if aot and compile_decode:
         raise HaqmoeError("--aot and --compile are two ways to compile the decode: pick one")
@@ -268,9 +270,10 @@ def upcycle(model: str = typer.Argument("smollm2-135m", help="Dense Llama-family
             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Build a Mixtral-layout MoE from a dense model (sparse upcycling, k-means routers)."""
     from ..models.upcycle import UpcycleConfig, upcycle_to_dir
+    from ..sources import load_model
 
     check_output_dir(out, overwrite, model)
-    upcycle_to_dir(model, out, UpcycleConfig(experts, top_k, calib, samples, seqlen, seed),
+    upcycle_to_dir(load_model(model, progress=state["progress"]), out, UpcycleConfig(experts, top_k, calib, samples, seqlen, seed),
                    state["progress"], overwrite)
     emit({"model": model, "out": str(out), "experts": experts, "top_k": top_k}, as_json,
           f"wrote upcycled MoE ({experts} experts, top-{top_k}) to {out}")

@@ -30,11 +30,12 @@ def moefy(model: str = typer.Argument("smollm2-135m", help="Dense Llama-family m
     activation rate, routed experts by balanced co-activation clustering, a router fitted by least
     squares. With --top-k equal to --experts the MoE computes the dense model."""
     from ..models.moefy import MoefyConfig, moefy_to_dir
+    from ..sources import load_model
 
     check_output_dir(out, overwrite, model)
     cfg = MoefyConfig(experts=experts, top_k=top_k, shared=shared, router=router, calib_source=calib,
                       calib_samples=samples, calib_len=seqlen, seed=seed)
-    record = moefy_to_dir(model, out, cfg, state["progress"], overwrite)
+    record = moefy_to_dir(load_model(model, progress=state["progress"]), out, cfg, state["progress"], overwrite)
     payload = {"model": model, "out": str(out), "experts": experts, "top_k": top_k, "shared": shared,
                "router": router, "architecture": record["architecture"], "calib_source": record["calib_source"],
                "neurons_per_expert": record["neurons_per_expert"], "active_share": record["active_share"]}

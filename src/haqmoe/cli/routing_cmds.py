@@ -27,7 +27,7 @@ def profile(model: str = typer.Argument("smollm2-moe", help="MoE model source (s
     """Run a MoE model over text and record per token and MoE layer its top-k experts and router weights."""
     import time
 
-    from ..models.loading import load_model
+    from ..sources import load_model
     from ..routing.profile import ProfileConfig, profile_to_disk
     from ..routing.trace_io import load_trace
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import HaqmoeError
+from ..models.base import require_tokenizer
 from ..paths import shared_data_dir
 
 WIKITEXT_FILES = {
@@ -118,8 +119,6 @@ def load_text(spec: str) -> str:
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """Token ids [1, N] of the whole text, tokenized once."""
-    from ..models.loading import require_tokenizer
-
     require_tokenizer(tokenizer)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     if ids.numel() == 0:

@@ -12,7 +12,10 @@ from pathlib import Path
 
 from ..errors import HaqmoeError
 from ..paths import cache_dir
+from .base import load_pretrained
+from .gguf import convert_gguf
 from .moefy import MoefyConfig, built_with, moefy_to_dir
+from .upcycle import upcycle_to_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DENSE = "smollm2-135m"
@@ -42,9 +45,6 @@ def embedded_dir(name: str, root: Path | None = None) -> Path:
 
 def ensure_embedded(name: str, root: Path | None = None, progress: bool = True) -> Path:
     """Return the cached checkpoint directory of an embedded model, building it on first use."""
-    from .loading import convert_gguf
-    from .upcycle import upcycle_to_dir
-
     target = embedded_dir(name, root)
     if (target / "config.json").is_file() and (name != MOEFIED or built_with(target, MOEFIED_CONFIG)):
         return target  # a MoEfied model of an older default shape is rebuilt
@@ -52,10 +52,10 @@ def ensure_embedded(name: str, root: Path | None = None, progress: bool = True) 
         convert_gguf(smollm2_gguf(), target)
     elif name == MOE:
         dense = ensure_embedded(DENSE, root, progress)
-        upcycle_to_dir(str(dense), target, progress=progress)
+        upcycle_to_dir(load_pretrained(dense, DENSE), target, progress=progress)
     elif name == MOEFIED:
         dense = ensure_embedded(DENSE, root, progress)
-        moefy_to_dir(str(dense), target, MOEFIED_CONFIG, progress=progress)
+        moefy_to_dir(load_pretrained(dense, DENSE), target, MOEFIED_CONFIG, progress=progress)
     else:
         raise HaqmoeError(f"unknown embedded model '{name}' (have: {', '.join(EMBEDDED)})")
     return target

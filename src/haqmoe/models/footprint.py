@@ -14,7 +14,8 @@ from torch import nn
 from ..errors import HaqmoeError
 from .adapters import EXPERTS, ArchSpec, FusedExperts, adapter_for, get_module
 from .lazy import SafetensorsFolder, skeleton, tied_keys
-from .loading import QUANT_CONFIG, is_compressed_tensors, lazy_folder, load_config, load_model
+from .base import QUANT_CONFIG, is_compressed_tensors, load_config
+from ..sources import lazy_folder, load_model
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from ..errors import HaqmoeError
 from ..io import atomic_directory
 from ..paths import shared_data_dir
 from .adapters import ExpertWeights, FusedExperts, adapter_for
+from .base import LoadedModel
 from .upcycle import collect_ffn_inputs, mixtral_config_from_dense
 
 ROUTER_SPREAD_BITS = 15  # a token's router logits span at most 2^-15 (calibration tokens)
@@ -350,13 +351,10 @@ def built_with(target: Path, cfg: MoefyConfig) -> bool:
     return all(record.get(k) == v for k, v in want.items())
 
 
-def moefy_to_dir(dense_source: str, target: Path, cfg: MoefyConfig = MoefyConfig(), progress: bool = True,
+def moefy_to_dir(lm: LoadedModel, target: Path, cfg: MoefyConfig = MoefyConfig(), progress: bool = True,
                  overwrite: bool = True) -> dict:
-    """Carve a dense model source and save the MoE as a plain transformers checkpoint (atomic, and
+    """Carve a loaded dense model and save the MoE as a plain transformers checkpoint (atomic, and
     byte-identical for the same inputs). Returns the build record written beside it."""
-    from .loading import load_model  # here: loading imports the embedded models, which import this module
-
-    lm = load_model(dense_source, progress=progress)
     check_dense(lm.model.config)
     m = check_config(cfg, lm.model.config.intermediate_size)
     moe_skeleton(lm.model.config, cfg, m)  # refuse an unsupported model before tokenizing
@@ -364,7 +362,7 @@ def moefy_to_dir(dense_source: str, target: Path, cfg: MoefyConfig = MoefyConfig
     calib = calibration_ids(lm.tokenizer, source, cfg.calib_samples, cfg.calib_len, cfg.seed,
                             eval_spec="wikitext2:test")
     moe, _ = moefy(lm.model, calib, cfg, progress)
-    record = {"dense": dense_source, **asdict(cfg), "calib_source": source, "neurons_per_expert": m,
+    record = {"dense": lm.name, **asdict(cfg), "calib_source": source, "neurons_per_expert": m,
               "active_share": cfg.active_share, "architecture": moe.config.model_type,
               "router_spread_bits": ROUTER_SPREAD_BITS}
     with atomic_directory(target, overwrite=overwrite) as tmp:

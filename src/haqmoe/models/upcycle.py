@@ -16,9 +16,11 @@ import torch
 from tqdm import tqdm
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedModel
 
+from ..data.text import calibration_ids
 from ..errors import HaqmoeError
 from ..io import atomic_directory
 from .adapters import FusedExperts, ExpertWeights, adapter_for
+from .base import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -115,13 +117,9 @@ def upcycle(dense: PreTrainedModel, calib: torch.Tensor, cfg: UpcycleConfig = Up
     return moe
 
 
-def upcycle_to_dir(dense_source: str, target: Path, cfg: UpcycleConfig = UpcycleConfig(),
+def upcycle_to_dir(lm: LoadedModel, target: Path, cfg: UpcycleConfig = UpcycleConfig(),
                    progress: bool = True, overwrite: bool = True) -> Path:
-    """Upcycle a dense model source and save the MoE as a plain Mixtral checkpoint (atomic)."""
-    from ..data.text import calibration_ids
-    from .loading import load_model
-
-    lm = load_model(dense_source, progress=progress)
+    """Upcycle a loaded dense model and save the MoE as a plain Mixtral checkpoint (atomic)."""
     mixtral_config_from_dense(lm.model.config, cfg.num_experts, cfg.top_k)  # refuse before tokenizing
     calib = calibration_ids(lm.tokenizer, cfg.calib_source, cfg.calib_samples, cfg.calib_len, cfg.seed)
     moe = upcycle(lm.model, calib, cfg, progress)
@@ -129,5 +127,5 @@ def upcycle_to_dir(dense_source: str, target: Path, cfg: UpcycleConfig = Upcycle
         moe.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
         (tmp / "haqmoe_upcycle.json").write_text(
-            json.dumps({"dense": dense_source, **asdict(cfg)}, indent=2) + "\n")
+            json.dumps({"dense": lm.name, **asdict(cfg)}, indent=2) + "\n")
     return target

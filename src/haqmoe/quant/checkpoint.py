@@ -32,6 +32,7 @@ from transformers import GenerationConfig
 
 from ..errors import HaqmoeError
 from ..io import atomic_directory, publish_directory
+from ..models.base import LoadedModel, load_config, load_tokenizer
 from ..models.adapters import ArchSpec, adapter_for, get_module, set_module
 from ..models.lazy import INDEX_FILE, materialize, open_reader, read_header, skeleton
 from ..reliability.manifest import FileEntry, verify_manifest
@@ -152,8 +153,6 @@ def quant_skeleton(config, meta: dict, cfg: QuantConfig, dtype: torch.dtype) -> 
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32):
-    from ..models.loading import LoadedModel, load_config, load_tokenizer
-
     path = Path(path)
     verify_manifest(path)  # names a truncated or bit-flipped file before any parser sees it
     meta, cfg = read_quant_meta(path)

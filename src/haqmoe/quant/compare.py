@@ -130,7 +130,7 @@ def run_row(spec: RowSpec, setup: CompareSetup, wins: torch.Tensor, calib: torch
     """One row. ``work``: a directory for the row's progress (finished quantization blocks, evaluated
     windows); a rerun with the same directory continues where a killed run stopped."""
     from ..eval.perplexity import perplexity
-    from ..models.loading import load_model
+    from ..sources import load_model
 
     gc.collect()
     seconds = 0.0
@@ -236,7 +236,7 @@ def run_compare(setup: CompareSetup, labels: list[str], out: Path, base: MethodO
     interrupted continues from its finished quantization blocks and evaluated windows (OUT.partial/).
     """
     from ..data.text import calibration_ids, eval_windows, load_text, tokenize
-    from ..models.loading import load_model
+    from ..sources import load_model
     from ..results import run_meta, write_results
 
     specs = [parse_label(lbl, base) for lbl in labels]

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import HaqmoeError
+from ..models.base import LoadedModel
 from ..models.adapters import FusedExperts, adapter_for, get_module, set_module
 from .modules import QuantExperts, QuantLinear
 from .quantizer import QuantSpec
@@ -76,8 +77,6 @@ def _load_experts(model, path: str, names: dict[tuple[int, str], str], tensors: 
 
 
 def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32):
-    from ..models.loading import LoadedModel
-
     path = Path(path)
     try:
         raw = json.loads((path / "config.json").read_text())

@@ -28,8 +28,8 @@ from torch import nn
 from ..errors import HaqmoeError
 from ..models.adapters import ArchSpec, adapter_for
 from ..models.lazy import ModelReader, SafetensorsFolder, materialize, release, skeleton
-from ..models.loading import (QUANT_CONFIG, is_compressed_tensors, lazy_folder, load_config, load_model,
-                              load_tokenizer)
+from ..models.base import QUANT_CONFIG, is_compressed_tensors, load_config, load_tokenizer
+from ..sources import lazy_folder, load_model
 from ..reliability.guard import check_quant_memory
 from ..reliability.resume import BlockCheckpoint, run_fingerprint
 from .checkpoint import finish_streamed

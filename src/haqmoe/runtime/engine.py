@@ -20,7 +20,7 @@ import torch
 from ..devices import resolve_device
 from ..errors import HaqmoeError
 from ..models.adapters import set_module
-from ..models.loading import LoadedModel, context_of, encode_prompt
+from ..models.base import LoadedModel, context_of, encode_prompt
 from ..quant.precision import convert, int8_experts, normalize_mode, weight_bytes
 from ..routing.guess import GuessPlan, guess_weight
 from .cache import CacheConfig, ExpertCache

@@ -118,7 +118,7 @@ def tiny_pair(family: str, requests: int = 8, tokens_per_request: int = 256, gue
     recorded, so prefetch replays exactly. Split by request like any profiled trace."""
     from ..data.text import load_text, tokenize
     from ..models.adapters import adapter_for
-    from ..models.loading import load_model
+    from ..sources import load_model
     from ..models.tiny import tiny_model
     from ..routing.profile import trace_windows
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import HaqmoeError
 from ..models.adapters import adapter_for, expert_glu
-from ..models.loading import LoadedModel
+from ..models.base import LoadedModel
 from ..quant.config import QuantConfig
 from ..quant.modules import QuantExperts
 

@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import HaqmoeError
-from ..models.loading import context_of
+from ..models.base import context_of
 from ..runtime.engine import CollaborativeEngine, Generation, SamplingConfig
 from .auth import Guard, check_keys, check_origins, send_error
 from .metrics import ServerMetrics

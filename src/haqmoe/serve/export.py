@@ -180,7 +180,7 @@ def export_compressed_tensors(source: str, out: str | Path, cfg: ExportConfig = 
     """Write ``source`` (a haqmoe quantized checkpoint) as a compressed-tensors W8A8 directory."""
     from compressed_tensors.compressors import ModelCompressor
 
-    from ..models.loading import load_model
+    from ..sources import load_model
 
     if cfg.dtype not in DTYPES:
         raise HaqmoeError(f"unknown dtype '{cfg.dtype}' (choose from {', '.join(DTYPES)})")
@@ -290,7 +290,7 @@ def verify_export(out: str | Path, source: str, layers: int = 2, seed: int = 0) 
     from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
     from compressed_tensors.quantization import QuantizationConfig
 
-    from ..models.loading import load_model
+    from ..sources import load_model
 
     out = Path(out)
     folder = SafetensorsFolder.open(out)
