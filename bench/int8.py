@@ -409,110 +409,71 @@ def main() -> None:
 
 
 NOTES = """
-Fused kernel (since commit d4277e4; rows before it, in the older int8_*.md files, ran on `_int_mm`):
-where the CPU has AVX512-VNNI (this one does), every real-int8 product of up to 16 token rows runs in
-our own op `haqmoe::w8a8_linear` (src/haqmoe/quant/kernels/w8a8_cpu.cpp): per-token activation
-quantization, vpdpbusd dot products streaming the int8 weight rows (prefetched 16 rows ahead), the
-integer zero-point terms and the float epilogue in one call, bit-identical to the `quantize_tokens` +
-`_int_mm` path (tests/test_kernels.py); more rows (prefill, PPL windows) go to oneDNN's GEMM inside the
-same op. `-intmm` rows are the same mode with the kernel off (`HAQMOE_KERNELS=0`), side by side in the
-same run. Why it is faster: `_int_mm` with one token streamed SmolLM2's int8 weights at ~12.5 GB/s on 2
-threads and paid ~6 dispatches of quantization and epilogue per linear; the op streams them at 20-25
-GB/s (all 211 one-token GEMVs of a SmolLM2 step: 5.6-6.7 ms) and is one call. llama.cpp here is
-llama-cpp-python 0.3.36 built with AVX512 + VNNI (`make peer-llamacpp`; its native build with AMX
-crashed in the first decode on this VM), the version in meta.llama_cpp.
+Every figure in this file is computed from the rows above (the table, the checks line and the
+comparisons paragraph); the text below only says how the rows were made and how to read them.
 
-MoE decode with the kernel (int8.md; real-int8, where one token's 32.5 ms went, timed by hooks on the
-modules in a separate run): experts 13.1 ms (their GEMVs stream ~20 GB/s, the floor here), attention 8.4
-(transformers' eager code, ~280 us a layer, mostly dispatch), the fp32 lm_head 4.3, norms 2.0, router
-1.2, generate's loop ~1.5. So real-int8 with the checkpoint's fp32 lm_head gives 1.88x fp32 and the
-`--int8-lm-head` checkpoint 2.07x; the rest is eager framework time, which the dense model sheds with the
-ahead-of-time package and the MoE cannot (expert dispatch does not export).
+Modes. All quantized modes compute the same RTN W8A8 function (asymmetric weights per channel,
+asymmetric activations per token); `fp32` is the unquantized model; llama.cpp runs the same SmolLM2
+weights (our fp32 is the dequantized Q4_1 file; Q8_0 is a requantization of it), llama-cpp-python
+built with AVX512 + VNNI (`make peer-llamacpp`), the version in meta.llama_cpp. `real-int8` runs every
+decoder linear and expert on the int8 GEMM with int8 weights only; `dequant-once` holds fp32 weights;
+`fake-quant` holds both; lm_head and the tied embedding stay fp32 in those modes (as in fake-quant, so
+PPL is comparable). `real-int8-lm-head` reads a checkpoint written by `haqmoe quantize --int8-lm-head`
+and also runs lm_head on the int8 GEMM (two-level activations: value + residual, one GEMM call), the tied
+embedding reading the same int8 rows. `auto` benchmarks int8 against dequant per weight shape at load
+(the `auto` row's auto_choices column in the JSON records what it picked).
 
-How to read it. All quantized modes compute the same RTN W8A8 function (asymmetric weights per
-channel, asymmetric activations per token); `fp32` is the unquantized model; llama.cpp runs the same
-SmolLM2 weights (our fp32 is the dequantized Q4_1 file; Q8_0 is a requantization of it).
-`real-int8` runs every decoder linear and expert on the int8 GEMM (the fused kernel above, or
-`torch._int_mm`) with int8 weights only;
-`dequant-once` holds fp32 weights; `fake-quant` holds both. lm_head and the tied embedding stay fp32
-in those modes (as in fake-quant, so PPL is comparable). `real-int8-lm-head` (`--int8-lm-head`) also
-runs lm_head on the int8 GEMM, with two-level activations (value + residual, one GEMM call) and the
-tied embedding reading the same int8 rows; it now reads a checkpoint written that way (`haqmoe
-quantize --int8-lm-head`), so SmolLM2 drops from 0.41x to 0.25x of fp32 both resident and on disk
-(int8_vocab.md, the SmolLM2 rows again, 3 rounds: disk 0.253x, weights 0.254x, decode 2.02x fp32 and
-0.26x llama.cpp Q8_0; 20-window PPL of that checkpoint real 21.273, fake-quant 21.248: 0.12 % apart,
-the noise floor below; int8.json's lm-head row predates it and converted the fp32 lm_head at load,
-so its disk column still says 0.41x). `auto`
-benchmarks int8 against dequant per weight shape at load and picked int8 for every shape on this CPU
-(AVX512-VNNI).
+Fused kernel: where the CPU has AVX512-VNNI, every real-int8 product of up to 16 token rows runs in
+haqmoe's own op `haqmoe::w8a8_linear` (src/haqmoe/exec/kernels/): per-token activation quantization,
+int8 dot products streaming the weight rows, the integer zero-point terms and the float epilogue in one
+call, bit-identical to the `quantize_tokens` + `_int_mm` path (tests/test_kernels.py); more rows (prefill,
+PPL windows) go to oneDNN's GEMM inside the same op. `-intmm` rows are the same mode with the kernel off
+(`HAQMOE_KERNELS=0`), side by side in the same run.
 
-Why int8 got faster than the first run: the int8 weight is kept in its [out, in] layout, so
-`_int_mm` reads a column-major B; for one token (decode) that is 2-3x faster than the transposed
-contiguous copy used before (measured per shape, equal within noise from 2 to 512 tokens).
+`-compiled` rows (`compiled_decode_kwargs`): transformers compiles each decode step with torch.compile
+(inductor, static KV cache; prefill stays eager). `-aot` rows (`haqmoe generate --aot`): one forward with
+a dynamic token count over a static KV cache, exported with torch.export and compiled by AOTInductor into
+a C++ package (built once per weights and cache bucket, then cached); prompt and decode run through it from
+a small Python loop. Their prefill_tok_s is the eager forward's. They compute the same function in another
+float order, so greedy tokens may part from eager's where two tokens nearly tie (docs/design.md,
+Precision); meta.generated_tokens holds every mode's tokens.
 
-Decode is dispatch-bound at this size, so the int8 path is written to issue few ops per token
-(counted on one upcycled-MoE decode step with a TorchDispatchMode: 6171 -> 4675 aten calls):
-q/k/v and gate/up run as one GEMM per group (`Int8LinearGroup`, bit-identical), one token's
-quantization parameters stay numbers (`QuantAct.scalars`), the epilogue converts and scales in one
-op, the weight's transposed view and same-dtype conversions are not re-dispatched.
+PPL: real int8 differs from fake-quant only by fp32 rounding (the integer products are exact), which the
+W8A8 model amplifies at rounding boundaries, so the two PPLs differ by a noise that shrinks with the
+number of windows (the checks line gives the measured difference).
 
-Run-to-run spread: the fp32 MoE baseline is memory-bound and moves by ~10 % between runs (9.8-11.1
-tok/s over the runs of this session). A repeat of the MoE rows alone, 3 rounds, in the same quiet
-window (`bench/int8.py --rounds 3 --models smollm2-moe --modes fp32,real-int8,auto --no-ppl --out
-bench/results/int8_moe_repeat`) gave real-int8 1.84x and auto 1.94x of fp32 (int8_moe_repeat.md):
-the MoE decode speed-up is ~1.85-2.05x, at the 2x goal only within that noise.
-
-PPL noise floor. The W8A8 model is chaotic with respect to fp32 rounding (a relative 1e-6 change of
-the input embeddings moves logits by ~6 %): activation integers flip at rounding boundaries and the
-flips propagate. Real int8 differs from fake-quant only by fp32 rounding (integer products are exact),
-so its PPL differs from fake-quant's by this noise, which shrinks with the number of tokens.
-
-Timing conditions: idle machine (the other job on it was stopped for the duration), 2 threads, every
-(model, mode) in its own process, 2 rounds in alternating order, best round kept.
-
-Compiled decode (`-compiled` rows; `haqmoe.quant.compiled.compiled_decode_kwargs`): transformers
-compiles each decode step with torch.compile (inductor, static KV cache; prefill stays eager) and the
-int8 modules take a tensor-only path while traced, so a step is one graph of fused C++ kernels around
-the `_int_mm` calls instead of ~4,700 eager dispatches. int8_compiled.md (`bench/int8.py --models
-smollm2-135m --modes fp32,real-int8,real-int8-lm-head,fp32-compiled,real-int8-compiled,real-int8-lm-head-compiled,llama.cpp-q8_0
---rounds 2 --no-ppl --out bench/results/int8_compiled`, idle): the `--int8-lm-head` checkpoint decodes
-at 64.4 tok/s compiled vs 34.2 eager (1.88x), 3.74x fp32 and 0.52x llama.cpp Q8_0 (123.0 in the same
-run); fp32 gains only 1.08x from compiling (it is memory-bound). The first generation pays the compile
-(7-19 s here with inductor's on-disk cache warm, ~1-2 min cold). What is left to llama.cpp is the GEMM
-kernel, no longer Python: `_int_mm` with one token streams int8 weights at ~12.5 GB/s on 2 threads
-(cold weights; 6.5 GB/s on one thread, so the kernel is compute-bound, not at the memory's limit), so
-the GEMMs alone take ~11 ms of the ~15.5 ms step, while llama.cpp's VNNI kernels run its 145 MB at
-~18 GB/s. `torch._weight_int8pack_mm` (W8A16) and inductor's own int32 reduction were slower still.
-oneDNN's prepacked `qlinear_pointwise` measured the same as `_int_mm` (12.6 vs 12.9 GB/s). The upcycled
-MoE does not gain: expert dispatch (Python expert ids) breaks the graph once per layer, and one round
-measured 15.5 tok/s compiled vs 24.3 eager (`--models smollm2-moe --modes
-real-int8-lm-head,real-int8-lm-head-compiled --rounds 1`), so `compiled_decode_kwargs` warns on MoE models.
-Ahead-of-time generation (`-aot` rows; `haqmoe.quant.aot`, `haqmoe generate --aot`): one forward with
-a dynamic token count over a static KV cache (256-token buckets), exported with torch.export and
-compiled by AOTInductor into a C++ package (built once per weights and bucket, 4-5 min here, then
-cached); prompt and decode run through it from a small Python loop, so no dynamo guards, graph wrapper
-or `generate` loop per token. int8_aot.md (`bench/int8.py --models smollm2-135m --modes
-fp32,real-int8-lm-head,real-int8-lm-head-compiled,real-int8-lm-head-aot,llama.cpp-q8_0 --rounds 3
---no-ppl --out bench/results/int8_aot`): 68.1 tok/s vs 55.4 compiled (1.23x) and 32.4 eager, 4.1x fp32,
-0.54x llama.cpp Q8_0 (126.7). The host was noisy: an earlier 2-round run of the same command (commit
-372cb0a) gave 79.2 vs 57.9 compiled (1.37x) and 0.64x llama.cpp (124.5), and each mode's best round
-moves by 10-25 % between runs. The steadier figure is bench/results/int8_interleaved.md
-(`bench/int8_interleaved.py --pairs 12`: the package and llama.cpp in two processes, alternating
-64-token bursts, ratio per pair): median 0.61x (pairs 0.55-0.74), 69.0 vs 110.1 tok/s. Peak RSS 2.5 GB
-in the round that built the package, 1.4 GB when loading it (the package holds its own copy of the
-weights beside the eager model's, in `haqmoe generate --aot` too). Its prefill_tok_s is the eager
-forward's, as for the -compiled rows. Where the package's step goes (inductor kernel profile, one run):
-`_int_mm` 75 %, attention with its fused rotary/cache-write kernel 15 %, the rest 10 %; the int8 GEMV is
-the floor left, and it alone takes about llama.cpp's whole step. Greedy tokens part from eager at token 9
-of 128 (the -compiled rows keep all 128): inductor orders the float ops of this dynamic-shape program differently, and the W8A8 model turns that
-into a 3 % (relative norm) logit difference after the prompt, half of what a 1e-6 relative change of the
-input embeddings gives (6.5 %); token 9 is where eager's top-2 margin is 0.06. The exported program run
-eagerly gives eager's logits exactly, and on a tiny model the package's greedy tokens equal
-transformers' (tests/test_aot.py). Tried, no gain: sdpa reading grouped K/V heads directly (no
-repeat_kv copy; 12.1 vs 12.8 ms per token side by side, within noise), one GEMM per q/k/v and gate/up
-group (121 instead of 211 one-token `_int_mm` calls over the same bytes: 8.2-9.7 vs 8.9-9.4 ms).
-GPU rows (random-weight models with the same configs, NVIDIA H200): bench/results/int8_cuda.md and int8_gpu.md.
+Timing conditions: 2 threads unless the threads column says otherwise, every (model, mode) in its own
+process, rounds in alternating order, best round kept; the load average at start and end is above, and
+`load_during` (where present) is the machine's load while the row ran. Each mode's best round moves
+between runs on a shared machine: compare rows of the same file (same run), not across files.
+GPU rows (random-weight models with the same configs): int8_cuda.md and int8_gpu.md.
 """
+
+
+COMPARISONS = (  # (faster mode, baseline mode, what the pair shows) within one model and one run
+    ("real-int8", "real-int8-intmm", "fused kernel vs `_int_mm`"),
+    ("real-int8-lm-head", "real-int8-lm-head-intmm", "fused kernel vs `_int_mm`"),
+    ("real-int8-lm-head-aot", "real-int8-lm-head-aot-intmm", "fused kernel vs `_int_mm`, ahead of time"),
+    ("real-int8-compiled", "real-int8", "`--compile` vs eager"),
+    ("real-int8-lm-head-compiled", "real-int8-lm-head", "`--compile` vs eager"),
+    ("real-int8-lm-head-aot", "real-int8-lm-head", "`--aot` vs eager"),
+    ("real-int8-lm-head-aot", "real-int8-lm-head-compiled", "`--aot` vs `--compile`"),
+    ("fp32-compiled", "fp32", "`--compile` vs eager, fp32"),
+    ("real-int8-lm-head", "real-int8", "int8 lm_head vs fp32 lm_head"),
+)
+
+
+def comparisons(rows: list[dict]) -> str:
+    """Decode speed ratios of the mode pairs this run measured, computed from its rows."""
+    by = {(r["model"], r["mode"]): r for r in rows}
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for fast, base, what in COMPARISONS:
+            a, b = by.get((model, fast)), by.get((model, base))
+            if a and b and a.get("decode_tok_s") and b.get("decode_tok_s"):
+                lines.append(f"- {model}: {what}: `{fast}` {a['decode_tok_s']:.1f} vs `{base}` "
+                             f"{b['decode_tok_s']:.1f} decode tok/s ({a['decode_tok_s'] / b['decode_tok_s']:.2f}x)")
+    return ("Decode comparisons in this run (computed from the rows):\n\n" + "\n".join(lines)) if lines else ""
 
 
 CUDA_NOTES = """Random-weight models with SmolLM2-135M's and the upcycled MoE's exact config.json (the GPU
@@ -530,7 +491,7 @@ def render(json_path: str) -> None:
     data = json.loads(Path(json_path).read_text())
     meta, rows = data["meta"], data["rows"]
     meta["checks"] = compute_checks({(r["model"], r["mode"]): r for r in rows})
-    write_results(json_path, rows, meta, TITLE, _notes(meta), _columns(rows))
+    write_results(json_path, rows, meta, TITLE, _notes(meta, rows), _columns(rows))
 
 
 def _columns(rows: list[dict]) -> list[str]:
@@ -544,11 +505,12 @@ COLUMNS = ["model", "mode", "device", "threads", "decode_tok_s", "decode_cpu_tok
            "load_during"]
 
 
-def _notes(meta: dict) -> str:
+def _notes(meta: dict, rows: list[dict]) -> str:
     checks = meta.get("checks", {})
     lines = "Checks: " + ", ".join(f"{k} = {v:.4g}" for k, v in checks.items() if isinstance(v, float))
     load = f"Load average at start {meta['loadavg_start'][0]:.1f}, at end {meta['loadavg_end'][0]:.1f}."
-    return lines + "\n\n" + load + "\n" + NOTES
+    pairs = comparisons(rows)
+    return lines + "\n\n" + load + "\n\n" + (pairs + "\n\n" if pairs else "") + NOTES
 
 
 def compute_checks(by: dict) -> dict:
@@ -600,7 +562,7 @@ def write(rows: list[dict], cfg: BenchConfig, load_start: tuple, seconds: float)
     meta = run_meta(config=asdict(cfg), llama_cpp=llama_cpp_version(), loadavg_start=load_start,
                     loadavg_end=os.getloadavg(),
                     seconds=seconds, checks=checks, generated_tokens=generated)
-    write_results(cfg.out, rows, meta, TITLE, _notes(meta), _columns(rows))
+    write_results(cfg.out, rows, meta, TITLE, _notes(meta, rows), _columns(rows))
 
 
 if __name__ == "__main__":
