@@ -1,6 +1,7 @@
 """Where a compiled int8 decode step of SmolLM2-135M spends its time, beside the int8 GEMV alone.
 
     .venv/bin/python bench/int8_breakdown.py [--aoti]  # -> bench/results/int8_breakdown.{json,md}
+    .venv/bin/python bench/int8_breakdown.py --render  # re-render the .md from the .json, no measurement
 
 Two measurements in one process, 2 threads:
 
@@ -136,7 +137,40 @@ def gemv_rows(cfg) -> list[dict]:
     return rows
 
 
+
+TITLE = "Compiled int8 decode step of SmolLM2-135M: where the time goes"
+
+
+def notes(rows: list[dict]) -> str:
+    """The results notes: the module doc and sentences computed from ``rows`` (nothing hand-written)."""
+    step, floor = rows[0]["ms_per_token"], rows[-1]["ms_per_token"]
+    text = (__doc__ or "") + (
+        f"\n\nThe int8 GEMV alone (2 threads) takes {floor:.1f} ms per token of the {step:.1f} ms step: the rest "
+        f"({step - floor:.1f} ms) is framework time around it.")
+    aot = next((r for r in rows if r["part"].startswith("AOTInductor")), None)
+    if aot is not None:
+        aot_ms = aot["ms_per_token"]
+        text += (f" Ahead-of-time compiled, the step takes {aot_ms:.1f} ms ({step / aot_ms:.2f}x "
+                 f"faster than the compiled generate step in this run; greedy tokens equal eager: "
+                 f"{aot['greedy_equals_eager']}): no guards, no Python wrapper (`haqmoe generate --aot`).")
+    return text
+
+
+def render() -> None:
+    """Re-render the markdown of the existing results JSON (numbers untouched)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    import json
+
+    from haqmoe.results import write_results
+
+    out = ROOT / "bench" / "results" / "int8_breakdown.json"
+    data = json.loads(out.read_text())
+    write_results(out, data["rows"], data["meta"], TITLE, notes(data["rows"]))
+
+
 def main() -> None:
+    if "--render" in sys.argv:
+        return render()
     sys.path.insert(0, str(ROOT / "src"))
     from transformers import AutoConfig
 
@@ -148,24 +182,8 @@ def main() -> None:
     if "--aoti" in sys.argv:
         rows += aoti_rows()
     rows += gemv_rows(AutoConfig.from_pretrained(ensure_embedded("smollm2-135m", progress=False)))
-    step, floor = rows[0]["ms_per_token"], rows[-1]["ms_per_token"]
-    notes = (__doc__ or "") + (
-        f"\n\nThe int8 GEMV alone (2 threads) takes {floor:.1f} ms per token of the {step:.1f} ms step: the rest "
-        f"({step - floor:.1f} ms) is framework time around it. llama.cpp's whole token is ~7.3-8.1 ms here, about "
-        f"the GEMV floor alone, so decode at >= 1.0x llama.cpp needs both a GEMV at least as fast as "
-        f"PyTorch's and almost no time outside it; tried and not adopted: FBGEMM dynamic linear, oneDNN "
-        f"qlinear (int8.md notes), fusing q/k/v and gate/up into one GEMM per group in the traced graph (121 "
-        f"instead of 213 _int_mm calls per step: no wall-time change), inductor's cpp_wrapper (~1.8 ms less per "
-        f"token, 240 s compile), skipping dynamo's guards after warm-up (`skip_guard_eval_unsafe`: transformers' "
-        f"generate recompiles under it).")
-    aot = next((r for r in rows if r["part"].startswith("AOTInductor")), None)
-    if aot is not None:
-        aot_ms = aot["ms_per_token"]
-        notes += (f" Ahead-of-time compiled, the step takes {aot_ms:.1f} ms ({step / aot_ms:.2f}x "
-                  f"faster than the compiled generate step in this run; greedy tokens equal eager: "
-                  f"{aot['greedy_equals_eager']}): no guards, no Python wrapper (`haqmoe generate --aot`).")
     out = ROOT / "bench" / "results" / "int8_breakdown.json"
-    write_results(out, rows, run_meta(), "Compiled int8 decode step of SmolLM2-135M: where the time goes", notes)
+    write_results(out, rows, run_meta(), TITLE, notes(rows))
     print(out.with_suffix(".md").read_text())
 
 
