@@ -15,11 +15,11 @@ Two measurements in one process, 2 threads:
    threads.
 
 ``--aoti`` adds the same model generating ahead-of-time compiled (``haqmoe.quant.aot``, what ``haqmoe
-generate --aot`` runs: torch.export + AOTInductor, no dynamo, no Python wrapper at run time; 3.5-5 min to
-build here), timed on a greedy decode whose first 8 tokens are checked against eager ``generate``.
+generate --aot`` runs: torch.export + AOTInductor, no dynamo, no Python wrapper at run time; minutes to
+build), timed on a greedy decode whose first 8 tokens are checked against eager ``generate``.
 
 The profiler adds its own per-op cost, so the split is a guide to shares; the tokens/s rows are unprofiled.
-llama.cpp Q8_0 on the same model and machine decodes at 123-138 tok/s (int8_compiled.md, int8.md).
+llama.cpp Q8_0 on the same model and machine: int8.md and int8_kernel.md (measured in their own runs).
 """
 
 from __future__ import annotations
