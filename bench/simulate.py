@@ -1,6 +1,7 @@
 """Simulator rows: Mixtral-8x7B W8A8 on the RTX 5090D profile (the paper's setup).
 
-    .venv/bin/python bench/simulate.py
+    .venv/bin/python bench/simulate.py --guess-recall 0.91
+    .venv/bin/python bench/simulate.py --render   # rewrite the .md from the .json (notes recomputed, rows kept)
 
 Writes bench/results/simulate.json/.md: decode tok/s, prefill latency for 512 tokens, per-token
 latency p50/p99/std, GPU memory vs FP16 per policy (rows `case = sim-mixtral-5090d`), plus the same
@@ -19,14 +20,19 @@ from haqmoe.runtime.prefetch import DEFAULT_GUESS_RECALL
 from haqmoe.runtime.profiles import PROFILES, cost_model_for, memory_plan, model_spec, nonexpert_layer_ms
 from haqmoe.runtime.simulator import spec_for_trace
 
-NOTES = f"""All rows are **simulated** (`haqmoe simulate`): trace-driven replay on a hardware profile
+_MIXTRAL = model_spec("mixtral-8x7b")
+NOTES_VALUES = dict(MIXTRAL_LOCALITY=MIXTRAL_LOCALITY, MODEL_W8A8_GB=_MIXTRAL.total_bytes("w8a8") / 1e9,
+                    MODEL_FP16_GB=_MIXTRAL.total_bytes("fp16") / 1e9, EXPERT_MB=_MIXTRAL.expert_bytes("w8a8") / 1e6,
+                    SAVING_PCT=100 * (1 - _MIXTRAL.total_bytes("w8a8") / _MIXTRAL.total_bytes("fp16")))
+
+NOTES = """All rows are **simulated** (`haqmoe simulate`): trace-driven replay on a hardware profile
 (runtime/profiles.py lists every number with its source or assumption). Trace: Mixtral-8x7B,
 **synthetic-from-statistics** (decode-like tokens sampled from the real per-prompt MMLU expert
 fractions of held-out subjects, locality {MIXTRAL_LOCALITY}); plans are built on the other subjects.
 GPU memory = non-expert weights (int8 attention, 16-bit embeddings/lm_head) + expert slots + 2 GB
 reserved (context, KV, activations); `gpu_mem_fp16_gb` = the same configuration in FP16 (the model
-itself: 47.0 GB W8A8 vs 93.4 GB FP16, i.e. 50 % less; the paper's ~60 % is not reproduced by weights
-alone). Prefill: one 512-token prompt of a held-out request on the warm cache. `hit_rate` here =
+itself: {MODEL_W8A8_GB:.1f} GB W8A8 vs {MODEL_FP16_GB:.1f} GB FP16, i.e. {SAVING_PCT:.0f} % less;
+the paper's ~60 % is not reproduced by weights alone). Prefill: one 512-token prompt of a held-out request on the warm cache. `hit_rate` here =
 resident when needed.
 
 Policies: `always-transfer` = LRU cache over all slots, every miss copied in (mixtral-offloading);
@@ -34,8 +40,7 @@ Policies: `always-transfer` = LRU cache over all slots, every miss copied in (mi
 predictor (n > n_critical -> transfer, else CPU; the paper); `full` = predictor + plan pinned in half
 of the slots + LRU over the rest, CPU-served misses copied in the background while the copy engine
 is idle; `full+prefetch` adds next-layer prefetch (synthetic guesses with the top-k recall given in
-the command: 0.91 = mean measured on the upcycled MoE's held-out generations with learned guesses,
-bench/results/cache.md), copies issued within the layer's time budget, a miss whose copy is in flight
+the command, below; bench/results/cache.md measures real recalls on the upcycled MoE), copies issued within the layer's time budget, a miss whose copy is in flight
 waits only if the predictor says waiting beats the CPU; `balanced+prefetch` replaces the paper's
 per-expert threshold by a per-layer makespan rule: each miss goes to whichever of the CPU queue and the
 copy engine finishes it first, so CPU compute and copies run side by side at decode (the predictor
@@ -43,16 +48,16 @@ sends every one-token miss to the CPU); `full+split` (ours, the engine's `--poli
 whose misses may also be served by both channels at once: the CPU computes the first k/8 of the
 expert's gate/up rows from its host copy while the copy engine ships the other rows and the down
 projection, then the GPU finishes the expert (same function: each output row is computed whole by
-one side, down sees the whole intermediate vector). A one-token miss then streams its 176 MB over
+one side, down sees the whole intermediate vector). A one-token miss then streams its {EXPERT_MB:.0f} MB over
 DDR5 and PCIe together instead of over one of them (times below); the split copies are not cached.
 CPU tier: int8 weights, int8 GEMM (bandwidth-bound at decode: one token
-streams the whole 176 MB expert).
+streams the whole {EXPERT_MB:.0f} MB expert).
 
-These profiles assume CPU and GPU experts of a layer overlap (`cpu_gpu_overlap` 1), i.e. a runtime that
-launches GPU work ahead of the CPU tier. Our eager engine does not: on a real H200 its offloading rows
-matched the simulator only with `cpu_gpu_overlap` 0 and a fitted per-layer host overhead
-(runtime_gpu.md), so these rows are what the policies give once GPU work is launched ahead (CUDA graphs
-or a launch thread), not what today's eager engine measures."""
+These profiles assume CPU and GPU experts of a layer overlap (`cpu_gpu_overlap` 1, `host_sync_ms` 0),
+i.e. a runtime that launches GPU work ahead of the CPU tier. Our eager engine does not: on real GPUs its
+offloading rows matched the simulator only with the eager engine's host costs fitted (runtime_gpu.md,
+runtime_gpu_h100.md), so these rows are what the policies give once GPU work is launched ahead (CUDA graphs
+or a launch thread), not what today's eager engine measures (docs/design.md, Simulator)."""
 
 
 def miss_floor_ms(cost) -> float:
@@ -102,6 +107,66 @@ def ceiling_note(pair, cost, spec, slots: int, ours: dict, peer: float) -> str:
             f"cannot judge it{prompt_evidence()}.")
 
 
+def real_gpu_evidence(path: Path = Path("bench/results/runtime_gpu_h100.json")) -> str:
+    """The real engine's split vs its peers on an H100 (bench/gpu_mixtral.py), eager and compiled, per run."""
+    if not path.exists():
+        return ""
+    rows = json.loads(path.read_text())["rows"]
+    out = []
+    for mode, suffix in (("eager", ""), ("compiled", "-compiled")):
+        runs = []
+        for run in sorted({r["run"] for r in rows}):
+            by = {r["policy"]: r["decode_tok_s"] for r in rows if r["run"] == run}
+            want = [f"split{suffix}", f"always-transfer{suffix}", f"always-cpu{suffix}"]
+            if all(w in by for w in want):
+                runs.append(f"run {run}: split {by[want[0]]:.1f} vs always-transfer {by[want[1]]:.1f}, "
+                            f"always-cpu {by[want[2]]:.1f}")
+        if runs:
+            out.append(f"{mode} ({'; '.join(runs)})")
+    if not out:
+        return ""
+    return ("\n\nMeasured on a real GPU (the engine on a Mixtral-shaped 8-layer model, NVIDIA H100, "
+            "runtime_gpu_h100.md), decode tok/s: " + "; ".join(out) + ".")
+
+
+def notes_for(pair, rows: list[dict], guess_recall: float) -> str:
+    """The results notes, every figure computed from ``rows``, the trace pair and the profile."""
+    spec = spec_for_trace(pair.eval, model_spec("mixtral-8x7b"))
+    cost = cost_model_for(PROFILES["rtx5090d"], spec)
+    cm = cost.as_dict()
+    base = [r for r in rows if r["case"] == "sim-mixtral-5090d"]
+    peer = max(r["decode_tok_s"] for r in base if r["policy"] in ("always-transfer", "always-cpu"))
+    ours = max((r for r in base if r["policy"] not in ("always-transfer", "always-cpu", "predictor")),
+               key=lambda r: r["decode_tok_s"])
+    online = [r["hit_rate"] for r in base]
+    slots = memory_plan(PROFILES["rtx5090d"], spec).slots
+    belady = replay_once(pair, "belady", slots, "always-transfer", False, cost, PROFILES["rtx5090d"], spec)
+    notes = NOTES.format(**NOTES_VALUES) + (
+        f"\n\nGuess recall used: {guess_recall}. RTX 5090D expert costs (Mixtral W8A8 expert, "
+        f"{NOTES_VALUES['EXPERT_MB']:.0f} MB): T_e {cm['transfer_ms']:.2f} ms, "
+        f"GPU floor {cm['gpu']['floor_ms']:.3f} ms, CPU floor {cm['cpu']['floor_ms']:.2f} ms + "
+        f"{cm['cpu']['per_token_ms']:.3f} ms/token beyond it, n_critical {cm['n_critical']:.0f}.\n"
+        f"Full system vs the better peer policy on decode, **simulated**: "
+        f"{ours['decode_tok_s'] / peer:.2f}x (goal 2x).{real_gpu_evidence()}\n\n"
+        f"Why not 2x: ~{spec.num_layers * spec.top_k * (1 - ours['hit_rate']):.0f} of a token's "
+        f"{spec.num_layers * spec.top_k} expert calls miss at this budget ({slots} of "
+        f"{spec.num_layers * spec.num_experts} experts fit; resident when needed {ours['hit_rate']:.2f} in the best "
+        f"row), and even split a one-token miss costs {cost.best_split(1)[1]:.2f} ms (k = "
+        f"{cost.best_split(1)[0]}; CPU alone {cost.t_cpu(1):.2f}, copy + GPU "
+        f"{cost.t_gpu(1, resident=False):.2f}). The hit rate is the "
+        f"limit: an offline-optimal cache (Belady's MIN, which knows the future) on the same "
+        f"trace and slots reaches {belady['hit_rate']:.2f} (every miss copied in); the policies above stay at "
+        f"{min(online):.2f}-{max(online):.2f}. A miss has to read its expert's bytes once, over DDR (CPU) or "
+        f"PCIe: with both at once it costs at least 1/(1/CPU + 1/copy) = "
+        f"{miss_floor_ms(cost):.2f} ms, so split is near its floor. Copying split misses into the cache behind "
+        f"them, copying the GPU part of a guessed next-layer miss ahead of its router, and admitting split misses "
+        f"in partial-expert chunks while the copy engine idles were tried and not adopted (no row here measures "
+        f"them): a whole-expert copy cannot be preempted, the copy engine idles only through a layer's attention "
+        f"({nonexpert_layer_ms(PROFILES['rtx5090d'], spec, 'w8a8', 1, 100):.2f} ms here) and layers without "
+        f"misses, and recent misses evict the frequency-warmed slots.")
+    return notes + ceiling_note(pair, cost, spec, slots, ours, peer)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/simulate.json")
@@ -110,47 +175,21 @@ def main() -> None:
     ap.add_argument("--guess-recall", type=float, default=DEFAULT_GUESS_RECALL,
                     help="prefetch guess recall per layer (Mixtral has no per-token data; cache.md measures "
                          "it on the upcycled MoE)")
+    ap.add_argument("--render", action="store_true",
+                    help="rewrite the .md of --out from its .json: rows and meta kept, notes recomputed (the same "
+                         "--requests/--tokens/--guess-recall as the run, which meta's command records)")
     args = ap.parse_args()
     pair = mixtral_pair(args.requests, args.tokens)
-    rows = []
-    for name in ["rtx5090d", "rtx4090", "a100-40gb", "h100-pcie"]:
-        case = "sim-mixtral-5090d" if name == "rtx5090d" else f"sim-mixtral-{name}"
-        rows += simulate_rows(pair, PROFILES[name], guess_recall=args.guess_recall, case=case, progress=True)
-    spec = spec_for_trace(pair.eval, model_spec("mixtral-8x7b"))
-    cost = cost_model_for(PROFILES["rtx5090d"], spec)
-    cm = cost.as_dict()
-    base = [r for r in rows if r["case"] == "sim-mixtral-5090d"]
-    peer = max(r["decode_tok_s"] for r in base if r["policy"] in ("always-transfer", "always-cpu"))
-    ours = max((r for r in base if r["policy"] not in ("always-transfer", "always-cpu", "predictor")),
-               key=lambda r: r["decode_tok_s"])
-    slots = memory_plan(PROFILES["rtx5090d"], spec).slots
-    belady = replay_once(pair, "belady", slots, "always-transfer", False, cost, PROFILES["rtx5090d"], spec)
-    notes = NOTES + (f"\n\nGuess recall used: {args.guess_recall}. RTX 5090D expert costs (Mixtral W8A8 expert, "
-                     f"176 MB): T_e {cm['transfer_ms']:.2f} ms, "
-                     f"GPU floor {cm['gpu']['floor_ms']:.3f} ms, CPU floor {cm['cpu']['floor_ms']:.2f} ms + "
-                     f"{cm['cpu']['per_token_ms']:.3f} ms/token beyond it, n_critical {cm['n_critical']:.0f}.\n"
-                     f"Full system vs the better peer policy on decode: "
-                     f"{ours['decode_tok_s'] / peer:.2f}x (goal 2x).\n\n"
-                     f"Why not 2x: ~{64 * (1 - ours['hit_rate']):.0f} of a token's 64 expert calls miss at this "
-                     f"budget ({slots} of 256 experts fit; resident when needed {ours['hit_rate']:.2f} in the best "
-                     f"row), and even split a one-token miss costs {cost.best_split(1)[1]:.2f} ms (k = "
-                     f"{cost.best_split(1)[0]}; CPU alone {cost.t_cpu(1):.2f}, copy + GPU "
-                     f"{cost.t_gpu(1, resident=False):.2f}). The hit rate is the "
-                     f"limit: an offline-optimal cache (Belady's MIN, which knows the future) on the same "
-                     f"trace and slots reaches {belady['hit_rate']:.2f} (every miss copied in); our online "
-                     f"policies stay at 0.68-0.72. A miss has to read its expert's bytes once, over DDR (CPU) or "
-                     f"PCIe: with both at once it costs at least 1/(1/CPU + 1/copy) = "
-                     f"{miss_floor_ms(cost):.2f} ms, so split is near its floor, and "
-                     f"copying split misses into the cache behind them (tried: 19.4 tok/s, hit 0.71) loses: a "
-                     f"whole-expert copy cannot be preempted and the next split waits behind it. Copying the GPU "
-                     f"part of a guessed next-layer miss ahead of its router (split prefetch, tried) gives 25.2 tok/s "
-                     f"with perfect guesses and 23.2 at recall 0.91: the copy engine idles only through a layer's "
-                     f"attention ({nonexpert_layer_ms(PROFILES['rtx5090d'], spec, 'w8a8', 1, 100):.2f} ms here) "
-                     f"and layers without misses, and wrong guesses hold it. Admitting split misses into the cache in "
-                     f"1/16-expert chunks only while the copy engine would otherwise idle (tried) lowers the hit "
-                     f"rate (0.678 -> 0.662, 24.3 tok/s): recent misses evict the frequency-warmed slots.")
-    notes += ceiling_note(pair, cost, spec, slots, ours, peer)
-    write_results(args.out, rows, run_meta(), "Simulated Mixtral-8x7B W8A8", notes)
+    if args.render:
+        data = json.loads(Path(args.out).with_suffix(".json").read_text())
+        rows, meta = data["rows"], data["meta"]
+    else:
+        rows = []
+        for name in ["rtx5090d", "rtx4090", "a100-40gb", "h100-pcie"]:
+            case = "sim-mixtral-5090d" if name == "rtx5090d" else f"sim-mixtral-{name}"
+            rows += simulate_rows(pair, PROFILES[name], guess_recall=args.guess_recall, case=case, progress=True)
+        meta = run_meta()
+    write_results(args.out, rows, meta, "Simulated Mixtral-8x7B W8A8", notes_for(pair, rows, args.guess_recall))
     print(Path(args.out).with_suffix(".md").read_text())
 
 
