@@ -15,7 +15,7 @@ from pathlib import Path
 
 from haqmoe.results import run_meta, write_results
 from haqmoe.routing.trace import RoutingTrace  # noqa: F401
-from haqmoe.runtime.experiments import (MIXTRAL_LOCALITY, cache_rows, guess_rows, load_pair, mixtral_pair,
+from haqmoe.studies.experiments import (MIXTRAL_LOCALITY, cache_rows, guess_rows, load_pair, mixtral_pair,
                                         plot_cache, synthetic_pair)
 from haqmoe.runtime.policies import BOUNDS
 from haqmoe.runtime.prefetch import DEFAULT_GUESS_RECALL
@@ -31,7 +31,7 @@ from one prompt's distribution, with temporal locality {MIXTRAL_LOCALITY} (P(a t
 previous token's expert)), calibrated so held-out LRU / Belady at 50 % land near the 59 % / 74 %
 measured on real Mixtral decode traces. Plans, allocations and LFU histories are built on prompts
 of the even-indexed MMLU subjects, numbers are measured on prompts of the odd-indexed ones.
-`synthetic`: Zipf + per-request drift + locality generator (runtime/synthetic.py), split by request.
+`synthetic`: Zipf + per-request drift + locality generator (routing/synthetic.py), split by request.
 `tiny-*`: real routing of tiny random MoEs with distinct experts (models/tiny.py: Mixtral, Qwen3-MoE,
 OLMoE shapes, 8 experts top-2, 4 layers) on WikiText-2 valid text, with their own next-layer guesses.
 `smollm2-moe`: **real generations** of the upcycled SmolLM2 MoE (`haqmoe profile --generate 64`: 16

@@ -26,8 +26,8 @@ def main() -> None:
     import int8 as bench_int8
 
     from haqmoe.sources import load_model
-    from haqmoe.quant.aot import AotGenerator
-    from haqmoe.quant.precision import convert
+    from haqmoe.exec.aot import AotGenerator
+    from haqmoe.exec.precision import convert
     from haqmoe.results import run_meta, write_results
 
     lm = load_model(str(bench_int8.ensure_quantized("smollm2-135m", int8_lm_head=True)), progress=False)

@@ -18,7 +18,7 @@ export PYTHONPATH=src
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
   python3 - <<'PY'
 import torch
-from haqmoe.quant.kernels import w8a8_op
+from haqmoe.exec.kernels import w8a8_op
 op = w8a8_op()
 print("fused kernel:", op)
 if op is not None:  # a wrong feature count must raise, not crash

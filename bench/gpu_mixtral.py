@@ -73,7 +73,7 @@ SIM_CACHE = {"always-cpu": "static", "predictor": "static"}  # the engine never 
 
 def prepare(out: Path, requests: int, tokens: int, prefill: int) -> None:
     from haqmoe.routing.trace_io import save_trace
-    from haqmoe.runtime.experiments import mixtral_pair, prompt_trace
+    from haqmoe.studies.experiments import mixtral_pair, prompt_trace
 
     pair = mixtral_pair(requests, tokens)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +89,7 @@ GEMM_SHAPES = (("mixtral gate_up", 4096, 28672), ("mixtral down", 14336, 4096),
 
 
 GEMM_NOTES = (
-    'quant/int8.py `int8_matmul` including the per-token activation quantization, vs fp16 `F.linear`, '
+    'exec/int8.py `int8_matmul` including the per-token activation quantization, vs fp16 `F.linear`, '
     'median of 20 after a warm-up (bench/gpu_mixtral.py run). In eager PyTorch the int8 path is ~25 small'
     ' kernels per linear (quantize, zero-point corrections, rescale) and is launch-bound at ~0.3 ms '
     'whatever the shape: 0.07-0.3x the speed of one fp16 GEMM. The engine therefore measures both GPU-'
@@ -101,8 +101,8 @@ GEMM_NOTES = (
 
 
 def gemm_rows(device: str = "cuda", shapes=GEMM_SHAPES, ms=(1, 16, 128, 512)) -> list[dict]:
-    """int8 GEMM (dynamic per-token activations, quant/int8.py) vs fp16 F.linear, expert shapes."""
-    from haqmoe.quant.int8 import int8_matmul, quantize_tokens
+    """int8 GEMM (dynamic per-token activations, exec/int8.py) vs fp16 F.linear, expert shapes."""
+    from haqmoe.exec.int8 import int8_matmul, quantize_tokens
     from haqmoe.quant.quantizer import QuantSpec
     from haqmoe.runtime.calibrate import time_ms
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from haqmoe.quant.compare import CompareSetup, run_compare
+from haqmoe.studies.compare import CompareSetup, run_compare
 from haqmoe.quant.config import QuantConfig
 from haqmoe.quant.methods import MethodOptions
 

@@ -30,8 +30,8 @@ MODES = ("fp32", "fake-quant", "dequant-once", "real-int8", "auto", "real-int8-l
          "real-int8-intmm", "real-int8-lm-head-intmm", "real-int8-lm-head-aot-intmm")
 EXEC = {"fake-quant": "fake", "dequant-once": "dequant", "real-int8": "int8", "auto": "auto",
         "real-int8-lm-head": "int8"}
-COMPILED = "-compiled"  # suffix: the same mode with its decode steps compiled (haqmoe.quant.compiled)
-AOT = "-aot"  # suffix: the same mode generated through an ahead-of-time compiled package (haqmoe.quant.aot)
+COMPILED = "-compiled"  # suffix: the same mode with its decode steps compiled (haqmoe.exec.compiled)
+AOT = "-aot"  # suffix: the same mode generated through an ahead-of-time compiled package (haqmoe.exec.aot)
 VARIANTS = (COMPILED, AOT)
 NO_KERNEL = "-intmm"  # outer suffix: the same mode with our fused CPU kernel off (HAQMOE_KERNELS=0: _int_mm)
 GGUF_MODES = ("llama.cpp-q8_0", "llama.cpp-q4_1")
@@ -129,8 +129,8 @@ def time_model(m, ids, cfg: BenchConfig, pad_id: int, variant: str = "") -> dict
     AOT: prompt and decode through the ahead-of-time package (built or loaded first, not timed)."""
     import torch
 
-    from haqmoe.quant.aot import AotGenerator
-    from haqmoe.quant.compiled import compiled_decode_kwargs
+    from haqmoe.exec.aot import AotGenerator
+    from haqmoe.exec.compiled import compiled_decode_kwargs
 
     sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
     row = {}
@@ -188,7 +188,7 @@ def cuda_rows(config_dir: Path, cfg: BenchConfig, device: str = "cuda") -> list[
 
     from haqmoe.models.adapters import adapter_for
     from haqmoe.quant.config import QuantConfig
-    from haqmoe.quant.precision import convert, weight_bytes
+    from haqmoe.exec.precision import convert, weight_bytes
     from haqmoe.quant.rtn import quantize_rtn
 
     rows = []
@@ -223,7 +223,7 @@ def torch_worker(model: str, mode: str, cfg: BenchConfig, ppl: bool) -> dict:
 
     from haqmoe.models.embedded import ensure_embedded
     from haqmoe.sources import load_model
-    from haqmoe.quant.precision import convert, weight_bytes
+    from haqmoe.exec.precision import convert, weight_bytes
 
     torch.set_num_threads(cfg.threads)
     off = NO_KERNEL if mode.endswith(NO_KERNEL) else ""  # spawn() switched the kernel off
@@ -243,7 +243,7 @@ def torch_worker(model: str, mode: str, cfg: BenchConfig, ppl: bool) -> dict:
     row.update(time_model(m, ids, cfg, lm.tokenizer.eos_token_id, variant))
     row["weights_gb"] = weight_bytes(m) / 1e9
     if report is not None:
-        from haqmoe.quant.kernels import w8a8_op
+        from haqmoe.exec.kernels import w8a8_op
 
         row["exec"] = report.summary()
         if report.counts.get("int8"):

@@ -14,7 +14,7 @@ Two measurements in one process, 2 threads:
    their real shapes, all distinct tensors (135 MB, so they stream from DRAM as in decode), on 1 and on 2
    threads.
 
-``--aoti`` adds the same model generating ahead-of-time compiled (``haqmoe.quant.aot``, what ``haqmoe
+``--aoti`` adds the same model generating ahead-of-time compiled (``haqmoe.exec.aot``, what ``haqmoe
 generate --aot`` runs: torch.export + AOTInductor, no dynamo, no Python wrapper at run time; minutes to
 build), timed on a greedy decode whose first 8 tokens are checked against eager ``generate``.
 
@@ -43,8 +43,8 @@ def decode_rows() -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
     from haqmoe.sources import load_model
-    from haqmoe.quant.compiled import compiled_decode_kwargs
-    from haqmoe.quant.precision import convert
+    from haqmoe.exec.compiled import compiled_decode_kwargs
+    from haqmoe.exec.precision import convert
 
     lm = load_model(str(bench_int8.ensure_quantized("smollm2-135m", int8_lm_head=True)), progress=False)
     convert(lm.model, "int8")
@@ -79,7 +79,7 @@ def decode_rows() -> list[dict]:
 
 
 def aoti_rows() -> list[dict]:
-    """The same model generating through ``haqmoe.quant.aot`` (what ``haqmoe generate --aot`` runs): one
+    """The same model generating through ``haqmoe.exec.aot`` (what ``haqmoe generate --aot`` runs): one
     exported forward (dynamic token count) over a static cache, AOTInductor package built afresh here;
     greedy tokens are checked against eager ``generate``."""
     import tempfile
@@ -87,8 +87,8 @@ def aoti_rows() -> list[dict]:
     import int8 as bench_int8
 
     from haqmoe.sources import load_model
-    from haqmoe.quant.aot import AotGenerator
-    from haqmoe.quant.precision import convert
+    from haqmoe.exec.aot import AotGenerator
+    from haqmoe.exec.precision import convert
 
     lm = load_model(str(bench_int8.ensure_quantized("smollm2-135m", int8_lm_head=True)), progress=False)
     convert(lm.model, "int8")

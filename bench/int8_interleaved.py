@@ -52,8 +52,8 @@ def aot_decoder():
     import int8 as bench_int8
 
     from haqmoe.sources import load_model
-    from haqmoe.quant.aot import AotGenerator
-    from haqmoe.quant.precision import convert
+    from haqmoe.exec.aot import AotGenerator
+    from haqmoe.exec.precision import convert
 
     lm = load_model(str(bench_int8.ensure_quantized("smollm2-135m", int8_lm_head=True)), progress=False)
     convert(lm.model, "int8")
@@ -145,7 +145,7 @@ def main() -> None:
     out = ROOT / "bench" / "results" / "int8_interleaved.json"
     import int8 as bench_int8
 
-    from haqmoe.quant.kernels import w8a8_op
+    from haqmoe.exec.kernels import w8a8_op
 
     meta = run_meta(pairs=args.pairs, prompt_tokens=PROMPT, new_tokens=NEW, threads=THREADS,
                     llama_cpp=bench_int8.llama_cpp_version(), fused_kernel=w8a8_op() is not None)

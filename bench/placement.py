@@ -25,7 +25,7 @@ from haqmoe.routing.cost import get_profile
 from haqmoe.routing.evaluate import HitSummary, expected_latency_ms, layer_hit, per_request_hit
 from haqmoe.routing.placement import Budget, build_plan, make_strategy
 from haqmoe.routing.sources import RoutingSource, from_prompts, load_source
-from haqmoe.routing.plots import plot_layer_hits, plot_stats
+from haqmoe.studies.plots import plot_layer_hits, plot_stats
 from haqmoe.routing.stats import path_coverage
 
 STRATEGIES = ["global-frequency", "path-frequency", "two-stage", "layer-frequency", "latency", "latency-balanced"]

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from haqmoe.results import run_meta, write_results
-from haqmoe.runtime.experiments import MIXTRAL_LOCALITY, mixtral_pair, replay_once, simulate_rows, static_oracle_hit
+from haqmoe.studies.experiments import MIXTRAL_LOCALITY, mixtral_pair, replay_once, simulate_rows, static_oracle_hit
 from haqmoe.runtime.prefetch import DEFAULT_GUESS_RECALL
 from haqmoe.runtime.profiles import PROFILES, cost_model_for, memory_plan, model_spec, nonexpert_layer_ms
 from haqmoe.runtime.simulator import spec_for_trace

@@ -40,8 +40,8 @@ def smollm2():
 def int8_path(request, monkeypatch):
     """Run a test on both CPU int8 paths: our fused kernel (skipped where it cannot run: no AVX512-VNNI
     or no compiler) and quantize_tokens + torch._int_mm (the kernel switched off)."""
-    from haqmoe.quant import int8
-    from haqmoe.quant.kernels import w8a8_op
+    from haqmoe.exec import int8
+    from haqmoe.exec.kernels import w8a8_op
 
     if request.param == "int_mm":
         monkeypatch.setattr(int8, "w8a8_op", lambda: None)

@@ -10,10 +10,10 @@ import torch
 from haqmoe.errors import HaqmoeError
 from haqmoe.models.adapters import adapter_for
 from haqmoe.models.tiny import tiny_model
-from haqmoe.quant.aot import AotGenerator, package_key
-from haqmoe.quant.compiled import cache_len, compiler_available
+from haqmoe.exec.aot import AotGenerator, package_key
+from haqmoe.exec.compiled import cache_len, compiler_available
 from haqmoe.quant.config import QuantConfig
-from haqmoe.quant.precision import convert
+from haqmoe.exec.precision import convert
 from haqmoe.quant.rtn import quantize_rtn
 
 needs_compiler = pytest.mark.skipif(not compiler_available(), reason="AOTInductor needs a C++ compiler")
@@ -80,7 +80,7 @@ def test_toolchain_deprecation_warnings_are_silenced():
 
     from torch.utils._pytree import LeafSpec
 
-    from haqmoe.quant.aot import quiet_toolchain
+    from haqmoe.exec.aot import quiet_toolchain
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")

@@ -12,7 +12,7 @@ from haqmoe.runtime.cache import CacheConfig, ExpertCache
 from haqmoe.runtime.policies import (BeladyPolicy, FrequencyOraclePolicy, LFUPolicy, LRUPolicy, allocate_slots,
                                      lru_hit_curve, make_policy)
 from haqmoe.runtime.simulator import CacheSpec, build_cache
-from haqmoe.runtime.synthetic import SyntheticConfig, synthetic_trace
+from haqmoe.routing.synthetic import SyntheticConfig, synthetic_trace
 
 SEQS = [
     [[0], [1], [2], [0], [1], [3], [0], [2], [1], [0]],

@@ -119,7 +119,7 @@ def test_generate_runs_a_quantized_checkpoint_in_int8(capsys, tmp_path):
     from haqmoe.sources import load_model
     from haqmoe.quant.checkpoint import save_quantized
     from haqmoe.quant.config import QuantConfig
-    from haqmoe.quant.precision import convert
+    from haqmoe.exec.precision import convert
     from haqmoe.quant.rtn import quantize_rtn
     from haqmoe.serve.fixtures import tiny_chat_moe
 

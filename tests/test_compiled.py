@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from haqmoe.quant.compiled import compiled_decode_kwargs, compiler_available
+from haqmoe.exec.compiled import compiled_decode_kwargs, compiler_available
 from haqmoe.quant.config import QuantConfig
-from haqmoe.quant.int8 import Int8LinearGroup
-from haqmoe.quant.precision import convert
+from haqmoe.exec.int8 import Int8LinearGroup
+from haqmoe.exec.precision import convert
 from haqmoe.quant.rtn import quantize_rtn
 from haqmoe.models.adapters import adapter_for
 from haqmoe.models.tiny import tiny_model

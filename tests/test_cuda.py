@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from haqmoe.quant.int8 import ACT_CACHE, Int8Linear
+from haqmoe.exec.int8 import ACT_CACHE, Int8Linear
 from haqmoe.quant.modules import QuantLinear
 from haqmoe.quant.quantizer import QuantSpec
 from haqmoe.runtime.engine import SamplingConfig
@@ -121,7 +121,7 @@ def test_cuda_fused_int8_groups_equal_unfused_after_moving():
 
     from haqmoe.models.adapters import adapter_for
     from haqmoe.models.tiny import tiny_model
-    from haqmoe.quant import precision
+    from haqmoe.exec import precision
     from haqmoe.quant.config import QuantConfig
     from haqmoe.quant.rtn import quantize_rtn
 

@@ -9,7 +9,7 @@ from haqmoe.errors import HaqmoeError
 from haqmoe.models.adapters import adapter_for
 from haqmoe.models.base import LoadedModel
 from haqmoe.models.tiny import tiny_model
-from haqmoe.quant.compiled import compiler_available
+from haqmoe.exec.compiled import compiler_available
 from haqmoe.quant.config import QuantConfig
 from haqmoe.quant.rtn import quantize_rtn
 from haqmoe.runtime.engine import CollaborativeEngine, EngineConfig, SamplingConfig
@@ -244,7 +244,7 @@ def test_prefetch_never_changes_tokens_and_hits():
 def test_real_int8_engine_runs_int8_modules_for_in_memory_quantized_models():
     """exec_mode real must convert a model quantized in memory (no checkpoint config) too, and give
     the fake-quant engine's greedy tokens on this tiny model."""
-    from haqmoe.quant.int8 import Int8Experts, Int8Linear
+    from haqmoe.exec.int8 import Int8Experts, Int8Linear
     from haqmoe.quant.modules import QuantExperts, QuantLinear
 
     fake, ref = make(quant=True)
@@ -260,9 +260,9 @@ def test_int8_lm_head_model_in_the_engine(case):
     with the greedy tokens of plain transformers on the same converted model."""
     import copy
 
-    from haqmoe.quant.int8 import ResidualInt8Linear
+    from haqmoe.exec.int8 import ResidualInt8Linear
     from haqmoe.quant.modules import quantize_vocabulary
-    from haqmoe.quant.precision import convert
+    from haqmoe.exec.precision import convert
 
     model = tiny_model("mixtral", seed=3)
     quantize_rtn(model, adapter_for(model), QuantConfig.w8a8("rtn"), progress=False)
@@ -404,7 +404,7 @@ def test_one_host_copy_of_the_experts_beside_a_gpu_tier(mode):
     """With a GPU tier and ``--exec real`` (or dequant, which then dequantizes only the rest of the
     model) the CPU tier runs int8 experts and the store's host tensors are VIEWS of them: every
     int8 expert weight exists once in host memory. Same values as the fake-quant store, same tokens."""
-    from haqmoe.quant.int8 import Int8Experts
+    from haqmoe.exec.int8 import Int8Experts
     from haqmoe.runtime.store import _host_tensors
 
     fake, ref = make(quant=True, emulate_gpu=True, slots_per_layer=3, decision="split")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from haqmoe.quant import kernels
+from haqmoe.exec import kernels
 
 
 def _checkout(root, text: str):

@@ -8,9 +8,9 @@ import torch
 
 from haqmoe.models.adapters import adapter_for
 from haqmoe.models.tiny import tiny_model
-from haqmoe.quant import int8
+from haqmoe.exec import int8
 from haqmoe.quant.config import QuantConfig
-from haqmoe.quant.int8 import (ACT_CACHE, DequantExperts, DequantLinear, Int8Experts, Int8Linear, QuantAct, int8_matmul,
+from haqmoe.exec.int8 import (ACT_CACHE, DequantExperts, DequantLinear, Int8Experts, Int8Linear, QuantAct, int8_matmul,
                                pack_weight, quantize_tokens)
 from haqmoe.quant.modules import QuantExperts, QuantLinear
 from haqmoe.quant.quantizer import QuantSpec, compute_qparams, quantize
@@ -181,7 +181,7 @@ def test_one_token_fast_path_is_bit_identical(w_sym: bool, a_sym: bool):
 @pytest.mark.parametrize("m", [1, 7])
 def test_fused_sibling_group_is_bit_identical_to_its_linears(w_sym: bool, m: int, int8_path):
     """q/k/v (gate/up) as one int8 GEMM: each member's slice equals that linear's own output exactly."""
-    from haqmoe.quant.int8 import Int8LinearGroup, Int8Sibling
+    from haqmoe.exec.int8 import Int8LinearGroup, Int8Sibling
 
     g = torch.Generator().manual_seed(5)
     k = 100  # unaligned K; an unaligned member N, and one member without bias
@@ -202,9 +202,9 @@ def test_fused_sibling_group_is_bit_identical_to_its_linears(w_sym: bool, m: int
 def test_int8_conversion_fuses_qkv_and_gate_up_without_changing_logits(monkeypatch):
     import copy
 
-    from haqmoe.quant import precision
-    from haqmoe.quant.int8 import Int8Sibling
-    from haqmoe.quant.precision import convert
+    from haqmoe.exec import precision
+    from haqmoe.exec.int8 import Int8Sibling
+    from haqmoe.exec.precision import convert
 
     model = tiny_model("llama", seed=2)
     quantize_rtn(model, adapter_for(model), QuantConfig.w8a8("rtn"), progress=False)
@@ -223,7 +223,7 @@ def test_int8_conversion_fuses_qkv_and_gate_up_without_changing_logits(monkeypat
 
 
 def test_fused_group_recomputes_after_an_in_place_edit_of_its_input():
-    from haqmoe.quant.int8 import Int8LinearGroup, Int8Sibling
+    from haqmoe.exec.int8 import Int8LinearGroup, Int8Sibling
 
     g = torch.Generator().manual_seed(8)
     members = [Int8Linear.from_quant_linear(QuantLinear.from_weight(

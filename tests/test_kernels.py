@@ -1,4 +1,4 @@
-"""Our fused W8A8 CPU kernel (``haqmoe.quant.kernels``) against the ``quantize_tokens`` + ``torch._int_mm``
+"""Our fused W8A8 CPU kernel (``haqmoe.exec.kernels``) against the ``quantize_tokens`` + ``torch._int_mm``
 path: bit-identical outputs (same activation integers, exact integer products, same float epilogue),
 exact int32 sums on extreme operands, a schema and fake implementation that tracing accepts."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from haqmoe.quant import int8
-from haqmoe.quant.int8 import pack_weight, quantize_tokens, w8a8_linear
-from haqmoe.quant.kernels import w8a8_op
+from haqmoe.exec import int8
+from haqmoe.exec.int8 import pack_weight, quantize_tokens, w8a8_linear
+from haqmoe.exec.kernels import w8a8_op
 from haqmoe.quant.quantizer import QuantSpec
 
 pytestmark = pytest.mark.skipif(w8a8_op() is None, reason="the fused int8 CPU kernel cannot run here")
@@ -116,7 +116,7 @@ def test_conversion_report_names_the_int8_path(monkeypatch):
     """Users see which CPU path ran their int8 products (the kernel, or _int_mm where it cannot run)."""
     from haqmoe.models.adapters import adapter_for
     from haqmoe.models.tiny import tiny_model
-    from haqmoe.quant import precision
+    from haqmoe.exec import precision
     from haqmoe.quant.config import QuantConfig
     from haqmoe.quant.rtn import quantize_rtn
 

@@ -11,9 +11,9 @@ from haqmoe.errors import HaqmoeError
 from haqmoe.models.adapters import adapter_for
 from haqmoe.models.tiny import tiny_model
 from haqmoe.quant.config import QuantConfig
-from haqmoe.quant.int8 import DequantExperts, DequantLinear, Int8Experts, Int8Linear
+from haqmoe.exec.int8 import DequantExperts, DequantLinear, Int8Experts, Int8Linear
 from haqmoe.quant.modules import QuantExperts, QuantLinear
-from haqmoe.quant.precision import AutoConfig, convert, normalize_mode, weight_bytes
+from haqmoe.exec.precision import AutoConfig, convert, normalize_mode, weight_bytes
 from haqmoe.quant.rtn import quantize_rtn
 
 FAST_AUTO = AutoConfig(tokens=(1, 16), reps=3, warmup=1)
@@ -156,7 +156,7 @@ def test_int8_vocab_checkpoint_is_exact_and_smaller(tied: bool, tmp_path):
     """A checkpoint storing lm_head as int8 rows loads bit-exact (tied rows stay ONE tensor), is
     smaller by the fp32 vocabulary, and its int8 execution is the runtime --int8-lm-head path."""
     from haqmoe.quant.checkpoint import load_quantized, save_quantized
-    from haqmoe.quant.int8 import ResidualInt8Linear
+    from haqmoe.exec.int8 import ResidualInt8Linear
     from haqmoe.quant.modules import Int8Embedding, QuantVocab, quantize_vocabulary
 
     base = _quantized("llama")

@@ -102,7 +102,7 @@ def test_compare_writes_table(tiny_dir, tmp_path, capsys):
 
 
 def test_compare_resume_reuses_only_rows_of_the_same_setup(tiny_dir, tmp_path, monkeypatch):
-    import haqmoe.quant.compare as compare
+    import haqmoe.studies.compare as compare
 
     (tmp_path / "eval.txt").write_text("Lazy dogs sleep while foxes run in circles. " * 30)
     out = tmp_path / "cmp.json"

@@ -95,7 +95,7 @@ def test_named_peer_row_and_load_model_use_our_reader(tmp_path):
     """``NAME=ct:DIR`` rows, the peer's recorded quantization time, and ``load_model`` (so ``haqmoe
     eval DIR``) going through our reader rather than transformers' own compressed-tensors path."""
     from haqmoe.sources import load_model
-    from haqmoe.quant.compare import external_quant_seconds, parse_label
+    from haqmoe.studies.compare import external_quant_seconds, parse_label
     from haqmoe.quant.methods import MethodOptions
 
     model, ct = _ct_checkpoint(tmp_path)

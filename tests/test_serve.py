@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx2 as httpx
 import pytest
 
-from haqmoe.quant.compiled import compiler_available
+from haqmoe.exec.compiled import compiler_available
 
 openai = pytest.importorskip("openai")
 

@@ -14,7 +14,7 @@ from haqmoe.runtime.predictor import CostCurve, CostModel
 from haqmoe.runtime.prefetch import PrefetchConfig
 from haqmoe.runtime.profiles import HardwareProfile, ModelSpec
 from haqmoe.runtime.simulator import CacheSpec, Replay, ReplayOptions, build_cache
-from haqmoe.runtime.synthetic import SyntheticConfig, synthetic_trace
+from haqmoe.routing.synthetic import SyntheticConfig, synthetic_trace
 
 # a machine whose attention, head and launches cost nothing: latency = expert work only
 ZERO = HardwareProfile("zero", "test", 8, 1e9, 1e9, 1e9, 1.0, 1.0, 1.0, 1.0, gpu_kernel_ms=0.0, cpu_call_ms=0.0)
@@ -189,7 +189,7 @@ def test_tiny_model_trace_pair_records_real_routing_and_guesses():
     from haqmoe.sources import load_model
     from haqmoe.models.tiny import tiny_model
     from haqmoe.routing.profile import trace_windows
-    from haqmoe.runtime.experiments import tiny_pair
+    from haqmoe.studies.experiments import tiny_pair
 
     pair = tiny_pair("mixtral", requests=2, tokens_per_request=12, layers=3)
     assert (pair.plan.num_tokens, pair.eval.num_tokens, pair.eval.num_layers) == (12, 12, 3)
@@ -212,7 +212,7 @@ def test_generation_trace_replays_as_served(tmp_path):
     from haqmoe.models.tiny import tiny_model
     from haqmoe.routing.profile import trace_windows
     from haqmoe.routing.trace_io import save_trace
-    from haqmoe.runtime.experiments import IDEAL, guess_rows, load_pair, replay_once
+    from haqmoe.studies.experiments import IDEAL, guess_rows, load_pair, replay_once
     from haqmoe.runtime.profiles import model_spec
     from haqmoe.runtime.simulator import frequency_plan, spec_for_trace
 
@@ -275,7 +275,7 @@ def test_static_oracle_hit_equals_brute_force(per_request):
     """The best static placement, found by enumerating every set of slots (per request or one for all)."""
     from itertools import combinations
 
-    from haqmoe.runtime.experiments import static_oracle_hit
+    from haqmoe.studies.experiments import static_oracle_hit
 
     tr = synthetic_trace(SyntheticConfig(num_layers=2, num_experts=4, top_k=2, requests=3, tokens_per_request=20,
                                          seed=5))

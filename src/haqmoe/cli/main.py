@@ -116,7 +116,7 @@ def _execute(lm, exec_mode: str, int8_lm_head: bool) -> str:
     """Convert a loaded model's quantized modules to the requested execution mode (its reported name,
     ``exec_name``, returned)."""
     from ..quant.modules import QuantExperts, QuantLinear
-    from ..quant.precision import convert, normalize_mode
+    from ..exec.precision import convert, normalize_mode
 
     mode = normalize_mode(exec_mode)
     if int8_lm_head and mode not in ("int8", "auto"):
@@ -210,14 +210,14 @@ def generate(model: str = typer.Argument("smollm2-135m", help="Model source (see
     options = dict(max_new_tokens=max_tokens, pad_token_id=lm.tokenizer.eos_token_id, **sampling)
     extra, compile_s, aot_gen = dict, None, None
     if aot:
-        from ..quant.aot import AotGenerator
+        from ..exec.aot import AotGenerator
 
         t = time.perf_counter()
         aot_gen = AotGenerator.for_model(lm.model, ids.shape[1] + max_tokens,
                                          log=lambda s: typer.echo(s, err=True) if state["progress"] else None)
         compile_s = time.perf_counter() - t
     elif compile_decode:
-        from ..quant.compiled import compiled_decode_kwargs
+        from ..exec.compiled import compiled_decode_kwargs
 
         extra = lambda: compiled_decode_kwargs(lm.model, ids.shape[1] + max_tokens)  # noqa: E731 (fresh cache)
         t = time.perf_counter()
@@ -285,7 +285,7 @@ def demo(windows: int = typer.Option(2, min=1, help="WikiText-2 test windows (20
          calib_samples: int = typer.Option(8, min=1, help="Calibration windows (512 tokens) for HAQ."),
          report_dir: Path = typer.Option(Path("demo-report"), help="Where the report is written.")) -> None:
     """The product tour: HAQ vs RTN perplexity, routing profile, placement, collaborative generation."""
-    from ..demo import run_demo
+    from ..studies.demo import run_demo
 
     run_demo(windows=windows, report_dir=report_dir, progress=state["progress"], calib_samples=calib_samples)
 

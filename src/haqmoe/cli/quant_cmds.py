@@ -138,7 +138,7 @@ def compare(model: str = typer.Argument("smollm2-135m", help="FP model to quanti
                                         "interrupted row from its saved blocks and windows (OUT.partial/)."),
             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Run several methods on one model and calibration set; write a PPL / time / memory table and plot."""
-    from ..quant.compare import CompareSetup, run_compare
+    from ..studies.compare import CompareSetup, run_compare
     from ..quant.methods import MethodOptions
 
     cfg = _quant_config("haq", w_bits, a_bits, w_sym, a_sym, static_acts, None)

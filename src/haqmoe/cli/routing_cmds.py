@@ -219,7 +219,7 @@ def routing_stats(source: str = typer.Argument(..., help=_SOURCE_HELP),
         ws = sorted({1, window, 4, st.num_layers} & set(range(1, st.num_layers + 1)))
         payload["held_out_path_coverage"] = {w: round(path_coverage(src.stats(w), other.trace), 4) for w in ws}
     if plot is not None:
-        from ..routing.plots import plot_stats
+        from ..studies.plots import plot_stats
 
         plot_stats(st, plot, source, src.trace)
     human = (f"{source}: {st.num_layers} MoE layers x {st.num_experts} experts (top-{st.top_k}), {st.tokens} tokens\n"

@@ -44,7 +44,7 @@ def cache_eval(source: str = typer.Argument("mixtral-stats", help=_SOURCE_HELP),
                out: Optional[Path] = typer.Option(None, help="Write results JSON/MD (+ a .png plot)."),
                as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Hit rate and resident-when-needed rate per cache policy, with and without prefetch."""
-    from ..runtime.experiments import cache_rows, guess_rows, load_pair, plot_cache
+    from ..studies.experiments import cache_rows, guess_rows, load_pair, plot_cache
     from ..runtime.profiles import load_profile
 
     modes = {"off": (False,), "on": (True,), "both": (False, True)}
@@ -74,14 +74,14 @@ def simulate(source: str = typer.Argument("mixtral-stats", help=_SOURCE_HELP),
                                                           "h100-pcie, or a .json file."),
              policies: str = typer.Option("always-transfer,always-cpu,predictor,full,full+prefetch,"
                                           "balanced+prefetch,full+split",
-                                          help="Runtime policies to compare (runtime/experiments.py SIM_POLICIES)."),
+                                          help="Runtime policies to compare (studies/experiments.py SIM_POLICIES)."),
              budget_gb: Optional[float] = typer.Option(None, help="GPU memory budget (default: the profile's)."),
              prefill_tokens: int = typer.Option(512, min=1, help="Prompt length of the prefill estimate."),
              guess_recall: Optional[float] = typer.Option(None, help="Top-k recall of prefetch guesses."),
              out: Optional[Path] = typer.Option(None, help="Write results JSON/MD."),
              as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Predict decode/prefill latency and GPU memory of a MoE model on a hardware profile."""
-    from ..runtime.experiments import load_pair, simulate_rows
+    from ..studies.experiments import load_pair, simulate_rows
     from ..runtime.profiles import load_profile
 
     prof = load_profile(profile)

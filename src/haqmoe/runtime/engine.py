@@ -19,9 +19,9 @@ import torch
 
 from ..devices import resolve_device
 from ..errors import HaqmoeError
+from ..exec.precision import convert, int8_experts, normalize_mode, weight_bytes
 from ..models.adapters import set_module
 from ..models.base import LoadedModel, context_of, encode_prompt
-from ..quant.precision import convert, int8_experts, normalize_mode, weight_bytes
 from ..routing.guess import GuessPlan, guess_weight
 from .cache import CacheConfig, ExpertCache
 from .hybrid import HybridExperts, Telemetry
@@ -63,7 +63,7 @@ class EngineConfig:
     n_critical: float | None = None  # override the predictor's threshold
     prefetch: int = 0  # next-layer experts to prefetch per layer (0 = off; GPU tier only)
     guess_trace: str | None = None  # profiled trace: learn per-layer transition guesses (routing/guess.py)
-    exec_mode: str = "fake"  # quantized CPU-tier execution: fake | dequant | real | auto (quant/precision.py)
+    exec_mode: str = "fake"  # quantized CPU-tier execution: fake | dequant | real | auto (exec/precision.py)
     admit: bool | None = None  # also copy CPU-served misses into the cache while the copy engine is idle
     # (None: ``default_admit``)
     cuda_graphs: bool = True  # CUDA: one-token GPU experts replay one graph per slot (eager is launch-bound)
@@ -216,7 +216,7 @@ class CollaborativeEngine:
         breaks (where torch has them) resume tracing inside the decoder layer instead of splitting every
         enclosing frame (fewer guarded frames: a tiny 2-layer Mixtral's emulated-GPU step on this CPU went
         from 2.9 to 1.7-2.5 ms)."""
-        from ..quant.compiled import require_compiler
+        from ..exec.compiled import require_compiler
 
         require_compiler(self.device.type)
         dynamo = torch._dynamo.config
@@ -233,7 +233,7 @@ class CollaborativeEngine:
         re-record every graph (measured on the H100: a 100-180 ms first decode token)."""
         from transformers import StaticCache
 
-        from ..quant.compiled import cache_len
+        from ..exec.compiled import cache_len
 
         length = cache_len(tokens)
         if self._kv is not None and self._kv[0] == length:
@@ -286,7 +286,7 @@ class CollaborativeEngine:
 
     def _tier_precisions(self) -> tuple[str, str]:
         """(GPU slots, CPU tier) in the profile's precision names: the bytes each tier reads per expert."""
-        from ..quant.int8 import Int8Experts
+        from ..exec.int8 import Int8Experts
 
         dtype = self._float_dtype()
         floating = "fp32" if dtype == torch.float32 else "fp16"
@@ -329,7 +329,7 @@ class CollaborativeEngine:
     def _calibrate_tiers(self) -> CostModel:
         """CUDA only. Slot 0 is free at this point (nothing admitted yet; the plan overwrites it after):
         it holds expert (0, 0) for the precision choice, then each expert the copy timing rotates through."""
-        from ..quant.int8 import Int8Experts, cpu_int8_path
+        from ..exec.int8 import Int8Experts, cpu_int8_path
         from .calibrate import cached_cost_model, calibrate_split, calibrate_tiers, machine_key
 
         cpu_tier, store = self.hybrids[0].original, self.store  # every layer's CPU tier is of one kind

@@ -21,8 +21,8 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import HaqmoeError
+from ..routing.synthetic import synthesize_guesses
 from ..routing.trace import RoutingTrace
-from .synthetic import synthesize_guesses
 
 DEFAULT_GUESS_RECALL = 0.8
 

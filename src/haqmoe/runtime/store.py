@@ -13,7 +13,7 @@ to the int8 GEMM is read through views of its packed weights). When CUDA is pres
 that memory is page-locked in place (``cudaHostRegister``, exactly its size: ``pin_memory()`` would
 copy it into the caching host allocator, which rounds each block up to a power of two) so the
 host-to-device copies run asynchronously on a side stream. Quantized slots run either on the
-int8 GEMM (quant/int8.py) or dequantized per call (fake-quant arithmetic, what the CPU emulation
+int8 GEMM (exec/int8.py) or dequantized per call (fake-quant arithmetic, what the CPU emulation
 uses by default); on CUDA the engine measures both at start-up and keeps the faster (eager int8 is
 launch-bound: it wins at Mixtral's shape, loses on small models). Decode (one token) on CUDA then
 replays one CUDA graph per slot instead of launching ~80 small kernels per expert.
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..exec.int8 import Int8Experts, QuantAct, cpu_kernel, quantize_tokens, w8a8_linear, weight_terms
 from ..models.adapters import FusedExperts, expert_glu
-from ..quant.int8 import Int8Experts, QuantAct, cpu_kernel, quantize_tokens, w8a8_linear, weight_terms
 from ..quant.modules import QuantExperts
 from ..quant.quantizer import QuantSpec, dequantize, fake_quant
 from .predictor import SPLIT_STEPS

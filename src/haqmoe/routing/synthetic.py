@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import HaqmoeError
-from ..routing.trace import RoutingTrace
+from .trace import RoutingTrace
 
 
 @dataclass

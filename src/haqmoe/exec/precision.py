@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from ..errors import HaqmoeError
+from ..quant.modules import QuantExperts, QuantLinear, QuantVocab, quantize_vocabulary, vocab_names
+from ..quant.quantizer import QuantSpec
 from .int8 import (ACT_CACHE, DequantExperts, DequantLinear, Int8Experts, Int8Linear, Int8LinearGroup, Int8Sibling,
                    cpu_int8_path, int8_head)
-from .modules import QuantExperts, QuantLinear, QuantVocab, quantize_vocabulary, vocab_names
-from .quantizer import QuantSpec
 
 ExecMode = Literal["fake", "dequant", "int8", "auto"]
 EXEC_MODES: tuple[str, ...] = ("fake", "dequant", "int8", "auto")

@@ -35,8 +35,8 @@ from torch import nn
 
 from ..errors import HaqmoeError
 from ..paths import cache_dir
-from .compiled import cache_len, require_compiler
 from . import kernels
+from .compiled import cache_len, require_compiler
 from .kernels import w8a8_op
 
 EXPORT_VERSION = 2  # bump when export_step changes what a package computes or how: old packages are then rebuilt

@@ -4,7 +4,7 @@
 // our own: oneDNN's int8 GEMM behind torch._int_mm streams a one-token GEMV at ~12.5 GB/s on 2 cores
 // here, llama.cpp's VNNI loops at ~18 GB/s; decode time is that GEMV.
 //
-// Every integer and float step is the one haqmoe/quant/int8.py takes (quantize_tokens and
+// Every integer and float step is the one haqmoe/exec/int8.py takes (quantize_tokens and
 // int8_matmul), so outputs are bit-identical to the _int_mm path: same IEEE divisions and
 // round-half-even, integer arithmetic exact, epilogue ((acc * s_a) * s_w) + bias in that order
 // (built with -ffp-contract=off so no FMA changes a rounding).

@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from ..errors import HaqmoeError
+from ..quant.modules import QuantVocab
+from ..quant.quantizer import QuantSpec
 from .kernels import w8a8_op
-from .modules import QuantVocab
-from .quantizer import QuantSpec
 
 _CUDA_MIN_ROWS = 17
 _ALIGN = 8

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .stats import RoutingStats, entropy_bits, load_skew, path_counts
-from .trace import RoutingTrace
+from ..routing.stats import RoutingStats, entropy_bits, load_skew, path_counts
+from ..routing.trace import RoutingTrace
 
 
 def _plt():

@@ -21,18 +21,18 @@ import numpy as np
 
 from ..errors import HaqmoeError
 from ..routing.guess import GuessPlan, guess_quality
+from ..routing.synthetic import SyntheticConfig, synthetic_trace, trace_from_fractions
 from ..routing.trace import RoutingTrace
-from .predictor import CostCurve, CostModel
-from .prefetch import PrefetchConfig
-from .profiles import (
+from ..runtime.predictor import CostCurve, CostModel
+from ..runtime.prefetch import PrefetchConfig
+from ..runtime.profiles import (
     HardwareProfile,
     ModelSpec,
     cost_model_for,
     memory_plan,
     model_spec,
 )
-from .simulator import CacheSpec, Replay, ReplayOptions, build_cache, spec_for_trace
-from .synthetic import SyntheticConfig, synthetic_trace, trace_from_fractions
+from ..runtime.simulator import CacheSpec, Replay, ReplayOptions, build_cache, spec_for_trace
 
 MIXTRAL_LOCALITY = 0.2  # calibrated: held-out LRU ~61 % / Belady ~75 % at 128 of 256 experts, vs
 # 59 % / 74 % measured on real Mixtral-8x7B decode traces (docs/design.md, Cost predictor)

@@ -23,9 +23,9 @@ import torch
 
 from ..errors import HaqmoeError
 from ..io import atomic_write_text
-from .config import QuantConfig
-from .gptq import ORDERS
-from .methods import METHODS, MethodOptions, needs_calibration, quantize_with
+from ..quant.config import QuantConfig
+from ..quant.gptq import ORDERS
+from ..quant.methods import METHODS, MethodOptions, needs_calibration, quantize_with
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def run_row(spec: RowSpec, setup: CompareSetup, wins: torch.Tensor, calib: torch
     quant_file = None if work is None else work / "quant.json"
     with PeakRSS() as mem:
         if spec.method == "external":
-            from .ctformat import load_compressed_tensors
+            from ..quant.ctformat import load_compressed_tensors
 
             model = load_compressed_tensors(spec.path).model
             seconds = external_quant_seconds(spec.path)

@@ -21,15 +21,15 @@ import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from .data.text import calibration_ids, eval_windows, load_text, tokenize  # noqa: E402
-from .eval.perplexity import perplexity  # noqa: E402
-from .io import atomic_write_text  # noqa: E402
-from .models.embedded import DENSE, MOE  # noqa: E402
-from .sources import load_model  # noqa: E402
-from .paths import shared_data_dir  # noqa: E402
-from .quant.config import QuantConfig  # noqa: E402
-from .quant.methods import MethodOptions, quantize_with  # noqa: E402
-from .results import markdown_table, run_meta, write_results  # noqa: E402
+from ..data.text import calibration_ids, eval_windows, load_text, tokenize  # noqa: E402
+from ..eval.perplexity import perplexity  # noqa: E402
+from ..io import atomic_write_text  # noqa: E402
+from ..models.embedded import DENSE, MOE  # noqa: E402
+from ..paths import shared_data_dir  # noqa: E402
+from ..quant.config import QuantConfig  # noqa: E402
+from ..quant.methods import MethodOptions, quantize_with  # noqa: E402
+from ..results import markdown_table, run_meta, write_results  # noqa: E402
+from ..sources import load_model  # noqa: E402
 
 STRATEGIES = ("global-frequency", "two-stage", "latency-balanced")
 PROMPTS = ("The history of the Roman Empire", "Photosynthesis is the process by which")
@@ -56,7 +56,7 @@ def _ppl_rows(windows: int, calib_samples: int, progress: bool) -> list[dict]:
                 calib = calibration_ids(lm.tokenizer, calib_src, calib_samples, 512, 0) \
                     if eval_src != calib_src else None
                 if calib is None:  # pydoc only: calibrate on its first half, evaluate on the second
-                    from .data.text import sample_windows
+                    from ..data.text import sample_windows
 
                     calib = sample_windows(ids[:, : ids.shape[1] // 2], calib_samples, 512, 0)
                 start = time.perf_counter()
@@ -73,11 +73,11 @@ def _ppl_rows(windows: int, calib_samples: int, progress: bool) -> list[dict]:
 
 
 def _placement(progress: bool, requests: int = 8, seqlen: int = 256):
-    from .routing.evaluate import evaluate_trace, request_counts
-    from .routing.placement import Budget, build_plan, make_strategy
-    from .routing.profile import trace_windows
-    from .routing.stats import stats_from_trace
-    from .routing.cost import get_profile
+    from ..routing.evaluate import evaluate_trace, request_counts
+    from ..routing.placement import Budget, build_plan, make_strategy
+    from ..routing.profile import trace_windows
+    from ..routing.stats import stats_from_trace
+    from ..routing.cost import get_profile
 
     lm = load_model(MOE, progress=progress)
     build_src, eval_src = _texts()
@@ -104,7 +104,7 @@ def _placement(progress: bool, requests: int = 8, seqlen: int = 256):
 def _generate(plan, progress: bool) -> tuple[list[dict], dict]:
     import tempfile
 
-    from .runtime.engine import CollaborativeEngine, EngineConfig, SamplingConfig, latency_stats
+    from ..runtime.engine import CollaborativeEngine, EngineConfig, SamplingConfig, latency_stats
 
     with tempfile.TemporaryDirectory() as tmp:
         path = plan.save(Path(tmp) / "plan.json")

@@ -28,9 +28,9 @@ import warnings
 from torch import nn
 
 from ..errors import HaqmoeError
+from ..quant.modules import QuantExperts
 from .int8 import GroupedExperts
 from .kernels import w8a8_op
-from .modules import QuantExperts
 
 
 def compiler_available() -> bool:
