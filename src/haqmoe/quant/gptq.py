@@ -1,8 +1,9 @@
 """Hessian-aware weight quantization (GPTQ, Frantar et al. 2022), our own implementation.
 
 Columns of W [out, in] are quantized one at a time in a chosen order; each column's rounding error
-is spread over the not-yet-quantized columns through the inverse Hessian ``H = 2XᵀX`` (eq. 6), so
-the layer OUTPUT error ||WX − ŴX|| is minimised rather than the weight error. Work is done in
+is spread over the not-yet-quantized columns through the inverse Hessian ``H ∝ XᵀX`` (eq. 6; the pipeline
+accumulates XᵀX, GPTQ's 2XᵀX differs by a factor the relative damping ignores), so
+the layer OUTPUT error ||WX − ŴX|| is minimised rather than the weight error (docs/design.md, GPTQ). Work is done in
 blocks of 128 columns with lazy batch updates (one GEMM per block for the columns to its right).
 
 Column orders: ``natural``; ``act`` (GPTQ act-order, diag H descending); ``rank1`` (paper's

@@ -1,4 +1,5 @@
-"""The sequential block-by-block quantization pipeline every calibrated method runs through.
+"""The sequential block-by-block quantization pipeline every calibrated method runs through
+(docs/design.md, The block-by-block pipeline).
 
 1. Run the calibration windows up to decoder block 0 and keep its inputs (and the kwargs the model
    passes each block: position embeddings, masks, which differ per block where attention types

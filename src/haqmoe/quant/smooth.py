@@ -1,4 +1,5 @@
-"""Activation smoothing: move activation outliers into the weights with a per-channel scale ``s``.
+"""Activation smoothing: move activation outliers into the weights with a per-channel scale ``s``
+(docs/design.md, Adaptive smoothing).
 
 For a group of linears reading one input X, ``W·X = (W·diag(s)) · (diag(s)^-1·X)``: the weights get
 ``s`` on their input columns, and ``1/s`` is folded into the op producing X (a norm's weight/bias, or

@@ -1,4 +1,5 @@
-"""Resource guard: refuse a quantization that cannot fit in memory before any weight is loaded.
+"""Resource guard: refuse a quantization that cannot fit in memory before any weight is loaded
+(docs/design.md, Real size).
 
 Computed from the model's shapes alone (the skeleton on ``meta`` has them), so it runs before
 loading. Resident through the run: the model's weights (all of them in memory; streaming, only

@@ -1,4 +1,5 @@
-"""Next-layer expert guesses (prefetch): layer l+1's router applied to layer l's router input.
+"""Next-layer expert guesses (prefetch): layer l+1's router applied to layer l's router input
+(docs/design.md, Next-layer prefetch).
 
 Layer l+1's router reads ``norm_{l+1}(x')``, x' being the residual stream one MoE and one attention
 later; at layer l only ``norm_l(x)`` exists. For RMS norms ``norm_{l+1}(x) = norm_l(x)·γ_{l+1}/γ_l``,

@@ -1,4 +1,5 @@
-"""Expert placement: which experts live on the GPU, from routing statistics and a budget.
+"""Expert placement: which experts live on the GPU, from routing statistics and a budget
+(docs/design.md, Placement strategies).
 
 Every strategy implements ``place(stats, budget) -> Plan`` (the ``Strategy`` protocol):
 

@@ -1,4 +1,5 @@
-"""The GPU expert cache: a fixed number of slots, one eviction policy, counters per layer.
+"""The GPU expert cache: a fixed number of slots, one eviction policy, counters per layer
+(docs/design.md, Expert cache, admission and prefetch; hit-rate definitions: Hit rates).
 
 One object serves both the real engine and the simulator:
 
