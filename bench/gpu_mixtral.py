@@ -1,6 +1,6 @@
 """GPU rows: the real engine on a Mixtral-8x7B-shaped model, measured vs the simulator.
 
-Two steps, because the GPU machine has no ../shared (`.gpu_inputs` is git-ignored: the device tool
+Two steps, because the GPU machine has no data folder (../shared/data; `.gpu_inputs` is git-ignored: the device tool
 takes it along when `carry` names it):
 
     .venv/bin/python bench/gpu_mixtral.py prepare .gpu_inputs         # here: Mixtral routing traces
