@@ -121,6 +121,10 @@ def choose_default(rows: list[dict]) -> tuple[dict | None, str]:
     bound = (f" With oracle routing (the most a router fine-tune could reach with these experts) that shape's PPL "
              f"is {oracle[best['shape']]['ppl']:.2f} ({oracle[best['shape']]['delta_pct']:+.1f} %)."
              if best["shape"] in oracle else "")
+    reach = [r for r in oracle.values() if r["ppl"] <= dense["ppl"] * (1 + MAX_LOSS)]
+    bound += "".join(f" Oracle routing brings {r['shape']} within {100 * MAX_LOSS:.0f} % ({r['ppl']:.2f}, "
+                     f"{r['delta_pct']:+.1f} %): a router fine-tune is worth trying there." for r in reach
+                     if r["shape"] != best["shape"])
     return best, (f"No shape is within {100 * MAX_LOSS:.0f} % of dense with fitted routing clearly ahead of random. "
                   f"Closest: {closest['shape']} (E:K:S), {closest['ffn_active_pct']:.1f} % of the FFN active, PPL "
                   f"{closest['ppl']:.2f} vs dense {dense['ppl']:.2f} ({closest['delta_pct']:+.1f} %). Default (the "
@@ -209,9 +213,9 @@ def main() -> None:
             if (spec, router) in done:
                 continue
             moe = M.assemble(lm.model, random_carving(carving, feats, 0) if router == "random" else carving, cfg)
+            total, active = param_counts(moe)  # before an oracle replaces the router (same shape, same share)
             if router == "oracle":
                 with_oracle_routers(moe, k)
-            total, active = param_counts(moe)
             evaluate(moe, spec, router, build_s, total, active, cfg.active_share)
             del moe
     save()  # the notes and the default from every row, resumed ones included
