@@ -119,7 +119,7 @@ def test_disk_full_leaves_nothing_and_says_so(tmp_path, monkeypatch, capsys):
     def full(*_a, **_k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("haqmoe.reliability.manifest.write_manifest", full)
+    monkeypatch.setattr("haqmoe.io.write_manifest", full)  # where publish_directory looks it up
     with pytest.raises(OSError):
         with atomic_directory(tmp_path / "out") as tmp:
             (tmp / "a").write_text("x")

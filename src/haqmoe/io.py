@@ -9,6 +9,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .errors import HaqmoeError
+from .reliability.manifest import write_manifest
+
 
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
@@ -39,8 +42,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def check_output_dir(out: Path, overwrite: bool, source: str | Path | None = None) -> None:
     """Refuse (early, before hours of work) to replace a non-empty output without --overwrite, and an
     output that is, holds or lies inside ``source`` (a local input): --overwrite would delete the input."""
-    from .errors import HaqmoeError
-
     if source is not None and Path(source).expanduser().exists():
         o, s = Path(out).expanduser().resolve(), Path(source).expanduser().resolve()
         if o == s or s.is_relative_to(o) or o.is_relative_to(s):
@@ -54,13 +55,9 @@ def publish_directory(tmp: Path, target: Path, overwrite: bool, manifest: bool =
     """Make the finished directory ``tmp`` appear as ``target`` in one rename (replacing an old
     ``target`` only with ``overwrite``). ``manifest``: write ``manifest.json`` first (size + sha256
     of every file; ``known`` digests, taken when big shards were written, are not computed again)."""
-    from .errors import HaqmoeError
-
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise HaqmoeError(f"output {target} exists and is not empty (use --overwrite)")
     if manifest:
-        from .reliability.manifest import write_manifest
-
         write_manifest(tmp, known)
     for p in tmp.rglob("*"):
         if p.is_file() and (known is None or p.name not in known):  # known shards were synced when written

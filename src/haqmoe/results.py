@@ -10,15 +10,14 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+import transformers
+
+from . import __version__
 from .io import atomic_write_text
 
 
 def run_meta(command: str | None = None, **extra: Any) -> dict[str, Any]:
-    import torch
-    import transformers
-
-    from . import __version__
-
     return {
         "command": command or " ".join(sys.argv),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

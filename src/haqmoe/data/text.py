@@ -50,7 +50,7 @@ def _local(rel: str) -> Path | None:
 
 def _hf_rows(name: str, config: str | None, split: str, column: str = "text", limit: int | None = None) -> list[str]:
     try:
-        import datasets
+        import datasets  # optional: the 'hub' extra
     except ImportError as exc:
         raise HaqmoeError(f"'{name}' is not available locally and the 'datasets' package is not installed "
                           "(pip install 'haqmoe[hub]')") from exc
@@ -85,7 +85,7 @@ def load_text(spec: str) -> str:
     """Resolve a source spec to one string (already joined by the protocol's separator)."""
     name, _, split = spec.partition(":")
     if name == "pydoc":
-        from pydoc_data.topics import topics
+        from pydoc_data.topics import topics  # a 1 MB module, read only for this text source
 
         return "\n\n".join(topics[k] for k in sorted(topics))
     if name == "wikitext2":

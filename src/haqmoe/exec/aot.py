@@ -31,9 +31,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+import transformers
 from torch import nn
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from .. import __version__
 from ..errors import HaqmoeError
+from ..models.adapters import adapter_for
 from ..paths import cache_dir
 from . import kernels
 from .compiled import cache_len, require_compiler
@@ -45,10 +49,6 @@ EXPORT_VERSION = 2  # bump when export_step changes what a package computes or h
 def package_key(model: nn.Module, max_len: int) -> str:
     """Digest of everything the package bakes in: weights and buffers, module types, config, cache
     length and the compiler stack's versions."""
-    import transformers
-
-    from .. import __version__
-
     h = hashlib.blake2b(digest_size=16)
     meta = {"export": EXPORT_VERSION, "max_len": max_len, "torch": torch.__version__,
             "kernel": w8a8_op() is not None and kernels.VERSION,  # the package calls our op (else _int_mm)
@@ -63,8 +63,6 @@ def package_key(model: nn.Module, max_len: int) -> str:
 
 
 def _check_exportable(model: nn.Module) -> None:
-    from ..models.adapters import adapter_for
-
     if model.device.type != "cpu":
         raise HaqmoeError("ahead-of-time compiled generation runs on the CPU (load the model there)")
     spec = adapter_for(model)
@@ -167,8 +165,6 @@ class AotGenerator:
                  top_p: float = 1.0, eos_token_id: int | list[int] | None = None, streamer=None) -> torch.Tensor:
         """Prompt and new tokens [1, T + new], as ``model.generate`` returns them (stops after an EOS);
         ``temperature`` > 0 samples, warped in transformers' order (temperature, top-k, top-p)."""
-        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
         n = ids.shape[1]
         if n + max_new_tokens > self.max_len:
             raise HaqmoeError(f"prompt ({n}) + new tokens ({max_new_tokens}) exceed the package's cache "

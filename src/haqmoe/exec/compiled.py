@@ -26,6 +26,7 @@ import shutil
 import warnings
 
 from torch import nn
+from transformers import CompileConfig, StaticCache
 
 from ..errors import HaqmoeError
 from ..quant.modules import QuantExperts
@@ -59,8 +60,6 @@ def compiled_decode_kwargs(model: nn.Module, max_cache_len: int) -> dict:
 
     ``max_cache_len`` bounds prompt + new tokens; a fresh cache is needed per generation (call again).
     """
-    from transformers import CompileConfig, StaticCache
-
     require_compiler(model.device.type)
     w8a8_op()  # resolved before tracing: a trace only reads it
     if any(isinstance(m, (GroupedExperts, QuantExperts)) for m in model.modules()):

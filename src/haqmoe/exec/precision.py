@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import HaqmoeError
+from ..models.adapters import EXPERTS, adapter_for, get_module, set_module
 from ..quant.modules import QuantExperts, QuantLinear, QuantVocab, quantize_vocabulary, vocab_names
 from ..quant.quantizer import QuantSpec
 from .int8 import (ACT_CACHE, DequantExperts, DequantLinear, Int8Experts, Int8Linear, Int8LinearGroup, Int8Sibling,
@@ -267,8 +268,6 @@ def _fuse_siblings(model: nn.Module, report: ConversionReport) -> None:
     """Each group of linears sharing one input (the adapter's LinearGroups: q/k/v, gate/up) whose
     members all run on the int8 GEMM with dynamic activations becomes one ``Int8LinearGroup``,
     registered on its block as ``int8_<group name>``."""
-    from ..models.adapters import EXPERTS, adapter_for, get_module, set_module
-
     try:
         adapter = adapter_for(model)
     except HaqmoeError:

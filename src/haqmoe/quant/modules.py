@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import HaqmoeError
+from ..models.adapters import ExpertLayout, FusedExperts, expert_glu, set_module
 from .quantizer import QuantSpec, compute_qparams, dequantize, fake_quant, fake_quant_static, quantize
 
 
@@ -113,15 +115,11 @@ class QuantExperts(nn.Module):
     @classmethod
     def like(cls, experts: nn.Module, w_spec: QuantSpec, a_spec: QuantSpec | None) -> "QuantExperts":
         """Empty quantized experts shaped like the fused ``experts`` (placeholders a checkpoint fills)."""
-        from ..models.adapters import ExpertLayout, FusedExperts, expert_glu
-
         n, hidden, inter = FusedExperts.dims(experts)
         return cls(n, hidden, inter, expert_glu(experts), w_spec, a_spec, ExpertLayout.of(experts).bias)
 
     @classmethod
     def from_fused(cls, experts: nn.Module, w_spec: QuantSpec, a_spec: QuantSpec | None) -> "QuantExperts":
-        from ..models.adapters import FusedExperts
-
         m = cls.like(experts, w_spec, a_spec)
         for e in range(m.num_experts):
             w = FusedExperts.get(experts, e)
@@ -236,8 +234,6 @@ def quantize_vocabulary(model: nn.Module) -> QuantVocab:
 
     Untied input embeddings stay float: they are read a few rows per token and never in a GEMM.
     """
-    from ..errors import HaqmoeError
-
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     if isinstance(head, QuantVocab):
         return head
@@ -254,8 +250,6 @@ def quantize_vocabulary(model: nn.Module) -> QuantVocab:
 
 def tie_vocabulary(model: nn.Module, names: dict[str, str | None], vocab: int, hidden: int) -> None:
     """Rebuild a checkpoint's vocabulary modules (empty, tied as saved) before its tensors load."""
-    from ..models.adapters import set_module
-
     head = QuantVocab.empty(vocab, hidden)
     set_module(model, names["head"], head)
     if names.get("embedding"):

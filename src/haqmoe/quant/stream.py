@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.text import calibration_ids
 from ..errors import HaqmoeError
 from ..models.adapters import ArchSpec, adapter_for
-from ..models.lazy import ModelReader, SafetensorsFolder, materialize, release, skeleton
 from ..models.base import QUANT_CONFIG, is_compressed_tensors, load_config, load_tokenizer
-from ..sources import lazy_folder, load_model
+from ..models.lazy import ModelReader, SafetensorsFolder, materialize, release, skeleton
 from ..reliability.guard import check_quant_memory
 from ..reliability.resume import BlockCheckpoint, run_fingerprint
+from ..sources import lazy_folder, load_model
 from .checkpoint import finish_streamed
 from .config import QuantConfig
 from .methods import MethodOptions, needs_calibration, quantize_with
@@ -104,8 +105,6 @@ def quantize_checkpoint(source: str, out: Path, method: str, cfg: QuantConfig, o
                         calib: CalibSpec, int8_lm_head: bool = False, progress: bool = True,
                         resume: bool = False, overwrite: bool = False) -> QuantReport:
     """Quantize ``source`` into the sharded checkpoint ``out`` (see the module docstring)."""
-    from ..data.text import calibration_ids
-
     src = open_source(source, progress)
     model, adapter, streaming = src.model, src.adapter, src.reader is not None
     ids = None

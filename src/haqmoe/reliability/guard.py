@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import psutil
 import torch
 from torch import nn
 
@@ -40,7 +41,6 @@ def available_bytes() -> int:
     env = os.environ.get("HAQMOE_MEMORY_LIMIT")
     if env:
         return parse_bytes(env)
-    import psutil
 
     return int(psutil.virtual_memory().available)
 

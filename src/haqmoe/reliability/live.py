@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
+import uvicorn
+
 
 def raw_status(url: str, request: bytes) -> int:
     """Status of a raw HTTP request (headers no client library would send: the fuzzers' own bytes);
@@ -33,8 +35,6 @@ class ThreadedServer:
     _thread: threading.Thread | None = field(default=None, repr=False)
 
     def __enter__(self) -> "ThreadedServer":
-        import uvicorn
-
         self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="error"))
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self._thread.start()

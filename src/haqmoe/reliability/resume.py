@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ from torch import nn
 
 from ..errors import HaqmoeError
 from ..io import atomic_write_text
+from ..models.adapters import get_module, set_module
+from ..quant.modules import QuantExperts, QuantLinear
 from .manifest import FileEntry, file_digest
 
 STATE = "state.json"
@@ -109,8 +112,6 @@ def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> FileEntry:
 
 def quant_layout(block: nn.Module) -> dict[str, list]:
     """Names and shapes of the block's quantized modules (needed to rebuild them before loading)."""
-    from ..quant.modules import QuantExperts, QuantLinear
-
     experts = {n: [m.num_experts, m.hidden_dim, m.intermediate_dim]
                for n, m in block.named_modules() if isinstance(m, QuantExperts)}
     linears = {n: [m.in_features, m.out_features, m.bias is not None]
@@ -121,9 +122,6 @@ def quant_layout(block: nn.Module) -> dict[str, list]:
 
 def rebuild_quant_modules(block: nn.Module, layout: dict[str, dict], quant_cfg) -> None:
     """Swap in empty quantized modules with the recorded shapes (as ``load_quantized`` does)."""
-    from ..models.adapters import get_module, set_module
-    from ..quant.modules import QuantExperts, QuantLinear
-
     for name, (i, o, bias) in layout["linears"].items():
         set_module(block, name, QuantLinear(i, o, bias, quant_cfg.weights, quant_cfg.acts))
     for name in layout["experts"]:  # shaped like the fused module still there (biases, expert function)
@@ -245,6 +243,4 @@ def _fault_point(block: int) -> None:
     process SIGKILL right after block k is checkpointed (a real kill -9: no cleanup runs)."""
     want = os.environ.get("HAQMOE_KILL_AFTER_BLOCK")
     if want is not None and want.strip() == str(block):
-        import signal
-
         os.kill(os.getpid(), signal.SIGKILL)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import resource
 import shutil
 import threading
 import time
@@ -21,11 +22,17 @@ from pathlib import Path
 
 import torch
 
+from ..data.text import calibration_ids, eval_windows, load_text, tokenize
 from ..errors import HaqmoeError
+from ..eval.perplexity import perplexity
 from ..io import atomic_write_text
 from ..quant.config import QuantConfig
+from ..quant.ctformat import load_compressed_tensors
 from ..quant.gptq import ORDERS
 from ..quant.methods import METHODS, MethodOptions, needs_calibration, quantize_with
+from ..reliability.resume import BlockCheckpoint, partial_dir, run_fingerprint
+from ..results import run_meta, write_results
+from ..sources import load_model
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,6 @@ class PeakRSS:
                         return int(line.split()[1]) * 1024
         except OSError:
             pass
-        import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -129,16 +135,11 @@ def run_row(spec: RowSpec, setup: CompareSetup, wins: torch.Tensor, calib: torch
             progress: bool, work: Path | None = None) -> dict:
     """One row. ``work``: a directory for the row's progress (finished quantization blocks, evaluated
     windows); a rerun with the same directory continues where a killed run stopped."""
-    from ..eval.perplexity import perplexity
-    from ..sources import load_model
-
     gc.collect()
     seconds = 0.0
     quant_file = None if work is None else work / "quant.json"
     with PeakRSS() as mem:
         if spec.method == "external":
-            from ..quant.ctformat import load_compressed_tensors
-
             model = load_compressed_tensors(spec.path).model
             seconds = external_quant_seconds(spec.path)
         else:
@@ -168,7 +169,6 @@ def _block_checkpoint(work: Path | None, model, layers: str, calib: torch.Tensor
                       quant: QuantConfig):
     if work is None or calib is None:
         return None
-    from ..reliability.resume import BlockCheckpoint, run_fingerprint
 
     return BlockCheckpoint.open(work / "quant", run_fingerprint(model, calib, (spec, quant)), quant, resume=True,
                                 layers=layers, start_over="rerun without --resume to start over")
@@ -183,7 +183,7 @@ def add_deltas(rows: list[dict]) -> None:
 
 
 def bar_plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
+    import matplotlib  # here: the Agg backend must be chosen before pyplot is imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -235,10 +235,6 @@ def run_compare(setup: CompareSetup, labels: list[str], out: Path, base: MethodO
     windows, calibration, quantization config) and run only the missing labels; a row a kill
     interrupted continues from its finished quantization blocks and evaluated windows (OUT.partial/).
     """
-    from ..data.text import calibration_ids, eval_windows, load_text, tokenize
-    from ..sources import load_model
-    from ..results import run_meta, write_results
-
     specs = [parse_label(lbl, base) for lbl in labels]
     tok = load_model(setup.model, progress=progress).tokenizer
     wins = eval_windows(tokenize(tok, load_text(setup.eval_data)), setup.seqlen, setup.windows)
@@ -275,8 +271,6 @@ def run_compare(setup: CompareSetup, labels: list[str], out: Path, base: MethodO
 
 def _work_dir(out: Path, setup: dict, resume: bool) -> Path:
     """``OUT.partial/``: progress of unfinished rows, kept only for a resume of the same setup."""
-    from ..reliability.resume import partial_dir
-
     work = partial_dir(out)
     setup = json.dumps(setup, sort_keys=True)
     if work.exists() and not (resume and (work / "setup.json").is_file()

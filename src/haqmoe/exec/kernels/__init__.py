@@ -88,7 +88,7 @@ def staged_source(build: Path, source: Path = SOURCE) -> Path:
 
 
 def _build_and_load() -> None:
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # only when building: it pulls in setuptools and ninja helpers
 
     build = build_dir()
     build.mkdir(parents=True, exist_ok=True)
