@@ -54,15 +54,11 @@ a layer), mean over layers; `bytes_moved_gb` = all copies (demand + prefetch), W
 timing shape. Hit metrics come from an ideal-copy replay (instant copies; prefetch = the top-k next-layer
 guesses not resident); prefetch guesses: the trace's own (real trace) or synthetic with top-k recall
 {DEFAULT_GUESS_RECALL} (assumption, see runtime/prefetch.py) for traces without guesses.
-Reading the gap. The issue's goal is that the best non-prefetch policy closes half of the LRU ->
-Belady gap. `freq-oracle` is handed each held-out request's TRUE expert frequencies, i.e. the most
-any LFU / decay / plan / prompt-statistics policy could ever learn; on the Mixtral statistics it
-closes only 35-38 % itself, so no frequency-based online policy can reach 50 % there (on the upcycled
-MoE's generations the oracle closes 49-60 % and LFU 36-45 %): the rest of Belady's advantage is the
-order of the next tokens, which only next-layer prefetch sees
-(and prefetch does beat Belady on resident-when-needed wherever guesses are informative).
-On the tiny random models guesses are near chance (recall ~0.4-0.7 for 4 of 8 experts), so prefetch
-does not help there, while per-layer slot allocation (`lru+alloc`) closes 53-78 % at 62.5 %.
+Reading the gap. `freq-oracle` is handed each held-out request's TRUE expert frequencies, i.e. the
+most any LFU / decay / plan / prompt-statistics policy could ever learn: where it closes less than
+half of the LRU -> Belady gap, no frequency-based online policy can; the rest of Belady's advantage
+is the order of the next tokens, which only next-layer prefetch sees. The share each policy closes
+is computed from the rows below.
 
 `decode_tok_s` is **simulated** (rtx5090d profile, always-transfer = every miss copied in, as
 mixtral-offloading), i.e. what the policy is worth when the cache is the whole system."""
