@@ -144,7 +144,7 @@ class CollaborativeEngine:
         if cfg.prefetch > num_experts:
             raise HaqmoeError(f"--prefetch {cfg.prefetch}: a layer of {lm.name} has only {num_experts} experts")
         self.top_k = int(getattr(self.model.config, "num_experts_per_tok", 2))
-        self.telemetry = Telemetry(len(blocks))
+        self.telemetry = Telemetry(len(blocks), num_experts=num_experts)
         plan = self._load_plan(len(blocks), num_experts)  # checked even where every expert stays on the CPU
         self.cache: ExpertCache | None = None
         self.cost: CostModel | None = None

@@ -60,10 +60,15 @@ class Telemetry:
     decode_host_ms: dict[str, float] = field(init=False)  # HOST_PHASES -> ms, summed over decode forwards
     decode_forwards: int = 0  # one-token hybrid forwards timed there (layers x decode tokens)
     decision_log: list[LayerRecord] | None = None  # set to [] to record every layer's decisions
+    num_experts: int = 0  # > 0: also count per (layer, expert), for the server's heatmap
+    expert_calls: np.ndarray = field(init=False)  # [layers, experts] calls of each expert
+    expert_hits: np.ndarray = field(init=False)  # ... of those, found resident on the GPU tier (decision "hit")
 
     def __post_init__(self) -> None:
         for name in ("cpu_experts", "gpu_experts", "split_experts", "cpu_tokens", "gpu_tokens"):
             setattr(self, name, np.zeros(self.num_layers, dtype=np.int64))
+        for name in ("expert_calls", "expert_hits"):
+            setattr(self, name, np.zeros((self.num_layers, max(self.num_experts, 1)), dtype=np.int64))
         self.decode_host_ms = dict.fromkeys(HOST_PHASES, 0.0)
 
     def host_ms_per_token(self) -> dict[str, float]:
@@ -147,6 +152,9 @@ class HybridExperts(nn.Module):
             tel = self.telemetry
             tel.cpu_experts[self.layer] += int(torch.unique(top_k_index).numel())
             tel.cpu_tokens[self.layer] += int(top_k_index.numel())
+            if tel.num_experts:
+                used = top_k_index.reshape(-1).cpu()
+                tel.expert_calls[self.layer] += np.bincount(used[used >= 0].numpy(), minlength=tel.num_experts) > 0
             return self.original(hidden_states, top_k_index, top_k_weights)
         tel = self.telemetry
         clock = [time.perf_counter()]
@@ -155,6 +163,10 @@ class HybridExperts(nn.Module):
         now_ms = 1e3 * clock[-1]
         self._settle(now_ms)
         decisions = decide_layer(self.cache, self.cost, self.rules, self.layer, needed, tel.step, now_ms)
+        if tel.num_experts:
+            for d in decisions:
+                tel.expert_calls[self.layer, d.expert] += 1
+                tel.expert_hits[self.layer, d.expert] += d.kind == "hit"
         jobs: dict[str, list] = {"gpu": [], "cpu": [], "split": []}
         for d in decisions:
             token_idx, k_pos = torch.where(top_k_index == d.expert)

@@ -1,0 +1,299 @@
+"""Continuous batching over one ``CollaborativeEngine``: requests join and leave a running batch
+between decode steps.
+
+One scheduler thread owns the model. Each turn it
+
+1. drops waiting requests that were cancelled or ran past their deadline before they started;
+2. admits waiting requests while the batch has room (``max_batch``): each is prefilled alone, exactly
+   as ``CollaborativeEngine.stream`` prefills it, and its first token is sampled and streamed; a
+   request that is not finished by then joins the batch;
+3. runs one decode step for every running request together: one forward of ``[B, 1]`` tokens over
+   one KV cache (transformers' ``DynamicCache``) in which each request's keys and values are
+   left-padded to a common length, with an attention mask hiding the padding and per-request
+   ``position_ids`` (so RoPE sees each request's own positions);
+4. samples each request's next token with its own settings and generator (temperature, top-p,
+   seed), streams it, and retires the requests that finished (EOS, a stop string, ``max_new_tokens``)
+   or left (``should_stop``: a client disconnect or a deadline); their cache rows are dropped and
+   padding columns no remaining request needs are cut.
+
+The routed experts see the batch's tokens together: the MoE block flattens ``[B, 1]`` to B tokens,
+so ``HybridExperts`` decides each layer once per step with the number of the batch's tokens routed
+to each expert (decide.routed_counts: the cost predictor's ``n_inputs``), as it does for a prefill.
+
+Attention is transformers' own (the model's attention implementation with the padding mask); greedy
+decoding gives each request the tokens it gets alone (tests/test_batching.py checks it token for
+token). A batch of one without padding runs the very call ``stream`` runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import HaqmoeError
+from ..models.base import context_of
+from .engine import CollaborativeEngine, Generation, SamplingConfig, TextStream
+
+# Events a request's ``emit`` receives, from the scheduler thread, in this order: ``("admitted", None)``
+# once, when its prefill starts; ``("token", (delta, generation))`` per token; then ``("done", generation)``
+# (None when it never started: cancelled or expired while waiting) or ``("error", exception)``.
+ADMITTED, TOKEN, DONE, ERROR = "admitted", "token", "done", "error"
+
+
+@dataclass
+class BatchRequest:
+    ids: torch.Tensor  # prompt token ids [1, n]
+    sampling: SamplingConfig
+    emit: Callable[[str, object], None]
+    should_stop: Callable[[], bool] = lambda: False
+
+
+@dataclass
+class _Row:
+    """A running request: its generation so far and what its next decode step needs."""
+
+    req: BatchRequest
+    gen: Generation
+    rng: torch.Generator
+    shown: TextStream
+    eos: set[int]
+    kv_len: int = 0  # real (unpadded) tokens of this request in the KV cache = its next position
+
+    @property
+    def last(self) -> int:
+        return self.gen.tokens[-1]
+
+
+@dataclass
+class BatchStats:
+    """What the scheduler has done (read by the server's telemetry; plain counters)."""
+
+    steps: int = 0  # batched decode steps
+    decode_tokens: int = 0  # tokens those steps produced
+    prefills: int = 0
+    admitted: int = 0
+    retired: int = 0
+    last_batch: int = 0  # requests in the latest decode step
+    max_seen: int = 0  # the largest batch so far
+    batch_sizes: collections.Counter = field(default_factory=collections.Counter)  # batch size -> steps
+
+
+def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``[B, heads, T, d]`` keys or values with ``n`` zero positions in front."""
+    return t if n == 0 else torch.cat([t.new_zeros(*t.shape[:2], n, *t.shape[3:]), t], dim=2)
+
+
+def check_batchable(engine: CollaborativeEngine, max_batch: int) -> None:
+    """Batching needs the eager decode over a ``DynamicCache`` of full-attention layers."""
+    if max_batch < 1:
+        raise HaqmoeError(f"--max-batch must be at least 1 (got {max_batch})")
+    if max_batch == 1:
+        return
+    if engine._decode is not None:
+        raise HaqmoeError("--compile decodes one request over a static KV cache: use --max-batch 1 with it")
+    if "sliding_attention" in (getattr(engine.model.config, "layer_types", None) or ()):
+        raise HaqmoeError(f"{engine.lm.name} has sliding-window attention layers, which batched decoding does not "
+                          "support yet: use --max-batch 1")
+
+
+class BatchScheduler:
+    """Runs requests on ``engine`` in a continuously refilled batch of at most ``max_batch``."""
+
+    def __init__(self, engine: CollaborativeEngine, max_batch: int = 8, admit_per_step: int | None = None):
+        check_batchable(engine, max_batch)
+        self.engine, self.max_batch = engine, max_batch
+        self.admit_per_step = admit_per_step or max_batch  # prefills between two decode steps
+        self.model = engine.model
+        self.device = engine.device
+        self.context = context_of(self.model.config)
+        self.eos = engine.eos_ids()
+        self.stats = BatchStats()
+        self._waiting: collections.deque[BatchRequest] = collections.deque()
+        self._rows: list[_Row] = []
+        self._cache = None  # DynamicCache [B, heads, T, d] per layer, left-padded
+        self._mask: torch.Tensor | None = None  # [B, T]: 1 where a row's cache position is real
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="haqmoe-batch", daemon=True)
+        self._thread.start()
+
+    # -------------------------------------------------------------- public
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    def submit(self, req: BatchRequest) -> None:
+        with self._cv:
+            if self._closed:
+                raise HaqmoeError("the batch scheduler is closed")
+            self._waiting.append(req)
+            self._cv.notify()
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # -------------------------------------------------------------- the loop
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._waiting and not self._rows:
+                    self._cv.wait()
+                if self._closed:
+                    break
+                room = min(self.max_batch - len(self._rows), self.admit_per_step)
+                take = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            try:
+                with torch.inference_mode():
+                    for req in take:
+                        self._admit(req)
+                    if self._rows:
+                        self._decode_step()
+            except BaseException as exc:  # a failed batched forward: every running request gets the error
+                rows, self._rows, self._cache, self._mask = self._rows, [], None, None
+                for row in rows:
+                    self._safe_emit(row.req, ERROR, exc)
+                self.stats.retired += len(rows)
+        for req in list(self._waiting) + [r.req for r in self._rows]:
+            self._safe_emit(req, ERROR, HaqmoeError("the server is shutting down"))
+
+    @staticmethod
+    def _safe_emit(req: BatchRequest, kind: str, payload) -> None:
+        try:
+            req.emit(kind, payload)
+        except Exception:  # a listener that is gone (closed event loop) must not stop the batch
+            pass
+
+    def _admit(self, req: BatchRequest) -> None:
+        if req.should_stop():  # cancelled or expired while waiting: never started
+            self._safe_emit(req, DONE, None)
+            return
+        self._safe_emit(req, ADMITTED, None)
+        ids, s = req.ids, req.sampling
+        try:
+            if self.context and ids.shape[1] + s.max_new_tokens > self.context:
+                raise HaqmoeError(f"prompt ({ids.shape[1]} tokens) + max tokens ({s.max_new_tokens}) exceeds "
+                                  f"the model's context of {self.context} tokens")
+            row = _Row(req, Generation(prompt_tokens=int(ids.shape[1])), torch.Generator().manual_seed(s.seed),
+                       TextStream(s.stop), self.eos, kv_len=int(ids.shape[1]))
+            t0 = time.perf_counter()
+            self.engine.telemetry.step += 1
+            out = self.model(input_ids=ids.to(self.device), use_cache=True)  # as CollaborativeEngine.stream
+            logits = out.logits[0, -1]
+            self.engine._sync()
+            row.gen.prefill_ms = 1e3 * (time.perf_counter() - t0)
+            self.stats.prefills += 1
+            self.stats.admitted += 1
+            finished = self._take_token(row, logits)
+        except Exception as exc:  # this request's own failure (e.g. too long): the batch goes on
+            self.stats.retired += 1
+            self._safe_emit(req, ERROR, exc)
+            return
+        if finished:
+            self.stats.retired += 1
+            self._safe_emit(req, DONE, row.gen)
+            return
+        self._join(row, out.past_key_values)
+
+    def _take_token(self, row: _Row, logits: torch.Tensor) -> bool:
+        """Sample, stream and record one token of ``row``; True when the request is finished (the same
+        rules, in the same order, as ``CollaborativeEngine.stream``)."""
+        s, gen = row.req.sampling, row.gen
+        tok = self.engine._sample(logits, s, row.rng)
+        gen.tokens.append(tok)
+        ended = tok in row.eos
+        last = ended or len(gen.tokens) == s.max_new_tokens
+        tokenizer = self.engine.tokenizer
+        decoded = tokenizer.decode(gen.tokens, skip_special_tokens=True) if tokenizer else ""
+        delta, stopped = row.shown.push(decoded, final=last)
+        gen.text = row.shown.text
+        if ended or stopped:
+            gen.finish_reason = "stop"
+        self._safe_emit(row.req, TOKEN, (delta, gen))
+        return ended or stopped or last or row.req.should_stop()
+
+    def _join(self, row: _Row, cache) -> None:
+        """Add a prefilled request's KV cache to the batch's, left-padding whichever is shorter."""
+        n = row.kv_len
+        mask = torch.ones(1, n, dtype=torch.long, device=self.device)
+        if self._cache is None:
+            self._cache, self._mask, self._rows = cache, mask, [row]
+            return
+        have = int(self._mask.shape[1])
+        width = max(have, n)
+        for mine, new in zip(self._cache.layers, cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, width - have), _pad_left(new.keys, width - n)], dim=0)
+            mine.values = torch.cat([_pad_left(mine.values, width - have), _pad_left(new.values, width - n)], dim=0)
+        zeros = lambda b, k: torch.zeros(b, k, dtype=torch.long, device=self.device)  # noqa: E731
+        self._mask = torch.cat([torch.cat([zeros(len(self._rows), width - have), self._mask], dim=1),
+                                torch.cat([zeros(1, width - n), mask], dim=1)], dim=0)
+        self._rows.append(row)
+
+    def _decode_step(self) -> None:
+        """One forward for every running request; then sample, stream, retire."""
+        rows = self._rows
+        leave = [i for i, r in enumerate(rows) if r.req.should_stop()]  # left since their last token
+        if leave:
+            self._retire(set(leave))
+            rows = self._rows
+            if not rows:
+                return
+        b = len(rows)
+        t = time.perf_counter()
+        self.engine.telemetry.step += 1
+        ids = torch.tensor([[r.last] for r in rows], device=self.device)
+        if b == 1 and bool(self._mask.all()):  # one request, no padding: exactly the single-request call
+            out = self.model(input_ids=ids, past_key_values=self._cache, use_cache=True)
+        else:
+            self._mask = torch.cat([self._mask, torch.ones(b, 1, dtype=torch.long, device=self.device)], dim=1)
+            pos = torch.tensor([[r.kv_len] for r in rows], device=self.device)
+            out = self.model(input_ids=ids, attention_mask=self._mask, position_ids=pos,
+                             past_key_values=self._cache, use_cache=True)
+        if self._mask.shape[1] < self._cache.get_seq_length():  # the single-request call grew the cache
+            self._mask = torch.cat([self._mask, torch.ones(b, 1, dtype=torch.long, device=self.device)], dim=1)
+        logits = out.logits[:, -1]
+        self.engine._sync()
+        ms = 1e3 * (time.perf_counter() - t)
+        self.stats.steps += 1
+        self.stats.decode_tokens += b
+        self.stats.last_batch = b
+        self.stats.max_seen = max(self.stats.max_seen, b)
+        self.stats.batch_sizes[b] += 1
+        done = set()
+        for i, row in enumerate(rows):
+            row.kv_len += 1
+            row.gen.token_ms.append(ms)
+            if self._take_token(row, logits[i]):
+                done.add(i)
+        if done:
+            self._retire(done)
+
+    def _retire(self, gone: set[int]) -> None:
+        """Finish the rows ``gone`` and drop them from the cache; cut padding nobody needs any more."""
+        for i in sorted(gone):
+            self._safe_emit(self._rows[i].req, DONE, self._rows[i].gen)
+        self.stats.retired += len(gone)
+        keep = [i for i in range(len(self._rows)) if i not in gone]
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._cache, self._mask = None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self._mask = self._mask[index]
+        cut = int((self._mask.shape[1] - self._mask.sum(dim=1)).min())  # leading columns all rows pad
+        self._mask = self._mask[:, cut:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, cut:]
+            layer.values = layer.values[index, :, cut:]

@@ -1,0 +1,184 @@
+"""Continuous batching (runtime/batching.py): every request in a batch gets the tokens it gets alone.
+
+fp32 on the CPU, a tiny random Mixtral with SmolLM2's tokenizer through the emulated GPU tier (so the
+expert cache decides the batch's experts together). Requests of different prompt lengths, token
+budgets, stop strings and sampling settings join and leave a running batch; each one's tokens are
+compared with ``CollaborativeEngine.generate`` run alone.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import pytest
+import torch
+
+from haqmoe.runtime.engine import SamplingConfig
+
+PROMPTS = ["Story number 1:", "The capital of France is a city that", "Hi", "Once upon a time there was a",
+           "List three fruits:", "def fib(n):", "Q: What is 2 + 2?\nA:", "The weather today"]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    from haqmoe.runtime.engine import CollaborativeEngine, EngineConfig
+    from haqmoe.serve.fixtures import tiny_chat_moe
+    from haqmoe.sources import load_model
+
+    ckpt = tiny_chat_moe(tmp_path_factory.mktemp("batch") / "tiny-chat-moe")
+    return CollaborativeEngine(load_model(str(ckpt), progress=False),
+                               EngineConfig(emulate_gpu=True, slots_per_layer=4))
+
+
+class Collector:
+    """A request's events, as the scheduler thread emits them."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.events: queue.Queue = queue.Queue()
+        self.deltas: list[str] = []
+        self.gen = None
+        self.error = None
+        self.stop_after = stop_after
+        self.cancel = threading.Event()
+
+    def emit(self, kind, payload):
+        self.events.put((kind, payload))
+        if kind == "token":
+            self.deltas.append(payload[0])
+            if self.stop_after is not None and len(payload[1].tokens) >= self.stop_after:
+                self.cancel.set()  # a client that hangs up after this many tokens
+
+    def wait(self, timeout: float = 60.0):
+        deadline = time.time() + timeout
+        while True:
+            kind, payload = self.events.get(timeout=max(0.01, deadline - time.time()))
+            if kind == "done":
+                self.gen = payload
+                return self
+            if kind == "error":
+                self.error = payload
+                return self
+
+
+def _run_batched(engine, jobs, max_batch: int, stagger: dict[int, int] | None = None):
+    """Submit ``jobs`` ([(prompt, SamplingConfig, stop_after)]) to a scheduler; job i waits until job
+    ``stagger[i]`` has its first token (so it joins a running batch). Returns the collectors."""
+    from haqmoe.runtime.batching import BatchRequest, BatchScheduler
+
+    sched = BatchScheduler(engine, max_batch)
+    cols = [Collector(stop) for _, _, stop in jobs]
+    try:
+        for i, (prompt, s, _) in enumerate(jobs):
+            if stagger and i in stagger:
+                first = cols[stagger[i]]
+                deadline = time.time() + 30
+                while not first.deltas and first.gen is None and time.time() < deadline:
+                    time.sleep(0.001)
+            c = cols[i]
+            sched.submit(BatchRequest(engine.encode(prompt), s, c.emit, c.cancel.is_set))
+        for c in cols:
+            c.wait()
+    finally:
+        sched.close()
+    return cols, sched.stats
+
+
+def test_greedy_batch_equals_each_request_alone(engine):
+    jobs = [(p, SamplingConfig(max_new_tokens=6 + 3 * (i % 4)), None) for i, p in enumerate(PROMPTS)]
+    alone = [engine.generate(p, s) for p, s, _ in jobs]
+    cols, stats = _run_batched(engine, jobs, max_batch=4, stagger={2: 0, 5: 1, 7: 3})
+    for c, ref in zip(cols, alone):
+        assert c.error is None, c.error
+        assert c.gen.tokens == ref.tokens and c.gen.text == ref.text and "".join(c.deltas) == ref.text
+        assert c.gen.finish_reason == ref.finish_reason
+    assert stats.max_seen == 4 and stats.steps < sum(len(r.tokens) for r in alone)  # really batched
+    assert stats.retired == len(jobs)
+
+
+def test_sampled_requests_keep_their_own_seed_and_settings(engine):
+    settings = [dict(temperature=0.8, top_p=0.95, seed=1), dict(temperature=1.2, top_p=0.5, seed=2),
+                dict(temperature=0.0), dict(temperature=0.7, top_p=1.0, seed=3), dict(temperature=0.8, seed=1)]
+    jobs = [(PROMPTS[i], SamplingConfig(max_new_tokens=10, **kw), None) for i, kw in enumerate(settings)]
+    alone = [engine.generate(p, s).tokens for p, s, _ in jobs]
+    cols, _ = _run_batched(engine, jobs, max_batch=8)
+    assert [c.gen.tokens for c in cols] == alone
+
+
+def test_stop_strings_cancellation_and_budgets_leave_the_batch(engine):
+    ref = engine.generate(PROMPTS[0], SamplingConfig(max_new_tokens=12))
+    stop = ref.text.strip()[4:7]
+    assert stop, ref.text
+    jobs = [(PROMPTS[0], SamplingConfig(max_new_tokens=12, stop=(stop,)), None),  # ends at its stop string
+            (PROMPTS[1], SamplingConfig(max_new_tokens=20), 3),  # its client leaves after 3 tokens
+            (PROMPTS[2], SamplingConfig(max_new_tokens=1), None),  # done at prefill: never joins
+            (PROMPTS[3], SamplingConfig(max_new_tokens=16), None)]
+    alone = [engine.generate(p, s) for p, s, _ in jobs]
+    cols, _ = _run_batched(engine, jobs, max_batch=4)
+    assert cols[0].gen.finish_reason == "stop" and stop not in cols[0].gen.text
+    assert cols[0].gen.text == alone[0].text
+    assert 3 <= len(cols[1].gen.tokens) <= 4 and cols[1].gen.tokens == alone[1].tokens[:len(cols[1].gen.tokens)]
+    assert cols[2].gen.tokens == alone[2].tokens and len(cols[2].gen.tokens) == 1
+    assert cols[3].gen.tokens == alone[3].tokens  # the rest of the batch is untouched by who left
+
+
+def test_requests_cancelled_while_waiting_never_start(engine):
+    from haqmoe.runtime.batching import BatchRequest, BatchScheduler
+
+    sched = BatchScheduler(engine, 2)
+    try:
+        long = [Collector() for _ in range(2)]
+        for c in long:
+            sched.submit(BatchRequest(engine.encode("Hello"), SamplingConfig(max_new_tokens=30), c.emit))
+        gone = Collector()
+        gone.cancel.set()
+        sched.submit(BatchRequest(engine.encode("Hi"), SamplingConfig(max_new_tokens=30), gone.emit,
+                                  gone.cancel.is_set))
+        assert gone.wait().gen is None and gone.deltas == []
+        assert all(c.wait().gen is not None for c in long)
+    finally:
+        sched.close()
+
+
+def test_a_failing_request_does_not_stop_the_others(engine):
+    ok = Collector()
+    bad = Collector()
+    from haqmoe.runtime.batching import BatchRequest, BatchScheduler
+
+    sched = BatchScheduler(engine, 4)
+    try:
+        too_long = torch.ones(1, 600, dtype=torch.long)  # over the 512-token context
+        sched.submit(BatchRequest(too_long, SamplingConfig(max_new_tokens=4), bad.emit))
+        sched.submit(BatchRequest(engine.encode(PROMPTS[0]), SamplingConfig(max_new_tokens=5), ok.emit))
+        assert "context" in str(bad.wait().error)
+        assert ok.wait().gen.tokens == engine.generate(PROMPTS[0], SamplingConfig(max_new_tokens=5)).tokens
+    finally:
+        sched.close()
+
+
+def test_batched_expert_decisions_count_the_batch_tokens(engine):
+    """One decode step of B requests is one forward per layer: the predictor sees how many of the
+    batch's tokens each expert serves (n_inputs), not B separate one-token calls."""
+    log = []
+    engine.telemetry.decision_log = log
+    try:
+        jobs = [(p, SamplingConfig(max_new_tokens=4), None) for p in PROMPTS[:4]]
+        _run_batched(engine, jobs, max_batch=4)
+    finally:
+        engine.telemetry.decision_log = None
+    top_k = engine.top_k
+    per_step = {}
+    for rec in log:
+        per_step.setdefault(rec.step, []).append(sum(d.tokens for d in rec.decisions))
+    routed = {step: set(v) for step, v in per_step.items()}
+    assert {top_k * 4} <= set().union(*routed.values())  # a full batch step: 4 tokens x top-k per layer
+
+
+def test_max_batch_checks(engine):
+    from haqmoe.errors import HaqmoeError
+    from haqmoe.runtime.batching import check_batchable
+
+    with pytest.raises(HaqmoeError, match="at least 1"):
+        check_batchable(engine, 0)
+    check_batchable(engine, 8)
