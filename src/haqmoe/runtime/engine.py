@@ -502,7 +502,7 @@ class CollaborativeEngine:
     # ---------------------------------------------------------------- telemetry
     def reset_telemetry(self) -> None:
         """Count from here on (e.g. after a warm-up generation); the cache keeps its contents."""
-        fresh = Telemetry(self.telemetry.num_layers)
+        fresh = Telemetry(self.telemetry.num_layers, num_experts=self.telemetry.num_experts)
         for name, value in vars(fresh).items():
             if name != "step":  # the policy clock keeps running: recency stays ordered
                 setattr(self.telemetry, name, value)
