@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow clean peers peers-moe peer-llamacpp
+.PHONY: demo test test-slow clean peers peers-moe peers-asym peers-moe-asym peer-llamacpp peer-llamacpp-default \
+	peer-llamacpp-native peer-llamacpp-all
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -52,8 +53,27 @@ $(PEER_MOE_OUT)/peer_meta.json: $(PEER_VENV)/.installed $(STAMP) bench/peers/llm
 		"from haqmoe.models.embedded import ensure_embedded; print(ensure_embedded('smollm2-moe'))") \
 		bench/peers/out/calib-moe.pt $(PEER_MOE_OUT) --stage-dir bench/peers/out/smollm2-moe-smoothquant
 
+# The same peer configured as close to ours as its schemes allow (--asym: asymmetric int8 weights per
+# output channel, asymmetric dynamic per-token activations), beside the stock symmetric W8A8 preset;
+# then: .venv/bin/python bench/haq.py --windows all --resume --peer $(PEER_ASYM_OUT)
+PEER_ASYM_OUT := bench/peers/out/smollm2-llmc-w8a8-asym
+$(PEER_ASYM_OUT)/peer_meta.json: $(PEER_VENV)/.installed $(STAMP) bench/peers/llmcompressor_w8a8.py
+	$(BIN)/python bench/peers/make_calib.py --out bench/peers/out/calib.pt
+	$(PEER_VENV)/bin/python bench/peers/llmcompressor_w8a8.py $$($(BIN)/python -c \
+		"from haqmoe.models.embedded import ensure_embedded; print(ensure_embedded('smollm2-135m'))") \
+		bench/peers/out/calib.pt $(PEER_ASYM_OUT) --asym
+
+PEER_MOE_ASYM_OUT := bench/peers/out/smollm2-moe-llmc-w8a8-asym
+$(PEER_MOE_ASYM_OUT)/peer_meta.json: $(PEER_VENV)/.installed $(STAMP) bench/peers/llmcompressor_w8a8.py
+	$(BIN)/python bench/peers/make_calib.py --model smollm2-moe --out bench/peers/out/calib-moe.pt
+	$(PEER_VENV)/bin/python bench/peers/llmcompressor_w8a8.py $$($(BIN)/python -c \
+		"from haqmoe.models.embedded import ensure_embedded; print(ensure_embedded('smollm2-moe'))") \
+		bench/peers/out/calib-moe.pt $(PEER_MOE_ASYM_OUT) --asym --stage-dir bench/peers/out/smollm2-moe-smoothquant
+
 peers: $(PEER_OUT)/peer_meta.json
 peers-moe: $(PEER_MOE_OUT)/peer_meta.json
+peers-asym: $(PEER_ASYM_OUT)/peer_meta.json
+peers-moe-asym: $(PEER_MOE_ASYM_OUT)/peer_meta.json
 
 # llama.cpp, the decode peer of bench/int8.py (llama-cpp-python, built from source into our venv, ~6 min):
 # AVX512 + VNNI kernels; its AMX build crashed in the first decode on this machine's VM, so AMX is off.
@@ -61,3 +81,23 @@ LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGG
 	-DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_INT8=OFF
 peer-llamacpp: $(STAMP)
 	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip install --no-cache-dir llama-cpp-python==0.3.36
+
+# llama.cpp as its users install it: plain `pip install`, no CMAKE_ARGS (a source build, ~6-10 min on
+# 2 cores), in a venv of its own so it never replaces the flagged build above. And GGML_NATIVE=ON
+# (-march=native) in a third. bench/int8_interleaved.py --llama-python VENV/bin/python runs each as a
+# child process beside our decode (two builds cannot be imported into one process).
+LLAMA_DEFAULT_VENV := bench/peers/llama-default/.venv
+LLAMA_NATIVE_VENV := bench/peers/llama-native/.venv
+$(LLAMA_DEFAULT_VENV)/.installed:
+	$(PY) -m venv $(LLAMA_DEFAULT_VENV) || python3 -m venv $(LLAMA_DEFAULT_VENV)
+	env -u CMAKE_ARGS $(LLAMA_DEFAULT_VENV)/bin/pip install --no-cache-dir --no-binary llama-cpp-python \
+		llama-cpp-python==0.3.36
+	touch $@
+$(LLAMA_NATIVE_VENV)/.installed:
+	$(PY) -m venv $(LLAMA_NATIVE_VENV) || python3 -m venv $(LLAMA_NATIVE_VENV)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(LLAMA_NATIVE_VENV)/bin/pip install --no-cache-dir \
+		--no-binary llama-cpp-python llama-cpp-python==0.3.36
+	touch $@
+peer-llamacpp-default: $(LLAMA_DEFAULT_VENV)/.installed
+peer-llamacpp-native: $(LLAMA_NATIVE_VENV)/.installed
+peer-llamacpp-all: peer-llamacpp peer-llamacpp-default peer-llamacpp-native
