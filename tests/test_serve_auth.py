@@ -84,8 +84,8 @@ def test_openai_client_with_right_wrong_and_no_key(keyed):
 
 def test_no_key_is_401_everywhere_but_health(keyed):
     for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
-                         ("GET", "/metrics"), ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/"),
-                         ("GET", "/nope")):
+                         ("GET", "/metrics"), ("GET", "/docs"), ("GET", "/openapi.json"),
+                         ("GET", "/v1/haqmoe/telemetry"), ("GET", "/nope"), ("GET", "/uix/app.js")):
         r = httpx.request(method, keyed.url + path, json=BODY if method == "POST" else None)
         assert (r.status_code, r.json()) == (401, MISSING), path
         assert r.headers["www-authenticate"] == 'Bearer realm="haqmoe"'
@@ -95,6 +95,14 @@ def test_no_key_is_401_everywhere_but_health(keyed):
     r = httpx.get(keyed.url + "/v1/models", headers=[("Authorization", f"Bearer {KEY}")] * 2)  # ambiguous
     assert (r.status_code, r.json()) == (401, INVALID)
     assert httpx.get(keyed.url + "/health").json() == {"status": "ok", "model": "tiny"}
+    # The web page's static files are public (a browser navigating sends no Bearer header); they hold no
+    # data and the API calls the page makes need the key.
+    page = httpx.get(keyed.url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "/v1/haqmoe/telemetry" in httpx.get(keyed.url + "/ui/app.js").text
+    assert httpx.get(keyed.url + "/ui/nope.js").status_code == 404
+    assert httpx.get(keyed.url + "/ui/..%2Fapp.py").status_code == 404
+    assert httpx.get(keyed.url + "/v1/haqmoe/telemetry", headers=_bearer(KEY)).json()["model"] == "tiny"
     assert httpx.get(keyed.url + "/metrics", headers=_bearer(KEY)).status_code == 200
     assert httpx.get(keyed.url + "/v1/models", headers={"authorization": f"bearer  {KEY2}"}).status_code == 200
 

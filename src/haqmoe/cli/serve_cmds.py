@@ -39,13 +39,18 @@ def serve(ctx: typer.Context,
           max_body_bytes: int = typer.Option(1 << 20, min=1, help="Request bodies above this get 413."),
           request_timeout: float = typer.Option(600.0, min=0.001, help="Seconds a request may queue + generate "
                                                 "before 504 (in-band error when streaming)."),
+          max_batch: int = typer.Option(8, min=1, help="Requests decoded together in one continuously refilled "
+                                                       "batch (1: one request at a time)."),
+          page: bool = typer.Option(True, help="Serve the web page (chat + live telemetry) at /; its static "
+                                               "files need no key, the API it calls does."),
           policy: str = _ENGINE_OPTS["policy"], cache_policy: str = _ENGINE_OPTS["cache_policy"],
           slots: Optional[int] = _ENGINE_OPTS["slots"], gpu_memory: Optional[str] = _ENGINE_OPTS["gpu_memory"],
           plan: Optional[str] = _ENGINE_OPTS["plan"],
           device: str = _ENGINE_OPTS["device"], emulate_gpu: bool = _ENGINE_OPTS["emulate_gpu"],
           profile: str = _ENGINE_OPTS["profile"], exec_mode: str = _ENGINE_OPTS["exec_mode"],
           log_level: str = typer.Option("info", help="uvicorn log level.")) -> None:
-    """Serve the model over the collaborative runtime with an OpenAI-compatible API (+ /health, /metrics).
+    """Serve the model over the collaborative runtime with an OpenAI-compatible API (+ /health, /metrics,
+    a web page at /), batching concurrent requests (--max-batch).
 
     Loopback by default; to expose it, set API keys (clients send 'Authorization: Bearer KEY')."""
     import uvicorn
@@ -55,7 +60,7 @@ def serve(ctx: typer.Context,
     cfg = ServeConfig(model_name=served_name or model, max_tokens_limit=max_tokens_limit, max_waiting=max_waiting,
                       max_body_bytes=max_body_bytes, request_timeout_s=request_timeout,
                       api_keys=serve_keys(ctx, api_key, api_key_file), metrics_open=metrics_open,
-                      cors_origins=tuple(cors_origin or ()))
+                      cors_origins=tuple(cors_origin or ()), max_batch=max_batch, page=page)
     check_exposure(host, bool(cfg.api_keys), allow_unauthenticated)  # before the (slow) model load
     engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode,
                           gpu_memory=gpu_memory)

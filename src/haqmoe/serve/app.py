@@ -1,8 +1,10 @@
-"""OpenAI-compatible HTTP server over one ``CollaborativeEngine``.
+"""OpenAI-compatible HTTP server over one ``CollaborativeEngine``, with a built-in web page.
 
-One engine, one worker thread: generations run strictly one after another (an asyncio lock
-orders them, a single-thread executor guarantees the engine is never entered twice), so
-concurrent requests queue and can never interleave tokens. Prompts are tokenized on the event
+One engine, one thread entering it. With ``max_batch`` 1 generations run strictly one after another
+(``EngineWorker``: an asyncio lock orders them, a single-thread executor guarantees the engine is
+never entered twice). With ``max_batch`` > 1 a ``BatchScheduler`` thread (runtime/batching.py) runs
+up to that many requests in one continuously refilled batch (``BatchWorker``); each request still
+gets its own tokens, sampling and stop rules, and greedy answers equal the one-at-a-time ones. Prompts are tokenized on the event
 loop with a private copy of the tokenizer (HF fast tokenizers are not safe to share across
 threads), exactly as ``CollaborativeEngine.encode`` does, so ``haqmoe run`` and the server see the
 same ids. A client that disconnects, streaming or not, sets the job's stop flag, which the engine
@@ -40,6 +42,7 @@ from ..runtime.engine import CollaborativeEngine, Generation, SamplingConfig
 from .auth import Guard, check_keys, check_origins, send_error
 from .metrics import ServerMetrics
 from .schemas import ChatRequest, CompletionRequest
+from .telemetry import page_response, snapshot
 
 
 @dataclass
@@ -53,6 +56,8 @@ class ServeConfig:
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # Bearer keys; none = no auth (loopback use)
     metrics_open: bool = False  # /metrics without a key (a Prometheus scraper that sends none)
     cors_origins: tuple[str, ...] = ()  # browser origins given CORS headers; none = same-origin only
+    max_batch: int = 1  # requests decoded together (1: one at a time, the engine's own stream)
+    page: bool = True  # the web page at / (static files; the API it calls keeps its keys)
 
     def __post_init__(self) -> None:
         self.api_keys, self.cors_origins = check_keys(self.api_keys), check_origins(self.cors_origins)
@@ -172,6 +177,7 @@ class EngineWorker:
                     raise exc
                 if delta is None:
                     return
+                self.metrics.token()
                 yield delta, gen
         finally:
             job.cancel.set()  # no-op when finished; stops the engine after this token when abandoned
@@ -181,6 +187,76 @@ class EngineWorker:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def telemetry(self) -> dict:
+        return {"max_batch": 1, "waiting": self.metrics.waiting, "running": self.metrics.running,
+                "batch": self.metrics.running}
+
+
+class BatchWorker:
+    """Hands jobs to a ``BatchScheduler`` and relays each one's tokens to the event loop; the same
+    interface as ``EngineWorker``. ``metrics.waiting``/``running`` are only touched on the event loop."""
+
+    def __init__(self, engine: CollaborativeEngine, metrics: ServerMetrics, max_waiting: int, max_batch: int):
+        from ..runtime.batching import BatchScheduler
+
+        self.metrics, self.max_waiting, self.max_batch = metrics, max_waiting, max_batch
+        self.scheduler = BatchScheduler(engine, max_batch)
+
+    def admit(self) -> None:
+        if self.metrics.waiting >= self.max_waiting:
+            raise ApiError(503, "server busy: too many queued requests", kind="server_error")
+
+    async def run(self, job: Job) -> AsyncIterator[tuple[str, Generation]]:
+        """Tokens of ``job``; use under ``contextlib.aclosing``: leaving early cancels the request,
+        which leaves the batch before its next decode step."""
+        from ..runtime.batching import ADMITTED, DONE, ERROR, BatchRequest
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def emit(kind: str, payload) -> None:  # scheduler thread -> event loop
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
+
+        self.metrics.waiting += 1
+        state = "waiting"
+        try:
+            self.scheduler.submit(BatchRequest(job.ids, job.sampling, emit, job.should_stop))
+            while True:
+                if state == "waiting":
+                    try:
+                        kind, payload = await asyncio.wait_for(queue.get(),
+                                                               max(0.0, job.deadline - time.monotonic()))
+                    except asyncio.TimeoutError:
+                        raise ApiError(504, "request timed out while queued", kind="timeout_error") from None
+                else:
+                    kind, payload = await queue.get()
+                if kind == ADMITTED:
+                    self.metrics.waiting -= 1
+                    self.metrics.running += 1
+                    state = "running"
+                elif kind == ERROR:
+                    raise payload
+                elif kind == DONE:
+                    return
+                else:
+                    self.metrics.token()
+                    yield payload
+        finally:
+            job.cancel.set()  # no-op when finished; otherwise the scheduler drops it at its next step
+            if state == "waiting":
+                self.metrics.waiting -= 1
+            else:
+                self.metrics.running -= 1
+
+    def close(self) -> None:
+        self.scheduler.close(timeout=5.0)
+
+    def telemetry(self) -> dict:
+        st = self.scheduler.stats
+        return {"max_batch": self.max_batch, "waiting": self.metrics.waiting, "running": self.metrics.running,
+                "batch": self.scheduler.running, "decode_steps": st.steps, "batched_tokens": st.decode_tokens,
+                "mean_batch": st.decode_tokens / st.steps if st.steps else 0.0, "max_batch_seen": st.max_seen}
 
 
 class Encoder:
@@ -242,6 +318,10 @@ def create_app(engine: CollaborativeEngine, cfg: ServeConfig = ServeConfig()) ->
     """The FastAPI app; the engine is shared by every request through one ``EngineWorker``."""
     metrics = ServerMetrics()
     encode = Encoder(engine)
+    if cfg.max_batch > 1:  # refused at start-up, not at the first request
+        from ..runtime.batching import check_batchable
+
+        check_batchable(engine, cfg.max_batch)
     state: dict = {}
 
     @asynccontextmanager
@@ -261,7 +341,8 @@ def create_app(engine: CollaborativeEngine, cfg: ServeConfig = ServeConfig()) ->
 
     def worker() -> EngineWorker:  # created lazily inside the server's event loop
         if "worker" not in state:
-            state["worker"] = EngineWorker(engine, metrics, cfg.max_waiting)
+            state["worker"] = (BatchWorker(engine, metrics, cfg.max_waiting, cfg.max_batch) if cfg.max_batch > 1
+                               else EngineWorker(engine, metrics, cfg.max_waiting))
         return state["worker"]
 
     @app.exception_handler(ApiError)
@@ -283,6 +364,20 @@ def create_app(engine: CollaborativeEngine, cfg: ServeConfig = ServeConfig()) ->
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": cfg.model_name}
+
+    @app.get("/v1/haqmoe/telemetry")
+    async def telemetry():
+        """The web page's live panel: server load, per-layer x expert residency and hit rates, memory."""
+        return snapshot(engine, metrics, worker().telemetry(), cfg.model_name)
+
+    if cfg.page:
+        @app.get("/", include_in_schema=False)
+        async def page():
+            return page_response("index.html")
+
+        @app.get("/ui/{name}", include_in_schema=False)
+        async def page_file(name: str):
+            return page_response(name)
 
     @app.get("/v1/models")
     async def models():

@@ -20,6 +20,8 @@ from ..errors import HaqmoeError
 
 ENV_KEY = "HAQMOE_API_KEY"
 OPEN_PATHS = frozenset({"/health"})  # liveness probes never carry credentials
+PAGE_PATHS = frozenset({"/"})  # the web page: static files, no data; it asks for the key for the API calls
+PAGE_PREFIX = "/ui/"
 _KEY = re.compile(r"[!-~]+")  # printable ASCII without spaces: what an HTTP header carries unchanged
 _ORIGIN = re.compile(r"https?://[^/\s?#]+")  # scheme://host[:port], as a browser sends it in Origin
 
@@ -90,8 +92,10 @@ def _is_json(content_type: bytes | None) -> bool:
 
 
 class Guard:
-    """ASGI middleware: the API key on every path but ``/health`` (and ``/metrics`` when ``metrics_open``),
-    then JSON-only POST bodies.
+    """ASGI middleware: the API key on every path but ``/health`` (and ``/metrics`` when ``metrics_open``;
+    the web page's static files ``/`` and ``/ui/*`` when ``page``: they hold no data, and a browser
+    cannot send a Bearer header when it navigates; the page sends the key it is given on every API
+    call), then JSON-only POST bodies.
 
     The key check hashes the presented token and compares it with every key's hash by
     ``hmac.compare_digest``, without stopping at a match: the time taken says nothing about which
@@ -109,7 +113,9 @@ class Guard:
         shows these arguments, does too)."""
         self.app, self.metrics = app, metrics
         self.digests = [hashlib.sha256(k.encode()).digest() for k in check_keys(cfg.api_keys)]
-        self.open = OPEN_PATHS | ({"/metrics"} if cfg.metrics_open else set())
+        self.open = OPEN_PATHS | ({"/metrics"} if cfg.metrics_open else set()) | \
+            (PAGE_PATHS if getattr(cfg, "page", False) else set())
+        self.page = getattr(cfg, "page", False)
 
     def authorized(self, headers: list[tuple[bytes, bytes]]) -> bool | None:
         """True for a known key, False for a wrong one, None when no ``Authorization: Bearer`` is sent."""
@@ -130,7 +136,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, headers = scope["path"], scope.get("headers") or []
-        if self.digests and path not in self.open:
+        if self.digests and path not in self.open and not (self.page and path.startswith(PAGE_PREFIX)):
             ok = self.authorized(headers)
             if not ok:
                 self.metrics.unauthorized_request(path)

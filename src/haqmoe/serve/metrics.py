@@ -8,7 +8,9 @@ never drift from what ``haqmoe run`` reports.
 from __future__ import annotations
 
 import bisect
+import collections
 import threading
+import time
 from dataclasses import dataclass, field
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")  # else "other"
@@ -57,6 +59,21 @@ class ServerMetrics:
     per_token: Histogram = field(default_factory=lambda: Histogram((0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                                                                      0.1, 0.25, 0.5, 1.0, 2.5)))
     lock: threading.Lock = field(default_factory=threading.Lock)
+    token_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1 << 16))
+    started: float = field(default_factory=time.monotonic)
+
+    def token(self, n: int = 1) -> None:
+        """``n`` tokens streamed now (for ``tok_s``; event-loop thread)."""
+        now = time.monotonic()
+        self.token_times.extend([now] * n)
+
+    def tok_s(self, window_s: float = 5.0) -> float:
+        """Tokens per second streamed over the last ``window_s`` seconds (less right after start)."""
+        now = time.monotonic()
+        times = self.token_times
+        while times and times[0] < now - window_s:
+            times.popleft()
+        return len(times) / max(min(window_s, now - self.started), 1e-3)
 
     def count_request(self, endpoint: str, status: int) -> None:
         """Any path outside ``ENDPOINTS`` counts as "other": a client's 404s neither grow the label set nor
@@ -99,7 +116,7 @@ class ServerMetrics:
                     ("haqmoe_requests_unauthorized_total", "counter", "Requests refused (401) for a missing or wrong "
                      "API key.", self.unauthorized),
                     ("haqmoe_requests_waiting", "gauge", "Requests queued for the engine.", self.waiting),
-                    ("haqmoe_requests_running", "gauge", "Requests generating now (0 or 1).", self.running)):
+                    ("haqmoe_requests_running", "gauge", "Requests generating now (at most the server's --max-batch).", self.running)):
                 lines += _block(name, kind, help_, [f"{name} {val}"])
             for name, help_, h in (
                     ("haqmoe_request_latency_seconds", "End-to-end request latency.", self.request_latency),
