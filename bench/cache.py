@@ -19,7 +19,7 @@ from haqmoe.studies.experiments import (MIXTRAL_LOCALITY, cache_rows, guess_rows
                                         plot_cache, synthetic_pair)
 from haqmoe.runtime.policies import BOUNDS
 from haqmoe.runtime.prefetch import DEFAULT_GUESS_RECALL
-from haqmoe.runtime.profiles import load_profile
+from haqmoe.costs.hardware import load_profile
 
 POLICIES = ["static", "lru", "lfu", "pinned+lru", "lru+alloc", "pinned+lfu+alloc", "freq-oracle", "belady"]
 FRACS = [0.25, 0.5, 0.625]

@@ -152,7 +152,7 @@ class Inputs:
 def cost_spec(shape):
     """Mixtral-8x7B's cost shape with the run's layer count and expert dimensions (one place for the
     memory budget and the simulator)."""
-    from haqmoe.runtime.profiles import model_spec
+    from haqmoe.costs.shapes import model_spec
 
     return replace(model_spec("mixtral-8x7b"), num_layers=shape.layers, hidden=shape.hidden, ffn=shape.ffn,
                    vocab=shape.vocab)
@@ -234,8 +234,8 @@ def _fit_host_sync(decode_tok_s: float, cost, profile, inp: Inputs, shape, per_l
 def repredict(inputs: Path, results: Path) -> None:
     """Recompute the predictions of a finished run from its saved cost models and profile."""
     from haqmoe.results import write_results
-    from haqmoe.runtime.predictor import CostModel
-    from haqmoe.runtime.profiles import HardwareProfile
+    from haqmoe.costs.curves import CostModel
+    from haqmoe.costs.hardware import HardwareProfile
     from haqmoe.runtime.shaped import MoEShape
 
     d = json.loads((results / "runtime_gpu.json").read_text())
@@ -280,7 +280,7 @@ def run(inputs: Path, out: Path, layers: int, tokens: int, budget_frac: float, d
     from haqmoe.routing.placement import Plan
     from haqmoe.runtime.calibrate import measure_profile
     from haqmoe.runtime.engine import CollaborativeEngine, EngineConfig, SamplingConfig, decode_tok_s, latency_stats
-    from haqmoe.runtime.profiles import PROFILES
+    from haqmoe.costs.hardware import PROFILES
     from haqmoe.runtime.shaped import MoEShape, restore_experts, shaped_mixtral
     from haqmoe.runtime.simulator import frequency_plan
 

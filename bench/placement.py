@@ -3,6 +3,7 @@ upcycled MoE, held-out (and in-sample beside), with per-layer hit-rate plots.
 
     .venv/bin/python bench/placement.py                       # everything (~3 min + profiling if needed)
     .venv/bin/python bench/placement.py --traces /tmp/hq      # reuse smollm2-moe traces (valid/, test/)
+    .venv/bin/python bench/placement.py --profile rtx4090     # another hardware profile (default rtx5090d)
 
 smollm2-moe traces are profiled if missing (16 + 16 requests of 512 tokens, ~8 min on 2 cores):
     haqmoe profile smollm2-moe --data wikitext2:valid --requests 16 --seqlen 512 --out TRACES/valid
@@ -19,26 +20,26 @@ import sys
 from pathlib import Path
 
 
+from haqmoe.costs.hardware import DEFAULT_PROFILE
+from haqmoe.costs.planning import PlanningCosts, planning_costs_for
+from haqmoe.registry import COST_STRATEGIES, STRATEGIES
 from haqmoe.results import run_meta, write_results
 from haqmoe.routing import mixtral as mx
-from haqmoe.routing.cost import get_profile
 from haqmoe.routing.evaluate import HitSummary, expected_latency_ms, layer_hit, per_request_hit
 from haqmoe.routing.placement import Budget, build_plan, make_strategy
 from haqmoe.routing.sources import RoutingSource, from_prompts, load_source
 from haqmoe.studies.plots import plot_layer_hits, plot_stats
 from haqmoe.routing.stats import path_coverage
 
-STRATEGIES = ["global-frequency", "path-frequency", "two-stage", "layer-frequency", "latency", "latency-balanced"]
-OURS = {"latency", "latency-balanced"}
+OURS = set(COST_STRATEGIES)
 REQUEST_LENS: list[int | None] = [None, 25, 50, 100]  # None = whole requests (exact counts)
 COLUMNS = ["source", "split", "budget", "strategy", "request_len", "mean_hit", "std_hit", "gap_hit",
            "expected_latency_ms", "profile", "requests", "path_data"]
 
 
 def evaluate_source(name: str, build: RoutingSource, splits: dict[str, RoutingSource], budgets: list[int],
-                    profile_name: str) -> tuple[list[dict], dict]:
+                    prof: PlanningCosts) -> tuple[list[dict], dict]:
     """Rows for every (budget, strategy, split, request_len); per-layer held-out hits for plots."""
-    prof = get_profile(profile_name)
     stats = build.stats()
     rows, per_layer = [], {}
     for budget in budgets:
@@ -66,7 +67,7 @@ def evaluate_source(name: str, build: RoutingSource, splits: dict[str, RoutingSo
                                  "request_len": "full" if n is None else n, "mean_hit": round(hit.mean, 2),
                                  "std_hit": round(hit.std, 2), "gap_hit": round(hit.gap, 2),
                                  "expected_latency_ms": round(expected_latency_ms(plan, rc_eval, prof), 2),
-                                 "profile": profile_name, "requests": f"{len(rc_eval)} {'exact' if exact else 'sampled'}",
+                                 "profile": prof.name, "requests": f"{len(rc_eval)} {'exact' if exact else 'sampled'}",
                                  "path_data": path_data})
             print(name, budget, strat, "done", flush=True)
     return rows, per_layer
@@ -103,6 +104,7 @@ def main() -> None:
     ap.add_argument("--traces", type=Path, default=Path("/tmp/haqmoe-traces"))
     ap.add_argument("--out", type=Path, default=Path("bench/results/placement.json"))
     ap.add_argument("--skip-smollm2", action="store_true")
+    ap.add_argument("--profile", default=DEFAULT_PROFILE, help="hardware profile (name or .json), as `haqmoe plan`")
     args = ap.parse_args()
     out_dir = args.out.parent
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -114,8 +116,9 @@ def main() -> None:
     build_s, held_s = mx.split_subjects(subjects)
     build = from_prompts(mx.load_frac_vecs(build_s), "mixtral:build")
     held = from_prompts(mx.load_frac_vecs(held_s), "mixtral:heldout")
+    costs = {"mixtral-8x7b": planning_costs_for(args.profile, build.model, *build.shape, build.stats().top_k)}
     r, per_layer = evaluate_source("mixtral-8x7b", build, {"heldout": held, "insample": build}, [128, 160],
-                                   "mixtral-int8-pcie4")
+                                   costs["mixtral-8x7b"])
     rows += r
     for b in (128, 160):
         plot_layer_hits({s: v["hit"] for (bb, s), v in per_layer.items() if bb == b},
@@ -130,8 +133,9 @@ def main() -> None:
     if not args.skip_smollm2:
         ensure_traces(args.traces)
         tb, tt = load_source(str(args.traces / "valid")), load_source(str(args.traces / "test"))
+        costs["smollm2-moe"] = planning_costs_for(args.profile, tb.model, *tb.shape, tb.trace.top_k)
         r, per_layer = evaluate_source("smollm2-moe", tb, {"heldout": tt, "insample": tb}, [120, 150],
-                                       "smollm2moe-int8-pcie4")
+                                       costs["smollm2-moe"])
         rows += r
         for b in (120, 150):
             plot_layer_hits({s: v["hit"] for (bb, s), v in per_layer.items() if bb == b},
@@ -146,15 +150,17 @@ def main() -> None:
                      + ", ".join(f"w={w}: {100 * c:.1f}%" for w, c in cov.items())
                      + " (whole-model paths do not recur; the default window 2 does).")
     goal = goal_check(rows)
-    profiles = "; ".join(f"{n}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                             for k, v in get_profile(n).as_dict().items() if k != "name")
-                         for n in ("mixtral-int8-pcie4", "smollm2moe-int8-pcie4"))
+    profiles = "; ".join(f"{n} on {c.name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                        for k, v in c.as_dict().items() if k != "name")
+                         for n, c in costs.items())
     notes_md = f"""Hit rate = share of (token, layer, selected expert) activations served by GPU-resident experts,
 in percent; mean/std/gap across MoE layers. `request_len` full = whole requests, hit pooled over all
 tokens (exact counts); 25/50/100 = per-request hit averaged over requests of that length (smollm2-moe:
 non-overlapping chunks of the real traces; Mixtral: requests SAMPLED from each prompt's per-layer
 fractions, `requests` says which). `expected_latency_ms` = mean expert time of one such request under
-the named hardware profile (routing/cost.py; assumed numbers, not measured): {profiles}.
+the cost model the simulator replays (costs/: the roofline of the named hardware profile for the model's
+W8A8 experts; resident = GPU time, miss = min(CPU, copy + GPU, split); datasheet numbers and stated
+assumptions, not measured): {profiles}.
 Mixtral has no per-token data: `path-frequency`/`two-stage` paths come from synthetic tokens
 (16 per build prompt, layers independent given the prompt; `path_data` = synthetic); frequencies and
 all held-out hit rates at `full` are exact. Ours: `latency` (exact minimiser of expected request

@@ -17,7 +17,7 @@ from pathlib import Path
 from haqmoe.results import run_meta, write_results
 from haqmoe.studies.experiments import MIXTRAL_LOCALITY, mixtral_pair, replay_once, simulate_rows, static_oracle_hit
 from haqmoe.runtime.prefetch import DEFAULT_GUESS_RECALL
-from haqmoe.runtime.profiles import PROFILES, cost_model_for, memory_plan, model_spec, nonexpert_layer_ms
+from haqmoe.costs import PROFILES, cost_model_for, memory_plan, model_spec, nonexpert_layer_ms
 from haqmoe.runtime.simulator import spec_for_trace
 
 _MIXTRAL = model_spec("mixtral-8x7b")
@@ -26,7 +26,7 @@ NOTES_VALUES = dict(MIXTRAL_LOCALITY=MIXTRAL_LOCALITY, MODEL_W8A8_GB=_MIXTRAL.to
                     SAVING_PCT=100 * (1 - _MIXTRAL.total_bytes("w8a8") / _MIXTRAL.total_bytes("fp16")))
 
 NOTES = """All rows are **simulated** (`haqmoe simulate`): trace-driven replay on a hardware profile
-(runtime/profiles.py lists every number with its source or assumption). Trace: Mixtral-8x7B,
+(costs/hardware.py lists every number with its source or assumption). Trace: Mixtral-8x7B,
 **synthetic-from-statistics** (decode-like tokens sampled from the real per-prompt MMLU expert
 fractions of held-out subjects, locality {MIXTRAL_LOCALITY}); plans are built on the other subjects.
 GPU memory = non-expert weights (int8 attention, 16-bit embeddings/lm_head) + expert slots + 2 GB

@@ -19,8 +19,8 @@ from haqmoe.runtime.decide import Rules, admit_misses, decide_layer, routed_coun
 from haqmoe.runtime.engine import CollaborativeEngine, EngineConfig, SamplingConfig
 from haqmoe.runtime.hybrid import HybridExperts
 from haqmoe.runtime.policies import LRUPolicy
-from haqmoe.runtime.predictor import CostCurve, CostModel
-from haqmoe.runtime.profiles import HardwareProfile, ModelSpec
+from haqmoe.costs.curves import CostCurve, CostModel
+from haqmoe.costs import HardwareProfile, ModelSpec
 from haqmoe.runtime.simulator import Replay, ReplayOptions
 
 PROMPT = torch.tensor([[5, 17, 99, 3, 42, 8, 61, 7, 12, 30, 2, 77]])

@@ -216,7 +216,7 @@ def test_plans_are_checked_with_or_without_a_gpu_tier(tmp_path):
 def test_profile_costs_use_the_bytes_the_store_copies():
     """Without a GPU the predictor's copy time comes from the profile: for the experts this store holds
     (fp32 here, int8 once quantized), not always int8's."""
-    from haqmoe.runtime.profiles import GB, load_profile
+    from haqmoe.costs.hardware import GB, load_profile
 
     h2d = load_profile("rtx5090d").h2d_gb_s * GB
     for quant in (False, True):

@@ -9,7 +9,9 @@ import pytest
 
 from haqmoe.errors import HaqmoeError
 from haqmoe.paths import shared_data_dir
-from haqmoe.routing.cost import get_profile
+from haqmoe.costs.hardware import load_profile
+from haqmoe.costs.planning import planning_costs, planning_costs_for
+from haqmoe.costs.shapes import model_spec
 from haqmoe.routing.evaluate import evaluate_trace, per_request_hit, request_counts
 from haqmoe.routing.placement import Budget, Plan, build_plan, make_strategy
 from haqmoe.routing.stats import path_coverage, stats_from_trace
@@ -84,13 +86,22 @@ def test_whole_model_paths_do_not_generalise():
 
 
 def test_cost_model_shape():
-    prof = get_profile("mixtral-int8-pcie4")
-    assert prof.transfer_ms == pytest.approx(prof.expert_bytes / 24e6)
-    n = np.array([0.0, 1, 2, 100])
-    assert prof.saving_ms(n)[0] == 0 and (np.diff(prof.saving_ms(n)) >= 0).all()
-    assert prof.miss_ms(np.array(1000.0)) == pytest.approx(prof.transfer_ms + prof.gpu_fixed_ms + 1000 * 0.002)
+    """The planning objective is the simulator's cost model: a miss costs min(CPU, copy + GPU, split)."""
+    hw, spec = load_profile("rtx5090d"), model_spec("mixtral-8x7b")
+    prof = planning_costs(hw, spec)
+    assert prof.expert_bytes == spec.expert_bytes("w8a8")
+    assert prof.cost.transfer_ms == pytest.approx(1e3 * prof.expert_bytes / (hw.h2d_gb_s * 1e9))
+    n = np.array([0.0, 1, 2, 100, 1000])
+    assert prof.saving_ms(n)[0] == 0 and (prof.saving_ms(n) >= 0).all()
+    cost = prof.cost
+    for x in n[1:]:
+        want = min(cost.t_cpu(x), cost.t_gpu(x, resident=False), cost.best_split(x)[1])
+        assert prof.miss_ms(np.array(x)) == pytest.approx(want)
+        assert prof.resident_ms(np.array(x)) == pytest.approx(cost.t_gpu(x))
+    assert planning_costs_for("rtx5090d", "smollm2-moe", 30, 8, 2).expert_bytes == \
+        model_spec("smollm2-moe").expert_bytes("w8a8")
     with pytest.raises(HaqmoeError, match="unknown hardware profile"):
-        get_profile("nope")
+        load_profile("nope")
 
 
 needs_data = pytest.mark.skipif(shared_data_dir() is None or not (shared_data_dir() / "mixtral-routing").is_dir(),
@@ -130,12 +141,12 @@ def test_cli_plan_and_eval(tmp_path):
     for strat in ("two-stage", "latency"):
         out = tmp_path / f"{strat}.json"
         r = runner.invoke(app, ["-q", "plan", str(build), "--out", str(out), "--strategy", strat, "--budget", "16",
-                                "--profile", "smollm2moe-int8-pcie4", "--request-len", "20", "--json"])
+                                "--profile", "rtx4090", "--request-len", "20", "--json"])
         assert r.exit_code == 0, r.output
         assert json.loads(r.output)["experts"] == 16
         plans.append(str(out))
     r = runner.invoke(app, ["-q", "placement-eval", *plans, "--on", str(held), "--request-len", "20",
-                            "--profile", "smollm2moe-int8-pcie4", "--out", str(tmp_path / "res.json"),
+                            "--profile", "rtx4090", "--out", str(tmp_path / "res.json"),
                             "--plot", str(tmp_path / "hit.png"), "--json"])
     assert r.exit_code == 0, r.output
     rows = json.loads(r.output)["rows"]

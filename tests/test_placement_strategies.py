@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from haqmoe.errors import HaqmoeError
-from haqmoe.routing.cost import PlanningCosts
+from haqmoe.costs.curves import CostCurve, CostModel
+from haqmoe.costs.planning import PlanningCosts
 from haqmoe.routing.placement import (STRATEGIES, Budget, Plan, TwoStage, build_plan, make_strategy)
 from haqmoe.routing.stats import stats_from_trace
 from haqmoe.routing.trace import RoutingTrace
@@ -73,7 +74,7 @@ def test_two_stage_bad_counts(stats):
 
 def toy_profile() -> PlanningCosts:
     # transfer 2 ms, CPU 1 ms per token, GPU free: residency saves min(n, 2) ms for an expert with n tokens
-    return PlanningCosts("toy", expert_bytes=1e6, pcie_gbps=0.5, cpu_gbps=1.0, gpu_gbps=1e12, gpu_ms_per_token=0.0)
+    return PlanningCosts("toy", CostModel(CostCurve(per_token_ms=1.0), CostCurve(), 2.0), 1e6, split=False)
 
 
 def test_latency_strategy_prefers_saturating_savings():

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from haqmoe.errors import HaqmoeError
-from haqmoe.runtime.predictor import CostCurve, CostModel
-from haqmoe.runtime.profiles import (PROFILES, cost_model_for, load_profile, memory_plan, model_spec)
+from haqmoe.costs.curves import CostCurve, CostModel
+from haqmoe.costs import PROFILES, cost_model_for, load_profile, memory_plan, model_spec
 
 
 def linear_model(**kw) -> CostModel:
@@ -139,7 +139,7 @@ def test_balanced_sends_a_miss_to_the_channel_that_finishes_first():
 
 
 def test_split_picks_the_row_share_that_finishes_first():
-    from haqmoe.runtime.predictor import SPLIT_STEPS, copied_share
+    from haqmoe.costs.curves import SPLIT_STEPS, copied_share
 
     m = linear_model()  # T_cpu(1) = 1, transfer 5, T_gpu(1) = 0.1
     for n, cq, cw in [(1, 0.0, 0.0), (4, 1.0, 0.0), (1, 0.0, 3.0), (30, 0.0, 0.0)]:
@@ -158,7 +158,7 @@ def test_split_picks_the_row_share_that_finishes_first():
 def test_measured_split_parts_replace_the_row_share_scaling():
     """A CPU tier whose per-call cost a share of the rows does not shrink (2.35 of 2.5 ms here) gains nothing
     from splitting: measured parts must keep the engine from splitting there, where the share scaling splits."""
-    from haqmoe.runtime.predictor import SPLIT_STEPS, copied_share
+    from haqmoe.costs.curves import SPLIT_STEPS, copied_share
 
     cpu = CostCurve(points=[(1.0, 2.5), (2.0, 3.0), (4.0, 4.0)])
     gpu = CostCurve(points=[(1.0, 0.25), (2.0, 0.9)])

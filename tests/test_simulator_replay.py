@@ -10,9 +10,9 @@ from haqmoe.routing.guess import guess_quality
 from haqmoe.routing.trace import RoutingTrace
 from haqmoe.runtime.cache import CacheConfig, ExpertCache
 from haqmoe.runtime.policies import LRUPolicy
-from haqmoe.runtime.predictor import CostCurve, CostModel
+from haqmoe.costs.curves import CostCurve, CostModel
 from haqmoe.runtime.prefetch import PrefetchConfig
-from haqmoe.runtime.profiles import HardwareProfile, ModelSpec
+from haqmoe.costs import HardwareProfile, ModelSpec
 from haqmoe.runtime.simulator import CacheSpec, Replay, ReplayOptions, build_cache
 from haqmoe.routing.synthetic import SyntheticConfig, synthetic_trace
 
@@ -166,7 +166,7 @@ def test_measured_h200_profile_drives_the_simulator(capsys, tmp_path):
     import torch
 
     from haqmoe.cli.main import main
-    from haqmoe.runtime.profiles import load_profile
+    from haqmoe.costs.hardware import load_profile
 
     path = Path(__file__).resolve().parents[1] / "bench" / "results" / "runtime_gpu_profile_h200.json"
     prof = load_profile(str(path))
@@ -213,7 +213,7 @@ def test_generation_trace_replays_as_served(tmp_path):
     from haqmoe.routing.profile import trace_windows
     from haqmoe.routing.trace_io import save_trace
     from haqmoe.studies.experiments import IDEAL, guess_rows, load_pair, replay_once
-    from haqmoe.runtime.profiles import model_spec
+    from haqmoe.costs.shapes import model_spec
     from haqmoe.runtime.simulator import frequency_plan, spec_for_trace
 
     model = tiny_model("mixtral", layers=3)

@@ -12,21 +12,16 @@ import typer
 
 from .. import __version__
 from ..io import check_output_dir  # noqa: F401  (re-exported for command modules)
+from ..registry import METHOD_HELP, METHODS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Hessian-aware W8A8 quantization and CPU-GPU collaborative inference for MoE LLMs.")
 state = {"debug": False, "progress": True}
 
 
-class Method(str, Enum):
-    """Quantization methods (see haqmoe.quant.methods for what each one does)."""
-
-    rtn = "rtn"
-    smoothquant = "smoothquant"
-    awq = "awq"
-    gptq = "gptq"
-    smooth = "smooth"
-    haq = "haq"
+# Quantization methods (registry.py; haqmoe.quant.methods runs them): the choices of every --method
+Method = Enum("Method", {m: m for m in METHODS}, type=str)
+METHOD_HELP_TEXT = " | ".join(f"{m} ({h})" for m, h in METHOD_HELP.items())
 
 
 class Order(str, Enum):

@@ -6,15 +6,23 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from enum import Enum
+
 import typer
 
+from ..costs.hardware import DEFAULT_PROFILE, PROFILE_HELP
 from ..errors import HaqmoeError
+from ..registry import CACHE_POLICIES, DECISION_POLICIES, ENGINE_CACHE_POLICIES, choices_help
 from .common import GEN_OPTS, app, echo_summary, emit, state
 
+# the registry's names as the choices of --policy and --cache-policy
+DecisionPolicy = Enum("DecisionPolicy", {n: n for n in DECISION_POLICIES}, type=str)
+EngineCachePolicy = Enum("EngineCachePolicy", {n: n for n in ENGINE_CACHE_POLICIES}, type=str)
+
 _ENGINE_OPTS = dict(
-    policy=typer.Option("predictor", help="Non-resident experts: predictor | always-transfer | always-cpu | balanced (CPU and copies side by side) | split (also one miss on both: CPU rows + copied rest)."),
-    cache_policy=typer.Option("lru", help="GPU cache eviction: lru | lfu | pinned+lru | pinned+lfu "
-                              "(pinned: the --plan's experts stay)."),
+    policy=typer.Option("predictor", help="Non-resident experts: " + choices_help(DECISION_POLICIES) + "."),
+    cache_policy=typer.Option("lru", help="GPU cache eviction: " + choices_help({n: CACHE_POLICIES[n] for n in
+                                                                           ENGINE_CACHE_POLICIES}) + "."),
     slots=typer.Option(None, min=0, help="GPU expert slots per layer (default: as many as GPU memory holds "
                        "beside the other weights, a 4096-token KV cache and 1 GiB; emulated: plan size, else half)."),
     gpu_memory=typer.Option(None, help="GPU memory the engine may use, e.g. 24GB (default: all that is free); "
@@ -22,7 +30,7 @@ _ENGINE_OPTS = dict(
     plan=typer.Option(None, help="Placement plan JSON from `haqmoe plan`."),
     device=typer.Option("auto", help="auto | cpu | cuda."),
     emulate_gpu=typer.Option(False, help="Run the GPU-tier path (cache, copies, predictor) on the CPU."),
-    profile=typer.Option("rtx5090d", help="Hardware profile for the cost model when no GPU is measured."),
+    profile=typer.Option(DEFAULT_PROFILE, help=PROFILE_HELP + " The cost model when no GPU is measured."),
     exec_mode=typer.Option("fake", "--exec", help="Quantized execution: fake | dequant | real | auto."),
     prefetch=typer.Option(0, min=0, help="Next-layer experts to prefetch per layer (GPU tier; 0 = off)."),
     guess_trace=typer.Option(None, help="Trace from `haqmoe profile` of this model: prefetch learns, per layer, "
@@ -46,6 +54,7 @@ def build_engine(model: str, policy: str, cache_policy: str, slots: Optional[int
     from ..reliability.guard import parse_bytes
     from ..runtime.engine import CollaborativeEngine, EngineConfig, plan_path
 
+    policy, cache_policy = str(getattr(policy, "value", policy)), str(getattr(cache_policy, "value", cache_policy))
     budget = parse_bytes(gpu_memory) if gpu_memory is not None else None  # bad sizes fail before the load
     if budget is not None and budget <= 0:
         raise HaqmoeError(f"--gpu-memory must be positive, got '{gpu_memory}'")
@@ -72,7 +81,8 @@ def warn_without_gpu_tier(engine, policies: int = 1) -> None:
 def run(model: str = typer.Argument("smollm2-moe", help="MoE model source (embedded name, directory, ...)."),
         prompt: str = GEN_OPTS["prompt"], chat: bool = GEN_OPTS["chat"], max_tokens: int = GEN_OPTS["max_tokens"],
         temperature: float = GEN_OPTS["temperature"], top_p: float = GEN_OPTS["top_p"], seed: int = GEN_OPTS["seed"],
-        policy: str = _ENGINE_OPTS["policy"], cache_policy: str = _ENGINE_OPTS["cache_policy"],
+        policy: DecisionPolicy = _ENGINE_OPTS["policy"],
+        cache_policy: EngineCachePolicy = _ENGINE_OPTS["cache_policy"],
         slots: Optional[int] = _ENGINE_OPTS["slots"], gpu_memory: Optional[str] = _ENGINE_OPTS["gpu_memory"],
         plan: Optional[str] = _ENGINE_OPTS["plan"],
         device: str = _ENGINE_OPTS["device"], emulate_gpu: bool = _ENGINE_OPTS["emulate_gpu"],
@@ -107,10 +117,12 @@ def run(model: str = typer.Argument("smollm2-moe", help="MoE model source (embed
 @app.command("bench-runtime")
 def bench_runtime(model: str = typer.Argument("smollm2-moe", help="MoE model source."),
                   policies: str = typer.Option("always-transfer,always-cpu,predictor,balanced,split",
-                                               help="Comma-separated decision policies to compare."),
+                                               help="Comma-separated decision policies to compare: "
+                                                    + ", ".join(DECISION_POLICIES) + "."),
                   prompt_tokens: int = typer.Option(128, min=1, help="Prompt length (tokens of WikiText/pydoc)."),
                   max_tokens: int = typer.Option(32, min=2, help="Decode tokens per run."),
-                  cache_policy: str = _ENGINE_OPTS["cache_policy"], slots: Optional[int] = _ENGINE_OPTS["slots"],
+                  cache_policy: EngineCachePolicy = _ENGINE_OPTS["cache_policy"],
+                  slots: Optional[int] = _ENGINE_OPTS["slots"],
                   gpu_memory: Optional[str] = _ENGINE_OPTS["gpu_memory"],
                   plan: Optional[str] = _ENGINE_OPTS["plan"], device: str = _ENGINE_OPTS["device"],
                   emulate_gpu: bool = _ENGINE_OPTS["emulate_gpu"], profile: str = _ENGINE_OPTS["profile"],

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..errors import HaqmoeError
-from .common import Method, Order, app, check_output_dir, emit, state
+from .common import METHOD_HELP_TEXT, Method, Order, app, check_output_dir, emit, state
 
 DEFAULT_COMPARE = "fp32,rtn,smoothquant-0.5,smoothquant-0.8,awq,gptq,smooth,haq,haq-rank1,haq-rank2"
 
@@ -59,9 +59,7 @@ def _check_partial(out: Path, resume: bool, overwrite: bool) -> None:
 @app.command()
 def quantize(model: str = typer.Argument(..., help="Model source to quantize."),
              out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
-             method: Method = typer.Option(Method.haq, help="rtn | smoothquant (fixed alpha) | awq (weight-only "
-                                           "objective) | gptq | smooth (adaptive smoothing + RTN) | haq "
-                                           "(adaptive smoothing + GPTQ)."),
+             method: Method = typer.Option(Method.haq, help=METHOD_HELP_TEXT + "."),
              alpha: float = typer.Option(0.5, help="SmoothQuant migration strength."),
              order: Order = typer.Option(Order.natural, help="GPTQ column order (gptq, haq)."),
              stat: str = typer.Option("absmax", help="Smoothing statistic: absmax, absmean or auto (search both)."),

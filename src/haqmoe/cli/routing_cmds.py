@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import time
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from ..costs.hardware import DEFAULT_PROFILE, PROFILE_HELP
+from ..errors import HaqmoeError
+from ..registry import COST_STRATEGIES, STRATEGIES, choices_help, source_help
 from .common import app, emit, state  # noqa: F401
+
+# Placement strategies (registry.py): the choices of --strategy
+Strategy = Enum("Strategy", {n: n for n in STRATEGIES}, type=str)
 
 
 @app.command()
@@ -25,15 +33,12 @@ def profile(model: str = typer.Argument("smollm2-moe", help="MoE model source (s
             overwrite: bool = typer.Option(False, help="Replace an existing trace."),
             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Run a MoE model over text and record per token and MoE layer its top-k experts and router weights."""
-    import time
-
-    from ..sources import load_model
+    # torch and transformers load on use, not at CLI start-up
     from ..routing.profile import ProfileConfig, profile_to_disk
     from ..routing.trace_io import load_trace
+    from ..sources import load_model
 
     if out.exists() and not out.is_dir():  # before the model loads
-        from ..errors import HaqmoeError
-
         raise HaqmoeError(f"--out {out} is a file: a trace is a directory")
     start = time.perf_counter()
     lm = load_model(model, progress=state["progress"])
@@ -51,20 +56,17 @@ def profile(model: str = typer.Argument("smollm2-moe", help="MoE model source (s
                            f"{payload['seconds']} s")
 
 
-_PROFILE_HELP = ("Planning profile (expert bytes, costs): mixtral-int8-pcie4, smollm2moe-int8-pcie4, or auto "
-                 "(the routing data's model; Mixtral's otherwise).")
-_SOURCE_HELP = ("Routing data: a trace directory (haqmoe profile), mixtral:build|heldout|all|SUBJ+SUBJ "
-                "(real Mixtral-8x7B MMLU fractions, split by subject), or fiddler:original|instruct.")
+_PROFILE_HELP = PROFILE_HELP + " Expert costs of the routing data's model on it (costs/)."
+_SOURCE_HELP = source_help("stats")
 
 
 @app.command()
 def plan(source: str = typer.Argument(..., help=_SOURCE_HELP),
          out: Path = typer.Option(..., "--out", "-o", help="Plan JSON to write."),
-         strategy: str = typer.Option("latency-balanced", help="global-frequency, path-frequency, two-stage, "
-                                                               "layer-frequency, latency, latency-balanced."),
+         strategy: Strategy = typer.Option("latency-balanced", help=choices_help(STRATEGIES) + "."),
          budget: Optional[int] = typer.Option(None, help="GPU slots in experts (over all layers)."),
          budget_gb: Optional[float] = typer.Option(None, help="GPU memory for experts in GB (instead of --budget)."),
-         profile: str = typer.Option("auto", help=_PROFILE_HELP),
+         profile: str = typer.Option(DEFAULT_PROFILE, help=_PROFILE_HELP),
          expert_dtype: str = typer.Option("int8", help="Expert storage for byte budgets: int8 or fp16."),
          window: int = typer.Option(2, min=1, help="Path window in layers (path-frequency, two-stage)."),
          top_k_per_layer: Optional[int] = typer.Option(None, help="two-stage Stage I count per layer."),
@@ -76,10 +78,12 @@ def plan(source: str = typer.Argument(..., help=_SOURCE_HELP),
          overwrite: bool = typer.Option(False, help="Replace an existing plan file."),
          as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Build a GPU expert placement plan (per layer: resident experts, bytes, expected hit rate)."""
-    from ..errors import HaqmoeError
-    from ..routing.cost import profile_for
+    # numpy and the routing library load on use: `haqmoe --help` and the other commands start without them
+    from ..costs.planning import planning_costs_for
     from ..routing.placement import Budget, build_plan, make_strategy
     from ..routing.sources import load_source
+
+    strategy = strategy.value
 
     if out.exists() and not overwrite:
         raise HaqmoeError(f"plan {out} exists (use --overwrite)")
@@ -89,11 +93,11 @@ def plan(source: str = typer.Argument(..., help=_SOURCE_HELP),
         raise HaqmoeError("plan needs one GPU budget: --budget N (expert slots over all layers) or --budget-gb GB "
                           f"(memory for experts){'' if budget is None else ', not both'}")
     src = load_source(source)
-    prof = profile_for(profile, src.model)
     stats = src.stats(window)
-    ebytes = prof.expert_bytes * (2.0 if expert_dtype == "fp16" else 1.0)
+    prof = planning_costs_for(profile, src.model, *src.shape, stats.top_k, "fp16" if expert_dtype == "fp16" else "w8a8")
+    ebytes = prof.expert_bytes
     b = Budget.of(stats, budget, None if budget_gb is None else budget_gb * 1e9, ebytes)
-    rc = src.requests(request_len, seed=1) if strategy.startswith("latency") and src.requests_fn else None
+    rc = src.requests(request_len, seed=1) if strategy in COST_STRATEGIES and src.requests_fn else None
     p = build_plan(make_strategy(strategy, prof, rc, top_k_per_layer=top_k_per_layer,
                                  supplement_k_per_layer=supplement_k_per_layer,
                                  decode_tokens=decode_tokens), stats, b, ebytes)
@@ -114,23 +118,24 @@ def placement_eval(plans: list[Path] = typer.Argument(..., help="Plan JSON files
                    on: str = typer.Option(..., "--on", help="Held-out routing data. " + _SOURCE_HELP),
                    request_len: list[int] = typer.Option([25, 50, 100], min=1, help="Request lengths for per-request "
                                                                                     "hit and latency (repeatable)."),
-                   profile: str = typer.Option("auto", help=_PROFILE_HELP),
+                   profile: str = typer.Option(DEFAULT_PROFILE, help=_PROFILE_HELP),
                    decode_tokens: int = typer.Option(32, min=0, help="Generated tokens per request in the "
                                                                      "latency estimate."),
                    out: Optional[Path] = typer.Option(None, help="Write results JSON + markdown here."),
                    plot: Optional[Path] = typer.Option(None, help="Write a per-layer hit-rate plot (PNG)."),
                    as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Hit rates of plans on routing NOT used to build them: per layer, mean/std/gap, per request, latency."""
+    # numpy, tqdm and the routing library load on use: `haqmoe --help` and the other commands start without them
     from tqdm import tqdm
 
-    from ..routing.cost import profile_for
+    from ..costs.planning import planning_costs_for
     from ..routing.evaluate import HitSummary, expected_latency_ms, layer_hit, per_request_hit
     from ..routing.placement import Plan
     from ..routing.sources import load_source, shares_data
 
     src = load_source(on)
-    prof = profile_for(profile, src.model)
     L, E = src.shape
+    prof = planning_costs_for(profile, src.model, L, E, 0)
     loaded = [Plan.load(p, L, E) for p in plans]
     lengths = [n for n in request_len if src.requests_fn is not None and src.has_requests(n)]
     if src.requests_fn is not None and lengths != list(request_len):
@@ -153,7 +158,7 @@ def placement_eval(plans: list[Path] = typer.Argument(..., help="Plan JSON files
                          "expected_latency_ms": None if lat is None else round(lat, 2),
                          "per_layer_hit": [round(float(x), 2) for x in hit.per_layer]})
     if out is not None:
-        from ..results import run_meta, write_results
+        from ..results import run_meta, write_results  # imports torch and transformers (their versions)
 
         write_results(out, rows, run_meta(), f"Placement evaluation on {on}",
                       f"Hit rate in percent across {L} MoE layers; latency under profile {profile}.",
@@ -169,7 +174,7 @@ def placement_eval(plans: list[Path] = typer.Argument(..., help="Plan JSON files
 
 
 def _plot_layers(per_layer: dict, path: Path, title: str) -> None:
-    import matplotlib
+    import matplotlib  # heavy: only plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -196,10 +201,12 @@ def routing_stats(source: str = typer.Argument(..., help=_SOURCE_HELP),
                   plot: Optional[Path] = typer.Option(None, help="Write heat map + path distribution (PNG)."),
                   as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Expert frequency, load skew, entropy and activation-path statistics of routing data."""
+    # numpy and the routing library load on use: `haqmoe --help` and the other commands start without them
     import numpy as np
 
     from ..routing.sources import load_source
     from ..routing.stats import entropy_bits, load_skew, path_coverage, summary
+    from ..routing.trace_io import check_model
 
     src = load_source(source)
     st = src.stats(window)
@@ -210,16 +217,12 @@ def routing_stats(source: str = typer.Argument(..., help=_SOURCE_HELP),
     if held_out is not None:
         other = load_source(held_out)
         if other.trace is None:
-            from ..errors import HaqmoeError
-
             raise HaqmoeError("--held-out needs a trace directory (per-token paths)")
-        from ..routing.trace_io import check_model
-
         check_model(*other.shape, *src.shape, f"--held-out {held_out}")
         ws = sorted({1, window, 4, st.num_layers} & set(range(1, st.num_layers + 1)))
         payload["held_out_path_coverage"] = {w: round(path_coverage(src.stats(w), other.trace), 4) for w in ws}
     if plot is not None:
-        from ..studies.plots import plot_stats
+        from ..studies.plots import plot_stats  # matplotlib: only plots need it
 
         plot_stats(st, plot, source, src.trace)
     human = (f"{source}: {st.num_layers} MoE layers x {st.num_experts} experts (top-{st.top_k}), {st.tokens} tokens\n"

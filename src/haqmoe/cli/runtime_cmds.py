@@ -7,11 +7,13 @@ from typing import Optional
 
 import typer
 
+from ..costs.hardware import DEFAULT_PROFILE, PROFILE_HELP, load_profile
 from ..errors import HaqmoeError
+from ..io import atomic_write_text
+from ..registry import CACHE_POLICIES, DECISION_POLICIES, SIM_POLICIES, choices_help, source_help
 from .common import app, emit, state  # noqa: F401
 
-_SOURCE_HELP = ("Trace: a directory written by `haqmoe profile`, `mixtral-stats` (decode-like traces "
-                "sampled from the real Mixtral-8x7B MMLU statistics) or `synthetic`.")
+_SOURCE_HELP = source_help("replay")
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -32,20 +34,23 @@ def _names(text: str) -> list[str]:
 def cache_eval(source: str = typer.Argument("mixtral-stats", help=_SOURCE_HELP),
                fracs: str = typer.Option("0.25,0.5,0.625", help="Cache sizes as fractions of all experts."),
                policies: str = typer.Option("static,lru,lfu,pinned+lru,lru+alloc,pinned+lfu+alloc,freq-oracle,belady",
-                                            help="Cache policies (freq-oracle, belady = offline bounds)."),
+                                            help="Cache policies, comma-separated: "
+                                                 + choices_help(CACHE_POLICIES, "; ") + "."),
                prefetch: str = typer.Option("both", help="Prefetch: off, on or both."),
                exact: bool = typer.Option(False, help="Replay the trace's own guesses (error if it has none)."),
                guess_recall: Optional[float] = typer.Option(None, help="Top-k recall of synthetic guesses "
                                                             "(traces without guesses; default 0.8)."),
                scope: str = typer.Option("layer", help="Slot pools: layer or global."),
-               profile: str = typer.Option("rtx5090d", help="Hardware profile (name or .json) for tok/s."),
-               decision: str = typer.Option("always-transfer", help="Decision policy of the timed replay."),
+               profile: str = typer.Option(DEFAULT_PROFILE, help=PROFILE_HELP + " For tok/s."),
+               decision: str = typer.Option("always-transfer", help="Decision policy of the timed replay: "
+                                            + choices_help(DECISION_POLICIES) + "."),
                held_out: float = typer.Option(0.5, min=0.1, max=0.9, help="Share of requests held out."),
                out: Optional[Path] = typer.Option(None, help="Write results JSON/MD (+ a .png plot)."),
                as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Hit rate and resident-when-needed rate per cache policy, with and without prefetch."""
+    # torch (next-layer guesses) and the simulator load on use, not at CLI start-up
+    from ..results import run_meta, write_results
     from ..studies.experiments import cache_rows, guess_rows, load_pair, plot_cache
-    from ..runtime.profiles import load_profile
 
     modes = {"off": (False,), "on": (True,), "both": (False, True)}
     if prefetch not in modes:
@@ -57,8 +62,6 @@ def cache_eval(source: str = typer.Argument("mixtral-stats", help=_SOURCE_HELP),
     guesses = guess_rows(pair)
     payload = {"rows": rows, "guess_quality": guesses}
     if out is not None:
-        from ..results import run_meta, write_results
-
         write_results(out, rows, run_meta(), f"Cache policies on {pair.source}")
         payload["plot"] = str(plot_cache(rows, Path(out).with_suffix(".png")))
     human = "\n".join(f"cache {r['cache_frac']:<5} {r['policy']:<18} prefetch={str(r['prefetch']):<5} "
@@ -70,27 +73,25 @@ def cache_eval(source: str = typer.Argument("mixtral-stats", help=_SOURCE_HELP),
 
 @app.command()
 def simulate(source: str = typer.Argument("mixtral-stats", help=_SOURCE_HELP),
-             profile: str = typer.Option("rtx5090d", help="Hardware profile: rtx5090d, rtx4090, a100-40gb, "
-                                                          "h100-pcie, or a .json file."),
-             policies: str = typer.Option("always-transfer,always-cpu,predictor,full,full+prefetch,"
-                                          "balanced+prefetch,full+split",
-                                          help="Runtime policies to compare (studies/experiments.py SIM_POLICIES)."),
+             profile: str = typer.Option(DEFAULT_PROFILE, help=PROFILE_HELP),
+             policies: str = typer.Option(",".join(SIM_POLICIES),
+                                          help="Runtime policies to compare, comma-separated: "
+                                               + ", ".join(SIM_POLICIES) + " (registry.py SIM_POLICIES)."),
              budget_gb: Optional[float] = typer.Option(None, help="GPU memory budget (default: the profile's)."),
              prefill_tokens: int = typer.Option(512, min=1, help="Prompt length of the prefill estimate."),
              guess_recall: Optional[float] = typer.Option(None, help="Top-k recall of prefetch guesses."),
              out: Optional[Path] = typer.Option(None, help="Write results JSON/MD."),
              as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Predict decode/prefill latency and GPU memory of a MoE model on a hardware profile."""
+    # torch (next-layer guesses) and the simulator load on use, not at CLI start-up
+    from ..results import run_meta, write_results
     from ..studies.experiments import load_pair, simulate_rows
-    from ..runtime.profiles import load_profile
 
     prof = load_profile(profile)
     pair = load_pair(source)
     rows = simulate_rows(pair, prof, _names(policies), budget_gb, prefill_tokens, guess_recall,
                          progress=state["progress"])
     if out is not None:
-        from ..results import run_meta, write_results
-
         write_results(out, rows, run_meta(profile=prof.name), f"Simulated {pair.source} on {prof.name}")
     human = "\n".join(f"{r['policy']:<16} decode {r['decode_tok_s']:6.2f} tok/s  prefill({prefill_tokens}) "
                       f"{r['prefill_ms_512']:7.1f} ms  p50 {r['latency_p50_ms']:.1f} p99 {r['latency_p99_ms']:.1f} "
@@ -104,8 +105,7 @@ def measure_profile_cmd(out: Path = typer.Option(..., "-o", "--out", help="Profi
                         name: str = typer.Option("measured", help="Profile name.")) -> None:
     """Measure this machine's hardware profile (GPU and PCIe bandwidth, int8/fp16 throughput, host memory
     bandwidth, CPU int8/fp32 throughput) for `simulate --profile FILE.json`. Needs a CUDA GPU."""
-    from ..io import atomic_write_text
-    from ..runtime.calibrate import measure_profile
+    from ..runtime.calibrate import measure_profile  # torch: loads on use, not at CLI start-up
 
     if out.suffix != ".json":
         raise HaqmoeError(f"--out must be a .json file (got {out})")

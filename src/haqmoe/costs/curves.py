@@ -1,4 +1,9 @@
-"""Cost predictor (docs/design.md, Cost predictor): compute a non-resident expert on the CPU, or ship it to the GPU?
+"""Expert cost curves and the cost predictor (docs/design.md, Cost predictor): compute a non-resident
+expert on the CPU, ship it to the GPU, or split it?
+
+One ``CostModel`` serves every user: the engine's (measured at start-up, ``runtime/calibrate.py``, or
+derived from a hardware profile), the simulator's and the placement objective's (``costs/roofline.py``
+derives it from a hardware profile and a model shape, ``costs/planning.py`` sums it over requests).
 
 T_cpu(n) and T_gpu(n) are cost curves in milliseconds for n tokens through one expert. The
 linear form of the paper (``n * lat``) is wrong at small n: one decode token still streams the
@@ -15,6 +20,10 @@ while the copy engine ships the other rows and the whole down projection; the GP
 rows, joins the intermediate vector and runs down. A one-token miss then streams its bytes over CPU
 memory and PCIe at once, instead of over one of them (and the result is the same function: every
 output row is computed by one side in full, down sees the whole intermediate vector).
+
+``miss_ms(n)`` = min(T_cpu(n), T_e + T_gpu(n), best split) is what a miss costs served the fastest way
+with idle queues (the ``split`` policy's choice); ``resident_ms(n)`` = T_gpu(n). Both take arrays: the
+placement objective evaluates them over every (request, layer, expert) count at once.
 """
 
 from __future__ import annotations
@@ -26,8 +35,8 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import HaqmoeError
+from ..registry import DECISION_POLICIES
 
-DECISION_POLICIES = ("predictor", "always-transfer", "always-cpu", "balanced", "split")
 N_MAX = 1 << 16
 SPLIT_STEPS = 8  # a split keeps k / SPLIT_STEPS of the gate/up rows on the CPU, k = 1 .. SPLIT_STEPS - 1
 
@@ -51,6 +60,19 @@ class CostCurve:
             slope = (ts[-1] - ts[-2]) / max(ns[-1] - ns[-2], 1e-12)
             return float(ts[-1] + slope * (n - ns[-1]))
         return self.overhead_ms + max(self.floor_ms, n * self.per_token_ms)
+
+    def at(self, n) -> np.ndarray:
+        """``self(n)`` over an array of token counts (0 where n <= 0)."""
+        n = np.asarray(n, np.float64)
+        if self.points:
+            ns, ts = (np.array(v, np.float64) for v in zip(*sorted(self.points)))
+            out = np.interp(n, ns, ts)
+            if len(ns) >= 2:
+                slope = (ts[-1] - ts[-2]) / max(ns[-1] - ns[-2], 1e-12)
+                out = np.where(n > ns[-1], ts[-1] + slope * (n - ns[-1]), out)
+        else:
+            out = self.overhead_ms + np.maximum(self.floor_ms, n * self.per_token_ms)
+        return np.where(n > 0, out, 0.0)
 
     @classmethod
     def fit(cls, ns: Sequence[float], ms: Sequence[float]) -> "CostCurve":
@@ -130,6 +152,32 @@ class CostModel:
             return (cpu1 * self.t_cpu(n) / max(self.t_cpu(1), 1e-9), self.transfer_ms * copied,
                     gpu1 * self.t_gpu(n) / max(self.t_gpu(1), 1e-9))
         return self.t_cpu(n) * (1 - copied), self.transfer_ms * copied, self.t_gpu(n) * copied
+
+    def split_finish_ms(self, n) -> np.ndarray:
+        """Finish time of the best split with idle queues, over an array of token counts (``best_split``'s)."""
+        n = np.asarray(n, np.float64)
+        cpu, gpu = self.cpu.at(n), self.gpu.at(n)
+        best = np.full(n.shape, np.inf)
+        for k in range(1, SPLIT_STEPS):
+            copied = copied_share(k)
+            if self.split_ms:
+                cpu1, gpu1 = self.split_ms[k - 1]
+                parts = (cpu1 * cpu / max(self.t_cpu(1), 1e-9), gpu1 * gpu / max(self.t_gpu(1), 1e-9))
+            else:
+                parts = (cpu * (1 - copied), gpu * copied)
+            best = np.minimum(best, np.maximum(parts[0], self.transfer_ms * copied) + parts[1])
+        return np.where(n > 0, best, 0.0)
+
+    def resident_ms(self, n) -> np.ndarray:
+        """T_gpu(n) of a resident expert, over an array of token counts."""
+        return self.gpu.at(n)
+
+    def miss_ms(self, n, split: bool = True) -> np.ndarray:
+        """What a miss of n tokens costs served the fastest way with idle queues: min(CPU, copy + GPU[, split]),
+        over an array of token counts (0 where n <= 0)."""
+        n = np.asarray(n, np.float64)
+        out = np.minimum(self.cpu.at(n), np.where(n > 0, self.transfer_ms + self.gpu.at(n), 0.0))
+        return np.minimum(out, self.split_finish_ms(n)) if split else out
 
     def best_split(self, n: float, cpu_queue_ms: float = 0.0, copy_wait_ms: float = 0.0) -> tuple[int, float]:
         """(k, finish ms) of the split that finishes first behind the given queues."""

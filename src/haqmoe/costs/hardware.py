@@ -1,12 +1,11 @@
-"""Hardware profiles and model shapes: what the simulator and the predictor need to know about a
-machine they may not be running on.
+"""Hardware profiles: what the cost model needs to know about a machine it may not be running on.
 
 A profile holds hardware numbers (memory bandwidths, int8/fp throughput, PCIe bandwidth), each
-with its source or assumption in ``sources``. Expert costs for a given model are derived by a
-roofline (``cost_model_for``): one token through an expert streams all its weights, so small n
-is bandwidth-bound and large n is compute-bound. ``efficiency`` factors turn datasheet peaks
-into achievable numbers; they are assumptions, stated as such. A profile can also be a JSON
-file (same keys) or measured on the machine at hand (``runtime/calibrate.py``).
+with its source or assumption in ``sources``; ``costs/roofline.py`` turns a profile and a model
+shape into expert costs. ``efficiency`` factors turn datasheet peaks into achievable numbers; they
+are assumptions, stated as such. A profile is a built-in name (``PROFILES``), a JSON file with the
+same keys, or measured on the machine at hand (``runtime/calibrate.measure_profile``): what
+``--profile`` means on every command that takes it (``load_profile``).
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import HaqmoeError
-from .predictor import CostCurve, CostModel
 
 GB = 1e9
 
@@ -57,62 +55,6 @@ class HardwareProfile:
             return cls(**d)
         except TypeError as exc:
             raise HaqmoeError(f"bad hardware profile: {exc}") from None
-
-
-@dataclass
-class ModelSpec:
-    """Shape of an MoE model, enough to cost it (SwiGLU experts: gate, up [ffn, hidden]; down)."""
-
-    name: str
-    num_layers: int
-    num_experts: int
-    top_k: int
-    hidden: int
-    ffn: int
-    vocab: int
-    attn_params_per_layer: int  # q, k, v, o (+ router, norms)
-    kv_dim: int  # n_kv_heads * head_dim
-
-    @property
-    def expert_params(self) -> int:
-        return 3 * self.hidden * self.ffn
-
-    def expert_bytes(self, precision: str) -> int:
-        """Weights + per-output-channel scales and zero points (fp32) for int8."""
-        if precision == "w8a8":
-            return self.expert_params + 2 * 4 * (2 * self.ffn + self.hidden)
-        if precision == "fp16":
-            return 2 * self.expert_params
-        if precision == "fp32":
-            return 4 * self.expert_params
-        raise HaqmoeError(f"unknown precision {precision!r} (w8a8, fp16, fp32)")
-
-    def nonexpert_bytes(self, precision: str) -> int:
-        """Attention in the model precision; embeddings and lm_head kept in 16 bits."""
-        per_param = {"w8a8": 1, "fp16": 2, "fp32": 4}[precision]
-        embed_bytes = 4 if precision == "fp32" else 2
-        return self.num_layers * self.attn_params_per_layer * per_param + 2 * self.vocab * self.hidden * embed_bytes
-
-    def total_bytes(self, precision: str) -> int:
-        return self.nonexpert_bytes(precision) + self.num_layers * self.num_experts * self.expert_bytes(precision)
-
-
-MODELS: dict[str, ModelSpec] = {
-    # Mixtral-8x7B (config.json of mistralai/Mixtral-8x7B-v0.1): 32 layers, 8 experts, top-2,
-    # hidden 4096, ffn 14336, vocab 32000, 32 heads / 8 KV heads of 128.
-    "mixtral-8x7b": ModelSpec("mixtral-8x7b", 32, 8, 2, 4096, 14336, 32000,
-                              2 * 4096 * 4096 + 2 * 4096 * 1024 + 4096 * 8 + 2 * 4096, 1024),
-    # The embedded upcycled MoE (SmolLM2-135M, docs/design.md, Models and data): 30 layers, hidden 576, ffn 1536,
-    # 9 heads / 3 KV heads of 64, 8 experts top-2.
-    "smollm2-moe": ModelSpec("smollm2-moe", 30, 8, 2, 576, 1536, 49152,
-                             2 * 576 * 576 + 2 * 576 * 192 + 576 * 8 + 2 * 576, 192),
-}
-
-
-def model_spec(name: str) -> ModelSpec:
-    if name not in MODELS:
-        raise HaqmoeError(f"unknown model shape {name!r} (known: {', '.join(MODELS)})")
-    return MODELS[name]
 
 
 _DESKTOP_HOST = {
@@ -196,70 +138,6 @@ def load_profile(name_or_path: str) -> HardwareProfile:
     raise HaqmoeError(f"unknown hardware profile {name_or_path!r} (built in: {', '.join(PROFILES)}, or a .json file)")
 
 
-def cost_model_for(profile: HardwareProfile, spec: ModelSpec, precision: str = "w8a8",
-                   cpu_precision: str = "w8a8") -> CostModel:
-    """Roofline expert costs of ``spec`` on ``profile`` (GPU in ``precision``, CPU tier in
-    ``cpu_precision``: int8 kept as int8 with an int8 GEMM, or dequantized fp32)."""
-    flops_per_token = 2 * spec.expert_params
-    gpu_bytes = spec.expert_bytes(precision)
-    gpu_ops = (profile.gpu_int8_tops if precision == "w8a8" else profile.gpu_fp16_tflops) * 1e12
-    gpu = CostCurve(overhead_ms=profile.gpu_kernel_ms,
-                    floor_ms=1e3 * gpu_bytes / (profile.gpu_mem_bw_gb_s * GB * profile.gpu_bw_eff),
-                    per_token_ms=1e3 * flops_per_token / (gpu_ops * profile.gpu_compute_eff))
-    cpu_bytes = spec.expert_bytes(cpu_precision)
-    cpu_ops = (profile.cpu_int8_tops if cpu_precision == "w8a8" else profile.cpu_fp32_tflops) * 1e12
-    cpu = CostCurve(overhead_ms=profile.cpu_call_ms,
-                    floor_ms=1e3 * cpu_bytes / (profile.cpu_mem_bw_gb_s * GB),
-                    per_token_ms=1e3 * flops_per_token / cpu_ops)
-    transfer = 1e3 * gpu_bytes / (profile.h2d_gb_s * GB) if profile.h2d_gb_s > 0 else float("inf")
-    return CostModel(cpu, gpu, transfer)
-
-
-def nonexpert_layer_ms(profile: HardwareProfile, spec: ModelSpec, precision: str, n_tokens: int,
-                       context: int) -> float:
-    """GPU time of one layer's attention block for n new tokens at a given context length."""
-    per_param = 1 if precision == "w8a8" else 2
-    ops = (profile.gpu_int8_tops if precision == "w8a8" else profile.gpu_fp16_tflops) * 1e12 * profile.gpu_compute_eff
-    bw = profile.gpu_mem_bw_gb_s * GB * profile.gpu_bw_eff
-    weights = spec.attn_params_per_layer * per_param / bw
-    kv = 2 * context * spec.kv_dim * 2 / bw  # fp16 KV cache read
-    linear = 2 * spec.attn_params_per_layer * n_tokens / ops
-    attn = 4 * n_tokens * context * spec.hidden / (profile.gpu_fp16_tflops * 1e12 * profile.gpu_compute_eff)
-    return 1e3 * (max(weights, linear) + kv + attn) + 8 * profile.gpu_kernel_ms / 2 + profile.layer_overhead_ms
-
-
-def head_ms(profile: HardwareProfile, spec: ModelSpec, n_tokens: int) -> float:
-    """Embedding lookup + final norm + lm_head (16-bit) for n tokens (only the last one at prefill)."""
-    bw = profile.gpu_mem_bw_gb_s * GB * profile.gpu_bw_eff
-    return 1e3 * 2 * spec.vocab * spec.hidden / bw + profile.gpu_kernel_ms
-
-
-@dataclass
-class MemoryPlan:
-    nonexpert_gb: float
-    slot_gb: float
-    slots: int
-    reserved_gb: float
-
-    @property
-    def total_gb(self) -> float:
-        return self.nonexpert_gb + self.slots * self.slot_gb + self.reserved_gb
-
-
-def memory_plan(profile: HardwareProfile, spec: ModelSpec, precision: str = "w8a8",
-                budget_gb: float | None = None, slots: int | None = None) -> MemoryPlan:
-    """How many expert slots fit beside the non-expert weights in the GPU budget."""
-    budget = profile.gpu_mem_gb if budget_gb is None else budget_gb
-    ne = spec.nonexpert_bytes(precision) / GB
-    slot = spec.expert_bytes(precision) / GB
-    free = budget - ne - profile.gpu_reserved_gb
-    if free < 0:
-        raise HaqmoeError(f"GPU budget {budget:.1f} GB is too small for the non-expert weights of {spec.name} "
-                          f"({ne:.2f} GB) plus {profile.gpu_reserved_gb:.1f} GB reserved")
-    max_slots = min(int(free // slot), spec.num_layers * spec.num_experts)
-    if slots is None:
-        slots = max_slots
-    elif slots > max_slots:
-        raise HaqmoeError(f"{slots} expert slots need {ne + slots * slot + profile.gpu_reserved_gb:.1f} GB, "
-                          f"more than the {budget:.1f} GB budget")
-    return MemoryPlan(ne, slot, int(slots), profile.gpu_reserved_gb)
+DEFAULT_PROFILE = "rtx5090d"  # the paper's GPU: the default of every command that takes --profile
+PROFILE_HELP = (f"Hardware profile: {', '.join(PROFILES)} (built in, costs/hardware.py), or a .json file "
+                "(haqmoe measure-profile).")

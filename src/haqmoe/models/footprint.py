@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..costs.shapes import int8_bytes
 from ..errors import HaqmoeError
 from .adapters import EXPERTS, ArchSpec, FusedExperts, adapter_for, get_module
 from .lazy import SafetensorsFolder, skeleton, tied_keys
@@ -67,7 +68,7 @@ def footprint(model: nn.Module, adapter: ArchSpec) -> Footprint:
         q_elems, q_rows = q_elems + e, q_rows + r
     return Footprint(
         parameters=params, expert_parameters=experts, fp32_bytes=4 * params, bf16_bytes=2 * params,
-        w8a8_bytes=q_elems + 8 * q_rows + 4 * (params - q_elems),
+        w8a8_bytes=int8_bytes(q_elems, q_rows) + 4 * (params - q_elems),
         largest_block_fp32_bytes=4 * max(block_params, default=0),
         rest_fp32_bytes=4 * (params - sum(block_params)))
 

@@ -20,13 +20,13 @@ import torch
 from ..devices import resolve_device
 from ..errors import HaqmoeError
 from ..models.adapters import ArchSpec
+from ..registry import METHODS
 from .config import QuantConfig
 from .gptq import ORDERS, GPTQConfig
 from .pipeline import PipelineConfig, QuantReport, check_finite, quantize_model
 from .rtn import quantize_rtn
 from .smooth import SmoothConfig
 
-METHODS: tuple[str, ...] = ("rtn", "smoothquant", "awq", "gptq", "smooth", "haq")
 
 
 @dataclass(frozen=True)

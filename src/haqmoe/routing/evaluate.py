@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cost import DEFAULT_DECODE_TOKENS, PlanningCosts, request_latency_ms
+from ..costs.planning import DEFAULT_DECODE_TOKENS, PlanningCosts, request_latency_ms
 from .placement import Plan
 from .stats import layer_counts
 from .trace import RoutingTrace

@@ -12,9 +12,10 @@ Every strategy implements ``place(stats, budget) -> Plan`` (the ``Strategy`` pro
   remaining experts up to ``top_k_per_layer + supplement_k_per_layer``.
 - ``layer-frequency``: fixed count per layer, most frequent experts (two-stage without Stage I).
 - ``latency`` (ours): minimises the expected expert time of requests of a target length under
-  the cost model of ``cost.py``. The cost is separable over (layer, expert), so the exact optimum
-  for a budget in experts is the top-N pairs by expected saving (greedy by saving per byte for
-  byte budgets). Because a resident expert can save at most one transfer per request, savings
+  the one cost model (``costs/planning.py``: resident T_gpu(n), missing min(CPU, copy + GPU, split),
+  the simulator's and the engine's curves). The cost is separable over (layer, expert), so the exact
+  optimum for a budget in experts is the top-N pairs by expected saving. Because a resident expert
+  can save at most one miss per request, savings
   saturate for hot experts, which spreads the budget over layers by marginal gain instead of
   piling it into the hottest layers. Optionally a per-layer band (``min_per_layer``/``max_per_layer``).
 - ``latency-balanced`` (ours): ``latency`` with a fixed count per layer (B // L, as two-stage),
@@ -30,9 +31,10 @@ from typing import Protocol
 
 import numpy as np
 
+from ..costs.planning import DEFAULT_DECODE_TOKENS, PlanningCosts, request_costs
 from ..errors import HaqmoeError
+from ..registry import COST_STRATEGIES, STRATEGIES
 from ..io import atomic_write_text
-from .cost import DEFAULT_DECODE_TOKENS, PlanningCosts, request_costs
 from .stats import RoutingStats
 from .trace_io import check_model
 
@@ -328,7 +330,6 @@ class LatencyOptimal:
                                               "max_per_layer": self.max_per_layer})
 
 
-STRATEGIES = ("global-frequency", "path-frequency", "two-stage", "layer-frequency", "latency", "latency-balanced")
 
 
 def make_strategy(name: str, profile: PlanningCosts | None = None, request_counts: np.ndarray | None = None,
@@ -341,14 +342,12 @@ def make_strategy(name: str, profile: PlanningCosts | None = None, request_count
         return LayerFrequency()
     if name == "two-stage":
         return TwoStage(kw.get("top_k_per_layer"), kw.get("supplement_k_per_layer"))
+    if name in COST_STRATEGIES and profile is None:
+        raise HaqmoeError(f"the {name} strategy needs a hardware profile")
     if name == "latency":
-        if profile is None:
-            raise HaqmoeError("the latency strategy needs a hardware profile")
         return LatencyOptimal(profile, request_counts, int(kw.get("min_per_layer", 0) or 0),
                               kw.get("max_per_layer"), _decode(kw))
     if name == "latency-balanced":  # fixed count per layer (as two-stage), experts by expected saving
-        if profile is None:
-            raise HaqmoeError("the latency-balanced strategy needs a hardware profile")
         return _Balanced(profile, request_counts, decode_tokens=_decode(kw))
     raise HaqmoeError(f"unknown strategy '{name}' (known: {', '.join(STRATEGIES)})")
 

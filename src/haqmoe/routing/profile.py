@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..data.text import eval_windows, load_text, tokenize
 from ..errors import HaqmoeError
 from .guess import guess_topk, guess_weight
 from .trace import RoutingTrace
@@ -123,8 +124,6 @@ def _identity(cfg: ProfileConfig) -> dict:
 def profile_to_disk(lm, cfg: ProfileConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
                     progress: bool = True) -> Path:
     """Profile ``lm`` (a LoadedModel) on ``cfg.text`` and stream the trace to ``out``, resumably."""
-    from ..data.text import eval_windows, load_text, tokenize
-
     windows = eval_windows(tokenize(lm.tokenizer, load_text(cfg.text)), cfg.seqlen, cfg.max_requests)
     rec = RouterRecorder(lm.model, lm.adapter, cfg.guess_width)
     top_k = int(getattr(rec.routers[0], "top_k", 0) or lm.model.config.num_experts_per_tok)

@@ -1,9 +1,19 @@
-"""One name for "routing data to build or evaluate a plan on", used by the CLI and the benchmark.
+"""One grammar for routing data, used by every command and benchmark that reads routing (docs/design.md,
+Routing and placement).
 
-Specs: a trace directory (from ``haqmoe profile``); ``mixtral:build`` / ``mixtral:heldout`` /
-``mixtral:all`` (MMLU subjects of the shared frac_vecs, split by ``mixtral.split_subjects``);
-``mixtral:SUBJ+SUBJ`` (named subjects); ``fiddler:original`` / ``fiddler:instruct`` (all 7
-subjects' popularity, frequency only: no per-request data).
+A spec names routing data of one of the kinds of ``SOURCE_KINDS``; each kind says what it can give:
+**statistics** (selection counts, paths, per-request counts: ``plan``, ``placement-eval``,
+``routing-stats``, through ``load_source``) and/or **traces to replay** (per-token routing in order:
+``simulate``, ``cache-eval``, through ``studies/experiments.load_pair``). ``parse_source`` is the only
+parser; the kinds and the commands' help text (``source_help``) are in ``registry.py``.
+
+- a trace directory (from ``haqmoe profile``): both;
+- ``mixtral:build`` / ``mixtral:heldout`` / ``mixtral:all`` (MMLU subjects of the shared frac_vecs, split by
+  ``mixtral.split_subjects``) or ``mixtral:SUBJ+SUBJ`` (named subjects): statistics;
+- ``fiddler:original`` / ``fiddler:instruct`` (all 7 subjects' popularity, frequency only: no per-request
+  data): statistics;
+- ``mixtral-stats`` (decode-like traces sampled from the Mixtral statistics), ``synthetic``, ``tiny:FAMILY``
+  (real routing of a tiny random MoE): traces to replay.
 """
 
 from __future__ import annotations
@@ -15,11 +25,36 @@ from typing import Callable
 import numpy as np
 
 from ..errors import HaqmoeError
+from ..registry import SOURCE_KINDS, SOURCE_USES, kinds_for
 from . import mixtral as mx
 from .evaluate import request_counts
 from .stats import DEFAULT_WINDOW, RoutingStats, layer_counts, stats_from_trace
 from .trace import RoutingTrace
 from .trace_io import load_trace
+
+
+@dataclass(frozen=True)
+class ParsedSource:
+    spec: str
+    kind: str  # a SOURCE_KINDS key
+    arg: str  # what follows "kind:" (the path, for a trace directory)
+
+    def require(self, use: str) -> "ParsedSource":
+        """This spec, if its kind gives ``use`` ("stats" or "replay"); else a clear error naming the kinds that do."""
+        if not getattr(SOURCE_KINDS[self.kind], use):
+            raise HaqmoeError(f"routing source '{self.spec}' ({SOURCE_KINDS[self.kind].help}) gives no {SOURCE_USES[use]}: "
+                              f"use {kinds_for(use)}")
+        return self
+
+
+def parse_source(spec: str) -> ParsedSource:
+    """The kind of a routing-data spec: a fixed name, ``kind:arg``, or else a trace directory's path."""
+    if spec in SOURCE_KINDS and SOURCE_KINDS[spec].syntax == spec:  # names without an argument
+        return ParsedSource(spec, spec, "")
+    kind, sep, arg = spec.partition(":")
+    if sep and arg and kind in SOURCE_KINDS and kind != "trace" and ":" in SOURCE_KINDS[kind].syntax:
+        return ParsedSource(spec, kind, arg)
+    return ParsedSource(spec, "trace", spec)
 
 
 @dataclass
@@ -92,12 +127,14 @@ def _mixtral_subjects(arg: str) -> list[str]:
 
 def _data_of(spec: str) -> set[str]:
     """What a spec is made of, without loading it: MMLU subjects, or a trace directory's path."""
-    kind, _, arg = spec.partition(":")
-    if kind == "mixtral" and arg:
-        return set(_mixtral_subjects(arg))
-    if kind == "fiddler" and arg:
-        return set(mx.load_fiddler(arg))  # popularity measured on these MMLU subjects' prompts
-    return {str(Path(spec).expanduser().resolve())} if spec else set()
+    p = parse_source(spec)
+    if p.kind == "mixtral":
+        return set(_mixtral_subjects(p.arg))
+    if p.kind == "fiddler":
+        return set(mx.load_fiddler(p.arg))  # popularity measured on these MMLU subjects' prompts
+    if p.kind == "trace":
+        return {str(Path(spec).expanduser().resolve())} if spec else set()
+    return {spec}  # generated data: the same spec, the same data
 
 
 def shares_data(built_on: str, evaluated_on: str) -> bool:
@@ -109,14 +146,15 @@ def shares_data(built_on: str, evaluated_on: str) -> bool:
 
 
 def load_source(spec: str, synthetic_tokens_per_prompt: int = 16) -> RoutingSource:
-    kind, _, arg = spec.partition(":")
-    if kind == "mixtral" and arg:
-        return from_prompts(mx.load_frac_vecs(_mixtral_subjects(arg)), spec, synthetic_tokens_per_prompt)
-    if kind == "fiddler" and arg:
-        total = sum(mx.load_fiddler(arg).values())
-        return RoutingSource(spec, "mixtral-8x7b", total, lambda w: mx.stats_from_counts(total), None, False)
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise HaqmoeError(f"routing source '{spec}' not found: a trace directory, mixtral:build|heldout|all|"
-                          "SUBJ+SUBJ, or fiddler:original|instruct")
-    return from_trace(load_trace(path), spec)
+    """The statistics of a spec (``plan``, ``placement-eval``, ``routing-stats``)."""
+    p = parse_source(spec)
+    if p.kind == "trace":
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise HaqmoeError(f"routing source '{spec}' not found (a trace directory; or {kinds_for('stats')})")
+        return from_trace(load_trace(path), spec)
+    p.require("stats")
+    if p.kind == "mixtral":
+        return from_prompts(mx.load_frac_vecs(_mixtral_subjects(p.arg)), spec, synthetic_tokens_per_prompt)
+    total = sum(mx.load_fiddler(p.arg).values())  # fiddler
+    return RoutingSource(spec, "mixtral-8x7b", total, lambda w: mx.stats_from_counts(total), None, False)

@@ -20,19 +20,19 @@ import statistics
 import time
 from typing import Callable, Sequence
 
+import torch
+
+from ..costs.curves import SPLIT_STEPS, CostCurve, CostModel
+from ..costs.hardware import HardwareProfile
 from ..errors import HaqmoeError
 from ..io import atomic_write_text
 from ..paths import cache_dir
-from .predictor import SPLIT_STEPS, CostCurve, CostModel
-from .profiles import HardwareProfile
 
 DEFAULT_NS = (1, 2, 4, 8, 16, 32, 64, 128)
 CALIBRATION = 2  # of how tiers are timed (2: CPU experts and copies rotate over cold weights); in the cache key
 
 
 def machine_key(model: str, hidden: int, ffn: int, dtype: str) -> str:
-    import torch
-
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "nocuda"
     raw = f"{platform.node()}|{platform.processor()}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}" \
           f"|{cuda}|{CALIBRATION}"
@@ -80,8 +80,6 @@ def calibrate_tiers(cpu_fn, gpu_fn, copy_fn, hidden: int, gpu_dtype, gpu_device:
     ``i`` counts the host-side calls: the caller runs the i-th expert of a rotation over many, because
     the engine's CPU tier meets each expert's weights cold. Timing one expert again and again measured
     it from the last-level cache: on an H200 host 5.4 ms per decode token where the engine spent 12.2."""
-    import torch
-
     sync = torch.cuda.synchronize if torch.device(gpu_device).type == "cuda" else None
     turn = itertools.count()
     cpu, gpu = [], []
@@ -101,8 +99,6 @@ def calibrate_split(cpu_rows_fn, gpu_part_fn, rows_of: Callable[[int], int], hid
     CPU's gate/up rows of the i-th expert of a rotation (cold weights, as ``calibrate_tiers``),
     ``gpu_part_fn(x, h_cpu, rows)`` the GPU's remaining rows + down, as the engine runs them
     (CostModel.split_ms)."""
-    import torch
-
     sync = torch.cuda.synchronize if torch.device(gpu_device).type == "cuda" else None
     x = torch.randn(1, hidden, dtype=gpu_dtype)  # the CPU tier's input is in the model dtype already
     xg = x.to(gpu_device)
@@ -123,8 +119,6 @@ def measure_profile(name: str = "measured", cpu_threads: int | None = None) -> H
     Bandwidths and throughputs are achieved numbers, so the efficiency factors are 1 for bandwidth;
     ``gpu_kernel_ms`` is the measured time of one tiny kernel launch + sync.
     """
-    import torch
-
     if not torch.cuda.is_available():
         raise HaqmoeError("measuring a GPU profile needs CUDA")
     if cpu_threads:

@@ -38,9 +38,9 @@ from typing import Mapping
 
 import numpy as np
 
+from ..costs.curves import DECISION_POLICIES, CostModel
 from ..errors import HaqmoeError
 from .cache import ExpertCache
-from .predictor import DECISION_POLICIES, CostModel
 
 @dataclass(frozen=True)
 class Rules:

@@ -26,7 +26,7 @@ from ..routing.guess import GuessPlan, guess_weight
 from .cache import CacheConfig, ExpertCache
 from .hybrid import HybridExperts, Telemetry
 from .policies import make_policy, policy_uses_pins
-from .predictor import DECISION_POLICIES, CostModel
+from ..costs import DECISION_POLICIES, CostModel
 from .store import ExpertStore, StoreConfig, expert_transfer_bytes
 
 
@@ -106,7 +106,7 @@ class Generation:
 
 
 def _spec_from_config(cfg, num_experts: int, top_k: int):
-    from .profiles import ModelSpec
+    from ..costs import ModelSpec
 
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads) * head_dim
@@ -259,7 +259,7 @@ class CollaborativeEngine:
     def _cost_model(self, num_experts: int) -> CostModel:
         """On CUDA: the engine's own tiers timed at start-up (runtime/calibrate.calibrate_tiers); without
         a GPU: the stored hardware profile's roofline for this model's shape."""
-        from .profiles import cost_model_for, load_profile
+        from ..costs import cost_model_for, load_profile
 
         if self.device.type == "cuda":
             cost = self._calibrate_tiers()

@@ -27,7 +27,7 @@ from torch import nn
 from ..routing.guess import GuessPlan, guess_for_batch
 from .cache import ExpertCache
 from .decide import Decision, LayerRecord, Rules, admit_misses, decide_layer, routed_counts
-from .predictor import CostModel
+from ..costs import CostModel
 from .store import ExpertStore
 
 # Host wall time of one-token (decode) hybrid forwards, by phase (Telemetry.decode_host_ms): where a real

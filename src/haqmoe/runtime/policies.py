@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Protocol, Sequence
 import numpy as np
 
 from ..errors import HaqmoeError
+from ..registry import CACHE_POLICIES, ENGINE_CACHE_POLICIES, CachePolicy
 
 Key = tuple[int, int]
 
@@ -183,9 +184,18 @@ class FrequencyOraclePolicy:
         return min(candidates, key=lambda k: (self._count(k, r), self._last.get(k, -1.0), k))
 
 
-ONLINE_POLICIES = ("lru", "lfu", "pinned+lru", "lru+alloc", "pinned+lfu+alloc")
-BOUNDS = ("freq-oracle", "belady")  # need the replayed trace's future: simulator only
+ONLINE_POLICIES = tuple(n for n, p in CACHE_POLICIES.items() if not p.bound and not p.static)
+BOUNDS = tuple(n for n, p in CACHE_POLICIES.items() if p.bound)  # need the replayed trace's future: simulator only
 ALL_POLICIES = ONLINE_POLICIES + BOUNDS
+
+
+def cache_policy(name: str, engine: bool = False) -> CachePolicy:
+    """The registry entry of a cache-policy name (``engine``: one the engine runs)."""
+    known = ENGINE_CACHE_POLICIES if engine else tuple(CACHE_POLICIES)
+    if name not in known:
+        raise HaqmoeError(f"unknown cache policy {name!r}{' for the engine' if engine else ''} "
+                          f"(choose from {', '.join(known)})")
+    return CACHE_POLICIES[name]
 
 
 def make_policy(name: str, experts: np.ndarray | None = None, lfu_half_life: float = 32.0,
@@ -195,26 +205,22 @@ def make_policy(name: str, experts: np.ndarray | None = None, lfu_half_life: flo
     ``experts`` ([T, L, k] of the trace to be replayed) is required for the bounds only, and
     ``offsets`` (its request boundaries) for ``freq-oracle``.
     """
-    base = name.split("+")
-    if "belady" in base or "freq-oracle" in base:
+    p = cache_policy(name)
+    if p.bound:
         if experts is None:
             raise HaqmoeError(f"{name} needs the future: it is available in the simulator only")
-        if "belady" in base:
+        if p.eviction == "belady":
             return BeladyPolicy.from_experts(experts)
         return FrequencyOraclePolicy(experts, np.array([0, len(experts)]) if offsets is None else offsets)
-    if "lfu" in base:
-        return LFUPolicy(lfu_half_life)
-    if "lru" in base:
-        return LRUPolicy()
-    raise HaqmoeError(f"unknown cache policy {name!r} (choose from {', '.join(ALL_POLICIES)})")
+    return LFUPolicy(lfu_half_life) if p.eviction == "lfu" else LRUPolicy()
 
 
 def policy_uses_pins(name: str) -> bool:
-    return "pinned" in name.split("+")
+    return cache_policy(name).pinned
 
 
 def policy_uses_alloc(name: str) -> bool:
-    return "alloc" in name.split("+")
+    return cache_policy(name).alloc
 
 
 # --------------------------------------------------------------- per-layer slot allocation

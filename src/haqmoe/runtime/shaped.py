@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from transformers import MixtralConfig, MixtralForCausalLM
 
 from ..errors import HaqmoeError
 from ..models.adapters import adapter_for, expert_glu
@@ -91,8 +92,6 @@ def shaped_mixtral(shape: MoEShape, routes: np.ndarray, dtype: torch.dtype = tor
                    ) -> tuple[LoadedModel, RouteFeed, list[QuantExperts]]:
     """(model, its route feed, the experts modules) — the experts list lets a caller restore the
     model's experts after an engine swapped them, to build the next engine on the same weights."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
     if routes.ndim != 3 or routes.shape[1] < shape.layers or routes.shape[2] != shape.top_k:
         raise HaqmoeError(f"routes must be [tokens, >= {shape.layers} layers, {shape.top_k}], got {routes.shape}")
     if routes.max() >= shape.experts or routes.min() < 0:

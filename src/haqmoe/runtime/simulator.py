@@ -22,17 +22,16 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..costs.curves import CostModel, copied_share
+from ..costs.hardware import HardwareProfile
+from ..costs.roofline import head_ms, nonexpert_layer_ms
+from ..costs.shapes import ModelSpec
 from ..errors import HaqmoeError
 from ..routing.trace import RoutingTrace
 from .cache import CacheConfig, ExpertCache
-from .policies import (ALL_POLICIES, allocate_slots, equal_slots, make_policy, policy_uses_alloc,
-                       policy_uses_pins)
+from .policies import allocate_slots, cache_policy, equal_slots, make_policy
 from .decide import LayerRecord, Rules, admit_misses, decide_layer, routed_counts, scratch_slots
-from .predictor import CostModel, copied_share
 from .prefetch import PrefetchConfig, guesses_for
-from .profiles import HardwareProfile, ModelSpec, head_ms, nonexpert_layer_ms
-
-CACHE_POLICIES = ALL_POLICIES + ("static",)
 
 
 # ------------------------------------------------------------------------ plans and caches
@@ -63,25 +62,24 @@ class CacheSpec:
 def build_cache(spec: CacheSpec, num_layers: int, num_experts: int, top_k: int, expert_bytes: int,
                 plan_trace: RoutingTrace | None = None, replay_experts: np.ndarray | None = None,
                 replay_offsets: np.ndarray | None = None) -> ExpertCache:
-    if spec.policy not in CACHE_POLICIES:
-        raise HaqmoeError(f"unknown cache policy {spec.policy!r} (choose from {', '.join(CACHE_POLICIES)})")
+    pol = cache_policy(spec.policy)
     if spec.total_slots <= 0:
         raise HaqmoeError("the GPU expert cache needs at least one slot per layer (got 0 slots)")
     L, E = num_layers, num_experts
     total = min(spec.total_slots, L * E)
-    needs_plan = spec.policy == "static" or policy_uses_pins(spec.policy) or policy_uses_alloc(spec.policy)
+    needs_plan = pol.pinned or pol.alloc
     if needs_plan and spec.plan is None and plan_trace is None:
         raise HaqmoeError(f"cache policy {spec.policy!r} needs a plan or a profiling trace to build one from")
     if plan_trace is not None and (plan_trace.num_layers, plan_trace.num_experts) != (L, E):
         raise HaqmoeError(f"the plan trace has {plan_trace.num_layers} layers x {plan_trace.num_experts} experts, "
                           f"the replayed model {L} x {E}: a plan for another model")
-    if policy_uses_alloc(spec.policy):
+    if pol.alloc:
         slots = allocate_slots(plan_trace.experts, E, total, min_slots=top_k)
     else:
         slots = equal_slots(total, L, E)
     pinned: dict[int, list[int]] = {}
-    if spec.policy == "static" or policy_uses_pins(spec.policy):
-        frac = 1.0 if spec.policy == "static" else spec.pin_frac
+    if pol.pinned:
+        frac = 1.0 if pol.static else spec.pin_frac
         counts = [int(round(frac * s)) for s in slots]
         if spec.plan is not None:
             pinned = {int(l): list(spec.plan.get(l, []))[: counts[l]] for l in range(L)}
@@ -90,10 +88,9 @@ def build_cache(spec: CacheSpec, num_layers: int, num_experts: int, top_k: int, 
         else:
             pinned = frequency_plan(plan_trace, counts)
     config = CacheConfig(L, E, slots if spec.scope == "layer" else total, spec.scope, expert_bytes, pinned)
-    policy = make_policy("lru" if spec.policy == "static" else spec.policy, replay_experts, spec.lfu_half_life,
-                         replay_offsets)
+    policy = make_policy(spec.policy, replay_experts, spec.lfu_half_life, replay_offsets)
     cache = ExpertCache(config, policy)
-    if spec.policy != "static":
+    if not pol.static:
         cache.check_fits(top_k)
         if spec.warm and plan_trace is not None:
             _warm(cache, plan_trace)

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..costs.curves import SPLIT_STEPS
 from ..exec.int8 import Int8Experts, QuantAct, cpu_kernel, quantize_tokens, w8a8_linear, weight_terms
 from ..models.adapters import FusedExperts, expert_glu
 from ..quant.modules import QuantExperts
 from ..quant.quantizer import QuantSpec, dequantize, fake_quant
-from .predictor import SPLIT_STEPS
 
 _PARTS = ("gate", "up", "down")
 

@@ -77,7 +77,8 @@ def _placement(progress: bool, requests: int = 8, seqlen: int = 256):
     from ..routing.placement import Budget, build_plan, make_strategy
     from ..routing.profile import trace_windows
     from ..routing.stats import stats_from_trace
-    from ..routing.cost import get_profile
+    from ..costs.hardware import DEFAULT_PROFILE
+    from ..costs.planning import planning_costs_for
 
     lm = load_model(MOE, progress=progress)
     build_src, eval_src = _texts()
@@ -90,7 +91,7 @@ def _placement(progress: bool, requests: int = 8, seqlen: int = 256):
     held = trace_windows(lm.model, lm.adapter, eval_windows(ids_e, seqlen, requests), progress=progress)
     stats = stats_from_trace(build, source=build_src)
     budget = Budget.of(stats, experts=stats.counts.size // 2)
-    profile = get_profile("smollm2moe-int8-pcie4")
+    profile = planning_costs_for(DEFAULT_PROFILE, MOE, build.num_layers, build.num_experts, build.top_k)
     plans, rows = {}, []
     for name in STRATEGIES:
         plan = build_plan(make_strategy(name, profile, request_counts(build, 25)), stats, budget)

@@ -18,20 +18,21 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
+from ..costs.curves import CostCurve, CostModel
+from ..costs.hardware import HardwareProfile
+from ..costs.roofline import cost_model_for, memory_plan
+from ..costs.shapes import ModelSpec, model_spec, shape_for
 from ..errors import HaqmoeError
 from ..routing.guess import GuessPlan, guess_quality
+from ..routing.mixtral import list_subjects, load_frac_vecs, split_subjects
+from ..registry import SIM_POLICIES, kinds_for
+from ..routing.sources import parse_source
 from ..routing.synthetic import SyntheticConfig, synthetic_trace, trace_from_fractions
 from ..routing.trace import RoutingTrace
-from ..runtime.predictor import CostCurve, CostModel
+from ..routing.trace_io import load_trace
 from ..runtime.prefetch import PrefetchConfig
-from ..runtime.profiles import (
-    HardwareProfile,
-    ModelSpec,
-    cost_model_for,
-    memory_plan,
-    model_spec,
-)
 from ..runtime.simulator import CacheSpec, Replay, ReplayOptions, build_cache, spec_for_trace
 
 MIXTRAL_LOCALITY = 0.2  # calibrated: held-out LRU ~61 % / Belady ~75 % at 128 of 256 experts, vs
@@ -85,8 +86,6 @@ def mixtral_pair(requests: int = 8, tokens_per_request: int = 100, locality: flo
                  guess_recall: float | None = None, seed: int = 0) -> TracePair:
     """Decode-like Mixtral-8x7B traces from the real per-prompt MMLU statistics: the plan side
     samples prompts of the build subjects, the held-out side prompts of the other subjects."""
-    from ..routing.mixtral import list_subjects, load_frac_vecs, split_subjects
-
     build, held = split_subjects(list_subjects())
     rng = np.random.default_rng(seed)
 
@@ -116,6 +115,7 @@ def tiny_pair(family: str, requests: int = 8, tokens_per_request: int = 256, gue
     """Real (not sampled) routing of a tiny random MoE with distinct experts (models/tiny.py) on
     WikiText-2 valid text: SmolLM2 token ids folded into the tiny vocabulary, next-layer guesses
     recorded, so prefetch replays exactly. Split by request like any profiled trace."""
+    # transformers and the model loaders take seconds to import: only tiny:FAMILY needs them
     from ..data.text import load_text, tokenize
     from ..models.adapters import adapter_for
     from ..sources import load_model
@@ -135,24 +135,23 @@ def tiny_pair(family: str, requests: int = 8, tokens_per_request: int = 256, gue
 
 
 def load_pair(source: str, held_out: float = 0.5, shape: str | None = None) -> TracePair:
-    """``mixtral-stats``, ``synthetic``, ``tiny:FAMILY`` or a trace directory written by ``haqmoe profile``."""
-    if source == "mixtral-stats":
+    """The traces to replay of a routing-data spec (``routing/sources.py``): ``mixtral-stats``, ``synthetic``,
+    ``tiny:FAMILY`` or a trace directory written by ``haqmoe profile``."""
+    p = parse_source(source).require("replay")
+    if p.kind == "mixtral-stats":
         return mixtral_pair()
-    if source == "synthetic":
+    if p.kind == "synthetic":
         return synthetic_pair()
-    if source.startswith("tiny:"):
-        return tiny_pair(source.split(":", 1)[1])
-    from ..routing.trace_io import load_trace
-
-    p = Path(source)
-    if not p.exists():
-        raise HaqmoeError(f"trace {source} does not exist (or use mixtral-stats / synthetic)")
-    tr = load_trace(p)
+    if p.kind == "tiny":
+        return tiny_pair(p.arg)
+    path = Path(source)
+    if not path.exists():
+        raise HaqmoeError(f"trace {source} does not exist (a trace directory; or {kinds_for('replay')})")
+    tr = load_trace(path)
     plan, ev = split_trace(tr, held_out)
-    name = str(tr.meta.get("model", p.name))
-    guess_shape = shape or ("mixtral-8x7b" if "mixtral" in name.lower() else "smollm2-moe")
+    name = str(tr.meta.get("model", path.name))
     kind = "real generations (prompts prefilled; decode tokens measured)" if is_generation(tr) else "real trace"
-    return with_learned_guesses(TracePair(name, plan, ev, kind, guess_shape))
+    return with_learned_guesses(TracePair(name, plan, ev, kind, shape or shape_for(name)))
 
 
 def is_generation(trace: RoutingTrace) -> bool:
@@ -184,8 +183,6 @@ def cache_rows(pair: TracePair, profile: HardwareProfile, fracs: Iterable[float]
                scope: str = "layer", guess_recall: float | None = None, exact: bool = False,
                progress: bool = False) -> list[dict]:
     """One row per (cache fraction, policy, prefetch): the layout of bench/results/cache.md."""
-    from tqdm import tqdm
-
     spec = spec_for_trace(pair.eval, model_spec(pair.shape))
     cost = cost_model_for(profile, spec)
     grid = [(f, p, pf) for f in fracs for p in policies for pf in prefetch_modes]
@@ -225,16 +222,6 @@ def guess_rows(pair: TracePair) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------- simulate
-SIM_POLICIES = {
-    # name: (cache policy, decision, async admission, prefetch)
-    "always-transfer": ("lru", "always-transfer", False, False),  # mixtral-offloading: LRU + transfer
-    "always-cpu": ("static", "always-cpu", False, False),  # Fiddler: popular experts resident, rest on CPU
-    "predictor": ("static", "predictor", False, False),  # the paper: plan + cost predictor
-    "full": ("pinned+lru", "predictor", True, False),  # + cache with background admission
-    "full+prefetch": ("pinned+lru", "predictor", True, True),
-    "balanced+prefetch": ("pinned+lru", "balanced", True, True),  # misses split between CPU and PCIe
-    "full+split": ("pinned+lru", "split", True, False),  # one miss served by CPU and PCIe at once
-}
 
 
 def prompt_trace(pair: TracePair, tokens: int, seed: int = 7) -> np.ndarray:
@@ -250,8 +237,6 @@ def simulate_rows(pair: TracePair, profile: HardwareProfile, policies: Iterable[
                   case: str | None = None, progress: bool = False) -> list[dict]:
     """Rows of bench/results/simulate.md: decode tok/s, prefill ms, latency percentiles, GPU memory vs FP16,
     per policy."""
-    from tqdm import tqdm
-
     spec = spec_for_trace(pair.eval, model_spec(pair.shape))
     mem = memory_plan(profile, spec, "w8a8", budget_gb)
     fp16_gb = (spec.nonexpert_bytes("fp16") + mem.slots * spec.expert_bytes("fp16")) / 1e9 + mem.reserved_gb
@@ -281,7 +266,7 @@ def simulate_rows(pair: TracePair, profile: HardwareProfile, policies: Iterable[
 def plot_cache(rows: list[dict], path: str | Path) -> Path:
     """One panel per policy: hit rate and resident-when-needed across cache sizes, with and
     without prefetch, the Belady bound dashed in every panel (one figure per trace source)."""
-    import matplotlib
+    import matplotlib  # heavy: only plots need it (keeps `haqmoe simulate` / `cache-eval` start-up short)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
