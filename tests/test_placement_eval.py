@@ -187,3 +187,19 @@ def test_two_stage_without_paths_and_in_sample_mixtral_sources():
     assert shares_data("mixtral:all", "mixtral:heldout") and shares_data("mixtral:build", "mixtral:build")
     assert not shares_data("mixtral:build", "mixtral:heldout")
     assert shares_data("fiddler:original", "mixtral:machine_learning+anatomy")
+
+
+def test_one_routing_source_grammar(tmp_path):
+    """One parser names routing data for statistics (plan) and for replay (simulate), and says which kinds give what."""
+    from haqmoe.routing.sources import load_source, parse_source
+    from haqmoe.studies.experiments import load_pair
+
+    assert parse_source("mixtral:build").kind == "mixtral" and parse_source("fiddler:original").kind == "fiddler"
+    assert parse_source("mixtral-stats").kind == "mixtral-stats" and parse_source("tiny:mixtral").arg == "mixtral"
+    assert parse_source(str(tmp_path)).kind == "trace" and parse_source("synthetic").kind == "synthetic"
+    with pytest.raises(HaqmoeError, match="gives no statistics"):
+        load_source("mixtral-stats")
+    with pytest.raises(HaqmoeError, match="gives no traces to replay"):
+        load_pair("mixtral:build")
+    with pytest.raises(HaqmoeError, match="not found"):
+        load_source(str(tmp_path / "missing"))

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from haqmoe.errors import HaqmoeError
-from haqmoe.costs.curves import CostCurve, CostModel
 from haqmoe.costs import PROFILES, cost_model_for, load_profile, memory_plan, model_spec
+from haqmoe.costs.curves import CostCurve, CostModel
+from haqmoe.errors import HaqmoeError
 
 
 def linear_model(**kw) -> CostModel:
@@ -174,3 +175,20 @@ def test_measured_split_parts_replace_the_row_share_scaling():
     assert CostModel.from_dict(scaled.as_dict()).split_ms is None
     with pytest.raises(HaqmoeError, match="split_ms"):
         CostModel.from_dict({**measured.as_dict(), "split_ms": [[1.0, 1.0]]})
+
+
+def test_array_costs_match_the_scalar_ones():
+    """The placement objective's array forms are the predictor's scalar curves: measured tables (interpolated,
+    extrapolated with the last slope) and rooflines, the split's finish and the miss cost min(CPU, copy + GPU,
+    split)."""
+    measured = CostModel(CostCurve.fit([1, 4, 16], [2.0, 3.0, 9.0]), CostCurve.fit([1, 16], [0.1, 0.4]), 3.0)
+    roof = cost_model_for(load_profile("rtx4090"), model_spec("mixtral-8x7b"))
+    for m in (measured, roof, linear_model()):
+        n = np.array([0.0, 1, 2, 3, 7, 16, 40, 500])
+        np.testing.assert_allclose(m.cpu.at(n), [m.t_cpu(x) for x in n])
+        np.testing.assert_allclose(m.resident_ms(n), [m.t_gpu(x) for x in n])
+        split = [m.best_split(x)[1] if x > 0 else 0.0 for x in n]
+        np.testing.assert_allclose(m.split_finish_ms(n), split)
+        want = [min(m.t_cpu(x), m.t_gpu(x, resident=False), s) if x > 0 else 0.0 for x, s in zip(n, split)]
+        np.testing.assert_allclose(m.miss_ms(n), want)
+        assert (m.miss_ms(n, split=False) >= m.miss_ms(n)).all()

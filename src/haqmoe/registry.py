@@ -105,7 +105,7 @@ SOURCE_KINDS: dict[str, SourceKind] = {k.name: k for k in (
     SourceKind("synthetic", "synthetic", "a synthetic trace of the upcycled MoE's shape", False, True),
     SourceKind("tiny", "tiny:FAMILY", "real routing of a tiny random MoE of FAMILY, e.g. mixtral", False, True),
 )}
-SOURCE_USES = {"stats": "statistics", "replay": "a trace to replay"}
+SOURCE_USES = {"stats": "statistics", "replay": "traces to replay"}
 
 
 def kinds_for(use: str) -> str:
