@@ -92,21 +92,26 @@ def check_exposure(host: str, has_keys: bool, allow_unauthenticated: bool) -> No
 @app.command()
 def export(quant_dir: str = typer.Argument(..., help="haqmoe quantized checkpoint directory (haqmoe quantize)."),
            out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
-           format: str = typer.Option("compressed-tensors", "--format", help="Only compressed-tensors (W8A8 int8)."),
+           format: str = typer.Option("compressed-tensors", "--format",
+                                      help="compressed-tensors (W8A8 int8, for vLLM) | gguf (Q8_0, for llama.cpp; "
+                                           "--out is the .gguf file, or a directory to write MODEL.Q8_0.gguf in)."),
            requantize: bool = typer.Option(False, help="Asymmetric weights: re-quantize them symmetric per channel "
                                                        "(vLLM's int8 kernels need it) instead of refusing."),
            dtype: str = typer.Option("bfloat16", help="dtype of the unquantized tensors: bfloat16 | float16 | float32."),
            verify: bool = typer.Option(True, help="Reload with the compressed-tensors library and compare."),
            overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
            as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """Export a quantized checkpoint for vLLM: compressed-tensors int8 W8A8, per-expert Linear weights."""
+    """Export a quantized checkpoint: for vLLM (compressed-tensors int8 W8A8, per-expert Linear weights) or
+    for llama.cpp (GGUF, Q8_0 re-quantized from the dequantized int8 weights)."""
     from dataclasses import asdict
 
     from ..errors import HaqmoeError
     from ..serve.export import ExportConfig, export_compressed_tensors, verify_export
 
+    if format == "gguf":
+        return _export_gguf(quant_dir, out, verify, overwrite, as_json)
     if format != "compressed-tensors":
-        raise HaqmoeError(f"unknown export format '{format}' (supported: compressed-tensors)")
+        raise HaqmoeError(f"unknown export format '{format}' (supported: compressed-tensors, gguf)")
     check_output_dir(out, overwrite, quant_dir)
     rep = export_compressed_tensors(quant_dir, out, ExportConfig(requantize=requantize, dtype=dtype), overwrite)
     payload = asdict(rep)
@@ -120,4 +125,28 @@ def export(quant_dir: str = typer.Argument(..., help="haqmoe quantized checkpoin
         human += (f"\nverified with compressed-tensors: {v.tensors_compared} tensors, {v.quantized_compared} "
                   f"quantized weights (max diff {v.max_weight_diff:.2e}), {len(v.layers_run)} layer outputs "
                   f"(rel. diff {v.max_weight_output_rel_diff:.1e} weights only, {v.max_output_rel_diff:.1e} W8A8)")
+    emit(payload, as_json, human)
+
+
+def _export_gguf(quant_dir: str, out: Path, verify: bool, overwrite: bool, as_json: bool) -> None:
+    from dataclasses import asdict
+
+    from ..serve.gguf_export import export_gguf, verify_gguf
+
+    if out.suffix != ".gguf":
+        out = out / f"{Path(quant_dir).resolve().name}.Q8_0.gguf"
+    check_output_dir(out, overwrite, quant_dir)
+    rep = export_gguf(quant_dir, out, overwrite)
+    payload = asdict(rep)
+    human = (f"wrote {out} ({rep.bytes / 1e6:.1f} MB, llama.cpp arch {rep.arch}, tokenizer {rep.tokenizer}): "
+             f"{rep.q8_0_tensors} Q8_0 tensors re-quantized from our dequantized int8 weights (max rel. error "
+             f"{rep.max_rel_error:.2e}, rms {rep.rms_rel_error:.2e}), {rep.f32_tensors} F32"
+             + (f" ({len(rep.f32_fallback)} quantized ones kept F32: rows not a multiple of 32)" if rep.f32_fallback
+                else ""))
+    if verify:
+        v = verify_gguf(out, quant_dir)
+        payload["verify"] = v
+        human += ("\nverify: llama-cpp-python is not installed, not run" if v is None else
+                  f"\nverified with llama.cpp {v['llama_cpp']}: logits over {v['tokens']} tokens rel. diff "
+                  f"{v['rel_logits_diff']:.3f} vs our W8A8 forward, {v['argmax_agree']:.0%} of next-token argmaxes agree")
     emit(payload, as_json, human)
