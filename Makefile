@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-slow clean peers peers-moe peers-asym peers-moe-asym peer-llamacpp peer-llamacpp-default \
-	peer-llamacpp-native peer-llamacpp-all
+	peer-llamacpp-all
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -82,22 +82,17 @@ LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGG
 peer-llamacpp: $(STAMP)
 	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip install --no-cache-dir llama-cpp-python==0.3.36
 
-# llama.cpp as its users install it: plain `pip install`, no CMAKE_ARGS (a source build, ~6-10 min on
-# 2 cores), in a venv of its own so it never replaces the flagged build above. And GGML_NATIVE=ON
-# (-march=native) in a third. bench/int8_interleaved.py --llama-python VENV/bin/python runs each as a
-# child process beside our decode (two builds cannot be imported into one process).
+# llama.cpp as its users install it: plain `pip install`, no CMAKE_ARGS (PyPI has only the source, so
+# this builds it, ~6-10 min on 2 cores), in a venv of its own so it never replaces the flagged build
+# above. Built this way ggml compiles for the build machine (GGML_NATIVE defaults to ON unless
+# cross-compiling: -march=native), so this is also the GGML_NATIVE=ON build.
+# bench/int8_interleaved.py --llama-python LABEL=VENV/bin/python runs each build as a child process
+# beside our decode (two builds cannot be imported into one process).
 LLAMA_DEFAULT_VENV := bench/peers/llama-default/.venv
-LLAMA_NATIVE_VENV := bench/peers/llama-native/.venv
 $(LLAMA_DEFAULT_VENV)/.installed:
 	$(PY) -m venv $(LLAMA_DEFAULT_VENV) || python3 -m venv $(LLAMA_DEFAULT_VENV)
 	env -u CMAKE_ARGS $(LLAMA_DEFAULT_VENV)/bin/pip install --no-cache-dir --no-binary llama-cpp-python \
 		llama-cpp-python==0.3.36
 	touch $@
-$(LLAMA_NATIVE_VENV)/.installed:
-	$(PY) -m venv $(LLAMA_NATIVE_VENV) || python3 -m venv $(LLAMA_NATIVE_VENV)
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(LLAMA_NATIVE_VENV)/bin/pip install --no-cache-dir \
-		--no-binary llama-cpp-python llama-cpp-python==0.3.36
-	touch $@
 peer-llamacpp-default: $(LLAMA_DEFAULT_VENV)/.installed
-peer-llamacpp-native: $(LLAMA_NATIVE_VENV)/.installed
-peer-llamacpp-all: peer-llamacpp peer-llamacpp-default peer-llamacpp-native
+peer-llamacpp-all: peer-llamacpp peer-llamacpp-default
