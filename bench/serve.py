@@ -7,11 +7,20 @@ is checked against the answer the same prompt/seed got alone: a failed or mixed-
 counts in ``failed``. Rows: clients, requests, failed, p50_s, p95_s, tok_s.
 
     python bench/serve.py [--clients 8] [--requests 20] [--max-tokens 16]
+
+``--batched``: continuous batching against one request at a time, side by side in one run, on the
+MoEfied SmolLM2 (``smollm2-moefied``) with the GPU tier emulated: two ``haqmoe serve`` subprocesses,
+``--max-batch 8`` and ``--max-batch 1``, each loaded by 1, 2, 4 and 8 concurrent clients (greedy chat
+completions, half streamed); every answer is checked against the answer its prompt got alone.
+Writes bench/results/serve_batched.{json,md}; ``--render`` rewrites the .md from the .json.
+
+    python bench/serve.py --batched [--requests 2] [--max-tokens 32] [--render]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -35,9 +44,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt: Path, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-c", "from haqmoe.cli.main import main; main()", "--quiet", "--threads", "1", "serve", str(ckpt), "--port", str(port),
-           "--served-name", "tiny", "--emulate-gpu", "--slots", "4", "--log-level", "warning"]
+def start_server(ckpt: Path | str, port: int, extra: tuple[str, ...] = ("--slots", "4", "--max-batch", "1"),
+                 name: str = "tiny", threads: int = 1) -> subprocess.Popen:
+    cmd = [sys.executable, "-c", "from haqmoe.cli.main import main; main()", "--quiet", "--threads", str(threads),
+           "serve", str(ckpt), "--port", str(port), "--served-name", name, "--emulate-gpu", *extra,
+           "--log-level", "warning"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     import httpx2 as httpx
 
@@ -98,14 +109,183 @@ def load(client, clients: int, requests: int, max_tokens: int, refs: dict[int, s
             "tok_s": sum(t for _, t, _ in results) / wall, "req_s": len(results) / wall, "wall_s": wall}
 
 
+BATCHED_OUT = ROOT / "bench/results/serve_batched.json"
+BATCHED_MODEL = "smollm2-moefied"
+BATCHED_CLIENTS = (1, 2, 4, 8)
+BATCHED_SERVERS = (("one-at-a-time", 1), ("batched", 8))
+BATCHED_TITLE = "Serving with continuous batching vs one request at a time (loopback, openai client)"
+EVIDENCE = "measured on this CPU (2 cores, shared)"
+
+
+def ask_greedy(client, model: str, i: int, max_tokens: int, stream: bool) -> tuple[str, int, float]:
+    """(text, completion tokens, latency) of greedy chat request ``i`` (prompt i mod 8)."""
+    msgs = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+    t0 = time.perf_counter()
+    kw = dict(model=model, messages=msgs, max_tokens=max_tokens, temperature=0)
+    if stream:
+        parts, tokens = [], 0
+        for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+            if chunk.choices:
+                parts.append(chunk.choices[0].delta.content or "")
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        return "".join(parts), tokens, time.perf_counter() - t0
+    out = client.chat.completions.create(**kw)
+    return out.choices[0].message.content, out.usage.completion_tokens, time.perf_counter() - t0
+
+
+def load_greedy(client, model: str, clients: int, requests: int, max_tokens: int, refs: dict[int, str]) -> dict:
+    """``clients`` threads, each sending ``requests`` greedy requests back to back (every other one
+    streamed); client c starts at prompt c, so concurrent requests differ."""
+
+    def one_client(c: int) -> list[tuple[bool, int, float]]:
+        res = []
+        for r in range(requests):
+            i = c + r * clients
+            try:
+                text, toks, lat = ask_greedy(client, model, i, max_tokens, stream=(i % 2 == 0))
+                res.append((text == refs[i % len(PROMPTS)], toks, lat))
+            except Exception as exc:  # counted as failed
+                print(f"request {i} failed: {exc}", file=sys.stderr)
+                res.append((False, 0, float("nan")))
+        return res
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = [r for rs in pool.map(one_client, range(clients)) for r in rs]
+    wall = time.perf_counter() - t0
+    lats = np.array([lat for _, _, lat in results if lat == lat])
+    return {"clients": clients, "requests": len(results), "failed": sum(not ok for ok, _, _ in results),
+            "tokens": sum(t for _, t, _ in results), "tok_s": sum(t for _, t, _ in results) / wall,
+            "p50_s": float(np.percentile(lats, 50)) if len(lats) else None,
+            "p95_s": float(np.percentile(lats, 95)) if len(lats) else None, "wall_s": wall}
+
+
+def telemetry(port: int) -> dict:
+    import httpx2 as httpx
+
+    return httpx.get(f"http://127.0.0.1:{port}/v1/haqmoe/telemetry", timeout=30).json()
+
+
+def run_batched(args) -> None:
+    import openai
+
+    from haqmoe.models.embedded import ensure_embedded
+    from haqmoe.results import run_meta
+
+    ckpt = ensure_embedded(BATCHED_MODEL, progress=False) if args.model == BATCHED_MODEL else args.model
+    rows, solo = [], None
+    for label, max_batch in BATCHED_SERVERS:
+        port = free_port()
+        proc = start_server(ckpt, port, ("--max-batch", str(max_batch)), BATCHED_MODEL, threads=args.threads)
+        try:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                                   timeout=600)
+            ask_greedy(client, BATCHED_MODEL, 0, 4, stream=False)  # warm-up (first-call allocations)
+            answers = [ask_greedy(client, BATCHED_MODEL, i, args.max_tokens, stream=False)
+                       for i in range(len(PROMPTS))]  # each prompt alone on this server
+            if solo is None:  # the references: every prompt answered alone, one at a time
+                solo = {"texts": {i: a[0] for i, a in enumerate(answers)},
+                        "p50_s": float(np.median([a[2] for a in answers])),
+                        "p95_s": float(np.percentile([a[2] for a in answers], 95)),
+                        "tokens": int(sum(a[1] for a in answers))}
+            alone_same = sum(a[0] != solo["texts"][i] for i, a in enumerate(answers))
+            for clients in BATCHED_CLIENTS:
+                before = telemetry(port)["server"]
+                row = load_greedy(client, BATCHED_MODEL, clients, args.requests, args.max_tokens, solo["texts"])
+                after = telemetry(port)["server"]
+                steps = after.get("decode_steps", 0) - before.get("decode_steps", 0)
+                batched = after.get("batched_tokens", 0) - before.get("batched_tokens", 0)
+                row = {"server": label, "max_batch": max_batch, **row,
+                       "mean_batch": (batched / steps) if steps else 1.0,
+                       "failed": row["failed"] + (alone_same if clients == 1 else 0)}
+                rows.append(row)
+                print(row, flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    meta = run_meta(model=args.model, max_tokens=args.max_tokens, requests_per_client=args.requests,
+                    torch_threads=args.threads, solo=solo and {k: v for k, v in solo.items() if k != "texts"},
+                    evidence=EVIDENCE)
+    write_batched(rows, meta, Path(args.batched_out))
+    if any(r["failed"] for r in rows):
+        raise SystemExit("some responses failed or differed from the answer alone")
+
+
+def batched_markdown(rows: list[dict], meta: dict) -> str:
+    """The side-by-side table and the notes, computed from the rows (and the solo figures in meta)."""
+    by = {(r["server"], r["clients"]): r for r in rows}
+    solo = meta.get("solo") or {}
+    out = [f"# {BATCHED_TITLE}", "", f"Evidence: {EVIDENCE}.", "",
+           "| clients | tok/s one-at-a-time | tok/s batched | speed-up | p50 s one / batched | "
+           "p95 s one / batched | mean batch | failed (one / batched) |", "|---|---|---|---|---|---|---|---|"]
+    for c in sorted({r["clients"] for r in rows}):
+        one, bat = by.get(("one-at-a-time", c)), by.get(("batched", c))
+        if not one or not bat:
+            continue
+        out.append(f"| {c} | {one['tok_s']:.1f} | {bat['tok_s']:.1f} | {bat['tok_s'] / one['tok_s']:.2f}x | "
+                   f"{one['p50_s']:.2f} / {bat['p50_s']:.2f} | {one['p95_s']:.2f} / {bat['p95_s']:.2f} | "
+                   f"{bat['mean_batch']:.2f} | {one['failed']} / {bat['failed']} |")
+    top = max(r["clients"] for r in rows)
+    one, bat = by.get(("one-at-a-time", top)), by.get(("batched", top))
+    notes = []
+    if one and bat and solo:
+        speed = bat["tok_s"] / one["tok_s"]
+        p95_ratio = bat["p95_s"] / solo["p95_s"]
+        notes.append(
+            f"At {top} clients the batched server streams {bat['tok_s']:.1f} tok/s against {one['tok_s']:.1f} one at a "
+            f"time: {speed:.2f}x (goal >= 3x: {'met' if speed >= 3 else 'missed'}). Its p95 latency is "
+            f"{bat['p95_s']:.2f} s, {p95_ratio:.2f}x the p95 of a request alone ({solo['p95_s']:.2f} s; goal <= 2x: "
+            f"{'met' if p95_ratio <= 2 else 'missed'}); one at a time the p95 is {one['p95_s']:.2f} s "
+            f"({one['p95_s'] / solo['p95_s']:.2f}x).")
+    shape = (" (SmolLM2-135M carved into a Qwen2-MoE: 4 routed experts top-2 + 4 shared, 30 layers)"
+             if meta.get("model") == BATCHED_MODEL else "")
+    notes.append(
+        f"Model: `{meta.get('model')}`{shape}, fp32, GPU tier emulated on the CPU (`--emulate-gpu`, default slots), served by `haqmoe serve` "
+        f"subprocesses on loopback with {meta.get('torch_threads')} torch thread(s); `--max-batch 1` is the "
+        f"one-at-a-time server (requests queue), `--max-batch 8` decodes up to 8 requests per step. Each client "
+        f"sends {meta.get('requests_per_client')} greedy chat completions back to back (max_tokens="
+        f"{meta.get('max_tokens')}, every other one streamed over SSE); tok/s = completion tokens / wall time of "
+        f"the whole load (prefill included); latency is per request, end to end. `failed` counts errors and any "
+        f"answer that differs from the one its prompt got alone (all were compared). `mean batch`: requests per "
+        f"batched decode step, from the server's telemetry. Client threads, the HTTP server and the engine share "
+        f"the machine's 2 cores.")
+    meta_line = (f"Command: `{meta.get('command', '')}`  \nMachine: {meta.get('machine', '')}, torch "
+                 f"{meta.get('torch', '')}, date {meta.get('date', '')}")
+    return "\n".join(out) + "\n\n" + "\n\n".join(notes) + "\n\n" + meta_line + "\n"
+
+
+def write_batched(rows: list[dict], meta: dict, path: Path = BATCHED_OUT) -> None:
+    from haqmoe.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(path.with_suffix(".md"), batched_markdown(rows, meta))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=20, help="requests per client")
-    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=None, help="requests per client (default 20; --batched: 2)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="default 16; --batched: 32")
     ap.add_argument("--out", default=str(ROOT / "bench/results/serve.json"))
+    ap.add_argument("--batched", action="store_true", help="batched vs one-at-a-time on smollm2-moefied")
+    ap.add_argument("--threads", type=int, default=2, help="--batched: torch threads of each server")
+    ap.add_argument("--render", action="store_true", help="--batched: rewrite the .md from the .json only")
+    ap.add_argument("--model", default=BATCHED_MODEL, help="--batched: checkpoint directory (a quick check of "
+                                                           "this script on another model)")
+    ap.add_argument("--batched-out", default=str(BATCHED_OUT), help="--batched: results file")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
+    if args.batched:
+        if args.render:
+            doc = json.loads(BATCHED_OUT.read_text())
+            write_batched(doc["rows"], doc["meta"])
+            return
+        args.requests = args.requests or 2
+        args.max_tokens = args.max_tokens or 32
+        return run_batched(args)
+    args.requests = args.requests or 20
+    args.max_tokens = args.max_tokens or 16
     import openai
 
     from haqmoe.results import run_meta, write_results
