@@ -469,7 +469,8 @@ def auth(engine, tmp: Path, fuzz_n: int = 2000) -> None:
         u = srv.url
         bearer = lambda key: {"Authorization": f"Bearer {key}"}  # noqa: E731
         no_key = {p: (httpx.post(u + p, json=body) if "compl" in p else httpx.get(u + p)).status_code
-                  for p in ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics", "/docs", "/")}
+                  for p in ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics", "/docs",
+                            "/v1/haqmoe/telemetry")}
         wrong = {k: httpx.get(u + "/v1/models", headers=bearer(k)).status_code for k in ("wrong", AUTH_KEYS[0][:-1])}
         right = {}
         for k in AUTH_KEYS:
@@ -481,11 +482,12 @@ def auth(engine, tmp: Path, fuzz_n: int = 2000) -> None:
         except openai.AuthenticationError as exc:
             client_wrong = f"{exc.status_code} {exc.response.json()['error']['code']}"
         health = httpx.get(u + "/health").status_code
+        page = httpx.get(u + "/").status_code  # the web page's static files: public, its API calls are not
         row("auth: API keys on every endpoint (openai client + raw requests)",
             set(no_key.values()) == {401} and set(wrong.values()) == {401} and all(right.values())
-            and client_wrong == "401 invalid_api_key" and health == 200,
+            and client_wrong == "401 invalid_api_key" and health == 200 and page == 200,
             f"no key: {no_key}; wrong key: {set(wrong.values())}; openai client with a wrong key: {client_wrong}; "
-            f"each right key (tokens generated): {right}; /health without a key: {health}")
+            f"each right key (tokens generated): {right}; /health and the page / without a key: {health}, {page}")
 
         rng = random.Random(0)
         seen: dict[int, int] = {}
