@@ -196,16 +196,14 @@ class BatchScheduler:
             row.gen.prefill_ms = 1e3 * (time.perf_counter() - t0)
             self.stats.prefills += 1
             self.stats.admitted += 1
-            finished = self._take_token(row, logits)
+            if self._take_token(row, logits):
+                self.stats.retired += 1
+                self._safe_emit(req, DONE, row.gen)
+                return
+            self._join(row, out.past_key_values)
         except Exception as exc:  # this request's own failure (e.g. too long): the batch goes on
             self.stats.retired += 1
             self._safe_emit(req, ERROR, exc)
-            return
-        if finished:
-            self.stats.retired += 1
-            self._safe_emit(req, DONE, row.gen)
-            return
-        self._join(row, out.past_key_values)
 
     def _take_token(self, row: _Row, logits: torch.Tensor) -> bool:
         """Sample, stream and record one token of ``row``; True when the request is finished (the same
@@ -233,9 +231,13 @@ class BatchScheduler:
             return
         have = int(self._mask.shape[1])
         width = max(have, n)
-        for mine, new in zip(self._cache.layers, cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, width - have), _pad_left(new.keys, width - n)], dim=0)
-            mine.values = torch.cat([_pad_left(mine.values, width - have), _pad_left(new.values, width - n)], dim=0)
+        if len(self._cache.layers) != len(cache.layers):
+            raise HaqmoeError("a request's KV cache does not match the batch's (different layer count)")
+        merged = [(torch.cat([_pad_left(mine.keys, width - have), _pad_left(new.keys, width - n)], dim=0),
+                   torch.cat([_pad_left(mine.values, width - have), _pad_left(new.values, width - n)], dim=0))
+                  for mine, new in zip(self._cache.layers, cache.layers)]  # all built before any is replaced
+        for mine, (keys, values) in zip(self._cache.layers, merged):
+            mine.keys, mine.values = keys, values
         zeros = lambda b, k: torch.zeros(b, k, dtype=torch.long, device=self.device)  # noqa: E731
         self._mask = torch.cat([torch.cat([zeros(len(self._rows), width - have), self._mask], dim=1),
                                 torch.cat([zeros(1, width - n), mask], dim=1)], dim=0)
