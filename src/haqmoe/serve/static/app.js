@@ -130,7 +130,7 @@ async function send(ev) {
 // ------------------------------------------------------------------ live panel
 function heat(x) {
   // 0 -> --heat-0, 0.5 -> --heat-50, 1 -> --heat-100 (linear in RGB between the stops)
-  const stops = [[241, 230, 214], [224, 138, 60], [140, 28, 19]];
+  const stops = [[251, 224, 154], [224, 138, 60], [140, 28, 19]];
   const t = Math.max(0, Math.min(1, x)) * 2, i = Math.min(1, Math.floor(t)), f = t - i;
   const c = stops[i].map((v, k) => Math.round(v + f * (stops[i + 1][k] - v)));
   return `rgb(${c[0]},${c[1]},${c[2]})`;
