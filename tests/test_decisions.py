@@ -15,7 +15,7 @@ from haqmoe.models.tiny import tiny_model
 from haqmoe.routing.placement import Plan
 from haqmoe.routing.trace import RoutingTrace
 from haqmoe.runtime.cache import CacheConfig, ExpertCache
-from haqmoe.runtime.decide import Rules, admit_misses, decide_layer, routed_counts
+from haqmoe.runtime.decide import Rules, admit_misses, decide_layer, miss_weights, routed_counts
 from haqmoe.runtime.engine import CollaborativeEngine, EngineConfig, SamplingConfig
 from haqmoe.runtime.hybrid import HybridExperts
 from haqmoe.runtime.policies import LRUPolicy
@@ -38,6 +38,9 @@ ENGINE_CASES = {
     "split": dict(decision="split"),
     "split-2-slots": dict(decision="split", slots_per_layer=2),
     "pinned-plan": dict(decision="predictor", n_critical=1, cache_policy="pinned+lru"),  # one pinned slot a layer
+    # miss lever: second-ranked misses with a renormalised weight below 0.45 are skipped, the rest decided as usual
+    "skip-predictor": dict(decision="predictor", skip_below=0.45),
+    "skip-split": dict(decision="split", skip_below=0.45),
 }
 
 
@@ -48,16 +51,17 @@ def record_engine(family: str, admit: bool, **cfg) -> tuple[CollaborativeEngine,
     cfg = {"emulate_gpu": True, "slots_per_layer": 3, "admit": admit, **cfg}
     engine = CollaborativeEngine(LoadedModel(model, None, family, adapter_for(model)), EngineConfig(**cfg))
     start = copy.deepcopy(engine.cache)
-    routing: list[tuple[int, dict[int, int]]] = []
+    routing: list[tuple[int, dict[int, int], dict[int, float]]] = []
     for h in engine.model.modules():
         if isinstance(h, HybridExperts):
-            h.register_forward_pre_hook(lambda m, args: routing.append((m.layer, routed_counts(args[1].numpy()))))
+            h.register_forward_pre_hook(lambda m, args: routing.append(
+                (m.layer, routed_counts(args[1].numpy()), miss_weights(args[1].numpy(), args[2].float().numpy()))))
     engine.telemetry.decision_log = []
     for seed in (0, 1):
         engine.generate(PROMPT + seed, SamplingConfig(max_new_tokens=8))
     log = engine.telemetry.decision_log
     assert [(r.layer, [(d.expert, d.tokens) for d in r.decisions]) for r in log] == \
-        [(layer, list(needed.items())) for layer, needed in routing]
+        [(layer, list(needed.items())) for layer, needed, _ in routing]
     return engine, start, routing, log
 
 
@@ -70,12 +74,14 @@ def test_simulator_replays_the_engines_decisions_one_for_one(case, admit, tmp_pa
     engine, cache, routing, log = record_engine("mixtral", admit, **cfg)
     L, E, k = cache.config.num_layers, cache.config.num_experts, engine.top_k
     shape_only = RoutingTrace(np.zeros((1, L, k), np.int16), E, np.array([0, 1]))  # replayed layer by layer
-    opt = ReplayOptions(engine.cfg.decision, async_admit=admit, scratch_slots=engine.store.cfg.split_slots)
+    opt = ReplayOptions(engine.cfg.decision, async_admit=admit, scratch_slots=engine.store.cfg.split_slots,
+                        skip_below=engine.cfg.skip_below)
+    shape_only.weights = np.ones((1, L, k), np.float32)  # replayed layer by layer, with the recorded weights
     replay = Replay(shape_only, cache, engine.cost, ZERO, ModelSpec("tiny", L, E, k, 1, 1, 0, 0, 0), options=opt)
     replay.log = []
     clock = 0.0
-    for (layer, needed), rec in zip(routing, log):
-        clock = replay.layer(layer, needed, rec.step, clock, SLOW_ATTENTION_MS)
+    for (layer, needed, weights), rec in zip(routing, log):
+        clock = replay.layer(layer, needed, rec.step, clock, SLOW_ATTENTION_MS, weights=weights)
     assert [r.key() for r in replay.log] == [r.key() for r in log]
     assert cache.stats.as_dict() == engine.cache.stats.as_dict()
     kinds = {d.kind for r in log for d in r.decisions}
@@ -84,6 +90,8 @@ def test_simulator_replays_the_engines_decisions_one_for_one(case, admit, tmp_pa
     assert s["cpu_expert_calls"] == counts.get("cpu", 0) and s["split_expert_calls"] == counts.get("split", 0)
     assert s["gpu_expert_calls"] == sum(counts.get(kind, 0) for kind in ("hit", "wait", "transfer", "stream"))
     assert s["background_copies"] == sum(len(r.admitted) for r in log)
+    assert s["skipped_expert_calls"] == counts.get("skip", 0)
+    assert ("skip" in kinds) == case.startswith("skip")  # the lever acts, and only when asked
     if admit and case in ("predictor-n1", "always-cpu", "pinned-plan"):  # decode misses on the CPU, then copied in
         assert s["background_copies"] > 0 and "hit" in kinds
     if case.startswith("split"):  # a decode token's misses split; a prefill's beyond the scratch slots not

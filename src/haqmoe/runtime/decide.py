@@ -22,6 +22,10 @@ The rules, for a real GPU (each side follows them):
     copied into a scratch slot; with no scratch slot free the layer's remaining misses are decided as
     ``balanced`` (CPU or transfer, whichever finishes first).
   - ``cpu``.
+- **Miss levers** (off by default; docs/design.md, Miss levers): a miss whose renormalised router
+  weight (``miss_weights``: its largest over the tokens routed to it; a token's top expert is never
+  eligible) is below ``skip_below`` -> ``skip``: not run, the token's other selected experts'
+  weights renormalised to the sum they had.
 - Scratch slots: a fixed number of buffers outside the cache (the engine's split slots), one per
   split or streamed call of the layer.
 
@@ -50,6 +54,7 @@ class Rules:
     scratch_slots: int = 0  # buffers outside the cache: split parts and streamed experts
     admit: bool = False  # copy CPU-served misses into the cache in the background
     admit_backlog: float = 1.0  # ... while at most this many whole copies are queued on the copy engine
+    skip_below: float = 0.0  # skip a miss whose renormalised router weight is below this (0: never)
 
     def __post_init__(self) -> None:
         if self.policy not in DECISION_POLICIES:
@@ -65,7 +70,7 @@ def scratch_slots(policy: str, top_k: int) -> int:
 @dataclass
 class Decision:
     """How one expert call of ``tokens`` tokens runs: ``kind`` hit | wait | transfer | stream | split |
-    cpu. ``slot``: the cache slot (hit, wait, transfer) or the scratch slot's index (stream, split).
+    cpu | skip (not run). ``slot``: the cache slot (hit, wait, transfer) or the scratch slot's index (stream, split).
     The cost model's times: ``ready`` when its weights are on the GPU (the caller's clock);
     ``cpu_done`` when the layer's CPU queue has finished its CPU part (ms after the router's output);
     ``gpu_ms`` its GPU part."""
@@ -107,15 +112,35 @@ def routed_counts(top_k_index: np.ndarray) -> dict[int, int]:
     return counts
 
 
+def miss_weights(top_k_index: np.ndarray, top_k_weights: np.ndarray) -> dict[int, float]:
+    """Expert -> the largest renormalised router weight any of its tokens gives it ([tokens, k] ids and
+    weights; -1 = none): w / sum of the token's selected weights, so whether the model renormalises
+    top-k (Mixtral, Qwen2-MoE's norm_topk_prob) or not, a weight says the expert's share of the token's
+    routed output. A token's largest-weight expert counts as inf: it is never skipped, so every token
+    keeps at least one routed expert (and the renormalisation below never divides by zero)."""
+    idx = np.asarray(top_k_index).reshape(-1, np.shape(top_k_index)[-1])
+    w = np.asarray(top_k_weights, dtype=np.float64).reshape(idx.shape)
+    w = np.where(idx >= 0, w, 0.0)
+    share = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-30)
+    share[np.arange(len(idx)), np.argmax(w, axis=1)] = np.inf
+    out: dict[int, float] = {}
+    for e, s in zip(idx.reshape(-1).tolist(), share.reshape(-1).tolist()):
+        if e >= 0:
+            out[e] = max(out.get(e, -np.inf), s)
+    return out
+
+
 def decide_layer(cache: ExpertCache, cost: CostModel, rules: Rules, layer: int, needed: Mapping[int, int],
-                 now: float, at: float) -> list[Decision]:
+                 now: float, at: float, weights: Mapping[int, float] | None = None) -> list[Decision]:
     """Decide every expert call of one layer (``needed``: expert -> tokens, in routing order).
 
     ``now``: the eviction policy's clock; ``at``: the router's output on the caller's clock (copies
     queue from there, a copy landing after it is in flight). Starts the cache's step (protecting
     the layer's experts), counts each lookup, admits transferred experts and books every copy on
     ``cache.copies``; the caller runs the calls and, where it knows better (a finished copy), says so
-    in the cache entries."""
+    in the cache entries. ``weights`` (``miss_weights``) is needed only by the miss levers."""
+    if rules.skip_below > 0 and weights is None:
+        raise HaqmoeError("skipping misses needs the router weights of the layer's tokens")
     cache.begin_step(now, at, [(layer, e) for e in needed])
     copies, transfer = cache.copies, cost.transfer_ms
     cpu_ms = 0.0
@@ -133,6 +158,9 @@ def decide_layer(cache: ExpertCache, cost: CostModel, rules: Rules, layer: int, 
             if kind == "wait":
                 out.append(Decision(e, n, "wait", entry.slot, ready=entry.ready_at, gpu_ms=cost.t_gpu(n)))
                 continue
+        elif rules.skip_below > 0 and weights[e] < rules.skip_below:
+            out.append(Decision(e, n, "skip"))
+            continue
         else:
             policy = rules.policy if rules.policy != "split" or scratch < rules.scratch_slots else "balanced"
             kind = cost.decide(False, n, policy, **queues)

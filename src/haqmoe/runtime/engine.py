@@ -68,6 +68,8 @@ class EngineConfig:
     # (None: ``default_admit``)
     cuda_graphs: bool = True  # CUDA: one-token GPU experts replay one graph per slot (eager is launch-bound)
     compile: bool = False  # decode steps through torch.compile over a static KV cache (see _compile_decode)
+    skip_below: float = 0.0  # miss lever: skip a miss whose renormalised router weight is below this (0: off)
+    skip_renorm: bool = True  # ... giving its weight to the token's kept experts (False: dropped)
 
 
 def default_admit(cfg: EngineConfig) -> bool:
@@ -180,7 +182,8 @@ class CollaborativeEngine:
             nxt = routers[layer + 1] if layer + 1 < len(blocks) and self.cache is not None else None
             gw = guess_weight(nxt, norms[layer], norms[layer + 1]) if nxt is not None else None
             hybrid = HybridExperts(layer, ex, self.store, self.cache, None, cfg.decision, self.telemetry,
-                                   nxt, cfg.prefetch, gw, guess_plan, admit=default_admit(cfg))
+                                   nxt, cfg.prefetch, gw, guess_plan, admit=default_admit(cfg),
+                                   skip_below=cfg.skip_below, skip_renorm=cfg.skip_renorm)
             set_module(block, adapter.moe.experts, hybrid)
             self.hybrids.append(hybrid)
         if cfg.exec_mode != "fake":  # the rest of the model (and, without a GPU tier, the experts); quantized
@@ -516,7 +519,8 @@ class CollaborativeEngine:
             gpu_precision = "int8-gemm" if self.store.int8_gemm else ("dequant" if self.store.quantized else "float")
         out = {"device": str(self.device), "gpu_tier": self.cache is not None, "gpu_precision": gpu_precision,
                "cpu_expert_calls": int(tel.cpu_experts.sum()), "gpu_expert_calls": int(tel.gpu_experts.sum()),
-               "split_expert_calls": int(tel.split_experts.sum()), **tel.host_ms_per_token()}
+               "split_expert_calls": int(tel.split_experts.sum()),
+               "skipped_expert_calls": int(tel.skipped_experts.sum()), **tel.host_ms_per_token()}
         if self.cache is not None:
             st = self.cache.stats
             resident = st.hits + st.prefetch_hits  # the hit rate of docs/design.md, the simulator's resident_when_needed

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..routing.guess import GuessPlan, guess_for_batch
 from .cache import ExpertCache
-from .decide import Decision, LayerRecord, Rules, admit_misses, decide_layer, routed_counts
+from .decide import Decision, LayerRecord, Rules, admit_misses, decide_layer, miss_weights, routed_counts
 from ..costs import CostModel
 from .store import ExpertStore
 
@@ -50,6 +50,7 @@ class Telemetry:
     cpu_experts: np.ndarray = field(init=False)  # expert calls run on the CPU tier, per layer
     gpu_experts: np.ndarray = field(init=False)
     split_experts: np.ndarray = field(init=False)  # misses served by both (decision ``split``)
+    skipped_experts: np.ndarray = field(init=False)  # misses not run (decision ``skip``, --skip-below)
     cpu_tokens: np.ndarray = field(init=False)
     gpu_tokens: np.ndarray = field(init=False)
     step: int = 0  # policy clock: one per model forward
@@ -65,7 +66,7 @@ class Telemetry:
     expert_hits: np.ndarray = field(init=False)  # ... of those, found resident on the GPU tier (decision "hit")
 
     def __post_init__(self) -> None:
-        for name in ("cpu_experts", "gpu_experts", "split_experts", "cpu_tokens", "gpu_tokens"):
+        for name in ("cpu_experts", "gpu_experts", "split_experts", "skipped_experts", "cpu_tokens", "gpu_tokens"):
             setattr(self, name, np.zeros(self.num_layers, dtype=np.int64))
         for name in ("expert_calls", "expert_hits"):
             setattr(self, name, np.zeros((self.num_layers, max(self.num_experts, 1)), dtype=np.int64))
@@ -78,14 +79,15 @@ class Telemetry:
 
 
 
-_TIER = {"hit": "gpu", "wait": "gpu", "transfer": "gpu", "stream": "gpu", "split": "split", "cpu": "cpu"}
+_TIER = {"hit": "gpu", "wait": "gpu", "transfer": "gpu", "stream": "gpu", "split": "split", "cpu": "cpu", "skip": "skip"}
 
 
 class HybridExperts(nn.Module):
     def __init__(self, layer: int, original: nn.Module, store: ExpertStore, cache: ExpertCache | None,
                  cost: CostModel | None, policy: str, telemetry: Telemetry,
                  next_router: nn.Module | None = None, prefetch: int = 0,
-                 guess_w: torch.Tensor | None = None, guess_plan: GuessPlan | None = None, admit: bool = False):
+                 guess_w: torch.Tensor | None = None, guess_plan: GuessPlan | None = None, admit: bool = False,
+                 skip_below: float = 0.0, skip_renorm: bool = True):
         super().__init__()
         # Next-layer prefetch: layer l+1's router, re-based onto this layer's normalised input
         # (routing/guess.py), guesses its experts; copies start while we compute.
@@ -96,7 +98,8 @@ class HybridExperts(nn.Module):
         self.original = original  # the CPU tier (kept on the CPU when the model moves to a GPU)
         self.store, self.cache, self.cost = store, cache, cost
         self.telemetry = telemetry
-        self.rules = Rules(policy, store.cfg.split_slots, admit) if cache is not None else None
+        self.rules = Rules(policy, store.cfg.split_slots, admit, skip_below=skip_below) if cache is not None else None
+        self.skip_renorm = skip_renorm  # a skipped expert's weight goes to the token's kept experts (else dropped)
         self.num_experts = original.num_experts
         self.prefetch = 0
         self.set_prefetch(prefetch)
@@ -158,16 +161,19 @@ class HybridExperts(nn.Module):
             return self.original(hidden_states, top_k_index, top_k_weights)
         tel = self.telemetry
         clock = [time.perf_counter()]
-        needed = routed_counts(top_k_index.cpu().numpy())
+        idx_host = top_k_index.cpu().numpy()
+        needed = routed_counts(idx_host)
+        weights = miss_weights(idx_host, top_k_weights.float().cpu().numpy()) if self.rules.skip_below > 0 else None
         clock.append(time.perf_counter())
         now_ms = 1e3 * clock[-1]
         self._settle(now_ms)
-        decisions = decide_layer(self.cache, self.cost, self.rules, self.layer, needed, tel.step, now_ms)
+        decisions = decide_layer(self.cache, self.cost, self.rules, self.layer, needed, tel.step, now_ms, weights)
         if tel.num_experts:
             for d in decisions:
                 tel.expert_calls[self.layer, d.expert] += 1
                 tel.expert_hits[self.layer, d.expert] += d.kind == "hit"
-        jobs: dict[str, list] = {"gpu": [], "cpu": [], "split": []}
+        top_k_weights = self._without_skipped(decisions, top_k_index, top_k_weights)
+        jobs: dict[str, list] = {"gpu": [], "cpu": [], "split": [], "skip": []}
         for d in decisions:
             token_idx, k_pos = torch.where(top_k_index == d.expert)
             jobs[_TIER[d.kind]].append((d, token_idx, top_k_weights[token_idx, k_pos, None], self._issue(d)))
@@ -198,6 +204,7 @@ class HybridExperts(nn.Module):
             out.index_add_(0, token_idx, (y.to(out.device) * w).to(out.dtype))
             tel.split_experts[self.layer] += 1
             tel.split_bytes += self.store.copied_bytes(rows)
+        tel.skipped_experts[self.layer] += len(jobs["skip"])
         for d, token_idx, w, _ in jobs["cpu"]:  # overlaps the GPU work above
             x = cpu_inputs[d.expert]
             t = time.perf_counter()
@@ -216,6 +223,22 @@ class HybridExperts(nn.Module):
             cpu_ms = max((d.cpu_done for d in decisions), default=0.0)
             self._add_host_times(clock, cpu_tier, cpu_ms)
         return out
+
+    def _without_skipped(self, decisions: list[Decision], top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The router weights with the skipped experts' taken out: each token's kept weights rescaled to
+        the sum its selected ones had (``skip_renorm``; Mixtral's and Qwen2-MoE's top-k renormalisation,
+        and the MoEfied model's, which sums its experts with weights 1/k each and down projections x k,
+        docs/design.md, MoEfication), or the skipped ones dropped. A token's top expert is never skipped
+        (decide.miss_weights), so its kept sum is > 0."""
+        skipped = [d.expert for d in decisions if d.kind == "skip"]
+        if not skipped:
+            return top_k_weights
+        gone = torch.isin(top_k_index, torch.tensor(skipped, device=top_k_index.device))
+        kept = top_k_weights.masked_fill(gone, 0)
+        if not self.skip_renorm:
+            return kept
+        return kept * (top_k_weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True))
 
     def _issue(self, d: Decision) -> tuple[int | None, object]:
         """Start what a decision copies: (the slot its GPU part runs on, the event to wait for)."""

@@ -30,7 +30,7 @@ from ..errors import HaqmoeError
 from ..routing.trace import RoutingTrace
 from .cache import CacheConfig, ExpertCache
 from .policies import allocate_slots, cache_policy, equal_slots, make_policy
-from .decide import LayerRecord, Rules, admit_misses, decide_layer, routed_counts, scratch_slots
+from .decide import LayerRecord, Rules, admit_misses, decide_layer, miss_weights, routed_counts, scratch_slots
 from .prefetch import PrefetchConfig, guesses_for
 
 
@@ -122,6 +122,8 @@ class ReplayOptions:
     # as served: per request, its prompt tokens (decode flag False) as one batched prefill, then its decode
     # tokens one by one; counters and latencies are the decode tokens' (needs a trace with decode flags)
     served: bool = False
+    skip_below: float = 0.0  # miss lever: a miss whose renormalised router weight is below this is skipped
+    # (costs nothing; needs a trace with router weights)
 
 
 @dataclass
@@ -171,7 +173,9 @@ class Replay:
         self.profile, self.spec, self.precision = profile, spec, precision
         opt = self.opt
         scratch = scratch_slots(opt.decision, trace.top_k) if opt.scratch_slots is None else opt.scratch_slots
-        self.rules = Rules(opt.decision, scratch, opt.async_admit, opt.async_backlog)
+        self.rules = Rules(opt.decision, scratch, opt.async_admit, opt.async_backlog, opt.skip_below)
+        if opt.skip_below > 0 and trace.weights is None:
+            raise HaqmoeError("skipping misses needs a trace with router weights")
         self.copies = cache.copies
         self.log: list[LayerRecord] | None = None  # set to [] to record every layer's decisions
         self.decisions: Counter = Counter()
@@ -185,17 +189,20 @@ class Replay:
         self.num_guesses = pf.num_guesses or trace.top_k
 
     def layer(self, l: int, needed: Mapping[int, int], now: float, start: float, ne_ms: float,
-              count_step: bool = False, guesses: np.ndarray | None = None) -> float:
+              count_step: bool = False, guesses: np.ndarray | None = None,
+              weights: Mapping[int, float] | None = None) -> float:
         """One MoE layer for ``needed`` (expert -> tokens, in routing order) starting at ``start``, its
         attention and router taking ``ne_ms``; ``now`` is the eviction policy's clock. The decisions are
         decide.py's; this adds their times up. Returns when the layer ends."""
         cache, cost, rules = self.cache, self.cost, self.rules
         r = start + ne_ms  # router output known
-        decisions = decide_layer(cache, cost, rules, l, needed, now, r)
+        decisions = decide_layer(cache, cost, rules, l, needed, now, r, weights)
         gpu: list[tuple[float, float]] = []  # (weights on the GPU, GPU ms)
         cpu_ms = 0.0
         for d in decisions:
             self.decisions["gpu" if d.kind == "hit" else d.kind] += 1
+            if d.kind == "skip":  # not run
+                continue
             if d.kind == "cpu":
                 cpu_ms = d.cpu_done
             elif d.kind == "split":  # the GPU part needs the CPU's rows and the copied ones
@@ -247,7 +254,7 @@ class Replay:
                 break
             self.decisions["prefetch_copy"] += 1
 
-    def prefill(self, tokens: np.ndarray, at: int = 0) -> float:
+    def prefill(self, tokens: np.ndarray, at: int = 0, weights: np.ndarray | None = None) -> float:
         """Batched prefill of ``tokens`` ([P, L, k]): per layer, n tokens per expert, on the policy clock of
         trace token ``at`` (a served prompt: its last token, so what follows is the decode's future)."""
         P, L = tokens.shape[0], tokens.shape[1]
@@ -255,7 +262,8 @@ class Replay:
         t = start
         for l in range(L):
             ne = nonexpert_layer_ms(self.profile, self.spec, self.precision, P, P)
-            t = self.layer(l, routed_counts(tokens[:, l]), self.clock_now(at, l), t, ne)
+            w = None if weights is None else miss_weights(tokens[:, l], weights[:, l])
+            t = self.layer(l, routed_counts(tokens[:, l]), self.clock_now(at, l), t, ne, weights=w)
         t += head_ms(self.profile, self.spec, 1)
         self.clock = t
         return t - start
@@ -272,11 +280,18 @@ class Replay:
             for l in range(L):
                 ne = nonexpert_layer_ms(self.profile, self.spec, self.precision, 1, int(pos) + 1)
                 g = None if self.guesses is None else self.guesses[t, l]
-                clk = self.layer(l, routed_counts(self.trace.experts[t, l]), self.clock_now(t, l), clk, ne, True, g)
+                w = self._weights(t, l)
+                clk = self.layer(l, routed_counts(self.trace.experts[t, l]), self.clock_now(t, l), clk, ne, True, g, w)
             clk += head_ms(self.profile, self.spec, 1)
             self.clock = clk
             out[i] = clk - start
         return out
+
+    def _weights(self, t: int, l: int) -> dict[int, float] | None:
+        """Token ``t``'s renormalised router weights at layer ``l``, where a lever needs them."""
+        if self.rules.skip_below <= 0:
+            return None
+        return miss_weights(self.trace.experts[t, l][None], self.trace.weights[t, l][None])
 
     def _counters(self) -> dict:
         """What a replay counts, as one dict (cache stats per layer, decisions, streamed bytes), so the
@@ -299,7 +314,8 @@ class Replay:
             gen = a + np.flatnonzero(tr.decode[a:b])
             if len(prompt):
                 before = self._counters()
-                prefill_ms.append(self.prefill(tr.experts[prompt], at=int(prompt[-1])))
+                w = tr.weights[prompt] if self.rules.skip_below > 0 else None
+                prefill_ms.append(self.prefill(tr.experts[prompt], at=int(prompt[-1]), weights=w))
                 added = {k: v - before[k] for k, v in self._counters().items()}
                 by_prefill = added if by_prefill is None else {k: by_prefill[k] + v for k, v in added.items()}
             token_ms.append(self.decode(gen, gen - a))
