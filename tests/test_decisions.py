@@ -41,6 +41,9 @@ ENGINE_CASES = {
     # miss lever: second-ranked misses with a renormalised weight below 0.45 are skipped, the rest decided as usual
     "skip-predictor": dict(decision="predictor", skip_below=0.45),
     "skip-split": dict(decision="split", skip_below=0.45),
+    # ... or served on the CPU from the int4 copy (below 0.5: every second-ranked miss not skipped)
+    "low-balanced": dict(decision="balanced", low_below=0.45),
+    "skip-low-split": dict(decision="split", skip_below=0.3, low_below=0.5),
 }
 
 
@@ -75,7 +78,7 @@ def test_simulator_replays_the_engines_decisions_one_for_one(case, admit, tmp_pa
     L, E, k = cache.config.num_layers, cache.config.num_experts, engine.top_k
     shape_only = RoutingTrace(np.zeros((1, L, k), np.int16), E, np.array([0, 1]))  # replayed layer by layer
     opt = ReplayOptions(engine.cfg.decision, async_admit=admit, scratch_slots=engine.store.cfg.split_slots,
-                        skip_below=engine.cfg.skip_below)
+                        skip_below=engine.cfg.skip_below, low_below=engine.cfg.low_below)
     shape_only.weights = np.ones((1, L, k), np.float32)  # replayed layer by layer, with the recorded weights
     replay = Replay(shape_only, cache, engine.cost, ZERO, ModelSpec("tiny", L, E, k, 1, 1, 0, 0, 0), options=opt)
     replay.log = []
@@ -91,7 +94,9 @@ def test_simulator_replays_the_engines_decisions_one_for_one(case, admit, tmp_pa
     assert s["gpu_expert_calls"] == sum(counts.get(kind, 0) for kind in ("hit", "wait", "transfer", "stream"))
     assert s["background_copies"] == sum(len(r.admitted) for r in log)
     assert s["skipped_expert_calls"] == counts.get("skip", 0)
-    assert ("skip" in kinds) == case.startswith("skip")  # the lever acts, and only when asked
+    assert s["low_expert_calls"] == counts.get("low", 0)
+    assert ("skip" in kinds) == case.startswith("skip")  # each lever acts, and only when asked
+    assert ("low" in kinds) == ("low" in case)
     if admit and case in ("predictor-n1", "always-cpu", "pinned-plan"):  # decode misses on the CPU, then copied in
         assert s["background_copies"] > 0 and "hit" in kinds
     if case.startswith("split"):  # a decode token's misses split; a prefill's beyond the scratch slots not

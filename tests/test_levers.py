@@ -80,3 +80,43 @@ def test_qwen2_moe_shared_experts_still_run_when_every_routed_miss_but_the_top_i
     tokens, logits, s = run("qwen2_moe", True, skip_below=1.0)
     assert s["skipped_expert_calls"] > 0 and tokens == exact_tokens
     torch.testing.assert_close(logits, exact_logits, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------ the low-precision copy
+def test_int4_copy_dequantizes_within_group_quantization_error():
+    from haqmoe.models.adapters import FusedExperts
+    from haqmoe.runtime.store import ExpertStore, StoreConfig
+    from haqmoe.costs.shapes import int4_bytes, int8_bytes
+
+    model = tiny_model("mixtral", seed=3)
+    experts = [layer.mlp.experts for layer in model.model.layers]
+    store = ExpertStore(experts, StoreConfig("cpu", 2))
+    store.build_low()
+    for layer, ex in enumerate(experts):
+        for e in range(FusedExperts.count(ex)):
+            w = FusedExperts.get(ex, e)
+            for part, ref in (("gate", w.gate), ("up", w.up), ("down", w.down)):
+                got = store.low_weight(layer, e, part)
+                g = store.low_specs[part].group_size
+                span = ref.detach().reshape(ref.shape[0], -1, g)
+                span = (span.amax(-1).clamp(min=0) - span.amin(-1).clamp(max=0)) / 15  # one int4 step per group
+                err = (got - ref.detach()).abs().reshape(ref.shape[0], -1, g).amax(-1)
+                assert (err <= 0.5 * span + 1e-6).all()  # round to nearest: at most half a step
+                assert err.max() > 0  # and it is not the float weight
+    params = sum(store.low[0][0][f"{p}.q"].numel() for p in ("gate", "up", "down"))
+    assert store.low_bytes == sum(int4_bytes(store.low[0][0][f"{p}.q"].numel(), store.low_specs[p].group_size)
+                                  for p in ("gate", "up", "down"))
+    assert 0.5 * params < store.low_bytes < int8_bytes(params, 1) * 0.6
+
+
+def test_low_precision_misses_change_logits_a_little_and_skipped_ones_more():
+    exact_tokens, exact_logits, base = run("mixtral")
+    _, low, s = run("mixtral", low_below=1.0)
+    assert s["low_expert_calls"] > 0 and s["skipped_expert_calls"] == 0
+    assert s["cpu_expert_calls"] + s["low_expert_calls"] == base["cpu_expert_calls"]
+    _, skipped, _ = run("mixtral", skip_below=1.0)
+    d_low, d_skip = (low - exact_logits).abs().max(), (skipped - exact_logits).abs().max()
+    assert 0 < d_low < 0.5 * d_skip
+    # skip takes precedence over low where both thresholds admit a miss
+    _, both, s = run("mixtral", skip_below=1.0, low_below=1.0)
+    assert s["low_expert_calls"] == 0 and torch.equal(both, skipped)

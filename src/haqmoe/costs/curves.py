@@ -108,9 +108,20 @@ class CostModel:
     # measured one-token (CPU rows ms, GPU part ms) of a split at k = 1 .. SPLIT_STEPS - 1 (engine start-up on
     # CUDA); without it a split's parts are the whole expert's times scaled by their share of the rows
     split_ms: list[tuple[float, float]] | None = None
+    # miss lever: the low-precision (int4) host copy's bytes / the expert's; a ``low`` miss runs on the CPU from
+    # it (docs/design.md, Miss levers)
+    low_ratio: float = 0.5
 
     def t_cpu(self, n: float) -> float:
         return self.cpu(n)
+
+    def t_low(self, n: float) -> float:
+        """A miss served on the CPU from its low-precision copy: the CPU curve with its memory floor (the
+        weights read once) scaled by the copy's bytes; a measured table scaled as a whole."""
+        c = self.cpu
+        if c.points:
+            return c(n) * self.low_ratio
+        return 0.0 if n <= 0 else c.overhead_ms + max(c.floor_ms * self.low_ratio, n * c.per_token_ms)
 
     def t_gpu(self, n: float, resident: bool = True) -> float:
         return self.gpu(n) + (0.0 if resident else self.transfer_ms)

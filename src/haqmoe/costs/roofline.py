@@ -32,7 +32,7 @@ def cost_model_for(profile: HardwareProfile, spec: ModelSpec, precision: str = "
                     floor_ms=1e3 * cpu_bytes / (profile.cpu_mem_bw_gb_s * GB),
                     per_token_ms=1e3 * flops_per_token / cpu_ops)
     transfer = 1e3 * gpu_bytes / (profile.h2d_gb_s * GB) if profile.h2d_gb_s > 0 else float("inf")
-    return CostModel(cpu, gpu, transfer)
+    return CostModel(cpu, gpu, transfer, low_ratio=spec.expert_bytes("int4") / cpu_bytes)
 
 
 def nonexpert_layer_ms(profile: HardwareProfile, spec: ModelSpec, precision: str, n_tokens: int,

@@ -19,6 +19,16 @@ def int8_bytes(params: int, rows: int) -> int:
     return int(params) + 2 * 4 * int(rows)
 
 
+LOW_BITS, LOW_GROUP = 4, 128  # the miss lever's low-precision host copy: int4, groups of 128 input columns
+
+
+def int4_bytes(params: int, group: int = LOW_GROUP) -> int:
+    """Bytes of ``params`` int4 weights (two per byte) with an fp16 scale and an fp16 zero point per group of
+    ``group`` consecutive input columns: the low-precision copy of the miss levers (docs/design.md, Miss
+    levers). About 0.53x ``int8_bytes`` at group 128."""
+    return (int(params) + 1) // 2 + 2 * 2 * -(-int(params) // int(group))
+
+
 @dataclass
 class ModelSpec:
     """Shape of an MoE model, enough to cost it (SwiGLU experts: gate, up [ffn, hidden]; down)."""
@@ -50,6 +60,8 @@ class ModelSpec:
             return 2 * self.expert_params
         if precision == "fp32":
             return 4 * self.expert_params
+        if precision == "int4":  # the miss levers' low-precision host copy, not a model precision
+            return int4_bytes(self.expert_params)
         raise HaqmoeError(f"unknown precision {precision!r} ({', '.join(PRECISIONS)})")
 
     def nonexpert_bytes(self, precision: str) -> int:

@@ -25,7 +25,8 @@ The rules, for a real GPU (each side follows them):
 - **Miss levers** (off by default; docs/design.md, Miss levers): a miss whose renormalised router
   weight (``miss_weights``: its largest over the tokens routed to it; a token's top expert is never
   eligible) is below ``skip_below`` -> ``skip``: not run, the token's other selected experts'
-  weights renormalised to the sum they had.
+  weights renormalised to the sum they had; else below ``low_below`` -> ``low``: run on the CPU from the
+  expert's low-precision (int4) host copy, ``CostModel.t_low`` (and admitted in the background as ``cpu``).
 - Scratch slots: a fixed number of buffers outside the cache (the engine's split slots), one per
   split or streamed call of the layer.
 
@@ -55,6 +56,12 @@ class Rules:
     admit: bool = False  # copy CPU-served misses into the cache in the background
     admit_backlog: float = 1.0  # ... while at most this many whole copies are queued on the copy engine
     skip_below: float = 0.0  # skip a miss whose renormalised router weight is below this (0: never)
+    low_below: float = 0.0  # ... serve it on the CPU from its low-precision copy (0: never)
+
+    @property
+    def needs_weights(self) -> bool:
+        """Whether a miss lever is on: the decisions then need the tokens' router weights (miss_weights)."""
+        return self.skip_below > 0 or self.low_below > 0
 
     def __post_init__(self) -> None:
         if self.policy not in DECISION_POLICIES:
@@ -70,7 +77,7 @@ def scratch_slots(policy: str, top_k: int) -> int:
 @dataclass
 class Decision:
     """How one expert call of ``tokens`` tokens runs: ``kind`` hit | wait | transfer | stream | split |
-    cpu | skip (not run). ``slot``: the cache slot (hit, wait, transfer) or the scratch slot's index (stream, split).
+    cpu | skip (not run) | low (CPU, low-precision copy). ``slot``: the cache slot (hit, wait, transfer) or the scratch slot's index (stream, split).
     The cost model's times: ``ready`` when its weights are on the GPU (the caller's clock);
     ``cpu_done`` when the layer's CPU queue has finished its CPU part (ms after the router's output);
     ``gpu_ms`` its GPU part."""
@@ -139,8 +146,8 @@ def decide_layer(cache: ExpertCache, cost: CostModel, rules: Rules, layer: int, 
     the layer's experts), counts each lookup, admits transferred experts and books every copy on
     ``cache.copies``; the caller runs the calls and, where it knows better (a finished copy), says so
     in the cache entries. ``weights`` (``miss_weights``) is needed only by the miss levers."""
-    if rules.skip_below > 0 and weights is None:
-        raise HaqmoeError("skipping misses needs the router weights of the layer's tokens")
+    if rules.needs_weights and weights is None:
+        raise HaqmoeError("the miss levers need the router weights of the layer's tokens")
     cache.begin_step(now, at, [(layer, e) for e in needed])
     copies, transfer = cache.copies, cost.transfer_ms
     cpu_ms = 0.0
@@ -160,6 +167,10 @@ def decide_layer(cache: ExpertCache, cost: CostModel, rules: Rules, layer: int, 
                 continue
         elif rules.skip_below > 0 and weights[e] < rules.skip_below:
             out.append(Decision(e, n, "skip"))
+            continue
+        elif rules.low_below > 0 and weights[e] < rules.low_below:
+            cpu_ms += cost.t_low(n)
+            out.append(Decision(e, n, "low", cpu_done=cpu_ms))
             continue
         else:
             policy = rules.policy if rules.policy != "split" or scratch < rules.scratch_slots else "balanced"
@@ -196,7 +207,7 @@ def admit_misses(cache: ExpertCache, cost: CostModel, rules: Rules, layer: int, 
     copies, transfer = cache.copies, cost.transfer_ms
     admitted = []
     for d in decisions:
-        if d.kind != "cpu" or cache.contains(layer, d.expert):
+        if d.kind not in ("cpu", "low") or cache.contains(layer, d.expert):
             continue
         if copies.backlog(at) > rules.admit_backlog * transfer or cache.dynamic_slots(layer) <= 0:
             break

@@ -70,6 +70,7 @@ class EngineConfig:
     compile: bool = False  # decode steps through torch.compile over a static KV cache (see _compile_decode)
     skip_below: float = 0.0  # miss lever: skip a miss whose renormalised router weight is below this (0: off)
     skip_renorm: bool = True  # ... giving its weight to the token's kept experts (False: dropped)
+    low_below: float = 0.0  # miss lever: serve such a miss on the CPU from an int4 copy (0: off, no copy built)
 
 
 def default_admit(cfg: EngineConfig) -> bool:
@@ -183,13 +184,16 @@ class CollaborativeEngine:
             gw = guess_weight(nxt, norms[layer], norms[layer + 1]) if nxt is not None else None
             hybrid = HybridExperts(layer, ex, self.store, self.cache, None, cfg.decision, self.telemetry,
                                    nxt, cfg.prefetch, gw, guess_plan, admit=default_admit(cfg),
-                                   skip_below=cfg.skip_below, skip_renorm=cfg.skip_renorm)
+                                   skip_below=cfg.skip_below, skip_renorm=cfg.skip_renorm, low_below=cfg.low_below)
             set_module(block, adapter.moe.experts, hybrid)
             self.hybrids.append(hybrid)
         if cfg.exec_mode != "fake":  # the rest of the model (and, without a GPU tier, the experts); quantized
             convert(self.model, normalize_mode(cfg.exec_mode))  # in memory counts too
         if self.cache is not None:
             self.cost = self._cost_model(num_experts)  # after conversion: it times the CPU tier as it will run
+            if cfg.low_below > 0:  # the miss lever's int4 host copies (docs/design.md, Miss levers)
+                self.store.build_low()
+                self.cost.low_ratio = self.store.low_bytes / self.store.expert_bytes
             for h in self.hybrids:
                 h.cost = self.cost
             if plan is not None:  # the plan's experts start resident (pinned or not)
@@ -520,7 +524,8 @@ class CollaborativeEngine:
         out = {"device": str(self.device), "gpu_tier": self.cache is not None, "gpu_precision": gpu_precision,
                "cpu_expert_calls": int(tel.cpu_experts.sum()), "gpu_expert_calls": int(tel.gpu_experts.sum()),
                "split_expert_calls": int(tel.split_experts.sum()),
-               "skipped_expert_calls": int(tel.skipped_experts.sum()), **tel.host_ms_per_token()}
+               "skipped_expert_calls": int(tel.skipped_experts.sum()), "low_expert_calls": int(tel.low_experts.sum()),
+               **tel.host_ms_per_token()}
         if self.cache is not None:
             st = self.cache.stats
             resident = st.hits + st.prefetch_hits  # the hit rate of docs/design.md, the simulator's resident_when_needed

@@ -51,6 +51,7 @@ class Telemetry:
     gpu_experts: np.ndarray = field(init=False)
     split_experts: np.ndarray = field(init=False)  # misses served by both (decision ``split``)
     skipped_experts: np.ndarray = field(init=False)  # misses not run (decision ``skip``, --skip-below)
+    low_experts: np.ndarray = field(init=False)  # misses run on the CPU from the int4 copy (``low``)
     cpu_tokens: np.ndarray = field(init=False)
     gpu_tokens: np.ndarray = field(init=False)
     step: int = 0  # policy clock: one per model forward
@@ -66,7 +67,7 @@ class Telemetry:
     expert_hits: np.ndarray = field(init=False)  # ... of those, found resident on the GPU tier (decision "hit")
 
     def __post_init__(self) -> None:
-        for name in ("cpu_experts", "gpu_experts", "split_experts", "skipped_experts", "cpu_tokens", "gpu_tokens"):
+        for name in ("cpu_experts", "gpu_experts", "split_experts", "skipped_experts", "low_experts", "cpu_tokens", "gpu_tokens"):
             setattr(self, name, np.zeros(self.num_layers, dtype=np.int64))
         for name in ("expert_calls", "expert_hits"):
             setattr(self, name, np.zeros((self.num_layers, max(self.num_experts, 1)), dtype=np.int64))
@@ -79,7 +80,7 @@ class Telemetry:
 
 
 
-_TIER = {"hit": "gpu", "wait": "gpu", "transfer": "gpu", "stream": "gpu", "split": "split", "cpu": "cpu", "skip": "skip"}
+_TIER = {"hit": "gpu", "wait": "gpu", "transfer": "gpu", "stream": "gpu", "split": "split", "cpu": "cpu", "skip": "skip", "low": "low"}
 
 
 class HybridExperts(nn.Module):
@@ -87,7 +88,7 @@ class HybridExperts(nn.Module):
                  cost: CostModel | None, policy: str, telemetry: Telemetry,
                  next_router: nn.Module | None = None, prefetch: int = 0,
                  guess_w: torch.Tensor | None = None, guess_plan: GuessPlan | None = None, admit: bool = False,
-                 skip_below: float = 0.0, skip_renorm: bool = True):
+                 skip_below: float = 0.0, skip_renorm: bool = True, low_below: float = 0.0):
         super().__init__()
         # Next-layer prefetch: layer l+1's router, re-based onto this layer's normalised input
         # (routing/guess.py), guesses its experts; copies start while we compute.
@@ -98,7 +99,8 @@ class HybridExperts(nn.Module):
         self.original = original  # the CPU tier (kept on the CPU when the model moves to a GPU)
         self.store, self.cache, self.cost = store, cache, cost
         self.telemetry = telemetry
-        self.rules = Rules(policy, store.cfg.split_slots, admit, skip_below=skip_below) if cache is not None else None
+        self.rules = Rules(policy, store.cfg.split_slots, admit, skip_below=skip_below, low_below=low_below) \
+            if cache is not None else None
         self.skip_renorm = skip_renorm  # a skipped expert's weight goes to the token's kept experts (else dropped)
         self.num_experts = original.num_experts
         self.prefetch = 0
@@ -163,7 +165,7 @@ class HybridExperts(nn.Module):
         clock = [time.perf_counter()]
         idx_host = top_k_index.cpu().numpy()
         needed = routed_counts(idx_host)
-        weights = miss_weights(idx_host, top_k_weights.float().cpu().numpy()) if self.rules.skip_below > 0 else None
+        weights = miss_weights(idx_host, top_k_weights.float().cpu().numpy()) if self.rules.needs_weights else None
         clock.append(time.perf_counter())
         now_ms = 1e3 * clock[-1]
         self._settle(now_ms)
@@ -173,14 +175,14 @@ class HybridExperts(nn.Module):
                 tel.expert_calls[self.layer, d.expert] += 1
                 tel.expert_hits[self.layer, d.expert] += d.kind == "hit"
         top_k_weights = self._without_skipped(decisions, top_k_index, top_k_weights)
-        jobs: dict[str, list] = {"gpu": [], "cpu": [], "split": [], "skip": []}
+        jobs: dict[str, list] = {"gpu": [], "cpu": [], "split": [], "skip": [], "low": []}
         for d in decisions:
             token_idx, k_pos = torch.where(top_k_index == d.expert)
             jobs[_TIER[d.kind]].append((d, token_idx, top_k_weights[token_idx, k_pos, None], self._issue(d)))
         clock.append(time.perf_counter())
         # The CPU tier's inputs leave the GPU before any GPU job waits on a copy (same stream: a
         # device-to-host copy queued after the wait would hold the CPU tier until the copy lands).
-        cpu_inputs = {d.expert: hidden_states[token_idx].cpu() for d, token_idx, _, _ in jobs["cpu"] + jobs["split"]}
+        cpu_inputs = {d.expert: hidden_states[token_idx].cpu() for d, token_idx, _, _ in jobs["cpu"] + jobs["split"] + jobs["low"]}
         clock.append(time.perf_counter())
         out = torch.zeros_like(hidden_states)
         cpu_tier = 0.0
@@ -205,6 +207,13 @@ class HybridExperts(nn.Module):
             tel.split_experts[self.layer] += 1
             tel.split_bytes += self.store.copied_bytes(rows)
         tel.skipped_experts[self.layer] += len(jobs["skip"])
+        for d, token_idx, w, _ in jobs["low"]:  # CPU, from the low-precision copy
+            t = time.perf_counter()
+            y = self.store.low_forward(self.layer, d.expert, cpu_inputs[d.expert])
+            cpu_tier += time.perf_counter() - t
+            out.index_add_(0, token_idx, (y.to(out.device) * w).to(out.dtype))
+            tel.low_experts[self.layer] += 1
+            tel.cpu_tokens[self.layer] += len(token_idx)
         for d, token_idx, w, _ in jobs["cpu"]:  # overlaps the GPU work above
             x = cpu_inputs[d.expert]
             t = time.perf_counter()

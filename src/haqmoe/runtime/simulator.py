@@ -124,6 +124,7 @@ class ReplayOptions:
     served: bool = False
     skip_below: float = 0.0  # miss lever: a miss whose renormalised router weight is below this is skipped
     # (costs nothing; needs a trace with router weights)
+    low_below: float = 0.0  # ... served on the CPU from its low-precision copy (CostModel.t_low)
 
 
 @dataclass
@@ -173,9 +174,9 @@ class Replay:
         self.profile, self.spec, self.precision = profile, spec, precision
         opt = self.opt
         scratch = scratch_slots(opt.decision, trace.top_k) if opt.scratch_slots is None else opt.scratch_slots
-        self.rules = Rules(opt.decision, scratch, opt.async_admit, opt.async_backlog, opt.skip_below)
-        if opt.skip_below > 0 and trace.weights is None:
-            raise HaqmoeError("skipping misses needs a trace with router weights")
+        self.rules = Rules(opt.decision, scratch, opt.async_admit, opt.async_backlog, opt.skip_below, opt.low_below)
+        if self.rules.needs_weights and trace.weights is None:
+            raise HaqmoeError("the miss levers need a trace with router weights")
         self.copies = cache.copies
         self.log: list[LayerRecord] | None = None  # set to [] to record every layer's decisions
         self.decisions: Counter = Counter()
@@ -203,7 +204,7 @@ class Replay:
             self.decisions["gpu" if d.kind == "hit" else d.kind] += 1
             if d.kind == "skip":  # not run
                 continue
-            if d.kind == "cpu":
+            if d.kind in ("cpu", "low"):
                 cpu_ms = d.cpu_done
             elif d.kind == "split":  # the GPU part needs the CPU's rows and the copied ones
                 cpu_ms = d.cpu_done
@@ -289,7 +290,7 @@ class Replay:
 
     def _weights(self, t: int, l: int) -> dict[int, float] | None:
         """Token ``t``'s renormalised router weights at layer ``l``, where a lever needs them."""
-        if self.rules.skip_below <= 0:
+        if not self.rules.needs_weights:
             return None
         return miss_weights(self.trace.experts[t, l][None], self.trace.weights[t, l][None])
 
@@ -314,7 +315,7 @@ class Replay:
             gen = a + np.flatnonzero(tr.decode[a:b])
             if len(prompt):
                 before = self._counters()
-                w = tr.weights[prompt] if self.rules.skip_below > 0 else None
+                w = tr.weights[prompt] if self.rules.needs_weights else None
                 prefill_ms.append(self.prefill(tr.experts[prompt], at=int(prompt[-1]), weights=w))
                 added = {k: v - before[k] for k, v in self._counters().items()}
                 by_prefill = added if by_prefill is None else {k: by_prefill[k] + v for k, v in added.items()}

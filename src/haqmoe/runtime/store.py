@@ -30,7 +30,8 @@ from ..costs.curves import SPLIT_STEPS
 from ..exec.int8 import Int8Experts, QuantAct, cpu_kernel, quantize_tokens, w8a8_linear, weight_terms
 from ..models.adapters import FusedExperts, expert_glu
 from ..quant.modules import QuantExperts
-from ..quant.quantizer import QuantSpec, dequantize, fake_quant
+from ..costs.shapes import LOW_BITS, LOW_GROUP, int4_bytes
+from ..quant.quantizer import QuantSpec, compute_qparams, dequantize, fake_quant, quantize
 
 _PARTS = ("gate", "up", "down")
 
@@ -236,6 +237,53 @@ class ExpertStore:
     def _forward(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         get = self._slot(slot)
         return self._lin(self._gate_up(x, get, self.int8_gemm), get, "down", self.int8_gemm).to(x.dtype)
+
+    # --------------------------------------------------------- low-precision copies (miss levers)
+    def build_low(self, bits: int = LOW_BITS, group: int = LOW_GROUP) -> None:
+        """A second host copy of every expert in ``bits``-bit integers with a scale and zero point per
+        group of ``group`` input columns (asymmetric; the largest of group, group/2, ... that divides a
+        matrix's input width), quantized from the weights as the store holds them (float, or int8
+        dequantized). A ``low`` miss runs on the CPU from it, dequantized per call (docs/design.md, Miss
+        levers). Stored one integer per byte here; ``low_bytes`` counts two per byte (a packed kernel's)."""
+        self.low: list[list[dict[str, torch.Tensor]]] = []
+        self.low_specs: dict[str, QuantSpec] = {}
+        self.low_bytes = 0
+        for layer in self.host:
+            out = []
+            for src in layer:
+                d = {}
+                for part in _PARTS:
+                    w = self._weight(lambda key: src[key], part, torch.float32)
+                    g = group
+                    while w.shape[1] % g:
+                        g //= 2
+                    spec = self.low_specs.setdefault(part, QuantSpec(bits, False, "group", g))
+                    s, z = compute_qparams(w, spec)
+                    d[f"{part}.q"], d[f"{part}.s"], d[f"{part}.z"] = quantize(w, s, z, spec), s, z
+                    if self.bias:
+                        d[f"{part}.b"] = src[f"{part}.b"]
+                out.append(d)
+            self.low.append(out)
+        first = self.low[0][0]
+        self.low_bytes = sum(int4_bytes(first[f"{p}.q"].numel(), self.low_specs[p].group_size) for p in _PARTS)
+
+    def low_weight(self, layer: int, e: int, part: str) -> torch.Tensor:
+        """One matrix of the low-precision copy, dequantized (float32)."""
+        d = self.low[layer][e]
+        return dequantize(d[f"{part}.q"], d[f"{part}.s"], d[f"{part}.z"], self.low_specs[part])
+
+    def low_forward(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` of ``layer`` for the tokens ``x`` on the CPU from its low-precision copy (activations
+        fake-quantized as the model's, where it quantizes them)."""
+        d = self.low[layer][e]
+
+        def lin(h: torch.Tensor, part: str) -> torch.Tensor:
+            if self.a_spec is not None:
+                h = fake_quant(h, self.a_spec)
+            b = d.get(f"{part}.b")
+            return nn.functional.linear(h.float(), self.low_weight(layer, e, part), None if b is None else b.float())
+
+        return lin(self.glu(lin(x, "gate"), lin(x, "up")), "down").to(x.dtype)
 
     def cpu_rows(self, layer: int, e: int, x: torch.Tensor, rows: int) -> torch.Tensor:
         """The CPU part of a split: intermediate rows [0, rows) of expert ``e`` for the tokens ``x`` (on
