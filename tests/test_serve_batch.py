@@ -116,3 +116,22 @@ def test_max_batch_refused_for_compiled_decode(engine):
         create_app(engine, ServeConfig(max_batch=1))
     finally:
         engine._decode = decode
+
+
+def test_cli_max_batch_and_page_flags(monkeypatch, engine, capsys):
+    """`haqmoe serve --max-batch N` reaches the server (default 8); `--no-page` drops the page."""
+    import uvicorn
+
+    from haqmoe.cli import serve_cmds
+    from haqmoe.cli.main import main
+
+    monkeypatch.delenv("HAQMOE_API_KEY", raising=False)
+    monkeypatch.delenv("HAQMOE_CONFIG", raising=False)
+    monkeypatch.setattr(serve_cmds, "build_engine", lambda *a, **k: engine)
+    seen: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app))
+    for args, batch, page in ((["--max-batch", "3"], 3, 200), ([], 8, 200), (["--max-batch", "1", "--no-page"], 1, 404)):
+        main(["-q", "serve", "tiny", *args])
+        with ThreadedServer(seen["app"]) as srv:
+            assert httpx.get(srv.url + "/v1/haqmoe/telemetry").json()["server"]["max_batch"] == batch
+            assert httpx.get(srv.url + "/").status_code == page
