@@ -123,6 +123,25 @@ class CostModel:
             return c(n) * self.low_ratio
         return 0.0 if n <= 0 else c.overhead_ms + max(c.floor_ms * self.low_ratio, n * c.per_token_ms)
 
+    def low_costs(self, n: float, k: int) -> tuple[float, float, float]:
+        """(CPU ms, copy ms, GPU ms) of a miss served from its low-precision copy: ``k`` = 0 copied whole and
+        run on the GPU, 1 .. SPLIT_STEPS - 1 split as ``split_costs`` (the CPU's rows and the copied bytes of
+        the low copy), SPLIT_STEPS on the CPU alone."""
+        if k >= SPLIT_STEPS:
+            return self.t_low(n), 0.0, 0.0
+        if k <= 0:
+            return 0.0, self.transfer_ms * self.low_ratio, self.t_gpu(n)
+        cpu, copy, gpu = self.split_costs(n, k)
+        return cpu * self.t_low(n) / max(self.t_cpu(n), 1e-12), copy * self.low_ratio, gpu
+
+    def best_low(self, n: float, cpu_queue_ms: float = 0.0, copy_wait_ms: float = 0.0) -> tuple[int, float]:
+        """(k, finish ms) of the low-precision service (``low_costs``) that finishes first behind the queues."""
+        def finish(k: int) -> float:
+            cpu, copy, gpu = self.low_costs(n, k)
+            return max(cpu_queue_ms + cpu, copy_wait_ms + copy if copy > 0 else 0.0) + gpu
+        k = min(range(SPLIT_STEPS, -1, -1), key=finish)  # ties: the most on the CPU
+        return k, finish(k)
+
     def t_gpu(self, n: float, resident: bool = True) -> float:
         return self.gpu(n) + (0.0 if resident else self.transfer_ms)
 

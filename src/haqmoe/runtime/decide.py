@@ -25,8 +25,11 @@ The rules, for a real GPU (each side follows them):
 - **Miss levers** (off by default; docs/design.md, Miss levers): a miss whose renormalised router
   weight (``miss_weights``: its largest over the tokens routed to it; a token's top expert is never
   eligible) is below ``skip_below`` -> ``skip``: not run, the token's other selected experts'
-  weights renormalised to the sum they had; else below ``low_below`` -> ``low``: run on the CPU from the
-  expert's low-precision (int4) host copy, ``CostModel.t_low`` (and admitted in the background as ``cpu``).
+  weights renormalised to the sum they had; else below ``low_below`` -> ``low``: served from the expert's
+  low-precision (int4) host copy (``CostModel.low_costs``): copied whole (about half the bytes, into a
+  transient buffer: no cache or scratch slot) and run on the GPU (``k`` = 0), split as ``split`` splits
+  (k = 1 .. 7), or on the CPU alone (k = 8), whichever finishes first behind the queues; not cached, nor admitted in the background (a whole copy on the copy
+  engine for an expert that mattered little: it delayed the layer's other misses in the simulator).
 - Scratch slots: a fixed number of buffers outside the cache (the engine's split slots), one per
   split or streamed call of the layer.
 
@@ -169,8 +172,12 @@ def decide_layer(cache: ExpertCache, cost: CostModel, rules: Rules, layer: int, 
             out.append(Decision(e, n, "skip"))
             continue
         elif rules.low_below > 0 and weights[e] < rules.low_below:
-            cpu_ms += cost.t_low(n)
-            out.append(Decision(e, n, "low", cpu_done=cpu_ms))
+            k = cost.best_low(n, cpu_ms, copies.backlog(at))[0]
+            cpu_part, copy_ms, gpu_part = cost.low_costs(n, k)
+            cpu_ms += cpu_part
+            ready = copies.book(at, copy_ms) if copy_ms > 0 else 0.0
+            out.append(Decision(e, n, "low", k=k, ready=ready, cpu_done=cpu_ms if cpu_part > 0 else 0.0,
+                                gpu_ms=gpu_part))
             continue
         else:
             policy = rules.policy if rules.policy != "split" or scratch < rules.scratch_slots else "balanced"
@@ -207,7 +214,7 @@ def admit_misses(cache: ExpertCache, cost: CostModel, rules: Rules, layer: int, 
     copies, transfer = cache.copies, cost.transfer_ms
     admitted = []
     for d in decisions:
-        if d.kind not in ("cpu", "low") or cache.contains(layer, d.expert):
+        if d.kind != "cpu" or cache.contains(layer, d.expert):
             continue
         if copies.backlog(at) > rules.admit_backlog * transfer or cache.dynamic_slots(layer) <= 0:
             break

@@ -28,6 +28,7 @@ from ..routing.guess import GuessPlan, guess_for_batch
 from .cache import ExpertCache
 from .decide import Decision, LayerRecord, Rules, admit_misses, decide_layer, miss_weights, routed_counts
 from ..costs import CostModel
+from ..costs.curves import SPLIT_STEPS
 from .store import ExpertStore
 
 # Host wall time of one-token (decode) hybrid forwards, by phase (Telemetry.decode_host_ms): where a real
@@ -182,7 +183,8 @@ class HybridExperts(nn.Module):
         clock.append(time.perf_counter())
         # The CPU tier's inputs leave the GPU before any GPU job waits on a copy (same stream: a
         # device-to-host copy queued after the wait would hold the CPU tier until the copy lands).
-        cpu_inputs = {d.expert: hidden_states[token_idx].cpu() for d, token_idx, _, _ in jobs["cpu"] + jobs["split"] + jobs["low"]}
+        cpu_inputs = {d.expert: hidden_states[token_idx].cpu() for d, token_idx, _, _ in
+                      jobs["cpu"] + jobs["split"] + [j for j in jobs["low"] if j[0].k >= SPLIT_STEPS]}
         clock.append(time.perf_counter())
         out = torch.zeros_like(hidden_states)
         cpu_tier = 0.0
@@ -207,10 +209,16 @@ class HybridExperts(nn.Module):
             tel.split_experts[self.layer] += 1
             tel.split_bytes += self.store.copied_bytes(rows)
         tel.skipped_experts[self.layer] += len(jobs["skip"])
-        for d, token_idx, w, _ in jobs["low"]:  # CPU, from the low-precision copy
+        for d, token_idx, w, _ in jobs["low"]:  # from the low-precision copy: on the CPU (k 8), else copied
+            # (whole, k 0; a split, k 1..7, runs here as the whole copy: same function, the split's timing is
+            # the simulator's)
             t = time.perf_counter()
-            y = self.store.low_forward(self.layer, d.expert, cpu_inputs[d.expert])
-            cpu_tier += time.perf_counter() - t
+            if d.k < SPLIT_STEPS:
+                y = self.store.low_forward(self.layer, d.expert, hidden_states[token_idx], self.store.device)
+                tel.split_bytes += self.store.low_bytes
+            else:
+                y = self.store.low_forward(self.layer, d.expert, cpu_inputs[d.expert])
+                cpu_tier += time.perf_counter() - t
             out.index_add_(0, token_idx, (y.to(out.device) * w).to(out.dtype))
             tel.low_experts[self.layer] += 1
             tel.cpu_tokens[self.layer] += len(token_idx)

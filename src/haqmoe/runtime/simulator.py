@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..costs.curves import CostModel, copied_share
+from ..costs.curves import SPLIT_STEPS, CostModel, copied_share
 from ..costs.hardware import HardwareProfile
 from ..costs.roofline import head_ms, nonexpert_layer_ms
 from ..costs.shapes import ModelSpec
@@ -204,15 +204,18 @@ class Replay:
             self.decisions["gpu" if d.kind == "hit" else d.kind] += 1
             if d.kind == "skip":  # not run
                 continue
-            if d.kind in ("cpu", "low"):
+            if d.kind == "cpu" or (d.kind == "low" and d.k >= SPLIT_STEPS):
                 cpu_ms = d.cpu_done
-            elif d.kind == "split":  # the GPU part needs the CPU's rows and the copied ones
+            elif d.kind == "split" or (d.kind == "low" and d.k > 0):  # the GPU part needs the CPU's rows and the copied ones
                 cpu_ms = d.cpu_done
-                self.streamed += int(cache.config.expert_bytes * copied_share(d.k))
+                low = self.cost.low_ratio if d.kind == "low" else 1.0
+                self.streamed += int(cache.config.expert_bytes * low * copied_share(d.k))
                 gpu.append((max(d.ready, r + self.profile.host_sync_ms + d.cpu_done), d.gpu_ms))
             else:
                 if d.kind == "stream":
                     self.streamed += cache.config.expert_bytes
+                if d.kind == "low":  # the int4 copy, copied
+                    self.streamed += int(cache.config.expert_bytes * self.cost.low_ratio)
                 gpu.append((r if d.kind == "hit" else d.ready, d.gpu_ms))
         gpu_end = r
         for ready, dur in sorted(gpu):

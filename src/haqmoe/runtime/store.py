@@ -267,21 +267,24 @@ class ExpertStore:
         first = self.low[0][0]
         self.low_bytes = sum(int4_bytes(first[f"{p}.q"].numel(), self.low_specs[p].group_size) for p in _PARTS)
 
-    def low_weight(self, layer: int, e: int, part: str) -> torch.Tensor:
-        """One matrix of the low-precision copy, dequantized (float32)."""
+    def low_weight(self, layer: int, e: int, part: str, device: torch.device | None = None) -> torch.Tensor:
+        """One matrix of the low-precision copy, dequantized (float32) on ``device`` (the integers copied)."""
         d = self.low[layer][e]
-        return dequantize(d[f"{part}.q"], d[f"{part}.s"], d[f"{part}.z"], self.low_specs[part])
+        q, s, z = (d[f"{part}.{t}"].to(device or "cpu") for t in "qsz")
+        return dequantize(q, s, z, self.low_specs[part])
 
-    def low_forward(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert ``e`` of ``layer`` for the tokens ``x`` on the CPU from its low-precision copy (activations
-        fake-quantized as the model's, where it quantizes them)."""
+    def low_forward(self, layer: int, e: int, x: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """Expert ``e`` of ``layer`` for the tokens ``x`` from its low-precision copy, on the CPU or copied to
+        ``device`` and dequantized there (activations fake-quantized as the model's, where it quantizes them)."""
         d = self.low[layer][e]
+        x = x.to(device or "cpu")
 
         def lin(h: torch.Tensor, part: str) -> torch.Tensor:
             if self.a_spec is not None:
                 h = fake_quant(h, self.a_spec)
             b = d.get(f"{part}.b")
-            return nn.functional.linear(h.float(), self.low_weight(layer, e, part), None if b is None else b.float())
+            return nn.functional.linear(h.float(), self.low_weight(layer, e, part, x.device),
+                                        None if b is None else b.float().to(x.device))
 
         return lin(self.glu(lin(x, "gate"), lin(x, "up")), "down").to(x.dtype)
 
