@@ -44,6 +44,7 @@ ENGINE_CASES = {
     # ... or served on the CPU from the int4 copy (below 0.5: every second-ranked miss not skipped)
     "low-balanced": dict(decision="balanced", low_below=0.45),
     "skip-low-split": dict(decision="split", skip_below=0.3, low_below=0.5),
+    "low-all-predictor": dict(decision="predictor", low_below=1.0, low_all=True),  # every miss from int4
 }
 
 
@@ -78,7 +79,8 @@ def test_simulator_replays_the_engines_decisions_one_for_one(case, admit, tmp_pa
     L, E, k = cache.config.num_layers, cache.config.num_experts, engine.top_k
     shape_only = RoutingTrace(np.zeros((1, L, k), np.int16), E, np.array([0, 1]))  # replayed layer by layer
     opt = ReplayOptions(engine.cfg.decision, async_admit=admit, scratch_slots=engine.store.cfg.split_slots,
-                        skip_below=engine.cfg.skip_below, low_below=engine.cfg.low_below)
+                        skip_below=engine.cfg.skip_below, low_below=engine.cfg.low_below,
+                        low_all=engine.cfg.low_all)
     shape_only.weights = np.ones((1, L, k), np.float32)  # replayed layer by layer, with the recorded weights
     replay = Replay(shape_only, cache, engine.cost, ZERO, ModelSpec("tiny", L, E, k, 1, 1, 0, 0, 0), options=opt)
     replay.log = []

@@ -117,6 +117,9 @@ def test_low_precision_misses_change_logits_a_little_and_skipped_ones_more():
     _, skipped, _ = run("mixtral", skip_below=1.0)
     d_low, d_skip = (low - exact_logits).abs().max(), (skipped - exact_logits).abs().max()
     assert 0 < d_low < 0.5 * d_skip
+    # low_all: every miss, a token's top expert's too
+    _, _, s = run("mixtral", low_below=1.0, low_all=True)
+    assert s["low_expert_calls"] == base["cpu_expert_calls"] and s["cpu_expert_calls"] == 0
     # skip takes precedence over low where both thresholds admit a miss
     _, both, s = run("mixtral", skip_below=1.0, low_below=1.0)
     assert s["low_expert_calls"] == 0 and torch.equal(both, skipped)

@@ -51,13 +51,16 @@ _ENGINE_OPTS = dict(
                            "expert whose renormalised router weight is below this (and not skipped) runs on the "
                            "CPU from an int4 copy (groups of 128 input columns, built at load): about half the "
                            "bytes to read. Changes the output (0 = off, no copy built)."),
+    low_all=typer.Option(False, "--low-precision-all", help="With --low-precision-below > 0: every miss not "
+                         "skipped is served from the int4 copy, a token's top expert's too."),
 )
 
 
 def build_engine(model: str, policy: str, cache_policy: str, slots: Optional[int], plan: Optional[str],
                  device: str, emulate_gpu: bool, profile: str, exec_mode: str, prefetch: int = 0,
                  guess_trace: Optional[str] = None, admit: Optional[bool] = None, compile_decode: bool = False,
-                 gpu_memory: Optional[str] = None, skip_below: float = 0.0, low_below: float = 0.0):
+                 gpu_memory: Optional[str] = None, skip_below: float = 0.0, low_below: float = 0.0,
+                 low_all: bool = False):
     from ..sources import load_model
     from ..reliability.guard import parse_bytes
     from ..runtime.engine import CollaborativeEngine, EngineConfig, plan_path
@@ -71,7 +74,7 @@ def build_engine(model: str, policy: str, cache_policy: str, slots: Optional[int
                        cache_policy=cache_policy,
                        decision=policy, plan=plan_path(plan), profile=profile, exec_mode=exec_mode,
                        prefetch=prefetch, guess_trace=guess_trace, admit=admit, compile=compile_decode,
-                       skip_below=skip_below, low_below=low_below)
+                       skip_below=skip_below, low_below=low_below, low_all=low_all)
     return CollaborativeEngine(lm, cfg)
 
 
@@ -99,12 +102,13 @@ def run(model: str = typer.Argument("smollm2-moe", help="MoE model source (embed
         prefetch: int = _ENGINE_OPTS["prefetch"], guess_trace: Optional[str] = _ENGINE_OPTS["guess_trace"],
         admit: Optional[bool] = _ENGINE_OPTS["admit"], compile_decode: bool = _ENGINE_OPTS["compile_decode"],
         skip_below: float = _ENGINE_OPTS["skip_below"], low_below: float = _ENGINE_OPTS["low_below"],
+        low_all: bool = _ENGINE_OPTS["low_all"],
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output (no streaming).")) -> None:
     """Generate from a prompt through the collaborative runtime, streaming text, then telemetry."""
     from ..runtime.engine import SamplingConfig, decode_tok_s, latency_stats
 
     engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode,
-                          prefetch, guess_trace, admit, compile_decode, gpu_memory, skip_below, low_below)
+                          prefetch, guess_trace, admit, compile_decode, gpu_memory, skip_below, low_below, low_all)
     warn_without_gpu_tier(engine)
     sampling = SamplingConfig(max_tokens, temperature, top_p, seed)
     msgs = [{"role": "user", "content": prompt}] if chat else prompt
@@ -140,6 +144,7 @@ def bench_runtime(model: str = typer.Argument("smollm2-moe", help="MoE model sou
                   guess_trace: Optional[str] = _ENGINE_OPTS["guess_trace"],
                   admit: Optional[bool] = _ENGINE_OPTS["admit"], compile_decode: bool = _ENGINE_OPTS["compile_decode"],
                   skip_below: float = _ENGINE_OPTS["skip_below"], low_below: float = _ENGINE_OPTS["low_below"],
+                  low_all: bool = _ENGINE_OPTS["low_all"],
                   out: Optional[Path] = typer.Option(None, help="Write results JSON + markdown here."),
                   as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Prefill and decode latency, tokens/s, p50/p95/p99, hit rate and bytes moved, per policy."""
@@ -150,7 +155,8 @@ def bench_runtime(model: str = typer.Argument("smollm2-moe", help="MoE model sou
     names = [p.strip() for p in policies.split(",") if p.strip()]
     for policy in names:
         engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode,
-                              prefetch, guess_trace, admit, compile_decode, gpu_memory, skip_below, low_below)
+                              prefetch, guess_trace, admit, compile_decode, gpu_memory, skip_below, low_below,
+                              low_all)
         if not rows:
             warn_without_gpu_tier(engine, len(names))
         ids = tokenize(engine.tokenizer, load_text("pydoc"))[:, :prompt_tokens]

@@ -28,8 +28,9 @@ The rules, for a real GPU (each side follows them):
   weights renormalised to the sum they had; else below ``low_below`` -> ``low``: served from the expert's
   low-precision (int4) host copy (``CostModel.low_costs``): copied whole (about half the bytes, into a
   transient buffer: no cache or scratch slot) and run on the GPU (``k`` = 0), split as ``split`` splits
-  (k = 1 .. 7), or on the CPU alone (k = 8), whichever finishes first behind the queues; not cached, nor admitted in the background (a whole copy on the copy
-  engine for an expert that mattered little: it delayed the layer's other misses in the simulator).
+  (k = 1 .. 7), or on the CPU alone (k = 8), whichever finishes first behind the queues (``low_all``:
+  every miss not skipped, top experts too); not cached, nor admitted in the background (a whole copy
+  on the copy engine for an expert that mattered little delayed the layer's other misses).
 - Scratch slots: a fixed number of buffers outside the cache (the engine's split slots), one per
   split or streamed call of the layer.
 
@@ -60,6 +61,7 @@ class Rules:
     admit_backlog: float = 1.0  # ... while at most this many whole copies are queued on the copy engine
     skip_below: float = 0.0  # skip a miss whose renormalised router weight is below this (0: never)
     low_below: float = 0.0  # ... serve it on the CPU from its low-precision copy (0: never)
+    low_all: bool = False  # ... every miss not skipped, a token's top expert's too (with low_below > 0)
 
     @property
     def needs_weights(self) -> bool:
@@ -171,7 +173,7 @@ def decide_layer(cache: ExpertCache, cost: CostModel, rules: Rules, layer: int, 
         elif rules.skip_below > 0 and weights[e] < rules.skip_below:
             out.append(Decision(e, n, "skip"))
             continue
-        elif rules.low_below > 0 and weights[e] < rules.low_below:
+        elif rules.low_below > 0 and (rules.low_all or weights[e] < rules.low_below):
             k = cost.best_low(n, cpu_ms, copies.backlog(at))[0]
             cpu_part, copy_ms, gpu_part = cost.low_costs(n, k)
             cpu_ms += cpu_part

@@ -71,6 +71,7 @@ class EngineConfig:
     skip_below: float = 0.0  # miss lever: skip a miss whose renormalised router weight is below this (0: off)
     skip_renorm: bool = True  # ... giving its weight to the token's kept experts (False: dropped)
     low_below: float = 0.0  # miss lever: serve such a miss on the CPU from an int4 copy (0: off, no copy built)
+    low_all: bool = False  # ... every miss not skipped, a token's top expert's too (with low_below > 0)
 
 
 def default_admit(cfg: EngineConfig) -> bool:
@@ -184,7 +185,8 @@ class CollaborativeEngine:
             gw = guess_weight(nxt, norms[layer], norms[layer + 1]) if nxt is not None else None
             hybrid = HybridExperts(layer, ex, self.store, self.cache, None, cfg.decision, self.telemetry,
                                    nxt, cfg.prefetch, gw, guess_plan, admit=default_admit(cfg),
-                                   skip_below=cfg.skip_below, skip_renorm=cfg.skip_renorm, low_below=cfg.low_below)
+                                   skip_below=cfg.skip_below, skip_renorm=cfg.skip_renorm, low_below=cfg.low_below,
+                                   low_all=cfg.low_all)
             set_module(block, adapter.moe.experts, hybrid)
             self.hybrids.append(hybrid)
         if cfg.exec_mode != "fake":  # the rest of the model (and, without a GPU tier, the experts); quantized

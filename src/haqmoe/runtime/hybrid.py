@@ -89,7 +89,7 @@ class HybridExperts(nn.Module):
                  cost: CostModel | None, policy: str, telemetry: Telemetry,
                  next_router: nn.Module | None = None, prefetch: int = 0,
                  guess_w: torch.Tensor | None = None, guess_plan: GuessPlan | None = None, admit: bool = False,
-                 skip_below: float = 0.0, skip_renorm: bool = True, low_below: float = 0.0):
+                 skip_below: float = 0.0, skip_renorm: bool = True, low_below: float = 0.0, low_all: bool = False):
         super().__init__()
         # Next-layer prefetch: layer l+1's router, re-based onto this layer's normalised input
         # (routing/guess.py), guesses its experts; copies start while we compute.
@@ -100,7 +100,8 @@ class HybridExperts(nn.Module):
         self.original = original  # the CPU tier (kept on the CPU when the model moves to a GPU)
         self.store, self.cache, self.cost = store, cache, cost
         self.telemetry = telemetry
-        self.rules = Rules(policy, store.cfg.split_slots, admit, skip_below=skip_below, low_below=low_below) \
+        self.rules = Rules(policy, store.cfg.split_slots, admit, skip_below=skip_below, low_below=low_below,
+                           low_all=low_all) \
             if cache is not None else None
         self.skip_renorm = skip_renorm  # a skipped expert's weight goes to the token's kept experts (else dropped)
         self.num_experts = original.num_experts

@@ -124,7 +124,8 @@ class ReplayOptions:
     served: bool = False
     skip_below: float = 0.0  # miss lever: a miss whose renormalised router weight is below this is skipped
     # (costs nothing; needs a trace with router weights)
-    low_below: float = 0.0  # ... served on the CPU from its low-precision copy (CostModel.t_low)
+    low_below: float = 0.0  # ... served from its low-precision copy (CostModel.low_costs)
+    low_all: bool = False  # ... every miss not skipped (with low_below > 0)
 
 
 @dataclass
@@ -174,7 +175,8 @@ class Replay:
         self.profile, self.spec, self.precision = profile, spec, precision
         opt = self.opt
         scratch = scratch_slots(opt.decision, trace.top_k) if opt.scratch_slots is None else opt.scratch_slots
-        self.rules = Rules(opt.decision, scratch, opt.async_admit, opt.async_backlog, opt.skip_below, opt.low_below)
+        self.rules = Rules(opt.decision, scratch, opt.async_admit, opt.async_backlog, opt.skip_below, opt.low_below,
+                           opt.low_all)
         if self.rules.needs_weights and trace.weights is None:
             raise HaqmoeError("the miss levers need a trace with router weights")
         self.copies = cache.copies
