@@ -38,26 +38,29 @@ OURS = ("full+split", "balanced+prefetch")
 # Mixtral settings (skip_below, low_below): a miss of the second-ranked expert whose renormalised weight is
 # below skip_below is skipped, else below low_below served from the int4 copy; 1.0 takes every second-ranked
 # miss (what any threshold above 1/2 does on smollm2-moefied, whose top-2 weights are 1/2 each)
-MIXTRAL_SETTINGS = ((0.0, 0.0), (0.1, 0.0), (0.2, 0.0), (0.3, 0.0), (1.0, 0.0), (0.0, 0.3), (0.0, 1.0),
-                    (0.1, 1.0), (0.2, 1.0))
-# the engine's settings on smollm2-moefied: (name, skip_below, skip_renorm, low_below)
-ENGINE_SETTINGS = (("exact", 0.0, True, 0.0), ("low", 0.0, True, 1.0), ("skip-drop", 1.0, False, 0.0),
-                   ("skip-renorm", 1.0, True, 0.0))
+# (skip_below, low_below, low_all): low_all serves every miss not skipped from int4, top experts too
+MIXTRAL_SETTINGS = ((0.0, 0.0, False), (0.1, 0.0, False), (0.2, 0.0, False), (0.3, 0.0, False), (1.0, 0.0, False),
+                    (0.0, 0.3, False), (0.0, 1.0, False), (0.1, 1.0, False), (0.2, 1.0, False), (0.0, 1.0, True),
+                    (0.2, 1.0, True))
+# the engine's settings on smollm2-moefied: (name, skip_below, skip_renorm, low_below, low_all)
+ENGINE_SETTINGS = (("exact", 0.0, True, 0.0, False), ("low", 0.0, True, 1.0, False),
+                   ("low-all", 0.0, True, 1.0, True), ("skip-drop", 1.0, False, 0.0, False),
+                   ("skip-renorm", 1.0, True, 0.0, False))
 
 
-def setting_name(skip: float, low: float) -> str:
-    parts = ([f"skip<{skip:g}"] if skip else []) + ([f"low<{low:g}"] if low else [])
+def setting_name(skip: float, low: float, low_all: bool = False) -> str:
+    parts = ([f"skip<{skip:g}"] if skip else []) + (["low-all"] if low and low_all else [f"low<{low:g}"] if low else [])
     return ", ".join(parts) or "exact"
 
 
 # ------------------------------------------------------------------------------------ accuracy
-def build(skip_below: float, skip_renorm: bool, low_below: float, slots: int, policy: str):
+def build(skip_below: float, skip_renorm: bool, low_below: float, low_all: bool, slots: int, policy: str):
     from haqmoe.runtime.engine import CollaborativeEngine, EngineConfig
     from haqmoe.sources import load_model
 
     lm = load_model(MODEL, progress=False)  # fresh: the engine swaps the model's experts modules
     cfg = EngineConfig(emulate_gpu=True, slots_per_layer=slots, decision=policy, skip_below=skip_below,
-                       skip_renorm=skip_renorm, low_below=low_below)
+                       skip_renorm=skip_renorm, low_below=low_below, low_all=low_all)
     return CollaborativeEngine(lm, cfg)
 
 
@@ -80,9 +83,9 @@ def accuracy_rows(args) -> list[dict]:
     from haqmoe.runtime.engine import SamplingConfig
 
     rows, exact_tokens, exact_ppl = [], None, None
-    for name, skip_below, renorm, low_below in ENGINE_SETTINGS:
+    for name, skip_below, renorm, low_below, low_all in ENGINE_SETTINGS:
         t0 = time.perf_counter()
-        engine = build(skip_below, renorm, low_below, args.slots, args.policy)
+        engine = build(skip_below, renorm, low_below, low_all, args.slots, args.policy)
         ids = tokenize(engine.tokenizer, load_text("wikitext2:test"))
         # prompts and windows: evenly spaced, disjoint slices of the test split
         starts = np.linspace(0, ids.shape[1] - args.window - 1, args.windows + args.prompts).astype(int)
@@ -104,7 +107,7 @@ def accuracy_rows(args) -> list[dict]:
             + s["low_expert_calls"]
         rows.append({
             "kind": "accuracy", "setting": name, "skip_below": skip_below, "skip_renorm": renorm,
-            "low_below": low_below,
+            "low_below": low_below, "low_all": low_all,
             "model": MODEL, "policy": args.policy, "slots_per_layer": args.slots,
             "ppl": ppl, "ppl_change_pct": 100 * (ppl / exact_ppl - 1),
             "ppl_tokens": count, "ppl_windows": args.windows, "window_tokens": args.window,
@@ -137,23 +140,23 @@ def speed_rows(args) -> list[dict]:
     cost = cost_model_for(profile, spec)
     slots = memory_plan(profile, spec, "w8a8").slots
     rows = []
-    grid = [(p, 0.0, 0.0) for p in PEERS] + [(p, t, lo) for p in OURS for t, lo in MIXTRAL_SETTINGS]
-    for policy, t, lo in grid:
+    grid = [(p, 0.0, 0.0, False) for p in PEERS] + [(p, *x) for p in OURS for x in MIXTRAL_SETTINGS]
+    for policy, t, lo, lo_all in grid:
         cpol, decision, admit, pf = SIM_POLICIES[policy]
         cache = build_cache(CacheSpec(cpol, slots), tr.num_layers, tr.num_experts, tr.top_k,
                             spec.expert_bytes("w8a8"), pair.plan, tr.experts, tr.offsets)
         opt = ReplayOptions(decision, admit, prefetch=PrefetchConfig(pf, guess_recall=args.guess_recall),
-                            skip_below=t, low_below=lo)
+                            skip_below=t, low_below=lo, low_all=lo_all)
         res = Replay(tr, cache, cost, profile, spec, options=opt).run()
         s = res.summary()
         calls = tr.num_tokens * tr.num_layers * tr.top_k
         rows.append({
-            "kind": "speed", "setting": f"{policy}, {setting_name(t, lo)}" if t or lo else policy, "policy": policy,
-            "skip_below": t, "low_below": lo, "decode_tok_s": s["decode_tok_s"], "hit_rate": s["resident_when_needed"],
+            "kind": "speed", "setting": f"{policy}, {setting_name(t, lo, lo_all)}" if t or lo else policy,
+            "policy": policy, "skip_below": t, "low_below": lo, "low_all": lo_all, "decode_tok_s": s["decode_tok_s"], "hit_rate": s["resident_when_needed"],
             "skipped_share_of_calls": s.get("n_skip", 0) / calls, "low_share_of_calls": s.get("n_low", 0) / calls,
             "slots": slots,
             "trace": f"simulated on sampled routing ({pair.kind}, {args.requests} x {args.tokens} tokens), "
-                     f"{profile.name}; weights assumed (second expert's ~ U(0, 1/2))" if 0 < min(t or 1, lo or 1) < 1 else
+                     f"{profile.name}; weights assumed (second expert's ~ U(0, 1/2))" if 0 < min(t or 1, (lo or 1) if not lo_all else 1) < 1 else
                      f"simulated on sampled routing ({pair.kind}, {args.requests} x {args.tokens} tokens), {profile.name}",
         })
         print(rows[-1], flush=True)
@@ -172,8 +175,9 @@ def notes_for(rows: list[dict]) -> str:
            "(Mixtral-8x7B W8A8, rtx5090d profile, bench/simulate.py's traces), beside the better peer policy of "
            "the same run (`vs_better_peer`). Levers (docs/design.md, Miss levers): `skip<t` skips a missed "
            "expert whose router weight renormalised over the token's top-2 is below t (never a token's top "
-           "expert); `low<t` serves such a miss on the CPU from its int4 copy (groups of 128 input columns, "
-           "0.53x the W8A8 bytes) instead."]
+           "expert); `low<t` serves such a miss from its int4 copy instead (groups of 128 input columns, "
+           "0.53x the W8A8 bytes; on the CPU, copied, or split across both, whichever finishes first); "
+           "`low-all` serves every miss not skipped from it, a token's top expert's too."]
     if acc:
         a = next(iter(acc.values()))
         out.append(f"Accuracy: perplexity on {a['ppl_windows']} WikiText-2 test windows of {a['window_tokens']} "
@@ -184,7 +188,8 @@ def notes_for(rows: list[dict]) -> str:
                    f"+ 4 shared that always run).")
         out.append("smollm2-moefied's top-2 router weights are 1/2 each (to 2^-15, docs/design.md, MoEfication): "
                    "any threshold above 1/2 takes every second-ranked miss and any below none, so its rows are "
-                   "the levers at full strength (`low`: every second-ranked miss from int4; `skip-drop`: skipped, "
+                   "the levers at full strength (`low`: every second-ranked miss from int4; `low-all`: every "
+                   "miss from int4; `skip-drop`: skipped, "
                    "the slice left out, i.e. the dense FFN minus a slice; `skip-renorm`: skipped with the kept "
                    "expert's weight raised to 1, i.e. its slice counted twice, Mixtral's renormalisation, wrong "
                    "for a sum of slices); the model cannot show a graded threshold.")
@@ -193,7 +198,7 @@ def notes_for(rows: list[dict]) -> str:
         best = {}
         for r in speed:
             if r["policy"] in OURS:
-                key = (r["skip_below"], r["low_below"])
+                key = (r["skip_below"], r["low_below"], r.get("low_all", False))
                 best[key] = max(best.get(key, r), r, key=lambda x: x["decode_tok_s"])
         line = "; ".join(f"{setting_name(*k)}: {r['decode_tok_s']:.1f} tok/s = {r['vs_better_peer']:.2f}x "
                          f"({r['policy']}; {100 * r['skipped_share_of_calls']:.1f} % of calls skipped, "
@@ -204,7 +209,8 @@ def notes_for(rows: list[dict]) -> str:
                    f"uniform on (0, 1/2), so a threshold t < 1/2 takes a share 2t of the second-ranked misses; "
                    f"t = 1 takes all of them, the setting measured for accuracy on smollm2-moefied.")
         if acc:
-            pairs = {"low": (0.0, 1.0), "skip-drop": (1.0, 0.0), "skip-renorm": (1.0, 0.0)}
+            pairs = {"low": (0.0, 1.0, False), "low-all": (0.0, 1.0, True), "skip-drop": (1.0, 0.0, False),
+                     "skip-renorm": (1.0, 0.0, False)}
             verdict = []
             for name, key in pairs.items():
                 if name in acc and key in best:
