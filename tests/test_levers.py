@@ -123,3 +123,20 @@ def test_low_precision_misses_change_logits_a_little_and_skipped_ones_more():
     # skip takes precedence over low where both thresholds admit a miss
     _, both, s = run("mixtral", skip_below=1.0, low_below=1.0)
     assert s["low_expert_calls"] == 0 and torch.equal(both, skipped)
+
+
+def test_low_costs_scale_the_bytes_and_pick_the_earliest_finish():
+    from haqmoe.costs.curves import SPLIT_STEPS, CostCurve, CostModel
+    from haqmoe.costs.shapes import int4_bytes, int8_bytes, model_spec
+
+    assert int4_bytes(256, 128) == 128 + 2 * 4  # two weights a byte + fp16 scale and zero per group
+    spec = model_spec("mixtral-8x7b")
+    assert 0.5 < spec.expert_bytes("int4") / spec.expert_bytes("w8a8") < 0.55
+    cost = CostModel(CostCurve(floor_ms=2.0, per_token_ms=0.01), CostCurve(floor_ms=0.1), 3.0, low_ratio=0.5)
+    assert cost.t_low(1) == pytest.approx(1.0)  # the memory floor halves
+    assert cost.low_costs(1, SPLIT_STEPS) == (pytest.approx(1.0), 0.0, 0.0)
+    assert cost.low_costs(1, 0) == (0.0, pytest.approx(1.5), pytest.approx(0.1))
+    k, finish = cost.best_low(1)
+    assert 0 < k < SPLIT_STEPS and finish < 1.0  # both channels at once beat either alone
+    assert cost.best_low(1, copy_wait_ms=100.0)[0] == SPLIT_STEPS  # a copy backlog: the CPU alone
+    assert cost.best_low(1, cpu_queue_ms=100.0)[0] == 0  # a busy CPU: copied whole
