@@ -348,3 +348,7 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(f"haqmoe: internal error: {type(exc).__name__}: {exc} (run with --debug for a traceback)",
                    err=True)
         sys.exit(1)
+
+
+if __name__ == "__main__":  # python -m haqmoe.cli.main (the benches profile through it)
+    main()

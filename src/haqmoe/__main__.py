@@ -1,0 +1,5 @@
+"""``python -m haqmoe``: the same CLI as the ``haqmoe`` command."""
+
+from .cli.main import main
+
+main()
