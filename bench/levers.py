@@ -196,7 +196,9 @@ def notes_for(rows: list[dict]) -> str:
                    "expert's weight raised to 1, i.e. its slice counted twice, Mixtral's renormalisation, wrong "
                    "for a sum of slices); the model cannot show a graded threshold. `low-all` here never fills the "
                    "cache (no miss is copied in whole: hit rate 0), so every routed call runs from int4: an upper "
-                   "bound on what int4 misses cost (the simulated `low-all` rows serve 32 % of calls from int4).")
+                   "bound on what int4 misses cost (the simulated `low-all` rows serve 32 % of calls from int4). "
+                   "The int4 groups are 64 input columns on this model (its widths 576 and 192 are not multiples "
+                   "of 128; Mixtral's 4096 and 14336 are), slightly finer than the simulated copy's.")
     if speed:
         peer = max((r for r in speed if r["policy"] in PEERS), key=lambda r: r["decode_tok_s"])
         best = {}
