@@ -111,6 +111,7 @@ def engine_decoder(model: str):
     from haqmoe.sources import load_model
 
     lm = load_model(str(checkpoint(model)), progress=False)
+    per_token = weight_bytes_per_token(lm.model)  # before the engine takes the experts over
     engine = CollaborativeEngine(lm, EngineConfig(device="cpu", exec_mode="real"))
     ids = torch.tensor([prompt(model)])
     sampling = SamplingConfig(max_new_tokens=NEW, temperature=0.0)
@@ -119,7 +120,7 @@ def engine_decoder(model: str):
         times = [time.perf_counter() for _ in engine.stream(ids, sampling)]
         return (len(times) - 1) / (times[-1] - times[0])
 
-    return burst, weight_bytes_per_token(lm.model)
+    return burst, per_token
 
 
 def weight_bytes_per_token(model) -> float:
