@@ -78,6 +78,8 @@ class BatchStats:
     prefills: int = 0
     admitted: int = 0
     retired: int = 0
+    decode_s: float = 0.0  # wall time of those steps (sampling and streaming included)
+    prefill_s: float = 0.0  # wall time of the prefills (first token included)
     last_batch: int = 0  # requests in the latest decode step
     max_seen: int = 0  # the largest batch so far
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)  # batch size -> steps
@@ -196,7 +198,9 @@ class BatchScheduler:
             row.gen.prefill_ms = 1e3 * (time.perf_counter() - t0)
             self.stats.prefills += 1
             self.stats.admitted += 1
-            if self._take_token(row, logits):
+            finished = self._take_token(row, logits)
+            self.stats.prefill_s += time.perf_counter() - t0
+            if finished:
                 self.stats.retired += 1
                 self._safe_emit(req, DONE, row.gen)
                 return
@@ -279,6 +283,7 @@ class BatchScheduler:
             row.gen.token_ms.append(ms)
             if self._take_token(row, logits[i]):
                 done.add(i)
+        self.stats.decode_s += time.perf_counter() - t
         if done:
             self._retire(done)
 

@@ -189,8 +189,9 @@ class EngineWorker:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def telemetry(self) -> dict:
-        return {"max_batch": 1, "waiting": self.metrics.waiting, "running": self.metrics.running,
-                "batch": self.metrics.running}
+        m = self.metrics  # one request at a time: the requests' own decode steps are the engine's
+        return {"max_batch": 1, "waiting": m.waiting, "running": m.running, "batch": m.running,
+                "decode_steps": m.decode_tokens, "batched_tokens": m.decode_tokens, "decode_s": m.decode_s}
 
 
 class BatchWorker:
@@ -256,7 +257,8 @@ class BatchWorker:
         st = self.scheduler.stats
         return {"max_batch": self.max_batch, "waiting": self.metrics.waiting, "running": self.metrics.running,
                 "batch": self.scheduler.running, "decode_steps": st.steps, "batched_tokens": st.decode_tokens,
-                "mean_batch": st.decode_tokens / st.steps if st.steps else 0.0, "max_batch_seen": st.max_seen}
+                "mean_batch": st.decode_tokens / st.steps if st.steps else 0.0, "max_batch_seen": st.max_seen,
+                "decode_s": st.decode_s, "prefill_s": st.prefill_s}
 
 
 class Encoder:

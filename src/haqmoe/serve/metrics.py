@@ -59,6 +59,8 @@ class ServerMetrics:
     per_token: Histogram = field(default_factory=lambda: Histogram((0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                                                                      0.1, 0.25, 0.5, 1.0, 2.5)))
     lock: threading.Lock = field(default_factory=threading.Lock)
+    decode_tokens: int = 0  # tokens after each request's first (its decode steps) ...
+    decode_s: float = 0.0  # ... and the time those steps took, per request (summed over requests)
     token_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1 << 16))
     started: float = field(default_factory=time.monotonic)
 
@@ -99,6 +101,8 @@ class ServerMetrics:
                 self.first_token.observe(ttft_s)
             for t in token_s:
                 self.per_token.observe(t)
+            self.decode_tokens += len(token_s)
+            self.decode_s += sum(token_s)
 
     def render(self, engine) -> str:
         """The whole exposition, server counters first, then the engine's per-layer expert counters."""
