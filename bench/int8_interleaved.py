@@ -183,7 +183,7 @@ class LlamaChild:
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"llama.cpp build '{label}' ({python}) failed to start")
-        self.info = {"python": python, **json.loads(line)}
+        self.info = {"python": python, "gguf": gguf.name, **json.loads(line)}
 
     def burst(self) -> float:
         self.proc.stdin.write("go\n")
@@ -253,7 +253,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m (ours: --aot) or smollm2-moe (ours: engine)")
     ap.add_argument("--pairs", type=int, default=10, help="rounds (each decoder bursts once per round)")
     ap.add_argument("--llama-python", action="append", default=[],
-                    help="LABEL=PYTHON of a venv holding a llama-cpp-python build (repeatable); "
+                    help="LABEL=PYTHON[@GGUF] of a venv holding a llama-cpp-python build (repeatable); "
+                         "@GGUF runs that build on another file (default: our checkpoint's export); "
                          "default: flagged=<this python>")
     ap.add_argument("--bandwidth", action="store_true", help="probe DRAM read bandwidth before and after")
     ap.add_argument("--out", type=Path, default=None)
@@ -270,7 +271,8 @@ def main() -> None:
     ours = ctx.Process(target=serve_ours, args=(args.model, there), daemon=True)
     ours.start()
     ours_info = here.recv()
-    children = {label: LlamaChild(label, python, gguf, ids) for label, python in builds}
+    files = {label: Path(python.split("@", 1)[1]) if "@" in python else gguf for label, python in builds}
+    children = {label: LlamaChild(label, python.split("@", 1)[0], files[label], ids) for label, python in builds}
 
     def burst(side: str) -> float:
         if side == OURS:
