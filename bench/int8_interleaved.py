@@ -234,7 +234,7 @@ def notes_text(rows: list[dict], labels: list[str], meta: dict) -> str:
         lines.append(f"DRAM read bandwidth of this host, same run: {min(bw):.1f}-{max(bw):.1f} GB/s "
                      f"({len(bw)} probes, {THREADS} threads).")
         for side, key in ((OURS, "ours_bytes_per_token"), (fastest, "gguf_bytes_per_token")):
-            per = meta.get(key)
+            per = meta.get("llama_builds", {}).get(side, {}).get("bytes_per_token") or meta.get(key)
             if per:
                 gbs = med[f"{side}_tok_s"] * per / 1e9
                 who = "ours" if side == OURS else f"llama.cpp `{side}`"
@@ -311,8 +311,11 @@ def main() -> None:
                     fused_kernel=ours_info["fused_kernel"], llama_cpp=bench_int8.llama_cpp_version(),
                     llama_builds={label: child.info for label, child in children.items()}, cpu=cpu_info())
     if args.bandwidth:
+        model_cfg = AutoConfig.from_pretrained(checkpoint(args.model))
         meta.update(dram_read_gb_s=bandwidth, ours_bytes_per_token=ours_info["bytes_per_token"],
-                    gguf_bytes_per_token=gguf_bytes_per_token(gguf, AutoConfig.from_pretrained(checkpoint(args.model))))
+                    gguf_bytes_per_token=gguf_bytes_per_token(gguf, model_cfg))
+        for label in labels:
+            meta["llama_builds"][label]["bytes_per_token"] = gguf_bytes_per_token(files[label], model_cfg)
     title = (f"{args.model} int8 decode: ours vs llama.cpp Q8_0 builds, interleaved (measured on this CPU)")
     write_results(out, rows, meta, title, (__doc__ or "") + "\n\n" + notes_text(rows, labels, meta))
     print(out.with_suffix(".md").read_text())
