@@ -243,6 +243,30 @@ def notes_text(rows: list[dict], labels: list[str], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def title_for(model: str) -> str:
+    return f"{model} int8 decode: ours vs llama.cpp Q8_0 builds, interleaved (measured on this CPU)"
+
+
+def render(path: Path) -> None:
+    from transformers import AutoConfig
+
+    from haqmoe.results import write_results
+    from haqmoe.sources import load_model
+
+    data = json.loads(path.read_text())
+    meta, rows = data["meta"], data["rows"]
+    labels = [k[: -len("_tok_s")] for k in rows[0] if k.endswith("_tok_s") and k != f"{OURS}_tok_s"]
+    if "dram_read_gb_s" in meta:
+        src = checkpoint(meta["model"])
+        lm = load_model(str(src), progress=False)
+        meta["ours_bytes_per_token"] = weight_bytes_per_token(lm.model)
+        model_cfg = AutoConfig.from_pretrained(src)
+        meta["gguf_bytes_per_token"] = gguf_bytes_per_token(src.parent / meta["gguf"], model_cfg)
+        for label, info in meta["llama_builds"].items():
+            info["bytes_per_token"] = gguf_bytes_per_token(src.parent / info.get("gguf", meta["gguf"]), model_cfg)
+    write_results(path, rows, meta, title_for(meta["model"]), (__doc__ or "") + "\n\n" + notes_text(rows, labels, meta))
+
+
 def main() -> None:
     import multiprocessing as mp
 
@@ -258,7 +282,12 @@ def main() -> None:
                          "default: flagged=<this python>")
     ap.add_argument("--bandwidth", action="store_true", help="probe DRAM read bandwidth before and after")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--render", type=Path, default=None,
+                    help="rewrite this results .json's .md (notes from its rows; weight bytes per token recounted "
+                         "from the checkpoint and files, which needs no timing), measure nothing")
     args = ap.parse_args()
+    if args.render:
+        return render(args.render)
     builds = [b.split("=", 1) for b in (args.llama_python or [f"flagged={sys.executable}"])]
     labels = [label for label, _ in builds]
     out = args.out or ROOT / "bench" / "results" / ("int8_moe_peer.json" if "moe" in args.model
@@ -316,8 +345,7 @@ def main() -> None:
                     gguf_bytes_per_token=gguf_bytes_per_token(gguf, model_cfg))
         for label in labels:
             meta["llama_builds"][label]["bytes_per_token"] = gguf_bytes_per_token(files[label], model_cfg)
-    title = (f"{args.model} int8 decode: ours vs llama.cpp Q8_0 builds, interleaved (measured on this CPU)")
-    write_results(out, rows, meta, title, (__doc__ or "") + "\n\n" + notes_text(rows, labels, meta))
+    write_results(out, rows, meta, title_for(args.model), (__doc__ or "") + "\n\n" + notes_text(rows, labels, meta))
     print(out.with_suffix(".md").read_text())
 
 
