@@ -160,3 +160,22 @@ def test_smollm2_gguf_greedy_and_transformers_reader(tmp_path):
         back = hf(torch.tensor([ids])).logits[0]
     assert _rel(back, ours) < 0.06  # the Q8_0 re-rounding alone (rms 0.5 % per weight, 30 layers)
     assert np.array_equal(back.argmax(-1).numpy()[-4:], ours.argmax(-1).numpy()[-4:])
+
+
+def test_cli_export_gguf(tmp_path, capsys):
+    import json
+
+    from haqmoe.cli.main import main
+
+    src = _quantized(tmp_path, "mixtral")
+    with pytest.raises(SystemExit) as exc:
+        main(["--quiet", "export", str(src), "--format", "gguf", "--out", str(tmp_path / "out"), "--json",
+              "--no-verify"])
+        raise SystemExit(0)
+    assert exc.value.code == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["arch"] == "llama" and payload["q8_0_tensors"] > 0
+    assert (tmp_path / "out" / "q-mixtral.Q8_0.gguf").is_file()  # a directory --out gets MODEL.Q8_0.gguf
+    with pytest.raises(SystemExit) as exc:  # an existing file needs --overwrite
+        main(["--quiet", "export", str(src), "--format", "gguf", "--out", payload["out"], "--no-verify"])
+    assert exc.value.code != 0
