@@ -228,11 +228,19 @@ def notes_for(rows: list[dict]) -> str:
                            "smollm2-moefied, same setting): " + "; ".join(verdict) + ". Mixtral's speed-up at a graded "
                            "threshold rests on the assumed weight distribution; its accuracy cost is measured here "
                            "only at full strength.")
+    more = [r for r in rows if r["kind"] == "accuracy" and r["setting"].endswith("windows)")
+            and not r["setting"].startswith("exact")]
+    if more:
+        out.append("A second run with more perplexity windows (rows `... (N windows)`, against its own exact row; "
+                   "stopped before its remaining settings for time): " + "; ".join(
+                       f"`{r['setting']}` {r['ppl_change_pct']:+.2f} % PPL over {r['ppl_tokens']} tokens "
+                       f"(token agreement {r['token_agreement']:.3f})" for r in more)
+                   + ". Its spread against the 4-window rows says how noisy a few hundred tokens are.")
     return "\n\n".join(out)
 
 
 COLUMNS = ("kind", "setting", "skip_below", "low_below", "decode_tok_s", "vs_better_peer", "hit_rate",
-           "skipped_share_of_calls", "low_share_of_calls", "ppl", "ppl_change_pct", "token_agreement", "first_divergence_mean", "trace")
+           "skipped_share_of_calls", "low_share_of_calls", "ppl", "ppl_change_pct", "ppl_windows", "token_agreement", "first_divergence_mean", "trace")
 
 
 def main() -> None:
