@@ -87,6 +87,11 @@ MODELS: dict[str, ModelSpec] = {
     # 9 heads / 3 KV heads of 64, 8 experts top-2.
     "smollm2-moe": ModelSpec("smollm2-moe", 30, 8, 2, 576, 1536, 49152,
                              2 * 576 * 576 + 2 * 576 * 192 + 576 * 8 + 2 * 576, 192),
+    # The embedded MoEfied MoE (models/moefy.py): SmolLM2's 1536 FFN neurons carved into 4 routed
+    # experts (top-2) and 4 shared ones of 192 each; the shared slices always run, so they are counted
+    # with the attention as non-expert weights.
+    "smollm2-moefied": ModelSpec("smollm2-moefied", 30, 4, 2, 576, 192, 49152,
+                                 2 * 576 * 576 + 2 * 576 * 192 + 576 * 4 + 2 * 576 + 3 * 576 * 4 * 192, 192),
 }
 
 
@@ -99,4 +104,6 @@ def model_spec(name: str) -> ModelSpec:
 def shape_for(model: str) -> str:
     """The shape that costs routing data of ``model`` (its recorded name): Mixtral's for Mixtral
     data, the embedded MoE's otherwise (the models profiled on this machine are SmolLM2 MoEs)."""
+    if model in MODELS:
+        return model
     return "mixtral-8x7b" if "mixtral" in model.lower() else "smollm2-moe"

@@ -1,6 +1,6 @@
 """``haqmoe demo``: the product tour on the embedded models, minutes on 2 CPU cores.
 
-1. perplexity of the dense SmolLM2 and its upcycled MoE: FP32, RTN W8A8 and HAQ W8A8;
+1. perplexity of the dense SmolLM2 and its MoEfied MoE (experts that differ): FP32, RTN W8A8 and HAQ W8A8;
 2. routing profile of the MoE on WikiText-2 valid (build) and test (held out);
 3. placement plans by three strategies, their per-layer held-out hit rates;
 4. a few sentences generated through the collaborative runtime (GPU tier emulated on the CPU when
@@ -24,7 +24,7 @@ from rich.table import Table  # noqa: E402
 from ..data.text import calibration_ids, eval_windows, load_text, tokenize  # noqa: E402
 from ..eval.perplexity import perplexity  # noqa: E402
 from ..io import atomic_write_text  # noqa: E402
-from ..models.embedded import DENSE, MOE  # noqa: E402
+from ..models.embedded import DENSE, MOEFIED  # noqa: E402
 from ..paths import shared_data_dir  # noqa: E402
 from ..quant.config import QuantConfig  # noqa: E402
 from ..quant.methods import MethodOptions, quantize_with  # noqa: E402
@@ -45,7 +45,7 @@ def _texts() -> tuple[str, str]:
 def _ppl_rows(windows: int, calib_samples: int, progress: bool) -> list[dict]:
     calib_src, eval_src = _texts()
     rows = []
-    for name in (DENSE, MOE):
+    for name in (DENSE, MOEFIED):
         for method in ("fp32", "rtn", "haq"):
             lm = load_model(name, progress=progress)
             ids = tokenize(lm.tokenizer, load_text(eval_src))
@@ -80,7 +80,7 @@ def _placement(progress: bool, requests: int = 8, seqlen: int = 256):
     from ..costs.hardware import DEFAULT_PROFILE
     from ..costs.planning import planning_costs_for
 
-    lm = load_model(MOE, progress=progress)
+    lm = load_model(MOEFIED, progress=progress)
     build_src, eval_src = _texts()
     ids_b = tokenize(lm.tokenizer, load_text(build_src))
     ids_e = tokenize(lm.tokenizer, load_text(eval_src))
@@ -91,7 +91,7 @@ def _placement(progress: bool, requests: int = 8, seqlen: int = 256):
     held = trace_windows(lm.model, lm.adapter, eval_windows(ids_e, seqlen, requests), progress=progress)
     stats = stats_from_trace(build, source=build_src)
     budget = Budget.of(stats, experts=stats.counts.size // 2)
-    profile = planning_costs_for(DEFAULT_PROFILE, MOE, build.num_layers, build.num_experts, build.top_k)
+    profile = planning_costs_for(DEFAULT_PROFILE, MOEFIED, build.num_layers, build.num_experts, build.top_k)
     plans, rows = {}, []
     for name in STRATEGIES:
         plan = build_plan(make_strategy(name, profile, request_counts(build, 25)), stats, budget)
@@ -109,7 +109,7 @@ def _generate(plan, progress: bool) -> tuple[list[dict], dict]:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = plan.save(Path(tmp) / "plan.json")
-        lm = load_model(MOE, progress=progress)
+        lm = load_model(MOEFIED, progress=progress)
         engine = CollaborativeEngine(lm, EngineConfig(emulate_gpu=True, cache_policy="pinned+lru",
                                                       decision="predictor", plan=str(path),
                                                       slots_per_layer=max(len(r) for r in plan.resident) + 1))

@@ -11,7 +11,7 @@ from ..routing.trace import RoutingTrace
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # here: the Agg backend must be chosen before pyplot is imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
