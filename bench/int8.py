@@ -514,7 +514,7 @@ def _notes(meta: dict, rows: list[dict]) -> str:
 
 
 def compute_checks(by: dict) -> dict:
-    """The issue's acceptance ratios from rows keyed by (model, mode)."""
+    """Acceptance ratios (kernel, compiled, ahead-of-time vs eager and llama.cpp) from rows keyed by (model, mode)."""
     checks = {}
     fake, real = by.get(("smollm2-135m", "fake-quant")), by.get(("smollm2-135m", "real-int8"))
     if fake and real and "ppl" in fake and "ppl" in real:

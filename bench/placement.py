@@ -82,7 +82,7 @@ def ensure_traces(traces: Path) -> None:
 
 
 def goal_check(rows: list[dict]) -> list[str]:
-    """The issue's bar: ours matches two-stage's std (<= +0.5) with a higher held-out mean, or has
+    """The placement goal: ours matches two-stage's std (<= +0.5) with a higher held-out mean, or has
     strictly lower expected latency."""
     out = []
     key = {(r["source"], r["split"], r["budget"], r["strategy"], r["request_len"]): r for r in rows}

@@ -16,21 +16,26 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from transformers import StaticCache
 
+from ..costs import DECISION_POLICIES, CostModel, ModelSpec, cost_model_for, load_profile
 from ..devices import resolve_device
 from ..errors import HaqmoeError
+from ..exec.compiled import cache_len, require_compiler
+from ..exec.int8 import Int8Experts, cpu_int8_path
 from ..exec.precision import convert, int8_experts, normalize_mode, weight_bytes
 from ..models.adapters import set_module
 from ..models.base import LoadedModel, context_of, encode_prompt
+from ..registry import ENGINE_CACHE_POLICIES  # per-layer slot allocation: simulator only
 from ..routing.guess import GuessPlan, guess_weight
+from ..routing.placement import Plan
+from ..routing.trace_io import load_trace
 from .cache import CacheConfig, ExpertCache
+from .calibrate import cached_cost_model, calibrate_split, calibrate_tiers, machine_key, time_ms
 from .hybrid import HybridExperts, Telemetry
 from .policies import make_policy, policy_uses_pins
-from ..costs import DECISION_POLICIES, CostModel
 from .store import ExpertStore, StoreConfig, expert_transfer_bytes
 
-
-ENGINE_CACHE_POLICIES = ("lru", "lfu", "pinned+lru", "pinned+lfu")  # per-layer slot allocation: simulator only
 KV_TOKENS = 4096  # the KV cache the GPU budget keeps room for
 GPU_RESERVE = 1 << 30  # activations, CUDA context and allocator slack
 
@@ -110,8 +115,6 @@ class Generation:
 
 
 def _spec_from_config(cfg, num_experts: int, top_k: int):
-    from ..costs import ModelSpec
-
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads) * head_dim
     attn = 2 * cfg.hidden_size * cfg.num_attention_heads * head_dim + 2 * cfg.hidden_size * kv
@@ -175,7 +178,7 @@ class CollaborativeEngine:
             self.store = ExpertStore(experts, StoreConfig(store_device, slots * len(blocks), split_slots=splits))
             pinned = {i: r for i, r in enumerate(plan.resident)} if policy_uses_pins(cfg.cache_policy) else {}
             self.cache = ExpertCache(CacheConfig(len(blocks), num_experts, slots, "layer", self.store.expert_bytes,
-                                                 pinned), make_policy(cfg.cache_policy.replace("pinned+", "")),
+                                                 pinned), make_policy(cfg.cache_policy),
                                      top_k=self.top_k)
         routers, norms = [adapter.router(b) for b in blocks], [adapter.router_norm(b) for b in blocks]
         guess_plan = self._guess_plan(len(blocks), num_experts)
@@ -225,8 +228,6 @@ class CollaborativeEngine:
         breaks (where torch has them) resume tracing inside the decoder layer instead of splitting every
         enclosing frame (fewer guarded frames: a tiny 2-layer Mixtral's emulated-GPU step on this CPU went
         from 2.9 to 1.7-2.5 ms)."""
-        from ..exec.compiled import require_compiler
-
         require_compiler(self.device.type)
         dynamo = torch._dynamo.config
         dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * num_layers + 8)
@@ -240,10 +241,6 @@ class CollaborativeEngine:
         graphs depend on its length, so nearby generation lengths reuse them. The same cache is reset and reused
         while the length holds: CUDA graphs are recorded on its buffers' addresses, and a new cache would
         re-record every graph (measured on the H100: a 100-180 ms first decode token)."""
-        from transformers import StaticCache
-
-        from ..exec.compiled import cache_len
-
         length = cache_len(tokens)
         if self._kv is not None and self._kv[0] == length:
             self._kv[1].reset()
@@ -254,22 +251,18 @@ class CollaborativeEngine:
     def _load_plan(self, num_layers: int, num_experts: int):
         if self.cfg.plan is None:
             return None
-        from ..routing.placement import Plan
 
         return Plan.load(self.cfg.plan, num_layers, num_experts)
 
     def _guess_plan(self, num_layers: int, num_experts: int) -> GuessPlan | None:
         if self.cfg.guess_trace is None:
             return None
-        from ..routing.trace_io import load_trace
 
         return GuessPlan.learn(load_trace(self.cfg.guess_trace, num_layers=num_layers, num_experts=num_experts))
 
     def _cost_model(self, num_experts: int) -> CostModel:
         """On CUDA: the engine's own tiers timed at start-up (runtime/calibrate.calibrate_tiers); without
         a GPU: the stored hardware profile's roofline for this model's shape."""
-        from ..costs import cost_model_for, load_profile
-
         if self.device.type == "cuda":
             cost = self._calibrate_tiers()
         else:
@@ -295,8 +288,6 @@ class CollaborativeEngine:
 
     def _tier_precisions(self) -> tuple[str, str]:
         """(GPU slots, CPU tier) in the profile's precision names: the bytes each tier reads per expert."""
-        from ..exec.int8 import Int8Experts
-
         dtype = self._float_dtype()
         floating = "fp32" if dtype == torch.float32 else "fp16"
         cpu_int8 = isinstance(self.hybrids[0].original, Int8Experts)
@@ -306,8 +297,6 @@ class CollaborativeEngine:
         """Quantized slots: keep the int8 GEMM or dequantize per call, whichever runs one expert faster
         here (measured at 1 and 32 tokens, on slot 0). In eager mode the int8 path's ~25 small kernels
         per linear (activation quantization, zero-point corrections) can cost more than the GEMM it saves."""
-        from .calibrate import time_ms
-
         store = self.store
         if not store.quantized or not store.int8_gemm:
             return
@@ -338,9 +327,6 @@ class CollaborativeEngine:
     def _calibrate_tiers(self) -> CostModel:
         """CUDA only. Slot 0 is free at this point (nothing admitted yet; the plan overwrites it after):
         it holds expert (0, 0) for the precision choice, then each expert the copy timing rotates through."""
-        from ..exec.int8 import Int8Experts, cpu_int8_path
-        from .calibrate import cached_cost_model, calibrate_split, calibrate_tiers, machine_key
-
         cpu_tier, store = self.hybrids[0].original, self.store  # every layer's CPU tier is of one kind
         dtype = self._float_dtype()
         cfg = self.model.config
