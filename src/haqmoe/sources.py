@@ -20,7 +20,8 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import list_repo_files, snapshot_download
 
 from .errors import HaqmoeError
-from .models.base import QUANT_CONFIG, LoadedModel, first_line, is_compressed_tensors, load_pretrained
+from .models.base import (QUANT_CONFIG, LoadedModel, first_line, is_compressed_tensors, load_pretrained,
+                          quiet_transformers)
 from .models.embedded import EMBEDDED, ensure_embedded
 from .models.gguf import load_gguf
 from .models.lazy import SafetensorsFolder
@@ -83,6 +84,7 @@ def resolve_source(source: str) -> tuple[str, Path | None]:
 
 def load_model(source: str, dtype: torch.dtype = torch.float32, progress: bool = True) -> LoadedModel:
     """Load any supported model source in eval mode (fp32 by default)."""
+    quiet_transformers()
     kind, path = resolve_source(source)
     if kind == "gguf":
         assert path is not None
