@@ -2,4 +2,5 @@
 
 from .cli.main import main
 
-main()
+if __name__ == "__main__":  # importing this module (tools that walk the package) runs nothing
+    main()
