@@ -13,10 +13,10 @@ from torch import nn
 
 from ..costs.shapes import int8_bytes
 from ..errors import HaqmoeError
-from .adapters import EXPERTS, ArchSpec, FusedExperts, adapter_for, get_module
-from .lazy import SafetensorsFolder, skeleton, tied_keys
-from .base import QUANT_CONFIG, is_compressed_tensors, load_config
 from ..sources import lazy_folder, load_model
+from .adapters import EXPERTS, ArchSpec, FusedExperts, adapter_for, get_module
+from .base import QUANT_CONFIG, is_compressed_tensors, load_config
+from .lazy import SafetensorsFolder, skeleton, tied_keys
 
 
 @dataclass(frozen=True)
