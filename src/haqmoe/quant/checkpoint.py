@@ -32,8 +32,8 @@ from transformers import GenerationConfig
 
 from ..errors import HaqmoeError
 from ..io import atomic_directory, publish_directory
-from ..models.base import LoadedModel, load_config, load_tokenizer
 from ..models.adapters import ArchSpec, adapter_for, get_module, set_module
+from ..models.base import LoadedModel, load_config, load_tokenizer
 from ..models.lazy import INDEX_FILE, materialize, open_reader, read_header, skeleton
 from ..reliability.manifest import FileEntry, verify_manifest
 from ..reliability.resume import block_file, block_tensors, write_shard

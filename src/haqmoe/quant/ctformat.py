@@ -25,8 +25,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import HaqmoeError
-from ..models.base import LoadedModel
 from ..models.adapters import FusedExperts, adapter_for, get_module, set_module
+from ..models.base import LoadedModel
 from .modules import QuantExperts, QuantLinear
 from .quantizer import QuantSpec
 

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from ..costs.curves import SPLIT_STEPS
+from ..costs.shapes import LOW_BITS, LOW_GROUP, int4_bytes
 from ..exec.int8 import Int8Experts, QuantAct, cpu_kernel, quantize_tokens, w8a8_linear, weight_terms
 from ..models.adapters import FusedExperts, expert_glu
 from ..quant.modules import QuantExperts
-from ..costs.shapes import LOW_BITS, LOW_GROUP, int4_bytes
 from ..quant.quantizer import QuantSpec, compute_qparams, dequantize, fake_quant, quantize
 
 _PARTS = ("gate", "up", "down")

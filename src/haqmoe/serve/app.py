@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from contextlib import aclosing, asynccontextmanager
 import json
 import random
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import AsyncIterator
