@@ -66,11 +66,9 @@ def start_server(ckpt: Path | str, port: int, extra: tuple[str, ...] = ("--slots
     raise SystemExit("server did not start")
 
 
-def ask(client, i: int, max_tokens: int, stream: bool) -> tuple[str, int, float]:
-    """(text, completion tokens, latency) of request ``i``: prompt i mod 8, seed i mod 8, sampled."""
-    msgs = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+def complete(client, stream: bool, **kw) -> tuple[str, int, float]:
+    """(text, completion tokens, latency) of one chat completion, streamed over SSE or not."""
     t0 = time.perf_counter()
-    kw = dict(model="tiny", messages=msgs, max_tokens=max_tokens, temperature=0.8, top_p=0.95, seed=i % 8)
     if stream:
         parts, tokens = [], 0
         for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
@@ -83,15 +81,24 @@ def ask(client, i: int, max_tokens: int, stream: bool) -> tuple[str, int, float]
     return out.choices[0].message.content, out.usage.completion_tokens, time.perf_counter() - t0
 
 
-def load(client, clients: int, requests: int, max_tokens: int, refs: dict[int, str]) -> dict:
-    """``clients`` threads, each sending ``requests`` requests back to back (half of them streamed)."""
+def ask(client, i: int, max_tokens: int, stream: bool) -> tuple[str, int, float]:
+    """(text, completion tokens, latency) of request ``i``: prompt i mod 8, seed i mod 8, sampled."""
+    msgs = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+    return complete(client, stream, model="tiny", messages=msgs, max_tokens=max_tokens, temperature=0.8, top_p=0.95,
+                    seed=i % 8)
+
+
+def run_clients(clients: int, requests: int, index, send, refs: dict[int, str]) -> tuple[list, float]:
+    """``clients`` threads, each sending ``requests`` requests back to back (request ``index(c, r)``,
+    every other one streamed); (ok, tokens, latency) per request, ok = the answer equals its solo
+    answer, and the wall time of the whole load."""
 
     def one_client(c: int) -> list[tuple[bool, int, float]]:
         res = []
         for r in range(requests):
-            i = c * requests + r
+            i = index(c, r)
             try:
-                text, toks, lat = ask(client, i, max_tokens, stream=(i % 2 == 0))
+                text, toks, lat = send(i, stream=(i % 2 == 0))
                 res.append((text == refs[i % len(PROMPTS)], toks, lat))
             except Exception as exc:  # counted as failed
                 print(f"request {i} failed: {exc}", file=sys.stderr)
@@ -101,7 +108,13 @@ def load(client, clients: int, requests: int, max_tokens: int, refs: dict[int, s
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = [r for rs in pool.map(one_client, range(clients)) for r in rs]
-    wall = time.perf_counter() - t0
+    return results, time.perf_counter() - t0
+
+
+def load(client, clients: int, requests: int, max_tokens: int, refs: dict[int, str]) -> dict:
+    """``clients`` threads, each sending ``requests`` sampled requests back to back (half of them streamed)."""
+    results, wall = run_clients(clients, requests, lambda c, r: c * requests + r,
+                                lambda i, stream: ask(client, i, max_tokens, stream), refs)
     lats = np.array([lat for ok, _, lat in results if ok])
     return {"clients": clients, "requests": len(results), "failed": sum(not ok for ok, _, _ in results),
             "p50_s": float(np.percentile(lats, 50)) if len(lats) else None,
@@ -120,40 +133,14 @@ EVIDENCE = "measured on this CPU (2 cores, shared)"
 def ask_greedy(client, model: str, i: int, max_tokens: int, stream: bool) -> tuple[str, int, float]:
     """(text, completion tokens, latency) of greedy chat request ``i`` (prompt i mod 8)."""
     msgs = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
-    t0 = time.perf_counter()
-    kw = dict(model=model, messages=msgs, max_tokens=max_tokens, temperature=0)
-    if stream:
-        parts, tokens = [], 0
-        for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
-            if chunk.choices:
-                parts.append(chunk.choices[0].delta.content or "")
-            if chunk.usage is not None:
-                tokens = chunk.usage.completion_tokens
-        return "".join(parts), tokens, time.perf_counter() - t0
-    out = client.chat.completions.create(**kw)
-    return out.choices[0].message.content, out.usage.completion_tokens, time.perf_counter() - t0
+    return complete(client, stream, model=model, messages=msgs, max_tokens=max_tokens, temperature=0)
 
 
 def load_greedy(client, model: str, clients: int, requests: int, max_tokens: int, refs: dict[int, str]) -> dict:
     """``clients`` threads, each sending ``requests`` greedy requests back to back (every other one
     streamed); client c starts at prompt c, so concurrent requests differ."""
-
-    def one_client(c: int) -> list[tuple[bool, int, float]]:
-        res = []
-        for r in range(requests):
-            i = c + r * clients
-            try:
-                text, toks, lat = ask_greedy(client, model, i, max_tokens, stream=(i % 2 == 0))
-                res.append((text == refs[i % len(PROMPTS)], toks, lat))
-            except Exception as exc:  # counted as failed
-                print(f"request {i} failed: {exc}", file=sys.stderr)
-                res.append((False, 0, float("nan")))
-        return res
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        results = [r for rs in pool.map(one_client, range(clients)) for r in rs]
-    wall = time.perf_counter() - t0
+    results, wall = run_clients(clients, requests, lambda c, r: c + r * clients,
+                                lambda i, stream: ask_greedy(client, model, i, max_tokens, stream), refs)
     lats = np.array([lat for _, _, lat in results if lat == lat])
     return {"clients": clients, "requests": len(results), "failed": sum(not ok for ok, _, _ in results),
             "tokens": sum(t for _, t, _ in results), "tok_s": sum(t for _, t, _ in results) / wall,
