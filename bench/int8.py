@@ -295,12 +295,15 @@ def llama_worker(mode: str, cfg: BenchConfig) -> dict:
             "disk_gb": file_gb(path), "weights_gb": file_gb(path), "generated": out, "peak_rss_gb": peak_rss_gb()}
 
 
-def llama_cpp_version() -> str | None:
+def llama_cpp_build() -> dict:
+    """Version and CPU features of the llama-cpp-python in this venv: builds of one version differ
+    by their compile flags (a default pip build is -march=native, ours is flagged), which decides its speed."""
     try:
         import llama_cpp
     except ImportError:
-        return None
-    return llama_cpp.__version__
+        return {}
+    return {"llama_cpp": llama_cpp.__version__,
+            "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode().strip()}
 
 
 def run_worker(job: dict) -> None:
@@ -414,8 +417,8 @@ comparisons paragraph); the text below only says how the rows were made and how 
 
 Modes. All quantized modes compute the same RTN W8A8 function (asymmetric weights per channel,
 asymmetric activations per token); `fp32` is the unquantized model; llama.cpp runs the same SmolLM2
-weights (our fp32 is the dequantized Q4_1 file; Q8_0 is a requantization of it), llama-cpp-python
-built with AVX512 + VNNI (`make peer-llamacpp`), the version in meta.llama_cpp. `real-int8` runs every
+weights (our fp32 is the dequantized Q4_1 file; Q8_0 is a requantization of it), through the
+llama-cpp-python installed in .venv (`make peer-llamacpp`), the version in meta.llama_cpp. `real-int8` runs every
 decoder linear and expert on the int8 GEMM with int8 weights only; `dequant-once` holds fp32 weights;
 `fake-quant` holds both; lm_head and the tied embedding stay fp32 in those modes (as in fake-quant, so
 PPL is comparable). `real-int8-lm-head` reads a checkpoint written by `haqmoe quantize --int8-lm-head`
@@ -510,7 +513,19 @@ def _notes(meta: dict, rows: list[dict]) -> str:
     lines = "Checks: " + ", ".join(f"{k} = {v:.4g}" for k, v in checks.items() if isinstance(v, float))
     load = f"Load average at start {meta['loadavg_start'][0]:.1f}, at end {meta['loadavg_end'][0]:.1f}."
     pairs = comparisons(rows)
-    return lines + "\n\n" + load + "\n\n" + (pairs + "\n\n" if pairs else "") + NOTES
+    return lines + "\n\n" + load + "\n\n" + (pairs + "\n\n" if pairs else "") + _llama_build_note(meta, rows) + NOTES
+
+
+def _llama_build_note(meta: dict, rows: list[dict]) -> str:
+    """Which llama.cpp build the llama.cpp rows ran: its speed depends on how it was compiled."""
+    if not any(r["mode"] in GGUF_MODES for r in rows):
+        return ""
+    info = meta.get("llama_cpp_system_info")
+    build = (f"its CPU features: `{info}`" if info else
+             "this run did not record its compile flags, so these rows stand for the build then in .venv only")
+    return (f"llama.cpp build: llama-cpp-python {meta.get('llama_cpp', '(version not recorded)')}, {build}. The comparison against llama.cpp "
+            "as its users install it (default pip build) and its fastest build here, interleaved in one run, "
+            "is int8_interleaved.md.\n")
 
 
 def compute_checks(by: dict) -> dict:
@@ -559,7 +574,7 @@ def write(rows: list[dict], cfg: BenchConfig, load_start: tuple, seconds: float)
     generated = {f"{r['model']}/{r['mode']}": r.pop("generated") for r in rows}
     for r in rows:
         r.pop("auto_choices", None) if r["mode"] != "auto" else None
-    meta = run_meta(config=asdict(cfg), llama_cpp=llama_cpp_version(), loadavg_start=load_start,
+    meta = run_meta(config=asdict(cfg), **llama_cpp_build(), loadavg_start=load_start,
                     loadavg_end=os.getloadavg(),
                     seconds=seconds, checks=checks, generated_tokens=generated)
     write_results(cfg.out, rows, meta, TITLE, _notes(meta, rows), _columns(rows))

@@ -337,7 +337,7 @@ def main() -> None:
     meta = run_meta(model=args.model, pairs=args.pairs, prompt_tokens=PROMPT, new_tokens=NEW, threads=THREADS,
                     ours="aot" if "moe" not in args.model else "engine (no GPU tier, --exec real)",
                     checkpoint=checkpoint(args.model).name, gguf=gguf.name, gguf_bytes=gguf.stat().st_size,
-                    fused_kernel=ours_info["fused_kernel"], llama_cpp=bench_int8.llama_cpp_version(),
+                    fused_kernel=ours_info["fused_kernel"], llama_cpp=bench_int8.llama_cpp_build().get("llama_cpp"),
                     llama_builds={label: child.info for label, child in children.items()}, cpu=cpu_info())
     if args.bandwidth:
         model_cfg = AutoConfig.from_pretrained(checkpoint(args.model))
