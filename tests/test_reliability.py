@@ -150,7 +150,7 @@ def test_ctrl_c_exits_130_with_a_message(monkeypatch, capsys):
     def interrupted(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("haqmoe.models.footprint.inspect_source", interrupted)
+    monkeypatch.setattr("haqmoe.sources.inspect_source", interrupted)
     with pytest.raises(SystemExit) as exc:
         main(["-q", "info", "anything"])
     assert exc.value.code == 130 and "interrupted" in capsys.readouterr().err

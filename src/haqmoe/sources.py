@@ -2,12 +2,15 @@
 
 A source is an embedded name, a checkpoint folder (plain transformers, haqmoe-quantized, or a peer's
 compressed-tensors), a GGUF file, or a hub id. ``resolve_source`` classifies it; a folder's format is
-picked from ``FOLDER_FORMATS`` (first match wins). This module sits above ``models/`` and ``quant/``:
-the readers it dispatches to import only what is below them.
+picked from ``FOLDER_FORMATS`` (first match wins). ``inspect_source`` describes a source from its
+config and file headers alone (what ``haqmoe info`` reads). This module sits above ``models/`` and the
+checkpoint formats of ``quant/`` (checkpoint, ctformat): the readers it dispatches to import only what
+is below them; the streaming quantizer (``quant/stream.py``) reads its model through it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from dataclasses import dataclass
@@ -18,13 +21,15 @@ from urllib.parse import urlparse
 import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import list_repo_files, snapshot_download
+from torch import nn
 
 from .errors import HaqmoeError
-from .models.base import (QUANT_CONFIG, LoadedModel, first_line, is_compressed_tensors, load_pretrained,
-                          quiet_transformers)
+from .models.adapters import ArchSpec, adapter_for
+from .models.base import (QUANT_CONFIG, LoadedModel, first_line, is_compressed_tensors, load_config,
+                          load_pretrained, quiet_transformers)
 from .models.embedded import EMBEDDED, ensure_embedded
 from .models.gguf import load_gguf
-from .models.lazy import SafetensorsFolder
+from .models.lazy import SafetensorsFolder, skeleton
 from .quant.checkpoint import load_quantized
 from .quant.ctformat import load_compressed_tensors
 from .reliability.manifest import verify_manifest
@@ -112,6 +117,36 @@ def lazy_folder(source: str, progress: bool = True) -> Path | None:
     if path is not None and SafetensorsFolder.present(path):
         return path
     return None
+
+
+@dataclass
+class Inspected:
+    """A model source as ``info`` sees it: the skeleton (or, for GGUF files and .bin folders, the
+    loaded model), its adapter, the quantization metadata and the bytes its tensors take on disk."""
+
+    model: nn.Module
+    adapter: ArchSpec
+    quant: dict | None
+    disk_bytes: int | None
+
+
+def inspect_source(source: str, progress: bool = True) -> Inspected:
+    """Read a model source's config and headers only (checkpoint folders and embedded models)."""
+    path = lazy_folder(source, progress)
+    if path is None:
+        lm = load_model(source, progress=progress)  # GGUF, folders of .bin weights
+        return Inspected(lm.model, lm.adapter, lm.quant, None)
+    config = load_config(str(path))  # an unsupported architecture is named before any file is read
+    folder = SafetensorsFolder.open(path)
+    quant = None
+    if (path / QUANT_CONFIG).is_file():
+        try:
+            quant = json.loads((path / QUANT_CONFIG).read_text())
+        except (OSError, ValueError) as exc:
+            raise HaqmoeError(f"{path / QUANT_CONFIG} is unreadable: {exc}") from exc
+    elif is_compressed_tensors(path):
+        quant = {"quant": {"method": "compressed-tensors"}}
+    return Inspected(skeleton(config), adapter_for(config.model_type), quant, folder.nbytes())
 
 
 def hub_unreachable() -> str | None:

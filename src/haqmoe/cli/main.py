@@ -27,8 +27,9 @@ def info(model: str = typer.Argument("smollm2-135m", help="Embedded name, checkp
     """
     import torch
 
-    from ..models.footprint import footprint, inspect_source
+    from ..models.footprint import footprint
     from ..reliability.guard import available_bytes, estimate_quant_memory
+    from ..sources import inspect_source
 
     seen = inspect_source(model, progress=state["progress"])
     skel, adapter = seen.model, seen.adapter

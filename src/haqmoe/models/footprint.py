@@ -6,17 +6,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from torch import nn
 
 from ..costs.shapes import int8_bytes
-from ..errors import HaqmoeError
-from ..sources import lazy_folder, load_model
-from .adapters import EXPERTS, ArchSpec, FusedExperts, adapter_for, get_module
-from .base import QUANT_CONFIG, is_compressed_tensors, load_config
-from .lazy import SafetensorsFolder, skeleton, tied_keys
+from .adapters import EXPERTS, ArchSpec, FusedExperts, get_module
+from .lazy import tied_keys
 
 
 @dataclass(frozen=True)
@@ -71,33 +67,3 @@ def footprint(model: nn.Module, adapter: ArchSpec) -> Footprint:
         w8a8_bytes=int8_bytes(q_elems, q_rows) + 4 * (params - q_elems),
         largest_block_fp32_bytes=4 * max(block_params, default=0),
         rest_fp32_bytes=4 * (params - sum(block_params)))
-
-
-@dataclass
-class Inspected:
-    """A model source as ``info`` sees it: the skeleton (or, for GGUF files and .bin folders, the
-    loaded model), its adapter, the quantization metadata and the bytes its tensors take on disk."""
-
-    model: nn.Module
-    adapter: ArchSpec
-    quant: dict | None
-    disk_bytes: int | None
-
-
-def inspect_source(source: str, progress: bool = True) -> Inspected:
-    """Read a model source's config and headers only (checkpoint folders and embedded models)."""
-    path = lazy_folder(source, progress)
-    if path is None:
-        lm = load_model(source, progress=progress)  # GGUF, folders of .bin weights
-        return Inspected(lm.model, lm.adapter, lm.quant, None)
-    config = load_config(str(path))  # an unsupported architecture is named before any file is read
-    folder = SafetensorsFolder.open(path)
-    quant = None
-    if (path / QUANT_CONFIG).is_file():
-        try:
-            quant = json.loads((path / QUANT_CONFIG).read_text())
-        except (OSError, ValueError) as exc:
-            raise HaqmoeError(f"{path / QUANT_CONFIG} is unreadable: {exc}") from exc
-    elif is_compressed_tensors(path):
-        quant = {"quant": {"method": "compressed-tensors"}}
-    return Inspected(skeleton(config), adapter_for(config.model_type), quant, folder.nbytes())
