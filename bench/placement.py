@@ -1,15 +1,17 @@
-"""Table IV analogue: expert placement strategies on real Mixtral-8x7B statistics and on traces of the
-upcycled MoE, held-out (and in-sample beside), with per-layer hit-rate plots.
+"""Table IV analogue: expert placement strategies on real Mixtral-8x7B statistics and on traces of an
+embedded MoE, held-out (and in-sample beside), with per-layer hit-rate plots.
 
     .venv/bin/python bench/placement.py                       # everything (~3 min + profiling if needed)
-    .venv/bin/python bench/placement.py --traces /tmp/hq      # reuse smollm2-moe traces (valid/, test/)
+    .venv/bin/python bench/placement.py --traces /tmp/hq      # reuse traces (TRACES/MOE/valid, .../test)
     .venv/bin/python bench/placement.py --profile rtx4090     # another hardware profile (default rtx5090d)
+    .venv/bin/python bench/placement.py --moe smollm2-moefied --skip-mixtral --out bench/results/placement_moefied.json
 
-smollm2-moe traces are profiled if missing (16 + 16 requests of 512 tokens, ~8 min on 2 cores):
-    haqmoe profile smollm2-moe --data wikitext2:valid --requests 16 --seqlen 512 --out TRACES/valid
-    haqmoe profile smollm2-moe --data wikitext2:test  --requests 16 --seqlen 512 --out TRACES/test
+The MoE's traces are profiled if missing (16 + 16 requests of 512 tokens, ~8 min on 2 cores):
+    haqmoe profile MOE --data wikitext2:valid --requests 16 --seqlen 512 --out TRACES/MOE/valid
+    haqmoe profile MOE --data wikitext2:test  --requests 16 --seqlen 512 --out TRACES/MOE/test
+Budgets are 50 % and 62.5 % of the MoE's routed experts (120 and 150 of smollm2-moe's 240).
 
-Writes bench/results/placement.{json,md} and placement_*.png.
+Writes OUT.{json,md} (default bench/results/placement) and placement_*.png beside it.
 """
 
 from __future__ import annotations
@@ -73,10 +75,13 @@ def evaluate_source(name: str, build: RoutingSource, splits: dict[str, RoutingSo
     return rows, per_layer
 
 
-def ensure_traces(traces: Path) -> None:
+BUDGET_SHARES = (0.5, 0.625)  # of the MoE's routed experts
+
+
+def ensure_traces(traces: Path, moe: str) -> None:
     for split, data in (("valid", "wikitext2:valid"), ("test", "wikitext2:test")):
         if not (traces / split / "header.json").is_file():
-            subprocess.run([sys.executable, "-m", "haqmoe.cli.main", "profile", "smollm2-moe", "--data", data,
+            subprocess.run([sys.executable, "-m", "haqmoe.cli.main", "profile", moe, "--data", data,
                             "--requests", "16", "--seqlen", "512", "--out", str(traces / split), "--resume"],
                            check=True)
 
@@ -99,24 +104,13 @@ def goal_check(rows: list[dict]) -> list[str]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--traces", type=Path, default=Path("/tmp/haqmoe-traces"))
-    ap.add_argument("--out", type=Path, default=Path("bench/results/placement.json"))
-    ap.add_argument("--skip-smollm2", action="store_true")
-    ap.add_argument("--profile", default=DEFAULT_PROFILE, help="hardware profile (name or .json), as `haqmoe plan`")
-    args = ap.parse_args()
-    out_dir = args.out.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    notes: list[str] = []
-
-    # ---- real Mixtral-8x7B (MMLU per-prompt fractions), split by subject
+def mixtral_rows(rows: list[dict], costs: dict, profile: str, out_dir: Path) -> str:
+    """Real Mixtral-8x7B (MMLU per-prompt fractions), split by subject; returns its note."""
     subjects = mx.list_subjects()
     build_s, held_s = mx.split_subjects(subjects)
     build = from_prompts(mx.load_frac_vecs(build_s), "mixtral:build")
     held = from_prompts(mx.load_frac_vecs(held_s), "mixtral:heldout")
-    costs = {"mixtral-8x7b": planning_costs_for(args.profile, build.model, *build.shape, build.stats().top_k)}
+    costs["mixtral-8x7b"] = planning_costs_for(profile, build.model, *build.shape, build.stats().top_k)
     r, per_layer = evaluate_source("mixtral-8x7b", build, {"heldout": held, "insample": build}, [128, 160],
                                    costs["mixtral-8x7b"])
     rows += r
@@ -125,37 +119,61 @@ def main() -> None:
                         out_dir / f"placement_mixtral_{b}.png",
                         f"Mixtral-8x7B (MMLU): held-out per-layer hit rate, {b} of 256 experts on GPU", OURS)
     plot_stats(build.stats(), out_dir / "placement_stats_mixtral.png", "Mixtral-8x7B MMLU (build subjects)")
-    notes.append(f"Mixtral split: build = {len(build_s)} MMLU subjects at even alphabetical positions "
-                 f"({int(build.counts[0].sum() / 2)} prompt tokens), held-out = the other {len(held_s)} subjects "
-                 f"({int(held.counts[0].sum() / 2)} tokens).")
+    return (f"Mixtral split: build = {len(build_s)} MMLU subjects at even alphabetical positions "
+            f"({int(build.counts[0].sum() / 2)} prompt tokens), held-out = the other {len(held_s)} subjects "
+            f"({int(held.counts[0].sum() / 2)} tokens).")
 
-    # ---- upcycled SmolLM2 MoE: WikiText-2 valid (build) vs test (held-out)
-    if not args.skip_smollm2:
-        ensure_traces(args.traces)
-        tb, tt = load_source(str(args.traces / "valid")), load_source(str(args.traces / "test"))
-        costs["smollm2-moe"] = planning_costs_for(args.profile, tb.model, *tb.shape, tb.trace.top_k)
-        r, per_layer = evaluate_source("smollm2-moe", tb, {"heldout": tt, "insample": tb}, [120, 150],
-                                       costs["smollm2-moe"])
-        rows += r
-        for b in (120, 150):
-            plot_layer_hits({s: v["hit"] for (bb, s), v in per_layer.items() if bb == b},
-                            out_dir / f"placement_smollm2moe_{b}.png",
-                            f"smollm2-moe (WikiText-2 test): per-layer hit rate, {b} of 240 experts on GPU", OURS)
-        plot_stats(tb.stats(), out_dir / "placement_stats_smollm2moe.png", "smollm2-moe WikiText-2 valid", tb.trace)
-        assert tb.trace is not None and tt.trace is not None
-        cov = {w: path_coverage(tb.stats(w), tt.trace) for w in (1, 2, 4, tb.trace.num_layers)}
-        notes.append(f"smollm2-moe: build = WikiText-2 valid, {tb.trace.num_requests} requests x 512 tokens; "
-                     f"held-out = WikiText-2 test, {tt.trace.num_requests} x 512. Share of held-out path "
-                     "occurrences seen in build, by path window: "
-                     + ", ".join(f"w={w}: {100 * c:.1f}%" for w, c in cov.items())
-                     + " (whole-model paths do not recur; the default window 2 does).")
+
+def moe_rows(rows: list[dict], costs: dict, profile: str, moe: str, traces: Path, out_dir: Path) -> str:
+    """An embedded MoE's real routing: WikiText-2 valid (build) vs test (held-out); returns its note."""
+    ensure_traces(traces, moe)
+    tb, tt = load_source(str(traces / "valid")), load_source(str(traces / "test"))
+    assert tb.trace is not None and tt.trace is not None
+    costs[moe] = planning_costs_for(profile, tb.model, *tb.shape, tb.trace.top_k)
+    total = tb.trace.num_layers * tb.trace.num_experts
+    budgets = [round(share * total) for share in BUDGET_SHARES]
+    r, per_layer = evaluate_source(moe, tb, {"heldout": tt, "insample": tb}, budgets, costs[moe])
+    rows += r
+    stem = moe.replace("-", "")
+    for b in budgets:
+        plot_layer_hits({s: v["hit"] for (bb, s), v in per_layer.items() if bb == b},
+                        out_dir / f"placement_{stem}_{b}.png",
+                        f"{moe} (WikiText-2 test): per-layer hit rate, {b} of {total} experts on GPU", OURS)
+    plot_stats(tb.stats(), out_dir / f"placement_stats_{stem}.png", f"{moe} WikiText-2 valid", tb.trace)
+    cov = {w: path_coverage(tb.stats(w), tt.trace) for w in (1, 2, 4, tb.trace.num_layers)}
+    return (f"{moe}: build = WikiText-2 valid, {tb.trace.num_requests} requests x 512 tokens; "
+            f"held-out = WikiText-2 test, {tt.trace.num_requests} x 512. Share of held-out path "
+            "occurrences seen in build, by path window: "
+            + ", ".join(f"w={w}: {100 * c:.1f}%" for w, c in cov.items())
+            + " (whole-model paths do not recur; the default window 2 does).")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--traces", type=Path, default=Path("/tmp/haqmoe-traces"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results/placement.json"))
+    ap.add_argument("--moe", default="smollm2-moe", help="embedded (or local) MoE whose real routing is profiled")
+    ap.add_argument("--skip-moe", action="store_true", help="Mixtral statistics only")
+    ap.add_argument("--skip-mixtral", action="store_true", help="the profiled MoE only")
+    ap.add_argument("--profile", default=DEFAULT_PROFILE, help="hardware profile (name or .json), as `haqmoe plan`")
+    args = ap.parse_args()
+    out_dir = args.out.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    notes: list[str] = []
+
+    costs: dict[str, PlanningCosts] = {}
+    if not args.skip_mixtral:
+        notes.append(mixtral_rows(rows, costs, args.profile, out_dir))
+    if not args.skip_moe:
+        notes.append(moe_rows(rows, costs, args.profile, args.moe, args.traces / args.moe, out_dir))
     goal = goal_check(rows)
     profiles = "; ".join(f"{n} on {c.name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                         for k, v in c.as_dict().items() if k != "name")
                          for n, c in costs.items())
     notes_md = f"""Hit rate = share of (token, layer, selected expert) activations served by GPU-resident experts,
 in percent; mean/std/gap across MoE layers. `request_len` full = whole requests, hit pooled over all
-tokens (exact counts); 25/50/100 = per-request hit averaged over requests of that length (smollm2-moe:
+tokens (exact counts); 25/50/100 = per-request hit averaged over requests of that length (embedded MoE:
 non-overlapping chunks of the real traces; Mixtral: requests SAMPLED from each prompt's per-layer
 fractions, `requests` says which). `expected_latency_ms` = mean expert time of one such request under
 the cost model the simulator replays (costs/: the roofline of the named hardware profile for the model's
