@@ -1,7 +1,9 @@
 """Measured CPU rows: the collaborative engine's overhead vs plain transformers, and the
-real-int8 speed-up, on the upcycled MoE (every expert on the CPU tier: this machine has no GPU).
+real-int8 speed-up, on an embedded MoE (every expert on the CPU tier: this machine has no GPU), and
+the GPU tier emulated on the CPU with half of each layer's routed experts resident.
 
-    .venv/bin/python bench/runtime.py [--tokens 32] [--rounds 3]
+    .venv/bin/python bench/runtime.py [--tokens 32] [--rounds 3]       # upcycled MoE: runtime.md
+    .venv/bin/python bench/runtime.py --model smollm2-moefied --out bench/results/runtime_moefied.json
 
 Modes are interleaved round by round (A B C A B C ...) so background load hits them alike; the
 median of the rounds is reported. Writes bench/results/runtime.json + .md.
@@ -17,6 +19,7 @@ import time
 import torch
 
 from haqmoe.data.text import load_text, tokenize
+from haqmoe.models.adapters import FusedExperts
 from haqmoe.models.embedded import MOE
 from haqmoe.sources import load_model
 from haqmoe.quant.config import QuantConfig
@@ -67,23 +70,27 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--model", default=MOE, help="embedded (or local) MoE")
     ap.add_argument("--out", default="bench/results/runtime.json")
     args = ap.parse_args()
+    name = args.model
 
-    fp = load_model(MOE, progress=False)
+    fp = load_model(name, progress=False)
+    first_moe = next(b for b in fp.adapter.blocks(fp.model) if fp.adapter.is_moe_block(b))
+    slots = max(1, FusedExperts.count(fp.adapter.experts(first_moe)) // 2)
     ids = tokenize(fp.tokenizer, load_text("pydoc"))[:, : args.prompt_tokens]
-    q = load_model(MOE, progress=False)
+    q = load_model(name, progress=False)
     quantize_rtn(q.model, q.adapter, QuantConfig.w8a8("rtn"), progress=False)
     modes = {("transformers", "fp32"): lambda: hf_decode(fp.model, ids, args.tokens)}
     engines = {
-        ("all-cpu", "fp32"): CollaborativeEngine(load_model(MOE, progress=False), EngineConfig(device="cpu")),
+        ("all-cpu", "fp32"): CollaborativeEngine(load_model(name, progress=False), EngineConfig(device="cpu")),
         ("all-cpu", "real-int8"): CollaborativeEngine(q, EngineConfig(device="cpu", exec_mode="real")),
     }
     for key, eng in engines.items():
         modes[key] = (lambda e=eng: engine_decode(e, ids, args.tokens))
     # prefetch cost: one engine with the GPU tier emulated on the CPU, prefetch toggled per run
-    pf = CollaborativeEngine(load_model(MOE, progress=False),
-                             EngineConfig(device="cpu", emulate_gpu=True, slots_per_layer=4,
+    pf = CollaborativeEngine(load_model(name, progress=False),
+                             EngineConfig(device="cpu", emulate_gpu=True, slots_per_layer=slots,
                                           decision="always-transfer"))
     for width in (0, 2):
         modes[("emulated-gpu-lru", f"fp32, prefetch {width}")] = (lambda w=width: prefetch_run(pf, w, ids, args.tokens))
@@ -97,7 +104,7 @@ def main() -> None:
     for (policy, precision), runs in samples.items():
         med = {k: statistics.median(run[k] for run in runs) for k in runs[0] if runs[0][k] is not None
                and not isinstance(runs[0][k], (list, dict))}
-        rows.append({"case": "cpu-smollm2-moe", "policy": policy, "precision": precision, **med})
+        rows.append({"case": f"cpu-{name}", "policy": policy, "precision": precision, **med})
     base = next(r for r in rows if r["policy"] == "transformers" and r["precision"] == "fp32")
     for r in rows:
         r["decode_vs_transformers_fp32"] = r["decode_tok_s"] / base["decode_tok_s"]
@@ -111,7 +118,7 @@ def main() -> None:
              "tests/test_engine.py (and on CUDA by tests/test_cuda.py); the measured GPU rows (a Mixtral-shaped model on an H200, vs the simulator) are in runtime_gpu.md.")
     share = max(r["guess_share"] for r in rows if r.get("guess_share") is not None and "prefetch 2" in r["precision"])
     same = len({tuple(t) for runs in pf_tokens.values() for t in runs}) == 1
-    notes += (f"\n\nPrefetch (`emulated-gpu-lru` rows: GPU tier emulated on the CPU, 4 slots per layer, LRU, every "
+    notes += (f"\n\nPrefetch (`emulated-gpu-lru` rows: GPU tier emulated on the CPU, {slots} slots per layer, LRU, every "
               f"miss copied): computing the next-layer guesses took {100 * share:.2f} % of generation time "
               f"(goal: at most 2 %); greedy tokens identical with prefetch on and off: {same}. Their tok/s "
               "include the emulated copies and say nothing about a real GPU.")
