@@ -47,7 +47,7 @@ def cache_eval(source: str = typer.Argument("mixtral-stats", help=_SOURCE_HELP),
                held_out: float = typer.Option(0.5, min=0.1, max=0.9, help="Share of requests held out."),
                out: Optional[Path] = typer.Option(None, help="Write results JSON/MD (+ a .png plot)."),
                as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """Hit rate and resident-when-needed rate per cache policy, with and without prefetch."""
+    """Hit rate (resident when needed) and demand hit rate per cache policy, with and without prefetch."""
     # torch (next-layer guesses) and the simulator load on use, not at CLI start-up
     from ..results import run_meta, write_results
     from ..studies.experiments import cache_rows, guess_rows, load_pair, plot_cache
@@ -65,7 +65,7 @@ def cache_eval(source: str = typer.Argument("mixtral-stats", help=_SOURCE_HELP),
         write_results(out, rows, run_meta(), f"Cache policies on {pair.source}")
         payload["plot"] = str(plot_cache(rows, Path(out).with_suffix(".png")))
     human = "\n".join(f"cache {r['cache_frac']:<5} {r['policy']:<18} prefetch={str(r['prefetch']):<5} "
-                      f"hit {r['hit_rate']:.3f}  resident-when-needed {r['resident_when_needed']:.3f}  "
+                      f"hit (resident when needed) {r['hit_rate']:.3f}  demand hit {r['demand_hit_rate']:.3f}  "
                       f"P(all) {r['p_all_resident']:.3f}  moved {r['bytes_moved_gb']:.1f} GB  "
                       f"decode {r['decode_tok_s']:.1f} tok/s" for r in rows)
     emit(payload, as_json, f"{pair.source} ({pair.kind}), held-out {pair.eval.num_tokens} tokens\n{human}")

@@ -2,7 +2,7 @@
 
 Two kinds of replay per cache row, kept apart on purpose:
 
-- hit metrics (hit rate, resident-when-needed, P(all resident), bytes) come from an *ideal copy*
+- hit metrics (hit rate = resident when needed, demand hit rate, P(all resident), bytes) come from an *ideal copy*
   replay (copies complete instantly, prefetch limited only by the guess count), so they measure
   the policy and the guesses, not one machine's PCIe;
 - ``decode_tok_s`` comes from a timed replay of the same configuration on a hardware profile.
@@ -194,7 +194,7 @@ def cache_rows(pair: TracePair, profile: HardwareProfile, fracs: Iterable[float]
         timed = replay_once(pair, policy, slots, decision, pf, cost, profile, spec, **common)
         rows.append({
             "source": pair.source, "cache_frac": frac, "slots": slots, "policy": policy, "prefetch": pf,
-            "hit_rate": hit["hit_rate"], "resident_when_needed": hit["resident_when_needed"],
+            "hit_rate": hit["hit_rate"], "demand_hit_rate": hit["demand_hit_rate"],
             "p_all_resident": hit["p_all_resident"], "bytes_moved_gb": hit["bytes_moved_gb"],
             "gb_per_token": hit["bytes_moved_gb"] / max(pair.eval.num_tokens, 1),
             "decode_tok_s": timed["decode_tok_s"],
@@ -256,7 +256,7 @@ def simulate_rows(pair: TracePair, profile: HardwareProfile, policies: Iterable[
             "case": case or f"sim-{pair.source.split('-')[0]}-{profile.name.removeprefix('rtx')}", "policy": name,
             "decode_tok_s": s["decode_tok_s"], "prefill_ms_512": pre, "latency_p50_ms": s["latency_p50_ms"],
             "latency_p99_ms": s["latency_p99_ms"], "latency_std_ms": s["latency_std_ms"],
-            "hit_rate": s["resident_when_needed"], "gpu_mem_gb": mem.total_gb, "gpu_mem_fp16_gb": fp16_gb,
+            "hit_rate": s["hit_rate"], "gpu_mem_gb": mem.total_gb, "gpu_mem_fp16_gb": fp16_gb,
             "bytes_moved_gb": s["bytes_moved_gb"], "predicted_decode_tok_s": None,
             "slots": mem.slots, "n_critical": s["n_critical"], "kind": f"simulated ({pair.kind})",
         })
@@ -264,8 +264,8 @@ def simulate_rows(pair: TracePair, profile: HardwareProfile, policies: Iterable[
 
 
 def plot_cache(rows: list[dict], path: str | Path) -> Path:
-    """One panel per policy: hit rate and resident-when-needed across cache sizes, with and
-    without prefetch, the Belady bound dashed in every panel (one figure per trace source)."""
+    """One panel per policy: the hit rate (resident when needed) and the demand hit rate across cache
+    sizes, with and without prefetch, the Belady bound dashed in every panel (one figure per trace source)."""
     import matplotlib  # heavy: only plots need it (keeps `haqmoe simulate` / `cache-eval` start-up short)
 
     matplotlib.use("Agg")
@@ -276,7 +276,7 @@ def plot_cache(rows: list[dict], path: str | Path) -> Path:
     bound = sorted((r["cache_frac"], r["hit_rate"]) for r in rows if r["policy"] == "belady" and not r["prefetch"])
     for ax, pol in zip(axes[0], policies):
         for pf, style in ((False, "o-"), (True, "s-")):
-            pts = sorted((r["cache_frac"], r["hit_rate"], r["resident_when_needed"]) for r in rows
+            pts = sorted((r["cache_frac"], r["demand_hit_rate"], r["hit_rate"]) for r in rows
                          if r["policy"] == pol and r["prefetch"] == pf)
             if not pts:
                 continue
