@@ -168,11 +168,11 @@ def replay_once(pair: TracePair, policy: str, slots: int, decision: str, prefetc
                 cost: CostModel, profile: HardwareProfile, spec: ModelSpec, scope: str = "layer",
                 async_admit: bool = False, plan: dict | None = None, pin_frac: float = 0.5,
                 guess_recall: float | Sequence[float] | None = None, lfu_half_life: float = 32.0,
-                exact: bool = False) -> dict:
+                exact: bool = False, lookahead: int = 1) -> dict:
     tr = pair.eval
     cache = build_cache(CacheSpec(policy, slots, scope, pin_frac, plan, lfu_half_life), tr.num_layers,
                         tr.num_experts, tr.top_k, spec.expert_bytes("w8a8"), pair.plan, tr.experts, tr.offsets)
-    pf = PrefetchConfig(prefetch, exact=exact, guess_recall=guess_recall)
+    pf = PrefetchConfig(prefetch, exact=exact, guess_recall=guess_recall, lookahead=lookahead)
     opt = ReplayOptions(decision, async_admit, prefetch=pf, served=is_generation(tr))
     res = Replay(tr, cache, cost, profile, spec, options=opt).run()
     return res.summary()
@@ -234,9 +234,9 @@ def prompt_trace(pair: TracePair, tokens: int, seed: int = 7) -> np.ndarray:
 
 def simulate_rows(pair: TracePair, profile: HardwareProfile, policies: Iterable[str] = tuple(SIM_POLICIES),
                   budget_gb: float | None = None, prefill_tokens: int = 512, guess_recall: float | None = None,
-                  case: str | None = None, progress: bool = False) -> list[dict]:
+                  case: str | None = None, progress: bool = False, lookahead: int = 1) -> list[dict]:
     """Rows of bench/results/simulate.md: decode tok/s, prefill ms, latency percentiles, GPU memory vs FP16,
-    per policy."""
+    per policy (``lookahead``: layers ahead the prefetching policies guess)."""
     spec = spec_for_trace(pair.eval, model_spec(pair.shape))
     mem = memory_plan(profile, spec, "w8a8", budget_gb)
     fp16_gb = (spec.nonexpert_bytes("fp16") + mem.slots * spec.expert_bytes("fp16")) / 1e9 + mem.reserved_gb
@@ -248,7 +248,7 @@ def simulate_rows(pair: TracePair, profile: HardwareProfile, policies: Iterable[
             raise HaqmoeError(f"unknown policy {name!r} (choose from {', '.join(SIM_POLICIES)})")
         cpol, decision, async_admit, pf = SIM_POLICIES[name]
         s = replay_once(pair, cpol, mem.slots, decision, pf, cost, profile, spec, async_admit=async_admit,
-                        guess_recall=guess_recall)
+                        guess_recall=guess_recall, lookahead=lookahead)
         cache = build_cache(CacheSpec(cpol, mem.slots), spec.num_layers, spec.num_experts, spec.top_k,
                             spec.expert_bytes("w8a8"), pair.plan)
         pre = Replay(pair.eval, cache, cost, profile, spec, options=ReplayOptions(decision)).prefill(prompt)
