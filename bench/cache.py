@@ -48,8 +48,9 @@ the profiling split; `pinned+lfu+alloc` = all three; `belady` = offline optimum 
 per-request frequencies: the bound of every frequency-based online policy, simulator only).
 Per-layer pools. Caches start warm (free slots filled with the profile's most frequent experts).
 
-Metrics. `hit_rate` = demand hits (entry cached before any prefetch for that use); `resident_when_needed`
-adds prefetched entries whose copy completed; `p_all_resident` = P(all of a token's experts resident at
+Metrics (docs/design.md, Hit rates). `demand_hit_rate` = demand hits (entry cached before any prefetch for
+that use); `hit_rate` = resident when needed: adds prefetched entries whose copy completed (equal without
+prefetch); `p_all_resident` = P(all of a token's experts resident at
 a layer), mean over layers; `bytes_moved_gb` = all copies (demand + prefetch), W8A8 expert size of the
 timing shape. Hit metrics come from an ideal-copy replay (instant copies; prefetch = the top-k next-layer
 guesses not resident); prefetch guesses: the trace's own (real trace) or synthetic with top-k recall
@@ -91,25 +92,25 @@ def main() -> None:
 def gap_summary(rows: list[dict]) -> str:
     """How much of the LRU -> Belady gap the best online policy closes, per source and size."""
     lines = ["| source | cache_frac | lru | best online (no prefetch) | belady | gap closed | "
-             "freq-oracle (gap closed) | best resident-when-needed with prefetch | beats belady |",
+             "freq-oracle (gap closed) | best hit rate (resident when needed) with prefetch | beats belady |",
              "|---|---|---|---|---|---|---|---|---|"]
     for src in dict.fromkeys(r["source"] for r in rows):
         for f in FRACS:
             sel = [r for r in rows if r["source"] == src and r["cache_frac"] == f]
             get = {(r["policy"], r["prefetch"]): r for r in sel}
-            lru, bel = get[("lru", False)]["hit_rate"], get[("belady", False)]["hit_rate"]
+            lru, bel = get[("lru", False)]["demand_hit_rate"], get[("belady", False)]["demand_hit_rate"]
             online = [r for r in sel if not r["prefetch"] and r["policy"] not in BOUNDS]
-            oracle = get[("freq-oracle", False)]["hit_rate"]
-            best = max(online, key=lambda r: r["hit_rate"])
+            oracle = get[("freq-oracle", False)]["demand_hit_rate"]
+            best = max(online, key=lambda r: r["demand_hit_rate"])
             pf = max((r for r in sel if r["prefetch"] and r["policy"] not in BOUNDS),
-                     key=lambda r: r["resident_when_needed"])
-            gap = (best["hit_rate"] - lru) / (bel - lru) if bel > lru else float("nan")
+                     key=lambda r: r["hit_rate"])
+            gap = (best["demand_hit_rate"] - lru) / (bel - lru) if bel > lru else float("nan")
             oracle_gap = (oracle - lru) / (bel - lru) if bel > lru else float("nan")
-            lines.append(f"| {src} | {f} | {lru:.3f} | {best['policy']} {best['hit_rate']:.3f} | {bel:.3f} | "
+            lines.append(f"| {src} | {f} | {lru:.3f} | {best['policy']} {best['demand_hit_rate']:.3f} | {bel:.3f} | "
                          f"{gap:.0%} | {oracle:.3f} ({oracle_gap:.0%}) | "
-                         f"{pf['policy']} {pf['resident_when_needed']:.3f} "
+                         f"{pf['policy']} {pf['hit_rate']:.3f} "
                          f"(+{pf['bytes_moved_gb'] - get[(pf['policy'], False)]['bytes_moved_gb']:.0f} GB) | "
-                         f"{'yes' if pf['resident_when_needed'] > bel else 'no'} |")
+                         f"{'yes' if pf['hit_rate'] > bel else 'no'} |")
     return "Summary:\n\n" + "\n".join(lines)
 
 

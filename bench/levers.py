@@ -1,17 +1,20 @@
-"""Miss levers: what skipping a low-weight missed expert, or serving it from an int4 copy, costs in accuracy
-and gives in decode speed.
+"""Miss levers: what skipping a low-weight missed expert, serving it from an int4 copy, or prefetching the
+layers ahead (lookahead) costs in accuracy and gives in decode speed.
 
     flock /tmp/haqmoe-heavy.lock .venv/bin/python bench/levers.py
     .venv/bin/python bench/levers.py --render   # rewrite the .md from the .json (rows kept)
 
-Writes bench/results/levers.json/.md, two kinds of rows (docs/design.md, Miss levers):
+Writes bench/results/levers.json/.md, three kinds of rows (docs/design.md, Miss levers; Prefetch and lookahead):
 
 - ``accuracy``: the engine on smollm2-moefied (distinct experts) with the GPU tier emulated and a small
   GPU cache, each lever setting against the exact engine (same cache, lever off): greedy-token agreement
   on a few generations, and perplexity on a few WikiText-2 test windows teacher-forced token by token
   (each token a one-token forward, so every token is decided as a decode token is: misses, skips).
 - ``speed``: the simulator on sampled Mixtral-8x7B routing (bench/simulate.py's setup, rtx5090d profile)
-  for each lever setting and policy, beside the better peer policy of the same run.
+  for each lever setting and policy, beside the better peer policy of the same run; lookahead rows
+  prefetch layers l+1 .. l+D (exact: only copies move, so no accuracy row is needed).
+- ``recall``: the guess recall at each lookahead distance on smollm2-moefied's real routing (WikiText-2
+  test windows), which sets the synthetic recall of the Mixtral lookahead rows (runtime/prefetch.py).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import torch
 from haqmoe.costs import PROFILES, cost_model_for, memory_plan, model_spec
 from haqmoe.registry import SIM_POLICIES
 from haqmoe.results import run_meta, write_results
-from haqmoe.runtime.prefetch import DEFAULT_GUESS_RECALL, PrefetchConfig
+from haqmoe.runtime.cache import MAX_LOOKAHEAD
+from haqmoe.runtime.prefetch import DEFAULT_GUESS_RECALL, DEFAULT_LOOKAHEAD_RECALL, PrefetchConfig
 from haqmoe.runtime.simulator import CacheSpec, Replay, ReplayOptions, build_cache, spec_for_trace
 from haqmoe.studies.experiments import mixtral_pair
 
@@ -42,6 +46,9 @@ OURS = ("full+split", "balanced+prefetch")
 MIXTRAL_SETTINGS = ((0.0, 0.0, False), (0.1, 0.0, False), (0.2, 0.0, False), (0.3, 0.0, False), (1.0, 0.0, False),
                     (0.0, 0.3, False), (0.0, 1.0, False), (0.1, 1.0, False), (0.2, 1.0, False), (0.0, 1.0, True),
                     (0.2, 1.0, True))
+# lookahead rows (exact): (policy, lookahead D); full+split gets prefetch added (its SIM_POLICIES entry has none)
+LOOKAHEAD_SETTINGS = (("balanced+prefetch", 2), ("balanced+prefetch", 3), ("full+split", 1), ("full+split", 2),
+                      ("full+split", 3))
 # the engine's settings on smollm2-moefied: (name, skip_below, skip_renorm, low_below, low_all)
 ENGINE_SETTINGS = (("exact", 0.0, True, 0.0, False), ("low", 0.0, True, 1.0, False),
                    ("low-all", 0.0, True, 1.0, True), ("skip-drop", 1.0, False, 0.0, False),
@@ -133,6 +140,18 @@ def mixtral_weights(trace, seed: int = 11) -> np.ndarray:
     return np.stack([1 - w2, w2], axis=-1)
 
 
+def trace_note(kind: str, args, profile: str, weights_assumed: bool, prefetch: PrefetchConfig) -> str:
+    """What a speed row was simulated on: the routing, the profile, and the assumptions it rests on."""
+    note = f"simulated on sampled routing ({kind}, {args.requests} x {args.tokens} tokens), {profile}"
+    if weights_assumed:
+        note += "; weights assumed (second expert's ~ U(0, 1/2))"
+    if prefetch.enabled and prefetch.lookahead > 1:
+        recall = [prefetch.guess_recall, *prefetch.lookahead_recall[: prefetch.lookahead - 1]]
+        note += "; synthetic guess recall " + ", ".join(f"{r:g}" for r in recall) + " at d = 1 .. " \
+            + str(prefetch.lookahead)
+    return note
+
+
 def speed_rows(args) -> list[dict]:
     pair = mixtral_pair(args.requests, args.tokens)
     tr = pair.eval
@@ -142,24 +161,32 @@ def speed_rows(args) -> list[dict]:
     cost = cost_model_for(profile, spec)
     slots = memory_plan(profile, spec, "w8a8").slots
     rows = []
-    grid = [(p, 0.0, 0.0, False) for p in PEERS] + [(p, *x) for p in OURS for x in MIXTRAL_SETTINGS]
-    for policy, t, lo, lo_all in grid:
+    # (policy, skip_below, low_below, low_all, lookahead: 0 = the policy's own prefetch setting)
+    grid = [(p, 0.0, 0.0, False, 0) for p in PEERS] + [(p, *x, 0) for p in OURS for x in MIXTRAL_SETTINGS]
+    grid += [(p, 0.0, 0.0, False, d) for p, d in LOOKAHEAD_SETTINGS]
+    for policy, t, lo, lo_all, ahead in grid:
         cpol, decision, admit, pf = SIM_POLICIES[policy]
         cache = build_cache(CacheSpec(cpol, slots), tr.num_layers, tr.num_experts, tr.top_k,
                             spec.expert_bytes("w8a8"), pair.plan, tr.experts, tr.offsets)
-        opt = ReplayOptions(decision, admit, prefetch=PrefetchConfig(pf, guess_recall=args.guess_recall),
-                            skip_below=t, low_below=lo, low_all=lo_all)
+        prefetch = PrefetchConfig(pf or ahead > 0, guess_recall=args.guess_recall, lookahead=max(ahead, 1),
+                                  lookahead_recall=args.lookahead_recall)
+        opt = ReplayOptions(decision, admit, prefetch=prefetch, skip_below=t, low_below=lo, low_all=lo_all)
         res = Replay(tr, cache, cost, profile, spec, options=opt).run()
         s = res.summary()
         calls = tr.num_tokens * tr.num_layers * tr.top_k
+        name = f"{policy}, {setting_name(t, lo, lo_all)}" if t or lo else policy
+        if ahead:
+            name = f"{policy}{'' if pf else '+prefetch'}, lookahead {ahead}"
         rows.append({
-            "kind": "speed", "setting": f"{policy}, {setting_name(t, lo, lo_all)}" if t or lo else policy,
-            "policy": policy, "skip_below": t, "low_below": lo, "low_all": lo_all, "decode_tok_s": s["decode_tok_s"], "hit_rate": s["resident_when_needed"],
+            "kind": "speed", "setting": name, "lever": "lookahead" if ahead else "miss",
+            "lookahead": prefetch.lookahead if prefetch.enabled else 0,
+            "prefetch_hit_rate": s["prefetch_hit_rate"], "wasted_share_of_prefetches":
+                s["prefetch_wasted"] / max(s["prefetch_copies"], 1),
+            "policy": policy, "skip_below": t, "low_below": lo, "low_all": lo_all, "decode_tok_s": s["decode_tok_s"], "hit_rate": s["hit_rate"],
             "skipped_share_of_calls": s.get("n_skip", 0) / calls, "low_share_of_calls": s.get("n_low", 0) / calls,
             "slots": slots,
-            "trace": f"simulated on sampled routing ({pair.kind}, {args.requests} x {args.tokens} tokens), "
-                     f"{profile.name}; weights assumed (second expert's ~ U(0, 1/2))" if 0 < min(t or 1, (lo or 1) if not lo_all else 1) < 1 else
-                     f"simulated on sampled routing ({pair.kind}, {args.requests} x {args.tokens} tokens), {profile.name}",
+            "trace": trace_note(pair.kind, args, profile.name, 0 < min(t or 1, (lo or 1) if not lo_all else 1) < 1,
+                                prefetch),
         })
         print(rows[-1], flush=True)
     peer = max(r["decode_tok_s"] for r in rows if r["policy"] in PEERS)
@@ -168,14 +195,42 @@ def speed_rows(args) -> list[dict]:
     return rows
 
 
+# -------------------------------------------------------------------------------------- recall
+def recall_rows(args) -> list[dict]:
+    """Guess recall at distances 1 .. MAX_LOOKAHEAD on smollm2-moefied's real routing: the top-k guesses of
+    layer l+d made at layer l (layer l+d's router re-based onto layer l's normalised input, routing/guess.py),
+    every token of a few WikiText-2 test windows, mean over layers."""
+    from haqmoe.data.text import eval_windows, load_text, tokenize
+    from haqmoe.routing.guess import guess_quality
+    from haqmoe.routing.profile import trace_windows
+    from haqmoe.sources import load_model
+
+    lm = load_model(MODEL, progress=False)
+    windows = eval_windows(tokenize(lm.tokenizer, load_text("wikitext2:test")), args.recall_window,
+                           args.recall_windows)
+    rows = []
+    for d in range(1, MAX_LOOKAHEAD + 1):
+        tr = trace_windows(lm.model, lm.adapter, windows, guess_width=lm.model.config.num_experts_per_tok,
+                           distance=d)
+        q = guess_quality(tr, distance=d)
+        rows.append({"kind": "recall", "setting": f"lookahead {d}", "lookahead": d,
+                     "recall": float(np.mean(q["recall"])), "recall_min_layer": float(np.min(q["recall"])),
+                     "chance_recall": tr.top_k / tr.num_experts,
+                     "trace": f"{MODEL}, {windows.shape[0]} WikiText-2 test windows of {windows.shape[1]} tokens, "
+                              f"top-{tr.top_k} guesses of {tr.num_experts} experts"})
+        print(rows[-1], flush=True)
+    return rows
+
+
 # --------------------------------------------------------------------------------------- notes
 def notes_for(rows: list[dict]) -> str:
     acc = {r["setting"]: r for r in rows if r["kind"] == "accuracy"}
     speed = [r for r in rows if r["kind"] == "speed"]
-    out = ["Two kinds of rows. **accuracy**: the engine (GPU tier emulated on the CPU) on `smollm2-moefied` "
+    out = ["Three kinds of rows. **accuracy**: the engine (GPU tier emulated on the CPU) on `smollm2-moefied` "
            "against the exact engine with the same cache; **speed**: **simulated on sampled routing** "
            "(Mixtral-8x7B W8A8, rtx5090d profile, bench/simulate.py's traces), beside the better peer policy of "
-           "the same run (`vs_better_peer`). Levers (docs/design.md, Miss levers): `skip<t` skips a missed "
+           "the same run (`vs_better_peer`); **recall**: lookahead guess recall on `smollm2-moefied`'s real "
+           "routing. `hit_rate` = resident when needed (demand + prefetch hits, docs/design.md, Hit rates). Levers (docs/design.md, Miss levers): `skip<t` skips a missed "
            "expert whose router weight renormalised over the token's top-2 is below t (never a token's top "
            "expert); `low<t` serves such a miss from its int4 copy instead (groups of 128 input columns, "
            "0.53x the W8A8 bytes; on the CPU, copied, or split across both, whichever finishes first); "
@@ -203,7 +258,7 @@ def notes_for(rows: list[dict]) -> str:
         peer = max((r for r in speed if r["policy"] in PEERS), key=lambda r: r["decode_tok_s"])
         best = {}
         for r in speed:
-            if r["policy"] in OURS:
+            if r["policy"] in OURS and r.get("lever", "miss") == "miss":
                 key = (r["skip_below"], r["low_below"], r.get("low_all", False))
                 best[key] = max(best.get(key, r), r, key=lambda x: x["decode_tok_s"])
         line = "; ".join(f"{setting_name(*k)}: {r['decode_tok_s']:.1f} tok/s = {r['vs_better_peer']:.2f}x "
@@ -228,6 +283,7 @@ def notes_for(rows: list[dict]) -> str:
                            "smollm2-moefied, same setting): " + "; ".join(verdict) + ". Mixtral's speed-up at a graded "
                            "threshold rests on the assumed weight distribution; its accuracy cost is measured here "
                            "only at full strength.")
+    out += lookahead_notes(rows)
     more = [r for r in rows if r["kind"] == "accuracy" and r["setting"].endswith("windows)")
             and not r["setting"].startswith("exact")]
     if more:
@@ -239,7 +295,39 @@ def notes_for(rows: list[dict]) -> str:
     return "\n\n".join(out)
 
 
-COLUMNS = ("kind", "setting", "skip_below", "low_below", "decode_tok_s", "vs_better_peer", "hit_rate",
+def lookahead_notes(rows: list[dict]) -> list[str]:
+    """The recall measured at each distance and what lookahead gives in simulated decode speed."""
+    recall = [r for r in rows if r["kind"] == "recall"]
+    ahead = [r for r in rows if r["kind"] == "speed" and r.get("lever") == "lookahead"]
+    out = []
+    if recall:
+        r0 = recall[0]
+        out.append("Lookahead guess recall on real routing (" + r0["trace"] + "; chance "
+                   + f"{r0['chance_recall']:.2f}): " + ", ".join(
+                       f"d = {r['lookahead']}: {r['recall']:.3f} (lowest layer {r['recall_min_layer']:.2f})"
+                       for r in recall)
+                   + ". The Mixtral lookahead rows assume recall 0.8 at d = 1 (runtime/prefetch.py) and keep the "
+                   "share of the above-chance recall measured here at d = 2, 3 (their `trace` column says which).")
+    if ahead:
+        base = {r["policy"]: r for r in rows if r["kind"] == "speed" and r.get("lever", "miss") == "miss"
+                and not r["skip_below"] and not r["low_below"]}
+        out.append("Lookahead (prefetch of layers l+1 .. l+D within the copy engine's idle time; exact, only "
+                   "copies move: no accuracy cost, ΔPPL 0): " + "; ".join(
+                       f"`{r['setting']}` {r['decode_tok_s']:.1f} tok/s vs {base[r['policy']]['decode_tok_s']:.1f} "
+                       f"without (hit rate {r['hit_rate']:.3f}, of which prefetch {r['prefetch_hit_rate']:.3f}; "
+                       f"{100 * r['wasted_share_of_prefetches']:.0f} % of prefetches wasted)"
+                       for r in ahead if r["policy"] in base) + ". Why so little: on this profile one expert copy "
+                   "(3.4 ms) outlasts a decode layer's expert work, and most guesses are cached already (the "
+                   "prefetch hit rate is 1-3 % of lookups), so a prefetch copy, which may start while the copy engine "
+                   "is idle before the layer ends, runs on into the next layer; with `full+split`, whose misses "
+                   "stream part of each expert over PCIe, that delays the next layer's split copies by more than "
+                   "the prefetch hits save. A rule that lets a copy start only if it lands within the idle time "
+                   "admits no copy at all here (transfer > layer time).")
+    return out
+
+
+COLUMNS = ("kind", "setting", "skip_below", "low_below", "lookahead", "decode_tok_s", "vs_better_peer", "hit_rate",
+           "prefetch_hit_rate", "wasted_share_of_prefetches", "recall",
            "skipped_share_of_calls", "low_share_of_calls", "ppl", "ppl_change_pct", "ppl_windows", "token_agreement", "first_divergence_mean", "trace")
 
 
@@ -261,6 +349,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=100, help="Mixtral decode tokens per request")
     ap.add_argument("--guess-recall", type=float, default=DEFAULT_GUESS_RECALL)
+    ap.add_argument("--lookahead-recall", type=float, nargs=MAX_LOOKAHEAD - 1, default=DEFAULT_LOOKAHEAD_RECALL,
+                    help="synthetic guess recall at distances 2 .. %d on the Mixtral routing" % MAX_LOOKAHEAD)
+    ap.add_argument("--skip-recall", action="store_true", help="keep the recall rows of --out, if any")
+    ap.add_argument("--recall-windows", type=int, default=4)
+    ap.add_argument("--recall-window", type=int, default=256, help="tokens per recall window")
     args = ap.parse_args()
     path = Path(args.out).with_suffix(".json")
     if args.render:
@@ -269,9 +362,10 @@ def main() -> None:
     else:
         old = json.loads(path.read_text()) if path.exists() else {"rows": [], "meta": {}}
         kept = [r for r in old["rows"] if (r["kind"] == "speed" and args.skip_speed)
-                or (r["kind"] == "accuracy" and args.skip_accuracy)]
+                or (r["kind"] == "accuracy" and args.skip_accuracy) or (r["kind"] == "recall" and args.skip_recall)]
         rows = [r for r in kept if r["kind"] == "speed"] + ([] if args.skip_speed else speed_rows(args))
         rows += [r for r in kept if r["kind"] == "accuracy"] + ([] if args.skip_accuracy else accuracy_rows(args))
+        rows += [r for r in kept if r["kind"] == "recall"] + ([] if args.skip_recall else recall_rows(args))
         meta = run_meta()
         if kept:
             meta["kept_rows_from"] = old["meta"].get("command", "")

@@ -1,5 +1,6 @@
 """One decision loop: the engine's recorded routing, replayed through the simulator, gets the engine's
-decisions one for one; the rules decide.py settles (copy in flight, no scratch slot, no cache slot)."""
+decisions, prefetch copies, hits and prefetch hits one for one; the rules decide.py and prefetch.py
+settle (copy in flight, no scratch slot, no cache slot, the prefetch budget), against brute force."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from haqmoe.runtime.decide import Rules, admit_misses, decide_layer, miss_weight
 from haqmoe.runtime.engine import CollaborativeEngine, EngineConfig, SamplingConfig
 from haqmoe.runtime.hybrid import HybridExperts
 from haqmoe.runtime.policies import LRUPolicy
+from haqmoe.runtime.prefetch import PrefetchConfig, prefetch_budget_ms, prefetch_guesses
 from haqmoe.costs.curves import CostCurve, CostModel
 from haqmoe.costs import HardwareProfile, ModelSpec
 from haqmoe.runtime.simulator import Replay, ReplayOptions
@@ -45,13 +47,22 @@ ENGINE_CASES = {
     "low-balanced": dict(decision="balanced", low_below=0.45),
     "skip-low-split": dict(decision="split", skip_below=0.3, low_below=0.5),
     "low-all-predictor": dict(decision="predictor", low_below=1.0, low_all=True),  # every miss from int4
+    # prefetch: two guesses of the next layer, or of the next two / three layers (lookahead), within the
+    # copy engine's idle time; on 4 layers so that lookahead 3 reaches a layer
+    "prefetch-predictor": dict(decision="predictor", prefetch=2, layers=4),
+    "prefetch-always-transfer": dict(decision="always-transfer", prefetch=2, layers=4),
+    "lookahead2-balanced": dict(decision="balanced", prefetch=2, lookahead=2, layers=4),
+    "lookahead3-split": dict(decision="split", prefetch=1, lookahead=3, layers=4),
+    # a decode layer's budget here is ~14 copies: a tenth of it lets one or two prefetch copies start
+    "lookahead2-tight-budget": dict(decision="balanced", prefetch=2, lookahead=2, prefetch_budget=0.1, layers=4),
 }
 
 
-def record_engine(family: str, admit: bool, **cfg) -> tuple[CollaborativeEngine, ExpertCache, list, list]:
+def record_engine(family: str, admit: bool, layers: int | None = None,
+                  **cfg) -> tuple[CollaborativeEngine, ExpertCache, list, list]:
     """Two greedy generations on the emulated GPU tier, recording each hybrid call's routing (in routing
     order, from the router's own top-k) and the engine's decisions; with the cache as it was before."""
-    model = tiny_model(family, seed=3)
+    model = tiny_model(family, seed=3, layers=layers)
     cfg = {"emulate_gpu": True, "slots_per_layer": 3, "admit": admit, **cfg}
     engine = CollaborativeEngine(LoadedModel(model, None, family, adapter_for(model)), EngineConfig(**cfg))
     start = copy.deepcopy(engine.cache)
@@ -80,15 +91,17 @@ def test_simulator_replays_the_engines_decisions_one_for_one(case, admit, tmp_pa
     shape_only = RoutingTrace(np.zeros((1, L, k), np.int16), E, np.array([0, 1]))  # replayed layer by layer
     opt = ReplayOptions(engine.cfg.decision, async_admit=admit, scratch_slots=engine.store.cfg.split_slots,
                         skip_below=engine.cfg.skip_below, low_below=engine.cfg.low_below,
-                        low_all=engine.cfg.low_all)
+                        low_all=engine.cfg.low_all, prefetch=PrefetchConfig(budget_layers=engine.cfg.prefetch_budget))
     shape_only.weights = np.ones((1, L, k), np.float32)  # replayed layer by layer, with the recorded weights
     replay = Replay(shape_only, cache, engine.cost, ZERO, ModelSpec("tiny", L, E, k, 1, 1, 0, 0, 0), options=opt)
     replay.log = []
     clock = 0.0
-    for (layer, needed, weights), rec in zip(routing, log):
-        clock = replay.layer(layer, needed, rec.step, clock, SLOW_ATTENTION_MS, weights=weights)
-    assert [r.key() for r in replay.log] == [r.key() for r in log]
-    assert cache.stats.as_dict() == engine.cache.stats.as_dict()
+    for (layer, needed, weights), rec in zip(routing, log):  # the engine's guesses, as the profiler records them
+        clock = replay.layer(layer, needed, rec.step, clock, SLOW_ATTENTION_MS, guesses=rec.guesses, weights=weights)
+    assert [r.key() for r in replay.log] == [r.key() for r in log]  # decisions, admissions, prefetch copies
+    assert cache.stats.as_dict() == engine.cache.stats.as_dict()  # hits, prefetch hits, wasted, by distance
+    rates = {k: v for k, v in engine.summary().items() if k in cache.stats.rates()}
+    assert rates == cache.stats.rates()  # one meaning of hit_rate and of the prefetch counters
     kinds = {d.kind for r in log for d in r.decisions}
     counts = {kind: sum(d.kind == kind for r in log for d in r.decisions) for kind in kinds}
     s = engine.summary()
@@ -103,6 +116,16 @@ def test_simulator_replays_the_engines_decisions_one_for_one(case, admit, tmp_pa
         assert s["background_copies"] > 0 and "hit" in kinds
     if case.startswith("split"):  # a decode token's misses split; a prefill's beyond the scratch slots not
         assert {"split", "transfer", "cpu"} <= kinds
+    prefetched = [p for r in log for p in r.prefetched]
+    assert bool(prefetched) == ("prefetch" in cfg)  # prefetch acts, and only when asked
+    if prefetched:  # copies for each distance asked (and none beyond), into the layer they were guessed for
+        ahead = {layer - r.layer for r in log for layer, _, _ in r.prefetched}
+        assert ahead == set(range(1, engine.cfg.lookahead + 1))
+        assert s["prefetch_copies"] == len(prefetched) and s["prefetch_hits"] > 0
+        by_distance = s["prefetch_by_distance"]
+        assert sum(d["copies"] for d in by_distance.values()) == s["prefetch_copies"]
+        assert sum(d["hits"] for d in by_distance.values()) == s["prefetch_hits"]
+        assert s["hit_rate"] == pytest.approx(s["demand_hit_rate"] + s["prefetch_hit_rate"])
 
 
 # ------------------------------------------------------------------------- the rules by hand
@@ -159,3 +182,42 @@ def test_background_admission_stops_behind_a_copy_backlog():
 def test_routing_order_is_first_appearance():
     assert routed_counts(np.array([[3, 1], [1, 0], [-1, 3]])) == {3: 2, 1: 2, 0: 1}
     assert list(routed_counts(np.array([[3, 1], [1, 0]]))) == [3, 1, 0]
+
+
+def test_prefetch_starts_copies_only_within_the_layers_copy_idle_time():
+    # a layer of one one-token miss on the CPU (predictor: 2 ms): its expert time is 2 ms and no demand copy
+    # is queued, so with budget B layers, prefetch copies (3 ms each, back to back) start at 0, 3, 6 ... < 2B
+    guesses = [[1, 2, 3], [4, 5]]  # for layers 1 and 2, best first
+    for budget_layers in (0.0, 0.5, 1.0, 1.5, 2.0, 3.5, 10.0):
+        cache = ExpertCache(CacheConfig(3, 6, 3), LRUPolicy())
+        out = decide_layer(cache, COST, Rules("predictor"), 0, {0: 1}, 0.0, 0.0)
+        assert [d.kind for d in out] == ["cpu"]
+        budget = prefetch_budget_ms(out, 0.0, budget_layers)
+        assert budget == pytest.approx(2.0 * budget_layers)
+        got = prefetch_guesses(cache, COST, 0, guesses, 0.0, budget)
+        starts = [3.0 * i for i in range(5) if 3.0 * i < budget]  # brute force: every start before the budget
+        want = [(layer, e) for layer, ranking in enumerate(guesses, start=1) for e in ranking][: len(starts)]
+        assert [(layer, e) for layer, e, _ in got] == want
+        assert [cache.get(layer, e).ready_at for layer, e, _ in got] == [s + 3.0 for s in starts]
+        assert cache.stats.distance_copies.tolist() == [sum(l == 1 for l, _ in want), sum(l == 2 for l, _ in want), 0]
+
+
+def test_demand_copies_come_first_and_a_prefetch_counts_its_distance_when_used_or_wasted():
+    # always-transfer: two demand copies (0-3, 3-6 ms), each then on the GPU (0.5 ms): the layer ends at
+    # 6.5 ms; a prefetch may start while the backlog is below 6.5 ms: one copy (6-9 ms), for layer 2 (layer
+    # 1's guess is cached already and costs nothing)
+    cache = ExpertCache(CacheConfig(3, 6, 2), LRUPolicy())
+    cache.admit(1, 5)
+    out = decide_layer(cache, COST, Rules("always-transfer"), 0, {0: 1, 1: 1}, 0.0, 0.0)
+    assert [d.kind for d in out] == ["transfer", "transfer"]
+    budget = prefetch_budget_ms(out, 0.0, 1.0)
+    assert budget == pytest.approx(6.5)
+    got = prefetch_guesses(cache, COST, 0, [[5], [3, 4]], 0.0, budget)
+    assert [(layer, e) for layer, e, _ in got] == [(2, 3)] and cache.get(2, 3).ready_at == pytest.approx(9.0)
+    # layer 2 at 10 ms: expert 3 is a prefetch hit from two layers ahead; then 4 and 0 evict nothing prefetched
+    assert [d.kind for d in decide_layer(cache, COST, Rules("always-transfer"), 2, {3: 1}, 1.0, 10.0)] == ["hit"]
+    assert cache.stats.prefetch_hits[2] == 1 and cache.stats.distance_hits.tolist() == [0, 1, 0]
+    # a prefetch evicted unused is wasted, at its distance
+    prefetch_guesses(cache, COST, 1, [[2]], 20.0, 100.0)
+    decide_layer(cache, COST, Rules("always-transfer"), 2, {0: 1, 1: 1}, 2.0, 30.0)
+    assert cache.stats.distance_wasted.tolist() == [1, 0, 0] and cache.stats.rates()["prefetch_wasted"] == 1

@@ -241,6 +241,24 @@ def test_prefetch_never_changes_tokens_and_hits():
     assert plain.summary()["prefetch_copies"] > 0
 
 
+def test_lookahead_never_changes_tokens_and_prefetches_each_distance():
+    """Lookahead only moves copies: the tokens are the plain model's at every distance, and copies for
+    layers 1, 2 and 3 ahead are counted apart."""
+    model = tiny_model("mixtral", seed=3, layers=4)
+    ref = reference_tokens(model, 12)
+    engine = CollaborativeEngine(LoadedModel(model, None, "mixtral", adapter_for(model)),
+                                 EngineConfig(emulate_gpu=True, slots_per_layer=3, decision="predictor", n_critical=0,
+                                              prefetch=2, lookahead=3))
+    assert engine.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref
+    s = engine.summary()
+    assert set(s["prefetch_by_distance"]) == {1, 2, 3}
+    assert sum(d["copies"] for d in s["prefetch_by_distance"].values()) == s["prefetch_copies"] > 0
+    engine.cache.check_invariants()
+    with pytest.raises(HaqmoeError, match="lookahead"):
+        CollaborativeEngine(LoadedModel(tiny_model("mixtral"), None, "mixtral", adapter_for(model)),
+                            EngineConfig(emulate_gpu=True, prefetch=2, lookahead=4))
+
+
 def test_real_int8_engine_runs_int8_modules_for_in_memory_quantized_models():
     """exec_mode real must convert a model quantized in memory (no checkpoint config) too, and give
     the fake-quant engine's greedy tokens on this tiny model."""

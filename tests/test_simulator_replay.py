@@ -118,8 +118,10 @@ def test_prefetch_rules():
     cache = ExpertCache(CacheConfig(2, 3, 1), LRUPolicy())
     res = Replay(tr, cache, ideal, ZERO, ModelSpec("toy", 2, 3, 1, 1, 1, 0, 0, 0), options=opts).run()
     s = res.summary()
-    assert s["resident_when_needed"] == pytest.approx(0.25) and s["hit_rate"] == 0.0
+    assert s["hit_rate"] == pytest.approx(0.25) and s["demand_hit_rate"] == 0.0  # resident when needed vs demand
+    assert s["prefetch_hit_rate"] == pytest.approx(0.25) and s["prefetch_hits"] == 1
     assert s["prefetch_copies"] == 2 and s["prefetch_wasted"] == 1
+    assert s["prefetch_by_distance"] == {1: {"copies": 2, "hits": 1, "wasted": 1}}
 
 
 def test_guess_quality_and_synthetic_recall():

@@ -13,6 +13,7 @@ import typer
 from ..costs.hardware import DEFAULT_PROFILE, PROFILE_HELP
 from ..errors import HaqmoeError
 from ..registry import CACHE_POLICIES, DECISION_POLICIES, ENGINE_CACHE_POLICIES, choices_help
+from ..runtime.cache import MAX_LOOKAHEAD
 from .common import GEN_OPTS, app, echo_summary, emit, state
 
 # the registry's names as the choices of --policy and --cache-policy
@@ -32,7 +33,11 @@ _ENGINE_OPTS = dict(
     emulate_gpu=typer.Option(False, help="Run the GPU-tier path (cache, copies, predictor) on the CPU."),
     profile=typer.Option(DEFAULT_PROFILE, help=PROFILE_HELP + " The cost model when no GPU is measured."),
     exec_mode=typer.Option("fake", "--exec", help="Quantized execution: fake | dequant | real | auto."),
-    prefetch=typer.Option(0, min=0, help="Next-layer experts to prefetch per layer (GPU tier; 0 = off)."),
+    prefetch=typer.Option(0, min=0, help="Experts to prefetch per layer ahead (GPU tier; 0 = off), copied "
+                          "while the copy engine would otherwise idle during the current layer."),
+    lookahead=typer.Option(1, min=1, max=MAX_LOOKAHEAD, help="With --prefetch: guess and prefetch the experts "
+                           "of layers l+1 .. l+N at layer l (1 = the next layer only). Moves copies earlier, never "
+                           "changes the output."),
     guess_trace=typer.Option(None, help="Trace from `haqmoe profile` of this model: prefetch learns, per layer, "
                              "whether expert co-occurrence guesses better than the next router."),
     admit=typer.Option(None, "--admit/--no-admit", help="Also copy experts served on the CPU into the GPU cache "
@@ -60,7 +65,7 @@ def build_engine(model: str, policy: str, cache_policy: str, slots: Optional[int
                  device: str, emulate_gpu: bool, profile: str, exec_mode: str, prefetch: int = 0,
                  guess_trace: Optional[str] = None, admit: Optional[bool] = None, compile_decode: bool = False,
                  gpu_memory: Optional[str] = None, skip_below: float = 0.0, low_below: float = 0.0,
-                 low_all: bool = False):
+                 low_all: bool = False, lookahead: int = 1):
     from ..sources import load_model
     from ..reliability.guard import parse_bytes
     from ..runtime.engine import CollaborativeEngine, EngineConfig, plan_path
@@ -74,7 +79,7 @@ def build_engine(model: str, policy: str, cache_policy: str, slots: Optional[int
                        cache_policy=cache_policy,
                        decision=policy, plan=plan_path(plan), profile=profile, exec_mode=exec_mode,
                        prefetch=prefetch, guess_trace=guess_trace, admit=admit, compile=compile_decode,
-                       skip_below=skip_below, low_below=low_below, low_all=low_all)
+                       skip_below=skip_below, low_below=low_below, low_all=low_all, lookahead=lookahead)
     return CollaborativeEngine(lm, cfg)
 
 
@@ -102,13 +107,14 @@ def run(model: str = typer.Argument("smollm2-moe", help="MoE model source (embed
         prefetch: int = _ENGINE_OPTS["prefetch"], guess_trace: Optional[str] = _ENGINE_OPTS["guess_trace"],
         admit: Optional[bool] = _ENGINE_OPTS["admit"], compile_decode: bool = _ENGINE_OPTS["compile_decode"],
         skip_below: float = _ENGINE_OPTS["skip_below"], low_below: float = _ENGINE_OPTS["low_below"],
-        low_all: bool = _ENGINE_OPTS["low_all"],
+        low_all: bool = _ENGINE_OPTS["low_all"], lookahead: int = _ENGINE_OPTS["lookahead"],
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output (no streaming).")) -> None:
     """Generate from a prompt through the collaborative runtime, streaming text, then telemetry."""
     from ..runtime.engine import SamplingConfig, decode_tok_s, latency_stats
 
     engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode,
-                          prefetch, guess_trace, admit, compile_decode, gpu_memory, skip_below, low_below, low_all)
+                          prefetch, guess_trace, admit, compile_decode, gpu_memory, skip_below, low_below, low_all,
+                          lookahead)
     warn_without_gpu_tier(engine)
     sampling = SamplingConfig(max_tokens, temperature, top_p, seed)
     msgs = [{"role": "user", "content": prompt}] if chat else prompt
@@ -144,7 +150,7 @@ def bench_runtime(model: str = typer.Argument("smollm2-moe", help="MoE model sou
                   guess_trace: Optional[str] = _ENGINE_OPTS["guess_trace"],
                   admit: Optional[bool] = _ENGINE_OPTS["admit"], compile_decode: bool = _ENGINE_OPTS["compile_decode"],
                   skip_below: float = _ENGINE_OPTS["skip_below"], low_below: float = _ENGINE_OPTS["low_below"],
-                  low_all: bool = _ENGINE_OPTS["low_all"],
+                  low_all: bool = _ENGINE_OPTS["low_all"], lookahead: int = _ENGINE_OPTS["lookahead"],
                   out: Optional[Path] = typer.Option(None, help="Write results JSON + markdown here."),
                   as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Prefill and decode latency, tokens/s, p50/p95/p99, hit rate and bytes moved, per policy."""
@@ -156,7 +162,7 @@ def bench_runtime(model: str = typer.Argument("smollm2-moe", help="MoE model sou
     for policy in names:
         engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode,
                               prefetch, guess_trace, admit, compile_decode, gpu_memory, skip_below, low_below,
-                              low_all)
+                              low_all, lookahead)
         if not rows:
             warn_without_gpu_tier(engine, len(names))
         ids = tokenize(engine.tokenizer, load_text("pydoc"))[:, :prompt_tokens]
@@ -170,7 +176,9 @@ def bench_runtime(model: str = typer.Argument("smollm2-moe", help="MoE model sou
                      "prompt_tokens": gen.prompt_tokens, "decode_tok_s": decode_tok_s(gen.token_ms),
                      "latency_p50_ms": lat["p50_ms"], "latency_p95_ms": lat["p95_ms"],
                      "latency_p99_ms": lat["p99_ms"], "latency_std_ms": lat["std_ms"],
-                     "hit_rate": s.get("hit_rate"), "bytes_moved_gb": s.get("bytes_moved", 0) / 1e9,
+                     "hit_rate": s.get("hit_rate"), "demand_hit_rate": s.get("demand_hit_rate"),
+                     "prefetch_copies": s.get("prefetch_copies"), "prefetch_hits": s.get("prefetch_hits"),
+                     "bytes_moved_gb": s.get("bytes_moved", 0) / 1e9,
                      "cpu_expert_calls": s["cpu_expert_calls"], "gpu_expert_calls": s["gpu_expert_calls"],
                      "split_expert_calls": s["split_expert_calls"],
                      **{k: v for k, v in s.items() if k.startswith("host_")}})  # per decode token, by phase

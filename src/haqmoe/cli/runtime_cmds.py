@@ -11,6 +11,7 @@ from ..costs.hardware import DEFAULT_PROFILE, PROFILE_HELP, load_profile
 from ..errors import HaqmoeError
 from ..io import atomic_write_text
 from ..registry import CACHE_POLICIES, DECISION_POLICIES, SIM_POLICIES, choices_help, source_help
+from ..runtime.cache import MAX_LOOKAHEAD
 from .common import app, emit, state  # noqa: F401
 
 _SOURCE_HELP = source_help("replay")
@@ -47,7 +48,7 @@ def cache_eval(source: str = typer.Argument("mixtral-stats", help=_SOURCE_HELP),
                held_out: float = typer.Option(0.5, min=0.1, max=0.9, help="Share of requests held out."),
                out: Optional[Path] = typer.Option(None, help="Write results JSON/MD (+ a .png plot)."),
                as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """Hit rate and resident-when-needed rate per cache policy, with and without prefetch."""
+    """Hit rate (resident when needed) and demand hit rate per cache policy, with and without prefetch."""
     # torch (next-layer guesses) and the simulator load on use, not at CLI start-up
     from ..results import run_meta, write_results
     from ..studies.experiments import cache_rows, guess_rows, load_pair, plot_cache
@@ -65,7 +66,7 @@ def cache_eval(source: str = typer.Argument("mixtral-stats", help=_SOURCE_HELP),
         write_results(out, rows, run_meta(), f"Cache policies on {pair.source}")
         payload["plot"] = str(plot_cache(rows, Path(out).with_suffix(".png")))
     human = "\n".join(f"cache {r['cache_frac']:<5} {r['policy']:<18} prefetch={str(r['prefetch']):<5} "
-                      f"hit {r['hit_rate']:.3f}  resident-when-needed {r['resident_when_needed']:.3f}  "
+                      f"hit (resident when needed) {r['hit_rate']:.3f}  demand hit {r['demand_hit_rate']:.3f}  "
                       f"P(all) {r['p_all_resident']:.3f}  moved {r['bytes_moved_gb']:.1f} GB  "
                       f"decode {r['decode_tok_s']:.1f} tok/s" for r in rows)
     emit(payload, as_json, f"{pair.source} ({pair.kind}), held-out {pair.eval.num_tokens} tokens\n{human}")
@@ -80,6 +81,9 @@ def simulate(source: str = typer.Argument("mixtral-stats", help=_SOURCE_HELP),
              budget_gb: Optional[float] = typer.Option(None, help="GPU memory budget (default: the profile's)."),
              prefill_tokens: int = typer.Option(512, min=1, help="Prompt length of the prefill estimate."),
              guess_recall: Optional[float] = typer.Option(None, help="Top-k recall of prefetch guesses."),
+             lookahead: int = typer.Option(1, min=1, max=MAX_LOOKAHEAD, help="Layers ahead the prefetching "
+                                           "policies guess and prefetch (1: the next layer; farther: synthetic "
+                                           "guesses of the recall runtime/prefetch.py assumes)."),
              out: Optional[Path] = typer.Option(None, help="Write results JSON/MD."),
              as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Predict decode/prefill latency and GPU memory of a MoE model on a hardware profile."""
@@ -90,12 +94,12 @@ def simulate(source: str = typer.Argument("mixtral-stats", help=_SOURCE_HELP),
     prof = load_profile(profile)
     pair = load_pair(source)
     rows = simulate_rows(pair, prof, _names(policies), budget_gb, prefill_tokens, guess_recall,
-                         progress=state["progress"])
+                         progress=state["progress"], lookahead=lookahead)
     if out is not None:
         write_results(out, rows, run_meta(profile=prof.name), f"Simulated {pair.source} on {prof.name}")
     human = "\n".join(f"{r['policy']:<16} decode {r['decode_tok_s']:6.2f} tok/s  prefill({prefill_tokens}) "
                       f"{r['prefill_ms_512']:7.1f} ms  p50 {r['latency_p50_ms']:.1f} p99 {r['latency_p99_ms']:.1f} "
-                      f"std {r['latency_std_ms']:.2f} ms  resident {r['hit_rate']:.3f}  GPU {r['gpu_mem_gb']:.1f} GB "
+                      f"std {r['latency_std_ms']:.2f} ms  hit {r['hit_rate']:.3f}  GPU {r['gpu_mem_gb']:.1f} GB "
                       f"(FP16 {r['gpu_mem_fp16_gb']:.1f})" for r in rows)
     emit({"rows": rows}, as_json, f"{pair.source} on {prof.description}\n{human}")
 

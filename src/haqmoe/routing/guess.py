@@ -130,17 +130,18 @@ class GuessPlan:
 
 
 def guess_quality(trace: RoutingTrace, num_guesses: int | None = None,
-                  guesses: np.ndarray | None = None) -> dict[str, list[float]]:
-    """Per layer l (guessing layer l+1): recall = share of layer l+1's experts among the top
-    ``num_guesses``; precision = share of those guesses that layer l+1 then uses."""
+                  guesses: np.ndarray | None = None, distance: int = 1) -> dict[str, list[float]]:
+    """Per layer l (guessing layer l+d, d = ``distance``; guesses made that far ahead): recall = share of
+    layer l+d's experts among the top ``num_guesses``; precision = share of those guesses that layer l+d
+    then uses."""
     g = trace.guesses if guesses is None else guesses
     if g is None:
         raise HaqmoeError("this trace has no prefetch guesses to evaluate")
     G = num_guesses or trace.top_k
     recall, precision = [], []
-    for l in range(trace.num_layers - 1):
+    for l in range(trace.num_layers - distance):
         top = g[:, l, :G].astype(np.int64)
-        true = trace.experts[:, l + 1].astype(np.int64)
+        true = trace.experts[:, l + distance].astype(np.int64)
         hits = (top[:, :, None] == true[:, None, :]).any(axis=2).sum()
         recall.append(float(hits / true.size))
         precision.append(float(hits / top.size))

@@ -33,16 +33,19 @@ class ProfileConfig:
 
 
 class RouterRecorder:
-    """Forward hooks on all MoE routers; ``take()`` returns the [T, L, k] arrays of the last forward."""
+    """Forward hooks on all MoE routers; ``take()`` returns the [T, L, k] arrays of the last forward.
+    Guesses at layer i rank layer i + ``distance``'s experts (1: the next layer, what the trace records
+    for prefetch; more: lookahead, for measuring its recall)."""
 
-    def __init__(self, model: torch.nn.Module, adapter, guess_width: int = 0):
+    def __init__(self, model: torch.nn.Module, adapter, guess_width: int = 0, distance: int = 1):
         blocks = [b for b in adapter.blocks(model) if adapter.is_moe_block(b)]
         self.routers = [adapter.router(b) for b in blocks]
         if not self.routers:
             raise HaqmoeError("model has no MoE layers to profile (a dense model has no routing)")
         norms = [adapter.router_norm(b) for b in blocks]
-        self._guess_w = [guess_weight(self.routers[i + 1], norms[i], norms[i + 1]) if guess_width else None
-                         for i in range(len(blocks) - 1)]
+        self.distance = distance
+        self._guess_w = [guess_weight(self.routers[i + distance], norms[i], norms[i + distance]) if guess_width
+                         else None for i in range(len(blocks) - distance)]
         first = self.routers[0]
         self.num_experts = int(getattr(first, "num_experts", first.weight.shape[0]))
         self.guess_width = min(guess_width, self.num_experts)
@@ -57,8 +60,9 @@ class RouterRecorder:
                 raise HaqmoeError(f"router {type(module).__name__} does not return (logits, weights, index)")
             self._w[i] = output[1].detach().float().reshape(-1, output[1].shape[-1]).cpu()
             self._idx[i] = output[2].detach().reshape(-1, output[2].shape[-1]).cpu()
-            if self.guess_width and i + 1 < len(self.routers):
-                self._g[i] = guess_topk(inputs[0], self._guess_w[i], self.routers[i + 1], self.guess_width).cpu()
+            if self.guess_width and i + self.distance < len(self.routers):
+                self._g[i] = guess_topk(inputs[0], self._guess_w[i], self.routers[i + self.distance],
+                                        self.guess_width).cpu()
         return hook
 
     def take(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -69,8 +73,7 @@ class RouterRecorder:
         guesses = None
         if self.guess_width:
             t = experts.shape[0]
-            g = [x if x is not None else torch.full((t, self.guess_width), -1) for x in self._g[:-1]]
-            g.append(torch.full((t, self.guess_width), -1))
+            g = [x if x is not None else torch.full((t, self.guess_width), -1) for x in self._g]
             guesses = torch.stack(g, dim=1).numpy().astype(np.int16)
         self._idx = [None] * len(self.routers)
         self._w = [None] * len(self.routers)
@@ -84,13 +87,14 @@ class RouterRecorder:
 
 @torch.no_grad()
 def trace_windows(model: torch.nn.Module, adapter, windows: torch.Tensor, guess_width: int = 0,
-                  progress: bool = False, new_tokens: int = 0) -> RoutingTrace:
+                  progress: bool = False, new_tokens: int = 0, distance: int = 1) -> RoutingTrace:
     """In-memory trace of ``windows`` [R, n] (one request per window), one forward each; with
     ``new_tokens`` > 0 each window is a prompt followed by that many greedy decode steps on the KV
     cache, flagged ``decode``: the routing a serving engine sees, which caches and prefetch live on
     (a window's own routing says little about what its continuation uses). Generation does not stop at
-    an end-of-sequence token: every request gets ``new_tokens``."""
-    rec = RouterRecorder(model, adapter, guess_width)
+    an end-of-sequence token: every request gets ``new_tokens``. ``distance``: how many layers ahead
+    the guesses look (RouterRecorder)."""
+    rec = RouterRecorder(model, adapter, guess_width, distance)
     parts_e, parts_w, parts_g = [], [], []
 
     def take() -> None:

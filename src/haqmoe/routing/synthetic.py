@@ -85,12 +85,13 @@ def sample_tokens(probs: np.ndarray, num_tokens: int, top_k: int, locality: floa
 
 
 def synthesize_guesses(experts: np.ndarray, num_experts: int, accuracy: float | Sequence[float],
-                       rng: np.random.Generator, probs: np.ndarray | None = None) -> np.ndarray:
-    """Next-layer guess rankings [T, L, E] with the given top-k recall per layer.
+                       rng: np.random.Generator, probs: np.ndarray | None = None, distance: int = 1) -> np.ndarray:
+    """Guess rankings [T, L, E] of the layer ``distance`` ahead with the given top-k recall per layer.
 
-    Row l ranks layer l+1's experts; each true expert of layer l+1 lands in the top k with
-    probability ``accuracy[l]``; the other top-k places and the tail are filled by popularity
-    (``probs`` [L, E], uniform if None). Row L-1 is -1 (no next layer).
+    Row l ranks layer l+d's experts (d = ``distance``; 1: the next layer, what prefetch guesses; more:
+    lookahead); each true expert of layer l+d lands in the top k with probability ``accuracy[l]``; the
+    other top-k places and the tail are filled by popularity (``probs`` [L, E], uniform if None). Rows
+    L-d .. L-1 are -1 (no layer that far ahead).
     """
     T, L, k = experts.shape
     acc = np.broadcast_to(np.asarray(accuracy, dtype=np.float64), (L,))
@@ -99,10 +100,10 @@ def synthesize_guesses(experts: np.ndarray, num_experts: int, accuracy: float | 
     pop = np.full((L, num_experts), 1.0 / num_experts) if probs is None else probs
     out = np.full((T, L, num_experts), -1, dtype=np.int16)
     for t in range(T):
-        for l in range(L - 1):
-            true = [int(e) for e in experts[t, l + 1]]
+        for l in range(L - distance):
+            true = [int(e) for e in experts[t, l + distance]]
             hit = [e for e in true if rng.random() < acc[l]]
-            noise = np.log(pop[l + 1] + 1e-12) + rng.gumbel(size=num_experts)  # popularity-weighted draw
+            noise = np.log(pop[l + distance] + 1e-12) + rng.gumbel(size=num_experts)  # popularity-weighted draw
             order = [int(e) for e in np.argsort(-noise) if int(e) not in true]
             top = hit + order[: k - len(hit)]
             rng.shuffle(top)

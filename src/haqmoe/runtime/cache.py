@@ -30,6 +30,7 @@ from ..errors import HaqmoeError
 from .policies import Key, Policy
 
 SCOPES = ("layer", "global")
+MAX_LOOKAHEAD = 3  # prefetch distances counted: layers l+1 .. l+3 guessed at layer l
 
 
 @dataclass
@@ -98,7 +99,7 @@ class CopyQueue:
 class Entry:
     slot: int  # index into the preallocated slot buffers
     pinned: bool = False
-    prefetched: bool = False  # admitted by a prefetch and not used since
+    prefetched: int = 0  # admitted by a prefetch from this many layers ahead and not used since (0: not)
     ready_at: float = 0.0  # when the copy lands, on the caller's clock (0 = resident from the start)
     handle: Any = None  # engine: the CUDA event of a copy nothing has waited on yet
 
@@ -106,7 +107,9 @@ class Entry:
 @dataclass
 class LayerStats:
     """Counters per layer. ``hits`` are demand hits (entry there before any prefetch for this use);
-    ``prefetch_hits`` were brought by a prefetch; ``inflight`` were in the cache but not copied yet."""
+    ``prefetch_hits`` were brought by a prefetch; ``inflight`` were in the cache but not copied yet.
+    The ``distance_*`` counters split the prefetch ones by how many layers ahead the copy was guessed
+    (index d - 1, summed over layers): what lookahead gains or wastes at each distance."""
 
     hits: np.ndarray
     prefetch_hits: np.ndarray
@@ -117,14 +120,37 @@ class LayerStats:
     prefetch_copies: np.ndarray
     prefetch_wasted: np.ndarray  # prefetched entries evicted before any use
     bytes_moved: np.ndarray
+    distance_copies: np.ndarray  # [MAX_LOOKAHEAD]
+    distance_hits: np.ndarray
+    distance_wasted: np.ndarray
 
     @classmethod
     def zeros(cls, num_layers: int) -> "LayerStats":
-        return cls(*(np.zeros(num_layers, dtype=np.int64) for _ in range(9)))
+        return cls(*(np.zeros(num_layers, dtype=np.int64) for _ in range(9)),
+                   *(np.zeros(MAX_LOOKAHEAD, dtype=np.int64) for _ in range(3)))
 
     @property
     def lookups(self) -> np.ndarray:
         return self.hits + self.prefetch_hits + self.inflight + self.misses
+
+    def rates(self) -> dict:
+        """The hit rates and prefetch counters every report prints (docs/design.md, Hit rates), so the engine
+        and the simulator mean one thing by each: ``hit_rate`` = resident when needed (demand + prefetch
+        hits; what decides latency, what the paper-style tables print), ``demand_hit_rate`` = demand hits
+        only (the classic cache hit rate, equal to ``hit_rate`` without prefetch), ``prefetch_hit_rate`` =
+        prefetch hits / lookups. A lookup whose copy is still in flight counts in none of them."""
+        total = max(int(self.lookups.sum()), 1)
+        return {
+            "hit_rate": float((self.hits.sum() + self.prefetch_hits.sum()) / total),
+            "demand_hit_rate": float(self.hits.sum() / total),
+            "prefetch_hit_rate": float(self.prefetch_hits.sum() / total),
+            "prefetch_copies": int(self.prefetch_copies.sum()),
+            "prefetch_hits": int(self.prefetch_hits.sum()),
+            "prefetch_wasted": int(self.prefetch_wasted.sum()),
+            "prefetch_by_distance": {d + 1: {"copies": int(c), "hits": int(h), "wasted": int(w)}
+                                     for d, (c, h, w) in enumerate(zip(self.distance_copies, self.distance_hits,
+                                                                        self.distance_wasted)) if c},
+        }
 
     def as_dict(self) -> dict[str, list[int]]:
         return {k: v.tolist() for k, v in self.__dict__.items()}
@@ -220,11 +246,12 @@ class ExpertCache:
             self.policy.on_hit(key, self.pool_of(layer), self.now)
         if entry.ready_at > self.time:
             self.stats.inflight[layer] += 1
-            entry.prefetched = False
+            entry.prefetched = 0
             return "inflight"
         if entry.prefetched:
-            entry.prefetched = False
             self.stats.prefetch_hits[layer] += 1
+            self.stats.distance_hits[entry.prefetched - 1] += 1
+            entry.prefetched = 0
             return "prefetch_hit"
         self.stats.hits[layer] += 1
         return "hit"
@@ -233,9 +260,10 @@ class ExpertCache:
         return [k for k in self._pool_keys[pool]
                 if not self._entries[k].pinned and k not in self._protect and self._entries[k].ready_at <= self.time]
 
-    def admit(self, layer: int, expert: int, ready_at: float = 0.0, prefetch: bool = False,
+    def admit(self, layer: int, expert: int, ready_at: float = 0.0, prefetch: int = 0,
               handle: Any = None) -> int | None:
-        """Give (layer, expert) a slot, evicting by policy if the pool is full.
+        """Give (layer, expert) a slot, evicting by policy if the pool is full. ``prefetch``: the copy is a
+        prefetch guessed this many layers ahead (1 .. MAX_LOOKAHEAD; 0: a demand or background copy).
 
         Returns the slot index to copy into, or None when no slot can be freed (every slot pinned,
         protected or still being filled): the caller then serves the expert without caching it.
@@ -257,6 +285,7 @@ class ExpertCache:
         self.stats.bytes_moved[layer] += self.config.expert_bytes
         if prefetch:
             self.stats.prefetch_copies[layer] += 1
+            self.stats.distance_copies[prefetch - 1] += 1
         return slot
 
     def evict(self, layer: int, expert: int) -> None:
@@ -272,6 +301,7 @@ class ExpertCache:
         self.stats.evictions[layer] += 1
         if entry.prefetched:
             self.stats.prefetch_wasted[layer] += 1
+            self.stats.distance_wasted[entry.prefetched - 1] += 1
 
     def access(self, layer: int, expert: int) -> str:
         """Demand access: count it, and on a miss bring the expert in (evicting if needed)."""

@@ -37,7 +37,9 @@ The rules, for a real GPU (each side follows them):
 Experts are decided in routing order (first appearance, token by token, rank by rank): the order
 the queues fill in. ``admit_misses`` is the background admission both sides run after the layer's
 work is issued: CPU-served misses are copied into dynamic slots for their next use while the copy
-engine has at most ``admit_backlog`` whole copies queued.
+engine has at most ``admit_backlog`` whole copies queued. ``layer_end`` is when the layer's expert
+work ends as the cost model predicts it: the simulator's timeline, and (prefetch.py) the copy time a
+prefetch may use on both sides.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..costs.curves import DECISION_POLICIES, CostModel
+from ..costs.curves import DECISION_POLICIES, SPLIT_STEPS, CostModel
 from ..errors import HaqmoeError
 from .cache import ExpertCache
 
@@ -103,15 +105,19 @@ class Decision:
 
 @dataclass
 class LayerRecord:
-    """One layer of one forward as decided: for a decision log (tests compare the two sides)."""
+    """One layer of one forward as decided: for a decision log (tests compare the two sides).
+    ``guesses``: what the prefetch was given (target layer, ranked experts), an input the replay needs."""
 
     step: float
     layer: int
     decisions: list[Decision]
     admitted: list[tuple[int, int]] = field(default_factory=list)  # background copies: (expert, slot)
+    prefetched: list[tuple[int, int, int]] = field(default_factory=list)  # prefetch copies: (layer, expert, slot)
+    guesses: list[tuple[int, list[int]]] = field(default_factory=list)
 
     def key(self) -> tuple:
-        return self.step, self.layer, tuple(d.key() for d in self.decisions), tuple(self.admitted)
+        return (self.step, self.layer, tuple(d.key() for d in self.decisions), tuple(self.admitted),
+                tuple(self.prefetched))
 
 
 def routed_counts(top_k_index: np.ndarray) -> dict[int, int]:
@@ -203,6 +209,32 @@ def decide_layer(cache: ExpertCache, cost: CostModel, rules: Rules, layer: int, 
         cpu_ms += cost.t_cpu(n)
         out.append(Decision(e, n, "cpu", cpu_done=cpu_ms))
     return out
+
+
+def layer_end(decisions: list[Decision], at: float, sync_ms: float = 0.0, overlap: float = 1.0) -> float:
+    """When the layer's expert work ends (the caller's clock; ``at``: the router's output): the CPU queue
+    and one GPU stream running side by side, each GPU call once its weights are on the GPU (a split's
+    also once the CPU has its rows). ``sync_ms``: a host-device sync before CPU results are used;
+    ``overlap``: the share of GPU work the host overlaps with the CPU tier (hardware profile terms the
+    simulator adds; the cost model alone, as prefetch budgets it, has neither)."""
+    cpu_ms = 0.0
+    gpu: list[tuple[float, float]] = []  # (weights on the GPU, GPU ms)
+    for d in decisions:
+        if d.kind == "skip":  # not run
+            continue
+        if d.kind == "cpu" or (d.kind == "low" and d.k >= SPLIT_STEPS):
+            cpu_ms = d.cpu_done
+        elif d.kind == "split" or (d.kind == "low" and d.k > 0):  # needs the CPU's rows and the copied ones
+            cpu_ms = d.cpu_done
+            gpu.append((max(d.ready, at + sync_ms + d.cpu_done), d.gpu_ms))
+        else:
+            gpu.append((at if d.kind == "hit" else d.ready, d.gpu_ms))
+    gpu_end = at
+    for ready, dur in sorted(gpu):
+        gpu_end = max(gpu_end, ready) + dur
+    host_serial = (1.0 - overlap) * sum(dur for _, dur in gpu)
+    sync = sync_ms if cpu_ms > 0 else 0.0
+    return max(gpu_end, at + sync + cpu_ms + host_serial)
 
 
 def admit_misses(cache: ExpertCache, cost: CostModel, rules: Rules, layer: int, decisions: list[Decision],

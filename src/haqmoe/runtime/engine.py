@@ -33,6 +33,7 @@ from ..routing.trace_io import load_trace
 from .cache import CacheConfig, ExpertCache
 from .calibrate import cached_cost_model, calibrate_split, calibrate_tiers, machine_key, time_ms
 from .hybrid import HybridExperts, Telemetry
+from .prefetch import check_lookahead
 from .policies import make_policy, policy_uses_pins
 from .store import ExpertStore, StoreConfig, expert_transfer_bytes
 
@@ -66,7 +67,9 @@ class EngineConfig:
     plan: str | None = None  # placement plan JSON (haqmoe plan)
     profile: str = "rtx5090d"  # hardware profile for the cost model when no GPU is measured
     n_critical: float | None = None  # override the predictor's threshold
-    prefetch: int = 0  # next-layer experts to prefetch per layer (0 = off; GPU tier only)
+    prefetch: int = 0  # experts to prefetch per layer ahead (0 = off; GPU tier only)
+    lookahead: int = 1  # ... guessed for layers l+1 .. l+lookahead at layer l (1: the next layer only)
+    prefetch_budget: float = 1.0  # ... copies starting within this many x the layer's predicted expert time
     guess_trace: str | None = None  # profiled trace: learn per-layer transition guesses (routing/guess.py)
     exec_mode: str = "fake"  # quantized CPU-tier execution: fake | dequant | real | auto (exec/precision.py)
     admit: bool | None = None  # also copy CPU-served misses into the cache while the copy engine is idle
@@ -150,6 +153,7 @@ class CollaborativeEngine:
         num_experts = int(experts[0].num_experts)
         if cfg.prefetch > num_experts:
             raise HaqmoeError(f"--prefetch {cfg.prefetch}: a layer of {lm.name} has only {num_experts} experts")
+        check_lookahead(cfg.lookahead)
         self.top_k = int(getattr(self.model.config, "num_experts_per_tok", 2))
         self.telemetry = Telemetry(len(blocks), num_experts=num_experts)
         plan = self._load_plan(len(blocks), num_experts)  # checked even where every expert stays on the CPU
@@ -184,12 +188,12 @@ class CollaborativeEngine:
         guess_plan = self._guess_plan(len(blocks), num_experts)
         self.hybrids: list[HybridExperts] = []
         for layer, (block, ex) in enumerate(zip(blocks, experts)):
-            nxt = routers[layer + 1] if layer + 1 < len(blocks) and self.cache is not None else None
-            gw = guess_weight(nxt, norms[layer], norms[layer + 1]) if nxt is not None else None
+            ahead = range(layer + 1, min(layer + 1 + cfg.lookahead, len(blocks))) if self.cache is not None else ()
+            gws = [guess_weight(routers[a], norms[layer], norms[a]) for a in ahead]
             hybrid = HybridExperts(layer, ex, self.store, self.cache, None, cfg.decision, self.telemetry,
-                                   nxt, cfg.prefetch, gw, guess_plan, admit=default_admit(cfg),
+                                   [routers[a] for a in ahead], cfg.prefetch, gws, guess_plan, admit=default_admit(cfg),
                                    skip_below=cfg.skip_below, skip_renorm=cfg.skip_renorm, low_below=cfg.low_below,
-                                   low_all=cfg.low_all)
+                                   low_all=cfg.low_all, budget_layers=cfg.prefetch_budget)
             set_module(block, adapter.moe.experts, hybrid)
             self.hybrids.append(hybrid)
         if cfg.exec_mode != "fake":  # the rest of the model (and, without a GPU tier, the experts); quantized
@@ -489,7 +493,7 @@ class CollaborativeEngine:
         return gen
 
     def set_prefetch(self, width: int) -> None:
-        """Turn next-layer prefetch on (``width`` experts per layer) or off (0) between generations."""
+        """Turn prefetch on (``width`` experts per layer ahead) or off (0) between generations."""
         for m in self.model.modules():
             if isinstance(m, HybridExperts):
                 m.set_prefetch(width)
@@ -516,17 +520,15 @@ class CollaborativeEngine:
                **tel.host_ms_per_token()}
         if self.cache is not None:
             st = self.cache.stats
-            resident = st.hits + st.prefetch_hits  # the hit rate of docs/design.md, the simulator's resident_when_needed
-            lookups = st.lookups
+            resident = st.hits + st.prefetch_hits  # hit_rate (docs/design.md, Hit rates), per layer
             out.update({
-                "hit_rate": float(resident.sum() / max(lookups.sum(), 1)),
-                "hit_rate_per_layer": [float(h / max(n, 1)) for h, n in zip(resident, lookups)],
+                **st.rates(),  # hit_rate, demand_hit_rate and the prefetch counters, as the simulator reports them
+                "hit_rate_per_layer": [float(h / max(n, 1)) for h, n in zip(resident, st.lookups)],
                 "misses": int(st.misses.sum()), "inflight": int(st.inflight.sum()),  # waited on a landing copy
                 "evictions": int(st.evictions.sum()),
                 "bytes_moved": int(st.bytes_moved.sum()) + tel.split_bytes,  # + the copied parts of splits
                 "n_critical": float(self.cost.n_critical) if self.cost is not None else None,
-                "prefetch_hits": int(st.prefetch_hits.sum()), "prefetch_copies": tel.prefetch_copies,
-                "prefetch_wasted": int(st.prefetch_wasted.sum()), "guess_ms": tel.guess_ms,
+                "guess_ms": tel.guess_ms,
                 "background_copies": tel.background_copies,
             })
         return out

@@ -8,7 +8,8 @@ the CPU computes the first gate/up rows from the host copy while the rest of the
 into a scratch slot, then the GPU finishes it. This module runs them: GPU work is issued first
 (asynchronous on CUDA), CPU experts run meanwhile, results are combined with the router weights.
 With ``admit``, experts served on the CPU are then copied into the cache for their next use while
-the copy engine is nearly idle (decide.admit_misses).
+the copy engine is nearly idle (decide.admit_misses). With prefetch, the experts guessed for the next
+``lookahead`` layers are copied within the copy engine's idle time (prefetch.prefetch_guesses).
 
 Copies are booked on the cache's copy queue in wall-clock milliseconds, the cost model's copy time
 each: a modelled landing time for copies the host cannot see (an in-flight CUDA copy), replaced by
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -27,6 +29,7 @@ from torch import nn
 from ..routing.guess import GuessPlan, guess_for_batch
 from .cache import ExpertCache
 from .decide import Decision, LayerRecord, Rules, admit_misses, decide_layer, miss_weights, routed_counts
+from .prefetch import PrefetchConfig, prefetch_budget_ms, prefetch_guesses
 from ..costs import CostModel
 from ..costs.curves import SPLIT_STEPS
 from .store import ExpertStore
@@ -56,8 +59,7 @@ class Telemetry:
     cpu_tokens: np.ndarray = field(init=False)
     gpu_tokens: np.ndarray = field(init=False)
     step: int = 0  # policy clock: one per model forward
-    guess_ms: float = 0.0  # time spent scoring next-layer guesses (prefetch's compute cost)
-    prefetch_copies: int = 0
+    guess_ms: float = 0.0  # time spent scoring the guesses of the layers ahead (prefetch's compute cost)
     background_copies: int = 0  # CPU-served misses copied into the cache afterwards (admit)
     split_bytes: int = 0  # bytes copied into scratch slots (split parts, streamed experts): moved, not cached
     decode_host_ms: dict[str, float] = field(init=False)  # HOST_PHASES -> ms, summed over decode forwards
@@ -87,15 +89,17 @@ _TIER = {"hit": "gpu", "wait": "gpu", "transfer": "gpu", "stream": "gpu", "split
 class HybridExperts(nn.Module):
     def __init__(self, layer: int, original: nn.Module, store: ExpertStore, cache: ExpertCache | None,
                  cost: CostModel | None, policy: str, telemetry: Telemetry,
-                 next_router: nn.Module | None = None, prefetch: int = 0,
-                 guess_w: torch.Tensor | None = None, guess_plan: GuessPlan | None = None, admit: bool = False,
-                 skip_below: float = 0.0, skip_renorm: bool = True, low_below: float = 0.0, low_all: bool = False):
+                 ahead_routers: Sequence[nn.Module] = (), prefetch: int = 0,
+                 ahead_weights: Sequence[torch.Tensor] = (), guess_plan: GuessPlan | None = None, admit: bool = False,
+                 skip_below: float = 0.0, skip_renorm: bool = True, low_below: float = 0.0, low_all: bool = False,
+                 budget_layers: float = PrefetchConfig.budget_layers):
         super().__init__()
-        # Next-layer prefetch: layer l+1's router, re-based onto this layer's normalised input
-        # (routing/guess.py), guesses its experts; copies start while we compute.
-        self._next_router = [next_router]  # a list: not a submodule (the router belongs to layer l+1)
-        self._guess_w = guess_w
-        self._guess_plan = guess_plan  # per-layer transition tables where they beat the router
+        # Prefetch: the routers of layers l+1 .. l+D, re-based onto this layer's normalised input
+        # (routing/guess.py), guess their experts; copies start while we compute.
+        self._ahead_routers = list(ahead_routers)  # a plain list: not submodules (they belong to later layers)
+        self._ahead_weights = list(ahead_weights)
+        self._guess_plan = guess_plan  # per-layer transition tables where they beat the router (next layer)
+        self.budget_layers = budget_layers
         self.layer = layer
         self.original = original  # the CPU tier (kept on the CPU when the model moves to a GPU)
         self.store, self.cache, self.cost = store, cache, cost
@@ -109,8 +113,8 @@ class HybridExperts(nn.Module):
         self.set_prefetch(prefetch)
 
     def set_prefetch(self, width: int) -> None:
-        """Experts of layer l+1 to prefetch per call (0: off; no next layer or no cache: always off)."""
-        able = self._next_router[0] is not None and self._guess_w is not None and self.cache is not None
+        """Experts of each layer ahead to prefetch per call (0: off; no layer ahead or no cache: always off)."""
+        able = bool(self._ahead_routers) and self.cache is not None
         self.prefetch = width if able else 0
 
     def _settle(self, now_ms: float) -> None:
@@ -134,23 +138,27 @@ class HybridExperts(nn.Module):
             self.cache.get(layer, e).ready_at = 0.0
         return event
 
-    def _prefetch_next(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> None:
-        """Copy layer l+1's likeliest experts into the cache; a wrong guess costs a copy and a slot."""
+    def _guesses(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> list[list[int]]:
+        """The likeliest experts of each layer ahead, nearest first (the next layer's from the transition
+        table where that layer uses one)."""
         t = time.perf_counter()
         plan = self._guess_plan
-        guesses = plan.guess(self.layer, top_k_index, self.prefetch) if plan is not None else None
-        if guesses is None:
-            guesses = guess_for_batch(hidden_states, self._guess_w, self._next_router[0], self.prefetch)
+        first = plan.guess(self.layer, top_k_index, self.prefetch) if plan is not None else None
+        out = [guess_for_batch(hidden_states, w, router, self.prefetch)
+               for router, w in zip(self._ahead_routers, self._ahead_weights)]
+        if first is not None:
+            out[0] = first
         self.telemetry.guess_ms += 1e3 * (time.perf_counter() - t)
-        nxt, copies, now_ms = self.layer + 1, self.cache.copies, 1e3 * time.perf_counter()
-        for e in guesses:
-            if self.cache.contains(nxt, e):
-                continue
-            slot = self.cache.admit(nxt, e, ready_at=copies.lands(now_ms, self.cost.transfer_ms), prefetch=True)
-            if slot is not None:
-                copies.book(now_ms, self.cost.transfer_ms)
-                self.cache.get(nxt, e).handle = self._load(nxt, e, slot)  # waited on at first use
-                self.telemetry.prefetch_copies += 1
+        return out
+
+    def _prefetch(self, guesses: list[list[int]], decisions: list[Decision], now_ms: float) -> list[tuple[int, int, int]]:
+        """Copy guessed experts of the layers ahead into the cache within the copy engine's idle time (the
+        simulator's rule, prefetch.py); a wrong guess costs a copy and a slot."""
+        budget = prefetch_budget_ms(decisions, now_ms, self.budget_layers)
+        copied = prefetch_guesses(self.cache, self.cost, self.layer, guesses, now_ms, budget)
+        for layer, e, slot in copied:
+            self.cache.get(layer, e).handle = self._load(layer, e, slot)  # waited on at first use
+        return copied
 
     @torch.compiler.disable  # data-dependent host decisions: stays eager inside a compiled decode step
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -197,8 +205,8 @@ class HybridExperts(nn.Module):
             tel.gpu_tokens[self.layer] += len(token_idx)
             if d.kind == "stream":
                 tel.split_bytes += self.store.expert_bytes
-        if self.prefetch:
-            self._prefetch_next(hidden_states, top_k_index)
+        guesses = self._guesses(hidden_states, top_k_index) if self.prefetch else []
+        prefetched = self._prefetch(guesses, decisions, now_ms) if guesses else []
         for d, token_idx, w, (slot, event) in jobs["split"]:  # CPU rows while the copy runs, then the GPU's part
             rows = self.store.split_rows(d.k)
             t = time.perf_counter()
@@ -236,7 +244,7 @@ class HybridExperts(nn.Module):
             self.cache.get(self.layer, e).handle = self._load(self.layer, e, slot)
         tel.background_copies += len(admitted)
         if tel.decision_log is not None:
-            tel.decision_log.append(LayerRecord(tel.step, self.layer, decisions, admitted))
+            tel.decision_log.append(LayerRecord(tel.step, self.layer, decisions, admitted, prefetched, guesses))
         if hidden_states.shape[0] == 1:
             cpu_ms = max((d.cpu_done for d in decisions), default=0.0)
             self._add_host_times(clock, cpu_tier, cpu_ms)

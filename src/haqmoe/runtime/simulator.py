@@ -28,10 +28,11 @@ from ..costs.roofline import head_ms, nonexpert_layer_ms
 from ..costs.shapes import ModelSpec
 from ..errors import HaqmoeError
 from ..routing.trace import RoutingTrace
-from .cache import CacheConfig, ExpertCache
+from .cache import CacheConfig, ExpertCache, LayerStats
 from .policies import allocate_slots, cache_policy, equal_slots, make_policy
-from .decide import LayerRecord, Rules, admit_misses, decide_layer, miss_weights, routed_counts, scratch_slots
-from .prefetch import PrefetchConfig, guesses_for
+from .decide import (LayerRecord, Rules, admit_misses, decide_layer, layer_end, miss_weights, routed_counts,
+                     scratch_slots)
+from .prefetch import PrefetchConfig, guesses_for, prefetch_budget_ms, prefetch_guesses
 
 
 # ------------------------------------------------------------------------ plans and caches
@@ -140,18 +141,14 @@ class ReplayResult:
     n_critical: float
 
     def summary(self) -> dict:
-        s = {k: np.asarray(v) for k, v in self.stats.items()}
-        lookups = s["hits"] + s["prefetch_hits"] + s["inflight"] + s["misses"]
-        total = max(int(lookups.sum()), 1)
+        """``hit_rate`` and the prefetch counters as the engine reports them (LayerStats.rates)."""
+        stats = LayerStats(**{k: np.asarray(v) for k, v in self.stats.items()})
         ms = self.token_ms
-        moved = int(s["bytes_moved"].sum()) + self.streamed_bytes
+        moved = int(stats.bytes_moved.sum()) + self.streamed_bytes
         return {
-            "hit_rate": float(s["hits"].sum() / total),
-            "resident_when_needed": float((s["hits"].sum() + s["prefetch_hits"].sum()) / total),
+            **stats.rates(),
             "p_all_resident": float(self.p_all_resident.mean()) if len(self.p_all_resident) else 0.0,
             "bytes_moved_gb": moved / 1e9,
-            "prefetch_copies": int(s["prefetch_copies"].sum()),
-            "prefetch_wasted": int(s["prefetch_wasted"].sum()),
             "decode_tok_s": float(1e3 / ms.mean()) if len(ms) else 0.0,
             "latency_p50_ms": float(np.percentile(ms, 50)) if len(ms) else 0.0,
             "latency_p95_ms": float(np.percentile(ms, 95)) if len(ms) else 0.0,
@@ -192,73 +189,39 @@ class Replay:
         self.num_guesses = pf.num_guesses or trace.top_k
 
     def layer(self, l: int, needed: Mapping[int, int], now: float, start: float, ne_ms: float,
-              count_step: bool = False, guesses: np.ndarray | None = None,
+              count_step: bool = False, guesses: Sequence[Sequence[int]] | None = None,
               weights: Mapping[int, float] | None = None) -> float:
         """One MoE layer for ``needed`` (expert -> tokens, in routing order) starting at ``start``, its
         attention and router taking ``ne_ms``; ``now`` is the eviction policy's clock. The decisions are
-        decide.py's; this adds their times up. Returns when the layer ends."""
+        decide.py's, the prefetch of ``guesses`` (per distance d, the guesses for layer l+d) prefetch.py's;
+        this adds their times up. Returns when the layer ends."""
         cache, cost, rules = self.cache, self.cost, self.rules
         r = start + ne_ms  # router output known
         decisions = decide_layer(cache, cost, rules, l, needed, now, r, weights)
-        gpu: list[tuple[float, float]] = []  # (weights on the GPU, GPU ms)
-        cpu_ms = 0.0
         for d in decisions:
             self.decisions["gpu" if d.kind == "hit" else d.kind] += 1
-            if d.kind == "skip":  # not run
-                continue
-            if d.kind == "cpu" or (d.kind == "low" and d.k >= SPLIT_STEPS):
-                cpu_ms = d.cpu_done
-            elif d.kind == "split" or (d.kind == "low" and d.k > 0):  # the GPU part needs the CPU's rows and the copied ones
-                cpu_ms = d.cpu_done
+            if d.kind == "stream":
+                self.streamed += cache.config.expert_bytes
+            elif d.kind == "split" or (d.kind == "low" and 0 < d.k < SPLIT_STEPS):  # the copied rows
                 low = self.cost.low_ratio if d.kind == "low" else 1.0
                 self.streamed += int(cache.config.expert_bytes * low * copied_share(d.k))
-                gpu.append((max(d.ready, r + self.profile.host_sync_ms + d.cpu_done), d.gpu_ms))
-            else:
-                if d.kind == "stream":
-                    self.streamed += cache.config.expert_bytes
-                if d.kind == "low":  # the int4 copy, copied
-                    self.streamed += int(cache.config.expert_bytes * self.cost.low_ratio)
-                gpu.append((r if d.kind == "hit" else d.ready, d.gpu_ms))
-        gpu_end = r
-        for ready, dur in sorted(gpu):
-            gpu_end = max(gpu_end, ready) + dur
-        host_serial = (1.0 - self.profile.cpu_gpu_overlap) * sum(dur for _, dur in gpu)
-        sync = self.profile.host_sync_ms if cpu_ms > 0 else 0.0
-        end = max(gpu_end, r + sync + cpu_ms + host_serial)
+            elif d.kind == "low" and d.k == 0:  # the int4 copy, copied whole
+                self.streamed += int(cache.config.expert_bytes * self.cost.low_ratio)
+        end = layer_end(decisions, r, self.profile.host_sync_ms, self.profile.cpu_gpu_overlap)
         if count_step:
             self.steps[l] += 1
             self.all_res[l] += all(d.kind == "hit" for d in decisions)
-        if guesses is not None and l + 1 < self.trace.num_layers:
-            self._prefetch(l + 1, guesses, r, end)
+        prefetched = []
+        if guesses:
+            budget = prefetch_budget_ms(decisions, r, self.opt.prefetch.budget_layers)
+            prefetched = prefetch_guesses(cache, cost, l, guesses, r, budget)
+            self.decisions["prefetch_copy"] += len(prefetched)
         admitted = admit_misses(cache, cost, rules, l, decisions, r)
         if admitted:
             self.decisions["background_copy"] += len(admitted)
         if self.log is not None:
-            self.log.append(LayerRecord(now, l, decisions, admitted))
+            self.log.append(LayerRecord(now, l, decisions, admitted, prefetched, [list(g) for g in guesses or []]))
         return end
-
-    def _copy_in(self, layer: int, expert: int, at: float, prefetch: bool = False) -> bool:
-        """Admit (layer, expert) for a whole-expert copy queued at ``at``; the copy engine is booked only
-        when the cache gave it a slot (no slot: no copy)."""
-        ms = self.cost.transfer_ms
-        if self.cache.admit(layer, expert, ready_at=self.copies.lands(at, ms), prefetch=prefetch) is None:
-            return False
-        self.copies.book(at, ms)
-        return True
-
-    def _prefetch(self, nxt: int, ranking: np.ndarray, r: float, end: float) -> None:
-        """Copy the top guesses for layer ``nxt`` within the budget: a copy may start while the
-        copy engine is free before ``r + budget_layers x (time of this layer)``."""
-        limit = r + self.opt.prefetch.budget_layers * max(end - r, 0.0)
-        for g in ranking[: self.num_guesses]:
-            g = int(g)
-            if g < 0 or self.cache.contains(nxt, g):
-                continue
-            if self.cost.transfer_ms > 0 and max(self.copies.free_at, r) >= limit:
-                break  # (ideal copies, transfer_ms == 0: only the guess count limits prefetch)
-            if not self._copy_in(nxt, g, r, prefetch=True):
-                break
-            self.decisions["prefetch_copy"] += 1
 
     def prefill(self, tokens: np.ndarray, at: int = 0, weights: np.ndarray | None = None) -> float:
         """Batched prefill of ``tokens`` ([P, L, k]): per layer, n tokens per expert, on the policy clock of
@@ -285,13 +248,20 @@ class Replay:
             clk = start
             for l in range(L):
                 ne = nonexpert_layer_ms(self.profile, self.spec, self.precision, 1, int(pos) + 1)
-                g = None if self.guesses is None else self.guesses[t, l]
+                g = self._guesses(t, l)
                 w = self._weights(t, l)
                 clk = self.layer(l, routed_counts(self.trace.experts[t, l]), self.clock_now(t, l), clk, ne, True, g, w)
             clk += head_ms(self.profile, self.spec, 1)
             self.clock = clk
             out[i] = clk - start
         return out
+
+    def _guesses(self, t: int, l: int) -> list[np.ndarray] | None:
+        """Token ``t``'s guesses at layer ``l`` for the layers ahead that exist, cut to the guesses considered."""
+        if self.guesses is None:
+            return None
+        ahead = min(len(self.guesses), self.trace.num_layers - 1 - l)
+        return [self.guesses[d][t, l, : self.num_guesses] for d in range(ahead)]
 
     def _weights(self, t: int, l: int) -> dict[int, float] | None:
         """Token ``t``'s renormalised router weights at layer ``l``, where a lever needs them."""

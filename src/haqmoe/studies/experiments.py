@@ -2,7 +2,7 @@
 
 Two kinds of replay per cache row, kept apart on purpose:
 
-- hit metrics (hit rate, resident-when-needed, P(all resident), bytes) come from an *ideal copy*
+- hit metrics (hit rate = resident when needed, demand hit rate, P(all resident), bytes) come from an *ideal copy*
   replay (copies complete instantly, prefetch limited only by the guess count), so they measure
   the policy and the guesses, not one machine's PCIe;
 - ``decode_tok_s`` comes from a timed replay of the same configuration on a hardware profile.
@@ -168,11 +168,11 @@ def replay_once(pair: TracePair, policy: str, slots: int, decision: str, prefetc
                 cost: CostModel, profile: HardwareProfile, spec: ModelSpec, scope: str = "layer",
                 async_admit: bool = False, plan: dict | None = None, pin_frac: float = 0.5,
                 guess_recall: float | Sequence[float] | None = None, lfu_half_life: float = 32.0,
-                exact: bool = False) -> dict:
+                exact: bool = False, lookahead: int = 1) -> dict:
     tr = pair.eval
     cache = build_cache(CacheSpec(policy, slots, scope, pin_frac, plan, lfu_half_life), tr.num_layers,
                         tr.num_experts, tr.top_k, spec.expert_bytes("w8a8"), pair.plan, tr.experts, tr.offsets)
-    pf = PrefetchConfig(prefetch, exact=exact, guess_recall=guess_recall)
+    pf = PrefetchConfig(prefetch, exact=exact, guess_recall=guess_recall, lookahead=lookahead)
     opt = ReplayOptions(decision, async_admit, prefetch=pf, served=is_generation(tr))
     res = Replay(tr, cache, cost, profile, spec, options=opt).run()
     return res.summary()
@@ -194,7 +194,7 @@ def cache_rows(pair: TracePair, profile: HardwareProfile, fracs: Iterable[float]
         timed = replay_once(pair, policy, slots, decision, pf, cost, profile, spec, **common)
         rows.append({
             "source": pair.source, "cache_frac": frac, "slots": slots, "policy": policy, "prefetch": pf,
-            "hit_rate": hit["hit_rate"], "resident_when_needed": hit["resident_when_needed"],
+            "hit_rate": hit["hit_rate"], "demand_hit_rate": hit["demand_hit_rate"],
             "p_all_resident": hit["p_all_resident"], "bytes_moved_gb": hit["bytes_moved_gb"],
             "gb_per_token": hit["bytes_moved_gb"] / max(pair.eval.num_tokens, 1),
             "decode_tok_s": timed["decode_tok_s"],
@@ -234,9 +234,9 @@ def prompt_trace(pair: TracePair, tokens: int, seed: int = 7) -> np.ndarray:
 
 def simulate_rows(pair: TracePair, profile: HardwareProfile, policies: Iterable[str] = tuple(SIM_POLICIES),
                   budget_gb: float | None = None, prefill_tokens: int = 512, guess_recall: float | None = None,
-                  case: str | None = None, progress: bool = False) -> list[dict]:
+                  case: str | None = None, progress: bool = False, lookahead: int = 1) -> list[dict]:
     """Rows of bench/results/simulate.md: decode tok/s, prefill ms, latency percentiles, GPU memory vs FP16,
-    per policy."""
+    per policy (``lookahead``: layers ahead the prefetching policies guess)."""
     spec = spec_for_trace(pair.eval, model_spec(pair.shape))
     mem = memory_plan(profile, spec, "w8a8", budget_gb)
     fp16_gb = (spec.nonexpert_bytes("fp16") + mem.slots * spec.expert_bytes("fp16")) / 1e9 + mem.reserved_gb
@@ -248,7 +248,7 @@ def simulate_rows(pair: TracePair, profile: HardwareProfile, policies: Iterable[
             raise HaqmoeError(f"unknown policy {name!r} (choose from {', '.join(SIM_POLICIES)})")
         cpol, decision, async_admit, pf = SIM_POLICIES[name]
         s = replay_once(pair, cpol, mem.slots, decision, pf, cost, profile, spec, async_admit=async_admit,
-                        guess_recall=guess_recall)
+                        guess_recall=guess_recall, lookahead=lookahead)
         cache = build_cache(CacheSpec(cpol, mem.slots), spec.num_layers, spec.num_experts, spec.top_k,
                             spec.expert_bytes("w8a8"), pair.plan)
         pre = Replay(pair.eval, cache, cost, profile, spec, options=ReplayOptions(decision)).prefill(prompt)
@@ -256,7 +256,7 @@ def simulate_rows(pair: TracePair, profile: HardwareProfile, policies: Iterable[
             "case": case or f"sim-{pair.source.split('-')[0]}-{profile.name.removeprefix('rtx')}", "policy": name,
             "decode_tok_s": s["decode_tok_s"], "prefill_ms_512": pre, "latency_p50_ms": s["latency_p50_ms"],
             "latency_p99_ms": s["latency_p99_ms"], "latency_std_ms": s["latency_std_ms"],
-            "hit_rate": s["resident_when_needed"], "gpu_mem_gb": mem.total_gb, "gpu_mem_fp16_gb": fp16_gb,
+            "hit_rate": s["hit_rate"], "gpu_mem_gb": mem.total_gb, "gpu_mem_fp16_gb": fp16_gb,
             "bytes_moved_gb": s["bytes_moved_gb"], "predicted_decode_tok_s": None,
             "slots": mem.slots, "n_critical": s["n_critical"], "kind": f"simulated ({pair.kind})",
         })
@@ -264,8 +264,8 @@ def simulate_rows(pair: TracePair, profile: HardwareProfile, policies: Iterable[
 
 
 def plot_cache(rows: list[dict], path: str | Path) -> Path:
-    """One panel per policy: hit rate and resident-when-needed across cache sizes, with and
-    without prefetch, the Belady bound dashed in every panel (one figure per trace source)."""
+    """One panel per policy: the hit rate (resident when needed) and the demand hit rate across cache
+    sizes, with and without prefetch, the Belady bound dashed in every panel (one figure per trace source)."""
     import matplotlib  # heavy: only plots need it (keeps `haqmoe simulate` / `cache-eval` start-up short)
 
     matplotlib.use("Agg")
@@ -276,7 +276,7 @@ def plot_cache(rows: list[dict], path: str | Path) -> Path:
     bound = sorted((r["cache_frac"], r["hit_rate"]) for r in rows if r["policy"] == "belady" and not r["prefetch"])
     for ax, pol in zip(axes[0], policies):
         for pf, style in ((False, "o-"), (True, "s-")):
-            pts = sorted((r["cache_frac"], r["hit_rate"], r["resident_when_needed"]) for r in rows
+            pts = sorted((r["cache_frac"], r["demand_hit_rate"], r["hit_rate"]) for r in rows
                          if r["policy"] == pol and r["prefetch"] == pf)
             if not pts:
                 continue
