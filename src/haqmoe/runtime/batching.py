@@ -4,9 +4,14 @@ between decode steps.
 One scheduler thread owns the model. Each turn it
 
 1. drops waiting requests that were cancelled or ran past their deadline before they started;
-2. admits waiting requests while the batch has room (``max_batch``): each is prefilled alone, exactly
-   as ``CollaborativeEngine.stream`` prefills it, and its first token is sampled and streamed; a
-   request that is not finished by then joins the batch;
+2. admits waiting requests while the batch has room (``max_batch``) and their prompts fit one prefill
+   (``prefill_tokens``, at least one request): they are prefilled together in one forward, their
+   prompts packed into one sequence with a block-diagonal causal mask (transformers' own packed-sequence
+   mask) and each prompt's own positions, so every layer's weights are read once for all of them and
+   the routed experts see exactly the prompts' tokens (no padding); a lone request is prefilled
+   exactly as ``CollaborativeEngine.stream`` prefills it. Only each prompt's last position goes
+   through the LM head. Each one's first token is sampled and streamed; a request that is not
+   finished by then joins the batch, its keys and values cut out of the packed cache;
 3. runs one decode step for every running request together: one forward of ``[B, 1]`` tokens over
    one KV cache (transformers' ``DynamicCache``) in which each request's keys and values are
    left-padded to a common length, with an attention mask hiding the padding and per-request
@@ -18,7 +23,11 @@ One scheduler thread owns the model. Each turn it
 
 The routed experts see the batch's tokens together: the MoE block flattens ``[B, 1]`` to B tokens,
 so ``HybridExperts`` decides each layer once per step with the number of the batch's tokens routed
-to each expert (decide.routed_counts: the cost predictor's ``n_inputs``), as it does for a prefill.
+to each expert (decide.routed_counts: the cost predictor's ``n_inputs``), as it does for a prefill
+(a packed prefill: the joining prompts' tokens together).
+
+Prefills stall the running batch (one forward per turn): ``prefill_tokens`` bounds that stall, and
+requests beyond it wait for the next turn, one decode step later.
 
 Attention is transformers' own (the model's attention implementation with the padding mask); greedy
 decoding gives each request the tokens it gets alone (tests/test_batching.py checks it token for
@@ -34,6 +43,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from transformers.masking_utils import create_causal_mask
 
 from ..errors import HaqmoeError
 from ..models.base import context_of
@@ -85,9 +96,28 @@ class BatchStats:
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)  # batch size -> steps
 
 
+PREFILL_TOKENS = 2048  # prompt tokens prefilled together in one forward between two decode steps
+
+
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
     """``[B, heads, T, d]`` keys or values with ``n`` zero positions in front."""
     return t if n == 0 else torch.cat([t.new_zeros(*t.shape[:2], n, *t.shape[3:]), t], dim=2)
+
+
+def _unpack(t: torch.Tensor, starts: list[int], lengths: list[int], width: int) -> torch.Tensor:
+    """Segments of a packed ``[1, heads, T, d]`` cache tensor as ``[k, heads, width, d]`` rows, each
+    left-padded to ``width``."""
+    return torch.cat([_pad_left(t[:, :, a:a + n], width - n) for a, n in zip(starts, lengths)], dim=0)
+
+
+def take_for_prefill(lengths: list[int], room: int, budget: int) -> int:
+    """How many of the waiting prompts (``lengths``, in arrival order) join in this turn's prefill: at
+    most ``room``, and while their tokens fit ``budget`` (the first one always, however long)."""
+    n, total = 0, 0
+    while n < min(room, len(lengths)) and (n == 0 or total + lengths[n] <= budget):
+        total += lengths[n]
+        n += 1
+    return n
 
 
 def check_batchable(engine: CollaborativeEngine, max_batch: int) -> None:
@@ -106,10 +136,10 @@ def check_batchable(engine: CollaborativeEngine, max_batch: int) -> None:
 class BatchScheduler:
     """Runs requests on ``engine`` in a continuously refilled batch of at most ``max_batch``."""
 
-    def __init__(self, engine: CollaborativeEngine, max_batch: int = 8, admit_per_step: int | None = None):
+    def __init__(self, engine: CollaborativeEngine, max_batch: int = 8, prefill_tokens: int = PREFILL_TOKENS):
         check_batchable(engine, max_batch)
         self.engine, self.max_batch = engine, max_batch
-        self.admit_per_step = admit_per_step or max_batch  # prefills between two decode steps
+        self.prefill_tokens = prefill_tokens  # prompt tokens prefilled together between two decode steps
         self.model = engine.model
         self.device = engine.device
         self.context = context_of(self.model.config)
@@ -155,12 +185,13 @@ class BatchScheduler:
                     self._cv.wait()
                 if self._closed:
                     break
-                room = min(self.max_batch - len(self._rows), self.admit_per_step)
-                take = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                lengths = [int(r.ids.shape[1]) for r in self._waiting]
+                n = take_for_prefill(lengths, self.max_batch - len(self._rows), self.prefill_tokens)
+                take = [self._waiting.popleft() for _ in range(n)]
             try:
                 with torch.inference_mode():
-                    for req in take:
-                        self._admit(req)
+                    if take:
+                        self._admit(take)
                     if self._rows:
                         self._decode_step()
             except BaseException as exc:  # a failed batched forward: every running request gets the error
@@ -178,36 +209,87 @@ class BatchScheduler:
         except Exception:  # a listener that is gone (closed event loop) must not stop the batch
             pass
 
-    def _admit(self, req: BatchRequest) -> None:
-        if req.should_stop():  # cancelled or expired while waiting: never started
+    def _start(self, req: BatchRequest) -> _Row | None:
+        """The request's row, or None when it does not start (cancelled or expired while waiting, or too
+        long for the model's context: told so, the others go on)."""
+        if req.should_stop():
             self._safe_emit(req, DONE, None)
-            return
+            return None
         self._safe_emit(req, ADMITTED, None)
-        ids, s = req.ids, req.sampling
+        n, s = int(req.ids.shape[1]), req.sampling
+        if self.context and n + s.max_new_tokens > self.context:
+            self.stats.retired += 1
+            self._safe_emit(req, ERROR, HaqmoeError(
+                f"prompt ({n} tokens) + max tokens ({s.max_new_tokens}) exceeds the model's context of "
+                f"{self.context} tokens"))
+            return None
+        return _Row(req, Generation(prompt_tokens=n), torch.Generator().manual_seed(s.seed), TextStream(s.stop),
+                    self.eos, kv_len=n)
+
+    def _admit(self, reqs: list[BatchRequest]) -> None:
+        """Prefill ``reqs`` together, stream each one's first token and join the unfinished to the batch.
+        A failed prefill fails these requests only: the running batch goes on."""
+        rows = [row for row in map(self._start, reqs) if row is not None]
+        if not rows:
+            return
         try:
-            if self.context and ids.shape[1] + s.max_new_tokens > self.context:
-                raise HaqmoeError(f"prompt ({ids.shape[1]} tokens) + max tokens ({s.max_new_tokens}) exceeds "
-                                  f"the model's context of {self.context} tokens")
-            row = _Row(req, Generation(prompt_tokens=int(ids.shape[1])), torch.Generator().manual_seed(s.seed),
-                       TextStream(s.stop), self.eos, kv_len=int(ids.shape[1]))
             t0 = time.perf_counter()
             self.engine.telemetry.step += 1
-            out = self.model(input_ids=ids.to(self.device), use_cache=True)  # as CollaborativeEngine.stream
-            logits = out.logits[0, -1]
+            logits, cache = self._prefill([r.req.ids for r in rows])
             self.engine._sync()
-            row.gen.prefill_ms = 1e3 * (time.perf_counter() - t0)
+            ms = 1e3 * (time.perf_counter() - t0)
             self.stats.prefills += 1
-            self.stats.admitted += 1
-            finished = self._take_token(row, logits)
+            self.stats.admitted += len(rows)
+            joining = []
+            for i, row in enumerate(rows):
+                row.gen.prefill_ms = ms
+                if self._take_token(row, logits[i]):
+                    self.stats.retired += 1
+                    self._safe_emit(row.req, DONE, row.gen)
+                else:
+                    joining.append(i)
             self.stats.prefill_s += time.perf_counter() - t0
-            if finished:
-                self.stats.retired += 1
-                self._safe_emit(req, DONE, row.gen)
-                return
-            self._join(row, out.past_key_values)
-        except Exception as exc:  # this request's own failure (e.g. too long): the batch goes on
-            self.stats.retired += 1
-            self._safe_emit(req, ERROR, exc)
+        except Exception as exc:
+            self.stats.retired += len(rows)
+            for row in rows:
+                self._safe_emit(row.req, ERROR, exc)
+            return
+        if joining:
+            lengths = [r.kv_len for r in rows]
+            self._join([rows[i] for i in joining], cache, self._as_rows(cache, lengths, joining))
+
+    def _prefill(self, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, object]:
+        """One forward over the prompts ([1, n] ids each): (each one's last-position logits [k, vocab],
+        the KV cache). One prompt: ``CollaborativeEngine.stream``'s call. Several: packed into one
+        sequence, each with its own positions, under transformers' packed-sequence causal mask (no
+        prompt sees another's tokens); the cache then holds the packed sequence (``_as_rows``)."""
+        if len(prompts) == 1:
+            out = self.model(input_ids=prompts[0].to(self.device), use_cache=True, logits_to_keep=1)
+            return out.logits[:, -1], out.past_key_values
+        lengths = [int(p.shape[1]) for p in prompts]
+        ids = torch.cat([p.reshape(-1) for p in prompts]).unsqueeze(0).to(self.device)
+        pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).to(self.device)
+        shape = torch.empty(1, ids.shape[1], 0, dtype=self.model.dtype, device=self.device)  # sizes and dtype only
+        mask = create_causal_mask(config=self.model.config, inputs_embeds=shape, attention_mask=None,
+                                  past_key_values=None, position_ids=pos)
+        if not isinstance(mask, torch.Tensor):
+            raise HaqmoeError(f"{self.engine.lm.name}'s attention implementation takes no packed-sequence mask: "
+                              "use --max-batch 1")
+        last = torch.tensor(lengths, device=self.device).cumsum(0) - 1
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=last)
+        return out.logits[0], out.past_key_values
+
+    def _as_rows(self, cache, lengths: list[int], picked: list[int]) -> torch.Tensor:
+        """Turn a prefill's cache (packed when it held several prompts of ``lengths``) into batch rows of
+        the prompts ``picked``, in place: ``[k, heads, width, d]``, left-padded. Returns their mask [k, width]."""
+        keep = [lengths[i] for i in picked]
+        width = max(keep)
+        if len(lengths) > 1:
+            starts = [sum(lengths[:i]) for i in picked]
+            for layer in cache.layers:
+                layer.keys = _unpack(layer.keys, starts, keep, width)
+                layer.values = _unpack(layer.values, starts, keep, width)
+        return torch.tensor([[0] * (width - n) + [1] * n for n in keep], dtype=torch.long, device=self.device)
 
     def _take_token(self, row: _Row, logits: torch.Tensor) -> bool:
         """Sample, stream and record one token of ``row``; True when the request is finished (the same
@@ -226,14 +308,13 @@ class BatchScheduler:
         self._safe_emit(row.req, TOKEN, (delta, gen))
         return ended or stopped or last or row.req.should_stop()
 
-    def _join(self, row: _Row, cache) -> None:
-        """Add a prefilled request's KV cache to the batch's, left-padding whichever is shorter."""
-        n = row.kv_len
-        mask = torch.ones(1, n, dtype=torch.long, device=self.device)
+    def _join(self, rows: list[_Row], cache, mask: torch.Tensor) -> None:
+        """Add prefilled rows (their KV cache in row form, ``mask`` [k, width]) to the batch's, left-padding
+        whichever is shorter."""
         if self._cache is None:
-            self._cache, self._mask, self._rows = cache, mask, [row]
+            self._cache, self._mask, self._rows = cache, mask, rows
             return
-        have = int(self._mask.shape[1])
+        have, n = int(self._mask.shape[1]), int(mask.shape[1])
         width = max(have, n)
         if len(self._cache.layers) != len(cache.layers):
             raise HaqmoeError("a request's KV cache does not match the batch's (different layer count)")
@@ -242,10 +323,9 @@ class BatchScheduler:
                   for mine, new in zip(self._cache.layers, cache.layers)]  # all built before any is replaced
         for mine, (keys, values) in zip(self._cache.layers, merged):
             mine.keys, mine.values = keys, values
-        zeros = lambda b, k: torch.zeros(b, k, dtype=torch.long, device=self.device)  # noqa: E731
-        self._mask = torch.cat([torch.cat([zeros(len(self._rows), width - have), self._mask], dim=1),
-                                torch.cat([zeros(1, width - n), mask], dim=1)], dim=0)
-        self._rows.append(row)
+        self._mask = torch.cat([torch.nn.functional.pad(self._mask, (width - have, 0)),
+                                torch.nn.functional.pad(mask, (width - n, 0))], dim=0)
+        self._rows = self._rows + rows
 
     def _decode_step(self) -> None:
         """One forward for every running request; then sample, stream, retire."""
