@@ -241,7 +241,7 @@ def test_packed_prefill_gives_each_prompt_its_own_logits_and_cache(engine):
     sched = BatchScheduler(engine, 4)
     sched.close()
     with torch.inference_mode():
-        logits, cache = sched._prefill(prompts)
+        logits, cache, _ = sched._prefill(prompts)
         lengths = [int(p.shape[1]) for p in prompts]
         mask = sched._as_rows(cache, lengths, [0, 2])
         solo = [engine.model(input_ids=p, use_cache=True) for p in prompts]
@@ -253,3 +253,34 @@ def test_packed_prefill_gives_each_prompt_its_own_logits_and_cache(engine):
         for mine, ref in zip(cache.layers, solo[i].past_key_values.layers):
             torch.testing.assert_close(mine.keys[row, :, width - lengths[i]:], ref.keys[0], rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(mine.values[row, :, width - lengths[i]:], ref.values[0], rtol=1e-4, atol=1e-4)
+
+
+def test_prompts_sharing_a_prefix_reuse_its_keys_and_values(engine):
+    """Chat prompts share the template's system prompt: after the first prefill its keys and values are
+    taken from the remembered prompt, not computed again; every answer stays the one it gets alone."""
+    from haqmoe.runtime.batching import BatchScheduler
+
+    chats = [engine.encode([{"role": "user", "content": p}]) for p in PROMPTS]
+    jobs = [(ids, SamplingConfig(max_new_tokens=4 + i % 3), None) for i, ids in enumerate(chats)]
+    alone = [engine.generate(ids, s).tokens for ids, s, _ in jobs]
+    sched = BatchScheduler(engine, 4)
+    try:
+        first = _submit_together(sched, jobs[:1])  # remembered: the shared prefix of the rest
+        rest = _submit_together(sched, jobs[1:])  # four at once, then the others as room frees up
+    finally:
+        sched.close()
+    assert [c.gen.tokens for c in first + rest] == alone
+    shared = next(i for i in range(chats[0].shape[1]) if chats[0][0, i] != chats[1][0, i])
+    assert sched.stats.reused_tokens >= shared * (len(jobs) - 1)
+    with torch.inference_mode():  # the logits and batch rows of a prefill over the prefix, against each alone
+        logits, cache, prefix = sched._prefill(chats[2:5])
+        mask = sched._as_rows(cache, [int(c.shape[1]) for c in chats[2:5]], [0, 1, 2], prefix)
+        solo = [engine.model(input_ids=c, use_cache=True) for c in chats[2:5]]
+    assert prefix >= shared
+    width = int(mask.shape[1])
+    for row, (c, out) in enumerate(zip(chats[2:5], solo)):
+        n = int(c.shape[1])
+        torch.testing.assert_close(logits[row], out.logits[0, -1], rtol=1e-4, atol=1e-4)
+        assert mask[row].tolist() == [0] * (width - n) + [1] * n
+        for mine, ref in zip(cache.layers, out.past_key_values.layers):
+            torch.testing.assert_close(mine.keys[row, :, width - n:], ref.keys[0], rtol=1e-4, atol=1e-4)

@@ -9,9 +9,12 @@ One scheduler thread owns the model. Each turn it
    prompts packed into one sequence with a block-diagonal causal mask (transformers' own packed-sequence
    mask) and each prompt's own positions, so every layer's weights are read once for all of them and
    the routed experts see exactly the prompts' tokens (no padding); a lone request is prefilled
-   exactly as ``CollaborativeEngine.stream`` prefills it. Only each prompt's last position goes
-   through the LM head. Each one's first token is sampled and streamed; a request that is not
-   finished by then joins the batch, its keys and values cut out of the packed cache;
+   exactly as ``CollaborativeEngine.stream`` prefills it. The prefix the prompts share with the last
+   prefilled prompt (a chat template's system prompt, say: more than half of a short chat prompt) is
+   not computed again: its keys and values are that prompt's, and the prompts' own tokens are packed
+   after it. Only each prompt's last position goes through the LM head. Each one's first token is
+   sampled and streamed; a request that is not finished by then joins the batch, its keys and values
+   cut out of the packed cache;
 3. runs one decode step for every running request together: one forward of ``[B, 1]`` tokens over
    one KV cache (transformers' ``DynamicCache``) in which each request's keys and values are
    left-padded to a common length, with an attention mask hiding the padding and per-request
@@ -44,6 +47,7 @@ from typing import Callable
 
 import torch
 
+from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from ..errors import HaqmoeError
@@ -91,12 +95,14 @@ class BatchStats:
     retired: int = 0
     decode_s: float = 0.0  # wall time of those steps (sampling and streaming included)
     prefill_s: float = 0.0  # wall time of the prefills (first token included)
+    reused_tokens: int = 0  # prompt tokens whose keys and values came from the remembered prompt
     last_batch: int = 0  # requests in the latest decode step
     max_seen: int = 0  # the largest batch so far
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)  # batch size -> steps
 
 
 PREFILL_TOKENS = 2048  # prompt tokens prefilled together in one forward between two decode steps
+REUSE_MIN = 16  # a shared prompt prefix shorter than this is computed again
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -104,10 +110,11 @@ def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
     return t if n == 0 else torch.cat([t.new_zeros(*t.shape[:2], n, *t.shape[3:]), t], dim=2)
 
 
-def _unpack(t: torch.Tensor, starts: list[int], lengths: list[int], width: int) -> torch.Tensor:
-    """Segments of a packed ``[1, heads, T, d]`` cache tensor as ``[k, heads, width, d]`` rows, each
-    left-padded to ``width``."""
-    return torch.cat([_pad_left(t[:, :, a:a + n], width - n) for a, n in zip(starts, lengths)], dim=0)
+def _unpack(t: torch.Tensor, starts: list[int], lengths: list[int], width: int, prefix: int = 0) -> torch.Tensor:
+    """Prompts of a packed ``[1, heads, T, d]`` cache tensor (the first ``prefix`` positions shared, then
+    each prompt's own ``n - prefix`` from ``starts``) as ``[k, heads, width, d]`` rows, left-padded."""
+    rows = [torch.cat([t[:, :, :prefix], t[:, :, a:a + n - prefix]], dim=2) for a, n in zip(starts, lengths)]
+    return torch.cat([_pad_left(r, width - int(r.shape[2])) for r in rows], dim=0)
 
 
 def take_for_prefill(lengths: list[int], room: int, budget: int) -> int:
@@ -136,10 +143,13 @@ def check_batchable(engine: CollaborativeEngine, max_batch: int) -> None:
 class BatchScheduler:
     """Runs requests on ``engine`` in a continuously refilled batch of at most ``max_batch``."""
 
-    def __init__(self, engine: CollaborativeEngine, max_batch: int = 8, prefill_tokens: int = PREFILL_TOKENS):
+    def __init__(self, engine: CollaborativeEngine, max_batch: int = 8, prefill_tokens: int = PREFILL_TOKENS,
+                 reuse_min: int = REUSE_MIN):
         check_batchable(engine, max_batch)
         self.engine, self.max_batch = engine, max_batch
         self.prefill_tokens = prefill_tokens  # prompt tokens prefilled together between two decode steps
+        self.reuse_min = reuse_min  # shortest shared prefix taken from the remembered prompt (0: never)
+        self._prefix: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
         self.model = engine.model
         self.device = engine.device
         self.context = context_of(self.model.config)
@@ -235,7 +245,7 @@ class BatchScheduler:
         try:
             t0 = time.perf_counter()
             self.engine.telemetry.step += 1
-            logits, cache = self._prefill([r.req.ids for r in rows])
+            logits, cache, prefix = self._prefill([r.req.ids for r in rows])
             self.engine._sync()
             ms = 1e3 * (time.perf_counter() - t0)
             self.stats.prefills += 1
@@ -256,39 +266,85 @@ class BatchScheduler:
             return
         if joining:
             lengths = [r.kv_len for r in rows]
-            self._join([rows[i] for i in joining], cache, self._as_rows(cache, lengths, joining))
+            self._join([rows[i] for i in joining], cache, self._as_rows(cache, lengths, joining, prefix))
 
-    def _prefill(self, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, object]:
+    def _prefill(self, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, object, int]:
         """One forward over the prompts ([1, n] ids each): (each one's last-position logits [k, vocab],
-        the KV cache). One prompt: ``CollaborativeEngine.stream``'s call. Several: packed into one
-        sequence, each with its own positions, under transformers' packed-sequence causal mask (no
-        prompt sees another's tokens); the cache then holds the packed sequence (``_as_rows``)."""
-        if len(prompts) == 1:
+        the KV cache, the prefix length p taken from the remembered prompt). A lone prompt without a
+        reusable prefix: ``CollaborativeEngine.stream``'s call. Otherwise the prompts after their first
+        p tokens are packed into one sequence, each with its own positions, over a cache holding the
+        prefix, under transformers' causal mask narrowed so that no prompt sees another's tokens; the
+        cache then holds the prefix and the packed rest (``_as_rows``)."""
+        lengths = [int(x.shape[1]) for x in prompts]
+        p = self._reusable_prefix(prompts)
+        if len(prompts) == 1 and p == 0:
             out = self.model(input_ids=prompts[0].to(self.device), use_cache=True, logits_to_keep=1)
-            return out.logits[:, -1], out.past_key_values
-        lengths = [int(p.shape[1]) for p in prompts]
-        ids = torch.cat([p.reshape(-1) for p in prompts]).unsqueeze(0).to(self.device)
-        pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).to(self.device)
+            self._remember(prompts[0], out.past_key_values)
+            return out.logits[:, -1], out.past_key_values, 0
+        past = self._prefix_cache(p) if p else None
+        ids = torch.cat([x[0, p:] for x in prompts]).unsqueeze(0).to(self.device)
+        pos = torch.cat([torch.arange(p, n) for n in lengths]).unsqueeze(0).to(self.device)
+        owner = torch.cat([torch.full((p,), -1)] + [torch.full((n - p,), i) for i, n in enumerate(lengths)])
+        owner = owner.to(self.device)  # by cache position: the prompt it belongs to (-1: the shared prefix)
+
+        def own_prompt(batch_idx, head_idx, q_idx, kv_idx):
+            return (owner[kv_idx] < 0) | (owner[kv_idx] == owner[q_idx])
+
         shape = torch.empty(1, ids.shape[1], 0, dtype=self.model.dtype, device=self.device)  # sizes and dtype only
+        # Without a cache transformers finds the prompts from the position resets itself (and then hands mask
+        # functions positions, not indices); over a cache it does not: the narrowing is ours.
         mask = create_causal_mask(config=self.model.config, inputs_embeds=shape, attention_mask=None,
-                                  past_key_values=None, position_ids=pos)
+                                  past_key_values=past, position_ids=pos,
+                                  and_mask_function=own_prompt if past is not None else None)
         if not isinstance(mask, torch.Tensor):
             raise HaqmoeError(f"{self.engine.lm.name}'s attention implementation takes no packed-sequence mask: "
                               "use --max-batch 1")
-        last = torch.tensor(lengths, device=self.device).cumsum(0) - 1
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=last)
-        return out.logits[0], out.past_key_values
+        last = torch.tensor(lengths, device=self.device).cumsum(0) - 1 - p * torch.arange(1, len(lengths) + 1,
+                                                                                          device=self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True,
+                         logits_to_keep=last)
+        self.stats.reused_tokens += p * len(prompts)
+        self._remember(prompts[0], out.past_key_values)  # the first prompt directly follows the prefix
+        return out.logits[0], out.past_key_values, p
 
-    def _as_rows(self, cache, lengths: list[int], picked: list[int]) -> torch.Tensor:
-        """Turn a prefill's cache (packed when it held several prompts of ``lengths``) into batch rows of
-        the prompts ``picked``, in place: ``[k, heads, width, d]``, left-padded. Returns their mask [k, width]."""
+    def _reusable_prefix(self, prompts: list[torch.Tensor]) -> int:
+        """Tokens every prompt shares with the remembered one (a chat template's system prompt, say), when
+        at least ``reuse_min`` (0: none); each prompt keeps one token of its own to compute."""
+        if self._prefix is None or not self.reuse_min:
+            return 0
+        known, p = self._prefix[0], min(int(x.shape[1]) - 1 for x in prompts)
+        for x in prompts:
+            ids = x[0, :min(p, len(known))]
+            diff = (ids != known[:len(ids)]).nonzero()
+            p = min(p, len(ids) if len(diff) == 0 else int(diff[0]))
+        return p if p >= self.reuse_min else 0
+
+    def _remember(self, prompt: torch.Tensor, cache) -> None:
+        """Keep a prompt's ids and keys and values (the first ``n`` positions of ``cache``) for
+        ``_reusable_prefix``."""
+        if self.reuse_min:
+            n = int(prompt.shape[1])
+            self._prefix = (prompt[0].to(self.device), [(l.keys[:, :, :n], l.values[:, :, :n]) for l in cache.layers])
+
+    def _prefix_cache(self, p: int) -> DynamicCache:
+        """A cache holding the remembered prompt's first ``p`` positions (the tensors are shared, not copied:
+        the forward appends by concatenation)."""
+        cache = DynamicCache(config=self.model.config)
+        for i, (keys, values) in enumerate(self._prefix[1]):
+            cache.update(keys[:, :, :p], values[:, :, :p], i)
+        return cache
+
+    def _as_rows(self, cache, lengths: list[int], picked: list[int], prefix: int = 0) -> torch.Tensor:
+        """Turn a prefill's cache (the shared ``prefix`` then the packed rest, when it held several prompts
+        of ``lengths``) into batch rows of the prompts ``picked``, in place: ``[k, heads, width, d]``,
+        left-padded. Returns their mask [k, width]."""
         keep = [lengths[i] for i in picked]
         width = max(keep)
         if len(lengths) > 1:
-            starts = [sum(lengths[:i]) for i in picked]
+            starts = [prefix + sum(lengths[:i]) - i * prefix for i in picked]
             for layer in cache.layers:
-                layer.keys = _unpack(layer.keys, starts, keep, width)
-                layer.values = _unpack(layer.values, starts, keep, width)
+                layer.keys = _unpack(layer.keys, starts, keep, width, prefix)
+                layer.values = _unpack(layer.values, starts, keep, width, prefix)
         return torch.tensor([[0] * (width - n) + [1] * n for n in keep], dtype=torch.long, device=self.device)
 
     def _take_token(self, row: _Row, logits: torch.Tensor) -> bool:
