@@ -6,13 +6,14 @@ One scheduler thread owns the model. Each turn it
 1. drops waiting requests that were cancelled or ran past their deadline before they started;
 2. admits waiting requests while the batch has room (``max_batch``) and their prompts fit one prefill
    (``prefill_tokens``, at least one request): they are prefilled together in one forward, their
-   prompts packed into one sequence with a block-diagonal causal mask (transformers' own packed-sequence
-   mask) and each prompt's own positions, so every layer's weights are read once for all of them and
-   the routed experts see exactly the prompts' tokens (no padding); a lone request is prefilled
-   exactly as ``CollaborativeEngine.stream`` prefills it. The prefix the prompts share with the last
-   prefilled prompt (a chat template's system prompt, say: more than half of a short chat prompt) is
-   not computed again: its keys and values are that prompt's, and the prompts' own tokens are packed
-   after it. Only each prompt's last position goes through the LM head. Each one's first token is
+   prompts packed into one sequence with each prompt's own positions under transformers' causal mask
+   kept block-diagonal (no prompt sees another's tokens), so every layer's weights are read once for
+   all of them and the routed experts see exactly the prompts' tokens (no padding). The prefix the
+   prompts share with the last prefilled prompt (a chat template's system prompt, say: more than half
+   of a short chat prompt) is not computed again: its keys and values are that prompt's, and the
+   prompts' own tokens are packed after it. A lone request with no such prefix is prefilled exactly
+   as ``CollaborativeEngine.stream`` prefills it. Only each prompt's last position goes through the
+   LM head. Each one's first token is
    sampled and streamed; a request that is not finished by then joins the batch, its keys and values
    cut out of the packed cache;
 3. runs one decode step for every running request together: one forward of ``[B, 1]`` tokens over
@@ -46,7 +47,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
@@ -299,8 +299,7 @@ class BatchScheduler:
         if not isinstance(mask, torch.Tensor):
             raise HaqmoeError(f"{self.engine.lm.name}'s attention implementation takes no packed-sequence mask: "
                               "use --max-batch 1")
-        last = torch.tensor(lengths, device=self.device).cumsum(0) - 1 - p * torch.arange(1, len(lengths) + 1,
-                                                                                          device=self.device)
+        last = torch.tensor([n - p for n in lengths], device=self.device).cumsum(0) - 1  # each prompt's last token
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True,
                          logits_to_keep=last)
         self.stats.reused_tokens += p * len(prompts)
