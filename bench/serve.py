@@ -251,8 +251,8 @@ def batched_markdown(rows: list[dict], meta: dict) -> str:
     shape = (" (SmolLM2-135M carved into a Qwen2-MoE: 4 routed experts top-2 + 4 shared, 30 layers)"
              if meta.get("model") == BATCHED_MODEL else "")
     notes.append(
-        f"Model: `{meta.get('model')}`{shape}, fp32, GPU tier emulated on the CPU (`--emulate-gpu`, default slots), served by two `haqmoe serve` "
-        f"subprocesses on loopback, both up at once and loaded in turn at each client count, with "
+        f"Model: `{meta.get('model')}`{shape}, fp32, GPU tier emulated on the CPU (`--emulate-gpu`, default slots), "
+        f"served by two `haqmoe serve` subprocesses on loopback, both up at once and loaded in turn at each client count, with "
         f"{meta.get('torch_threads')} torch thread(s) each; `--max-batch 1` is the "
         f"one-at-a-time server (requests queue), `--max-batch 8` decodes up to 8 requests per step. Each client "
         f"sends {meta.get('requests_per_client')} greedy chat completions back to back (max_tokens="
