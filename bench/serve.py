@@ -10,11 +10,12 @@ counts in ``failed``. Rows: clients, requests, failed, p50_s, p95_s, tok_s.
 
 ``--batched``: continuous batching against one request at a time, side by side in one run, on the
 MoEfied SmolLM2 (``smollm2-moefied``) with the GPU tier emulated: two ``haqmoe serve`` subprocesses,
-``--max-batch 8`` and ``--max-batch 1``, each loaded by 1, 2, 4 and 8 concurrent clients (greedy chat
-completions, half streamed); every answer is checked against the answer its prompt got alone.
+``--max-batch 8`` and ``--max-batch 1``, both up at once, loaded in turn by 1, 2, 4 and 8 concurrent
+clients (greedy chat completions, half streamed); every answer is checked against the answer its
+prompt got alone.
 Writes bench/results/serve_batched.{json,md}; ``--render`` rewrites the .md from the .json.
 
-    python bench/serve.py --batched [--requests 2] [--max-tokens 32] [--render]
+    python bench/serve.py --batched [--requests 2] [--max-tokens 32] [--batched-clients 1,2,4,8] [--render]
 """
 
 from __future__ import annotations
@@ -154,20 +155,37 @@ def telemetry(port: int) -> dict:
     return httpx.get(f"http://127.0.0.1:{port}/v1/haqmoe/telemetry", timeout=30).json()
 
 
+def measure_server(client, port: int, label: str, max_batch: int, clients: int, args, refs: dict[int, str]) -> dict:
+    """One load of ``clients`` greedy clients on one server, with the server's decode telemetry over it."""
+    before = telemetry(port)["server"]
+    row = load_greedy(client, BATCHED_MODEL, clients, args.requests, args.max_tokens, refs)
+    after = telemetry(port)["server"]
+    steps = after.get("decode_steps", 0) - before.get("decode_steps", 0)
+    batched = after.get("batched_tokens", 0) - before.get("batched_tokens", 0)
+    decode_s = after.get("decode_s", 0.0) - before.get("decode_s", 0.0)
+    return {"server": label, "max_batch": max_batch, **row, "mean_batch": (batched / steps) if steps else 1.0,
+            "decode_tok_s": batched / decode_s if decode_s > 0 else None}
+
+
 def run_batched(args) -> None:
+    """Both servers up at once; each client count loads one, then the other, back to back, so a
+    machine whose load drifts during the run weighs on both sides of each ratio alike."""
     import openai
 
     from haqmoe.models.embedded import ensure_embedded
     from haqmoe.results import run_meta
 
     ckpt = ensure_embedded(BATCHED_MODEL, progress=False) if args.model == BATCHED_MODEL else args.model
-    rows, solo = [], None
-    for label, max_batch in BATCHED_SERVERS:
-        port = free_port()
-        proc = start_server(ckpt, port, ("--max-batch", str(max_batch)), BATCHED_MODEL, threads=args.threads)
-        try:
+    procs, servers = [], []
+    try:
+        for label, max_batch in BATCHED_SERVERS:
+            port = free_port()
+            procs.append(start_server(ckpt, port, ("--max-batch", str(max_batch)), BATCHED_MODEL, threads=args.threads))
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
                                    timeout=600)
+            servers.append((label, max_batch, port, client))
+        solo, differ = None, {}
+        for label, _, _, client in servers:
             ask_greedy(client, BATCHED_MODEL, 0, 4, stream=False)  # warm-up (first-call allocations)
             answers = [ask_greedy(client, BATCHED_MODEL, i, args.max_tokens, stream=False)
                        for i in range(len(PROMPTS))]  # each prompt alone on this server
@@ -176,21 +194,16 @@ def run_batched(args) -> None:
                         "p50_s": float(np.median([a[2] for a in answers])),
                         "p95_s": float(np.percentile([a[2] for a in answers], 95)),
                         "tokens": int(sum(a[1] for a in answers))}
-            alone_same = sum(a[0] != solo["texts"][i] for i, a in enumerate(answers))
-            for clients in BATCHED_CLIENTS:
-                before = telemetry(port)["server"]
-                row = load_greedy(client, BATCHED_MODEL, clients, args.requests, args.max_tokens, solo["texts"])
-                after = telemetry(port)["server"]
-                steps = after.get("decode_steps", 0) - before.get("decode_steps", 0)
-                batched = after.get("batched_tokens", 0) - before.get("batched_tokens", 0)
-                decode_s = after.get("decode_s", 0.0) - before.get("decode_s", 0.0)
-                row = {"server": label, "max_batch": max_batch, **row,
-                       "mean_batch": (batched / steps) if steps else 1.0,
-                       "decode_tok_s": batched / decode_s if decode_s > 0 else None,
-                       "failed": row["failed"] + (alone_same if clients == 1 else 0)}
+            differ[label] = sum(a[0] != solo["texts"][i] for i, a in enumerate(answers))
+        rows = []
+        for clients in args.batched_clients:
+            for label, max_batch, port, client in servers:
+                row = measure_server(client, port, label, max_batch, clients, args, solo["texts"])
+                row["failed"] += differ[label] if clients == args.batched_clients[0] else 0
                 rows.append(row)
                 print(row, flush=True)
-        finally:
+    finally:
+        for proc in procs:
             proc.terminate()
             proc.wait(60)
     meta = run_meta(model=args.model, max_tokens=args.max_tokens, requests_per_client=args.requests,
@@ -238,8 +251,9 @@ def batched_markdown(rows: list[dict], meta: dict) -> str:
     shape = (" (SmolLM2-135M carved into a Qwen2-MoE: 4 routed experts top-2 + 4 shared, 30 layers)"
              if meta.get("model") == BATCHED_MODEL else "")
     notes.append(
-        f"Model: `{meta.get('model')}`{shape}, fp32, GPU tier emulated on the CPU (`--emulate-gpu`, default slots), served by `haqmoe serve` "
-        f"subprocesses on loopback with {meta.get('torch_threads')} torch thread(s); `--max-batch 1` is the "
+        f"Model: `{meta.get('model')}`{shape}, fp32, GPU tier emulated on the CPU (`--emulate-gpu`, default slots), "
+        f"served by two `haqmoe serve` subprocesses on loopback, both up at once and loaded in turn at each client count, with "
+        f"{meta.get('torch_threads')} torch thread(s) each; `--max-batch 1` is the "
         f"one-at-a-time server (requests queue), `--max-batch 8` decodes up to 8 requests per step. Each client "
         f"sends {meta.get('requests_per_client')} greedy chat completions back to back (max_tokens="
         f"{meta.get('max_tokens')}, every other one streamed over SSE); tok/s = completion tokens / wall time of "
@@ -272,6 +286,8 @@ def main() -> None:
     ap.add_argument("--model", default=BATCHED_MODEL, help="--batched: checkpoint directory (a quick check of "
                                                            "this script on another model)")
     ap.add_argument("--batched-out", default=str(BATCHED_OUT), help="--batched: results file")
+    ap.add_argument("--batched-clients", default=",".join(map(str, BATCHED_CLIENTS)),
+                    type=lambda v: [int(x) for x in v.split(",")], help="--batched: client counts, e.g. 1,8")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     if args.batched:

@@ -182,3 +182,105 @@ def test_max_batch_checks(engine):
     with pytest.raises(HaqmoeError, match="at least 1"):
         check_batchable(engine, 0)
     check_batchable(engine, 8)
+
+
+def _submit_together(sched, jobs):
+    """Submit every job before the scheduler's next turn (it waits on the lock held here), so they are
+    all waiting when it looks."""
+    from haqmoe.runtime.batching import BatchRequest
+
+    cols = [Collector(stop) for _, _, stop in jobs]
+    with sched._cv:
+        for (ids, s, _), c in zip(jobs, cols):
+            sched.submit(BatchRequest(ids, s, c.emit, c.cancel.is_set))
+    for c in cols:
+        c.wait()
+    return cols
+
+
+def test_requests_waiting_together_share_one_packed_prefill(engine):
+    from haqmoe.runtime.batching import BatchScheduler
+
+    jobs = [(engine.encode(p), SamplingConfig(max_new_tokens=1 + 3 * (i % 4)), None) for i, p in enumerate(PROMPTS)]
+    alone = [engine.generate(ids, s) for ids, s, _ in jobs]
+    sched = BatchScheduler(engine, 8)
+    try:
+        cols = _submit_together(sched, jobs)
+    finally:
+        sched.close()
+    for c, ref in zip(cols, alone):
+        assert c.error is None, c.error
+        assert c.gen.tokens == ref.tokens and c.gen.text == ref.text
+    assert sched.stats.prefills == 1 and sched.stats.admitted == len(jobs)  # one forward for all eight prompts
+
+
+def test_prefill_token_budget_spreads_prompts_over_turns(engine):
+    from haqmoe.runtime.batching import BatchScheduler, take_for_prefill
+
+    assert take_for_prefill([5, 5, 5], room=8, budget=10) == 2
+    assert take_for_prefill([50, 5], room=8, budget=10) == 1  # the first one always, however long
+    assert take_for_prefill([5, 5, 5], room=1, budget=100) == 1
+    assert take_for_prefill([], room=4, budget=100) == 0
+    jobs = [(engine.encode(p), SamplingConfig(max_new_tokens=5), None) for p in PROMPTS[:4]]
+    alone = [engine.generate(ids, s).tokens for ids, s, _ in jobs]
+    sched = BatchScheduler(engine, 4, prefill_tokens=1)
+    try:
+        cols = _submit_together(sched, jobs)
+    finally:
+        sched.close()
+    assert [c.gen.tokens for c in cols] == alone
+    assert sched.stats.prefills == 4  # one prompt per turn, decode steps in between
+
+
+def test_packed_prefill_gives_each_prompt_its_own_logits_and_cache(engine):
+    """The packed forward against each prompt's own: last-position logits, and the keys and values the
+    batch rows get (left-padded, masked), layer by layer."""
+    from haqmoe.runtime.batching import BatchScheduler
+
+    prompts = [engine.encode(p) for p in PROMPTS[:3]]
+    sched = BatchScheduler(engine, 4)
+    sched.close()
+    with torch.inference_mode():
+        logits, cache, _ = sched._prefill(prompts)
+        lengths = [int(p.shape[1]) for p in prompts]
+        mask = sched._as_rows(cache, lengths, [0, 2])
+        solo = [engine.model(input_ids=p, use_cache=True) for p in prompts]
+    for i, out in enumerate(solo):
+        torch.testing.assert_close(logits[i], out.logits[0, -1], rtol=1e-4, atol=1e-4)
+    width = max(lengths[0], lengths[2])
+    assert mask.tolist() == [[0] * (width - n) + [1] * n for n in (lengths[0], lengths[2])]
+    for row, i in enumerate((0, 2)):
+        for mine, ref in zip(cache.layers, solo[i].past_key_values.layers):
+            torch.testing.assert_close(mine.keys[row, :, width - lengths[i]:], ref.keys[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(mine.values[row, :, width - lengths[i]:], ref.values[0], rtol=1e-4, atol=1e-4)
+
+
+def test_prompts_sharing_a_prefix_reuse_its_keys_and_values(engine):
+    """Chat prompts share the template's system prompt: after the first prefill its keys and values are
+    taken from the remembered prompt, not computed again; every answer stays the one it gets alone."""
+    from haqmoe.runtime.batching import BatchScheduler
+
+    chats = [engine.encode([{"role": "user", "content": p}]) for p in PROMPTS]
+    jobs = [(ids, SamplingConfig(max_new_tokens=4 + i % 3), None) for i, ids in enumerate(chats)]
+    alone = [engine.generate(ids, s).tokens for ids, s, _ in jobs]
+    sched = BatchScheduler(engine, 4)
+    try:
+        first = _submit_together(sched, jobs[:1])  # remembered: the shared prefix of the rest
+        rest = _submit_together(sched, jobs[1:])  # four at once, then the others as room frees up
+    finally:
+        sched.close()
+    assert [c.gen.tokens for c in first + rest] == alone
+    shared = next(i for i in range(chats[0].shape[1]) if chats[0][0, i] != chats[1][0, i])
+    assert sched.stats.reused_tokens >= shared * (len(jobs) - 1)
+    with torch.inference_mode():  # the logits and batch rows of a prefill over the prefix, against each alone
+        logits, cache, prefix = sched._prefill(chats[2:5])
+        mask = sched._as_rows(cache, [int(c.shape[1]) for c in chats[2:5]], [0, 1, 2], prefix)
+        solo = [engine.model(input_ids=c, use_cache=True) for c in chats[2:5]]
+    assert prefix >= shared
+    width = int(mask.shape[1])
+    for row, (c, out) in enumerate(zip(chats[2:5], solo)):
+        n = int(c.shape[1])
+        torch.testing.assert_close(logits[row], out.logits[0, -1], rtol=1e-4, atol=1e-4)
+        assert mask[row].tolist() == [0] * (width - n) + [1] * n
+        for mine, ref in zip(cache.layers, out.past_key_values.layers):
+            torch.testing.assert_close(mine.keys[row, :, width - n:], ref.keys[0], rtol=1e-4, atol=1e-4)

@@ -4,9 +4,18 @@ between decode steps.
 One scheduler thread owns the model. Each turn it
 
 1. drops waiting requests that were cancelled or ran past their deadline before they started;
-2. admits waiting requests while the batch has room (``max_batch``): each is prefilled alone, exactly
-   as ``CollaborativeEngine.stream`` prefills it, and its first token is sampled and streamed; a
-   request that is not finished by then joins the batch;
+2. admits waiting requests while the batch has room (``max_batch``) and their prompts fit one prefill
+   (``prefill_tokens``, at least one request): they are prefilled together in one forward, their
+   prompts packed into one sequence with each prompt's own positions under transformers' causal mask
+   kept block-diagonal (no prompt sees another's tokens), so every layer's weights are read once for
+   all of them and the routed experts see exactly the prompts' tokens (no padding). The prefix the
+   prompts share with the last prefilled prompt (a chat template's system prompt, say: more than half
+   of a short chat prompt) is not computed again: its keys and values are that prompt's, and the
+   prompts' own tokens are packed after it. A lone request with no such prefix is prefilled exactly
+   as ``CollaborativeEngine.stream`` prefills it. Only each prompt's last position goes through the
+   LM head. Each one's first token is
+   sampled and streamed; a request that is not finished by then joins the batch, its keys and values
+   cut out of the packed cache;
 3. runs one decode step for every running request together: one forward of ``[B, 1]`` tokens over
    one KV cache (transformers' ``DynamicCache``) in which each request's keys and values are
    left-padded to a common length, with an attention mask hiding the padding and per-request
@@ -18,7 +27,11 @@ One scheduler thread owns the model. Each turn it
 
 The routed experts see the batch's tokens together: the MoE block flattens ``[B, 1]`` to B tokens,
 so ``HybridExperts`` decides each layer once per step with the number of the batch's tokens routed
-to each expert (decide.routed_counts: the cost predictor's ``n_inputs``), as it does for a prefill.
+to each expert (decide.routed_counts: the cost predictor's ``n_inputs``), as it does for a prefill
+(a packed prefill: the joining prompts' tokens together).
+
+Prefills stall the running batch (one forward per turn): ``prefill_tokens`` bounds that stall, and
+requests beyond it wait for the next turn, one decode step later.
 
 Attention is transformers' own (the model's attention implementation with the padding mask); greedy
 decoding gives each request the tokens it gets alone (tests/test_batching.py checks it token for
@@ -34,6 +47,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask
 
 from ..errors import HaqmoeError
 from ..models.base import context_of
@@ -80,14 +95,36 @@ class BatchStats:
     retired: int = 0
     decode_s: float = 0.0  # wall time of those steps (sampling and streaming included)
     prefill_s: float = 0.0  # wall time of the prefills (first token included)
+    reused_tokens: int = 0  # prompt tokens whose keys and values came from the remembered prompt
     last_batch: int = 0  # requests in the latest decode step
     max_seen: int = 0  # the largest batch so far
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)  # batch size -> steps
 
 
+PREFILL_TOKENS = 2048  # prompt tokens prefilled together in one forward between two decode steps
+REUSE_MIN = 16  # a shared prompt prefix shorter than this is computed again
+
+
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
     """``[B, heads, T, d]`` keys or values with ``n`` zero positions in front."""
     return t if n == 0 else torch.cat([t.new_zeros(*t.shape[:2], n, *t.shape[3:]), t], dim=2)
+
+
+def _unpack(t: torch.Tensor, starts: list[int], lengths: list[int], width: int, prefix: int = 0) -> torch.Tensor:
+    """Prompts of a packed ``[1, heads, T, d]`` cache tensor (the first ``prefix`` positions shared, then
+    each prompt's own ``n - prefix`` from ``starts``) as ``[k, heads, width, d]`` rows, left-padded."""
+    rows = [torch.cat([t[:, :, :prefix], t[:, :, a:a + n - prefix]], dim=2) for a, n in zip(starts, lengths)]
+    return torch.cat([_pad_left(r, width - int(r.shape[2])) for r in rows], dim=0)
+
+
+def take_for_prefill(lengths: list[int], room: int, budget: int) -> int:
+    """How many of the waiting prompts (``lengths``, in arrival order) join in this turn's prefill: at
+    most ``room``, and while their tokens fit ``budget`` (the first one always, however long)."""
+    n, total = 0, 0
+    while n < min(room, len(lengths)) and (n == 0 or total + lengths[n] <= budget):
+        total += lengths[n]
+        n += 1
+    return n
 
 
 def check_batchable(engine: CollaborativeEngine, max_batch: int) -> None:
@@ -106,10 +143,13 @@ def check_batchable(engine: CollaborativeEngine, max_batch: int) -> None:
 class BatchScheduler:
     """Runs requests on ``engine`` in a continuously refilled batch of at most ``max_batch``."""
 
-    def __init__(self, engine: CollaborativeEngine, max_batch: int = 8, admit_per_step: int | None = None):
+    def __init__(self, engine: CollaborativeEngine, max_batch: int = 8, prefill_tokens: int = PREFILL_TOKENS,
+                 reuse_min: int = REUSE_MIN):
         check_batchable(engine, max_batch)
         self.engine, self.max_batch = engine, max_batch
-        self.admit_per_step = admit_per_step or max_batch  # prefills between two decode steps
+        self.prefill_tokens = prefill_tokens  # prompt tokens prefilled together between two decode steps
+        self.reuse_min = reuse_min  # shortest shared prefix taken from the remembered prompt (0: never)
+        self._prefix: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
         self.model = engine.model
         self.device = engine.device
         self.context = context_of(self.model.config)
@@ -155,12 +195,13 @@ class BatchScheduler:
                     self._cv.wait()
                 if self._closed:
                     break
-                room = min(self.max_batch - len(self._rows), self.admit_per_step)
-                take = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                lengths = [int(r.ids.shape[1]) for r in self._waiting]
+                n = take_for_prefill(lengths, self.max_batch - len(self._rows), self.prefill_tokens)
+                take = [self._waiting.popleft() for _ in range(n)]
             try:
                 with torch.inference_mode():
-                    for req in take:
-                        self._admit(req)
+                    if take:
+                        self._admit(take)
                     if self._rows:
                         self._decode_step()
             except BaseException as exc:  # a failed batched forward: every running request gets the error
@@ -178,36 +219,132 @@ class BatchScheduler:
         except Exception:  # a listener that is gone (closed event loop) must not stop the batch
             pass
 
-    def _admit(self, req: BatchRequest) -> None:
-        if req.should_stop():  # cancelled or expired while waiting: never started
+    def _start(self, req: BatchRequest) -> _Row | None:
+        """The request's row, or None when it does not start (cancelled or expired while waiting, or too
+        long for the model's context: told so, the others go on)."""
+        if req.should_stop():
             self._safe_emit(req, DONE, None)
-            return
+            return None
         self._safe_emit(req, ADMITTED, None)
-        ids, s = req.ids, req.sampling
+        n, s = int(req.ids.shape[1]), req.sampling
+        if self.context and n + s.max_new_tokens > self.context:
+            self.stats.retired += 1
+            self._safe_emit(req, ERROR, HaqmoeError(
+                f"prompt ({n} tokens) + max tokens ({s.max_new_tokens}) exceeds the model's context of "
+                f"{self.context} tokens"))
+            return None
+        return _Row(req, Generation(prompt_tokens=n), torch.Generator().manual_seed(s.seed), TextStream(s.stop),
+                    self.eos, kv_len=n)
+
+    def _admit(self, reqs: list[BatchRequest]) -> None:
+        """Prefill ``reqs`` together, stream each one's first token and join the unfinished to the batch.
+        A failed prefill fails these requests only: the running batch goes on."""
+        rows = [row for row in map(self._start, reqs) if row is not None]
+        if not rows:
+            return
         try:
-            if self.context and ids.shape[1] + s.max_new_tokens > self.context:
-                raise HaqmoeError(f"prompt ({ids.shape[1]} tokens) + max tokens ({s.max_new_tokens}) exceeds "
-                                  f"the model's context of {self.context} tokens")
-            row = _Row(req, Generation(prompt_tokens=int(ids.shape[1])), torch.Generator().manual_seed(s.seed),
-                       TextStream(s.stop), self.eos, kv_len=int(ids.shape[1]))
             t0 = time.perf_counter()
             self.engine.telemetry.step += 1
-            out = self.model(input_ids=ids.to(self.device), use_cache=True)  # as CollaborativeEngine.stream
-            logits = out.logits[0, -1]
+            logits, cache, prefix = self._prefill([r.req.ids for r in rows])
             self.engine._sync()
-            row.gen.prefill_ms = 1e3 * (time.perf_counter() - t0)
+            ms = 1e3 * (time.perf_counter() - t0)
             self.stats.prefills += 1
-            self.stats.admitted += 1
-            finished = self._take_token(row, logits)
+            self.stats.admitted += len(rows)
+            joining = []
+            for i, row in enumerate(rows):
+                row.gen.prefill_ms = ms
+                if self._take_token(row, logits[i]):
+                    self.stats.retired += 1
+                    self._safe_emit(row.req, DONE, row.gen)
+                else:
+                    joining.append(i)
             self.stats.prefill_s += time.perf_counter() - t0
-            if finished:
-                self.stats.retired += 1
-                self._safe_emit(req, DONE, row.gen)
-                return
-            self._join(row, out.past_key_values)
-        except Exception as exc:  # this request's own failure (e.g. too long): the batch goes on
-            self.stats.retired += 1
-            self._safe_emit(req, ERROR, exc)
+        except Exception as exc:
+            self.stats.retired += len(rows)
+            for row in rows:
+                self._safe_emit(row.req, ERROR, exc)
+            return
+        if joining:
+            lengths = [r.kv_len for r in rows]
+            self._join([rows[i] for i in joining], cache, self._as_rows(cache, lengths, joining, prefix))
+
+    def _prefill(self, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, object, int]:
+        """One forward over the prompts ([1, n] ids each): (each one's last-position logits [k, vocab],
+        the KV cache, the prefix length p taken from the remembered prompt). A lone prompt without a
+        reusable prefix: ``CollaborativeEngine.stream``'s call. Otherwise the prompts after their first
+        p tokens are packed into one sequence, each with its own positions, over a cache holding the
+        prefix, under transformers' causal mask narrowed so that no prompt sees another's tokens; the
+        cache then holds the prefix and the packed rest (``_as_rows``)."""
+        lengths = [int(x.shape[1]) for x in prompts]
+        p = self._reusable_prefix(prompts)
+        if len(prompts) == 1 and p == 0:
+            out = self.model(input_ids=prompts[0].to(self.device), use_cache=True, logits_to_keep=1)
+            self._remember(prompts[0], out.past_key_values)
+            return out.logits[:, -1], out.past_key_values, 0
+        past = self._prefix_cache(p) if p else None
+        ids = torch.cat([x[0, p:] for x in prompts]).unsqueeze(0).to(self.device)
+        pos = torch.cat([torch.arange(p, n) for n in lengths]).unsqueeze(0).to(self.device)
+        owner = torch.cat([torch.full((p,), -1)] + [torch.full((n - p,), i) for i, n in enumerate(lengths)])
+        owner = owner.to(self.device)  # by cache position: the prompt it belongs to (-1: the shared prefix)
+
+        def own_prompt(batch_idx, head_idx, q_idx, kv_idx):
+            return (owner[kv_idx] < 0) | (owner[kv_idx] == owner[q_idx])
+
+        shape = torch.empty(1, ids.shape[1], 0, dtype=self.model.dtype, device=self.device)  # sizes and dtype only
+        # Without a cache transformers finds the prompts from the position resets itself (and then hands mask
+        # functions positions, not indices); over a cache it does not: the narrowing is ours.
+        mask = create_causal_mask(config=self.model.config, inputs_embeds=shape, attention_mask=None,
+                                  past_key_values=past, position_ids=pos,
+                                  and_mask_function=own_prompt if past is not None else None)
+        if mask is None:  # an attention implementation that takes packing from position ids alone
+            raise HaqmoeError(f"{self.engine.lm.name}'s attention implementation takes no packed-sequence mask: "
+                              "use --max-batch 1")
+        last = torch.tensor([n - p for n in lengths], device=self.device).cumsum(0) - 1  # each prompt's last token
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True,
+                         logits_to_keep=last)
+        self.stats.reused_tokens += p * len(prompts)
+        self._remember(prompts[0], out.past_key_values)  # the first prompt directly follows the prefix
+        return out.logits[0], out.past_key_values, p
+
+    def _reusable_prefix(self, prompts: list[torch.Tensor]) -> int:
+        """Tokens every prompt shares with the remembered one (a chat template's system prompt, say), when
+        at least ``reuse_min`` (0: none); each prompt keeps one token of its own to compute."""
+        if self._prefix is None or not self.reuse_min:
+            return 0
+        known, p = self._prefix[0], min(int(x.shape[1]) - 1 for x in prompts)
+        for x in prompts:
+            ids = x[0, :min(p, len(known))]
+            diff = (ids != known[:len(ids)]).nonzero()
+            p = min(p, len(ids) if len(diff) == 0 else int(diff[0]))
+        return p if p >= self.reuse_min else 0
+
+    def _remember(self, prompt: torch.Tensor, cache) -> None:
+        """Keep a prompt's ids and keys and values (the first ``n`` positions of ``cache``) for
+        ``_reusable_prefix``."""
+        if self.reuse_min:
+            n = int(prompt.shape[1])
+            self._prefix = (prompt[0].to(self.device), [(l.keys[:, :, :n], l.values[:, :, :n]) for l in cache.layers])
+
+    def _prefix_cache(self, p: int) -> DynamicCache:
+        """A cache holding the remembered prompt's first ``p`` positions (the tensors are shared, not copied:
+        the forward appends by concatenation)."""
+        cache = DynamicCache(config=self.model.config)
+        for i, (keys, values) in enumerate(self._prefix[1]):
+            cache.update(keys[:, :, :p], values[:, :, :p], i)
+        return cache
+
+    def _as_rows(self, cache, lengths: list[int], picked: list[int], prefix: int = 0) -> torch.Tensor:
+        """Turn a prefill's cache (the shared ``prefix`` then the packed rest, when it held several prompts
+        of ``lengths``) into batch rows of the prompts ``picked``, in place: ``[k, heads, width, d]``,
+        left-padded. Returns their mask [k, width]."""
+        keep = [lengths[i] for i in picked]
+        width = max(keep)
+        if len(lengths) > 1:
+            starts = [prefix + sum(lengths[:i]) - i * prefix for i in picked]
+            for layer in cache.layers:
+                layer.keys = _unpack(layer.keys, starts, keep, width, prefix)
+                layer.values = _unpack(layer.values, starts, keep, width, prefix)
+        return torch.tensor([[0] * (width - n) + [1] * n for n in keep], dtype=torch.long, device=self.device)
 
     def _take_token(self, row: _Row, logits: torch.Tensor) -> bool:
         """Sample, stream and record one token of ``row``; True when the request is finished (the same
@@ -226,14 +363,13 @@ class BatchScheduler:
         self._safe_emit(row.req, TOKEN, (delta, gen))
         return ended or stopped or last or row.req.should_stop()
 
-    def _join(self, row: _Row, cache) -> None:
-        """Add a prefilled request's KV cache to the batch's, left-padding whichever is shorter."""
-        n = row.kv_len
-        mask = torch.ones(1, n, dtype=torch.long, device=self.device)
+    def _join(self, rows: list[_Row], cache, mask: torch.Tensor) -> None:
+        """Add prefilled rows (their KV cache in row form, ``mask`` [k, width]) to the batch's, left-padding
+        whichever is shorter."""
         if self._cache is None:
-            self._cache, self._mask, self._rows = cache, mask, [row]
+            self._cache, self._mask, self._rows = cache, mask, rows
             return
-        have = int(self._mask.shape[1])
+        have, n = int(self._mask.shape[1]), int(mask.shape[1])
         width = max(have, n)
         if len(self._cache.layers) != len(cache.layers):
             raise HaqmoeError("a request's KV cache does not match the batch's (different layer count)")
@@ -242,10 +378,9 @@ class BatchScheduler:
                   for mine, new in zip(self._cache.layers, cache.layers)]  # all built before any is replaced
         for mine, (keys, values) in zip(self._cache.layers, merged):
             mine.keys, mine.values = keys, values
-        zeros = lambda b, k: torch.zeros(b, k, dtype=torch.long, device=self.device)  # noqa: E731
-        self._mask = torch.cat([torch.cat([zeros(len(self._rows), width - have), self._mask], dim=1),
-                                torch.cat([zeros(1, width - n), mask], dim=1)], dim=0)
-        self._rows.append(row)
+        self._mask = torch.cat([torch.nn.functional.pad(self._mask, (width - have, 0)),
+                                torch.nn.functional.pad(mask, (width - n, 0))], dim=0)
+        self._rows = self._rows + rows
 
     def _decode_step(self) -> None:
         """One forward for every running request; then sample, stream, retire."""

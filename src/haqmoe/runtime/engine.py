@@ -437,11 +437,12 @@ class CollaborativeEngine:
         self.telemetry.step += 1
         ids = ids.to(self.device)
         prompt_len = int(ids.shape[1])
-        if self._decode is None:
-            out = self.model(input_ids=ids, use_cache=True)
+        if self._decode is None:  # only the last position's logits: the LM head over the prompt is wasted work
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         else:
             out = self.model(input_ids=ids, past_key_values=self._static_cache(prompt_len + sampling.max_new_tokens),
-                             use_cache=True, cache_position=torch.arange(prompt_len, device=self.device))
+                             use_cache=True, cache_position=torch.arange(prompt_len, device=self.device),
+                             logits_to_keep=1)
         past, logits = out.past_key_values, out.logits[0, -1]
         self._sync()
         gen.prefill_ms = 1e3 * (time.perf_counter() - t0)

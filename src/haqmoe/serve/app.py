@@ -258,7 +258,8 @@ class BatchWorker:
         return {"max_batch": self.max_batch, "waiting": self.metrics.waiting, "running": self.metrics.running,
                 "batch": self.scheduler.running, "decode_steps": st.steps, "batched_tokens": st.decode_tokens,
                 "mean_batch": st.decode_tokens / st.steps if st.steps else 0.0, "max_batch_seen": st.max_seen,
-                "decode_s": st.decode_s, "prefill_s": st.prefill_s}
+                "decode_s": st.decode_s, "prefill_s": st.prefill_s, "prefills": st.prefills,
+                "reused_prompt_tokens": st.reused_tokens}
 
 
 class Encoder:
