@@ -1,8 +1,9 @@
 """Cache policies (+ next-layer prefetch) on held-out traces, Belady bound beside.
 
-    .venv/bin/python bench/cache.py                      # mixtral stats + synthetic (+ smollm2-moe trace if given)
+    .venv/bin/python bench/cache.py                      # mixtral stats + synthetic + tiny models (+ --trace DIRs)
     .venv/bin/haqmoe profile smollm2-moe -o /tmp/traces/smollm2-moe-gen --requests 16 --seqlen 256 --generate 64
-    .venv/bin/python bench/cache.py --trace /tmp/traces/smollm2-moe-gen
+    .venv/bin/haqmoe profile smollm2-moefied -o /tmp/traces/smollm2-moefied-gen --requests 16 --seqlen 256 --generate 64
+    .venv/bin/python bench/cache.py --trace /tmp/traces/smollm2-moe-gen --trace /tmp/traces/smollm2-moefied-gen
 
 Writes bench/results/cache.json/.md and one plot per source (cache-<source>.png). Pure
 numpy/python replay: light on the CPU.
@@ -97,6 +98,8 @@ def gap_summary(rows: list[dict]) -> str:
     for src in dict.fromkeys(r["source"] for r in rows):
         for f in FRACS:
             sel = [r for r in rows if r["source"] == src and r["cache_frac"] == f]
+            if not sel:  # a cache too small for one token's experts (cache_rows leaves it out)
+                continue
             get = {(r["policy"], r["prefetch"]): r for r in sel}
             lru, bel = get[("lru", False)]["demand_hit_rate"], get[("belady", False)]["demand_hit_rate"]
             online = [r for r in sel if not r["prefetch"] and r["policy"] not in BOUNDS]

@@ -182,9 +182,13 @@ def cache_rows(pair: TracePair, profile: HardwareProfile, fracs: Iterable[float]
                prefetch_modes: Iterable[bool] = (False, True), decision: str = "always-transfer",
                scope: str = "layer", guess_recall: float | None = None, exact: bool = False,
                progress: bool = False) -> list[dict]:
-    """One row per (cache fraction, policy, prefetch): the layout of bench/results/cache.md."""
+    """One row per (cache fraction, policy, prefetch): the layout of bench/results/cache.md. A fraction
+    whose per-layer pool is smaller than one token's top-k (e.g. a quarter of 4 experts, top-2) cannot
+    serve a token and is left out."""
     spec = spec_for_trace(pair.eval, model_spec(pair.shape))
     cost = cost_model_for(profile, spec)
+    tr = pair.eval
+    fracs = [f for f in fracs if slots_for(f, tr) // tr.num_layers >= tr.top_k]
     grid = [(f, p, pf) for f in fracs for p in policies for pf in prefetch_modes]
     rows = []
     for frac, policy, pf in tqdm(grid, desc=f"cache-eval {pair.source}", disable=not progress, leave=False):
