@@ -101,8 +101,12 @@ def test_stream_chat_equals_haqmoe_run_and_metrics(server, client, ckpt, capsys)
     metrics = httpx.get(server.url + "/metrics").text
     hits, misses = _metric(metrics, "haqmoe_expert_cache_hits_total"), \
         _metric(metrics, "haqmoe_expert_cache_misses_total")
-    assert set(hits) == set(misses) == {"0", "1"}
+    inflight = _metric(metrics, "haqmoe_expert_cache_inflight_total")
+    assert set(hits) == set(misses) == set(inflight) == {"0", "1"}
     assert sum(hits.values()) > 0 and sum(misses.values()) > 0
+    lookups = sum(hits.values()) + sum(misses.values()) + sum(inflight.values())
+    hit_rate = httpx.get(server.url + "/v1/haqmoe/telemetry").json()["engine"]["hit_rate"]
+    assert sum(hits.values()) / lookups == pytest.approx(hit_rate, abs=1e-4)  # one meaning of hit rate
     assert sum(_metric(metrics, "haqmoe_expert_bytes_transferred_total").values()) > 0
     assert 'haqmoe_requests_total{endpoint="/v1/chat/completions",status="200"}' in metrics
     assert re.search(r"^haqmoe_generation_tokens_total [1-9]", metrics, re.M)

@@ -146,8 +146,10 @@ def engine_lines(engine) -> list[str]:
     if engine.cache is not None:
         st = engine.cache.stats
         series += [
-            ("haqmoe_expert_cache_hits_total", "Expert lookups served from the GPU cache (demand, prefetch "
-             "and in-flight hits).", st.hits + st.prefetch_hits + st.inflight),
+            ("haqmoe_expert_cache_hits_total", "Expert lookups found resident in the GPU cache (demand and "
+             "prefetch hits: the engine's hit rate is hits / lookups).", st.hits + st.prefetch_hits),
+            ("haqmoe_expert_cache_inflight_total", "Expert lookups whose copy was still in flight (neither hit "
+             "nor miss).", st.inflight),
             ("haqmoe_expert_cache_misses_total", "Expert lookups not in the GPU cache.", st.misses),
             ("haqmoe_expert_cache_evictions_total", "Experts evicted from the GPU cache.", st.evictions),
             ("haqmoe_expert_bytes_transferred_total", "Expert bytes copied host-to-device.", st.bytes_moved),
