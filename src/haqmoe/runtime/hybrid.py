@@ -165,11 +165,12 @@ class HybridExperts(nn.Module):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.cache is None:  # every expert on the CPU tier: the plain module, counted
             tel = self.telemetry
-            tel.cpu_experts[self.layer] += int(torch.unique(top_k_index).numel())
-            tel.cpu_tokens[self.layer] += int(top_k_index.numel())
+            used = top_k_index.reshape(-1).cpu().numpy()  # one host read, one count for both counters
+            called = np.bincount(used[used >= 0], minlength=self.num_experts) > 0
+            tel.cpu_experts[self.layer] += int(called.sum())
+            tel.cpu_tokens[self.layer] += used.size
             if tel.num_experts:
-                used = top_k_index.reshape(-1).cpu()
-                tel.expert_calls[self.layer] += np.bincount(used[used >= 0].numpy(), minlength=tel.num_experts) > 0
+                tel.expert_calls[self.layer] += called[:tel.num_experts]
             return self.original(hidden_states, top_k_index, top_k_weights)
         tel = self.telemetry
         clock = [time.perf_counter()]
