@@ -144,10 +144,8 @@ class HybridExperts(nn.Module):
         t = time.perf_counter()
         plan = self._guess_plan
         first = plan.guess(self.layer, top_k_index, self.prefetch) if plan is not None else None
-        out = [guess_for_batch(hidden_states, w, router, self.prefetch)
-               for router, w in zip(self._ahead_routers, self._ahead_weights)]
-        if first is not None:
-            out[0] = first
+        out = [first if d == 0 and first is not None else guess_for_batch(hidden_states, w, router, self.prefetch)
+               for d, (router, w) in enumerate(zip(self._ahead_routers, self._ahead_weights))]
         self.telemetry.guess_ms += 1e3 * (time.perf_counter() - t)
         return out
 
