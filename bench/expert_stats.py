@@ -24,72 +24,36 @@ Writes bench/results/expert_stats_<model>.{json,md}.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from haqmoe.data.text import calibration_ids
-from haqmoe.models.adapters import FusedExperts, expert_glu
+from haqmoe.models.adapters import expert_glu
+from haqmoe.quant.pipeline import ExpertStats
+from haqmoe.quant.stats import InputStats
 from haqmoe.results import run_meta, write_results
 from haqmoe.sources import load_model
 
 ALPHA = 0.5  # smoothing exponent used for the stability check (HAQ's grid centre)
 
 
-@dataclass
-class ExpertTally:
-    """Running per-channel statistics of one routed expert."""
-
-    tokens: int = 0
-    input_absmax: torch.Tensor | None = None  # [H]
-    down_halves: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # [I] per calibration half
-
-    def add(self, x: torch.Tensor, mid: torch.Tensor, half: int) -> None:
-        self.tokens += x.shape[0]
-        self.input_absmax = _max(self.input_absmax, x.abs().amax(0))
-        halves = list(self.down_halves)
-        halves[half] = _max(halves[half], mid.abs().amax(0))
-        self.down_halves = (halves[0], halves[1])
-
-    @property
-    def down_absmax(self) -> torch.Tensor | None:
-        a, b = self.down_halves
-        return b if a is None else a if b is None else torch.maximum(a, b)
-
-    def half_split_diff(self) -> float:
-        """Median relative change of the smoothing factors between the two calibration halves."""
-        a, b = self.down_halves
-        if a is None or b is None:
-            return float("nan")
-        sa, sb = a.clamp_min(1e-5) ** ALPHA, b.clamp_min(1e-5) ** ALPHA
-        return float(((sa - sb).abs() / torch.maximum(sa, sb)).median())
-
-
-def _max(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-    return new if old is None else torch.maximum(old, new)
-
-
-def collect(model, adapter, ids: torch.Tensor, batch: int) -> list[list[ExpertTally]]:
-    """One float pass over the calibration windows with a hook on every experts module."""
-    tallies: list[list[ExpertTally]] = []
+def collect(model, adapter, ids: torch.Tensor, batch: int) -> list[tuple[ExpertStats, ExpertStats]]:
+    """One float pass over the calibration windows with a hook on every experts module: per MoE layer,
+    the quantization pipeline's per-expert statistics of the first and of the second half of the windows."""
+    halves: list[tuple[ExpertStats, ExpertStats]] = []
     half = [0]  # which half of the calibration windows the running batch is in
     hooks = []
     for block in adapter.blocks(model):
         if not adapter.is_moe_block(block):
             continue
         experts = adapter.experts(block)
-        per = [ExpertTally() for _ in range(FusedExperts.count(experts))]
-        tallies.append(per)
-        glu = expert_glu(experts)
+        pair = (ExpertStats.for_experts(experts), ExpertStats.for_experts(experts))
+        halves.append(pair)
 
-        def hook(mod, args, per=per, glu=glu):
-            x, idx = args[0].float(), args[1]
-            for e, t in enumerate(per):
-                rows = (idx == e).any(-1).nonzero().squeeze(-1)
-                if rows.numel():
-                    xe = x[rows]
-                    t.add(xe, FusedExperts.get(mod, e).intermediate(xe, glu), half[0])
+        def hook(mod, args, pair=pair, glu=expert_glu(experts)):
+            hs = args[0].reshape(-1, args[0].shape[-1]).float()
+            pair[half[0]].add(mod, glu, hs, args[1])
 
         hooks.append(experts.register_forward_pre_hook(hook))
     try:
@@ -100,19 +64,32 @@ def collect(model, adapter, ids: torch.Tensor, batch: int) -> list[list[ExpertTa
     finally:
         for h in hooks:
             h.remove()
-    return tallies
+    return halves
 
 
-def layer_row(model_name: str, layer: int, per: list[ExpertTally]) -> dict:
-    whole = torch.stack([t.input_absmax for t in per if t.input_absmax is not None]).amax(0)
-    cos = [float(torch.nn.functional.cosine_similarity(t.input_absmax, whole, dim=0))
-           for t in per if t.input_absmax is not None]
-    fewest = min(per, key=lambda t: t.tokens)
-    down = [float(t.down_absmax.max()) for t in per if t.down_absmax is not None]
-    return {"model": model_name, "layer": layer, "experts": len(per),
-            "tokens_min": min(t.tokens for t in per), "tokens_max": max(t.tokens for t in per),
+def half_split_diff(a: InputStats, b: InputStats) -> float:
+    """Median relative change of the smoothing factors (per-channel max |x| ^ ALPHA) between two samples."""
+    if a.count == 0 or b.count == 0:
+        return float("nan")
+    sa, sb = a.absmax.clamp_min(1e-5) ** ALPHA, b.absmax.clamp_min(1e-5) ** ALPHA
+    return float(((sa - sb).abs() / torch.maximum(sa, sb)).median())
+
+
+def layer_row(model_name: str, layer: int, halves: tuple[ExpertStats, ExpertStats]) -> dict:
+    a, b = halves
+    experts = range(len(a.gate_up))
+    tokens = [a.gate_up[e].count + b.gate_up[e].count for e in experts]
+    seen = [e for e in experts if tokens[e]]
+    inputs = {e: torch.maximum(a.gate_up[e].absmax, b.gate_up[e].absmax) for e in seen}
+    whole = torch.stack(list(inputs.values())).amax(0)
+    cos = [float(torch.nn.functional.cosine_similarity(inputs[e], whole, dim=0)) for e in seen]
+    down = [float(torch.maximum(a.down[e].absmax, b.down[e].absmax).max()) for e in seen]
+    fewest = min(experts, key=lambda e: tokens[e])
+    return {"model": model_name, "layer": layer, "experts": len(tokens),
+            "tokens_min": min(tokens), "tokens_max": max(tokens),
             "down_absmax_min": round(min(down), 3), "down_absmax_max": round(max(down), 3),
-            "input_cos_min": round(min(cos), 4), "half_split_diff": round(fewest.half_split_diff(), 4)}
+            "input_cos_min": round(min(cos), 4),
+            "half_split_diff": round(half_split_diff(a.down[fewest], b.down[fewest]), 4)}
 
 
 def main() -> None:
@@ -125,8 +102,8 @@ def main() -> None:
     args = ap.parse_args()
     lm = load_model(args.model, progress=False)
     ids = calibration_ids(lm.tokenizer, "wikitext2:valid", args.samples, args.len, 0, eval_spec="wikitext2:test")
-    tallies = collect(lm.model.eval(), lm.adapter, ids, args.batch)
-    rows = [layer_row(args.model, i, per) for i, per in enumerate(tallies)]
+    halves = collect(lm.model.eval(), lm.adapter, ids, args.batch)
+    rows = [layer_row(args.model, i, h) for i, h in enumerate(halves)]
     total = ids.numel()
     fewest = min(rows, key=lambda r: r["tokens_min"])
     diffs = [r["half_split_diff"] for r in rows if r["half_split_diff"] == r["half_split_diff"]] or [float("nan")]

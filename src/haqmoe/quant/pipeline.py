@@ -175,8 +175,29 @@ def run_block(block: nn.Module, inputs: list[tuple[torch.Tensor, tuple, dict]]) 
 # ------------------------------------------------------------------ statistics of one block
 @dataclass
 class ExpertStats:
+    """Each routed expert's input statistics: at gate/up (hidden) and at the down projection (ffn)."""
+
     gate_up: list[InputStats]
     down: list[InputStats]
+
+    @classmethod
+    def for_experts(cls, experts: nn.Module, hessian: bool = False) -> "ExpertStats":
+        n, hidden, inter = FusedExperts.dims(experts)
+        return cls([InputStats(hidden, hessian) for _ in range(n)], [InputStats(inter, hessian) for _ in range(n)])
+
+    @torch.no_grad()
+    def add(self, experts: nn.Module, glu: nn.Module, hs: torch.Tensor, idx: torch.Tensor,
+            in_sample: torch.Tensor | None = None) -> None:
+        """Tokens ``hs`` [n, hidden] routed by ``idx`` [n, k]: each expert's statistics from the tokens its
+        router sends it (``in_sample``: which rows also go to the sampled rows)."""
+        for e in range(len(self.gate_up)):
+            tok = torch.where((idx == e).any(dim=-1))[0]
+            if tok.numel() == 0:
+                continue
+            x = hs[tok]
+            rows = torch.where(in_sample[tok])[0] if in_sample is not None else None
+            self.gate_up[e].add(x, rows)
+            self.down[e].add(FusedExperts.get(experts, e).intermediate(x, glu), rows)
 
 
 class BlockCollector:
@@ -198,9 +219,7 @@ class BlockCollector:
         ex = adapter.experts(block)
         self._glu = expert_glu(ex) if ex is not None else None
         if ex is not None:
-            n, hidden, inter = FusedExperts.dims(ex)
-            self.experts = ExpertStats([InputStats(hidden, False) for _ in range(n)],  # Hessians: later
-                                       [InputStats(inter, False) for _ in range(n)])
+            self.experts = ExpertStats.for_experts(ex)  # Hessians: later, a few experts at a time
             self._handles.append(ex.register_forward_pre_hook(self._expert_hook, with_kwargs=True))
 
     def _group_hook(self, name: str):
@@ -216,14 +235,7 @@ class BlockCollector:
         if self._rows is not None:
             in_sample[self._rows] = True
         assert self.experts is not None
-        for e in range(len(self.experts.gate_up)):
-            tok = torch.where((idx == e).any(dim=-1))[0]
-            if tok.numel() == 0:
-                continue
-            x = hs[tok]
-            rows = torch.where(in_sample[tok])[0]
-            self.experts.gate_up[e].add(x, rows)
-            self.experts.down[e].add(FusedExperts.get(mod, e).intermediate(x, self._glu), rows)
+        self.experts.add(mod, self._glu, hs, idx, in_sample)
 
     @torch.no_grad()
     def collect(self, block: nn.Module, inputs, search_tokens: int, gen: torch.Generator) -> None:
