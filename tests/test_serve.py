@@ -271,3 +271,35 @@ def test_bench_runtime_reports_each_policy_with_its_host_times(ckpt, tmp_path, c
     # no CPU work at decode (the prefill may run an expert on the CPU when every slot serves that batch)
     assert transfer["host_cpu_tier_ms"] == transfer["host_cpu_tier_est_ms"] == 0
     assert (tmp_path / "bench.md").is_file()
+
+
+def test_serve_takes_the_engine_levers_and_metrics_count_them(ckpt, monkeypatch):
+    """`haqmoe serve` builds its engine with the same lever options as `haqmoe run`, and /metrics
+    reports what the levers did, per layer, as the engine's telemetry counts it."""
+    import uvicorn
+
+    from haqmoe.cli.main import main
+    from haqmoe.serve import app as app_mod
+
+    built = {}
+    real_create = app_mod.create_app
+    monkeypatch.setattr(app_mod, "create_app", lambda engine, cfg: built.setdefault("app", real_create(engine, cfg))
+                        and built.setdefault("engine", engine) and built["app"])
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    main(["--quiet", "serve", str(ckpt), "--emulate-gpu", "--slots", "2", "--skip-below", "1", "--prefetch", "1",
+          "--lookahead", "2", "--max-batch", "2", "--served-name", "tiny"])
+    engine = built["engine"]
+    assert (engine.cfg.skip_below, engine.cfg.prefetch, engine.cfg.lookahead) == (1.0, 1, 2)
+    live = LiveServer(built["app"])
+    try:
+        r = httpx.post(live.url + "/v1/completions", json={"model": "tiny", "prompt": "Colors are", "max_tokens": 8},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        metrics = httpx.get(live.url + "/metrics").text
+    finally:
+        live.stop()
+    skipped = _metric(metrics, "haqmoe_expert_calls_skipped_total")
+    assert [int(v) for _, v in sorted(skipped.items())] == engine.telemetry.skipped_experts.tolist()
+    assert sum(skipped.values()) > 0  # two slots per layer: second-ranked misses happen, and all are skipped
+    prefetched = _metric(metrics, "haqmoe_expert_prefetch_copies_total")
+    assert [int(v) for _, v in sorted(prefetched.items())] == engine.cache.stats.prefetch_copies.tolist()

@@ -48,6 +48,11 @@ def serve(ctx: typer.Context,
           plan: Optional[str] = _ENGINE_OPTS["plan"],
           device: str = _ENGINE_OPTS["device"], emulate_gpu: bool = _ENGINE_OPTS["emulate_gpu"],
           profile: str = _ENGINE_OPTS["profile"], exec_mode: str = _ENGINE_OPTS["exec_mode"],
+          prefetch: int = _ENGINE_OPTS["prefetch"], lookahead: int = _ENGINE_OPTS["lookahead"],
+          guess_trace: Optional[str] = _ENGINE_OPTS["guess_trace"], admit: Optional[bool] = _ENGINE_OPTS["admit"],
+          compile_decode: bool = _ENGINE_OPTS["compile_decode"],
+          skip_below: float = _ENGINE_OPTS["skip_below"], low_below: float = _ENGINE_OPTS["low_below"],
+          low_all: bool = _ENGINE_OPTS["low_all"],
           log_level: str = typer.Option("info", help="uvicorn log level.")) -> None:
     """Serve the model over the collaborative runtime with an OpenAI-compatible API (+ /health, /metrics,
     a web page at /), batching concurrent requests (--max-batch).
@@ -63,7 +68,8 @@ def serve(ctx: typer.Context,
                       cors_origins=tuple(cors_origin or ()), max_batch=max_batch, page=page)
     check_exposure(host, bool(cfg.api_keys), allow_unauthenticated)  # before the (slow) model load
     engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode,
-                          gpu_memory=gpu_memory)
+                          prefetch, guess_trace, admit, compile_decode, gpu_memory, skip_below, low_below, low_all,
+                          lookahead)
     uvicorn.run(create_app(engine, cfg), host=host, port=port, log_level=log_level)
 
 

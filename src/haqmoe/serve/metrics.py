@@ -142,6 +142,9 @@ def engine_lines(engine) -> list[str]:
     series: list[tuple[str, str, object]] = [
         ("haqmoe_expert_calls_cpu_total", "Expert calls run on the CPU tier.", tel.cpu_experts),
         ("haqmoe_expert_calls_gpu_total", "Expert calls run on the GPU tier.", tel.gpu_experts),
+        ("haqmoe_expert_calls_skipped_total", "Missed expert calls skipped (--skip-below).", tel.skipped_experts),
+        ("haqmoe_expert_calls_low_precision_total", "Missed expert calls served from the int4 copy "
+         "(--low-precision-below).", tel.low_experts),
     ]
     if engine.cache is not None:
         st = engine.cache.stats
@@ -153,6 +156,11 @@ def engine_lines(engine) -> list[str]:
             ("haqmoe_expert_cache_misses_total", "Expert lookups not in the GPU cache.", st.misses),
             ("haqmoe_expert_cache_evictions_total", "Experts evicted from the GPU cache.", st.evictions),
             ("haqmoe_expert_bytes_transferred_total", "Expert bytes copied host-to-device.", st.bytes_moved),
+            ("haqmoe_expert_prefetch_copies_total", "Experts copied ahead of need (--prefetch).", st.prefetch_copies),
+            ("haqmoe_expert_prefetch_hits_total", "Lookups served by a prefetched copy (also in the hits).",
+             st.prefetch_hits),
+            ("haqmoe_expert_prefetch_wasted_total", "Prefetched experts evicted before any use.",
+             st.prefetch_wasted),
         ]
     lines: list[str] = []
     for name, help_, arr in series:
