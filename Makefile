@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow clean peers peers-moe peers-asym peers-moe-asym peer-llamacpp peer-llamacpp-default \
+.PHONY: demo test test-slow clean peers peers-moe peers-asym peers-moe-asym peers-moefied peers-moefied-asym peer-llamacpp peer-llamacpp-default \
 	peer-llamacpp-all
 
 $(BIN)/python:
@@ -34,46 +34,39 @@ $(PEER_VENV)/.installed: bench/peers/requirements.txt
 	$(PEER_VENV)/bin/pip install --quiet torch==2.13.0 -r bench/peers/requirements.txt
 	touch $@
 
-# The peer's W8A8 SmolLM2 checkpoint, calibrated on exactly our calibration tokens (128 x 512,
-# wikitext2:valid, seed 0); then: .venv/bin/python bench/haq.py --windows all --resume --peer $(PEER_OUT)
-PEER_OUT := bench/peers/out/smollm2-llmc-w8a8
-$(PEER_OUT)/peer_meta.json: $(PEER_VENV)/.installed $(STAMP) bench/peers/llmcompressor_w8a8.py
-	$(BIN)/python bench/peers/make_calib.py --out bench/peers/out/calib.pt
-	$(PEER_VENV)/bin/python bench/peers/llmcompressor_w8a8.py $$($(BIN)/python -c \
-		"from haqmoe.models.embedded import ensure_embedded; print(ensure_embedded('smollm2-135m'))") \
-		bench/peers/out/calib.pt $(PEER_OUT)
+# The peer's W8A8 checkpoints, calibrated on exactly our calibration tokens (128 x 512, wikitext2:valid,
+# seed 0), one rule per (model, preset): the stock symmetric W8A8 preset, and --asym, the peer configured
+# as close to ours as its schemes allow (asymmetric int8 weights per output channel, asymmetric dynamic
+# per-token activations). MoE experts are unfused by llm-compressor's load_quantizable_moe; its two passes
+# take ~20 and ~35 min for the upcycled MoE on 2 cores alone, ~10 min in all for SmolLM2 or the MoEfied
+# model; --stage-dir keeps the smoothed weights, so a rerun (or the other preset) resumes after the first.
+# Then: .venv/bin/python bench/haq.py --model MODEL --windows all --resume --peer OUT [--peer OUT-asym]
+# $(call llmc_peer,OUT,MODEL,CALIB,EXTRA-FLAGS)
+define llmc_peer
+$(1)/peer_meta.json: $(PEER_VENV)/.installed $(STAMP) bench/peers/llmcompressor_w8a8.py
+	$(BIN)/python bench/peers/make_calib.py --model $(2) --out $(3)
+	$(PEER_VENV)/bin/python bench/peers/llmcompressor_w8a8.py $$$$($(BIN)/python -c \
+		"from haqmoe.models.embedded import ensure_embedded; print(ensure_embedded('$(2)'))") \
+		$(3) $(1) $(4)
+endef
+PEERS := bench/peers/out
+$(eval $(call llmc_peer,$(PEERS)/smollm2-llmc-w8a8,smollm2-135m,$(PEERS)/calib.pt,))
+$(eval $(call llmc_peer,$(PEERS)/smollm2-llmc-w8a8-asym,smollm2-135m,$(PEERS)/calib.pt,--asym))
+$(eval $(call llmc_peer,$(PEERS)/smollm2-moe-llmc-w8a8,smollm2-moe,$(PEERS)/calib-moe.pt,\
+	--stage-dir $(PEERS)/smollm2-moe-smoothquant))
+$(eval $(call llmc_peer,$(PEERS)/smollm2-moe-llmc-w8a8-asym,smollm2-moe,$(PEERS)/calib-moe.pt,\
+	--asym --stage-dir $(PEERS)/smollm2-moe-smoothquant))
+$(eval $(call llmc_peer,$(PEERS)/smollm2-moefied-llmc-w8a8,smollm2-moefied,$(PEERS)/calib-moefied.pt,\
+	--stage-dir $(PEERS)/smollm2-moefied-smoothquant))
+$(eval $(call llmc_peer,$(PEERS)/smollm2-moefied-llmc-w8a8-asym,smollm2-moefied,$(PEERS)/calib-moefied.pt,\
+	--asym --stage-dir $(PEERS)/smollm2-moefied-smoothquant))
 
-# The same for the upcycled MoE (experts unfused by llm-compressor's load_quantizable_moe; two passes,
-# ~20 and ~35 min on 2 cores alone, and a rerun resumes after the first from the saved smoothed weights);
-# then: .venv/bin/python bench/haq.py --model smollm2-moe --windows all --resume --peer $(PEER_MOE_OUT)
-PEER_MOE_OUT := bench/peers/out/smollm2-moe-llmc-w8a8
-$(PEER_MOE_OUT)/peer_meta.json: $(PEER_VENV)/.installed $(STAMP) bench/peers/llmcompressor_w8a8.py
-	$(BIN)/python bench/peers/make_calib.py --model smollm2-moe --out bench/peers/out/calib-moe.pt
-	$(PEER_VENV)/bin/python bench/peers/llmcompressor_w8a8.py $$($(BIN)/python -c \
-		"from haqmoe.models.embedded import ensure_embedded; print(ensure_embedded('smollm2-moe'))") \
-		bench/peers/out/calib-moe.pt $(PEER_MOE_OUT) --stage-dir bench/peers/out/smollm2-moe-smoothquant
-
-# The same peer configured as close to ours as its schemes allow (--asym: asymmetric int8 weights per
-# output channel, asymmetric dynamic per-token activations), beside the stock symmetric W8A8 preset;
-# then: .venv/bin/python bench/haq.py --windows all --resume --peer $(PEER_ASYM_OUT)
-PEER_ASYM_OUT := bench/peers/out/smollm2-llmc-w8a8-asym
-$(PEER_ASYM_OUT)/peer_meta.json: $(PEER_VENV)/.installed $(STAMP) bench/peers/llmcompressor_w8a8.py
-	$(BIN)/python bench/peers/make_calib.py --out bench/peers/out/calib.pt
-	$(PEER_VENV)/bin/python bench/peers/llmcompressor_w8a8.py $$($(BIN)/python -c \
-		"from haqmoe.models.embedded import ensure_embedded; print(ensure_embedded('smollm2-135m'))") \
-		bench/peers/out/calib.pt $(PEER_ASYM_OUT) --asym
-
-PEER_MOE_ASYM_OUT := bench/peers/out/smollm2-moe-llmc-w8a8-asym
-$(PEER_MOE_ASYM_OUT)/peer_meta.json: $(PEER_VENV)/.installed $(STAMP) bench/peers/llmcompressor_w8a8.py
-	$(BIN)/python bench/peers/make_calib.py --model smollm2-moe --out bench/peers/out/calib-moe.pt
-	$(PEER_VENV)/bin/python bench/peers/llmcompressor_w8a8.py $$($(BIN)/python -c \
-		"from haqmoe.models.embedded import ensure_embedded; print(ensure_embedded('smollm2-moe'))") \
-		bench/peers/out/calib-moe.pt $(PEER_MOE_ASYM_OUT) --asym --stage-dir bench/peers/out/smollm2-moe-smoothquant
-
-peers: $(PEER_OUT)/peer_meta.json
-peers-moe: $(PEER_MOE_OUT)/peer_meta.json
-peers-asym: $(PEER_ASYM_OUT)/peer_meta.json
-peers-moe-asym: $(PEER_MOE_ASYM_OUT)/peer_meta.json
+peers: $(PEERS)/smollm2-llmc-w8a8/peer_meta.json
+peers-asym: $(PEERS)/smollm2-llmc-w8a8-asym/peer_meta.json
+peers-moe: $(PEERS)/smollm2-moe-llmc-w8a8/peer_meta.json
+peers-moe-asym: $(PEERS)/smollm2-moe-llmc-w8a8-asym/peer_meta.json
+peers-moefied: $(PEERS)/smollm2-moefied-llmc-w8a8/peer_meta.json
+peers-moefied-asym: $(PEERS)/smollm2-moefied-llmc-w8a8-asym/peer_meta.json
 
 # llama.cpp, the decode peer of bench/int8.py (llama-cpp-python, built from source into our venv, ~6 min):
 # AVX512 + VNNI kernels; its AMX build crashed in the first decode on this machine's VM, so AMX is off.

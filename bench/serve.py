@@ -15,7 +15,11 @@ clients (greedy chat completions, half streamed); every answer is checked agains
 prompt got alone.
 Writes bench/results/serve_batched.{json,md}; ``--render`` rewrites the .md from the .json.
 
-    python bench/serve.py --batched [--requests 2] [--max-tokens 32] [--batched-clients 1,2,4,8] [--render]
+    python bench/serve.py --batched [--int8] [--requests 2] [--max-tokens 32] [--batched-clients 1,2,4,8] [--render]
+
+``--int8`` serves the model's W8A8 checkpoint (RTN, int8 LM head: the one bench/int8.py decodes) with real
+int8 products (``--exec real``), the way haqmoe deploys a quantized model, and writes
+bench/results/serve_batched_int8.{json,md}.
 """
 
 from __future__ import annotations
@@ -124,6 +128,8 @@ def load(client, clients: int, requests: int, max_tokens: int, refs: dict[int, s
 
 
 BATCHED_OUT = ROOT / "bench/results/serve_batched.json"
+BATCHED_INT8_OUT = ROOT / "bench/results/serve_batched_int8.json"
+INT8 = "W8A8 (RTN, int8 LM head), real int8 products (`--exec real`)"
 BATCHED_MODEL = "smollm2-moefied"
 BATCHED_CLIENTS = (1, 2, 4, 8)
 BATCHED_SERVERS = (("one-at-a-time", 1), ("batched", 8))
@@ -175,12 +181,20 @@ def run_batched(args) -> None:
     from haqmoe.models.embedded import ensure_embedded
     from haqmoe.results import run_meta
 
-    ckpt = ensure_embedded(BATCHED_MODEL, progress=False) if args.model == BATCHED_MODEL else args.model
+    if args.int8:  # the W8A8 checkpoint bench/int8.py decodes (RTN, int8 LM head), real int8 products
+        sys.path.insert(0, str(ROOT / "bench"))
+        import int8 as bench_int8
+
+        ckpt, precision, extra = bench_int8.ensure_quantized(args.model, int8_lm_head=True), INT8, ("--exec", "real")
+    else:
+        ckpt = ensure_embedded(BATCHED_MODEL, progress=False) if args.model == BATCHED_MODEL else args.model
+        precision, extra = "fp32", ()
     procs, servers = [], []
     try:
         for label, max_batch in BATCHED_SERVERS:
             port = free_port()
-            procs.append(start_server(ckpt, port, ("--max-batch", str(max_batch)), BATCHED_MODEL, threads=args.threads))
+            procs.append(start_server(ckpt, port, ("--max-batch", str(max_batch), *extra), BATCHED_MODEL,
+                                      threads=args.threads))
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
                                    timeout=600)
             servers.append((label, max_batch, port, client))
@@ -206,10 +220,10 @@ def run_batched(args) -> None:
         for proc in procs:
             proc.terminate()
             proc.wait(60)
-    meta = run_meta(model=args.model, max_tokens=args.max_tokens, requests_per_client=args.requests,
+    meta = run_meta(model=args.model, precision=precision, max_tokens=args.max_tokens, requests_per_client=args.requests,
                     torch_threads=args.threads, solo=solo and {k: v for k, v in solo.items() if k != "texts"},
                     evidence=EVIDENCE)
-    write_batched(rows, meta, Path(args.batched_out))
+    write_batched(rows, meta, args.batched_out)
     if any(r["failed"] for r in rows):
         raise SystemExit("some responses failed or differed from the answer alone")
 
@@ -251,7 +265,7 @@ def batched_markdown(rows: list[dict], meta: dict) -> str:
     shape = (" (SmolLM2-135M carved into a Qwen2-MoE: 4 routed experts top-2 + 4 shared, 30 layers)"
              if meta.get("model") == BATCHED_MODEL else "")
     notes.append(
-        f"Model: `{meta.get('model')}`{shape}, fp32, GPU tier emulated on the CPU (`--emulate-gpu`, default slots), "
+        f"Model: `{meta.get('model')}`{shape}, {meta.get('precision', 'fp32')}, GPU tier emulated on the CPU (`--emulate-gpu`, default slots), "
         f"served by two `haqmoe serve` subprocesses on loopback, both up at once and loaded in turn at each client count, with "
         f"{meta.get('torch_threads')} torch thread(s) each; `--max-batch 1` is the "
         f"one-at-a-time server (requests queue, each prompt prefilled alone as `haqmoe run` does), `--max-batch 8` "
@@ -288,15 +302,19 @@ def main() -> None:
     ap.add_argument("--render", action="store_true", help="--batched: rewrite the .md from the .json only")
     ap.add_argument("--model", default=BATCHED_MODEL, help="--batched: checkpoint directory (a quick check of "
                                                            "this script on another model)")
-    ap.add_argument("--batched-out", default=str(BATCHED_OUT), help="--batched: results file")
+    ap.add_argument("--batched-out", default=None, help="--batched: results file (default "
+                    "bench/results/serve_batched.json, with --int8 serve_batched_int8.json)")
+    ap.add_argument("--int8", action="store_true", help="--batched: serve the model's W8A8 checkpoint with real "
+                                                        "int8 products (--exec real) instead of fp32")
     ap.add_argument("--batched-clients", default=",".join(map(str, BATCHED_CLIENTS)),
                     type=lambda v: [int(x) for x in v.split(",")], help="--batched: client counts, e.g. 1,8")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     if args.batched:
+        args.batched_out = Path(args.batched_out or (BATCHED_INT8_OUT if args.int8 else BATCHED_OUT))
         if args.render:
-            doc = json.loads(BATCHED_OUT.read_text())
-            write_batched(doc["rows"], doc["meta"])
+            doc = json.loads(args.batched_out.read_text())
+            write_batched(doc["rows"], doc["meta"], args.batched_out)
             return
         args.requests = args.requests or 2
         args.max_tokens = args.max_tokens or 32
