@@ -609,19 +609,19 @@ class Int8Experts(GroupedExperts):
             return as_dtype(hidden_states, torch.float32)
         return super().prepare(hidden_states)
 
-    def fused_kernel(self, x: torch.Tensor):
-        """``moe_w8a8`` where it computes these experts on input ``x``, else None: the kernel runs here
-        (``cpu_kernel``) and the expert function is SiLU-gated without biases (gpt-oss's clamped GLU and
-        biased experts stay on the per-expert path)."""
+    def fused_kernel(self, device: torch.device):
+        """``moe_w8a8`` where it computes these experts on inputs on ``device``, else None: the kernel
+        runs there (``cpu_kernel``'s conditions) and the expert function is SiLU-gated without biases
+        (gpt-oss's clamped GLU and biased experts stay on the per-expert path)."""
         if self.gate_up_bias is not None or not silu_gated(self.glu):
             return None
-        if cpu_kernel(x, max(self.hidden_dim, self.intermediate_dim)) is None:
+        if device.type != "cpu" or max(self.hidden_dim, self.intermediate_dim) > _INT32_SAFE_K or w8a8_op() is None:
             return None
         return moe_op()
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        op = self.fused_kernel(hidden_states)
+        op = self.fused_kernel(hidden_states.device)
         if op is None:
             return super().forward(hidden_states, top_k_index, top_k_weights)
         x = as_dtype(hidden_states, torch.float32).contiguous()
