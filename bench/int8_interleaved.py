@@ -5,6 +5,7 @@
         # -> bench/results/int8_interleaved.{json,md}
     .venv/bin/python bench/int8_interleaved.py --model smollm2-moe --bandwidth ...
         # -> bench/results/int8_moe_peer.{json,md}
+    .venv/bin/python bench/int8_interleaved.py --model smollm2-moefied --out bench/results/int8_moefied_peer.json ...
 
 This machine shares its host: in bench/int8.py, where every mode runs in its own process, a mode's best
 round moves between runs, and the ratio to llama.cpp with it. Here every decoder lives in its own
@@ -14,10 +15,11 @@ pause between bursts, the order rotated every round), and each ratio is taken wi
 spell of the host falls on both sides. Decode tok/s of a burst: tokens after the first over the time
 from the first to the last.
 
-Ours: SmolLM2 through `haqmoe generate --aot`'s ahead-of-time package (real int8, int8 lm_head
+Ours: the model through `haqmoe generate --aot`'s ahead-of-time package (real int8, int8 lm_head
 checkpoint, RTN W8A8; its int8 products on our fused kernel where the CPU has AVX512-VNNI, see
-meta.fused_kernel); the MoE (ahead-of-time export is for dense models) through `haqmoe run`'s
-collaborative engine with no GPU tier (every expert on the CPU, --exec real). llama.cpp: the same
+meta.fused_kernel; an MoE's routed experts on the fused MoE op, one call per layer). MoE models add
+`engine`: `haqmoe run`'s collaborative engine with no GPU tier (every expert on the CPU, --exec real,
+eager), in its own process and bursts like the others, its ratios as engine_ratio_vs_*. llama.cpp: the same
 checkpoint written by `haqmoe export --format gguf` (Q8_0 re-quantized from our int8 weights), one
 child process per llama-cpp-python build (--llama-python LABEL=PYTHON: the python of the venv that
 holds it, running bench/llama_child.py); meta.llama_builds has each build's version, system info and
@@ -42,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "src"))  # also in spawned workers: set at import
 PROMPT, NEW, THREADS = 32, 64, 2
-OURS = "ours"
+OURS, ENGINE = "ours", "engine"
 
 
 class Stamps:
@@ -158,12 +160,21 @@ def gguf_bytes_per_token(path: Path, model_cfg) -> float:
     return sum(int(t.n_bytes) * (share if "_exps." in t.name else 1.0) for t in GGUFReader(str(path)).tensors)
 
 
-def serve_ours(model: str, conn) -> None:
-    """Worker process: build our decoder, then run one burst per request until told to stop."""
+def is_moe(model: str) -> bool:
+    return "moe" in model
+
+
+def our_sides(model: str) -> list[str]:
+    """Our decoders: the ahead-of-time package, and for an MoE also the engine."""
+    return [OURS, ENGINE] if is_moe(model) else [OURS]
+
+
+def serve_ours(model: str, side: str, conn) -> None:
+    """Worker process: build one of our decoders, then run one burst per request until told to stop."""
     torch.set_num_threads(THREADS)
     from haqmoe.exec.kernels import w8a8_op
 
-    burst, per_token = (engine_decoder if "moe" in model else aot_decoder)(model)
+    burst, per_token = (engine_decoder if side == ENGINE else aot_decoder)(model)
     burst()  # warm-up
     conn.send({"bytes_per_token": per_token, "fused_kernel": w8a8_op() is not None})
     while conn.recv():
@@ -202,10 +213,15 @@ class LlamaChild:
         self.proc.wait(10)
 
 
-def summarise(rows: list[dict], labels: list[str]) -> dict:
-    """Median tok/s of every side, median within-round ratio of ours to each build, the fastest build."""
-    med = {f"{s}_tok_s": statistics.median(r[f"{s}_tok_s"] for r in rows) for s in [OURS] + labels}
-    ratios = {f"ratio_vs_{b}": statistics.median(r[f"ratio_vs_{b}"] for r in rows) for b in labels}
+def ratio_key(ours: str, build: str) -> str:
+    """The row key of one of our sides over a llama.cpp build (``ratio_vs_*`` for the package, as ever)."""
+    return f"ratio_vs_{build}" if ours == OURS else f"{ours}_ratio_vs_{build}"
+
+
+def summarise(rows: list[dict], ours: list[str], labels: list[str]) -> dict:
+    """Median tok/s of every side, median within-round ratio of each of ours to each build."""
+    med = {f"{s}_tok_s": statistics.median(r[f"{s}_tok_s"] for r in rows) for s in ours + labels}
+    ratios = {ratio_key(o, b): statistics.median(r[ratio_key(o, b)] for r in rows) for o in ours for b in labels}
     return {"pair": "median", **med, **ratios}
 
 
@@ -221,10 +237,14 @@ def notes_text(rows: list[dict], labels: list[str], meta: dict) -> str:
     lines += [f"Measured on this CPU ({meta.get('cpu', {}).get('Model name', '?')}, {THREADS} threads each), "
              f"{len(rounds)} rounds. Median decode tok/s: ours {med[f'{OURS}_tok_s']:.1f}; "
              + ", ".join(f"llama.cpp `{b}` {med[f'{b}_tok_s']:.1f}" for b in labels) + "."]
-    for b in labels:
-        rs = [r[f"ratio_vs_{b}"] for r in rounds]
-        lines.append(f"- ours / `{b}`: median {med[f'ratio_vs_{b}']:.2f} (rounds {min(rs):.2f}-{max(rs):.2f})")
-    lines.append(f"Fastest llama.cpp build here: `{fastest}`; ours against it: {med[f'ratio_vs_{fastest}']:.2f}x.")
+    ours = [s for s in (OURS, ENGINE) if f"{s}_tok_s" in med]
+    for o in ours:
+        for b in labels:
+            rs = [r[ratio_key(o, b)] for r in rounds]
+            lines.append(f"- {o} / `{b}`: median {med[ratio_key(o, b)]:.2f} (rounds {min(rs):.2f}-{max(rs):.2f})")
+    lines.append(f"Fastest llama.cpp build here: `{fastest}`; ours against it: {med[f'ratio_vs_{fastest}']:.2f}x"
+                 + (f" (engine: {med[ratio_key(ENGINE, fastest)]:.2f}x, median {med[f'{ENGINE}_tok_s']:.1f} tok/s)."
+                    if ENGINE in ours else "."))
     if len(labels) > 1:
         slowest = min(labels, key=lambda b: med[f"{b}_tok_s"])
         lines.append(f"`{fastest}` decodes {med[f'{fastest}_tok_s'] / med[f'{slowest}_tok_s']:.2f}x `{slowest}` "
@@ -255,7 +275,8 @@ def render(path: Path) -> None:
 
     data = json.loads(path.read_text())
     meta, rows = data["meta"], data["rows"]
-    labels = [k[: -len("_tok_s")] for k in rows[0] if k.endswith("_tok_s") and k != f"{OURS}_tok_s"]
+    sides = [k[: -len("_tok_s")] for k in rows[0] if k.endswith("_tok_s")]
+    labels = [s for s in sides if s not in (OURS, ENGINE)]
     if "dram_read_gb_s" in meta:
         src = checkpoint(meta["model"])
         lm = load_model(str(src), progress=False)
@@ -274,7 +295,8 @@ def main() -> None:
     from hostinfo import cpu_info, dram_read_gb_s
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m (ours: --aot) or smollm2-moe (ours: engine)")
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="smollm2-135m, smollm2-moe or smollm2-moefied (ours: --aot; MoE models also: engine)")
     ap.add_argument("--pairs", type=int, default=10, help="rounds (each decoder bursts once per round)")
     ap.add_argument("--llama-python", action="append", default=[],
                     help="LABEL=PYTHON[@GGUF] of a venv holding a llama-cpp-python build (repeatable); "
@@ -290,26 +312,31 @@ def main() -> None:
         return render(args.render)
     builds = [b.split("=", 1) for b in (args.llama_python or [f"flagged={sys.executable}"])]
     labels = [label for label, _ in builds]
-    out = args.out or ROOT / "bench" / "results" / ("int8_moe_peer.json" if "moe" in args.model
+    out = args.out or ROOT / "bench" / "results" / ("int8_moe_peer.json" if is_moe(args.model)
                                                      else "int8_interleaved.json")
     gguf, ids = gguf_of(args.model), prompt(args.model)  # built before any timing
     bandwidth = [dram_read_gb_s(THREADS)] if args.bandwidth else []
 
     ctx = mp.get_context("spawn")
-    here, there = ctx.Pipe()
-    ours = ctx.Process(target=serve_ours, args=(args.model, there), daemon=True)
-    ours.start()
-    ours_info = here.recv()
+    ours = our_sides(args.model)
+    pipes, workers, infos = {}, [], {}
+    for side in ours:  # one after the other: each builds (the package: minutes once) before any timing
+        here, there = ctx.Pipe()
+        worker = ctx.Process(target=serve_ours, args=(args.model, side, there), daemon=True)
+        worker.start()
+        pipes[side], infos[side] = here, here.recv()
+        workers.append(worker)
+    ours_info = infos[OURS]
     files = {label: Path(python.split("@", 1)[1]) if "@" in python else gguf for label, python in builds}
     children = {label: LlamaChild(label, python.split("@", 1)[0], files[label], ids) for label, python in builds}
 
     def burst(side: str) -> float:
-        if side == OURS:
-            here.send(True)
-            return here.recv()
+        if side in pipes:
+            pipes[side].send(True)
+            return pipes[side].recv()
         return children[side].burst()
 
-    sides = [OURS] + labels
+    sides = ours + labels
     rows = []
     try:
         for i in range(args.pairs):
@@ -319,23 +346,25 @@ def main() -> None:
                 time.sleep(0.2)  # let the other sides' spinning worker threads go idle
                 speeds[side] = burst(side)
             row = {"pair": i, "first": order[0], **{f"{s}_tok_s": speeds[s] for s in sides},
-                   **{f"ratio_vs_{b}": speeds[OURS] / speeds[b] for b in labels}}
+                   **{ratio_key(o, b): speeds[o] / speeds[b] for o in ours for b in labels}}
             rows.append(row)
             print(row, flush=True)
     finally:
-        here.send(False)
-        ours.join(10)
+        for pipe in pipes.values():
+            pipe.send(False)
+        for worker in workers:
+            worker.join(10)
         for child in children.values():
             child.close()
     if args.bandwidth:
         bandwidth.append(dram_read_gb_s(THREADS))
-    rows.append(summarise(rows, labels))
+    rows.append(summarise(rows, ours, labels))
     from transformers import AutoConfig
 
     import int8 as bench_int8
 
     meta = run_meta(model=args.model, pairs=args.pairs, prompt_tokens=PROMPT, new_tokens=NEW, threads=THREADS,
-                    ours="aot" if "moe" not in args.model else "engine (no GPU tier, --exec real)",
+                    ours="aot", **({ENGINE: "engine (no GPU tier, --exec real)"} if ENGINE in ours else {}),
                     checkpoint=checkpoint(args.model).name, gguf=gguf.name, gguf_bytes=gguf.stat().st_size,
                     fused_kernel=ours_info["fused_kernel"], llama_cpp=bench_int8.llama_cpp_build().get("llama_cpp"),
                     llama_builds={label: child.info for label, child in children.items()}, cpu=cpu_info())

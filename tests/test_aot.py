@@ -12,11 +12,13 @@ from haqmoe.models.adapters import adapter_for
 from haqmoe.models.tiny import tiny_model
 from haqmoe.exec.aot import AotGenerator, package_key
 from haqmoe.exec.compiled import cache_len, compiler_available
+from haqmoe.exec.kernels import w8a8_op
 from haqmoe.quant.config import QuantConfig
 from haqmoe.exec.precision import convert
 from haqmoe.quant.rtn import quantize_rtn
 
 needs_compiler = pytest.mark.skipif(not compiler_available(), reason="AOTInductor needs a C++ compiler")
+needs_kernel = pytest.mark.skipif(w8a8_op() is None, reason="MoE export needs the fused int8 CPU kernel")
 
 
 def _reference(model, ids: torch.Tensor, new: int) -> tuple[list[int], torch.Tensor]:
@@ -58,6 +60,27 @@ def test_aot_generation_matches_transformers(tmp_path, int8: bool):
         ref = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=True, pad_token_id=0, **sampling)
     torch.manual_seed(11)
     assert gen.generate(ids, 12, **sampling).tolist() == ref.tolist()
+
+
+@needs_compiler
+@needs_kernel
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])  # shared expert + router gate; plain top-k
+def test_aot_int8_moe_matches_eager(tmp_path, family: str):
+    """An int8 MoE whose experts run on the fused op exports: the package's greedy tokens and logits are
+    eager int8's (same integers; float ops around them possibly fused in another order)."""
+    model = tiny_model(family, layers=2)
+    quantize_rtn(model, adapter_for(model), QuantConfig.w8a8("rtn"), progress=False)
+    convert(model, "int8", int8_lm_head=True)
+    gen = AotGenerator.for_model(model, 40, root=tmp_path)
+    rng = torch.Generator().manual_seed(5)
+    for length in (23, 6):  # prefill routes many tokens per expert, decode one
+        ids = torch.randint(0, 128, (1, length), generator=rng)
+        with torch.inference_mode():
+            ref_tokens, ref_logits = _reference(model, ids, 10)
+            tokens = gen.generate(ids, 10)[0, length:].tolist()
+            logits = _aot_logits(gen, ids, ref_tokens)
+        assert tokens == ref_tokens
+        assert float((logits - ref_logits).norm() / ref_logits.norm()) < 2e-3
 
 
 @needs_compiler
@@ -128,8 +151,9 @@ def test_cache_length_buckets():
     assert [cache_len(n) for n in (1, 256, 257, 600)] == [256, 256, 512, 768]
 
 
-def test_aot_refuses_moe_models_and_overlong_generations(tmp_path):
-    with pytest.raises(HaqmoeError, match="dense models"):
+def test_aot_refuses_per_expert_moe_models_and_overlong_generations(tmp_path):
+    """Float (and fake-quant) experts dispatch per expert in Python, data-dependent: refused before tracing."""
+    with pytest.raises(HaqmoeError, match="fused int8 CPU op"):
         AotGenerator.for_model(tiny_model("mixtral", layers=1), 10, root=tmp_path)
     gen = AotGenerator(runner=lambda **kw: None, max_len=256, path=tmp_path / "x.pt2")
     with pytest.raises(HaqmoeError, match="exceed"):

@@ -1,15 +1,19 @@
 """Our fused W8A8 CPU kernel (``haqmoe.exec.kernels``) against the ``quantize_tokens`` + ``torch._int_mm``
 path: bit-identical outputs (same activation integers, exact integer products, same float epilogue),
-exact int32 sums on extreme operands, a schema and fake implementation that tracing accepts."""
+exact int32 sums on extreme operands, a schema and fake implementation that tracing accepts; the fused
+routed-experts op against the per-expert Python path, bit-identical as well."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from haqmoe.exec import int8
-from haqmoe.exec.int8 import pack_weight, quantize_tokens, w8a8_linear
-from haqmoe.exec.kernels import w8a8_op
+from haqmoe.exec.int8 import Int8Experts, pack_weight, quantize_tokens, w8a8_linear
+from haqmoe.exec.kernels import moe_op, w8a8_op
+from haqmoe.models.adapters import GLU, ClampedSwiGLU
+from haqmoe.quant.modules import QuantExperts, QuantLinear
 from haqmoe.quant.quantizer import QuantSpec
 
 pytestmark = pytest.mark.skipif(w8a8_op() is None, reason="the fused int8 CPU kernel cannot run here")
@@ -125,3 +129,63 @@ def test_conversion_report_names_the_int8_path(monkeypatch):
     assert "fused VNNI kernel" in precision.convert(model, "int8").summary()
     monkeypatch.setattr(int8, "w8a8_op", lambda: None)
     assert "torch._int_mm" in precision.ConversionReport("int8", "cpu", {"int8": 3}).summary()
+
+
+def _experts(n: int, hidden: int, inter: int, w_sym: bool, a_sym: bool, seed: int,
+             glu: nn.Module | None = None) -> Int8Experts:
+    """Random int8 experts (distinct per expert) of unaligned widths."""
+    g = torch.Generator().manual_seed(seed)
+    w_spec, a_spec = QuantSpec(8, w_sym, "channel"), QuantSpec(8, a_sym, "token")
+    qe = QuantExperts(n, hidden, inter, glu or GLU(nn.SiLU()), w_spec, a_spec)
+    for part, (o, i) in (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter))):
+        setattr(qe, part, nn.ModuleList(QuantLinear.from_weight(torch.randn(o, i, generator=g) * 0.1, None,
+                                                                w_spec, a_spec) for _ in range(n)))
+    return Int8Experts.from_quant_experts(qe)
+
+
+def _routes(t: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k ids with padding (-1 and ``n``: skipped) and router weights."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(t)])
+    idx[0, -1] = -1
+    if t > 1:
+        idx[1, 0] = n
+    return idx, torch.rand(t, k, generator=g)
+
+
+@pytest.mark.parametrize("w_sym,a_sym", [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("t,k", [(1, 1), (1, 2), (1, 3), (5, 2), (40, 3)])  # 40 x 3 / 6: >16 rows, oneDNN
+def test_fused_moe_is_bit_identical_to_the_per_expert_path(monkeypatch, w_sym, a_sym, t, k):
+    experts = _experts(6, 100, 44, w_sym, a_sym, seed=t + k)
+    x = _x(t, 100, seed=t)
+    idx, w = _routes(t, k, 6, seed=k)
+    assert experts.fused_kernel(x.device) is not None
+    got = experts(x, idx, w)
+    with monkeypatch.context() as mp:
+        mp.setattr(int8, "moe_op", lambda: None)  # the per-expert path, products on our kernel
+        assert experts.fused_kernel(x.device) is None
+        ref = experts(x, idx, w)
+    assert torch.equal(got, ref)
+    monkeypatch.setattr(int8, "w8a8_op", lambda: None)  # quantize_tokens + torch._int_mm
+    assert torch.equal(experts(x, idx, w), ref)
+
+
+def test_fused_moe_keeps_the_input_dtype_and_all_padding_is_zero():
+    experts = _experts(4, 64, 32, True, False, seed=1)
+    x = _x(3, 64, seed=2).to(torch.bfloat16)
+    idx, w = _routes(3, 2, 4, seed=3)
+    got = experts(x, idx, w.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    assert not experts(x[:1], torch.tensor([[-1, 4]]), w[:1]).any()
+
+
+def test_clamped_glu_experts_stay_on_the_per_expert_path():
+    """gpt-oss's clamped SwiGLU is not what the fused op computes: those experts keep the Python path."""
+    experts = _experts(4, 64, 32, True, True, seed=1, glu=ClampedSwiGLU(1.702, 7.0))
+    assert experts.fused_kernel(torch.device("cpu")) is None
+
+
+def test_moe_op_schema_and_fake_implementation():
+    experts = _experts(4, 64, 32, False, False, seed=5)
+    idx, w = _routes(5, 2, 4, seed=6)
+    torch.library.opcheck(moe_op(), (_x(5, 64, 7), idx, w, *experts.fused_args, -128, 127, False))

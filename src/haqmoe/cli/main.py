@@ -187,7 +187,8 @@ def generate(model: str = typer.Argument("smollm2-135m", help="Model source (see
                                                  f"{SPEEDUPS['compile']} eager's decode, {SPEEDUPS['source']}; a "
                                                  "warm-up generation compiles first, needs a C++ compiler)."),
              aot: bool = typer.Option(False, "--aot", help="Generate through an ahead-of-time compiled package "
-                                      "(torch.export + AOTInductor; dense models: SmolLM2 --exec real, int8 lm_head, "
+                                      "(torch.export + AOTInductor; dense models, and MoE models with --exec real whose "
+                                      "experts run on the fused int8 CPU op; SmolLM2 --exec real, int8 lm_head, "
                                       f"{SPEEDUPS['aot']} eager's decode, {SPEEDUPS['source']}). Built once per "
                                       "model and 256-token cache bucket (minutes), then cached; needs a C++ "
                                       "compiler."),

@@ -14,7 +14,11 @@ longer generation left beyond the current position, so nothing is reset between 
 A package holds its own copy of the weights and is built once per (weights, cache length, versions):
 3.5-5 min for SmolLM2-135M on 2 cores, cached under ``<cache>/aot``. Cache lengths come in 256-token
 buckets (``compiled.cache_len``, shared with the engine's compiled decode).
-Dense models only: MoE expert dispatch is data-dependent and does not export.
+MoE models export where every MoE block's routed experts run as one op: real int8 experts on haqmoe's
+fused ``moe_w8a8`` (``int8.Int8Experts``: SiLU-gated, unbiased, a CPU with the kernel). The router's
+softmax and top-k are tensor ops; the op takes the top-k ids and weights and returns their weighted sum
+with a static shape, so nothing depends on which experts a token picks. Per-expert dispatch
+(fake-quant or float experts, gpt-oss's clamped GLU) is data-dependent and does not export.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from ..models.adapters import adapter_for
 from ..paths import cache_dir
 from . import kernels
 from .compiled import cache_len, require_compiler
+from .int8 import Int8Experts
 from .kernels import w8a8_op
 
 EXPORT_VERSION = 2  # bump when export_step changes what a package computes or how: old packages are then rebuilt
@@ -62,13 +67,20 @@ def package_key(model: nn.Module, max_len: int) -> str:
     return h.hexdigest()
 
 
+def _fused_experts(experts: nn.Module | None) -> bool:
+    """Whether an MoE block's routed experts run as one exportable op (``Int8Experts.fused_kernel``)."""
+    return isinstance(experts, Int8Experts) and experts.fused_kernel(torch.device("cpu")) is not None
+
+
 def _check_exportable(model: nn.Module) -> None:
     if model.device.type != "cpu":
         raise HaqmoeError("ahead-of-time compiled generation runs on the CPU (load the model there)")
     spec = adapter_for(model)
-    if any(spec.is_moe_block(b) for b in spec.blocks(model)):
-        raise HaqmoeError("ahead-of-time compiled generation is for dense models: MoE expert dispatch is "
-                          "data-dependent and does not export (use `haqmoe run` for MoE models)")
+    if not all(_fused_experts(spec.experts(b)) for b in spec.blocks(model) if spec.is_moe_block(b)):
+        raise HaqmoeError("ahead-of-time compiled generation of a MoE model needs its experts on haqmoe's fused "
+                          "int8 CPU op (--exec real, SiLU-gated experts without biases, a CPU with AVX512-VNNI): "
+                          "per-expert dispatch is data-dependent and does not export (use `haqmoe run` or "
+                          "`generate` without --aot)")
     require_compiler("cpu")
     w8a8_op()  # resolved (built, loaded) before tracing, which only reads it, and before loading a package
 

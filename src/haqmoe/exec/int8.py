@@ -19,6 +19,11 @@ On CPUs with AVX512-VNNI, ``w8a8_linear`` hands the whole product (quantization 
 kernel (``kernels``): 3-10x faster for decode's one-token GEMVs and bit-identical to the tensor
 arithmetic here, which stays the reference and the path everywhere else (CUDA, other CPUs).
 
+Routed experts on such a CPU (SiLU-gated, unbiased) run as ONE op per MoE layer (``kernels``'
+``moe_w8a8``: every expert's gate/up product, activation, down product and the weighted sum), the same
+arithmetic as the per-expert Python path below and bit-identical to it; being one op with static shapes,
+it also lets ``torch.export`` (``aot.py``) trace MoE blocks, whose per-expert dispatch is data-dependent.
+
 Per-token activation quantization commutes with row selection, so MoE experts quantize the hidden
 states once for all tokens, and linears that read the same tensor (q/k/v, gate/up) reuse one
 quantization through a one-entry identity cache. Under ``torch.compile`` (``compiled.py``) those
@@ -33,10 +38,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from transformers.activations import SiLUActivation
+
 from ..errors import HaqmoeError
+from ..models.adapters import GLU
 from ..quant.modules import QuantVocab
 from ..quant.quantizer import QuantSpec
-from .kernels import w8a8_op
+from .kernels import moe_op, w8a8_op
 
 _CUDA_MIN_ROWS = 17
 _ALIGN = 8
@@ -531,6 +539,11 @@ class GroupedExperts(nn.Module):
         return out if out is not None else torch.zeros(1, self.hidden_dim, device=top_k_index.device)
 
 
+def silu_gated(glu: nn.Module) -> bool:
+    """``silu(gate) * up``: the expert function ``moe_w8a8`` computes (Mixtral, Qwen-MoE, OLMoE, DeepSeek)."""
+    return isinstance(glu, GLU) and isinstance(glu.act_fn, (nn.SiLU, SiLUActivation))
+
+
 def _experts_spec(qe: nn.Module) -> QuantSpec:
     spec = qe.gate[0].a_spec
     if spec is None or not spec.dynamic or spec.bits != 8:
@@ -548,6 +561,7 @@ class Int8Experts(GroupedExperts):
         self.gate_up: list[tuple[str, ...]] = []
         self.down: list[tuple[str, ...]] = []
         self.wt: dict[str, list[torch.Tensor]] = {"gate_up": [], "down": []}
+        self.fused_args: tuple[list, ...] = ()  # ``moe_w8a8``'s weight lists (``_refresh``)
 
     @classmethod
     def from_quant_experts(cls, qe: nn.Module) -> "Int8Experts":
@@ -559,6 +573,7 @@ class Int8Experts(GroupedExperts):
                              torch.cat([g.w_zero, u.w_zero]), g.w_spec.symmetric)
             m._register(e, "gate_up", gu)
             m._register(e, "down", pack_weight(d.qweight, d.w_scale, d.w_zero, d.w_spec.symmetric))
+        m._refresh()
         return m
 
     def _register(self, e: int, kind: str, packed: tuple) -> None:
@@ -566,12 +581,19 @@ class Int8Experts(GroupedExperts):
         for name, t in zip(names, packed):
             self.register_buffer(name, t)
         getattr(self, kind).append(names)
-        self.wt[kind].append(transposed(packed[0]))
+
+    def _refresh(self) -> None:
+        """What the forward reads besides the buffers, rebuilt from them: the transposed weight views and
+        ``moe_w8a8``'s lists (gate/up w, scales, zeros, colsums, then down's), built once and not per call
+        (decode is dispatch-bound), and before any trace, which reads them as the buffers they hold."""
+        self.wt = {kind: [transposed(getattr(self, names[0])) for names in getattr(self, kind)]
+                   for kind in ("gate_up", "down")}
+        self.fused_args = tuple([getattr(self, names[i]) for names in getattr(self, kind)]
+                                for kind in ("gate_up", "down") for i in range(4))
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        self.wt = {kind: [transposed(getattr(self, names[0])) for names in getattr(self, kind)]
-                   for kind in self.wt}
+        self._refresh()
         return self
 
     def packed(self, kind: str, e: int) -> tuple:
@@ -586,6 +608,26 @@ class Int8Experts(GroupedExperts):
         if cpu_kernel(hidden_states, self.hidden_dim) is not None:
             return as_dtype(hidden_states, torch.float32)
         return super().prepare(hidden_states)
+
+    def fused_kernel(self, device: torch.device):
+        """``moe_w8a8`` where it computes these experts on inputs on ``device``, else None: the kernel
+        runs there (``cpu_kernel``'s conditions) and the expert function is SiLU-gated without biases
+        (gpt-oss's clamped GLU and biased experts stay on the per-expert path)."""
+        if self.gate_up_bias is not None or not silu_gated(self.glu):
+            return None
+        if device.type != "cpu" or max(self.hidden_dim, self.intermediate_dim) > _INT32_SAFE_K or w8a8_op() is None:
+            return None
+        return moe_op()
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        op = self.fused_kernel(hidden_states.device)
+        if op is None:
+            return super().forward(hidden_states, top_k_index, top_k_weights)
+        x = as_dtype(hidden_states, torch.float32).contiguous()
+        y = op(x, as_dtype(top_k_index, torch.long).contiguous(), as_dtype(top_k_weights, torch.float32).contiguous(),
+               *self.fused_args, self.a_spec.qmin, self.a_spec.qmax, self.a_spec.symmetric)
+        return as_dtype(y, hidden_states.dtype)
 
     def expert_forward(self, e: int, inp: QuantAct | torch.Tensor) -> torch.Tensor:
         w, sw, zw, cs = self.packed("gate_up", e)

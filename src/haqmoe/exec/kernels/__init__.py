@@ -1,10 +1,12 @@
-"""Our own CPU kernel for the decode GEMV (``w8a8_cpu.cpp``): ``torch.ops.haqmoe.w8a8_linear``.
+"""Our own CPU kernels (``w8a8_cpu.cpp``): the decode GEMV ``torch.ops.haqmoe.w8a8_linear`` and the routed
+experts of one MoE layer in one call, ``torch.ops.haqmoe.moe_w8a8`` (built on the former).
 
 Built on first use with torch's C++ extension loader (g++ and ninja; ~10 s once, then loaded from
 ``<cache>/kernels/torch-VERSION-DIGEST``, one folder per source text and flags) and only on CPUs with
 AVX512-VNNI. Anything missing (no compiler, another CPU,
-``HAQMOE_KERNELS=0``) leaves ``w8a8_op()`` returning None and the int8 modules on ``torch._int_mm``:
-the kernel's outputs are bit-identical to that path, so it is a speed choice, never a numerics one.
+``HAQMOE_KERNELS=0``) leaves ``w8a8_op()`` and ``moe_op()`` returning None and the int8 modules on
+``torch._int_mm`` and per-expert Python: the kernels' outputs are bit-identical to those paths, so they are
+a speed choice, never a numerics one.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ...paths import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("w8a8_cpu.cpp")
-VERSION = 2  # of the op's schema and arithmetic: AOT packages that call it are keyed by it
+VERSION = 3  # of the ops' schemas and arithmetic: AOT packages that call them are keyed by it
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-ffp-contract=off",
           "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
@@ -49,6 +51,11 @@ def w8a8_op():
             return None
         _OP.append(_resolve())
     return _OP[0]
+
+
+def moe_op():
+    """The fused routed-experts op where the kernel runs here, else None (same resolution as ``w8a8_op``)."""
+    return None if w8a8_op() is None else torch.ops.haqmoe.moe_w8a8
 
 
 def _resolve():
@@ -98,8 +105,13 @@ def _build_and_load() -> None:
 
 
 def _register_fake() -> None:
-    """Shape function for tracing (torch.compile, torch.export): defined with the op's schema."""
+    """Shape functions for tracing (torch.compile, torch.export): defined with the ops' schemas."""
 
     @torch.library.register_fake("haqmoe::w8a8_linear")
     def _(x, w, w_scale, w_zero, colsum, bias, k, qmin, qmax, symmetric, residual=False):
         return x.new_empty(x.shape[0], w_scale.shape[0])
+
+    @torch.library.register_fake("haqmoe::moe_w8a8")
+    def _(x, top_k_index, top_k_weights, gate_up_w, gate_up_scale, gate_up_zero, gate_up_colsum, down_w,
+          down_scale, down_zero, down_colsum, qmin, qmax, symmetric):
+        return x.new_empty(x.shape)

@@ -11,6 +11,9 @@
 //
 // vpdpbusd multiplies unsigned by signed bytes, so activations are stored as u = q + 128 and the
 // extra 128 * colsum[o] is subtracted with the other zero-point terms.
+//
+// moe_w8a8 runs one MoE layer's routed experts on top of it (moe_w8a8_cpu below): one op instead of
+// ~8 Python-dispatched ops per expert, and an op of static shapes that torch.export can trace.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -245,11 +248,120 @@ at::Tensor w8a8_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
   return y;
 }
 
+// The routed experts' inputs, grouped as int8.py's GroupedExperts.forward groups them: one token in its
+// top-k slot order; more tokens per expert in ascending expert order, each expert's tokens in ascending
+// (token, slot) order. Ids outside [0, experts) are padding and skipped.
+struct ExpertRows {
+  int64_t expert;
+  std::vector<int64_t> tokens;
+  std::vector<float> weights;
+};
+
+std::vector<ExpertRows> group_routes(const int64_t* ids, const float* weights, int64_t tokens, int64_t top_k,
+                                     int64_t experts) {
+  std::vector<ExpertRows> groups;
+  if (tokens == 1) {
+    for (int64_t j = 0; j < top_k; ++j)
+      if (ids[j] >= 0 && ids[j] < experts) groups.push_back({ids[j], {0}, {weights[j]}});
+    return groups;
+  }
+  std::vector<ExpertRows> by_expert(static_cast<size_t>(experts));
+  for (int64_t p = 0; p < tokens * top_k; ++p) {
+    const int64_t e = ids[p];
+    if (e < 0 || e >= experts) continue;
+    by_expert[e].tokens.push_back(p / top_k);
+    by_expert[e].weights.push_back(weights[p]);
+  }
+  for (int64_t e = 0; e < experts; ++e)
+    if (!by_expert[e].tokens.empty()) {
+      by_expert[e].expert = e;
+      groups.push_back(std::move(by_expert[e]));
+    }
+  return groups;
+}
+
+void check_list(size_t n, size_t experts, const char* message) { TORCH_CHECK(n == experts, message); }
+
+// The whole routed-expert block of one MoE layer in one call: for each expert its tokens' gate/up product,
+// silu(gate) * up, the down product (each product quantizing its input per token, as w8a8_linear does)
+// and the router-weighted sum. Every step is the one GroupedExperts.forward / Int8Experts.expert_forward
+// takes in Python, in the same order, so the output is bit-identical: the products are w8a8_linear_cpu
+// itself, silu is ATen's on the same strided view of the gate/up output (its vectorized and scalar
+// parts then fall on the same elements), the product with up and the weighting are single float
+// multiplications, and each token's sum runs in Python's order (one token: its first expert's term, then
+// the others added in slot order; more tokens: zeros, then every expert's term added in expert order).
+at::Tensor moe_w8a8_cpu(const at::Tensor& x, const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
+                        at::TensorList gate_up_w, at::TensorList gate_up_scale,
+                        const c10::List<c10::optional<at::Tensor>>& gate_up_zero, at::TensorList gate_up_colsum,
+                        at::TensorList down_w, at::TensorList down_scale,
+                        const c10::List<c10::optional<at::Tensor>>& down_zero, at::TensorList down_colsum,
+                        int64_t qmin, int64_t qmax, bool symmetric) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "moe_w8a8: x must be contiguous float32 [T, H]");
+  const int64_t tokens = x.size(0), hidden = x.size(1);
+  TORCH_CHECK(top_k_index.dim() == 2 && top_k_index.size(0) == tokens && top_k_index.scalar_type() == at::kLong &&
+                  top_k_index.is_contiguous(),
+              "moe_w8a8: top_k_index must be contiguous int64 [T, K]");
+  TORCH_CHECK(top_k_weights.sizes() == top_k_index.sizes() && top_k_weights.scalar_type() == at::kFloat &&
+                  top_k_weights.is_contiguous(),
+              "moe_w8a8: top_k_weights must be contiguous float32 [T, K]");
+  const size_t experts = gate_up_w.size();
+  const char* lists = "moe_w8a8: every weight list needs one entry per expert";
+  for (size_t n : {gate_up_scale.size(), gate_up_zero.size(), gate_up_colsum.size(), down_w.size(),
+                   down_scale.size(), down_zero.size(), down_colsum.size()})
+    check_list(n, experts, lists);
+  at::Tensor out = at::zeros({tokens, hidden}, x.options());
+  float* op = out.data_ptr<float>();
+  const auto groups = group_routes(top_k_index.data_ptr<int64_t>(), top_k_weights.data_ptr<float>(), tokens,
+                                   top_k_index.size(1), static_cast<int64_t>(experts));
+  const float* xp = x.data_ptr<float>();
+  bool first = true;
+  for (const ExpertRows& g : groups) {
+    const int64_t e = g.expert, n = static_cast<int64_t>(g.tokens.size());
+    const int64_t inter = gate_up_scale[e].size(0) / 2;
+    TORCH_CHECK(gate_up_scale[e].size(0) == 2 * inter && down_scale[e].size(0) == hidden,
+                "moe_w8a8: expert ", e, " has gate/up or down outputs that do not fit [2I] and [H]");
+    at::Tensor rows = x;
+    if (tokens > 1) {
+      rows = at::empty({n, hidden}, x.options());
+      float* rp = rows.data_ptr<float>();
+      for (int64_t r = 0; r < n; ++r) std::copy_n(xp + g.tokens[r] * hidden, hidden, rp + r * hidden);
+    }
+    const at::Tensor gate_up = w8a8_linear_cpu(rows, gate_up_w[e], gate_up_scale[e], gate_up_zero.get(e),
+                                               gate_up_colsum[e], c10::nullopt, hidden, qmin, qmax, symmetric, false);
+    at::Tensor h = at::silu(gate_up.narrow(1, 0, inter));  // [n, I], contiguous
+    float* hp = h.data_ptr<float>();
+    const float* upp = gate_up.data_ptr<float>() + inter;
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t i = 0; i < inter; ++i) hp[r * inter + i] = hp[r * inter + i] * upp[r * 2 * inter + i];
+    const at::Tensor y = w8a8_linear_cpu(h, down_w[e], down_scale[e], down_zero.get(e), down_colsum[e],
+                                         c10::nullopt, inter, qmin, qmax, symmetric, false);
+    const float* yp = y.data_ptr<float>();
+    for (int64_t r = 0; r < n; ++r) {
+      float* ot = op + g.tokens[r] * hidden;
+      const float* yr = yp + r * hidden;
+      const float w = g.weights[r];
+      if (tokens == 1 && first)
+        for (int64_t o = 0; o < hidden; ++o) ot[o] = yr[o] * w;
+      else
+        for (int64_t o = 0; o < hidden; ++o) ot[o] = ot[o] + yr[o] * w;
+    }
+    first = false;
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(haqmoe, m) {
   m.def("w8a8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? w_zero, Tensor colsum, Tensor? bias, "
         "int k, int qmin, int qmax, bool symmetric, bool residual=False) -> Tensor");
+  m.def("moe_w8a8(Tensor x, Tensor top_k_index, Tensor top_k_weights, Tensor[] gate_up_w, Tensor[] gate_up_scale, "
+        "Tensor?[] gate_up_zero, Tensor[] gate_up_colsum, Tensor[] down_w, Tensor[] down_scale, Tensor?[] down_zero, "
+        "Tensor[] down_colsum, int qmin, int qmax, bool symmetric) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(haqmoe, CPU, m) { m.impl("w8a8_linear", &w8a8_linear_cpu); }
+TORCH_LIBRARY_IMPL(haqmoe, CPU, m) {
+  m.impl("w8a8_linear", &w8a8_linear_cpu);
+  m.impl("moe_w8a8", &moe_w8a8_cpu);
+}
