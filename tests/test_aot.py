@@ -34,6 +34,22 @@ def _aot_logits(gen: AotGenerator, ids: torch.Tensor, tokens: list[int]) -> torc
     return torch.stack(rows)
 
 
+def _check_prompts(gen: AotGenerator, model, rel_tol: float) -> torch.Tensor:
+    """The package's greedy tokens equal the model's and its teacher-forced logits are within ``rel_tol``
+    (relative norm), for a long prompt and then a shorter one (which runs over the first one's stale cache
+    entries). Returns the last prompt."""
+    rng = torch.Generator().manual_seed(5)
+    for length in (23, 6):
+        ids = torch.randint(0, 128, (1, length), generator=rng)
+        with torch.inference_mode():
+            ref_tokens, ref_logits = _reference(model, ids, 10)
+            tokens = gen.generate(ids, 10)[0, length:].tolist()
+            logits = _aot_logits(gen, ids, ref_tokens)
+        assert tokens == ref_tokens
+        assert float((logits - ref_logits).norm() / ref_logits.norm()) < rel_tol
+    return ids
+
+
 @needs_compiler
 @pytest.mark.parametrize("int8", [False, True], ids=["fp32", "real-int8"])
 def test_aot_generation_matches_transformers(tmp_path, int8: bool):
@@ -42,17 +58,8 @@ def test_aot_generation_matches_transformers(tmp_path, int8: bool):
         quantize_rtn(model, adapter_for(model), QuantConfig.w8a8("rtn"), progress=False)
         convert(model, "int8", int8_lm_head=True)
     gen = AotGenerator.for_model(model, 40, root=tmp_path)
-    rng = torch.Generator().manual_seed(5)
-    # a long prompt first, then a shorter one: the second runs over the first one's stale cache entries
-    for length in (23, 6):
-        ids = torch.randint(0, 128, (1, length), generator=rng)
-        with torch.inference_mode():
-            ref_tokens, ref_logits = _reference(model, ids, 10)
-            tokens = gen.generate(ids, 10)[0, length:].tolist()
-            logits = _aot_logits(gen, ids, ref_tokens)
-        assert tokens == ref_tokens
-        # int8: the same integers, float ops possibly fused in another order (see test_compiled.py)
-        assert float((logits - ref_logits).norm() / ref_logits.norm()) < (2e-3 if int8 else 1e-5)
+    # int8: the same integers, float ops possibly fused in another order (see test_compiled.py)
+    ids = _check_prompts(gen, model, 2e-3 if int8 else 1e-5)
     # sampling: the same warpers in the same order and the same random draws as transformers
     sampling = dict(temperature=0.7, top_k=20, top_p=0.9)
     torch.manual_seed(11)
@@ -72,15 +79,7 @@ def test_aot_int8_moe_matches_eager(tmp_path, family: str):
     quantize_rtn(model, adapter_for(model), QuantConfig.w8a8("rtn"), progress=False)
     convert(model, "int8", int8_lm_head=True)
     gen = AotGenerator.for_model(model, 40, root=tmp_path)
-    rng = torch.Generator().manual_seed(5)
-    for length in (23, 6):  # prefill routes many tokens per expert, decode one
-        ids = torch.randint(0, 128, (1, length), generator=rng)
-        with torch.inference_mode():
-            ref_tokens, ref_logits = _reference(model, ids, 10)
-            tokens = gen.generate(ids, 10)[0, length:].tolist()
-            logits = _aot_logits(gen, ids, ref_tokens)
-        assert tokens == ref_tokens
-        assert float((logits - ref_logits).norm() / ref_logits.norm()) < 2e-3
+    _check_prompts(gen, model, 2e-3)  # prefill routes many tokens per expert, decode one
 
 
 @needs_compiler
