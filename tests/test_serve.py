@@ -283,8 +283,12 @@ def test_serve_takes_the_engine_levers_and_metrics_count_them(ckpt, monkeypatch)
 
     built = {}
     real_create = app_mod.create_app
-    monkeypatch.setattr(app_mod, "create_app", lambda engine, cfg: built.setdefault("app", real_create(engine, cfg))
-                        and built.setdefault("engine", engine) and built["app"])
+
+    def create_app(engine, cfg):  # keep what `serve` built instead of running it
+        built["engine"], built["app"] = engine, real_create(engine, cfg)
+        return built["app"]
+
+    monkeypatch.setattr(app_mod, "create_app", create_app)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
     main(["--quiet", "serve", str(ckpt), "--emulate-gpu", "--slots", "2", "--skip-below", "1", "--prefetch", "1",
           "--lookahead", "2", "--max-batch", "2", "--served-name", "tiny"])
