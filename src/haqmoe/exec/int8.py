@@ -243,11 +243,11 @@ def _int8_matmul_one_token(act: QuantAct, wt: torch.Tensor, w_scale: torch.Tenso
     return y
 
 
-def cpu_kernel(x: torch.Tensor, k: int):
-    """Our fused W8A8 CPU kernel (``kernels.w8a8_op``) where it applies to input ``x`` with ``k`` features,
-    else None. It is bit-identical to ``quantize_tokens`` + ``int8_matmul`` and 3-10x faster for the
+def cpu_kernel(device: torch.device, k: int):
+    """Our fused W8A8 CPU kernel (``kernels.w8a8_op``) where it applies to inputs on ``device`` with ``k``
+    features, else None. It is bit-identical to ``quantize_tokens`` + ``int8_matmul`` and 3-10x faster for the
     few-token products of decode (oneDNN's GEMM handles many tokens, inside the same op)."""
-    if x.device.type != "cpu" or k > _INT32_SAFE_K:
+    if device.type != "cpu" or k > _INT32_SAFE_K:
         return None
     return w8a8_op()
 
@@ -265,7 +265,7 @@ def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_zero:
     weight ``w`` [N_pad, K_pad] (``pack_weight``'s): the fused kernel on CPUs that have it, else
     ``quantize_tokens`` (or the caller's ``act``) and ``int8_matmul`` on ``wt`` (``w``'s transposed view,
     which modules keep). ``residual``: two-level activations (``ResidualInt8Linear``)."""
-    op = cpu_kernel(x, k) if act is None else None
+    op = cpu_kernel(x.device, k) if act is None else None
     if op is not None:
         x = as_dtype(x, torch.float32)
         return op(x if x.is_contiguous() else x.contiguous(), w, w_scale, w_zero, colsum, bias, k, spec.qmin,
@@ -365,7 +365,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         # the fused kernel quantizes inside (cheaper than the identity cache's lookup)
-        act = None if self.a_scale is None and cpu_kernel(x2, self.in_features) else self.quant_act(x, x2)
+        act = None if self.a_scale is None and cpu_kernel(x2.device, self.in_features) else self.quant_act(x, x2)
         y = w8a8_linear(x2, self.w, self.w_scale, self.w_zero, self.colsum, self.in_features, self.a_spec,
                         self.bias, act, wt=self.wt)
         return as_dtype(y.view(*x.shape[:-1], self.out_features), x.dtype)
@@ -605,7 +605,7 @@ class Int8Experts(GroupedExperts):
 
     def prepare(self, hidden_states: torch.Tensor) -> QuantAct | torch.Tensor:
         """Float rows where the fused kernel runs (it quantizes inside, per expert, for ~1 us)."""
-        if cpu_kernel(hidden_states, self.hidden_dim) is not None:
+        if cpu_kernel(hidden_states.device, self.hidden_dim) is not None:
             return as_dtype(hidden_states, torch.float32)
         return super().prepare(hidden_states)
 
@@ -615,9 +615,7 @@ class Int8Experts(GroupedExperts):
         (gpt-oss's clamped GLU and biased experts stay on the per-expert path)."""
         if self.gate_up_bias is not None or not silu_gated(self.glu):
             return None
-        if device.type != "cpu" or max(self.hidden_dim, self.intermediate_dim) > _INT32_SAFE_K or w8a8_op() is None:
-            return None
-        return moe_op()
+        return moe_op() if cpu_kernel(device, max(self.hidden_dim, self.intermediate_dim)) is not None else None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:

@@ -227,7 +227,7 @@ class ExpertStore:
 
     def _gate_up(self, x: torch.Tensor, get, int8: bool) -> torch.Tensor:
         act = None  # the fused CPU kernel quantizes inside; else gate and up share one quantization
-        if int8 and cpu_kernel(x, x.shape[-1]) is None:
+        if int8 and cpu_kernel(x.device, x.shape[-1]) is None:
             act = quantize_tokens(x, self.a_spec, need_rowsum=not self.w_spec.symmetric)
         return self.glu(self._lin(x, get, "gate", int8, act), self._lin(x, get, "up", int8, act))
 
