@@ -272,6 +272,22 @@ def test_real_int8_engine_runs_int8_modules_for_in_memory_quantized_models():
     assert real.generate(PROMPT, SamplingConfig(max_new_tokens=12)).tokens == ref
 
 
+def test_emulated_gpu_tier_computes_as_the_int8_cpu_tier():
+    """Beside a real-int8 CPU tier, emulated GPU slots run the same int8 GEMM: the logits are
+    bit-identical whichever tier served each expert, so which experts happened to be resident (one
+    request's history, in a server) cannot change another request's greedy answer. Slots computing in
+    fake-quant arithmetic differed in the last bits and flipped greedy tokens on the MoEfied model."""
+    def logits(case: str) -> list[torch.Tensor]:
+        engine, _ = make(quant=True, exec_mode="real", **CASES[case])
+        with torch.no_grad():  # twice: the second forward meets the first one's residency
+            return [engine.model(PROMPT).logits, engine.model(PROMPT).logits, engine.model(PROMPT[:, :1]).logits]
+
+    ref = logits("cpu-plain")
+    for case in CASES:
+        if case != "cpu-plain":
+            assert all(torch.equal(a, b) for a, b in zip(logits(case), ref)), case
+
+
 @pytest.mark.parametrize("case", ["cpu-plain", "mixed"])
 def test_int8_lm_head_model_in_the_engine(case):
     """A model whose lm_head is stored as int8 rows runs it on the int8 GEMM in the real-int8 engine,

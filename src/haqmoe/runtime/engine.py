@@ -179,7 +179,11 @@ class CollaborativeEngine:
                 experts = [self._int8_cpu_tier(adapter, b, ex) for b, ex in zip(blocks, experts)]
             store_device = "cpu" if cfg.emulate_gpu else str(self.device)
             splits = self.top_k if cfg.decision == "split" else 0  # scratch slots: a layer's misses at decode
-            self.store = ExpertStore(experts, StoreConfig(store_device, slots * len(blocks), split_slots=splits))
+            # emulated slots compute as the CPU tier does (int8 GEMM beside an int8 tier, else fake-quant), so an
+            # answer cannot depend on which experts happened to be resident
+            int8_slots = isinstance(experts[0], Int8Experts) if cfg.emulate_gpu else None
+            self.store = ExpertStore(experts, StoreConfig(store_device, slots * len(blocks), split_slots=splits,
+                                                          int8_gemm=int8_slots))
             pinned = {i: r for i, r in enumerate(plan.resident)} if policy_uses_pins(cfg.cache_policy) else {}
             self.cache = ExpertCache(CacheConfig(len(blocks), num_experts, slots, "layer", self.store.expert_bytes,
                                                  pinned), make_policy(cfg.cache_policy),

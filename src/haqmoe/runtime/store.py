@@ -13,8 +13,8 @@ to the int8 GEMM is read through views of its packed weights). When CUDA is pres
 that memory is page-locked in place (``cudaHostRegister``, exactly its size: ``pin_memory()`` would
 copy it into the caching host allocator, which rounds each block up to a power of two) so the
 host-to-device copies run asynchronously on a side stream. Quantized slots run either on the
-int8 GEMM (exec/int8.py) or dequantized per call (fake-quant arithmetic, what the CPU emulation
-uses by default); on CUDA the engine measures both at start-up and keeps the faster (eager int8 is
+int8 GEMM (exec/int8.py) or dequantized per call (fake-quant arithmetic); an emulated GPU tier computes
+as the CPU tier beside it does (the engine's choice), so residency never changes an answer; on CUDA the engine measures both at start-up and keeps the faster (eager int8 is
 launch-bound: it wins at Mixtral's shape, loses on small models). Decode (one token) on CUDA then
 replays one CUDA graph per slot instead of launching ~80 small kernels per expert.
 """
@@ -128,7 +128,8 @@ class StoreConfig:
     device: str = "cpu"  # where GPU-tier slots live ("cuda", or "cpu" to exercise the path without a GPU)
     num_slots: int = 0
     pin_memory: bool = True
-    int8_gemm: bool | None = None  # quantized slots on the int8 GEMM (None: on CUDA only)
+    int8_gemm: bool | None = None  # quantized slots on the int8 GEMM (None: on CUDA only, where the
+    # engine then keeps whichever of int8 and per-call dequantization runs faster)
     split_slots: int = 0  # scratch slots for split misses (decision ``split``), outside the cache
 
 
