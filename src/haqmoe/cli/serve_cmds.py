@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from ..errors import HaqmoeError
 from ..serve.auth import ENV_KEY, check_keys, is_loopback, read_key_file
 from .common import app, check_output_dir, emit
-from .engine_cmds import _ENGINE_OPTS, build_engine
+from .engine_cmds import ENGINE_OPTIONS_HERE, build_engine, engine_options
+
+if TYPE_CHECKING:  # the runtime loads torch: imported where a command runs, not for --help
+    from ..runtime.engine import EngineConfig
 
 
 @app.command()
+@engine_options()
 def serve(ctx: typer.Context,
           model: str = typer.Argument("smollm2-moe", help="MoE model source (embedded name, directory, ...)."),
           host: str = typer.Option("127.0.0.1", help="Bind address. Loopback by default; any other address needs an "
@@ -43,16 +47,7 @@ def serve(ctx: typer.Context,
                                                        "batch (1: one request at a time)."),
           page: bool = typer.Option(True, help="Serve the web page (chat + live telemetry) at /; its static "
                                                "files need no key, the API it calls does."),
-          policy: str = _ENGINE_OPTS["policy"], cache_policy: str = _ENGINE_OPTS["cache_policy"],
-          slots: Optional[int] = _ENGINE_OPTS["slots"], gpu_memory: Optional[str] = _ENGINE_OPTS["gpu_memory"],
-          plan: Optional[str] = _ENGINE_OPTS["plan"],
-          device: str = _ENGINE_OPTS["device"], emulate_gpu: bool = _ENGINE_OPTS["emulate_gpu"],
-          profile: str = _ENGINE_OPTS["profile"], exec_mode: str = _ENGINE_OPTS["exec_mode"],
-          prefetch: int = _ENGINE_OPTS["prefetch"], lookahead: int = _ENGINE_OPTS["lookahead"],
-          guess_trace: Optional[str] = _ENGINE_OPTS["guess_trace"], admit: Optional[bool] = _ENGINE_OPTS["admit"],
-          compile_decode: bool = _ENGINE_OPTS["compile_decode"],
-          skip_below: float = _ENGINE_OPTS["skip_below"], low_below: float = _ENGINE_OPTS["low_below"],
-          low_all: bool = _ENGINE_OPTS["low_all"],
+          engine: EngineConfig = ENGINE_OPTIONS_HERE,
           log_level: str = typer.Option("info", help="uvicorn log level.")) -> None:
     """Serve the model over the collaborative runtime with an OpenAI-compatible API (+ /health, /metrics,
     a web page at /), batching concurrent requests (--max-batch).
@@ -67,10 +62,7 @@ def serve(ctx: typer.Context,
                       api_keys=serve_keys(ctx, api_key, api_key_file), metrics_open=metrics_open,
                       cors_origins=tuple(cors_origin or ()), max_batch=max_batch, page=page)
     check_exposure(host, bool(cfg.api_keys), allow_unauthenticated)  # before the (slow) model load
-    engine = build_engine(model, policy, cache_policy, slots, plan, device, emulate_gpu, profile, exec_mode,
-                          prefetch, guess_trace, admit, compile_decode, gpu_memory, skip_below, low_below, low_all,
-                          lookahead)
-    uvicorn.run(create_app(engine, cfg), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(build_engine(model, engine), cfg), host=host, port=port, log_level=log_level)
 
 
 def serve_keys(ctx: typer.Context, keys: Optional[list[str]], key_file: Optional[Path]) -> tuple[str, ...]:
