@@ -20,8 +20,11 @@ independent pipeline runs SmoothQuant with quantization disabled, then GPTQ), bu
 """
 
 import argparse
+import contextlib
 import json
+import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -45,8 +48,30 @@ ids = torch.load(a.calib)
 ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
 
 
+@contextlib.contextmanager
+def without_unlistable_aliases():
+    """Hide, for the load, transformers' alias modules that cannot be listed. Loading a Qwen2-MoE (the
+    MoEfied model) through llm-compressor's linearizing loader makes transformers 5.17 (the newest it
+    accepts) list every loaded transformers module, and the alias for fast image processors imports
+    torchvision when listed: without torchvision (no CPU build of it matches torch 2.13 here, and a
+    text model needs none) the load fails with "No module named 'torchvision'"."""
+    hidden = {}
+    for name, module in list(sys.modules.items()):
+        if name.startswith("transformers.") and isinstance(module, types.ModuleType) and module.__dict__.get(
+                "__file__", "") is None:  # an alias: its __dir__ imports the target
+            try:
+                dir(module)
+            except ImportError:
+                hidden[name] = sys.modules.pop(name)
+    try:
+        yield
+    finally:
+        sys.modules.update(hidden)
+
+
 def load(path):
-    with load_quantizable_moe():  # MoE experts as per-expert Linears, so GPTQ reaches them (no-op for dense)
+    # MoE experts as per-expert Linears, so GPTQ reaches them (no-op for dense)
+    with without_unlistable_aliases(), load_quantizable_moe():
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
