@@ -193,7 +193,8 @@ def run_batched(args) -> None:
     try:
         for label, max_batch in BATCHED_SERVERS:
             port = free_port()
-            procs.append(start_server(ckpt, port, ("--max-batch", str(max_batch), *extra), BATCHED_MODEL,
+            reuse = ("--reuse-prefix",) if args.reuse_prefix and max_batch > 1 else ()
+            procs.append(start_server(ckpt, port, ("--max-batch", str(max_batch), *reuse, *extra), BATCHED_MODEL,
                                       threads=args.threads))
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
                                    timeout=600)
@@ -220,7 +221,8 @@ def run_batched(args) -> None:
         for proc in procs:
             proc.terminate()
             proc.wait(60)
-    meta = run_meta(model=args.model, precision=precision, max_tokens=args.max_tokens, requests_per_client=args.requests,
+    meta = run_meta(model=args.model, precision=precision, reuse_prefix=args.reuse_prefix, max_tokens=args.max_tokens,
+                    requests_per_client=args.requests,
                     torch_threads=args.threads, solo=solo and {k: v for k, v in solo.items() if k != "texts"},
                     evidence=EVIDENCE)
     write_batched(rows, meta, args.batched_out)
@@ -262,6 +264,12 @@ def batched_markdown(rows: list[dict], meta: dict) -> str:
                 f"Decode alone (the server's own step times, prefill left out): {bat['decode_tok_s']:.1f} tok/s batched "
                 f"against {one['decode_tok_s']:.1f} one at a time at {top} clients "
                 f"({bat['decode_tok_s'] / one['decode_tok_s']:.2f}x), at a mean batch of {bat['mean_batch']:.2f}.")
+    # runs before the option existed reused prompt prefixes (their meta has no reuse_prefix)
+    reused = (", reusing the keys and values of the prompt prefix they share with the previous prompt (the chat "
+              "template's system prompt, `--reuse-prefix`): part of its gain is that prefill work, not the batched "
+              "decode" if meta.get("reuse_prefix", True) else
+              ", attention called per request (so each answer is its solo answer bit for bit); no prompt prefix "
+              "is reused (`--reuse-prefix` off)")
     shape = (" (SmolLM2-135M carved into a Qwen2-MoE: 4 routed experts top-2 + 4 shared, 30 layers)"
              if meta.get("model") == BATCHED_MODEL else "")
     notes.append(
@@ -269,9 +277,8 @@ def batched_markdown(rows: list[dict], meta: dict) -> str:
         f"served by two `haqmoe serve` subprocesses on loopback, both up at once and loaded in turn at each client count, with "
         f"{meta.get('torch_threads')} torch thread(s) each; `--max-batch 1` is the "
         f"one-at-a-time server (requests queue, each prompt prefilled alone as `haqmoe run` does), `--max-batch 8` "
-        f"decodes up to 8 requests per step and prefills the requests that join together in one packed forward, "
-        f"reusing the keys and values of the prompt prefix they share with the previous prompt (the chat "
-        f"template's system prompt): part of its gain is that prefill work, not the batched decode. Each client "
+        f"decodes up to 8 requests per step and prefills the requests that join together in one packed forward"
+        f"{reused}. Each client "
         f"sends {meta.get('requests_per_client')} greedy chat completions back to back (max_tokens="
         f"{meta.get('max_tokens')}, every other one streamed over SSE); tok/s = completion tokens / wall time of "
         f"the whole load (prefill included); latency is per request, end to end. `failed` counts errors and any "
@@ -304,6 +311,8 @@ def main() -> None:
                                                            "this script on another model)")
     ap.add_argument("--batched-out", default=None, help="--batched: results file (default "
                     "bench/results/serve_batched.json, with --int8 serve_batched_int8.json)")
+    ap.add_argument("--reuse-prefix", action="store_true", help="--batched: the batched server reuses the keys and "
+                    "values of a prompt prefix shared with the last prompt (haqmoe serve --reuse-prefix)")
     ap.add_argument("--int8", action="store_true", help="--batched: serve the model's W8A8 checkpoint with real "
                                                         "int8 products (--exec real) instead of fp32")
     ap.add_argument("--batched-clients", default=",".join(map(str, BATCHED_CLIENTS)),

@@ -256,14 +256,15 @@ def test_packed_prefill_gives_each_prompt_its_own_logits_and_cache(engine):
 
 
 def test_prompts_sharing_a_prefix_reuse_its_keys_and_values(engine):
-    """Chat prompts share the template's system prompt: after the first prefill its keys and values are
-    taken from the remembered prompt, not computed again; every answer stays the one it gets alone."""
+    """With reuse_prefix, chat prompts share the template's system prompt: after the first prefill its keys
+    and values are taken from the remembered prompt, not computed again; in fp32 every answer stays the
+    one it gets alone (its logits within 1e-4)."""
     from haqmoe.runtime.batching import BatchScheduler
 
     chats = [engine.encode([{"role": "user", "content": p}]) for p in PROMPTS]
     jobs = [(ids, SamplingConfig(max_new_tokens=4 + i % 3), None) for i, ids in enumerate(chats)]
     alone = [engine.generate(ids, s).tokens for ids, s, _ in jobs]
-    sched = BatchScheduler(engine, 4)
+    sched = BatchScheduler(engine, 4, reuse_prefix=True)
     try:
         first = _submit_together(sched, jobs[:1])  # remembered: the shared prefix of the rest
         rest = _submit_together(sched, jobs[1:])  # four at once, then the others as room frees up
@@ -284,3 +285,72 @@ def test_prompts_sharing_a_prefix_reuse_its_keys_and_values(engine):
         assert mask[row].tolist() == [0] * (width - n) + [1] * n
         for mine, ref in zip(cache.layers, out.past_key_values.layers):
             torch.testing.assert_close(mine.keys[row, :, width - n:], ref.keys[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def w8a8_engine(tmp_path_factory):
+    """The tiny chat MoE quantized W8A8 (RTN, per-token dynamic activations, int8 LM head) on real int8
+    products, both tiers: a model whose per-token activation scales turn any last-bit difference into a
+    different rounding of the whole token."""
+    from haqmoe.quant.config import QuantConfig
+    from haqmoe.quant.modules import quantize_vocabulary
+    from haqmoe.quant.rtn import quantize_rtn
+    from haqmoe.runtime.engine import CollaborativeEngine, EngineConfig
+    from haqmoe.serve.fixtures import tiny_chat_moe
+    from haqmoe.sources import load_model
+
+    lm = load_model(str(tiny_chat_moe(tmp_path_factory.mktemp("batch8") / "tiny-chat-moe")), progress=False)
+    quantize_rtn(lm.model, lm.adapter, QuantConfig.w8a8("rtn"), progress=False)
+    quantize_vocabulary(lm.model)  # a float LM head's product depends on the row count in its last bits
+    return CollaborativeEngine(lm, EngineConfig(emulate_gpu=True, slots_per_layer=4, exec_mode="real"))
+
+
+def test_w8a8_batch_attention_is_each_request_alone_bit_for_bit(w8a8_engine):
+    """A packed prefill of prompts of different lengths, then one decode step of their left-padded rows:
+    the first layer's attention output (its input is per token, so the same bits as alone) equals each
+    prompt's own run exactly; one SDPA call over the packed or padded keys gives other last bits. The
+    prefill's logits are exact too (nothing but per-token int8 products and attention before them); a
+    decode step's logits only up to the float router's last bits."""
+    from haqmoe.runtime.batching import ROW_ATTENTION, BatchScheduler
+
+    engine = w8a8_engine
+    seen: list[torch.Tensor] = []
+    hook = engine.model.model.layers[0].self_attn.register_forward_hook(lambda m, i, o: seen.append(o[0]))
+    prompts = [engine.encode(p) for p in (PROMPTS[1], PROMPTS[2], PROMPTS[6])]
+    lengths = [int(p.shape[1]) for p in prompts]
+    sched = BatchScheduler(engine, 4)
+    try:
+        assert engine.model.config._attn_implementation == ROW_ATTENTION
+        with torch.inference_mode():
+            logits, cache, _ = sched._prefill(prompts)
+            packed = seen.pop()[0]
+            mask = sched._as_rows(cache, lengths, [0, 1, 2])
+            solo = [engine.model(input_ids=p, use_cache=True) for p in prompts]
+            starts = [0] + torch.tensor(lengths).cumsum(0).tolist()
+            for i, out in enumerate(solo):
+                assert torch.equal(logits[i], out.logits[0, -1]), i
+                assert torch.equal(packed[starts[i]:starts[i + 1]], seen[i][0]), i
+            seen.clear()
+            nxt = logits.argmax(-1, keepdim=True)
+            step = engine.model(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1),
+                                position_ids=torch.tensor(lengths).unsqueeze(1), past_key_values=cache, use_cache=True)
+            batched = seen.pop()
+            for i, out in enumerate(solo):
+                alone = engine.model(input_ids=nxt[i:i + 1], past_key_values=out.past_key_values, use_cache=True)
+                assert torch.equal(batched[i], seen.pop()[0]), i
+                torch.testing.assert_close(step.logits[i, -1], alone.logits[0, -1], rtol=1e-4, atol=1e-4)
+    finally:
+        hook.remove()
+        sched.close()
+    assert engine.model.config._attn_implementation == "sdpa"  # given back
+
+
+def test_w8a8_concurrent_answers_are_the_solo_answers(w8a8_engine):
+    """Chat requests joining a running batch at different times get, token for token, their solo answers."""
+    engine = w8a8_engine
+    jobs = [([{"role": "user", "content": p}], SamplingConfig(max_new_tokens=5 + 2 * (i % 3)), None)
+            for i, p in enumerate(PROMPTS)]
+    alone = [engine.generate(p, s).tokens for p, s, _ in jobs]
+    cols, stats = _run_batched(engine, jobs, max_batch=4, stagger={2: 0, 5: 1, 7: 3})
+    assert [c.gen.tokens for c in cols] == alone
+    assert stats.max_seen > 1

@@ -119,7 +119,8 @@ def test_max_batch_refused_for_compiled_decode(engine):
 
 
 def test_cli_max_batch_and_page_flags(monkeypatch, engine, capsys):
-    """`haqmoe serve --max-batch N` reaches the server (default 8); `--no-page` drops the page."""
+    """`haqmoe serve --max-batch N` reaches the server (default 8), and --reuse-prefix its scheduler (default
+    off); `--no-page` drops the page."""
     import uvicorn
 
     from haqmoe.cli import serve_cmds
@@ -130,8 +131,10 @@ def test_cli_max_batch_and_page_flags(monkeypatch, engine, capsys):
     monkeypatch.setattr(serve_cmds, "build_engine", lambda *a, **k: engine)
     seen: dict = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app))
-    for args, batch, page in ((["--max-batch", "3"], 3, 200), ([], 8, 200), (["--max-batch", "1", "--no-page"], 1, 404)):
+    for args, batch, page, reuse in ((["--max-batch", "3"], 3, 200, False), ([], 8, 200, False),
+                                     (["--reuse-prefix"], 8, 200, True), (["--max-batch", "1", "--no-page"], 1, 404, None)):
         main(["-q", "serve", "tiny", *args])
         with ThreadedServer(seen["app"]) as srv:
-            assert httpx.get(srv.url + "/v1/haqmoe/telemetry").json()["server"]["max_batch"] == batch
+            server = httpx.get(srv.url + "/v1/haqmoe/telemetry").json()["server"]
+            assert server["max_batch"] == batch and server.get("reuse_prefix") == reuse
             assert httpx.get(srv.url + "/").status_code == page

@@ -45,6 +45,11 @@ def serve(ctx: typer.Context,
                                                 "before 504 (in-band error when streaming)."),
           max_batch: int = typer.Option(8, min=1, help="Requests decoded together in one continuously refilled "
                                                        "batch (1: one request at a time)."),
+          reuse_prefix: bool = typer.Option(False, help="Batched: take the keys and values of a prompt prefix shared "
+                                                        "with the last prompt (a chat template's system prompt) "
+                                                        "instead of computing them again. Faster prefill, but a "
+                                                        "request's answer may then differ from its answer alone in "
+                                                        "the last bits (on a W8A8 model: in its greedy text)."),
           page: bool = typer.Option(True, help="Serve the web page (chat + live telemetry) at /; its static "
                                                "files need no key, the API it calls does."),
           engine: EngineConfig = ENGINE_OPTIONS_HERE,
@@ -60,7 +65,8 @@ def serve(ctx: typer.Context,
     cfg = ServeConfig(model_name=served_name or model, max_tokens_limit=max_tokens_limit, max_waiting=max_waiting,
                       max_body_bytes=max_body_bytes, request_timeout_s=request_timeout,
                       api_keys=serve_keys(ctx, api_key, api_key_file), metrics_open=metrics_open,
-                      cors_origins=tuple(cors_origin or ()), max_batch=max_batch, page=page)
+                      cors_origins=tuple(cors_origin or ()), max_batch=max_batch, reuse_prefix=reuse_prefix,
+                      page=page)
     check_exposure(host, bool(cfg.api_keys), allow_unauthenticated)  # before the (slow) model load
     uvicorn.run(create_app(build_engine(model, engine), cfg), host=host, port=port, log_level=log_level)
 

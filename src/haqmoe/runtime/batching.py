@@ -8,12 +8,11 @@ One scheduler thread owns the model. Each turn it
    (``prefill_tokens``, at least one request): they are prefilled together in one forward, their
    prompts packed into one sequence with each prompt's own positions under transformers' causal mask
    kept block-diagonal (no prompt sees another's tokens), so every layer's weights are read once for
-   all of them and the routed experts see exactly the prompts' tokens (no padding). The prefix the
-   prompts share with the last prefilled prompt (a chat template's system prompt, say: more than half
-   of a short chat prompt) is not computed again: its keys and values are that prompt's, and the
-   prompts' own tokens are packed after it. A lone request with no such prefix is prefilled exactly
-   as ``CollaborativeEngine.stream`` prefills it. Only each prompt's last position goes through the
-   LM head. Each one's first token is
+   all of them and the routed experts see exactly the prompts' tokens (no padding). With
+   ``reuse_prefix``, the prefix the prompts share with the last prefilled prompt (a chat template's
+   system prompt, say: more than half of a short chat prompt) is not computed again: its keys and
+   values are that prompt's, and the prompts' own tokens are packed after it. Only each prompt's last
+   position goes through the LM head. Each one's first token is
    sampled and streamed; a request that is not finished by then joins the batch, its keys and values
    cut out of the packed cache;
 3. runs one decode step for every running request together: one forward of ``[B, 1]`` tokens over
@@ -33,9 +32,20 @@ to each expert (decide.routed_counts: the cost predictor's ``n_inputs``), as it 
 Prefills stall the running batch (one forward per turn): ``prefill_tokens`` bounds that stall, and
 requests beyond it wait for the next turn, one decode step later.
 
-Attention is transformers' own (the model's attention implementation with the padding mask); greedy
-decoding gives each request the tokens it gets alone (tests/test_batching.py checks it token for
-token). A batch of one without padding runs the very call ``stream`` runs.
+Attention is transformers' own. Under ``sdpa`` (what checkpoints load with) the scheduler calls it once
+per request, on exactly the shapes a lone request's call has: each decode row on its own keys (its
+padding cut off), each packed prompt on its own block, causal, with no mask (``ROW_ATTENTION``). One
+batched SDPA call over padded or packed keys gives the same values in exact arithmetic but not in the
+last bits (the kernel sums in another order), and a model whose activations are quantized per token
+turns a last-bit difference into a different rounding of every entry of that token (its scale moves):
+on the W8A8 MoEfied model 15 of 24 greedy answers of a batched load differed from their solo runs.
+Per request, attention then gives the solo bits, and so do int8 products, norms and the experts,
+which work token by token; float matrix products (a router, a float LM head) can still differ in
+their last bits with the number of rows they multiply. A prompt prefix reused from the last prompt
+(``reuse_prefix``) cannot give the solo bits (its prompt's queries meet keys computed by another
+call): it is off by default. Greedy decoding gives each request the tokens it gets alone
+(tests/test_batching.py checks it token for token, and the attention bit for bit on a W8A8 model).
+A batch of one without padding runs the very call ``stream`` runs.
 """
 
 from __future__ import annotations
@@ -47,8 +57,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers import DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import create_causal_mask, sdpa_mask
 
 from ..errors import HaqmoeError
 from ..models.base import context_of
@@ -102,7 +113,59 @@ class BatchStats:
 
 
 PREFILL_TOKENS = 2048  # prompt tokens prefilled together in one forward between two decode steps
-REUSE_MIN = 16  # a shared prompt prefix shorter than this is computed again
+REUSE_MIN = 16  # a shared prompt prefix shorter than this is computed again (with reuse_prefix)
+ROW_ATTENTION = "haqmoe_rows"  # transformers' sdpa, called per request (row_attention)
+
+
+def _row_starts(mask: torch.Tensor) -> list[int] | None:
+    """Decode (one query per row) over left-padded rows: each row's first real key, or None when some
+    row's real keys are not one run to the end."""
+    valid = mask[:, 0, 0]  # [B, kv]
+    starts = valid.int().argmax(-1)
+    if not bool((valid.sum(-1) == valid.shape[-1] - starts).all()):
+        return None
+    return starts.tolist()
+
+
+def _blocks(mask: torch.Tensor, kv: int) -> list[tuple[int, int]] | None:
+    """Packed prompts (batch 1, no cache before them): the (start, end) of each prompt, or None unless
+    every query sees exactly the keys from its prompt's start to itself."""
+    if mask.shape[0] != 1 or mask.shape[-2] != kv:
+        return None
+    valid = mask[0, 0]  # [q, kv]
+    first = valid.int().argmax(-1)
+    q = torch.arange(kv, device=mask.device)
+    if not bool((valid.sum(-1) == q - first + 1).all()) or int(first[0]) != 0:
+        return None
+    starts = (first == q).nonzero().flatten().tolist()
+    blocks = list(zip(starts, starts[1:] + [kv]))
+    expected = torch.cat([torch.full((b - a,), a, device=mask.device) for a, b in blocks])
+    return blocks if torch.equal(first, expected) else None
+
+
+def row_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention, called once per request on the shapes a lone request's call has:
+    a decode row on its own keys, a packed prompt on its own block with no mask (so SDPA runs causal,
+    as for a prompt alone). Any other mask (a reused prefix, a batch of one) goes to SDPA as it is."""
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        kv = key.shape[2]
+        if query.shape[2] == 1 and query.shape[0] > 1:
+            starts = _row_starts(attention_mask)
+            if starts is not None:
+                outs = [sdpa_attention_forward(module, query[b:b + 1], key[b:b + 1, :, a:], value[b:b + 1, :, a:],
+                                               None, **kwargs)[0] for b, a in enumerate(starts)]
+                return torch.cat(outs, dim=0), None
+        elif query.shape[2] > 1:
+            blocks = _blocks(attention_mask, kv)
+            if blocks is not None:
+                outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
+                                               **kwargs)[0] for a, b in blocks]
+                return torch.cat(outs, dim=1), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ROW_ATTENTION, row_attention)
+AttentionMaskInterface.register(ROW_ATTENTION, sdpa_mask)  # the masks SDPA gets, for row_attention to read
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -144,11 +207,11 @@ class BatchScheduler:
     """Runs requests on ``engine`` in a continuously refilled batch of at most ``max_batch``."""
 
     def __init__(self, engine: CollaborativeEngine, max_batch: int = 8, prefill_tokens: int = PREFILL_TOKENS,
-                 reuse_min: int = REUSE_MIN):
+                 reuse_prefix: bool = False):
         check_batchable(engine, max_batch)
         self.engine, self.max_batch = engine, max_batch
         self.prefill_tokens = prefill_tokens  # prompt tokens prefilled together between two decode steps
-        self.reuse_min = reuse_min  # shortest shared prefix taken from the remembered prompt (0: never)
+        self.reuse_min = REUSE_MIN if reuse_prefix else 0  # shortest shared prefix taken from the last prompt
         self._prefix: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
         self.model = engine.model
         self.device = engine.device
@@ -161,6 +224,9 @@ class BatchScheduler:
         self._mask: torch.Tensor | None = None  # [B, T]: 1 where a row's cache position is real
         self._cv = threading.Condition()
         self._closed = False
+        self._attention = self.model.config._attn_implementation
+        if self._attention == "sdpa" and max_batch > 1:  # SDPA per request: the batch's answers are the solo ones
+            self.model.set_attn_implementation(ROW_ATTENTION)
         self._thread = threading.Thread(target=self._loop, name="haqmoe-batch", daemon=True)
         self._thread.start()
 
@@ -186,6 +252,8 @@ class BatchScheduler:
             self._cv.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        if self.model.config._attn_implementation == ROW_ATTENTION:
+            self.model.set_attn_implementation(self._attention)
 
     # -------------------------------------------------------------- the loop
     def _loop(self) -> None:

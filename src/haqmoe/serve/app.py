@@ -57,6 +57,7 @@ class ServeConfig:
     metrics_open: bool = False  # /metrics without a key (a Prometheus scraper that sends none)
     cors_origins: tuple[str, ...] = ()  # browser origins given CORS headers; none = same-origin only
     max_batch: int = 1  # requests decoded together (1: one at a time, the engine's own stream)
+    reuse_prefix: bool = False  # batched: take a prompt prefix shared with the last prompt from its cache
     page: bool = True  # the web page at / (static files; the API it calls keeps its keys)
 
     def __post_init__(self) -> None:
@@ -198,11 +199,12 @@ class BatchWorker:
     """Hands jobs to a ``BatchScheduler`` and relays each one's tokens to the event loop; the same
     interface as ``EngineWorker``. ``metrics.waiting``/``running`` are only touched on the event loop."""
 
-    def __init__(self, engine: CollaborativeEngine, metrics: ServerMetrics, max_waiting: int, max_batch: int):
+    def __init__(self, engine: CollaborativeEngine, metrics: ServerMetrics, max_waiting: int, max_batch: int,
+                 reuse_prefix: bool = False):
         from ..runtime.batching import BatchScheduler
 
         self.metrics, self.max_waiting, self.max_batch = metrics, max_waiting, max_batch
-        self.scheduler = BatchScheduler(engine, max_batch)
+        self.scheduler = BatchScheduler(engine, max_batch, reuse_prefix=reuse_prefix)
 
     def admit(self) -> None:
         if self.metrics.waiting >= self.max_waiting:
@@ -259,7 +261,7 @@ class BatchWorker:
                 "batch": self.scheduler.running, "decode_steps": st.steps, "batched_tokens": st.decode_tokens,
                 "mean_batch": st.decode_tokens / st.steps if st.steps else 0.0, "max_batch_seen": st.max_seen,
                 "decode_s": st.decode_s, "prefill_s": st.prefill_s, "prefills": st.prefills,
-                "reused_prompt_tokens": st.reused_tokens}
+                "reuse_prefix": bool(self.scheduler.reuse_min), "reused_prompt_tokens": st.reused_tokens}
 
 
 class Encoder:
@@ -344,8 +346,8 @@ def create_app(engine: CollaborativeEngine, cfg: ServeConfig = ServeConfig()) ->
 
     def worker() -> EngineWorker:  # created lazily inside the server's event loop
         if "worker" not in state:
-            state["worker"] = (BatchWorker(engine, metrics, cfg.max_waiting, cfg.max_batch) if cfg.max_batch > 1
-                               else EngineWorker(engine, metrics, cfg.max_waiting))
+            state["worker"] = (BatchWorker(engine, metrics, cfg.max_waiting, cfg.max_batch, cfg.reuse_prefix)
+                               if cfg.max_batch > 1 else EngineWorker(engine, metrics, cfg.max_waiting))
         return state["worker"]
 
     @app.exception_handler(ApiError)
