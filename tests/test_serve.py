@@ -284,8 +284,8 @@ def test_serve_takes_the_engine_levers_and_metrics_count_them(ckpt, monkeypatch)
     built = {}
     real_create = app_mod.create_app
 
-    def create_app(engine, cfg):  # keep what `serve` built instead of running it
-        built["engine"], built["app"] = engine, real_create(engine, cfg)
+    def create_app(engine, cfg, executor):  # keep what `serve` built instead of running it
+        built["engine"], built["app"] = engine, real_create(engine, cfg, executor)
         return built["app"]
 
     monkeypatch.setattr(app_mod, "create_app", create_app)

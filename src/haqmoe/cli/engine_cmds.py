@@ -37,7 +37,8 @@ ENGINE_OPTIONS = {  # every engine command's options, in --help order (engine_op
     "policy": EngineOption("decision", DecisionPolicy, typer.Option(
         "predictor", help="Non-resident experts: " + choices_help(DECISION_POLICIES) + ".")),
     "cache_policy": EngineOption("cache_policy", EngineCachePolicy, typer.Option(
-        "lru", help="GPU cache eviction: " + choices_help({n: CACHE_POLICIES[n] for n in ENGINE_CACHE_POLICIES}) + ".")),
+        "lru", help="GPU cache eviction: "
+        + choices_help({n: CACHE_POLICIES[n] for n in ENGINE_CACHE_POLICIES}) + ".")),
     "slots": EngineOption("slots_per_layer", Optional[int], typer.Option(
         None, min=0, help="GPU expert slots per layer (default: as many as GPU memory holds beside the other "
         "weights, a 4096-token KV cache and 1 GiB; emulated: plan size, else half).")),

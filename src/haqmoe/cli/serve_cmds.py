@@ -60,7 +60,7 @@ def serve(ctx: typer.Context,
     Loopback by default; to expose it, set API keys (clients send 'Authorization: Bearer KEY')."""
     import uvicorn
 
-    from ..serve.app import ServeConfig, create_app
+    from ..serve.app import ServeConfig, create_app, engine_thread
 
     cfg = ServeConfig(model_name=served_name or model, max_tokens_limit=max_tokens_limit, max_waiting=max_waiting,
                       max_body_bytes=max_body_bytes, request_timeout_s=request_timeout,
@@ -68,7 +68,9 @@ def serve(ctx: typer.Context,
                       cors_origins=tuple(cors_origin or ()), max_batch=max_batch, reuse_prefix=reuse_prefix,
                       page=page)
     check_exposure(host, bool(cfg.api_keys), allow_unauthenticated)  # before the (slow) model load
-    uvicorn.run(create_app(build_engine(model, engine), cfg), host=host, port=port, log_level=log_level)
+    runner = engine_thread()  # loads the model and runs it: one OpenMP pool (serve/app.py)
+    served = runner.submit(build_engine, model, engine).result()
+    uvicorn.run(create_app(served, cfg, runner), host=host, port=port, log_level=log_level)
 
 
 def serve_keys(ctx: typer.Context, keys: Optional[list[str]], key_file: Optional[Path]) -> tuple[str, ...]:

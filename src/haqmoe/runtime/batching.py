@@ -53,6 +53,8 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from concurrent.futures import Executor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -207,7 +209,9 @@ class BatchScheduler:
     """Runs requests on ``engine`` in a continuously refilled batch of at most ``max_batch``."""
 
     def __init__(self, engine: CollaborativeEngine, max_batch: int = 8, prefill_tokens: int = PREFILL_TOKENS,
-                 reuse_prefix: bool = False):
+                 reuse_prefix: bool = False, executor: Executor | None = None):
+        """``executor``: a one-thread executor to run the loop on, the thread that loaded the engine's
+        model (serve/app.py says why); default: a thread of its own."""
         check_batchable(engine, max_batch)
         self.engine, self.max_batch = engine, max_batch
         self.prefill_tokens = prefill_tokens  # prompt tokens prefilled together between two decode steps
@@ -227,8 +231,13 @@ class BatchScheduler:
         self._attention = self.model.config._attn_implementation
         if self._attention == "sdpa" and max_batch > 1:  # SDPA per request: the batch's answers are the solo ones
             self.model.set_attn_implementation(ROW_ATTENTION)
-        self._thread = threading.Thread(target=self._loop, name="haqmoe-batch", daemon=True)
-        self._thread.start()
+        self._loop_ident: int | None = None  # the thread running _loop
+        self._thread: threading.Thread | None = None
+        if executor is None:
+            self._thread = threading.Thread(target=self._loop, name="haqmoe-batch", daemon=True)
+            self._thread.start()
+        else:
+            self._done = executor.submit(self._loop)
 
     # -------------------------------------------------------------- public
     @property
@@ -250,13 +259,17 @@ class BatchScheduler:
         with self._cv:
             self._closed = True
             self._cv.notify()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+        if threading.get_ident() != self._loop_ident:
+            if self._thread is not None:
+                self._thread.join(timeout)
+            else:
+                wait_for([self._done], timeout)
         if self.model.config._attn_implementation == ROW_ATTENTION:
             self.model.set_attn_implementation(self._attention)
 
     # -------------------------------------------------------------- the loop
     def _loop(self) -> None:
+        self._loop_ident = threading.get_ident()
         while True:
             with self._cv:
                 while not self._closed and not self._waiting and not self._rows:
