@@ -131,8 +131,9 @@ def test_cli_max_batch_and_page_flags(monkeypatch, engine, capsys):
     monkeypatch.setattr(serve_cmds, "build_engine", lambda *a, **k: engine)
     seen: dict = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app))
-    for args, batch, page, reuse in ((["--max-batch", "3"], 3, 200, False), ([], 8, 200, False),
-                                     (["--reuse-prefix"], 8, 200, True), (["--max-batch", "1", "--no-page"], 1, 404, None)):
+    cases = ((["--max-batch", "3"], 3, 200, False), ([], 8, 200, False), (["--reuse-prefix"], 8, 200, True),
+             (["--max-batch", "1", "--no-page"], 1, 404, None))
+    for args, batch, page, reuse in cases:
         main(["-q", "serve", "tiny", *args])
         with ThreadedServer(seen["app"]) as srv:
             server = httpx.get(srv.url + "/v1/haqmoe/telemetry").json()["server"]

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the runtime loads torch: imported where a command runs, not
 DecisionPolicy = Enum("DecisionPolicy", {n: n for n in DECISION_POLICIES}, type=str)
 EngineCachePolicy = Enum("EngineCachePolicy", {n: n for n in ENGINE_CACHE_POLICIES}, type=str)
 
+
 @dataclass(frozen=True)
 class EngineOption:
     """One engine option of the CLI: the ``EngineConfig`` field it sets, its type and its typer option."""
