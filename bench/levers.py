@@ -4,7 +4,7 @@ layers ahead (lookahead) costs in accuracy and gives in decode speed.
     flock /tmp/haqmoe-heavy.lock .venv/bin/python bench/levers.py
     .venv/bin/python bench/levers.py --render   # rewrite the .md from the .json (rows kept)
 
-Writes bench/results/levers.json/.md, three kinds of rows (docs/design.md, Miss levers; Prefetch and lookahead):
+Writes bench/results/levers.json/.md, four kinds of rows (docs/design.md, Miss levers; Prefetch and lookahead):
 
 - ``accuracy``: the engine on smollm2-moefied (distinct experts) with the GPU tier emulated and a small
   GPU cache, each lever setting against the exact engine (same cache, lever off): greedy-token agreement
@@ -15,6 +15,10 @@ Writes bench/results/levers.json/.md, three kinds of rows (docs/design.md, Miss 
   prefetch layers l+1 .. l+D (exact: only copies move, so no accuracy row is needed).
 - ``recall``: the guess recall at each lookahead distance on smollm2-moefied's real routing (WikiText-2
   test windows), which sets the synthetic recall of the Mixtral lookahead rows (runtime/prefetch.py).
+- ``bound``: the standard perplexity protocol (every 2048-token WikiText-2 test window, one forward each)
+  through the engine with nothing ever resident (``always-cpu`` never copies, so every routed call is a
+  miss): exact, and ``low-all``, where every routed call runs from the int4 copy, the most int4 that
+  lever can serve at any hit rate. Resumable (``--work``): a full-test row is ~30 min of 2 cores.
 """
 
 from __future__ import annotations
@@ -130,6 +134,30 @@ def accuracy_rows(args) -> list[dict]:
     return rows
 
 
+def bound_rows(args) -> list[dict]:
+    """Full-protocol perplexity, exact and with every routed expert call served from int4 (module docstring)."""
+    from haqmoe.data.text import eval_windows, load_text, tokenize
+    from haqmoe.eval.perplexity import perplexity
+
+    rows, exact = [], None
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    for name, low in (("exact", 0.0), ("low-all", 1.0)):
+        engine = build(0.0, True, low, low > 0, args.slots, "always-cpu")
+        windows = eval_windows(tokenize(engine.tokenizer, load_text("wikitext2:test")), 2048, args.bound_windows)
+        res = perplexity(engine.model, windows, desc=f"bound {name}", progress_file=work / f"bound-{name}.json")
+        s = engine.summary()
+        calls = s["cpu_expert_calls"] + s["gpu_expert_calls"] + s["split_expert_calls"] + s["low_expert_calls"]
+        exact = exact or res.ppl
+        rows.append({"kind": "bound", "setting": name, "skip_below": 0.0, "low_below": low, "low_all": low > 0,
+                     "model": MODEL, "policy": "always-cpu", "ppl": res.ppl, "ppl_change_pct": 100 * (res.ppl / exact - 1),
+                     "ppl_windows": res.windows, "window_tokens": 2048, "ppl_tokens": res.predicted,
+                     "hit_rate": s["hit_rate"], "low_share_of_calls": s["low_expert_calls"] / max(calls, 1),
+                     "seconds": res.seconds})
+        print(rows[-1], flush=True)
+    return rows
+
+
 # --------------------------------------------------------------------------------------- speed
 def mixtral_weights(trace, seed: int = 11) -> np.ndarray:
     """Router weights for a sampled Mixtral trace, which has none (only expert fractions are public): the
@@ -226,11 +254,12 @@ def recall_rows(args) -> list[dict]:
 def notes_for(rows: list[dict]) -> str:
     acc = {r["setting"]: r for r in rows if r["kind"] == "accuracy"}
     speed = [r for r in rows if r["kind"] == "speed"]
-    out = ["Three kinds of rows. **accuracy**: the engine (GPU tier emulated on the CPU) on `smollm2-moefied` "
+    out = ["Rows by kind. **accuracy**: the engine (GPU tier emulated on the CPU) on `smollm2-moefied` "
            "against the exact engine with the same cache; **speed**: **simulated on sampled routing** "
            "(Mixtral-8x7B W8A8, rtx5090d profile, bench/simulate.py's traces), beside the better peer policy of "
            "the same run (`vs_better_peer`); **recall**: lookahead guess recall on `smollm2-moefied`'s real "
-           "routing. `hit_rate` = resident when needed (demand + prefetch hits, docs/design.md, Hit rates). Levers (docs/design.md, Miss levers): `skip<t` skips a missed "
+           "routing; **bound** (where present): the standard perplexity protocol with every routed call a miss. "
+           "`hit_rate` = resident when needed (demand + prefetch hits, docs/design.md, Hit rates). Levers (docs/design.md, Miss levers): `skip<t` skips a missed "
            "expert whose router weight renormalised over the token's top-2 is below t (never a token's top "
            "expert); `low<t` serves such a miss from its int4 copy instead (groups of 128 input columns, "
            "0.53x the W8A8 bytes; on the CPU, copied, or split across both, whichever finishes first); "
@@ -283,6 +312,14 @@ def notes_for(rows: list[dict]) -> str:
                            "smollm2-moefied, same setting): " + "; ".join(verdict) + ". Mixtral's speed-up at a graded "
                            "threshold rests on the assumed weight distribution; its accuracy cost is measured here "
                            "only at full strength.")
+    bound = {r["setting"]: r for r in rows if r["kind"] == "bound"}
+    if "exact" in bound and "low-all" in bound:
+        b = bound["low-all"]
+        out.append(f"Bound, the standard protocol ({b['ppl_windows']} WikiText-2 test windows of 2048 tokens, "
+                   f"{b['ppl_tokens']} predicted tokens): with nothing resident and every routed call served from "
+                   f"int4 (`low-all` at hit rate 0, {100 * b['low_share_of_calls']:.0f} % of calls int4), PPL "
+                   f"{b['ppl']:.3f} against the exact {bound['exact']['ppl']:.3f}: {b['ppl_change_pct']:+.2f} %. "
+                   f"At any hit rate `low-all` serves fewer calls from int4.")
     out += lookahead_notes(rows)
     more = [r for r in rows if r["kind"] == "accuracy" and r["setting"].endswith("windows)")
             and not r["setting"].startswith("exact")]
@@ -354,6 +391,10 @@ def main() -> None:
     ap.add_argument("--skip-recall", action="store_true", help="keep the recall rows of --out, if any")
     ap.add_argument("--recall-windows", type=int, default=4)
     ap.add_argument("--recall-window", type=int, default=256, help="tokens per recall window")
+    ap.add_argument("--skip-bound", action="store_true", help="keep the bound rows of --out, if any")
+    ap.add_argument("--bound-windows", type=int, default=None, help="2048-token windows of the bound rows "
+                    "(default: the whole test split)")
+    ap.add_argument("--work", default="bench/work/levers", help="the bound rows' per-window progress (resumed)")
     args = ap.parse_args()
     path = Path(args.out).with_suffix(".json")
     if args.render:
@@ -362,10 +403,12 @@ def main() -> None:
     else:
         old = json.loads(path.read_text()) if path.exists() else {"rows": [], "meta": {}}
         kept = [r for r in old["rows"] if (r["kind"] == "speed" and args.skip_speed)
-                or (r["kind"] == "accuracy" and args.skip_accuracy) or (r["kind"] == "recall" and args.skip_recall)]
+                or (r["kind"] == "accuracy" and args.skip_accuracy) or (r["kind"] == "recall" and args.skip_recall)
+                or (r["kind"] == "bound" and args.skip_bound)]
         rows = [r for r in kept if r["kind"] == "speed"] + ([] if args.skip_speed else speed_rows(args))
         rows += [r for r in kept if r["kind"] == "accuracy"] + ([] if args.skip_accuracy else accuracy_rows(args))
         rows += [r for r in kept if r["kind"] == "recall"] + ([] if args.skip_recall else recall_rows(args))
+        rows += [r for r in kept if r["kind"] == "bound"] + ([] if args.skip_bound else bound_rows(args))
         meta = run_meta()
         if kept:
             meta["kept_rows_from"] = old["meta"].get("command", "")
