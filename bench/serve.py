@@ -162,15 +162,25 @@ def telemetry(port: int) -> dict:
 
 
 def measure_server(client, port: int, label: str, max_batch: int, clients: int, args, refs: dict[int, str]) -> dict:
-    """One load of ``clients`` greedy clients on one server, with the server's decode telemetry over it."""
-    before = telemetry(port)["server"]
+    """One load of ``clients`` greedy clients on one server, with the server's decode telemetry over it, and
+    what the experts' decisions did meanwhile: the share of expert calls the (emulated) GPU tier served,
+    and of misses the decision moved to the GPU tier rather than computing on the CPU (the predictor copies
+    when enough of the batch's tokens need the expert: n > n_critical)."""
+    first = telemetry(port)
     row = load_greedy(client, BATCHED_MODEL, clients, args.requests, args.max_tokens, refs)
-    after = telemetry(port)["server"]
+    last = telemetry(port)
+    before, after = first["server"], last["server"]
     steps = after.get("decode_steps", 0) - before.get("decode_steps", 0)
     batched = after.get("batched_tokens", 0) - before.get("batched_tokens", 0)
     decode_s = after.get("decode_s", 0.0) - before.get("decode_s", 0.0)
+    d = {k: (last["engine"].get(k) or 0) - (first["engine"].get(k) or 0)
+         for k in ("gpu_expert_calls", "cpu_expert_calls", "misses", "bytes_moved")}
+    calls = d["gpu_expert_calls"] + d["cpu_expert_calls"]
     return {"server": label, "max_batch": max_batch, **row, "mean_batch": (batched / steps) if steps else 1.0,
-            "decode_tok_s": batched / decode_s if decode_s > 0 else None}
+            "decode_tok_s": batched / decode_s if decode_s > 0 else None,
+            "gpu_call_share": d["gpu_expert_calls"] / calls if calls else None,
+            "misses_moved_share": (d["misses"] - d["cpu_expert_calls"]) / d["misses"] if d["misses"] else None,
+            "moved_gb": d["bytes_moved"] / 1e9}
 
 
 def run_batched(args) -> None:
@@ -259,6 +269,14 @@ def batched_markdown(rows: list[dict], meta: dict) -> str:
             f"{bat['p95_s']:.2f} s, {p95_ratio:.2f}x the p95 of a request alone ({solo['p95_s']:.2f} s; goal <= 2x: "
             f"{'met' if p95_ratio <= 2 else 'missed'}); one at a time the p95 is {one['p95_s']:.2f} s "
             f"({one['p95_s'] / solo['p95_s']:.2f}x).")
+        if one.get("misses_moved_share") is not None and bat.get("misses_moved_share") is not None:
+            notes.append(
+                f"Expert decisions over the {top}-client load (telemetry): the GPU tier served "
+                f"{100 * one['gpu_call_share']:.0f} % of expert calls one at a time and "
+                f"{100 * bat['gpu_call_share']:.0f} % batched; of the misses, {100 * one['misses_moved_share']:.0f} % "
+                f"were copied to the GPU tier one at a time and {100 * bat['misses_moved_share']:.0f} % batched "
+                f"({one['moved_gb']:.2f} vs {bat['moved_gb']:.2f} GB moved; the predictor copies a missed expert "
+                f"when more than n_critical of a step's tokens need it, else computes it on the CPU).")
         if one.get("decode_tok_s") and bat.get("decode_tok_s"):
             notes.append(
                 f"Decode alone (the server's own step times, prefill left out): {bat['decode_tok_s']:.1f} tok/s batched "
