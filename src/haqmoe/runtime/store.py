@@ -13,10 +13,11 @@ to the int8 GEMM is read through views of its packed weights). When CUDA is pres
 that memory is page-locked in place (``cudaHostRegister``, exactly its size: ``pin_memory()`` would
 copy it into the caching host allocator, which rounds each block up to a power of two) so the
 host-to-device copies run asynchronously on a side stream. Quantized slots run either on the
-int8 GEMM (exec/int8.py) or dequantized per call (fake-quant arithmetic); an emulated GPU tier computes
-as the CPU tier beside it does (the engine's choice), so residency never changes an answer; on CUDA the engine measures both at start-up and keeps the faster (eager int8 is
-launch-bound: it wins at Mixtral's shape, loses on small models). Decode (one token) on CUDA then
-replays one CUDA graph per slot instead of launching ~80 small kernels per expert.
+int8 GEMM (exec/int8.py) or dequantized per call (fake-quant arithmetic). An emulated GPU tier
+computes as the CPU tier beside it does (the engine's choice), so residency never changes an answer;
+on CUDA the engine measures both at start-up and keeps the faster (eager int8 is launch-bound: it
+wins at Mixtral's shape, loses on small models). Decode (one token) on CUDA then replays one CUDA
+graph per slot instead of launching ~80 small kernels per expert.
 """
 
 from __future__ import annotations
