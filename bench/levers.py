@@ -75,6 +75,12 @@ def build(skip_below: float, skip_renorm: bool, low_below: float, low_all: bool,
     return CollaborativeEngine(lm, cfg)
 
 
+def expert_calls(summary: dict) -> int:
+    """Every routed expert call the engine decided, whatever served it (its summary's counters)."""
+    return sum(summary[k] for k in ("gpu_expert_calls", "cpu_expert_calls", "split_expert_calls",
+                                    "skipped_expert_calls", "low_expert_calls"))
+
+
 @torch.inference_mode()
 def teacher_forced_nll(engine, ids: torch.Tensor) -> tuple[float, int]:
     """Sum of next-token NLL over a window fed one token at a time through the engine's model (the KV
@@ -116,8 +122,7 @@ def accuracy_rows(args) -> list[dict]:
             exact_tokens, exact_ppl = tokens, ppl
         same = [sum(x == y for x, y in zip(t, e)) / len(e) for t, e in zip(tokens, exact_tokens)]
         first = [next((i for i, (x, y) in enumerate(zip(t, e)) if x != y), len(e)) for t, e in zip(tokens, exact_tokens)]
-        calls = s["gpu_expert_calls"] + s["cpu_expert_calls"] + s["split_expert_calls"] + s["skipped_expert_calls"] \
-            + s["low_expert_calls"]
+        calls = expert_calls(s)
         rows.append({
             "kind": "accuracy", "setting": name, "skip_below": skip_below, "skip_renorm": renorm,
             "low_below": low_below, "low_all": low_all,
@@ -147,10 +152,11 @@ def bound_rows(args) -> list[dict]:
         windows = eval_windows(tokenize(engine.tokenizer, load_text("wikitext2:test")), 2048, args.bound_windows)
         res = perplexity(engine.model, windows, desc=f"bound {name}", progress_file=work / f"bound-{name}.json")
         s = engine.summary()
-        calls = s["cpu_expert_calls"] + s["gpu_expert_calls"] + s["split_expert_calls"] + s["low_expert_calls"]
+        calls = expert_calls(s)
         exact = exact or res.ppl
         rows.append({"kind": "bound", "setting": name, "skip_below": 0.0, "low_below": low, "low_all": low > 0,
-                     "model": MODEL, "policy": "always-cpu", "ppl": res.ppl, "ppl_change_pct": 100 * (res.ppl / exact - 1),
+                     "model": MODEL, "policy": "always-cpu", "ppl": res.ppl,
+                     "ppl_change_pct": 100 * (res.ppl / exact - 1),
                      "ppl_windows": res.windows, "window_tokens": 2048, "ppl_tokens": res.predicted,
                      "hit_rate": s["hit_rate"], "low_share_of_calls": s["low_expert_calls"] / max(calls, 1),
                      "seconds": res.seconds})
