@@ -129,9 +129,10 @@ def _row_starts(mask: torch.Tensor) -> list[int] | None:
     return starts.tolist()
 
 
-def _blocks(mask: torch.Tensor, kv: int) -> list[tuple[int, int]] | None:
+def _blocks(mask: torch.Tensor) -> list[tuple[int, int]] | None:
     """Packed prompts (batch 1, no cache before them): the (start, end) of each prompt, or None unless
     every query sees exactly the keys from its prompt's start to itself."""
+    kv = mask.shape[-1]
     if mask.shape[0] != 1 or mask.shape[-2] != kv:
         return None
     valid = mask[0, 0]  # [q, kv]
@@ -145,20 +146,34 @@ def _blocks(mask: torch.Tensor, kv: int) -> list[tuple[int, int]] | None:
     return blocks if torch.equal(first, expected) else None
 
 
+_last_plan: tuple[torch.Tensor, list | None] | None = None  # (mask, _row_starts or _blocks of it)
+
+
+def _plan(mask: torch.Tensor, decode: bool) -> list | None:
+    """``_row_starts`` (decode) or ``_blocks`` of ``mask``, read once per forward: every layer gets the
+    same mask tensor (kept here, so its identity cannot pass to another tensor)."""
+    global _last_plan
+    last = _last_plan
+    if last is not None and last[0] is mask:
+        return last[1]
+    plan = _row_starts(mask) if decode else _blocks(mask)
+    _last_plan = (mask, plan)
+    return plan
+
+
 def row_attention(module, query, key, value, attention_mask, **kwargs):
     """transformers' SDPA attention, called once per request on the shapes a lone request's call has:
     a decode row on its own keys, a packed prompt on its own block with no mask (so SDPA runs causal,
     as for a prompt alone). Any other mask (a reused prefix, a batch of one) goes to SDPA as it is."""
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        kv = key.shape[2]
+    if attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.shape[-1] == key.shape[2]:
         if query.shape[2] == 1 and query.shape[0] > 1:
-            starts = _row_starts(attention_mask)
+            starts = _plan(attention_mask, decode=True)
             if starts is not None:
                 outs = [sdpa_attention_forward(module, query[b:b + 1], key[b:b + 1, :, a:], value[b:b + 1, :, a:],
                                                None, **kwargs)[0] for b, a in enumerate(starts)]
                 return torch.cat(outs, dim=0), None
         elif query.shape[2] > 1:
-            blocks = _blocks(attention_mask, kv)
+            blocks = _plan(attention_mask, decode=False)
             if blocks is not None:
                 outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
                                                **kwargs)[0] for a, b in blocks]
